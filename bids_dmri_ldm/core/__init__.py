@@ -1,1 +1,4 @@
+"""Pure signal core: gradients, SH/RISH, normalisation/rebuild, masks, resampling, metrics.
 
+numpy (and torch for SSIM) only: no BIDS, no nipype, no run configuration.
+"""

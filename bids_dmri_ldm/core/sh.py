@@ -1,0 +1,244 @@
+"""Spherical harmonics of single-shell signals, RISH features and RISH scale maps.
+
+Basis
+-----
+Real, symmetric (even orders), orthonormal: dipy's ``descoteaux07`` basis with ``legacy=False``.
+Orthonormality is what makes RISH features (:math:`\\|C_l\\|^2`) invariant to rotations of the
+gradient set; dipy's legacy ``tournier07`` basis is not orthonormal and must not be used here.
+Coefficients are ordered as dipy orders them (see ``l_values`` / ``m_values``).
+
+Arrays keep gradients / coefficients / orders on the last axis, as in :mod:`dipy.reconst.shm`.
+
+Why not ``dipy.reconst.shm.sf_to_sh``: it casts the whole volume to float64 and solves per call
+(11 s and ~2.6 GB on an HCP-size b=1000 shell, see ``benchmarks/bench_sh_fit.py``). Here the
+fit matrix (pseudo-inverse of the basis) is computed once, and applied as one float32 matrix
+product over masked voxels, chunk by chunk, so memory stays bounded.
+
+References
+----------
+Zhu et al., "When Diffusion MRI Meets Diffusion Model", MICCAI 2024 — Eq. 1-3.
+Mirzaalian et al., "Inter-site and inter-scanner diffusion MRI data harmonization", NeuroImage 2016.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+from dipy.core.geometry import cart2sphere
+from dipy.reconst.shm import real_sh_descoteaux
+
+RISH_ORDERS: tuple[int, ...] = (0, 2, 4)
+"""SH orders whose RISH features the method uses (paper: L0, L2, L4)."""
+
+DEFAULT_TAU = 1e-8
+"""Small constant of Eq. 2 guarding against division by zero."""
+
+DEFAULT_CHUNK_VOXELS = 65536
+"""Voxels per matrix product; bounds temporary memory to a few tens of MB."""
+
+# Highest even order the number of unique directions supports (reference harmonisation tool).
+_ORDER_FOR_DIRECTIONS = ((45, 8), (28, 6), (15, 4), (6, 2))
+
+
+def max_sh_order(n_directions: int) -> int:
+    """Highest even SH order that ``n_directions`` unique directions can support (0 if < 6)."""
+    for needed, order in _ORDER_FOR_DIRECTIONS:
+        if n_directions >= needed:
+            return order
+    return 0
+
+
+def n_coefficients(sh_order_max: int) -> int:
+    """Number of coefficients of the symmetric basis up to even order ``sh_order_max``."""
+    return (sh_order_max + 1) * (sh_order_max + 2) // 2
+
+
+def sh_basis(bvecs: np.ndarray, sh_order_max: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Orthonormal real symmetric SH basis sampled on gradient directions.
+
+    Parameters
+    ----------
+    bvecs : ndarray, shape (N, 3)
+        Unit gradient directions (any consistent frame; RISH does not depend on it).
+    sh_order_max : int
+        Highest even order.
+
+    Returns
+    -------
+    B : ndarray, shape (N, K)
+        ``B[i, j] = Y_j(bvecs[i])``.
+    m_values, l_values : ndarray, shape (K,)
+        Phase factor and order of each basis function.
+    """
+    if sh_order_max < 0 or sh_order_max % 2:
+        raise ValueError(f"sh_order_max must be a non-negative even integer, got {sh_order_max}")
+    bvecs = np.asarray(bvecs, dtype=np.float64)
+    _, theta, phi = cart2sphere(bvecs[:, 0], bvecs[:, 1], bvecs[:, 2])
+    B, m_values, l_values = real_sh_descoteaux(sh_order_max, theta, phi, full_basis=False, legacy=False)
+    return B, m_values, l_values
+
+
+def fit_matrix(basis: np.ndarray, smooth: float = 0.0, l_values: np.ndarray | None = None) -> np.ndarray:
+    """Least-squares fit matrix ``(K, N)`` so that ``coeffs = signal @ F.T``.
+
+    With ``smooth > 0`` a Laplace-Beltrami penalty ``smooth * l^2 (l+1)^2`` is added (biases RISH
+    when direction counts differ — science notes; default off).
+    """
+    if smooth == 0.0:
+        return np.linalg.pinv(basis)
+    if l_values is None:
+        raise ValueError("l_values are required for a regularised fit")
+    penalty = np.diag(smooth * (l_values * (l_values + 1.0)) ** 2)
+    return np.linalg.solve(basis.T @ basis + penalty, basis.T)
+
+
+def _apply_matrix(values: np.ndarray, matrix_t: np.ndarray, mask: np.ndarray | None, chunk_voxels: int) -> np.ndarray:
+    """``values[..., N] @ matrix_t (N, K)`` over masked voxels in float32 chunks; zeros elsewhere."""
+    spatial = values.shape[:-1]
+    out = np.zeros(spatial + (matrix_t.shape[1],), dtype=np.float32)
+    matrix_t = matrix_t.astype(np.float32)
+    if mask is None:
+        flat_in = values.reshape(-1, values.shape[-1])
+        flat_out = out.reshape(-1, matrix_t.shape[1])
+        for start in range(0, flat_in.shape[0], chunk_voxels):
+            stop = start + chunk_voxels
+            flat_out[start:stop] = flat_in[start:stop].astype(np.float32, copy=False) @ matrix_t
+        return out
+    mask = np.asarray(mask, dtype=bool)
+    if mask.shape != spatial:
+        raise ValueError(f"mask shape {mask.shape} does not match data shape {spatial}")
+    index = np.flatnonzero(mask.ravel())
+    flat_in = values.reshape(-1, values.shape[-1])
+    flat_out = out.reshape(-1, matrix_t.shape[1])
+    for start in range(0, index.size, chunk_voxels):
+        rows = index[start : start + chunk_voxels]
+        flat_out[rows] = flat_in[rows].astype(np.float32, copy=False) @ matrix_t
+    return out
+
+
+def fit_sh(
+    signal: np.ndarray,
+    fit_mat: np.ndarray,
+    mask: np.ndarray | None = None,
+    chunk_voxels: int = DEFAULT_CHUNK_VOXELS,
+) -> np.ndarray:
+    """SH coefficients ``(..., K)`` float32 of ``signal (..., N)`` with a precomputed ``fit_mat (K, N)``."""
+    return _apply_matrix(signal, fit_mat.T, mask, chunk_voxels)
+
+
+def sh_to_signal(
+    coeffs: np.ndarray,
+    basis: np.ndarray,
+    mask: np.ndarray | None = None,
+    chunk_voxels: int = DEFAULT_CHUNK_VOXELS,
+) -> np.ndarray:
+    """Evaluate ``coeffs (..., K)`` on a basis ``(N, K)``: signal ``(..., N)`` float32."""
+    return _apply_matrix(coeffs, basis.T, mask, chunk_voxels)
+
+
+def rish_features(coeffs: np.ndarray, l_values: np.ndarray, orders: Sequence[int] = RISH_ORDERS) -> np.ndarray:
+    """Rotation-invariant SH features, paper Eq. 1: ``RISH_l = sum_m C_lm^2`` (no square root).
+
+    Parameters
+    ----------
+    coeffs : ndarray, shape (..., K)
+    l_values : ndarray, shape (K,)
+    orders : sequence of int
+
+    Returns
+    -------
+    ndarray, shape (..., len(orders)), float32
+    """
+    l_values = np.asarray(l_values)
+    missing = [order for order in orders if not np.any(l_values == order)]
+    if missing:
+        raise ValueError(f"orders {missing} are not in the SH basis (max order {int(l_values.max())})")
+    squared = np.square(coeffs, dtype=np.float32)
+    return np.stack([squared[..., l_values == order].sum(axis=-1) for order in orders], axis=-1)
+
+
+def scale_maps(rish_target: np.ndarray, rish_source: np.ndarray, tau: float = DEFAULT_TAU) -> np.ndarray:
+    """RISH scale maps, paper Eq. 2: ``lambda_l = sqrt(RISH_l^target / (RISH_l^source + tau))``.
+
+    Negative inputs (interpolation overshoot) are treated as zero. Shapes ``(..., n_orders)``.
+    """
+    target = np.clip(np.asarray(rish_target, dtype=np.float32), 0.0, None)
+    source = np.clip(np.asarray(rish_source, dtype=np.float32), 0.0, None)
+    return np.sqrt(target / (source + np.float32(tau)))
+
+
+def scale_sh(
+    coeffs: np.ndarray, lam: np.ndarray, l_values: np.ndarray, orders: Sequence[int] = RISH_ORDERS
+) -> np.ndarray:
+    """Scale SH coefficients by order, paper Eq. 3: ``C_hat_lm = lambda_l C_lm``.
+
+    Orders present in the basis but not in ``orders`` are left unscaled (lambda = 1).
+
+    Parameters
+    ----------
+    coeffs : ndarray, shape (..., K)
+    lam : ndarray, shape (..., len(orders)) or (len(orders),)
+    """
+    l_values = np.asarray(l_values)
+    per_coeff = np.ones(np.broadcast_shapes(coeffs.shape[:-1], np.shape(lam)[:-1]) + (l_values.size,), dtype=np.float32)
+    for k, order in enumerate(orders):
+        per_coeff[..., l_values == order] = np.asarray(lam, dtype=np.float32)[..., k : k + 1]
+    return (coeffs * per_coeff).astype(np.float32, copy=False)
+
+
+class SHModel:
+    """Unregularised (by default) least-squares SH model of one shell, dipy-style Model/Fit.
+
+    Parameters
+    ----------
+    bvecs : ndarray, shape (N, 3)
+        Unit directions of the shell's volumes.
+    sh_order_max : int
+        Highest even order (default 4); must not exceed what the directions support.
+    smooth : float
+        Laplace-Beltrami regularisation weight (0: plain least squares).
+    """
+
+    def __init__(self, bvecs: np.ndarray, sh_order_max: int = 4, smooth: float = 0.0):
+        bvecs = np.asarray(bvecs, dtype=np.float64)
+        supported = max_sh_order(bvecs.shape[0])
+        if sh_order_max > supported:
+            raise ValueError(
+                f"{bvecs.shape[0]} directions support SH order {supported} at most, {sh_order_max} requested"
+            )
+        self.bvecs = bvecs
+        self.sh_order_max = sh_order_max
+        self.smooth = smooth
+        self.basis, self.m_values, self.l_values = sh_basis(bvecs, sh_order_max)
+        self.fit_matrix = fit_matrix(self.basis, smooth, self.l_values)
+
+    def fit(self, signal: np.ndarray, mask: np.ndarray | None = None, chunk_voxels: int = DEFAULT_CHUNK_VOXELS) -> "SHFit":
+        """Fit ``signal (..., N)`` (e.g. attenuation S/S0); voxels outside ``mask`` get zeros."""
+        if signal.shape[-1] != self.bvecs.shape[0]:
+            raise ValueError(f"signal has {signal.shape[-1]} volumes, model has {self.bvecs.shape[0]} directions")
+        return SHFit(self, fit_sh(signal, self.fit_matrix, mask, chunk_voxels))
+
+    def basis_for(self, bvecs: np.ndarray) -> np.ndarray:
+        """This model's basis ``(N', K)`` sampled on other directions."""
+        return sh_basis(bvecs, self.sh_order_max)[0]
+
+
+class SHFit:
+    """Coefficients ``(..., K)`` float32 of an :class:`SHModel` fit."""
+
+    def __init__(self, model: SHModel, coeffs: np.ndarray):
+        self.model = model
+        self.coeffs = coeffs
+
+    @property
+    def l_values(self) -> np.ndarray:
+        return self.model.l_values
+
+    def rish(self, orders: Sequence[int] = RISH_ORDERS) -> np.ndarray:
+        """RISH features ``(..., len(orders))`` (Eq. 1)."""
+        return rish_features(self.coeffs, self.l_values, orders)
+
+    def predict(self, bvecs: np.ndarray | None = None) -> np.ndarray:
+        """Signal ``(..., N)`` on ``bvecs`` (default: the fitted directions)."""
+        basis = self.model.basis if bvecs is None else self.model.basis_for(bvecs)
+        return sh_to_signal(self.coeffs, basis)

@@ -1,0 +1,150 @@
+"""Signal normalisation and reconstruction of a single-shell DWI (numpy, no BIDS).
+
+Shapes: ``data (X, Y, Z, V)`` raw intensities; ``s0 (X, Y, Z)``; attenuation ``(X, Y, Z, M)`` =
+S/S0 of the M shell volumes, clipped to [0, 1] inside the mask and 0 outside (the reference RISH
+harmonisation tool does the same).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .sh import DEFAULT_CHUNK_VOXELS, fit_sh, sh_to_signal
+
+DEFAULT_S0_FLOOR = 1.0
+"""Lower bound on S0 (image intensity units) so S/S0 never divides by ~0."""
+
+
+def sanitize(data: np.ndarray) -> tuple[np.ndarray, int]:
+    """Replace NaN/Inf by 0 (in place for float arrays); return ``(data, n_bad_voxels)``.
+
+    ``n_bad_voxels`` counts spatial voxels with at least one non-finite value; the caller masks
+    them out and warns.
+    """
+    if not np.issubdtype(data.dtype, np.floating):
+        return data, 0
+    bad = ~np.isfinite(data)
+    if not bad.any():
+        return data, 0
+    n_bad = int(bad.any(axis=-1).sum()) if data.ndim == 4 else int(bad.sum())
+    data[bad] = 0
+    return data, n_bad
+
+
+def mean_b0(data: np.ndarray, b0_index: np.ndarray) -> np.ndarray:
+    """Mean of the b0 volumes, ``(X, Y, Z)`` float32."""
+    return np.mean(data[..., b0_index], axis=-1, dtype=np.float32)
+
+
+def _chunks(index: np.ndarray, chunk_voxels: int):
+    for start in range(0, index.size, chunk_voxels):
+        yield index[start : start + chunk_voxels]
+
+
+def normalise_dwi(
+    data: np.ndarray,
+    b0_index: np.ndarray,
+    dwi_index: np.ndarray,
+    mask: np.ndarray,
+    s0_floor: float = DEFAULT_S0_FLOOR,
+    chunk_voxels: int = DEFAULT_CHUNK_VOXELS,
+) -> tuple[np.ndarray, np.ndarray]:
+    """S0 and attenuation S/S0 of the selected volumes.
+
+    Returns
+    -------
+    s0 : ndarray, shape (X, Y, Z), float32
+        Mean b0, floored at ``s0_floor`` inside the mask, 0 outside.
+    attenuation : ndarray, shape (X, Y, Z, M), float32
+        ``S / S0`` clipped to [0, 1] inside the mask, 0 outside.
+    """
+    mask = np.asarray(mask, dtype=bool)
+    flat = data.reshape(-1, data.shape[-1])
+    s0 = np.zeros(mask.size, dtype=np.float32)
+    att = np.zeros((mask.size, len(dwi_index)), dtype=np.float32)
+    for rows in _chunks(np.flatnonzero(mask.ravel()), chunk_voxels):
+        s0_rows, att_rows = _normalise_rows(flat[rows], b0_index, dwi_index, s0_floor)
+        s0[rows] = s0_rows
+        att[rows] = att_rows
+    return s0.reshape(mask.shape), att.reshape(mask.shape + (len(dwi_index),))
+
+
+def _normalise_rows(rows: np.ndarray, b0_index, dwi_index, s0_floor: float) -> tuple[np.ndarray, np.ndarray]:
+    rows = rows.astype(np.float32, copy=False)
+    s0 = np.maximum(rows[:, b0_index].mean(axis=1), np.float32(s0_floor))
+    att = np.clip(rows[:, dwi_index] / s0[:, None], 0.0, 1.0)
+    return s0, att
+
+
+def fit_shell_sh(
+    data: np.ndarray,
+    b0_index: np.ndarray,
+    dwi_index: np.ndarray,
+    mask: np.ndarray,
+    fit_mat: np.ndarray,
+    s0_floor: float = DEFAULT_S0_FLOOR,
+    chunk_voxels: int = DEFAULT_CHUNK_VOXELS,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Normalise and SH-fit in one pass, never holding the full attenuation array.
+
+    Same result as :func:`normalise_dwi` followed by :func:`~.sh.fit_sh`, with memory bounded by
+    the chunk size (what makes an HCP-size fit fit in a few hundred MB on top of the data).
+
+    Returns
+    -------
+    s0 : ndarray, shape (X, Y, Z), float32
+    coeffs : ndarray, shape (X, Y, Z, K), float32
+    """
+    mask = np.asarray(mask, dtype=bool)
+    flat = data.reshape(-1, data.shape[-1])
+    fit_t = fit_mat.T.astype(np.float32)
+    s0 = np.zeros(mask.size, dtype=np.float32)
+    coeffs = np.zeros((mask.size, fit_t.shape[1]), dtype=np.float32)
+    for rows in _chunks(np.flatnonzero(mask.ravel()), chunk_voxels):
+        s0_rows, att_rows = _normalise_rows(flat[rows], b0_index, dwi_index, s0_floor)
+        s0[rows] = s0_rows
+        coeffs[rows] = att_rows @ fit_t
+    return s0.reshape(mask.shape), coeffs.reshape(mask.shape + (fit_t.shape[1],))
+
+
+def rebuild_dwi(
+    s0: np.ndarray,
+    b0_volumes: np.ndarray,
+    coeffs: np.ndarray,
+    basis_out: np.ndarray,
+    mask: np.ndarray | None = None,
+    chunk_voxels: int = DEFAULT_CHUNK_VOXELS,
+) -> np.ndarray:
+    """Rebuild a DWI from (scaled) SH coefficients of the attenuation.
+
+    ``S = S0 * max(sum_lm C_hat_lm Y_lm(g), 0)`` on each output direction g; the b0 volumes are put
+    back first, in their original order.
+
+    Parameters
+    ----------
+    s0 : ndarray, shape (X, Y, Z)
+    b0_volumes : ndarray, shape (X, Y, Z, n_b0)
+    coeffs : ndarray, shape (X, Y, Z, K)
+    basis_out : ndarray, shape (M, K)
+        SH basis on the output directions.
+    mask : ndarray of bool, shape (X, Y, Z), optional
+        Where to rebuild; diffusion-weighted volumes are 0 elsewhere.
+
+    Returns
+    -------
+    ndarray, shape (X, Y, Z, n_b0 + M), float32
+    """
+    attenuation = sh_to_signal(coeffs, basis_out, mask, chunk_voxels)
+    np.clip(attenuation, 0.0, None, out=attenuation)
+    attenuation *= s0[..., None].astype(np.float32, copy=False)
+    return np.concatenate([b0_volumes.astype(np.float32, copy=False), attenuation], axis=-1)
+
+
+__all__ = [
+    "DEFAULT_S0_FLOOR",
+    "sanitize",
+    "mean_b0",
+    "normalise_dwi",
+    "fit_shell_sh",
+    "rebuild_dwi",
+    "fit_sh",
+]

@@ -1,0 +1,127 @@
+"""Known-answer tests of the SH / RISH core."""
+import numpy as np
+import pytest
+from dipy.core.sphere import HemiSphere, Sphere, disperse_charges
+from dipy.reconst.shm import sf_to_sh
+from scipy.spatial.transform import Rotation
+
+from bids_dmri_ldm.core import sh
+from bids_dmri_ldm.core.signal import fit_shell_sh, normalise_dwi, rebuild_dwi
+from bids_dmri_ldm.core.metrics import angular_error_deg, tensor_fit
+
+
+def directions(n, seed=0):
+    rng = np.random.default_rng(seed)
+    xyz = rng.normal(size=(n, 3))
+    hemi = HemiSphere(xyz=xyz / np.linalg.norm(xyz, axis=1, keepdims=True))
+    hemi, _ = disperse_charges(hemi, 200)
+    return hemi.vertices
+
+
+def tensor_signal(bvecs, evec, b=1000.0, evals=(1.7e-3, 0.3e-3, 0.3e-3)):
+    evec = np.asarray(evec, float) / np.linalg.norm(evec)
+    ortho = np.cross(evec, [0.0, 0.0, 1.0] if abs(evec[2]) < 0.9 else [1.0, 0.0, 0.0])
+    ortho /= np.linalg.norm(ortho)
+    R = np.stack([evec, ortho, np.cross(evec, ortho)], axis=1)
+    D = R @ np.diag(evals) @ R.T
+    return np.exp(-b * np.einsum("ni,ij,nj->n", bvecs, D, bvecs))
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_rish_invariant_under_rotation_of_gradients(seed):
+    rng = np.random.default_rng(seed)
+    g = directions(60, seed)
+    model = sh.SHModel(g, sh_order_max=4)
+    coeffs = rng.normal(size=model.l_values.size)
+    rotation = Rotation.random(random_state=seed).as_matrix()
+    # f_R(g) = f(R^T g): the same band-limited function, rotated.
+    signal_rotated = sh.sh_basis(g @ rotation, 4)[0] @ coeffs
+    rish_rotated = model.fit(signal_rotated[None]).rish()[0]
+    rish_true = sh.rish_features(coeffs[None].astype(np.float32), model.l_values)[0]
+    np.testing.assert_allclose(rish_rotated, rish_true, rtol=1e-5)
+
+
+def test_basis_is_orthonormal_on_the_sphere():
+    sphere = Sphere(xyz=directions(400, 3))
+    B, _, _ = sh.sh_basis(sphere.vertices, 4)
+    gram = (B.T @ B) * (4 * np.pi / B.shape[0])  # quadrature on a near-uniform antipodal set
+    np.testing.assert_allclose(gram, np.eye(B.shape[1]), atol=0.08)
+
+
+def test_rish_order0_of_isotropic_signal_is_known():
+    g = directions(30)
+    signal = np.full((1, 30), 0.5)
+    rish = sh.SHModel(g).fit(signal).rish()[0]
+    # Y_00 = 1/sqrt(4 pi): C_00 = 0.5 sqrt(4 pi), RISH_0 = pi; higher orders vanish.
+    np.testing.assert_allclose(rish, [np.pi, 0.0, 0.0], atol=1e-5)
+
+
+def test_matches_dipy_sf_to_sh_unregularised():
+    g = directions(64, 1)
+    rng = np.random.default_rng(1)
+    signal = np.stack([tensor_signal(g, rng.normal(size=3)) for _ in range(20)]).reshape(4, 5, 64)
+    ours = sh.SHModel(g, 4).fit(signal).coeffs
+    theirs = sf_to_sh(signal, Sphere(xyz=g), sh_order_max=4, basis_type="descoteaux07", legacy=False, smooth=0.0)
+    np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-5)
+
+
+def test_unit_scale_maps_reproduce_the_fitted_signal():
+    g = directions(45, 2)
+    signal = np.stack([tensor_signal(g, [1, 0.2, 0.1]), tensor_signal(g, [0, 1, 1])])
+    model = sh.SHModel(g, 4)
+    fit = model.fit(signal)
+    scaled = sh.scale_sh(fit.coeffs, np.ones((2, 3), np.float32), model.l_values)
+    np.testing.assert_allclose(sh.sh_to_signal(scaled, model.basis), fit.predict(), rtol=1e-6)
+
+
+def test_scale_maps_recover_known_ratio():
+    src = np.array([[2.0, 0.5, 0.1]], np.float32)
+    lam = np.array([[0.9, 0.8, 0.7]], np.float32)
+    target = src * lam**2
+    np.testing.assert_allclose(sh.scale_maps(target, src), lam, rtol=1e-5)
+    coeffs = np.random.default_rng(0).normal(size=(1, 15)).astype(np.float32)
+    l_values = sh.sh_basis(directions(20), 4)[2]
+    rish_scaled = sh.rish_features(sh.scale_sh(coeffs, lam, l_values), l_values)
+    np.testing.assert_allclose(rish_scaled, sh.rish_features(coeffs, l_values) * lam**2, rtol=1e-5)
+
+
+def test_scaling_keeps_principal_direction_of_a_tensor():
+    g = directions(64, 4)
+    bvals = np.r_[0.0, np.full(64, 1000.0)]
+    bvecs = np.vstack([[0, 0, 0], g])
+    evecs = np.random.default_rng(4).normal(size=(3, 3))
+    s0 = 1000.0
+    data = np.stack([np.r_[s0, s0 * tensor_signal(g, e)] for e in evecs])[:, None, None, :]
+    mask = np.ones(data.shape[:3], bool)
+    model = sh.SHModel(g, 4)
+    s0_map, coeffs = fit_shell_sh(data, np.array([0]), np.arange(1, 65), mask, model.fit_matrix)
+    lam = np.broadcast_to(np.array([0.9, 0.75, 0.6], np.float32), data.shape[:3] + (3,))
+    rebuilt = rebuild_dwi(s0_map, data[..., :1], sh.scale_sh(coeffs, lam, model.l_values), model.basis, mask)
+    _, v_in = tensor_fit(data, bvals, bvecs, mask)
+    _, v_out = tensor_fit(rebuilt, bvals, bvecs, mask)
+    assert np.all(angular_error_deg(v_in, v_out) < 1.0)
+    _, v_true = np.zeros(1), evecs / np.linalg.norm(evecs, axis=1, keepdims=True)
+    assert np.all(angular_error_deg(v_out[:, 0, 0], v_true) < 2.0)
+
+
+def test_fused_fit_equals_normalise_then_fit():
+    rng = np.random.default_rng(5)
+    g = directions(30, 5)
+    data = rng.uniform(50, 1000, size=(6, 5, 4, 33)).astype(np.float32)
+    mask = rng.uniform(size=(6, 5, 4)) > 0.3
+    b0, dw = np.arange(3), np.arange(3, 33)
+    model = sh.SHModel(g, 4)
+    s0_a, att = normalise_dwi(data, b0, dw, mask, chunk_voxels=7)
+    coeffs_a = sh.fit_sh(att, model.fit_matrix, mask)
+    s0_b, coeffs_b = fit_shell_sh(data, b0, dw, mask, model.fit_matrix, chunk_voxels=11)
+    np.testing.assert_allclose(s0_a, s0_b)
+    np.testing.assert_allclose(coeffs_a, coeffs_b, rtol=1e-5, atol=1e-6)
+    assert np.all(att[~mask] == 0) and att.max() <= 1.0 and att.min() >= 0.0
+
+
+def test_max_order_and_refusal():
+    assert sh.max_sh_order(5) == 0 and sh.max_sh_order(6) == 2 and sh.max_sh_order(64) == 8
+    with pytest.raises(ValueError, match="support SH order"):
+        sh.SHModel(directions(10), sh_order_max=4)
+    with pytest.raises(ValueError):
+        sh.sh_basis(directions(10), 3)
