@@ -1,0 +1,139 @@
+"""Model configuration: loading, defaults and strict key validation.
+
+A *training config* (``ml/configs/demo.json``, ``ml/configs/paper.json`` or a
+user's file) describes the architecture, the diffusion schedule, the
+translation defaults and the training schedule.  A *bundle config* is the same
+document plus what training learned (normalisation, latent scale) and
+provenance (training data summary, software versions).  Every section is
+checked against the schema below: an unknown or a missing key is refused with a
+:class:`ConfigError` naming the key, so a typo never silently falls back to a
+default.  Field-by-field documentation: ``docs/training.md``.
+"""
+from __future__ import annotations
+
+import copy
+import json
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+#: Version of the bundle/config layout; bumped on incompatible changes.
+FORMAT_VERSION = 1
+
+#: Field-strength classes of the conditional diffusion model (paper Eq. 9-10).
+CLASS_3T, CLASS_7T, CLASS_NULL = 0, 1, 2
+CLASS_NAMES = {"3T": CLASS_3T, "7T": CLASS_7T, "null": CLASS_NULL}
+
+
+class ConfigError(ValueError):
+    """A model or training configuration is malformed (unknown/missing key, bad value)."""
+
+
+# Schema: section -> set of required keys.  Nested dicts are checked one level deep.
+_SCHEMA: dict[str, set[str]] = {
+    "vqvae": {"channels", "num_res_layers", "num_res_channels", "embedding_dim",
+              "num_embeddings", "commitment_cost", "decay"},
+    "unet": {"channels", "num_res_blocks", "norm_num_groups", "num_head_channels",
+             "class_embedding_dim"},
+    "sr": {"channels", "num_res_blocks"},
+    "diffusion": {"num_train_timesteps", "schedule", "beta_start", "beta_end"},
+    "translation": {"t0", "guidance", "ddim_steps", "invert_class", "requantise",
+                    "num_samples", "seed", "crop_margin", "sample_eta"},
+    "training": {"seed", "val_fraction", "batch_size", "lr", "weight_decay", "epochs",
+                 "cfg_dropout", "vqvae7t_init", "amp", "sr_ddim_steps", "latent_batch_size"},
+}
+_TOP_TRAINING = {"format_version", "name", "description", "grid", "orders", *_SCHEMA}
+_TOP_BUNDLE_EXTRA = {"normalisation", "latent_scale", "training_data", "software", "created"}
+_EPOCH_KEYS = {"vqvae3t", "vqvae7t", "ldm", "sr"}
+
+
+def _check_keys(found: dict, expected: set[str], where: str) -> None:
+    unknown = sorted(set(found) - expected)
+    missing = sorted(expected - set(found))
+    if unknown:
+        raise ConfigError(f"unknown key(s) {unknown} in {where}; allowed: {sorted(expected)}")
+    if missing:
+        raise ConfigError(f"missing key(s) {missing} in {where}")
+
+
+def validate_config(cfg: dict[str, Any], kind: str = "training") -> dict[str, Any]:
+    """Check a config's keys and basic values; return it unchanged.
+
+    Parameters
+    ----------
+    cfg : dict
+        Parsed JSON config.
+    kind : {"training", "bundle"}
+        A bundle config must also hold the learned/provenance sections.
+
+    Raises
+    ------
+    ConfigError
+        Unknown or missing key, wrong format version, inconsistent sizes.
+    """
+    if not isinstance(cfg, dict):
+        raise ConfigError("config must be a JSON object")
+    top = set(_TOP_TRAINING) | (_TOP_BUNDLE_EXTRA if kind == "bundle" else set())
+    _check_keys(cfg, top, "config")
+    if cfg["format_version"] != FORMAT_VERSION:
+        raise ConfigError(
+            f"config format_version {cfg['format_version']!r} is not supported by this "
+            f"version of bids-dmri-ldm (expects {FORMAT_VERSION}); retrain or upgrade")
+    for section, keys in _SCHEMA.items():
+        if not isinstance(cfg[section], dict):
+            raise ConfigError(f"config section {section!r} must be an object")
+        _check_keys(cfg[section], keys, f"section {section!r}")
+    _check_keys(cfg["training"]["epochs"], _EPOCH_KEYS, "training.epochs")
+    grid = cfg["grid"]
+    if len(grid) != 3 or any(int(g) < 4 for g in grid):
+        raise ConfigError(f"grid must be three sizes >= 4, got {grid}")
+    factor = 2 ** len(cfg["vqvae"]["channels"])
+    if any(int(g) % factor for g in grid):
+        raise ConfigError(f"grid {grid} must be divisible by the VQ-VAE downsampling {factor}")
+    n_orders = len(cfg["orders"])
+    for key in ("t0", "guidance"):
+        if len(cfg["translation"][key]) != n_orders:
+            raise ConfigError(f"translation.{key} needs one value per order {cfg['orders']}")
+    t_max = cfg["diffusion"]["num_train_timesteps"] - 1
+    if any(not 0 < int(t) <= t_max for t in cfg["translation"]["t0"]):
+        raise ConfigError(f"translation.t0 values must lie in 1..{t_max}")
+    if cfg["translation"]["invert_class"] not in CLASS_NAMES:
+        raise ConfigError(f"translation.invert_class must be one of {sorted(CLASS_NAMES)}")
+    if cfg["training"]["vqvae7t_init"] not in ("3T", "scratch"):
+        raise ConfigError("training.vqvae7t_init must be '3T' or 'scratch'")
+    groups = cfg["unet"]["norm_num_groups"]
+    if any(c % groups for c in cfg["unet"]["channels"]):
+        raise ConfigError(f"unet.channels {cfg['unet']['channels']} must be divisible by "
+                          f"norm_num_groups={groups}")
+    if kind == "bundle":
+        _check_keys(cfg["normalisation"], {"method", "orders", "eps", "low", "high",
+                                           "background"}, "section 'normalisation'")
+    return cfg
+
+
+def builtin_config_names() -> list[str]:
+    """Names of the configs shipped in ``bids_dmri_ldm/ml/configs``."""
+    folder = resources.files("bids_dmri_ldm.ml") / "configs"
+    return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".json"))
+
+
+def load_config(name_or_path: str | Path) -> dict[str, Any]:
+    """Load and validate a training config by built-in name (``demo``, ``paper``) or path."""
+    text_path = Path(name_or_path)
+    if not text_path.is_file():
+        if str(name_or_path) not in builtin_config_names():
+            raise ConfigError(f"config {name_or_path!r} is neither a file nor one of the "
+                              f"built-in configs {builtin_config_names()}")
+        text = (resources.files("bids_dmri_ldm.ml") / "configs" / f"{name_or_path}.json").read_text()
+    else:
+        text = text_path.read_text()
+    try:
+        cfg = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"config {name_or_path} is not valid JSON: {err}") from None
+    return validate_config(cfg, "training")
+
+
+def training_part(cfg: dict[str, Any]) -> dict[str, Any]:
+    """Copy of a (bundle) config restricted to the training-config keys."""
+    return {k: copy.deepcopy(v) for k, v in cfg.items() if k in _TOP_TRAINING}

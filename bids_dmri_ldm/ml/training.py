@@ -1,0 +1,508 @@
+"""Group-level training of the four networks, stage by stage, resumable, DDP-ready.
+
+Stages (Zhu et al., MICCAI 2024, Sec. 2-3; AdamW, lr 1e-4):
+
+``vqvae3t``  3T VQ-VAE on every 3T volume, loss = MAE + quantisation loss.
+``vqvae7t``  7T VQ-VAE fine-tuned from the 3T weights (transfer learning) or from scratch.
+``ldm``      conditional latent diffusion UNet on 3T (class 0) and 7T (class 1) latents,
+             eps-prediction MSE (Eq. 7), class dropped to null with ``cfg_dropout``.
+``sr``       super-resolution head on the LDM's translated training 3T volumes vs real 7T (MSE).
+
+Every stage checkpoints each epoch into ``work_dir/<stage>/`` (safetensors for the
+weights and the optimiser tensors, JSON for the rest), resumes from there, writes
+its losses to ``out_dir/training/losses_<stage>.csv`` and ``.png``, and is
+deterministic for a seed: all randomness (shuffling, noise, timesteps, label
+dropout) is drawn per *sample index*, so one process and N DDP processes see the
+same numbers.  Entry point for the workflow layer: :func:`train_all`.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import platform
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torch.nn import functional as F
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+from tqdm.auto import tqdm
+
+from .bundle import model_card, save_bundle, software_versions, state_to_tensors
+from .data import to_model_grid
+from .diffusion import LatentDiffusion
+from .distributed import DistContext, barrier, init_distributed, mean_across, unwrap, wrap_ddp
+from .inference import autocast_for, translate_latents
+from .modelconfig import CLASS_3T, CLASS_7T, CLASS_NULL, validate_config
+from .networks import build_sr_head, build_unet, build_vqvae
+from .normalise import fit_normalisation, normalise
+
+STAGES = ("vqvae3t", "vqvae7t", "ldm", "sr")
+_STAGE_ID = {s: i for i, s in enumerate(STAGES)}
+
+
+class TrainingDataError(ValueError):
+    """The training data cannot support the requested stage (e.g. no paired participants)."""
+
+
+# --------------------------------------------------------------------------- utilities
+def sample_generator(seed: int, stage: str, epoch: int, index: int) -> torch.Generator:
+    """CPU generator for one sample of one epoch: the same on every rank and device."""
+    key = (int(seed) * 1_000_003 + _STAGE_ID[stage] * 100_003 + (epoch + 1) * 10_007 + int(index))
+    return torch.Generator().manual_seed(key % (2 ** 63))
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _atomic_save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp))
+    os.replace(tmp, path)
+
+
+def optimizer_to_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list[dict]]:
+    """Optimiser state as flat tensors (safetensors) plus JSON-ready param groups."""
+    state = opt.state_dict()
+    tensors = {f"{idx}.{key}": torch.as_tensor(val).detach().cpu().contiguous().clone()
+               for idx, entry in state["state"].items() for key, val in entry.items()}
+    return tensors, state["param_groups"]
+
+
+def optimizer_from_tensors(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor],
+                           groups: list[dict]) -> None:
+    """Inverse of :func:`optimizer_to_tensors`."""
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for name, val in tensors.items():
+        idx, key = name.split(".", 1)
+        state.setdefault(int(idx), {})[key] = val
+    opt.load_state_dict({"state": state, "param_groups": groups})
+
+
+def write_loss_log(history: list[dict[str, float]], csv_path: Path, title: str) -> None:
+    """Loss history -> CSV and PNG (matplotlib Agg), both written atomically."""
+    csv_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = csv_path.with_name(csv_path.name + ".tmp")
+    with open(tmp, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["epoch", "train_loss", "val_loss", "seconds"])
+        writer.writeheader()
+        writer.writerows(history)
+    os.replace(tmp, csv_path)
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    epochs = [h["epoch"] for h in history]
+    ax.plot(epochs, [h["train_loss"] for h in history], label="train")
+    if any(h["val_loss"] == h["val_loss"] for h in history):  # not all NaN
+        ax.plot(epochs, [h["val_loss"] for h in history], label="validation")
+    ax.set_xlabel("epoch"), ax.set_ylabel("loss"), ax.set_title(title), ax.legend()
+    ax.set_yscale("log")
+    fig.tight_layout()
+    png = csv_path.with_suffix(".png")
+    tmp_png = png.with_name(png.stem + ".tmp.png")
+    fig.savefig(tmp_png, dpi=100)
+    plt.close(fig)
+    os.replace(tmp_png, png)
+
+
+# --------------------------------------------------------------------------- generic loop
+LossFn = Callable[[nn.Module, list[torch.Tensor], torch.Tensor, int], torch.Tensor]
+
+
+def fit_stage(stage: str, model: nn.Module, tensors: Sequence[torch.Tensor], loss_fn: LossFn,
+              cfg: dict[str, Any], epochs: int, batch_size: int, work_dir: Path, log_dir: Path | None,
+              ctx: DistContext, resume: bool = False, val_tensors: Sequence[torch.Tensor] | None = None,
+              ) -> list[dict[str, float]]:
+    """Train ``model`` for ``epochs`` with AdamW, checkpointing and resuming every epoch.
+
+    Parameters
+    ----------
+    tensors : training tensors sharing the first (sample) axis.
+    loss_fn : ``(model, batch_tensors, global_indices, epoch) -> scalar loss`` (batch mean).
+    batch_size : global batch; each of the ``ctx.world_size`` processes takes its share.
+    work_dir : checkpoint folder of this stage (``model.safetensors``, ``optimizer.safetensors``,
+        ``state.json``, the latter written last and read as the commit marker).
+
+    Returns
+    -------
+    list of dict
+        Per-epoch ``epoch``, ``train_loss``, ``val_loss`` (NaN without validation), ``seconds``.
+    """
+    tr = cfg["training"]
+    work_dir.mkdir(parents=True, exist_ok=True)
+    model.to(ctx.device)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
+                            lr=tr["lr"], weight_decay=tr["weight_decay"])
+    history: list[dict[str, float]] = []
+    state_path = work_dir / "state.json"
+    if resume and state_path.is_file():
+        state = json.loads(state_path.read_text())
+        model.load_state_dict(load_file(str(work_dir / "model.safetensors"), device=str(ctx.device)))
+        optimizer_from_tensors(opt, load_file(str(work_dir / "optimizer.safetensors"),
+                                              device=str(ctx.device)), state["param_groups"])
+        history = state["history"]
+    start_epoch = len(history)
+    use_amp = bool(tr["amp"]) and ctx.device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and not torch.cuda.is_bf16_supported()) \
+        if use_amp else None
+    ddp_model = wrap_ddp(model, ctx)
+    n = len(tensors[0])
+    per_rank = max(1, batch_size // ctx.world_size)
+    dataset = TensorDataset(torch.arange(n), *tensors)
+    sampler = DistributedSampler(dataset, num_replicas=ctx.world_size, rank=ctx.rank,
+                                 shuffle=True, seed=tr["seed"] + _STAGE_ID[stage], drop_last=False)
+    loader = DataLoader(dataset, batch_size=per_rank, sampler=sampler, num_workers=0)
+    bar = tqdm(range(start_epoch, epochs), desc=stage, disable=not ctx.is_main, unit="epoch",
+               initial=start_epoch, total=epochs)
+    for epoch in bar:
+        t_start = time.perf_counter()
+        sampler.set_epoch(epoch)
+        ddp_model.train()
+        losses = []
+        for batch in loader:
+            idx, batch_tensors = batch[0], [b.to(ctx.device) for b in batch[1:]]
+            opt.zero_grad(set_to_none=True)
+            with autocast_for(ctx.device, use_amp):
+                loss = loss_fn(ddp_model, batch_tensors, idx, epoch)
+            if scaler is not None and scaler.is_enabled():
+                scaler.scale(loss).backward()
+                scaler.step(opt)
+                scaler.update()
+            else:
+                loss.backward()
+                opt.step()
+            losses.append(float(loss.detach()))
+        train_loss = mean_across(float(np.mean(losses)), ctx)
+        val_loss = float("nan")
+        if val_tensors is not None and len(val_tensors[0]):
+            val_loss = evaluate_loss(model, val_tensors, loss_fn, ctx)
+        history.append({"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val_loss,
+                        "seconds": round(time.perf_counter() - t_start, 3)})
+        bar.set_postfix(loss=f"{train_loss:.4g}")
+        if ctx.is_main:
+            _atomic_save_tensors(state_to_tensors(unwrap(ddp_model)), work_dir / "model.safetensors")
+            tensors_opt, groups = optimizer_to_tensors(opt)
+            _atomic_save_tensors(tensors_opt, work_dir / "optimizer.safetensors")
+            _atomic_write_text(state_path, json.dumps({"stage": stage, "history": history,
+                                                       "param_groups": groups}, indent=1))
+            if log_dir is not None:
+                write_loss_log(history, log_dir / f"losses_{stage}.csv", stage)
+        barrier(ctx)
+    bar.close()
+    return history
+
+
+@torch.no_grad()
+def evaluate_loss(model: nn.Module, tensors: Sequence[torch.Tensor], loss_fn: LossFn,
+                  ctx: DistContext, batch_size: int = 8) -> float:
+    """Mean loss over a held-out set with fixed randomness (epoch = -1), eval mode."""
+    model.eval()
+    total, count = 0.0, 0
+    n = len(tensors[0])
+    for lo in range(0, n, batch_size):
+        idx = torch.arange(lo, min(lo + batch_size, n))
+        batch = [t[idx].to(ctx.device) for t in tensors]
+        total += float(loss_fn(model, batch, idx, -1)) * len(idx)
+        count += len(idx)
+    model.train()
+    return total / max(count, 1)
+
+
+# --------------------------------------------------------------------------- stage functions
+def _vqvae_loss(model: nn.Module, batch: list[torch.Tensor], idx: torch.Tensor, epoch: int) -> torch.Tensor:
+    """Paper's VQ-VAE loss: MAE of the reconstruction + quantisation (commitment) loss."""
+    x = batch[0]
+    recon, quant_loss = model(x)
+    return F.l1_loss(recon.float(), x) + quant_loss.float().mean()
+
+
+def train_vqvae(volumes: torch.Tensor, cfg: dict[str, Any], work_dir: Path, ctx: DistContext,
+                resume: bool = False, val_volumes: torch.Tensor | None = None,
+                log_dir: Path | None = None, stage: str = "vqvae3t",
+                init_state: dict[str, torch.Tensor] | None = None) -> tuple[nn.Module, list]:
+    """Train a VQ-VAE on model-grid volumes ``(M, 1, *grid)`` (one RISH order each).
+
+    ``init_state`` starts from given weights (the 7T fine-tune starts from the 3T ones).
+    """
+    torch.manual_seed(cfg["training"]["seed"] + _STAGE_ID[stage])
+    model = build_vqvae(cfg)
+    if init_state is not None:
+        model.load_state_dict(init_state)
+    history = fit_stage(stage, model, [volumes], _vqvae_loss, cfg, cfg["training"]["epochs"][stage],
+                        cfg["training"]["batch_size"], work_dir, log_dir, ctx, resume,
+                        None if val_volumes is None else [val_volumes])
+    return model.eval(), history
+
+
+def finetune_vqvae7t(volumes_7t: torch.Tensor, cfg: dict[str, Any], work_dir: Path, ctx: DistContext,
+                     vqvae3t_state: dict[str, torch.Tensor] | None, resume: bool = False,
+                     val_volumes: torch.Tensor | None = None, log_dir: Path | None = None):
+    """7T VQ-VAE: fine-tuned from the 3T weights (``training.vqvae7t_init = "3T"``, the
+    paper's transfer learning) or trained from scratch (``"scratch"``, the ablation)."""
+    init = vqvae3t_state if cfg["training"]["vqvae7t_init"] == "3T" else None
+    if cfg["training"]["vqvae7t_init"] == "3T" and init is None:
+        raise TrainingDataError("the 7T fine-tune needs the trained 3T VQ-VAE weights")
+    return train_vqvae(volumes_7t, cfg, work_dir, ctx, resume, val_volumes, log_dir, "vqvae7t", init)
+
+
+def make_ldm_loss(cfg: dict[str, Any]) -> LossFn:
+    """eps-prediction loss (Eq. 7) with per-sample seeded t, noise and label dropout."""
+    diffusion = LatentDiffusion.from_config(cfg)
+    seed, p_drop = cfg["training"]["seed"], cfg["training"]["cfg_dropout"]
+
+    def loss_fn(model, batch, idx, epoch):
+        z, labels = batch
+        noise, steps, drop = [], [], []
+        for i in idx.tolist():
+            g = sample_generator(seed, "ldm", epoch, i)
+            steps.append(int(torch.randint(0, diffusion.num_train_timesteps, (1,), generator=g)))
+            drop.append(bool(torch.rand(1, generator=g) < p_drop))
+            noise.append(torch.randn(z.shape[1:], generator=g))
+        noise = torch.stack(noise).to(z.device)
+        t = torch.tensor(steps, device=z.device)
+        labels = torch.where(torch.tensor(drop, device=z.device), torch.full_like(labels, CLASS_NULL), labels)
+        return diffusion.training_loss(model, z, labels, noise, t)
+
+    return loss_fn
+
+
+def train_ldm(latents: torch.Tensor, labels: torch.Tensor, cfg: dict[str, Any], work_dir: Path,
+              ctx: DistContext, resume: bool = False,
+              val: tuple[torch.Tensor, torch.Tensor] | None = None, log_dir: Path | None = None):
+    """Conditional latent diffusion UNet on scaled latents ``(M, C, x, y, z)`` with class ``labels`` (M,)."""
+    torch.manual_seed(cfg["training"]["seed"] + _STAGE_ID["ldm"])
+    model = build_unet(cfg)
+    history = fit_stage("ldm", model, [latents, labels], make_ldm_loss(cfg), cfg,
+                        cfg["training"]["epochs"]["ldm"], cfg["training"]["latent_batch_size"],
+                        work_dir, log_dir, ctx, resume, None if val is None else list(val))
+    return model.eval(), history
+
+
+def _sr_loss(model, batch, idx, epoch):
+    ldm_out, target = batch
+    return F.mse_loss(model(ldm_out).float(), target)
+
+
+def train_sr(ldm_outputs: torch.Tensor, targets_7t: torch.Tensor, cfg: dict[str, Any], work_dir: Path,
+             ctx: DistContext, resume: bool = False,
+             val: tuple[torch.Tensor, torch.Tensor] | None = None, log_dir: Path | None = None):
+    """Super-resolution head: decoded LDM outputs ``(M, 1, *grid)`` -> real 7T ``(M, 1, *grid)``, MSE."""
+    torch.manual_seed(cfg["training"]["seed"] + _STAGE_ID["sr"])
+    model = build_sr_head(cfg)
+    history = fit_stage("sr", model, [ldm_outputs, targets_7t], _sr_loss, cfg,
+                        cfg["training"]["epochs"]["sr"], cfg["training"]["batch_size"],
+                        work_dir, log_dir, ctx, resume, None if val is None else list(val))
+    return model.eval(), history
+
+
+# --------------------------------------------------------------------------- whole pipeline
+RishInput = Mapping[str, tuple[np.ndarray, np.ndarray]]
+
+
+def split_participants(paired: Sequence[str], val_fraction: float, seed: int) -> tuple[list[str], list[str]]:
+    """Participant-level train/validation split of the paired participants, fixed by the seed."""
+    paired = sorted(paired)
+    n_val = int(round(val_fraction * len(paired))) if len(paired) >= 2 else 0
+    n_val = min(max(n_val, 1 if len(paired) >= 2 and val_fraction > 0 else 0), len(paired) - 1)
+    order = np.random.default_rng(seed).permutation(len(paired))
+    val = sorted(paired[i] for i in order[:n_val])
+    return [p for p in paired if p not in val], val
+
+
+def _stack_model_grid(items: Sequence[tuple[np.ndarray, np.ndarray]], norm: dict, cfg: dict) -> torch.Tensor:
+    """Per participant (RISH (X,Y,Z,n), mask) -> (n_participants * n, 1, *grid), orders interleaved."""
+    vols = []
+    for rish, mask in items:
+        x, _, _ = to_model_grid(normalise(rish, mask, norm), mask, tuple(cfg["grid"]),
+                                cfg["translation"]["crop_margin"])
+        vols.append(x)
+    if not vols:
+        return torch.zeros((0, 1, *cfg["grid"]))
+    return torch.cat(vols)
+
+
+@torch.no_grad()
+def _encode_all(vq: nn.Module, volumes: torch.Tensor, device: torch.device, batch: int = 8) -> torch.Tensor:
+    out = []
+    for lo in range(0, len(volumes), batch):
+        z = vq.encode(volumes[lo:lo + batch].to(device))
+        out.append(vq.quantize(z.float())[0].cpu())
+    return torch.cat(out)
+
+
+def _stage_state(work_dir: Path, stage: str, epochs: int) -> dict[str, torch.Tensor] | None:
+    """Final weights of a completed stage, or None."""
+    state_path = work_dir / stage / "state.json"
+    if not state_path.is_file():
+        return None
+    if len(json.loads(state_path.read_text())["history"]) < epochs:
+        return None
+    return load_file(str(work_dir / stage / "model.safetensors"))
+
+
+def train_all(rish_3t: RishInput, rish_7t: RishInput, config: dict[str, Any], out_dir: str | Path,
+              work_dir: str | Path, device: torch.device | str = "cpu", resume: bool = False,
+              stages: Sequence[str] = STAGES, command: str = "") -> Path | None:
+    """Train every stage and write the model bundle (group-level entry point).
+
+    Parameters
+    ----------
+    rish_3t, rish_7t : mapping participant label -> (RISH (X, Y, Z, n_orders) float32, mask (X, Y, Z) bool)
+        RISH features (Eq. 1) of each participant's 3T and 7T scan, any grid (each is
+        cropped to its brain and resized to the model grid here).  A participant
+        present in both mappings is *paired*.  Unpaired 3T scans still train the 3T
+        VQ-VAE and the LDM's 3T class; unpaired 7T scans the 7T VQ-VAE.
+    config : validated training config (``modelconfig.load_config``).
+    out_dir : results folder; the bundle goes to ``out_dir/model`` and the loss curves
+        (CSV + PNG) to ``out_dir/training``.
+    work_dir : checkpoints (``work_dir/<stage>/``), reused with ``resume=True``.
+    device : from ``ml.device.resolve_device``; under torchrun each process joins the group.
+    stages : subset of ``("vqvae3t", "vqvae7t", "ldm", "sr")``; a stage needs the earlier
+        stages completed in ``work_dir``.  The bundle is written when all four are complete.
+    command : the command line, recorded in the model card.
+
+    Returns
+    -------
+    Path or None
+        The bundle directory, or None when stages remain to be trained (or on ranks > 0).
+
+    Raises
+    ------
+    TrainingDataError
+        No paired participant, or an earlier stage missing.
+    """
+    validate_config(config, "training")
+    cfg = json.loads(json.dumps(config))
+    tr = cfg["training"]
+    out_dir, work_dir = Path(out_dir), Path(work_dir)
+    ctx = init_distributed(device)
+    t_start = time.perf_counter()
+    paired = sorted(set(rish_3t) & set(rish_7t))
+    if not paired:
+        raise TrainingDataError(
+            f"no paired participants: found {len(rish_3t)} with 3T ({', '.join(sorted(rish_3t)[:5]) or 'none'}) "
+            f"and {len(rish_7t)} with 7T ({', '.join(sorted(rish_7t)[:5]) or 'none'}) data, none in both")
+    train_ids, val_ids = split_participants(paired, tr["val_fraction"], tr["seed"])
+    only3 = sorted(set(rish_3t) - set(paired))
+    only7 = sorted(set(rish_7t) - set(paired))
+    log_dir = out_dir / "training" if ctx.is_main else None
+    work_dir.mkdir(parents=True, exist_ok=True)
+
+    norm_path = work_dir / "normalisation.json"
+    if resume and norm_path.is_file():
+        norm = json.loads(norm_path.read_text())
+    else:
+        ids = train_ids + only3
+        norm = fit_normalisation([rish_3t[i][0] for i in ids], [rish_3t[i][1] for i in ids],
+                                 cfg["orders"], tr["seed"])
+        if ctx.is_main:
+            _atomic_write_text(norm_path, json.dumps(norm, indent=1))
+    x3 = _stack_model_grid([rish_3t[i] for i in train_ids + only3], norm, cfg)
+    x7 = _stack_model_grid([rish_7t[i] for i in train_ids + only7], norm, cfg)
+    v3 = _stack_model_grid([rish_3t[i] for i in val_ids], norm, cfg)
+    v7 = _stack_model_grid([rish_7t[i] for i in val_ids], norm, cfg)
+    epochs = tr["epochs"]
+
+    def need(stage):
+        return _stage_state(work_dir, stage, epochs[stage]) if stage not in stages else None
+
+    vq3_state = need("vqvae3t")
+    if "vqvae3t" in stages:
+        vq3, _ = train_vqvae(x3, cfg, work_dir / "vqvae3t", ctx, resume, v3, log_dir)
+        vq3_state = state_to_tensors(vq3)
+    vq7_state = need("vqvae7t")
+    if "vqvae7t" in stages:
+        if vq3_state is None and tr["vqvae7t_init"] == "3T":
+            raise TrainingDataError("stage vqvae7t needs the vqvae3t stage completed first")
+        vq7, _ = finetune_vqvae7t(x7, cfg, work_dir / "vqvae7t", ctx, vq3_state, resume, v7, log_dir)
+        vq7_state = state_to_tensors(vq7)
+    if vq3_state is None or vq7_state is None:
+        if "ldm" in stages or "sr" in stages:
+            raise TrainingDataError("stages ldm/sr need the vqvae3t and vqvae7t stages completed first")
+        return None
+    vq3, vq7 = build_vqvae(cfg), build_vqvae(cfg)
+    vq3.load_state_dict(vq3_state), vq7.load_state_dict(vq7_state)
+    vq3.to(ctx.device).eval(), vq7.to(ctx.device).eval()
+
+    z3, z7 = _encode_all(vq3, x3, ctx.device), _encode_all(vq7, x7, ctx.device)
+    latent_scale = float(1.0 / torch.cat([z3, z7]).std().clamp(min=1e-6))
+    cfg_latent = latent_scale
+    lat = torch.cat([z3, z7]) * cfg_latent
+    labels = torch.cat([torch.full((len(z3),), CLASS_3T), torch.full((len(z7),), CLASS_7T)])
+    vz = torch.cat([_encode_all(vq3, v3, ctx.device), _encode_all(vq7, v7, ctx.device)]) * cfg_latent
+    vlab = torch.cat([torch.full((len(v3),), CLASS_3T), torch.full((len(v7),), CLASS_7T)])
+    unet_state = need("ldm")
+    if "ldm" in stages:
+        unet, _ = train_ldm(lat, labels, cfg, work_dir / "ldm", ctx, resume,
+                            (vz, vlab) if len(vz) else None, log_dir)
+        unet_state = state_to_tensors(unet)
+    if unet_state is None:
+        if "sr" in stages:
+            raise TrainingDataError("stage sr needs the ldm stage completed first")
+        return None
+
+    networks = {"vqvae3t": vq3, "vqvae7t": vq7, "unet": build_unet(cfg)}
+    networks["unet"].load_state_dict(unet_state)
+    networks["unet"].to(ctx.device).eval()
+    bundle_cfg = dict(cfg, normalisation=norm, latent_scale=latent_scale)
+    sr_state = need("sr")
+    if "sr" in stages:
+        sr_in, sr_target = _translate_for_sr(networks, bundle_cfg, [rish_3t[i] for i in train_ids],
+                                             [rish_7t[i] for i in train_ids], norm, ctx.device)
+        val_sr = None
+        if val_ids:
+            val_sr = _translate_for_sr(networks, bundle_cfg, [rish_3t[i] for i in val_ids],
+                                       [rish_7t[i] for i in val_ids], norm, ctx.device)
+        sr, _ = train_sr(sr_in, sr_target, cfg, work_dir / "sr", ctx, resume, val_sr, log_dir)
+        sr_state = state_to_tensors(sr)
+    if sr_state is None:
+        return None
+    networks["sr"] = build_sr_head(cfg)
+    networks["sr"].load_state_dict(sr_state)
+    if not ctx.is_main:
+        barrier(ctx)
+        return None
+    elapsed = time.perf_counter() - t_start
+    bundle_cfg.update(
+        training_data={"n_3t": len(rish_3t), "n_7t": len(rish_7t), "n_paired": len(paired),
+                       "train_participants": train_ids, "validation_participants": val_ids,
+                       "unpaired_3t": only3, "unpaired_7t": only7},
+        software=software_versions(),
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    card = model_card(bundle_cfg, command=command, training_time_s=elapsed,
+                      machine=f"{platform.node()} {platform.processor() or platform.machine()}, "
+                              f"{torch.get_num_threads()} threads, {ctx.device}")
+    bundle_dir = save_bundle(out_dir / "model", bundle_cfg, networks, card)
+    barrier(ctx)
+    return bundle_dir
+
+
+@torch.no_grad()
+def _translate_for_sr(networks, cfg, items3, items7, norm, device):
+    """LDM translation of training 3T volumes (decoded by the 7T VQ-VAE) and the real 7T targets."""
+    from .bundle import Bundle
+
+    bundle = Bundle(cfg, networks, Path("."), "")
+    tr = cfg["translation"]
+    n_orders = len(cfg["orders"])
+    x3 = _stack_model_grid(items3, norm, cfg)
+    x7 = _stack_model_grid(items7, norm, cfg)
+    outs = []
+    for lo in range(0, len(x3), n_orders):
+        z3 = _encode_all(networks["vqvae3t"], x3[lo:lo + n_orders], device) * cfg["latent_scale"]
+        z7 = translate_latents(bundle, z3, tr["t0"], tr["guidance"], cfg["training"]["sr_ddim_steps"], device)
+        z7 = z7 / cfg["latent_scale"]
+        if tr["requantise"]:
+            z7, _ = networks["vqvae7t"].quantize(z7)
+        outs.append(networks["vqvae7t"].decode(z7).float().cpu())
+    return torch.cat(outs), x7
