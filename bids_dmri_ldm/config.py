@@ -5,9 +5,54 @@ explicit arguments instead.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+#: Translation methods the command line offers (``--method``).
+METHOD_CHOICES = ("identity", "rish-global", "ldm")
+
+#: Group-level training stages (``--stage``).
+STAGE_CHOICES = ("vqvae3t", "vqvae7t", "ldm", "sr", "all")
+
+#: Name of the model bundle shipped for the demo (``models/demo/config.json``).
+DEMO_MODEL_NAME = "demo"
+
+#: Environment variable that points to an extra folder of shipped model bundles.
+MODELS_ENV = "BIDS_DMRI_LDM_MODELS"
+
+
+def shipped_models_dirs() -> list[Path]:
+    """Folders that may hold model bundles shipped with the software, in search order.
+
+    1. ``$BIDS_DMRI_LDM_MODELS`` when set (e.g. weights baked into a container);
+    2. ``models/`` at the repository root (source checkout, editable install, container);
+    3. ``bids_dmri_ldm/data/models/`` inside the installed package.
+    """
+    package_dir = Path(__file__).resolve().parent
+    candidates = []
+    if os.environ.get(MODELS_ENV):
+        candidates.append(Path(os.environ[MODELS_ENV]).expanduser())
+    candidates += [package_dir.parent / "models", package_dir / "data" / "models"]
+    return candidates
+
+
+def find_shipped_model(name: str) -> Path | None:
+    """Folder of the shipped model bundle ``name`` (one holding ``config.json``), or None."""
+    for base in shipped_models_dirs():
+        if (base / name / "config.json").is_file():
+            return base / name
+    return None
+
+
+def default_method() -> str:
+    """The ``--method`` used when none is given: the one place this choice is made.
+
+    ``ldm`` when the demo latent-diffusion bundle (``models/demo/config.json``) ships with
+    this installation, else ``rish-global`` (which needs no network weights).
+    """
+    return "ldm" if find_shipped_model(DEMO_MODEL_NAME) is not None else "rish-global"
 
 
 @dataclass

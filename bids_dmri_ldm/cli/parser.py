@@ -1,0 +1,509 @@
+"""Command-line parser of the BIDS App.
+
+``_build_parser()`` only builds the :mod:`argparse` parser; ``parse_args(argv)`` parses,
+validates everything that can be checked before any data are read (paths, labels, filter
+file, GPU) and returns a filled :class:`~bids_dmri_ldm.config.RunConfig`.
+
+Errors are raised as :class:`~bids_dmri_ldm.cli.exitcodes.BidsAppError` subclasses carrying
+the BIDS execution-spec exit code; argparse's own exit status 2 is never used.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any, Sequence
+
+from .. import __version__
+from ..config import METHOD_CHOICES, STAGE_CHOICES, RunConfig, default_method
+from .exitcodes import (
+    MissingInputError,
+    OutputError,
+    UnknownAnalysisLevel,
+    UsageError,
+)
+
+PROG = "bids-dmri-ldm"
+ANALYSIS_LEVELS = ("participant", "group")
+#: Query names a ``--bids-filter-file`` may hold (see docs/usage.md).
+FILTER_QUERIES = ("dwi", "source", "target")
+#: Entities the app sets itself; a filter may not change them.
+RESERVED_FILTER_KEYS = ("suffix", "extension", "return_type", "scope", "target")
+#: BIDS short entity keys -> pybids entity names, to give a helpful error.
+SHORT_ENTITY_NAMES = {
+    "sub": "subject",
+    "ses": "session",
+    "acq": "acquisition",
+    "rec": "reconstruction",
+    "dir": "direction",
+    "ce": "ceagent",
+}
+_LABEL_RE = re.compile(r"^[0-9a-zA-Z+]+$")
+
+
+class BidsArgumentParser(argparse.ArgumentParser):
+    """ArgumentParser whose errors carry BIDS exit codes instead of exiting with 2."""
+
+    def error(self, message: str):  # noqa: D401 - argparse API
+        """Raise :class:`UsageError` (exit 64) rather than printing usage and exiting 2."""
+        raise UsageError(f"{message} (see `{self.prog} --help`)")
+
+
+# --------------------------------------------------------------------------- value types
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
+def _resolution(text: str) -> float | None:
+    """``--output-resolution``: voxel size in mm (> 0), or ``native`` (-> None)."""
+    if text.strip().lower() == "native":
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"must be a voxel size in mm or 'native', got {text!r}"
+        ) from None
+    if not 0 < value <= 20:
+        raise argparse.ArgumentTypeError(f"must be in (0, 20] mm or 'native', got {text}")
+    return value
+
+
+def _sh_order(text: str) -> int:
+    value = int(text)
+    if value not in (2, 4, 6, 8):
+        raise argparse.ArgumentTypeError(f"must be an even order 2, 4, 6 or 8, got {text}")
+    return value
+
+
+# argparse names the type in its messages ("invalid <name> value: 'x'").
+_positive_int.__name__ = "positive integer"
+_non_negative_int.__name__ = "non-negative integer"
+_positive_float.__name__ = "positive number"
+_resolution.__name__ = "resolution"
+_sh_order.__name__ = "SH order"
+
+
+def _available_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+# --------------------------------------------------------------------------- the parser
+def _build_parser() -> BidsArgumentParser:
+    """Build (only) the argument parser; :func:`parse_args` validates the values."""
+    parser = BidsArgumentParser(
+        prog=PROG,
+        description=(
+            "Translate 3T diffusion MRI into 7T-like diffusion MRI (RISH scale maps predicted "
+            "by a latent diffusion model; Zhu et al., MICCAI 2024). The participant level "
+            "writes a BIDS derivatives dataset; the group level learns the model from paired "
+            "3T/7T participants."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("bids_dir", type=Path, help="root of the input BIDS dataset")
+    parser.add_argument(
+        "output_dir", type=Path, help="root of the derivatives dataset to write (not inside bids_dir)"
+    )
+    parser.add_argument(
+        "analysis_level",
+        metavar="{participant,group}",
+        help="participant: translate each 3T DWI run; group: learn from paired 3T/7T participants",
+    )
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+
+    sel = parser.add_argument_group("selecting data")
+    sel.add_argument(
+        "--participant-label", "--participant_label",
+        dest="participant_label", nargs="+", metavar="LABEL",
+        help="participant labels, with or without 'sub-', or one path to a text file of labels "
+        "(whitespace separated, '#' comments); default: all participants",
+    )
+    sel.add_argument(
+        "--session-label", "--session-id", "--session_label",
+        dest="session_label", nargs="+", metavar="LABEL",
+        help="session labels, with or without 'ses-'; default: all sessions",
+    )
+    sel.add_argument(
+        "--bids-filter-file", type=Path, metavar="FILE",
+        help="JSON file of pybids filters: {\"dwi\": {...}} narrows the DWI runs; "
+        "{\"source\": {...}, \"target\": {...}} says which runs are 3T and 7T (see docs/usage.md)",
+    )
+    sel.add_argument(
+        "--bids-database-dir", type=Path, metavar="DIR",
+        help="folder for the pybids index database (reused when present; delete it after the "
+        "dataset changes)",
+    )
+    sel.add_argument(
+        "--skip-bids-validation", "--skip_bids_validation", action="store_true",
+        help="do not run bids-validator-deno on the input",
+    )
+
+    perf = parser.add_argument_group("resources")
+    perf.add_argument(
+        "-w", "--work-dir", type=Path, metavar="DIR",
+        help="working directory for intermediate results and resumption; default: 'work' "
+        "beside output_dir (OUTPUT_DIR/../work), or a temporary folder when that can't be created",
+    )
+    perf.add_argument("--nprocs", "--n-cpus", "--n_cpus", type=_positive_int,
+                      help="processes running in parallel; default: all available CPUs")
+    perf.add_argument("--omp-nthreads", type=_positive_int,
+                      help="threads per process (torch, BLAS); default: min(8, nprocs)")
+    perf.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                      help="where the networks run; 'cuda' fails at once without a usable GPU")
+
+    method = parser.add_argument_group("translation")
+    method.add_argument(
+        "--method", choices=METHOD_CHOICES, default=None,
+        help="how the 3T RISH maps become 7T-like; default: 'ldm' when the demo model ships "
+        "with this installation, else 'rish-global'",
+    )
+    method.add_argument("--model-dir", type=Path, metavar="DIR",
+                        help="model bundle to use instead of the shipped default")
+    method.add_argument(
+        "--output-resolution", type=_resolution, default=1.05, metavar="MM",
+        help="isotropic output voxel size in mm (1.05 = the HCP 7T grid) or 'native'",
+    )
+    method.add_argument("--shell", type=_positive_float, default=1000.0, metavar="B",
+                        help="b-value (s/mm²) of the shell to translate")
+    method.add_argument("--shell-tolerance", type=_positive_float, default=100.0, metavar="B",
+                        help="volumes with |b - shell| <= tolerance belong to the shell")
+    method.add_argument("--sh-order", type=_sh_order, default=4, metavar="L",
+                        help="maximal spherical-harmonic order of the fit")
+    method.add_argument("--seed", type=_non_negative_int, default=0,
+                        help="random seed (sampling, training)")
+    method.add_argument("--overwrite", action="store_true",
+                        help="recompute runs whose outputs already exist")
+
+    ldm = parser.add_argument_group("latent diffusion model (override the model bundle)")
+    ldm.add_argument("--num-samples", type=_positive_int, default=1,
+                     help="samples averaged per run")
+    ldm.add_argument("--ddim-steps", type=_positive_int, help="DDIM steps")
+    ldm.add_argument("--t0", type=_non_negative_int, nargs=3, metavar=("L0", "L2", "L4"),
+                     help="inversion noise level (timestep) per RISH order")
+    ldm.add_argument("--guidance", type=float, nargs=3, metavar=("L0", "L2", "L4"),
+                     help="classifier-free guidance scale ω per RISH order (paper Eq. 10)")
+
+    group = parser.add_argument_group("group level (training)")
+    group.add_argument("--config", dest="train_config", type=Path, metavar="FILE",
+                       help="training configuration file")
+    group.add_argument("--stage", choices=STAGE_CHOICES, default="all",
+                       help="training stage to run")
+    group.add_argument("--resume", action="store_true",
+                       help="continue training from the last checkpoint in the work dir")
+    group.add_argument("--reports-only", action="store_true",
+                       help="only (re)write the group reports")
+
+    parser.add_argument("-v", "--verbose", action="count", default=0,
+                        help="more log output (repeat: -vv); tracebacks with -v")
+    return parser
+
+
+# --------------------------------------------------------------------------- validation
+def normalise_labels(values: Sequence[str] | None, prefix: str) -> list[str]:
+    """Labels without their BIDS prefix, unique, in the given order.
+
+    Parameters
+    ----------
+    values : sequence of str or None
+        Labels as typed (``01``, ``sub-01``), or a single path to a text file of labels.
+    prefix : {"sub-", "ses-"}
+
+    Raises
+    ------
+    UsageError
+        A label holds characters other than letters, digits and ``+``.
+    MissingInputError
+        ``values`` names a label file that cannot be read.
+    """
+    if not values:
+        return []
+    items = list(values)
+    if len(items) == 1 and ("/" in items[0] or Path(items[0]).is_file()):
+        items = _read_label_file(Path(items[0]))
+    labels: list[str] = []
+    for item in items:
+        label = item.strip()
+        if label.startswith(prefix):
+            label = label[len(prefix):]
+        if not _LABEL_RE.match(label):
+            raise UsageError(
+                f"invalid label {item!r}: BIDS labels use only letters, digits and '+'"
+            )
+        if label not in labels:
+            labels.append(label)
+    return labels
+
+
+def _read_label_file(path: Path) -> list[str]:
+    try:
+        text = path.read_text()
+    except OSError as err:
+        raise MissingInputError(f"cannot read label file {path}: {err.strerror or err}") from None
+    labels = [tok for line in text.splitlines() for tok in line.split("#", 1)[0].split()]
+    if not labels:
+        raise UsageError(f"label file {path} holds no labels")
+    return labels
+
+
+def load_filter_file(path: Path | None) -> dict[str, dict[str, Any]]:
+    """Read and check a ``--bids-filter-file``.
+
+    Accepted forms: ``{"dwi": {...}, "source": {...}, "target": {...}}`` (each optional) or a
+    flat ``{entity: value}`` object, taken as the ``dwi`` query. Values are strings, numbers,
+    lists of them, ``null`` (entity must be absent) or ``"*"`` (entity must be present).
+
+    Returns
+    -------
+    dict
+        ``{query_name: {entity: value}}`` with query names from :data:`FILTER_QUERIES`.
+
+    Raises
+    ------
+    MissingInputError
+        The file does not exist or cannot be read (66).
+    UsageError
+        The file is not a JSON object of the accepted form (64).
+    """
+    if path is None:
+        return {}
+    try:
+        text = Path(path).read_text()
+    except OSError as err:
+        raise MissingInputError(
+            f"cannot read --bids-filter-file {path}: {err.strerror or err}"
+        ) from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise UsageError(f"--bids-filter-file {path} is not valid JSON: {err}") from None
+    if not isinstance(data, dict) or not data:
+        raise UsageError(f"--bids-filter-file {path} must hold a non-empty JSON object")
+    if all(isinstance(v, dict) for v in data.values()):
+        unknown = sorted(set(data) - set(FILTER_QUERIES))
+        if unknown:
+            raise UsageError(
+                f"--bids-filter-file {path}: unknown query {unknown[0]!r}; use "
+                f"{', '.join(repr(q) for q in FILTER_QUERIES)}"
+            )
+        queries = data
+    else:
+        queries = {"dwi": data}
+    for name, query in queries.items():
+        _check_filter_query(path, name, query)
+    return {name: dict(query) for name, query in queries.items()}
+
+
+def _known_entities() -> set[str]:
+    from bids.layout.models import Config  # pybids, only needed here
+
+    return set(Config.load("bids").entities) | set(Config.load("derivatives").entities)
+
+
+def _check_filter_query(path: Path, name: str, query: dict[str, Any]) -> None:
+    entities = _known_entities()
+    for key, value in query.items():
+        if key in RESERVED_FILTER_KEYS or (key == "datatype" and value != "dwi"):
+            raise UsageError(
+                f"--bids-filter-file {path}: {name}.{key} is set by {PROG} itself; remove it"
+            )
+        if key in SHORT_ENTITY_NAMES:
+            raise UsageError(
+                f"--bids-filter-file {path}: write {SHORT_ENTITY_NAMES[key]!r} instead of {key!r}"
+            )
+        # Capitalised keys are sidecar metadata (e.g. MagneticFieldStrength), which pybids
+        # can filter on too.
+        if key not in entities and not key[:1].isupper():
+            raise UsageError(
+                f"--bids-filter-file {path}: unknown entity {key!r} in {name!r}"
+            )
+        values = value if isinstance(value, list) else [value]
+        if not all(v is None or isinstance(v, (str, int, float)) for v in values):
+            raise UsageError(
+                f"--bids-filter-file {path}: {name}.{key} must be a string, number, list, or null"
+            )
+
+
+def _is_within(path: Path, parent: Path) -> bool:
+    """Whether ``path`` equals ``parent`` or lies inside it (both resolved)."""
+    return path == parent or parent in path.parents
+
+
+def _check_bids_dir(bids_dir: Path) -> None:
+    if not bids_dir.exists():
+        raise MissingInputError(f"bids_dir {bids_dir} does not exist")
+    if not bids_dir.is_dir():
+        raise MissingInputError(f"bids_dir {bids_dir} is not a directory")
+    if not (bids_dir / "dataset_description.json").is_file():
+        raise MissingInputError(
+            f"bids_dir {bids_dir} is not a BIDS dataset (no dataset_description.json at its root)"
+        )
+
+
+def _ensure_writable_dir(path: Path, what: str) -> None:
+    """Create ``path`` if needed and prove it is writable by writing a file (73 otherwise)."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
+            pass
+    except OSError as err:
+        raise OutputError(
+            f"cannot write to the {what} {path}: {err.strerror or err}; choose a writable location"
+        ) from None
+
+
+def _default_work_dir(output_dir: Path, bids_dir: Path) -> Path:
+    """``OUTPUT_DIR/../work``, or a temporary folder when that is unusable."""
+    candidate = output_dir.parent / "work"
+    if not _is_within(candidate, bids_dir) and not _is_within(candidate, output_dir):
+        try:
+            candidate.mkdir(parents=True, exist_ok=True)
+            if os.access(candidate, os.W_OK | os.X_OK):
+                return candidate
+        except OSError:
+            pass
+    return Path(tempfile.gettempdir()).resolve() / f"{PROG}-work"
+
+
+def _resolve_device(requested: str) -> str:
+    from ..ml.device import DeviceUnavailableError, resolve_device
+
+    try:
+        return resolve_device(requested).type
+    except DeviceUnavailableError as err:
+        raise UsageError(str(err)) from None
+
+
+def parse_args(argv: Sequence[str] | None = None) -> RunConfig:
+    """Parse and validate the command line.
+
+    Parameters
+    ----------
+    argv : sequence of str, optional
+        Arguments without the program name (default: ``sys.argv[1:]``).
+
+    Returns
+    -------
+    RunConfig
+        Absolute paths; output, work (and database) folders exist and are writable.
+
+    Raises
+    ------
+    BidsAppError
+        With the exit code of the BIDS execution spec (see :mod:`.exitcodes`).
+    SystemExit
+        Code 0 only, for ``--help`` and ``--version``.
+    """
+    opts = _build_parser().parse_args(argv)
+
+    if opts.analysis_level not in ANALYSIS_LEVELS:
+        raise UnknownAnalysisLevel(
+            f"unknown analysis level {opts.analysis_level!r}; choose 'participant' or 'group'"
+        )
+    bids_dir = opts.bids_dir.expanduser().resolve()
+    output_dir = opts.output_dir.expanduser().resolve()
+    _check_bids_dir(bids_dir)
+    if _is_within(output_dir, bids_dir):
+        raise UsageError(
+            f"output_dir {output_dir} is {'the same as' if output_dir == bids_dir else 'inside'} "
+            f"bids_dir {bids_dir}; choose an output folder outside the input dataset"
+        )
+    if opts.work_dir is not None:
+        work_dir = opts.work_dir.expanduser().resolve()
+    else:
+        work_dir = _default_work_dir(output_dir, bids_dir)
+    if _is_within(work_dir, bids_dir):
+        raise UsageError(
+            f"work dir {work_dir} is inside bids_dir {bids_dir}; pass -w with a folder outside "
+            "the input dataset"
+        )
+    if _is_within(work_dir, output_dir):
+        raise UsageError(
+            f"work dir {work_dir} is inside output_dir {output_dir} (it would break the "
+            "derivatives dataset); pass -w with a folder outside it"
+        )
+
+    participant_labels = normalise_labels(opts.participant_label, "sub-")
+    session_labels = normalise_labels(opts.session_label, "ses-")
+    filters = load_filter_file(
+        opts.bids_filter_file.expanduser().resolve() if opts.bids_filter_file else None
+    )
+    model_dir = _existing_path(opts.model_dir, "--model-dir", directory=True)
+    train_config = _existing_path(opts.train_config, "--config", directory=False)
+
+    nprocs = opts.nprocs or _available_cpus()
+    omp_nthreads = opts.omp_nthreads or max(1, min(8, nprocs))
+    device = _resolve_device(opts.device)
+
+    database_dir = None
+    if opts.bids_database_dir is not None:
+        database_dir = opts.bids_database_dir.expanduser().resolve()
+        _ensure_writable_dir(database_dir, "--bids-database-dir")
+    _ensure_writable_dir(output_dir, "output_dir")
+    _ensure_writable_dir(work_dir, "work dir")
+
+    return RunConfig(
+        bids_dir=bids_dir,
+        output_dir=output_dir,
+        analysis_level=opts.analysis_level,
+        work_dir=work_dir,
+        participant_labels=participant_labels,
+        session_labels=session_labels,
+        bids_filters=filters,
+        bids_database_dir=database_dir,
+        skip_bids_validation=opts.skip_bids_validation,
+        nprocs=nprocs,
+        omp_nthreads=omp_nthreads,
+        device=device,
+        method=opts.method or default_method(),
+        model_dir=model_dir,
+        output_resolution=opts.output_resolution,
+        shell=opts.shell,
+        shell_tolerance=opts.shell_tolerance,
+        sh_order_max=opts.sh_order,
+        overwrite=opts.overwrite,
+        seed=opts.seed,
+        verbose=opts.verbose,
+        num_samples=opts.num_samples,
+        ddim_steps=opts.ddim_steps,
+        t0=list(opts.t0) if opts.t0 else None,
+        guidance=list(opts.guidance) if opts.guidance else None,
+        train_config=train_config,
+        stage=opts.stage,
+        resume=opts.resume,
+        reports_only=opts.reports_only,
+    )
+
+
+def _existing_path(path: Path | None, option: str, directory: bool) -> Path | None:
+    if path is None:
+        return None
+    path = path.expanduser().resolve()
+    ok = path.is_dir() if directory else path.is_file()
+    if not ok:
+        kind = "folder" if directory else "file"
+        raise MissingInputError(f"{option} {path} does not exist or is not a {kind}")
+    return path

@@ -1,0 +1,201 @@
+"""``bids-dmri-ldm`` entry point: parse, validate, collect runs, run a level.
+
+``main()`` returns the process exit status (BIDS execution spec, see :mod:`.exitcodes`):
+every :class:`~.exitcodes.BidsAppError` becomes one line ``bids-dmri-ldm: error: <message>``
+on stderr and its code; any other exception exits 1 with one line (the traceback only with
+``-v``); Ctrl-C exits 130. At the participant level every run is attempted; the exit status
+is 1 when any of them failed, after all have finished.
+"""
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import sys
+import time
+import traceback
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+from .. import __version__
+from ..config import RunConfig
+from .exitcodes import EX_FAILURE, EX_INTERRUPTED, EX_OK, BidsAppError
+from .parser import PROG, parse_args
+
+LOGGER = logging.getLogger("bids_dmri_ldm")
+_LOG_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
+
+
+def _count_verbose(argv: Sequence[str]) -> int:
+    """-v count from raw arguments, so errors raised while parsing honour it too."""
+    count = 0
+    for arg in argv:
+        if arg == "--verbose":
+            count += 1
+        elif arg.startswith("-") and not arg.startswith("--") and set(arg[1:]) == {"v"}:
+            count += len(arg) - 1
+    return count
+
+
+def setup_logging(verbose: int, log_file: Path | None = None) -> None:
+    """Log to stderr (and ``log_file``).
+
+    ``verbose`` 0: INFO from bids-dmri-ldm, warnings from libraries; 1 (``-v``): DEBUG from
+    bids-dmri-ldm, INFO from libraries, tracebacks on errors; 2+ (``-vv``): DEBUG everywhere.
+    """
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if getattr(handler, "_bids_dmri_ldm", False):
+            root.removeHandler(handler)
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    if log_file is not None:
+        try:
+            log_file.parent.mkdir(parents=True, exist_ok=True)
+            handlers.append(logging.FileHandler(log_file))
+        except OSError as err:  # the run can go on without a log file
+            LOGGER.warning("cannot write log file %s: %s", log_file, err)
+    for handler in handlers:
+        handler.setFormatter(logging.Formatter(_LOG_FORMAT, "%H:%M:%S"))
+        handler._bids_dmri_ldm = True  # type: ignore[attr-defined]
+        root.addHandler(handler)
+    root.setLevel(logging.DEBUG if verbose >= 2 else logging.INFO if verbose == 1 else logging.WARNING)
+    LOGGER.setLevel(logging.DEBUG if verbose >= 1 else logging.INFO)
+    logging.captureWarnings(True)
+    if verbose == 0:
+        for category in (FutureWarning, DeprecationWarning, UserWarning):
+            warnings.filterwarnings("ignore", category=category, module=r"(bids|nipype|dipy|monai)")
+
+
+def _limit_threads(omp_nthreads: int) -> None:
+    """Cap BLAS/OpenMP/torch threads of this process and its workers at ``--omp-nthreads``."""
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ.setdefault(var, str(omp_nthreads))
+    import torch
+
+    torch.set_num_threads(omp_nthreads)
+
+
+def _level_function(module: str, name: str, level: str):
+    """Import ``module.name`` lazily; a missing module is a clear error, not a traceback."""
+    try:
+        return getattr(importlib.import_module(module), name)
+    except ModuleNotFoundError as err:
+        if err.name and module.startswith(err.name):
+            raise BidsAppError(
+                f"the {level} level is not available in this installation ({module} is "
+                "missing); reinstall bids-dmri-ldm",
+                exit_code=EX_FAILURE,
+            ) from err
+        raise
+    except AttributeError as err:
+        raise BidsAppError(f"{module} has no {name}(); reinstall bids-dmri-ldm") from err
+
+
+def _collect(config: RunConfig, roles):
+    from ..bids.layout import collect_dwi_runs, load_layout
+
+    layout = load_layout(config.bids_dir, config.bids_database_dir)
+    rejected: dict[str, str] = {}
+    runs = collect_dwi_runs(
+        layout,
+        participant_labels=config.participant_labels,
+        session_labels=config.session_labels,
+        filters=config.bids_filters,
+        rejected=rejected,
+        roles=roles,
+    )
+    return runs, rejected
+
+
+def run_participant_level(config: RunConfig) -> int:
+    """Translate every selected source run; exit status 1 when any run failed."""
+    from ..bids.layout import SOURCE, source_runs
+
+    runs, rejected = _collect(config, roles=(SOURCE,))
+    runs = source_runs(runs)
+    LOGGER.info("participant level: %d source run(s): %s", len(runs),
+                ", ".join(run.stem for run in runs))
+    run_participant = _level_function("bids_dmri_ldm.workflows.base", "run_participant",
+                                      "participant")
+    statuses = dict(run_participant(config, runs))
+    statuses.update({stem: f"failed: {reason}" for stem, reason in rejected.items()})
+    failed = {name: status for name, status in statuses.items() if status.startswith("failed")}
+    for name, status in sorted(statuses.items()):
+        (LOGGER.error if name in failed else LOGGER.info)("%s: %s", name, status)
+    if failed:
+        LOGGER.error("%d of %d run(s) failed; see the messages above and %s",
+                     len(failed), len(statuses), config.output_dir / "logs")
+        sys.stderr.write(f"{PROG}: error: {len(failed)} of {len(statuses)} run(s) failed: "
+                         f"{', '.join(sorted(failed))}\n")
+        return EX_FAILURE
+    LOGGER.info("done: outputs in %s", config.output_dir)
+    return EX_OK
+
+
+def run_group_level(config: RunConfig) -> int:
+    """Check that 3T/7T pairs exist, then hand all runs to the group level."""
+    from ..bids.layout import pair_runs
+
+    runs, rejected = _collect(config, roles=None)
+    for stem, reason in rejected.items():
+        LOGGER.warning("%s not used: %s", stem, reason)
+    if not config.reports_only:
+        pairs = pair_runs(runs)
+        LOGGER.info("group level: %d 3T/7T pair(s) in %d participant(s)", len(pairs),
+                    len({source.subject for source, _ in pairs}))
+    run_group = _level_function("bids_dmri_ldm.workflows.group", "run_group", "group")
+    return int(run_group(config, runs))
+
+
+def _run(argv: Sequence[str]) -> int:
+    config = parse_args(argv)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    setup_logging(
+        config.verbose,
+        config.output_dir / "logs" / f"{PROG}_{config.analysis_level}_{stamp}_{os.getpid()}.log",
+    )
+    LOGGER.info("%s %s: %s level, method %s, device %s", PROG, __version__,
+                config.analysis_level, config.method, config.device)
+    LOGGER.debug("settings: %s", config.to_dict())
+    _limit_threads(config.omp_nthreads)
+
+    from ..bids.validate import validate_dataset
+
+    validate_dataset(config.bids_dir, config.work_dir, skip=config.skip_bids_validation)
+    if config.analysis_level == "participant":
+        return run_participant_level(config)
+    return run_group_level(config)
+
+
+def _error_line(message: str) -> None:
+    sys.stderr.write(f"{PROG}: error: {' '.join(str(message).split())}\n")
+    sys.stderr.flush()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the BIDS App and return its exit status (-h and --version return 0)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    verbose = _count_verbose(argv)
+    try:
+        return _run(argv)
+    except SystemExit as exc:  # -h / --version (argparse exits 0)
+        return exc.code if isinstance(exc.code, int) else (EX_OK if exc.code is None else EX_FAILURE)
+    except BidsAppError as exc:
+        if verbose:
+            traceback.print_exc()
+        _error_line(exc.message)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        _error_line("interrupted")
+        return EX_INTERRUPTED
+    except Exception as exc:  # noqa: BLE001 - the one place unexpected errors are reported
+        if verbose:
+            traceback.print_exc()
+        hint = "" if verbose else " (rerun with -v for the traceback)"
+        _error_line(f"unexpected {type(exc).__name__}: {exc}{hint}")
+        return EX_FAILURE
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
