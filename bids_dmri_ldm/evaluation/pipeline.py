@@ -1,0 +1,172 @@
+"""Loading one participant's files and scoring them (the file side of the evaluation).
+
+:func:`prepare_truth` reads a 7T scan, chooses the evaluation mask and computes its maps once;
+:func:`score_prediction` reads a predicted DWI, computes its maps on its own grid, brings them into
+the 7T grid and scores them with :mod:`.scoring`. Errors are :class:`BadDataError` (exit 65).
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from ..cli.exitcodes import BadDataError
+from ..core.gradients import (
+    GradientError,
+    check_gradients,
+    load_gradients,
+    select_shell,
+)
+from ..core.mask import brain_mask
+from ..core.resample import resample_mask
+from ..core.signal import mean_b0, sanitize
+from . import discovery, scoring
+from .report import ScoreRow
+
+LOGGER = logging.getLogger("bids_dmri_ldm.evaluate")
+
+MASK_SOURCES = {
+    "simulation": "the simulator's ground-truth brain mask",
+    "b0-median-otsu": "median_otsu of the 7T scan's mean b0",
+}
+"""Values of the ``mask`` column and what they mean."""
+
+
+@dataclass
+class ShellData:
+    """The b0 + shell volumes of one DWI."""
+
+    data: np.ndarray  # (X, Y, Z, n_b0 + M) float32
+    bvals: np.ndarray  # (n_b0 + M,)
+    bvecs: np.ndarray  # (n_b0 + M, 3)
+    affine: np.ndarray  # (4, 4)
+    n_b0: int
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(self.data.shape[:3])
+
+    @property
+    def mean_b0(self) -> np.ndarray:
+        return mean_b0(self.data, np.arange(self.n_b0))
+
+
+def load_shell(dwi: Path, bval: Path, bvec: Path, shell: float, tolerance: float) -> ShellData:
+    """Read a DWI and keep its b0 and ``shell`` volumes (float32, NaN/Inf set to 0).
+
+    Raises
+    ------
+    BadDataError
+        Unreadable image, not 4D, or a gradient table that does not fit it.
+    """
+    try:
+        img = nib.load(str(dwi))
+        if len(img.shape) != 4:
+            raise BadDataError(f"{dwi} is not a 4D DWI (shape {img.shape})")
+        bvals, bvecs = load_gradients(bval, bvec)
+        clean = check_gradients(bvals, bvecs, img.shape[3])
+        selection = select_shell(bvals, clean, shell=shell, tolerance=tolerance)
+        data = np.asarray(np.asanyarray(img.dataobj)[..., selection.index], dtype=np.float32)
+    except GradientError as err:
+        raise BadDataError(f"{dwi.name}: {err}") from None
+    except BadDataError:
+        raise
+    except Exception as err:  # noqa: BLE001 - nibabel raises many types for corrupt files
+        raise BadDataError(f"cannot read {dwi}: {err}") from None
+    data, n_bad = sanitize(data)
+    if n_bad:
+        LOGGER.warning("%s: %d voxels with NaN/Inf values set to 0", dwi.name, n_bad)
+    index = selection.index
+    return ShellData(data, selection.bvals[index], clean[index], img.affine.astype(np.float64), selection.n_b0)
+
+
+# --------------------------------------------------------------------------- the 7T truth of one participant
+@dataclass
+class Truth:
+    """Everything scored against, on the 7T grid of one participant."""
+
+    scan: discovery.SevenTScan
+    affine: np.ndarray
+    shape: tuple[int, int, int]
+    mask: np.ndarray  # (X, Y, Z) bool
+    mask_source: str  # "simulation" or "b0-median-otsu"
+    maps: np.ndarray  # (X, Y, Z, 4): RISH L0, L2, L4, FA of the 7T scan
+    noiseless_rish: np.ndarray | None  # (X, Y, Z, 3) simulator ground truth, on the 7T grid
+
+
+def prepare_truth(
+    scan: discovery.SevenTScan, truth_root: Path, mask_choice: str, shell: float, tolerance: float
+) -> Truth:
+    """Load a 7T scan, choose its mask and compute its maps (and find the noiseless RISH)."""
+    seven = load_shell(scan.dwi, scan.bval, scan.bvec, shell, tolerance)
+    simulated = discovery.find_simulation_truth(truth_root, scan)
+    mask, source = None, ""
+    if mask_choice in ("auto", "simulation") and simulated is not None and simulated.mask is not None:
+        mask = _image_on_grid(simulated.mask, seven.affine, seven.shape, is_mask=True)
+        source = "simulation"
+    elif mask_choice == "simulation":
+        raise BadDataError(f"--mask simulation: no simulator brain mask for {scan.dwi.name} in {truth_root / discovery.SIMULATION_DERIVATIVE}")
+    if mask is None:
+        mask = brain_mask(seven.mean_b0)
+        source = "b0-median-otsu"
+    if not mask.any():
+        raise BadDataError(f"the brain mask of {scan.dwi.name} is empty")
+    maps = _maps(seven, mask, shell, tolerance)
+    noiseless = None
+    if simulated is not None and simulated.rish is not None:
+        noiseless = _image_on_grid(simulated.rish, seven.affine, seven.shape, is_mask=False)[..., : len(scoring.RISH_NAMES)]
+    return Truth(scan, seven.affine, seven.shape, mask, source, maps, noiseless)
+
+
+def _image_on_grid(path: Path, affine: np.ndarray, shape: tuple[int, int, int], is_mask: bool) -> np.ndarray:
+    """Read an image and bring it onto a grid (world space) unless it is already on it."""
+    try:
+        img = nib.load(str(path))
+        data = np.asanyarray(img.dataobj)
+    except Exception as err:  # noqa: BLE001 - any reading failure is bad data
+        raise BadDataError(f"cannot read {path}: {err}") from None
+    same_grid = tuple(data.shape[:3]) == tuple(shape) and np.allclose(img.affine, affine, atol=1e-4)
+    if is_mask:
+        data = data > 0.5 if data.ndim == 3 else data.sum(axis=-1) > 0.5  # tissue fractions -> brain
+        return data if same_grid else resample_mask(data, img.affine, affine, shape)
+    data = np.asarray(data, dtype=np.float32)
+    return data if same_grid else scoring.maps_on_grid(data if data.ndim == 4 else data[..., None], img.affine, affine, shape)
+
+
+def _maps(shell_data: ShellData, mask: np.ndarray, shell: float, tolerance: float) -> np.ndarray:
+    try:
+        return scoring.diffusion_maps(shell_data.data, shell_data.bvals, shell_data.bvecs, mask, shell, tolerance)
+    except GradientError as err:
+        raise BadDataError(str(err)) from None
+
+
+# --------------------------------------------------------------------------- one prediction
+def score_prediction(
+    prediction: discovery.Prediction, truth: Truth, method: str, shell: float, tolerance: float, pred_root: Path
+) -> list[ScoreRow]:
+    """Score one predicted DWI against a participant's 7T scan (and noiseless truth when present)."""
+    pred = load_shell(prediction.dwi, prediction.bval, prediction.bvec, shell, tolerance)
+    mask = truth.mask & scoring.fov_mask(truth.affine, truth.shape, pred.affine, pred.shape)
+    if not mask.any():
+        raise BadDataError(f"{prediction.dwi.name} does not overlap the 7T scan {truth.scan.dwi.name} in world space")
+    region = scoring.fit_region(mask, truth.affine, pred.affine, pred.shape)
+    pred_maps = scoring.maps_on_grid(_maps(pred, region, shell, tolerance), pred.affine, truth.affine, truth.shape)
+    common = {
+        "participant": prediction.participant,
+        "session": prediction.session,
+        "method": method,
+        "mask": truth.mask_source,
+        "n_voxels": int(mask.sum()),
+        "prediction": str(prediction.dwi.relative_to(pred_root)),
+    }
+    rows = [ScoreRow(reference="7T", scores=scoring.score_maps(pred_maps, truth.maps, mask), **common)]
+    if truth.noiseless_rish is not None:
+        n = len(scoring.RISH_NAMES)
+        scores = scoring.score_maps(pred_maps[..., :n], truth.noiseless_rish, mask, scoring.RISH_NAMES)
+        rows.append(ScoreRow(reference="noiseless7T", scores=scores, **common))
+    return rows
+
+

@@ -1,0 +1,134 @@
+"""Evaluation tables: a TSV (per participant + mean / sd rows) and Markdown for the README.
+
+Pure formatting: rows in, text out. Writing the text to disk (atomically) is the caller's job.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from .scoring import MAP_NAMES, score_columns, summarise
+
+REFERENCES: dict[str, str] = {
+    "7T": "the participant's real 7T scan",
+    "noiseless7T": "the simulator's noiseless 7T ground truth (derivatives/simulation)",
+}
+"""Reference kinds (``reference`` column) and how the Markdown names them."""
+
+ID_COLUMNS: tuple[str, ...] = ("participant_id", "session", "method", "reference", "mask", "n_voxels")
+"""Leading TSV columns; the scores follow (``nmse_L0 ... ssim_FA``), then ``prediction``."""
+
+SUMMARY_IDS = ("mean", "sd")
+"""``participant_id`` of the summary rows (one pair per method and reference)."""
+
+
+@dataclass
+class ScoreRow:
+    """Scores of one prediction against one reference."""
+
+    participant: str
+    session: str | None
+    method: str
+    reference: str
+    mask: str
+    n_voxels: int
+    scores: dict[str, float]
+    prediction: str = ""
+    extra: dict = field(default_factory=dict)
+
+
+def _fmt(value, digits: int = 4) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            return "n/a"
+        return f"{value:.{digits}g}" if abs(value) < 1e-3 and value != 0 else f"{value:.{digits}f}"
+    return str(value)
+
+
+def groups(rows: Sequence[ScoreRow]) -> list[tuple[str, str, list[ScoreRow]]]:
+    """Rows grouped by (method, reference), in first-seen method order, 7T before noiseless."""
+    methods: list[str] = []
+    for row in rows:
+        if row.method not in methods:
+            methods.append(row.method)
+    out = []
+    for method in methods:
+        for reference in REFERENCES:
+            members = [r for r in rows if r.method == method and r.reference == reference]
+            if members:
+                out.append((method, reference, members))
+    return out
+
+
+def to_tsv(rows: Sequence[ScoreRow], names: Sequence[str] = MAP_NAMES) -> str:
+    """TSV text: one row per prediction and reference, then ``mean`` and ``sd`` rows per group.
+
+    Missing values are ``n/a`` (BIDS tabular convention).
+    """
+    columns = score_columns(names)
+    header = list(ID_COLUMNS) + columns + ["prediction"]
+    lines = ["\t".join(header)]
+    for method, reference, members in groups(rows):
+        for row in members:
+            ids = [f"sub-{row.participant}", row.session or "n/a", method, reference, row.mask, str(row.n_voxels)]
+            lines.append("\t".join(ids + [_fmt(row.scores.get(c, math.nan), 6) for c in columns] + [row.prediction]))
+        mean, sd = summarise([r.scores for r in members], columns)
+        masks = sorted({r.mask for r in members})
+        for label, values in zip(SUMMARY_IDS, (mean, sd)):
+            ids = [label, "n/a", method, reference, "+".join(masks), str(len(members))]
+            lines.append("\t".join(ids + [_fmt(values[c], 6) for c in columns] + ["n/a"]))
+    return "\n".join(lines) + "\n"
+
+
+def _header_cells(names: Sequence[str]) -> list[str]:
+    return [f"{metric.upper()} {name}" for metric in ("nmse", "ssim") for name in names]
+
+
+def _mean_sd(mean: float, sd: float) -> str:
+    if not math.isfinite(mean):
+        return "n/a"
+    if not math.isfinite(sd):
+        return f"{mean:.3f}"
+    return f"{mean:.3f} ± {sd:.3f}"
+
+
+def to_markdown(
+    rows: Sequence[ScoreRow],
+    names: Sequence[str] = MAP_NAMES,
+    title: str = "Evaluation of 7T-like predictions",
+    notes: Sequence[str] = (),
+) -> str:
+    """Markdown: per reference, a mean ± sd table (one row per method), then per-participant tables.
+
+    NMSE: lower is better; SSIM: higher is better. ``n`` = number of participants scored.
+    """
+    columns = score_columns(names)
+    header = "| method | n | " + " | ".join(_header_cells(names)) + " |"
+    rule = "|---|---|" + "---|" * len(columns)
+    out = [f"## {title}", ""]
+    out += [f"{note}" for note in notes]
+    if notes:
+        out.append("")
+    grouped = groups(rows)
+    for reference, description in REFERENCES.items():
+        selected = [(m, members) for m, ref, members in grouped if ref == reference]
+        if not selected:
+            continue
+        out += [f"### Against {description}", "", "Mean ± sd over participants (NMSE ↓, SSIM ↑).", "", header, rule]
+        for method, members in selected:
+            mean, sd = summarise([r.scores for r in members], columns)
+            out.append(f"| {method} | {len(members)} | " + " | ".join(_mean_sd(mean[c], sd[c]) for c in columns) + " |")
+        out.append("")
+    for method, reference, members in grouped:
+        out += [f"#### Per participant: {method} vs {reference}", ""]
+        out.append("| participant | session | " + " | ".join(_header_cells(names)) + " |")
+        out.append("|---|---|" + "---|" * len(columns))
+        for row in members:
+            cells = [_fmt(row.scores.get(c, math.nan), 3) if math.isfinite(row.scores.get(c, math.nan)) else "n/a" for c in columns]
+            out.append(f"| sub-{row.participant} | {row.session or ''} | " + " | ".join(cells) + " |")
+        out.append("")
+    return "\n".join(out).rstrip("\n") + "\n"
+
