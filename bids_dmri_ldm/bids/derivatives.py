@@ -1,0 +1,518 @@
+"""BIDS derivatives output: file names, sidecars, dataset_description.json and atomic writes.
+
+Layout of the derivative dataset (``output_dir``), for each source run
+``sub-<s>[_ses-<t>][_acq-<a>][_rec-<r>][_dir-<d>][_run-<n>]_dwi.nii.gz``::
+
+    sub-<s>/[ses-<t>/]dwi/<entities>[_res-<R>]_desc-7Tlike_dwi.nii.gz   (+ .bval .bvec .json)
+    sub-<s>/[ses-<t>/]dwi/<entities>[_res-<R>]_desc-brain_mask.nii.gz   (+ .json)
+    sub-<s>/[ses-<t>/]dwi/<entities>[_res-<R>]_model-rish_desc-source_dwimap.nii.gz  (+ .json)
+    sub-<s>/[ses-<t>/]dwi/<entities>[_res-<R>]_model-rish_desc-7Tlike_dwimap.nii.gz  (+ .json)
+    sub-<s>/[ses-<t>/]dwi/<entities>[_res-<R>]_model-rish_desc-scale_dwimap.nii.gz   (+ .json)
+
+``res-<R>`` appears when the output grid differs from the input's (``R`` = voxel size with ``p``
+for the decimal point, e.g. ``1p05``) and the sidecars then carry ``Resolution``. ``space-`` is
+left out: the outputs are in the input's scanner space (``SpatialReference`` names the source).
+RISH and scale maps use the ``_dwimap`` suffix with ``model-``/``desc-`` entities proposed by
+BEP016 (diffusion derivatives); BIDS 1.10 has no suffix for them yet, so ``.bidsignore`` lists
+them, together with the derivative ``.bval``/``.bvec`` files the schema does not yet allow.
+
+Every file is written atomically: to a temporary file in the destination folder, then
+``os.replace`` (readers never see a half-written file; a crash leaves only a hidden temp file,
+removed on error).
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import re
+import shutil
+import tempfile
+from collections.abc import Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+
+from .._version import __version__
+
+BIDS_VERSION = "1.10.0"
+CODE_URL = "https://github.com/bids-dmri-ldm/bids-dmri-ldm"
+PIPELINE_NAME = "bids-dmri-ldm"
+RAW_DATASET_KEY = "raw"
+"""Key of the input dataset in ``DatasetLinks``; ``Sources`` use ``bids:raw:<relative path>``."""
+
+DESC_7TLIKE = "7Tlike"
+BIDSIGNORE_LINES = (
+    "*_dwi.bval",
+    "*_dwi.bvec",
+    "*_dwimap.nii.gz",
+    "*_dwimap.json",
+    "logs/",
+    "models/",
+)
+
+# Entities a raw DWI file name may carry, in the BIDS order, plus the derivative ones we add.
+_SOURCE_ENTITY_ORDER = ("sub", "ses", "acq", "ce", "rec", "dir", "run", "echo", "part", "chunk")
+_DERIV_ENTITY_ORDER = _SOURCE_ENTITY_ORDER + ("space", "res", "model", "param", "desc")
+_PYBIDS_TO_KEY = {
+    "subject": "sub", "session": "ses", "acquisition": "acq", "ceagent": "ce",
+    "reconstruction": "rec", "direction": "dir", "run": "run", "echo": "echo", "part": "part",
+    "chunk": "chunk",
+}
+_LABEL = re.compile(r"^[0-9a-zA-Z+]+$")
+
+SOFTWARE_DISTRIBUTIONS = ("numpy", "scipy", "torch", "dipy", "nibabel", "nipype", "monai", "pybids")
+
+
+class OutputWriteError(OSError):
+    """The derivative dataset cannot be written (permissions, disk)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# atomic writes
+
+
+@contextmanager
+def _atomic_target(path: str | os.PathLike, suffix: str = ""):
+    """Yield a temporary path in ``path``'s folder; ``os.replace`` it onto ``path`` on success."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` atomically."""
+    with _atomic_target(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+        os.chmod(tmp, 0o644)
+    return Path(path)
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
+    """Write ``obj`` as indented JSON (keys sorted) to ``path`` atomically."""
+    return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n")
+
+
+def atomic_copy(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
+    """Copy ``src`` to ``dst`` atomically (temporary copy next to ``dst``, then ``os.replace``)."""
+    with _atomic_target(dst) as tmp:
+        shutil.copyfile(src, tmp)
+        os.chmod(tmp, 0o644)
+    return Path(dst)
+
+
+def atomic_save_nifti(img: nib.Nifti1Image, path: str | os.PathLike) -> Path:
+    """Save a NIfTI image atomically; the extension of ``path`` (.nii / .nii.gz) picks the format."""
+    path = Path(path)
+    ext = ".nii.gz" if path.name.endswith(".nii.gz") else ".nii"
+    with _atomic_target(path, suffix=ext) as tmp:
+        nib.save(img, tmp)
+        os.chmod(tmp, 0o644)
+    return path
+
+
+def make_nifti(data: np.ndarray, affine: np.ndarray, dtype=np.float32) -> nib.Nifti1Image:
+    """NIfTI-1 image with mm/s units and the affine as both qform and sform (code 1, scanner)."""
+    img = nib.Nifti1Image(np.asarray(data, dtype=dtype), np.asarray(affine, dtype=np.float64))
+    img.header.set_xyzt_units("mm", "sec")
+    img.set_qform(affine, code=1)
+    img.set_sform(affine, code=1)
+    return img
+
+
+def write_bval_bvec(bvals: np.ndarray, bvecs: np.ndarray, bval_path: str | os.PathLike,
+                    bvec_path: str | os.PathLike) -> tuple[Path, Path]:
+    """Write FSL ``.bval`` (one row) and ``.bvec`` (3 rows) atomically.
+
+    ``bvecs`` is ``(N, 3)`` in the FSL convention (voxel axes of the image they belong to).
+    """
+    bvals = np.asarray(bvals, dtype=np.float64).ravel()
+    bvecs = np.asarray(bvecs, dtype=np.float64).reshape(-1, 3)
+    if bvals.size != bvecs.shape[0]:
+        raise ValueError(f"{bvals.size} b-values but {bvecs.shape[0]} vectors")
+    atomic_write_text(bval_path, " ".join(f"{b:g}" for b in bvals) + "\n")
+    rows = [" ".join(f"{v:.8f}" for v in bvecs[:, axis]) for axis in range(3)]
+    atomic_write_text(bvec_path, "\n".join(rows) + "\n")
+    return Path(bval_path), Path(bvec_path)
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+# ---------------------------------------------------------------------------------------------
+# names
+
+
+def parse_entities(filename: str | os.PathLike) -> dict[str, str]:
+    """Key-value entities of a BIDS file name, e.g. ``{'sub': '01', 'ses': '1', 'run': '2'}``."""
+    stem = Path(filename).name.split(".", 1)[0]
+    entities = {}
+    for part in stem.split("_")[:-1]:  # the last part is the suffix
+        key, sep, value = part.partition("-")
+        if sep:
+            entities[key] = value
+    return entities
+
+
+def source_entities(dwi_file: str | os.PathLike, entities: Mapping[str, Any] | None = None) -> dict[str, str]:
+    """Entities of a source DWI run (file-name labels; pybids names in ``entities`` fill gaps)."""
+    found = {k: v for k, v in parse_entities(dwi_file).items() if k in _SOURCE_ENTITY_ORDER}
+    for name, key in _PYBIDS_TO_KEY.items():
+        if entities and name in entities and key not in found:
+            found[key] = str(entities[name])
+    if "sub" not in found:
+        raise ValueError(f"{dwi_file} is not a BIDS file name with a sub- entity")
+    return found
+
+
+def resolution_label(voxel_size_mm: float) -> str:
+    """``res-`` label of an isotropic voxel size: 1.05 -> '1p05', 2.0 -> '2'."""
+    text = f"{float(voxel_size_mm):.4f}".rstrip("0").rstrip(".")
+    return text.replace(".", "p")
+
+
+def build_name(entities: Mapping[str, str], suffix: str, extension: str) -> str:
+    """File name with entities in BIDS order; labels must match ``[0-9a-zA-Z+]+``."""
+    unknown = set(entities) - set(_DERIV_ENTITY_ORDER)
+    if unknown:
+        raise ValueError(f"unknown entities {sorted(unknown)}")
+    parts = []
+    for key in _DERIV_ENTITY_ORDER:
+        value = entities.get(key)
+        if value is None:
+            continue
+        value = str(value)
+        if not _LABEL.match(value):
+            raise ValueError(f"invalid BIDS label {key}-{value!r}: only letters, digits and '+' are allowed")
+        parts.append(f"{key}-{value}")
+    return "_".join(parts + [suffix]) + extension
+
+
+@dataclass(frozen=True)
+class OutputSpec:
+    """One derivative of a run: entities added to the source's, suffix and the volume it holds."""
+
+    key: str
+    desc: str
+    suffix: str
+    model: str | None = None
+    extra_extensions: tuple[str, ...] = ()
+
+
+OUTPUT_SPECS: tuple[OutputSpec, ...] = (
+    OutputSpec("rish_source", desc="source", suffix="dwimap", model="rish"),
+    OutputSpec("rish_predicted", desc=DESC_7TLIKE, suffix="dwimap", model="rish"),
+    OutputSpec("scale", desc="scale", suffix="dwimap", model="rish"),
+    OutputSpec("mask", desc="brain", suffix="mask"),
+    OutputSpec("dwi", desc=DESC_7TLIKE, suffix="dwi", extra_extensions=(".bval", ".bvec")),
+)
+"""Derivatives of each source run. The DWI comes last: its sidecar is the run's commit marker."""
+
+
+@dataclass(frozen=True)
+class RunOutputs:
+    """Paths of every derivative of one source run.
+
+    Attributes
+    ----------
+    root : Path
+        Derivative dataset root (``output_dir``).
+    entities : dict
+        Source entities (``sub``, ``ses``, ...), plus ``res`` when the grid changes.
+    """
+
+    root: Path
+    entities: Mapping[str, str]
+
+    @property
+    def folder(self) -> Path:
+        sub = self.root / f"sub-{self.entities['sub']}"
+        if "ses" in self.entities:
+            sub = sub / f"ses-{self.entities['ses']}"
+        return sub / "dwi"
+
+    def path(self, key: str, extension: str = ".nii.gz") -> Path:
+        spec = _spec(key)
+        ents = dict(self.entities, desc=spec.desc)
+        if spec.model:
+            ents["model"] = spec.model
+        return self.folder / build_name(ents, spec.suffix, extension)
+
+    def sidecar(self, key: str) -> Path:
+        return self.path(key, ".json")
+
+    def all_files(self) -> list[Path]:
+        """Every file of the run; the DWI sidecar (commit marker) last."""
+        files = []
+        for spec in OUTPUT_SPECS:
+            files += [self.path(spec.key, ext) for ext in (".nii.gz",) + spec.extra_extensions]
+            files.append(self.sidecar(spec.key))
+        return files
+
+    @property
+    def run_id(self) -> str:
+        """The source run's name stem without derivative entities, e.g. ``sub-01_ses-1_dwi``."""
+        return build_name({k: v for k, v in self.entities.items() if k != "res"}, "dwi", "")
+
+
+def _spec(key: str) -> OutputSpec:
+    for spec in OUTPUT_SPECS:
+        if spec.key == key:
+            return spec
+    raise KeyError(f"unknown derivative {key!r}")
+
+
+def run_outputs(output_dir: str | os.PathLike, dwi_file: str | os.PathLike,
+                entities: Mapping[str, Any] | None = None, res_label: str | None = None) -> RunOutputs:
+    """The :class:`RunOutputs` of a source DWI file (``res_label`` when the grid changes)."""
+    ents = source_entities(dwi_file, entities)
+    if res_label is not None:
+        ents["res"] = res_label
+    return RunOutputs(Path(output_dir), ents)
+
+
+# ---------------------------------------------------------------------------------------------
+# sidecars and dataset-level files
+
+
+def bids_uri(path: str | os.PathLike, dataset_root: str | os.PathLike, key: str = RAW_DATASET_KEY) -> str:
+    """BIDS URI ``bids:<key>:<path relative to the dataset root>`` (POSIX separators)."""
+    rel = Path(os.path.abspath(path)).relative_to(Path(os.path.abspath(dataset_root)))
+    return f"bids:{key}:{rel.as_posix()}"
+
+
+def software_versions() -> dict[str, str]:
+    """Versions of Python, this package and the libraries that shape the numbers."""
+    versions = {"python": platform.python_version(), "bids-dmri-ldm": __version__}
+    for dist in SOFTWARE_DISTRIBUTIONS:
+        try:
+            versions[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            versions[dist] = "not installed"
+    return versions
+
+
+def container_info() -> dict[str, str] | None:
+    """``GeneratedBy.Container`` when running in this project's image, else ``None``.
+
+    The image sets ``BIDS_DMRI_LDM_IN_CONTAINER=1`` (Dockerfile); Apptainer/Singularity are told
+    apart from Docker by their own variables. The tag is ``BIDS_DMRI_LDM_IMAGE`` when set, else
+    ``bids-dmri-ldm:<version>``. Outside the image nothing is claimed.
+    """
+    if not (os.environ.get("BIDS_DMRI_LDM_IN_CONTAINER") or os.environ.get("BIDS_DMRI_LDM_IMAGE")):
+        return None
+    tag = os.environ.get("BIDS_DMRI_LDM_IMAGE", f"bids-dmri-ldm:{__version__}")
+    if os.environ.get("APPTAINER_CONTAINER") or os.environ.get("SINGULARITY_CONTAINER"):
+        return {"Type": "singularity", "Tag": tag}
+    return {"Type": "docker", "Tag": tag}
+
+
+def dataset_description(bids_dir: str | os.PathLike) -> dict[str, Any]:
+    """Derivative ``dataset_description.json`` content for outputs made from ``bids_dir``."""
+    bids_dir = Path(os.path.abspath(bids_dir))
+    generated = {"Name": PIPELINE_NAME, "Version": __version__, "CodeURL": CODE_URL,
+                 "Description": "3T to 7T-like diffusion MRI translation (RISH scale maps)"}
+    container = container_info()
+    if container:
+        generated["Container"] = container
+    source = {"URL": bids_dir.as_uri()}
+    raw_description = bids_dir / "dataset_description.json"
+    try:
+        raw = json.loads(raw_description.read_text())
+        if raw.get("DatasetDOI"):
+            source["DOI"] = raw["DatasetDOI"]
+        if raw.get("Name"):
+            source["Name"] = raw["Name"]
+    except (OSError, ValueError):
+        pass
+    return {
+        "Name": f"{PIPELINE_NAME} outputs",
+        "BIDSVersion": BIDS_VERSION,
+        "DatasetType": "derivative",
+        "GeneratedBy": [generated],
+        "SourceDatasets": [{k: v for k, v in source.items() if k != "Name"}],
+        "DatasetLinks": {RAW_DATASET_KEY: bids_dir.as_uri()},
+        "HowToAcknowledge": "Cite Zhu et al., When Diffusion MRI Meets Diffusion Model, MICCAI 2024.",
+    }
+
+
+def init_derivatives_dataset(output_dir: str | os.PathLike, bids_dir: str | os.PathLike) -> Path:
+    """Create the derivative root: ``dataset_description.json``, ``.bidsignore``, ``logs/``.
+
+    An existing ``dataset_description.json`` is kept (parallel participant jobs share it); the
+    ``.bidsignore`` lines this pipeline needs are added if missing.
+
+    Raises
+    ------
+    OutputWriteError
+        When the folder cannot be created or written.
+    """
+    root = Path(output_dir)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        (root / "logs").mkdir(exist_ok=True)
+        description = root / "dataset_description.json"
+        if not description.is_file():
+            atomic_write_json(description, dataset_description(bids_dir))
+        ignore = root / ".bidsignore"
+        present = ignore.read_text().splitlines() if ignore.is_file() else []
+        missing = [line for line in BIDSIGNORE_LINES if line not in present]
+        if missing:
+            atomic_write_text(ignore, "\n".join(present + missing) + "\n")
+    except OSError as err:
+        raise OutputWriteError(f"cannot write to output directory {root}: {err.strerror or err}") from None
+    return root
+
+
+def sidecar_metadata(kind: str, *, sources: Sequence[str], spatial_reference: str,
+                     provenance: Mapping[str, Any], resolution: str | None = None,
+                     extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Sidecar dictionary of one derivative.
+
+    Parameters
+    ----------
+    kind : str
+        One of the keys of :data:`OUTPUT_SPECS` (``dwi``, ``mask``, ``rish_source``, ...).
+    sources : list of str
+        BIDS URIs of the files used (``bids:raw:...``).
+    spatial_reference : str
+        BIDS URI of the image defining the space (the source DWI).
+    provenance : dict
+        Method, model, settings, seed and software versions (:func:`provenance_block`).
+    resolution : str, optional
+        Description of the ``res-`` label (required by BIDS when ``res-`` is present).
+    """
+    descriptions = {
+        "dwi": "7T-like diffusion-weighted images: the source run's b0 volumes and selected shell, "
+               "its SH coefficients scaled per order by the RISH scale maps (Zhu et al. 2024, Eq. 3) "
+               "and rebuilt on the source directions; zero outside the brain mask.",
+        "mask": "Brain mask used for the translation (median_otsu on the mean b0, or the input mask).",
+        "rish_source": "RISH features of the source run, volumes L0, L2, L4 (Eq. 1, of S/S0, no square root).",
+        "rish_predicted": "Predicted 7T RISH features, volumes L0, L2, L4 (of the scaled SH coefficients).",
+        "scale": "RISH scale maps lambda_l, volumes L0, L2, L4 (Eq. 2); 1 outside the brain mask.",
+    }
+    meta: dict[str, Any] = {
+        "Description": descriptions[kind],
+        "Sources": list(sources),
+        "SpatialReference": spatial_reference,
+        "SkullStripped": True,
+    }
+    if kind == "mask":
+        meta["Type"] = "Brain"
+    if kind in ("rish_source", "rish_predicted", "scale"):
+        meta["RISHOrders"] = list(provenance.get("RISHOrders", [0, 2, 4]))
+    if resolution is not None:
+        meta["Resolution"] = resolution
+    meta.update(dict(provenance))
+    meta.update(dict(extra or {}))
+    return meta
+
+
+def provenance_block(method_provenance: Mapping[str, Any], settings: Mapping[str, Any], seed: int) -> dict[str, Any]:
+    """Provenance recorded in every sidecar: the method's block + settings, seed, software."""
+    block = dict(method_provenance)
+    block["Settings"] = dict(settings)
+    block["Seed"] = int(seed)
+    block["Software"] = software_versions()  # not "SoftwareVersions": BIDS reserves it (scanner)
+    block["GeneratedBy"] = {"Name": PIPELINE_NAME, "Version": __version__}
+    return block
+
+
+def write_derivative(outputs: RunOutputs, key: str, in_file: str | os.PathLike, metadata: Mapping[str, Any],
+                     bval_file: str | os.PathLike | None = None, bvec_file: str | os.PathLike | None = None) -> list[Path]:
+    """Write one derivative of a run (image, its sidecar, and bval/bvec for the DWI), atomically.
+
+    ``in_file`` is copied as is when it is already ``.nii.gz``, else loaded and compressed. The
+    sidecar is written last.
+    """
+    spec = _spec(key)
+    written = []
+    target = outputs.path(key)
+    try:
+        if str(in_file).endswith(".nii.gz"):
+            written.append(atomic_copy(in_file, target))
+        else:
+            written.append(atomic_save_nifti(nib.load(str(in_file)), target))
+        if ".bval" in spec.extra_extensions:
+            if bval_file is None or bvec_file is None:
+                raise ValueError(f"{key} needs bval and bvec files")
+            written.append(atomic_copy(bval_file, outputs.path(key, ".bval")))
+            written.append(atomic_copy(bvec_file, outputs.path(key, ".bvec")))
+        written.append(atomic_write_json(outputs.sidecar(key), metadata))
+    except PermissionError as err:
+        raise OutputWriteError(f"cannot write {target}: {err.strerror or err}") from None
+    return written
+
+
+# ---------------------------------------------------------------------------------------------
+# completeness
+
+
+def is_complete(outputs: RunOutputs, settings: Mapping[str, Any] | None = None) -> bool:
+    """Whether every derivative of the run exists (and, given ``settings``, was made with them).
+
+    The DWI sidecar is written last, so its presence together with every other file means the
+    run finished; ``settings`` are compared with its ``Settings`` block (method, shell, ...).
+    """
+    if not all(path.is_file() for path in outputs.all_files()):
+        return False
+    if settings is None:
+        return True
+    recorded = read_settings(outputs)
+    return recorded is not None and _same_settings(recorded, settings)
+
+
+def read_settings(outputs: RunOutputs) -> dict[str, Any] | None:
+    """``Settings`` recorded in the run's DWI sidecar, or ``None`` if absent/unreadable."""
+    try:
+        return json.loads(outputs.sidecar("dwi").read_text()).get("Settings")
+    except (OSError, ValueError):
+        return None
+
+
+def _same_settings(recorded: Mapping[str, Any], wanted: Mapping[str, Any]) -> bool:
+    normalise = lambda d: json.loads(json.dumps(dict(d), sort_keys=True, default=_json_default))  # noqa: E731
+    return normalise(recorded) == normalise(wanted)
+
+
+def existing_files(outputs: RunOutputs) -> list[Path]:
+    """Derivative files of the run that exist now."""
+    return [path for path in outputs.all_files() if path.is_file()]
+
+
+def remove_outputs(outputs: RunOutputs) -> list[Path]:
+    """Delete the run's derivatives (used to leave nothing half-written after a failure)."""
+    removed = []
+    for path in existing_files(outputs):
+        path.unlink(missing_ok=True)
+        removed.append(path)
+    return removed
+
+
+__all__ = [
+    "BIDS_VERSION", "DESC_7TLIKE", "BIDSIGNORE_LINES", "OUTPUT_SPECS", "OutputSpec", "RunOutputs",
+    "OutputWriteError", "atomic_write_text", "atomic_write_json", "atomic_copy", "atomic_save_nifti",
+    "make_nifti", "write_bval_bvec", "write_derivative", "parse_entities", "source_entities", "resolution_label",
+    "build_name", "run_outputs", "bids_uri", "software_versions", "container_info",
+    "dataset_description", "init_derivatives_dataset", "sidecar_metadata", "provenance_block",
+    "is_complete", "read_settings", "existing_files", "remove_outputs",
+]

@@ -1,0 +1,66 @@
+"""A DerivativesDataSink-like interface: writes one derivative of a run into the BIDS output.
+
+Entities come from the source file name (plus ``res-`` when the grid changes); the sidecar is
+assembled from the method's provenance and the run settings (:mod:`bids_dmri_ldm.bids.derivatives`).
+"""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("NIPYPE_NO_ET", "1")
+
+from nipype.interfaces.base import (  # noqa: E402
+    BaseInterfaceInputSpec,
+    File,
+    SimpleInterface,
+    TraitedSpec,
+    isdefined,
+    traits,
+)
+
+from ..bids import derivatives as deriv  # noqa: E402
+
+
+class _DerivativesDataSinkInputSpec(BaseInterfaceInputSpec):
+    base_directory = traits.Str(mandatory=True, desc="derivative dataset root (output_dir)")
+    source_file = traits.Str(mandatory=True, desc="source DWI file (entities are taken from its name)")
+    source_entities = traits.Dict(desc="pybids entities of the source run (fill-ins)")
+    res_label = traits.Either(None, traits.Str, default=None, usedefault=True, desc="res- label or None")
+    resolution = traits.Either(None, traits.Str, default=None, usedefault=True, desc="Resolution sidecar text")
+    kind = traits.Enum(*[spec.key for spec in deriv.OUTPUT_SPECS], mandatory=True, desc="which derivative")
+    in_file = File(exists=True, mandatory=True, desc="image to write")
+    in_bval = traits.Either(None, File(exists=True), default=None, usedefault=True)
+    in_bvec = traits.Either(None, File(exists=True), default=None, usedefault=True)
+    sources = traits.List(traits.Str, desc="BIDS URIs of the inputs used")
+    spatial_reference = traits.Str(mandatory=True, desc="BIDS URI of the reference image")
+    provenance = traits.Dict(mandatory=True, desc="method provenance block")
+    settings = traits.Dict(mandatory=True, desc="run settings recorded in the sidecar")
+    seed = traits.Int(0, usedefault=True)
+    depends_on = traits.List(traits.Any, desc="outputs that must be written before this one (ordering only)")
+
+
+class _DerivativesDataSinkOutputSpec(TraitedSpec):
+    out_file = traits.List(traits.Str, desc="files written, sidecar last")
+
+
+class DerivativesDataSink(SimpleInterface):
+    """Write a run's derivative (NIfTI + JSON, + bval/bvec for the DWI) atomically."""
+
+    input_spec = _DerivativesDataSinkInputSpec
+    output_spec = _DerivativesDataSinkOutputSpec
+
+    def _run_interface(self, runtime):
+        inputs = self.inputs
+        entities = inputs.source_entities if isdefined(inputs.source_entities) else None
+        outputs = deriv.run_outputs(inputs.base_directory, inputs.source_file, entities, inputs.res_label)
+        provenance = deriv.provenance_block(inputs.provenance, inputs.settings, inputs.seed)
+        metadata = deriv.sidecar_metadata(
+            inputs.kind,
+            sources=list(inputs.sources) if isdefined(inputs.sources) else [],
+            spatial_reference=inputs.spatial_reference,
+            provenance=provenance,
+            resolution=inputs.resolution,
+        )
+        written = deriv.write_derivative(outputs, inputs.kind, inputs.in_file, metadata, inputs.in_bval, inputs.in_bvec)
+        self._results["out_file"] = [str(p) for p in written]
+        return runtime

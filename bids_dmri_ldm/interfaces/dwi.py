@@ -1,0 +1,231 @@
+"""nipype interfaces of the participant-level DWI steps (thin wrappers of :mod:`.steps`)."""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("NIPYPE_NO_ET", "1")  # no version check over the network at run time
+
+from nipype.interfaces.base import (  # noqa: E402
+    BaseInterfaceInputSpec,
+    File,
+    SimpleInterface,
+    TraitedSpec,
+    isdefined,
+    traits,
+)
+
+from . import steps  # noqa: E402
+
+
+def _optional(value):
+    return value if isdefined(value) and value not in ("", None) else None
+
+
+class _SelectShellInputSpec(BaseInterfaceInputSpec):
+    dwi_file = File(exists=True, mandatory=True, desc="source 4D DWI")
+    bval_file = traits.Either(None, traits.Str, default=None, usedefault=True, desc=".bval (None: missing)")
+    bvec_file = traits.Either(None, traits.Str, default=None, usedefault=True, desc=".bvec (None: missing)")
+    shell = traits.Float(1000.0, usedefault=True, desc="b-value of the shell to keep (s/mm²)")
+    shell_tolerance = traits.Float(100.0, usedefault=True, desc="tolerance around shell (s/mm²)")
+    sh_order_max = traits.Int(4, usedefault=True, desc="SH order the shell must support")
+
+
+class _SelectShellOutputSpec(TraitedSpec):
+    bval_file = File(exists=True, desc="b-values of the kept volumes (b0s then shell)")
+    bvec_file = File(exists=True, desc="FSL bvecs of the kept volumes")
+    index = traits.List(traits.Int, desc="input volume indices, in output order")
+    n_b0 = traits.Int(desc="number of b0 volumes kept")
+    shell_bval = traits.Float(desc="mean b-value of the kept shell (s/mm²)")
+
+
+class SelectShell(SimpleInterface):
+    """Check the gradient table against the image and keep the b0s and one shell."""
+
+    input_spec = _SelectShellInputSpec
+    output_spec = _SelectShellOutputSpec
+
+    def _run_interface(self, runtime):
+        self._results.update(steps.select_shell_step(
+            self.inputs.dwi_file, _optional(self.inputs.bval_file), _optional(self.inputs.bvec_file),
+            self.inputs.shell, self.inputs.shell_tolerance, self.inputs.sh_order_max, runtime.cwd))
+        return runtime
+
+
+class _LoadDWIInputSpec(BaseInterfaceInputSpec):
+    dwi_file = File(exists=True, mandatory=True, desc="source 4D DWI")
+    index = traits.List(traits.Int, mandatory=True, desc="volumes to keep, in output order")
+    n_b0 = traits.Int(mandatory=True, desc="the first n_b0 kept volumes are b0s")
+
+
+class _LoadDWIOutputSpec(TraitedSpec):
+    dwi_file = File(exists=True, desc="kept volumes, float32, NaN/Inf set to 0")
+    mean_b0_file = File(exists=True, desc="mean b0 (X, Y, Z)")
+    bad_voxels_file = File(exists=True, desc="1 where a value was NaN/Inf")
+    n_bad_voxels = traits.Int(desc="number of voxels with NaN/Inf")
+
+
+class LoadDWI(SimpleInterface):
+    """Read the kept volumes, sanitise NaN/Inf (masked later, with a warning)."""
+
+    input_spec = _LoadDWIInputSpec
+    output_spec = _LoadDWIOutputSpec
+
+    def _run_interface(self, runtime):
+        self._results.update(steps.load_dwi_step(self.inputs.dwi_file, self.inputs.index, self.inputs.n_b0, runtime.cwd))
+        return runtime
+
+
+class _BrainMaskInputSpec(BaseInterfaceInputSpec):
+    mean_b0_file = File(exists=True, mandatory=True)
+    bad_voxels_file = File(exists=True, mandatory=True)
+    in_mask = traits.Either(None, traits.Str, default=None, usedefault=True, desc="a given brain mask")
+
+
+class _BrainMaskOutputSpec(TraitedSpec):
+    mask_file = File(exists=True)
+    n_voxels = traits.Int()
+
+
+class BrainMask(SimpleInterface):
+    """The given mask, or dipy median_otsu on the mean b0; NaN/Inf voxels removed."""
+
+    input_spec = _BrainMaskInputSpec
+    output_spec = _BrainMaskOutputSpec
+
+    def _run_interface(self, runtime):
+        self._results.update(steps.brain_mask_step(self.inputs.mean_b0_file, self.inputs.bad_voxels_file,
+                                                   runtime.cwd, _optional(self.inputs.in_mask)))
+        return runtime
+
+
+class _FitRISHInputSpec(BaseInterfaceInputSpec):
+    dwi_file = File(exists=True, mandatory=True)
+    bval_file = File(exists=True, mandatory=True)
+    bvec_file = File(exists=True, mandatory=True)
+    mask_file = File(exists=True, mandatory=True)
+    sh_order_max = traits.Int(4, usedefault=True)
+
+
+class _FitRISHOutputSpec(TraitedSpec):
+    s0_file = File(exists=True, desc="S0 = mean b0, floored (X, Y, Z)")
+    b0_file = File(exists=True, desc="b0 volumes (X, Y, Z, n_b0)")
+    sh_file = File(exists=True, desc="SH coefficients of S/S0 (X, Y, Z, K)")
+    rish_file = File(exists=True, desc="RISH L0, L2, L4 (X, Y, Z, 3)")
+
+
+class FitRISH(SimpleInterface):
+    """Normalise to S/S0, least-squares SH fit, RISH features (Eq. 1)."""
+
+    input_spec = _FitRISHInputSpec
+    output_spec = _FitRISHOutputSpec
+
+    def _run_interface(self, runtime):
+        self._results.update(steps.fit_rish_step(self.inputs.dwi_file, self.inputs.bval_file, self.inputs.bvec_file,
+                                                 self.inputs.mask_file, self.inputs.sh_order_max, runtime.cwd))
+        return runtime
+
+
+class _PredictScaleMapsInputSpec(BaseInterfaceInputSpec):
+    rish_file = File(exists=True, mandatory=True)
+    mask_file = File(exists=True, mandatory=True)
+    method = traits.Str(mandatory=True, desc="registered method name (bids_dmri_ldm.methods.Method)")
+    model_dir = traits.Either(None, traits.Str, default=None, usedefault=True)
+    options = traits.Dict(desc="method options (device, seed, ...)")
+
+
+class _PredictScaleMapsOutputSpec(TraitedSpec):
+    scale_file = File(exists=True, desc="scale maps lambda (X, Y, Z, 3)")
+    provenance = traits.Dict(desc="method provenance for the sidecars")
+
+
+class PredictScaleMaps(SimpleInterface):
+    """Scale maps lambda_l (Eq. 2) from the chosen translation method."""
+
+    input_spec = _PredictScaleMapsInputSpec
+    output_spec = _PredictScaleMapsOutputSpec
+
+    def _run_interface(self, runtime):
+        options = self.inputs.options if isdefined(self.inputs.options) else {}
+        self._results.update(steps.predict_scale_step(self.inputs.rish_file, self.inputs.mask_file, self.inputs.method,
+                                                      _optional(self.inputs.model_dir), options, runtime.cwd))
+        return runtime
+
+
+class _ResampleInputSpec(BaseInterfaceInputSpec):
+    in_file = File(exists=True, mandatory=True)
+    voxel_size = traits.Either(None, traits.Float, default=None, usedefault=True, desc="mm; None keeps the grid")
+    kind = traits.Enum("image", "mask", usedefault=True, desc="B-spline image or thresholded mask")
+    clip_min = traits.Either(None, traits.Float, default=None, usedefault=True)
+
+
+class _ResampleOutputSpec(TraitedSpec):
+    out_file = File(exists=True)
+
+
+class ResampleToGrid(SimpleInterface):
+    """Resample to the isotropic output grid (B-spline; masks linear + threshold)."""
+
+    input_spec = _ResampleInputSpec
+    output_spec = _ResampleOutputSpec
+
+    def _run_interface(self, runtime):
+        self._results["out_file"] = steps.resample_step(self.inputs.in_file, self.inputs.voxel_size, runtime.cwd,
+                                                        self.inputs.kind, self.inputs.clip_min)
+        return runtime
+
+
+class _ScaleSHInputSpec(BaseInterfaceInputSpec):
+    sh_file = File(exists=True, mandatory=True)
+    scale_file = File(exists=True, mandatory=True)
+    rish_file = File(exists=True, mandatory=True, desc="source RISH on the output grid")
+    mask_file = File(exists=True, mandatory=True)
+    sh_order_max = traits.Int(4, usedefault=True)
+
+
+class _ScaleSHOutputSpec(TraitedSpec):
+    sh_file = File(exists=True, desc="scaled SH coefficients (Eq. 3)")
+    scale_file = File(exists=True, desc="scale maps, 1 outside the mask")
+    rish_source_file = File(exists=True)
+    rish_predicted_file = File(exists=True)
+
+
+class ScaleSH(SimpleInterface):
+    """C_hat_lm = lambda_l C_lm (Eq. 3) and the predicted RISH maps."""
+
+    input_spec = _ScaleSHInputSpec
+    output_spec = _ScaleSHOutputSpec
+
+    def _run_interface(self, runtime):
+        self._results.update(steps.scale_sh_step(self.inputs.sh_file, self.inputs.scale_file, self.inputs.rish_file,
+                                                 self.inputs.mask_file, self.inputs.sh_order_max, runtime.cwd))
+        return runtime
+
+
+class _RebuildInputSpec(BaseInterfaceInputSpec):
+    s0_file = File(exists=True, mandatory=True)
+    b0_file = File(exists=True, mandatory=True)
+    sh_file = File(exists=True, mandatory=True)
+    mask_file = File(exists=True, mandatory=True)
+    bval_file = File(exists=True, mandatory=True)
+    bvec_file = File(exists=True, mandatory=True)
+    sh_order_max = traits.Int(4, usedefault=True)
+
+
+class _RebuildOutputSpec(TraitedSpec):
+    dwi_file = File(exists=True)
+    bval_file = File(exists=True)
+    bvec_file = File(exists=True)
+    mask_file = File(exists=True)
+
+
+class RebuildDWI(SimpleInterface):
+    """Rebuild the 7T-like DWI from scaled SH, b0 volumes put back, clipped >= 0."""
+
+    input_spec = _RebuildInputSpec
+    output_spec = _RebuildOutputSpec
+
+    def _run_interface(self, runtime):
+        self._results.update(steps.rebuild_step(self.inputs.s0_file, self.inputs.b0_file, self.inputs.sh_file,
+                                                self.inputs.mask_file, self.inputs.bval_file, self.inputs.bvec_file,
+                                                self.inputs.sh_order_max, runtime.cwd))
+        return runtime

@@ -1,0 +1,452 @@
+"""Registry of 3T -> 7T translation methods.
+
+A method maps the RISH maps of a source (3T) run to RISH scale maps (paper Eq. 2)
+
+.. math:: \\lambda_l = \\sqrt{RISH_l^{target} / (RISH_l^{source} + \\tau)}
+
+that the workflow then applies to the source SH coefficients (Eq. 3). Shapes: RISH maps and scale
+maps are ``(X, Y, Z, n_orders)`` float32 (orders on the last axis, :data:`~.core.sh.RISH_ORDERS`),
+the brain mask ``(X, Y, Z)`` bool, the affine ``(4, 4)`` voxel -> scanner mm.
+
+Registered methods (:class:`Method`):
+
+``identity``
+    lambda = 1 everywhere: SH fit and rebuild only — what the 3T data look like through the same
+    pipeline (the baseline every other method is compared to).
+``rish-global``
+    One factor per RISH order, learned at the group level from paired 3T/7T participants
+    (:func:`fit_rish_global`) and read from a small JSON model file whose SHA-256 is checked.
+``ldm``
+    The latent diffusion model (Zhu et al., MICCAI 2024). Its loader plugs into :data:`LOADERS`;
+    until its weights exist, asking for it raises :class:`MethodUnavailableError`.
+
+Adding a method is one entry in :data:`LOADERS`: a callable ``(model_dir, options) -> object``
+whose ``predict_scale_maps(rish_source, mask, affine)`` returns a :class:`ScaleMapPrediction`.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import os
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from .core.resample import resample, resample_mask
+from .core.sh import DEFAULT_TAU, RISH_ORDERS, scale_maps
+
+RISH_GLOBAL_MODEL_FILE = "rish_global.json"
+"""File name of a rish-global model inside its model directory."""
+
+CHECKSUM_FILE = "SHA256SUMS"
+"""``sha256sum``-format checksum list next to a model's files."""
+
+MODELS_ENV = "BIDS_DMRI_LDM_MODELS"
+"""Environment variable naming the folder that holds the default models (one sub-folder each)."""
+
+
+class Method(str, Enum):
+    """Translation methods selectable with ``--method``."""
+
+    IDENTITY = "identity"
+    RISH_GLOBAL = "rish-global"
+    LDM = "ldm"
+
+    def __str__(self) -> str:  # argparse choices / messages show the plain value
+        return self.value
+
+
+class MethodError(RuntimeError):
+    """A method cannot be used (unknown, model missing, corrupt or incompatible)."""
+
+
+class MethodUnavailableError(MethodError):
+    """The method exists but cannot run in this installation (e.g. no weights)."""
+
+
+@dataclass
+class ScaleMapPrediction:
+    """Output of a method for one run.
+
+    Attributes
+    ----------
+    scale : ndarray, shape (X, Y, Z, n_orders), float32
+        RISH scale maps lambda_l (Eq. 2); 1 outside the brain mask.
+    provenance : dict
+        JSON-serialisable description (method, model name/version/checksum, settings) that goes
+        into every derivative sidecar.
+    """
+
+    scale: np.ndarray
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+
+class TranslationMethod(Protocol):
+    """What a loaded method offers the workflow."""
+
+    name: str
+    orders: tuple[int, ...]
+
+    def predict_scale_maps(self, rish_source: np.ndarray, mask: np.ndarray, affine: np.ndarray) -> ScaleMapPrediction:
+        """Scale maps ``(X, Y, Z, n_orders)`` for source RISH maps ``(X, Y, Z, n_orders)``."""
+        ...
+
+
+# ---------------------------------------------------------------------------------------------
+# identity
+
+
+@dataclass
+class IdentityMethod:
+    """lambda = 1: the SH fit and rebuild alone (baseline)."""
+
+    name: str = Method.IDENTITY.value
+    orders: tuple[int, ...] = RISH_ORDERS
+
+    def predict_scale_maps(self, rish_source: np.ndarray, mask: np.ndarray, affine: np.ndarray) -> ScaleMapPrediction:
+        _check_rish_shape(rish_source, mask, self.orders)
+        scale = np.ones(rish_source.shape, dtype=np.float32)
+        return ScaleMapPrediction(scale, {"Method": self.name, "Model": None, "RISHOrders": list(self.orders)})
+
+
+def _load_identity(model_dir: Path | None, options: Mapping[str, Any]) -> IdentityMethod:
+    return IdentityMethod()
+
+
+# ---------------------------------------------------------------------------------------------
+# rish-global
+
+
+@dataclass
+class RishGlobalModel:
+    """One scale factor per RISH order (a spatially constant lambda_l).
+
+    Attributes
+    ----------
+    factors : tuple of float
+        lambda_l for each order in ``orders``.
+    orders : tuple of int
+        RISH orders, e.g. (0, 2, 4).
+    tau : float
+        The tau of Eq. 2 used when fitting.
+    training : dict
+        Summary of the data the factors were learned from.
+    name, version : str
+        Model identity recorded in derivative sidecars.
+    sha256 : str or None
+        Checksum of the model file it was read from.
+    """
+
+    factors: tuple[float, ...]
+    orders: tuple[int, ...] = RISH_ORDERS
+    tau: float = DEFAULT_TAU
+    training: dict[str, Any] = field(default_factory=dict)
+    name: str = Method.RISH_GLOBAL.value
+    version: str = "1"
+    sha256: str | None = None
+    shell: float | None = None
+    sh_order_max: int | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        """The JSON document of the model file (checksum excluded: it lives in SHA256SUMS)."""
+        return {
+            "name": self.name,
+            "version": self.version,
+            "method": Method.RISH_GLOBAL.value,
+            "orders": list(self.orders),
+            "factors": [float(f) for f in self.factors],
+            "tau": float(self.tau),
+            "shell": self.shell,
+            "sh_order_max": self.sh_order_max,
+            "training": self.training,
+        }
+
+
+@dataclass
+class RishGlobalMethod:
+    """Apply a :class:`RishGlobalModel`: lambda_l(x) = factor_l inside the mask, 1 outside."""
+
+    model: RishGlobalModel
+    name: str = Method.RISH_GLOBAL.value
+
+    @property
+    def orders(self) -> tuple[int, ...]:
+        return self.model.orders
+
+    def predict_scale_maps(self, rish_source: np.ndarray, mask: np.ndarray, affine: np.ndarray) -> ScaleMapPrediction:
+        _check_rish_shape(rish_source, mask, self.orders)
+        scale = np.ones(rish_source.shape, dtype=np.float32)
+        scale[np.asarray(mask, dtype=bool)] = np.asarray(self.model.factors, dtype=np.float32)
+        provenance = {
+            "Method": self.name,
+            "Model": {"Name": self.model.name, "Version": self.model.version, "SHA256": self.model.sha256},
+            "RISHOrders": list(self.orders),
+            "ScaleFactors": [float(f) for f in self.model.factors],
+            "Tau": float(self.model.tau),
+        }
+        return ScaleMapPrediction(scale, provenance)
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def read_checksums(model_dir: Path) -> dict[str, str]:
+    """``{file name: sha256}`` from a model directory's ``SHA256SUMS`` (``sha256sum`` format)."""
+    sums_file = model_dir / CHECKSUM_FILE
+    if not sums_file.is_file():
+        raise MethodError(f"model directory {model_dir} has no {CHECKSUM_FILE} file")
+    sums = {}
+    for line in sums_file.read_text().splitlines():
+        if line.strip():
+            digest, _, name = line.strip().partition("  ")
+            sums[name.lstrip("*")] = digest.lower()
+    return sums
+
+
+def load_rish_global_model(model_dir: str | os.PathLike) -> RishGlobalModel:
+    """Read and verify a rish-global model directory (``rish_global.json`` + ``SHA256SUMS``).
+
+    Raises
+    ------
+    MethodError
+        When the file is missing, its checksum does not match, or its content is invalid.
+    """
+    model_dir = Path(model_dir)
+    model_file = model_dir / RISH_GLOBAL_MODEL_FILE
+    if not model_file.is_file():
+        raise MethodError(f"no rish-global model in {model_dir} (expected {RISH_GLOBAL_MODEL_FILE}); "
+                          "train one with the group level or pass --model-dir")
+    expected = read_checksums(model_dir).get(RISH_GLOBAL_MODEL_FILE)
+    actual = sha256_file(model_file)
+    if expected is None:
+        raise MethodError(f"{model_dir / CHECKSUM_FILE} lists no checksum for {RISH_GLOBAL_MODEL_FILE}")
+    if expected != actual:
+        raise MethodError(f"checksum mismatch for {model_file}: expected {expected}, found {actual} (file corrupt or edited)")
+    try:
+        doc = json.loads(model_file.read_text())
+        orders = tuple(int(o) for o in doc["orders"])
+        factors = tuple(float(f) for f in doc["factors"])
+    except (ValueError, KeyError, TypeError) as err:
+        raise MethodError(f"invalid rish-global model {model_file}: {err}") from None
+    if doc.get("method", Method.RISH_GLOBAL.value) != Method.RISH_GLOBAL.value:
+        raise MethodError(f"{model_file} is a {doc.get('method')!r} model, not rish-global")
+    if len(orders) != len(factors) or not all(np.isfinite(factors)) or min(factors) <= 0:
+        raise MethodError(f"invalid rish-global model {model_file}: need one positive finite factor per order")
+    return RishGlobalModel(
+        factors=factors,
+        orders=orders,
+        tau=float(doc.get("tau", DEFAULT_TAU)),
+        training=doc.get("training", {}),
+        name=str(doc.get("name", Method.RISH_GLOBAL.value)),
+        version=str(doc.get("version", "1")),
+        sha256=actual,
+        shell=doc.get("shell"),
+        sh_order_max=doc.get("sh_order_max"),
+    )
+
+
+def save_rish_global_model(model: RishGlobalModel, model_dir: str | os.PathLike) -> Path:
+    """Write ``rish_global.json`` and ``SHA256SUMS`` atomically; return the model file path."""
+    from .bids.derivatives import atomic_write_text  # local: bids/ imports nothing from here
+
+    model_dir = Path(model_dir)
+    model_dir.mkdir(parents=True, exist_ok=True)
+    model_file = model_dir / RISH_GLOBAL_MODEL_FILE
+    atomic_write_text(model_file, json.dumps(model.to_json(), indent=2, sort_keys=True) + "\n")
+    digest = sha256_file(model_file)
+    atomic_write_text(model_dir / CHECKSUM_FILE, f"{digest}  {RISH_GLOBAL_MODEL_FILE}\n")
+    model.sha256 = digest
+    return model_file
+
+
+def _load_rish_global(model_dir: Path | None, options: Mapping[str, Any]) -> RishGlobalMethod:
+    return RishGlobalMethod(load_rish_global_model(resolve_model_dir(Method.RISH_GLOBAL, model_dir)))
+
+
+# ---------------------------------------------------------------------------------------------
+# ldm (plugged in by its own issue)
+
+
+def _load_ldm(model_dir: Path | None, options: Mapping[str, Any]) -> TranslationMethod:
+    raise MethodUnavailableError(
+        "ldm weights not available: the latent diffusion model is not shipped with this version; "
+        "use --method rish-global or --method identity"
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# registry
+
+LOADERS: dict[Method, Callable[[Path | None, Mapping[str, Any]], TranslationMethod]] = {
+    Method.IDENTITY: _load_identity,
+    Method.RISH_GLOBAL: _load_rish_global,
+    Method.LDM: _load_ldm,
+}
+"""Method -> loader ``(model_dir or None, options) -> TranslationMethod``. One entry per method."""
+
+NEEDS_MODEL: frozenset[Method] = frozenset({Method.RISH_GLOBAL, Method.LDM})
+"""Methods that read a model directory (recorded in provenance, checked before work starts)."""
+
+
+def default_models_root() -> Path:
+    """Folder holding the shipped models: ``$BIDS_DMRI_LDM_MODELS`` or the repository's ``models/``."""
+    env = os.environ.get(MODELS_ENV)
+    if env:
+        return Path(env)
+    return Path(__file__).resolve().parent.parent / "models"
+
+
+def resolve_model_dir(method: Method | str, model_dir: str | os.PathLike | None) -> Path:
+    """The model directory of ``method``.
+
+    ``model_dir`` may be the model's own folder or a folder of models holding ``<method>/``;
+    ``None`` selects the shipped default (:func:`default_models_root`).
+    """
+    method = Method(method)
+    if model_dir is None:
+        return default_models_root() / method.value
+    model_dir = Path(model_dir)
+    nested = model_dir / method.value
+    return nested if nested.is_dir() else model_dir
+
+
+def load_method(name: Method | str, model_dir: str | os.PathLike | None = None,
+                options: Mapping[str, Any] | None = None) -> TranslationMethod:
+    """Load a translation method by name.
+
+    Raises
+    ------
+    MethodError
+        Unknown name, missing/corrupt model; :class:`MethodUnavailableError` for ``ldm`` until its
+        weights are available.
+    """
+    try:
+        method = Method(name)
+    except ValueError:
+        choices = ", ".join(m.value for m in Method)
+        raise MethodError(f"unknown method {name!r} (choose from {choices})") from None
+    return LOADERS[method](None if model_dir is None else Path(model_dir), dict(options or {}))
+
+
+def _check_rish_shape(rish: np.ndarray, mask: np.ndarray, orders: Sequence[int]) -> None:
+    if rish.ndim != 4 or rish.shape[-1] != len(orders):
+        raise ValueError(f"RISH maps must be (X, Y, Z, {len(orders)}), got {rish.shape}")
+    if tuple(np.shape(mask)) != rish.shape[:3]:
+        raise ValueError(f"mask shape {np.shape(mask)} does not match RISH maps {rish.shape[:3]}")
+
+
+# ---------------------------------------------------------------------------------------------
+# rish-global fitting (group level)
+
+
+@dataclass
+class RishPair:
+    """RISH maps of one participant's paired source (3T) and target (7T) scans.
+
+    Both scans are of the same head in the same scanner-world space, so their affines
+    ``(4, 4)`` (voxel -> mm) relate the two grids directly; no registration is done here.
+    ``rish_*`` are ``(X, Y, Z, n_orders)``, ``mask_*`` ``(X, Y, Z)`` bool.
+    """
+
+    rish_source: np.ndarray
+    mask_source: np.ndarray
+    affine_source: np.ndarray
+    rish_target: np.ndarray
+    mask_target: np.ndarray
+    affine_target: np.ndarray
+    label: str = ""
+
+
+MIN_RISH0 = 1e-4
+"""RISH_0 (of S/S0) below which a voxel is treated as background when fitting (a brain voxel
+has RISH_0 = 4 pi mean(S/S0)^2, about 1 at b = 1000)."""
+
+MIN_RELATIVE_RISH = 1e-6
+"""RISH_l / RISH_0 below which order l is treated as absent in a voxel when fitting."""
+
+
+def pair_scale_samples(pair: RishPair, tau: float = DEFAULT_TAU, min_rish0: float = MIN_RISH0,
+                       min_relative: float = MIN_RELATIVE_RISH) -> np.ndarray:
+    """Voxel-wise lambda (Eq. 2) of one pair on the target grid, shape (n_voxels, n_orders).
+
+    The source RISH maps and mask are resampled onto the target (7T) grid through the affines
+    (cubic B-spline for RISH, linear + threshold for the mask); voxels inside both masks whose
+    RISH_0 exceeds ``min_rish0`` in both scans count. Where the source has no order-l content
+    (``RISH_l <= min_relative * RISH_0``, e.g. l > 0 in a noiseless isotropic voxel) lambda_l is
+    0/0, not a measurement: it is NaN here and left out of the average.
+    """
+    shape = pair.rish_target.shape[:3]
+    source = resample(pair.rish_source, pair.affine_source, pair.affine_target, shape, order=3)
+    mask_source = resample_mask(pair.mask_source, pair.affine_source, pair.affine_target, shape)
+    both = mask_source & np.asarray(pair.mask_target, dtype=bool)
+    # Voxels without signal in either scan (RISH_0 ~ 0: background inside a loose mask) carry no
+    # information about the 3T -> 7T change.
+    both &= (source[..., 0] > min_rish0) & (pair.rish_target[..., 0] > min_rish0)
+    src, tgt = source[both], pair.rish_target[both]
+    lam = scale_maps(tgt, src, tau)
+    defined = src > min_relative * src[:, :1]
+    defined[:, 0] = True
+    return np.where(defined, lam, np.nan).astype(np.float32)
+
+
+def fit_rish_global(pairs: Iterable[RishPair], orders: Sequence[int] = RISH_ORDERS, tau: float = DEFAULT_TAU,
+                    shell: float | None = None, sh_order_max: int | None = None,
+                    extra_training: Mapping[str, Any] | None = None) -> RishGlobalModel:
+    """Learn one scale factor per RISH order from paired participants.
+
+    factor_l = median over brain voxels, pooled over all pairs, of lambda_l (Eq. 2) computed on
+    the target grid (:func:`pair_scale_samples`; voxels where lambda_l is undefined are left out
+    for that order). The median is robust to the skull-ring and CSF voxels where RISH of high
+    orders is tiny and lambda explodes.
+
+    Returns
+    -------
+    RishGlobalModel
+        With a training summary (pairs, voxel counts, per-pair medians, pooled quartiles).
+    """
+    samples, per_pair = [], []
+    for pair in pairs:
+        lam = pair_scale_samples(pair, tau)
+        if lam.shape[0] == 0 or np.all(np.isnan(lam), axis=0).any():
+            raise ValueError(f"pair {pair.label or '?'}: no brain voxel with signal in both scans "
+                             "(masks do not overlap, or an order is absent everywhere)")
+        samples.append(lam)
+        per_pair.append({"label": pair.label, "n_voxels": int(lam.shape[0]),
+                         "median": [float(v) for v in np.nanmedian(lam, axis=0)],
+                         "n_defined": [int(v) for v in np.sum(np.isfinite(lam), axis=0)]})
+    if not samples:
+        raise ValueError("fit_rish_global needs at least one source/target pair")
+    pooled = np.concatenate(samples, axis=0)
+    factors = tuple(float(v) for v in np.nanmedian(pooled, axis=0))
+    q25, q75 = np.nanpercentile(pooled, [25, 75], axis=0)
+    training = {
+        "statistic": "median of voxel-wise lambda_l over brain voxels, pooled over pairs",
+        "n_pairs": len(samples),
+        "n_voxels": int(pooled.shape[0]),
+        "n_defined": [int(v) for v in np.sum(np.isfinite(pooled), axis=0)],
+        "quartiles": {"q25": [float(v) for v in q25], "q75": [float(v) for v in q75]},
+        "pairs": per_pair,
+        "created": _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat(),
+    }
+    training.update(extra_training or {})
+    return RishGlobalModel(factors=factors, orders=tuple(orders), tau=tau, training=training,
+                           shell=shell, sh_order_max=sh_order_max)
+
+
+__all__ = [
+    "Method", "MethodError", "MethodUnavailableError", "ScaleMapPrediction", "TranslationMethod",
+    "IdentityMethod", "RishGlobalModel", "RishGlobalMethod", "RishPair", "LOADERS", "NEEDS_MODEL",
+    "load_method", "resolve_model_dir", "default_models_root", "load_rish_global_model",
+    "save_rish_global_model", "fit_rish_global", "pair_scale_samples", "sha256_file",
+]
