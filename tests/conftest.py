@@ -10,6 +10,8 @@ make_bids_dataset
     The written datasets pass ``bids-validator-deno`` (checked in tests/bids/test_layout.py).
 bids_dataset
     One default dataset (``make_bids_dataset()``), written once per test.
+shared_bids_dataset
+    A session-scoped, read-only dataset: participants 01/02 × sessions 1/2 × 3T/7T runs.
 small64d_bids
     dipy's bundled real DWI crop ``small_64D`` (10³ voxels, 2 mm, oblique affine, 1 b0 + 64
     directions at b≈1000) as a one-participant BIDS dataset. ``dipy.data.get_fnames`` only
@@ -357,6 +359,19 @@ def make_bids_dataset(tmp_path):
 def bids_dataset(make_bids_dataset) -> SyntheticBids:
     """The default synthetic dataset: sub-01, one 3T run, root-level dwi.bval/dwi.bvec."""
     return make_bids_dataset()
+
+
+@pytest.fixture(scope="session")
+def shared_bids_dataset(tmp_path_factory) -> SyntheticBids:
+    """One read-only dataset for the whole session (do not modify it).
+
+    Participants 01 and 02, sessions 1 and 2, a 3T (``acq-3T``) and a 7T (``acq-7T``) run in
+    each session, gradients and shared metadata inherited from the dataset root.
+    """
+    return write_bids_dataset(
+        tmp_path_factory.mktemp("shared") / "bids",
+        subjects=("01", "02"), sessions=("1", "2"), field_strengths=(3.0, 7.0),
+    )
 
 
 @pytest.fixture

@@ -315,8 +315,8 @@ def _make_run(layout, bids_file, role_paths, dwi_filtered, roles) -> DWIRun | No
     if roles is not None and role is not None and role not in roles:
         LOGGER.debug("%s: %s run (%s T) not used here", stem, role, strength)
         return None
-    bval = _gradient_file(layout, path, "bval", stem)
-    bvec = _gradient_file(layout, path, "bvec", stem)
+    bval = _gradient_file(layout, bids_file, "bval", stem)
+    bvec = _gradient_file(layout, bids_file, "bvec", stem)
     mask = find_brain_mask(layout, entities) if getattr(layout, "is_derivative", False) else None
     return DWIRun(
         dwi=Path(path),
@@ -330,19 +330,28 @@ def _make_run(layout, bids_file, role_paths, dwi_filtered, roles) -> DWIRun | No
     )
 
 
-def _gradient_file(layout, path: str, kind: str, stem: str) -> str:
-    """bval/bvec of ``path`` by the inheritance principle (pybids ``get_bval``/``get_bvec``)."""
-    getter = layout.get_bval if kind == "bval" else layout.get_bvec
-    try:
-        found = getter(path)
-    except (IndexError, ValueError):  # pybids raises IndexError when nothing matches
-        found = None
-    if not found:
-        raise BadDataError(
-            f"{stem}: no .{kind} file found (next to the image or inherited from a parent "
-            f"folder, e.g. dwi.{kind} at the dataset root)"
-        )
-    return found
+def _gradient_file(layout, bids_file, kind: str, stem: str) -> str:
+    """bval/bvec of a DWI file by the BIDS inheritance principle.
+
+    Candidates come from pybids ``get_nearest`` (same folder first, then parents; more
+    matching entities first). pybids only compares the entities both files have, so a
+    sibling ``sub-01_acq-b_dwi.bval`` would be accepted for ``sub-01_dwi.nii.gz``; the
+    inheritance principle allows only files whose entities are all in the data file's name,
+    which is checked here.
+    """
+    candidates = layout.get_nearest(
+        bids_file.path, return_type="object", suffix="dwi", extension=f".{kind}", all_=True,
+    ) or []
+    own = bids_file.get_entities()
+    for candidate in candidates:
+        theirs = {k: v for k, v in candidate.get_entities().items()
+                  if k not in ("suffix", "extension")}
+        if all(k in own and str(own[k]) == str(v) for k, v in theirs.items()):
+            return candidate.path
+    raise BadDataError(
+        f"{stem}: no .{kind} file found (next to the image or inherited from a parent "
+        f"folder, e.g. dwi.{kind} at the dataset root)"
+    )
 
 
 def _field_strength(metadata: Mapping[str, Any], stem: str) -> float | None:
