@@ -14,7 +14,7 @@ nothing is clipped, and every batch entry may carry its own noise level t0
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 from torch.nn import functional as F
@@ -156,7 +156,7 @@ class LatentDiffusion:
     @torch.no_grad()
     def sample(self, model: EpsModel, x_t0: torch.Tensor, t0: torch.Tensor, num_steps: int,
                labels: torch.Tensor, guidance: torch.Tensor, eta: float = 0.0,
-               generator: torch.Generator | None = None,
+               generator: torch.Generator | Sequence[torch.Generator] | None = None,
                progress: Callable[[int], None] | None = None) -> torch.Tensor:
         """Guided DDIM sampling x_{t0} -> x_0 (Song et al. Eq. 12; guidance Eq. 10).
 
@@ -164,7 +164,9 @@ class LatentDiffusion:
         :meth:`invert`.  ``eta > 0`` adds seeded noise of standard deviation
         sigma = eta sqrt((1 - a_prev) / (1 - a_t)) sqrt(1 - a_t / a_prev) per step
         (used to draw several samples for an uncertainty map); the noise is drawn
-        on the CPU from ``generator`` so a seed gives the same result on any device.
+        on the CPU from ``generator`` so a seed gives the same result on any device;
+        a sequence of generators (one per batch entry) makes each entry's noise
+        independent of how entries are batched together.
         """
         tau = self.ddim_timesteps(t0, num_steps).to(x_t0.device)
         x = x_t0.float()
@@ -177,9 +179,17 @@ class LatentDiffusion:
                 a_t, a_prev = self.alpha_bar(t, x), self.alpha_bar(t_prev, x)
                 sigma = eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)).clamp(min=0).sqrt()
                 x0_hat = (x - (1.0 - a_t).sqrt() * eps) / a_t.sqrt()
-                z = torch.randn(x.shape, generator=generator, dtype=torch.float32).to(x.device)
+                z = _noise_like(x, generator)
                 x = (a_prev.sqrt() * x0_hat + (1.0 - a_prev - sigma ** 2).clamp(min=0).sqrt() * eps
                      + sigma * z)
             if progress:
                 progress(1)
         return x
+
+
+def _noise_like(x: torch.Tensor, generator) -> torch.Tensor:
+    """Standard normal noise shaped like ``x``, drawn on the CPU (one generator or one per entry)."""
+    if generator is None or isinstance(generator, torch.Generator):
+        return torch.randn(x.shape, generator=generator, dtype=torch.float32).to(x.device)
+    return torch.stack([torch.randn(x.shape[1:], generator=g, dtype=torch.float32)
+                        for g in generator]).to(x.device)

@@ -77,7 +77,8 @@ def decode(bundle: Bundle, z: torch.Tensor, which: str, device: torch.device) ->
 
 def translate_latents(bundle: Bundle, z3: torch.Tensor, t0: Sequence[int], guidance: Sequence[float],
                       ddim_steps: int, device: torch.device, eta: float = 0.0,
-                      generator: torch.Generator | None = None) -> torch.Tensor:
+                      generator: torch.Generator | Sequence[torch.Generator] | None = None
+                      ) -> torch.Tensor:
     """3T latents (N, C, ...) -> 7T latents: DDIM inversion to t0 then guided sampling.
 
     ``t0``/``guidance`` are per batch entry (N values).
@@ -163,7 +164,6 @@ def translate_rish(rish_3t: np.ndarray, mask: np.ndarray, bundle: Bundle,
         recon = decode(bundle, z3, "vqvae3t", device)
     recon_3t = denormalise(from_model_grid(recon, crop, norm["background"]), mask, norm)
 
-    generator = torch.Generator().manual_seed(seed)
     total = np.zeros((*mask.shape, n_orders), np.float64)
     total_sq = np.zeros_like(total)
     per_chunk = max(1, max_batch // n_orders)
@@ -171,7 +171,10 @@ def translate_rish(rish_3t: np.ndarray, mask: np.ndarray, bundle: Bundle,
     while done < num_samples:
         k = min(per_chunk, num_samples - done)
         z_in = z3.repeat(k, 1, 1, 1, 1)
-        z7 = translate_latents(bundle, z_in, t0_l * k, w_l * k, steps, device, eta, generator)
+        # one noise stream per (sample, order): results do not depend on max_batch
+        gens = [torch.Generator().manual_seed(seed * 1_000_003 + (done + s) * 101 + o)
+                for s in range(k) for o in range(n_orders)]
+        z7 = translate_latents(bundle, z_in, t0_l * k, w_l * k, steps, device, eta, gens)
         with torch.no_grad():
             dec = decode(bundle, z7, "vqvae7t", device)
             with autocast_for(device):

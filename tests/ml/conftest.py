@@ -51,3 +51,28 @@ def rish_pairs():
     r3 = {f"p{i}": synthetic_rish(i) for i in range(5)}
     r7 = {f"p{i}": synthetic_rish(i, ratio=(0.85, 0.75, 0.7)) for i in range(4)}
     return r3, r7
+
+
+def tiny_bundle_config(cfg: dict) -> dict:
+    """A bundle config from the tiny training config (normalisation fitted on synthetic data)."""
+    from bids_dmri_ldm.ml.normalise import fit_normalisation
+
+    vols, masks = zip(*(synthetic_rish(i) for i in range(2)))
+    return dict(copy.deepcopy(cfg), normalisation=fit_normalisation(vols, masks, cfg["orders"]),
+                latent_scale=1.0, training_data={"n_3t": 2}, software={"torch": torch.__version__},
+                created="2026-01-01T00:00:00+00:00")
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle_dir(tmp_path_factory):
+    """An untrained but complete tiny bundle (written once per session)."""
+    from bids_dmri_ldm.ml.bundle import model_card, save_bundle
+    from bids_dmri_ldm.ml.networks import build_all
+
+    cfg = tiny_bundle_config(tiny_config())
+    torch.manual_seed(0)
+    nets = build_all(cfg)
+    with torch.no_grad():  # make the UNet non-trivial (MONAI zero-initialises its output conv)
+        for p in nets["unet"].parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return save_bundle(tmp_path_factory.mktemp("bundle") / "tiny", cfg, nets, model_card(cfg))
