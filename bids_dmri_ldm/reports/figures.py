@@ -1,0 +1,729 @@
+"""Report figures: pure plotting functions from numpy arrays to PNG bytes.
+
+Every function here takes arrays (and plain numbers/strings) and returns a
+:class:`matplotlib.figure.Figure`; :func:`to_png` turns one into PNG bytes.
+Nothing reads files and nothing touches ``matplotlib.pyplot``: figures are
+built with the object-oriented API on the Agg canvas, so they work without a
+display, in worker processes and in threads, and leave no global state behind.
+
+Conventions
+-----------
+- Volumes are ``(X, Y, Z)`` arrays whose voxel axes point (approximately) to
+  Right, Anterior, Superior (the loader reorients to the closest canonical
+  orientation first). Slices are shown in the neurological convention:
+  patient right on the image right, anterior / superior up.
+- Vector fields (principal eigenvectors) are ``(X, Y, Z, 3)`` with components
+  in the same voxel axes; colour-FA maps |e_x|, |e_y|, |e_z| to red, green,
+  blue (left-right red, anterior-posterior green, superior-inferior blue).
+- Maps with several RISH orders carry the orders on the last axis
+  ``(X, Y, Z, n_orders)``.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import matplotlib
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.colors import Normalize
+from matplotlib.figure import Figure
+from scipy import ndimage
+
+#: Orientation names of the three slicing axes, in array-axis order.
+VIEW_NAMES = {2: "axial", 1: "coronal", 0: "sagittal"}
+#: Display order of the views in mosaics.
+VIEW_ORDER = (2, 1, 0)
+#: Colour maps: intensities, scale maps (diverging, centred at 1) and
+#: uncertainty (sequential).
+CMAP_INTENSITY = "gray"
+CMAP_SCALE = "RdBu_r"
+CMAP_DIFFERENCE = "RdBu_r"
+CMAP_UNCERTAINTY = "magma"
+#: Outline / fill colour of the brain mask overlay (RGB).
+MASK_COLOUR = (1.0, 0.23, 0.19)
+#: Resolution of the embedded PNGs (dots per inch).
+DPI = 100
+
+
+def to_png(fig: Figure, dpi: int = DPI) -> bytes:
+    """Render a figure on the Agg canvas and return the PNG bytes.
+
+    Parameters
+    ----------
+    fig : matplotlib.figure.Figure
+        Figure built by one of the functions of this module.
+    dpi : int
+        Dots per inch of the PNG.
+
+    Returns
+    -------
+    bytes
+        The PNG file content (starts with ``b"\\x89PNG"``).
+    """
+    FigureCanvasAgg(fig)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=dpi, facecolor=fig.get_facecolor())
+    return buffer.getvalue()
+
+
+# --------------------------------------------------------------------------
+# slice selection and intensity ranges
+# --------------------------------------------------------------------------
+def bounding_box(mask: np.ndarray, margin: int = 2) -> tuple[slice, slice, slice]:
+    """Bounding box of the non-zero voxels of a 3D mask, padded by ``margin``.
+
+    Parameters
+    ----------
+    mask : ndarray, shape (X, Y, Z)
+        Brain mask (any dtype; non-zero = inside).
+    margin : int
+        Voxels added on each side, clipped to the volume.
+
+    Returns
+    -------
+    tuple of slice
+        One slice per axis; the whole volume when the mask is empty.
+    """
+    mask = np.asarray(mask) != 0
+    if mask.ndim != 3:
+        raise ValueError(f"mask must be 3D, got shape {mask.shape}")
+    if not mask.any():
+        return tuple(slice(0, n) for n in mask.shape)
+    box = []
+    for axis in range(3):
+        other = tuple(a for a in range(3) if a != axis)
+        hit = np.flatnonzero(mask.any(axis=other))
+        box.append(slice(max(hit[0] - margin, 0), min(hit[-1] + margin + 1, mask.shape[axis])))
+    return tuple(box)
+
+
+def select_slices(mask: np.ndarray, n_per_view: int = 3) -> dict[int, list[int]]:
+    """Evenly spaced slice indices through the mask, for each slicing axis.
+
+    The slices sit at the fractions ``(i + 1) / (n + 1)`` of the mask's
+    extent along each axis, so they avoid the nearly empty edges.
+
+    Parameters
+    ----------
+    mask : ndarray, shape (X, Y, Z)
+        Brain mask; the whole volume is used when it is empty.
+    n_per_view : int
+        Number of slices per axis.
+
+    Returns
+    -------
+    dict
+        ``{axis: [index, ...]}`` for axes 0 (sagittal), 1 (coronal), 2 (axial).
+    """
+    box = bounding_box(mask, margin=0)
+    chosen = {}
+    for axis, extent in enumerate(box):
+        span = extent.stop - extent.start
+        fractions = (np.arange(n_per_view) + 1) / (n_per_view + 1)
+        idx = extent.start + np.floor(fractions * span).astype(int)
+        chosen[axis] = sorted({int(min(i, extent.stop - 1)) for i in idx})
+    return chosen
+
+
+def robust_range(
+    arrays: Sequence[np.ndarray], mask: np.ndarray | None = None, percentiles=(1.0, 99.0)
+) -> tuple[float, float]:
+    """Common display range of several volumes from percentiles inside a mask.
+
+    Parameters
+    ----------
+    arrays : sequence of ndarray, each (X, Y, Z)
+        Volumes shown with one colour scale (e.g. source and predicted RISH).
+    mask : ndarray of bool, shape (X, Y, Z), optional
+        Voxels used for the percentiles (all finite voxels when None).
+    percentiles : (float, float)
+        Lower and upper percentiles.
+
+    Returns
+    -------
+    (vmin, vmax) : tuple of float
+        ``vmax > vmin`` always (a constant image gets a unit-width range).
+    """
+    values = []
+    for arr in arrays:
+        arr = np.asarray(arr, dtype=np.float64)
+        sel = arr[mask.astype(bool)] if mask is not None and mask.shape == arr.shape else arr.ravel()
+        values.append(sel[np.isfinite(sel)])
+    values = np.concatenate(values) if values else np.zeros(0)
+    if values.size == 0:
+        return 0.0, 1.0
+    vmin, vmax = np.percentile(values, percentiles)
+    if not vmax > vmin:
+        vmin, vmax = float(vmin) - 0.5, float(vmin) + 0.5
+    return float(vmin), float(vmax)
+
+
+def centred_range(
+    volume: np.ndarray, centre: float, mask: np.ndarray | None = None, percentile: float = 99.0,
+    min_half_width: float = 0.05,
+) -> tuple[float, float]:
+    """Display range symmetric around ``centre`` for a diverging colour map.
+
+    Parameters
+    ----------
+    volume : ndarray, shape (X, Y, Z)
+        Map to show (e.g. a scale map lambda_l, centre 1; a difference, centre 0).
+    centre : float
+        Value drawn white.
+    mask : ndarray of bool, optional
+        Voxels used to find the half width.
+    percentile : float
+        Percentile of ``|volume - centre|`` used as half width.
+    min_half_width : float
+        Lower bound of the half width, so that a map equal to its centre
+        is not stretched to noise.
+
+    Returns
+    -------
+    (vmin, vmax) : tuple of float
+    """
+    volume = np.asarray(volume, dtype=np.float64)
+    sel = volume[mask.astype(bool)] if mask is not None and mask.shape == volume.shape else volume.ravel()
+    sel = sel[np.isfinite(sel)]
+    half = float(np.percentile(np.abs(sel - centre), percentile)) if sel.size else 0.0
+    half = max(half, min_half_width)
+    return centre - half, centre + half
+
+
+def take_slice(volume: np.ndarray, axis: int, index: int) -> np.ndarray:
+    """2D slice for display, top row first (``imshow`` default origin).
+
+    Parameters
+    ----------
+    volume : ndarray, shape (X, Y, Z) or (X, Y, Z, C)
+        Volume in (approximately) RAS voxel axes.
+    axis, index : int
+        Slicing axis (0 sagittal, 1 coronal, 2 axial) and slice index.
+
+    Returns
+    -------
+    ndarray, shape (rows, cols) or (rows, cols, C)
+        Neurological view: patient right on the image right, anterior
+        (axial) or superior (coronal, sagittal) at the top.
+    """
+    plane = np.take(volume, index, axis=axis)
+    return np.swapaxes(plane, 0, 1)[::-1]
+
+
+def _slice_panels(slices: Mapping[int, Sequence[int]]) -> list[tuple[int, int]]:
+    return [(axis, idx) for axis in VIEW_ORDER for idx in slices.get(axis, [])]
+
+
+def _colormap(name: str):
+    return matplotlib.colormaps[name].with_extremes(bad="black")
+
+
+def to_rgba(plane: np.ndarray, cmap: str, vmin: float, vmax: float) -> np.ndarray:
+    """Colour-map a 2D array to RGBA floats ``(rows, cols, 4)``; NaN is black."""
+    norm = Normalize(vmin=vmin, vmax=vmax, clip=True)
+    return _colormap(cmap)(norm(np.ma.masked_invalid(plane)))
+
+
+def montage(planes: Sequence[np.ndarray], gap: int = 2) -> tuple[np.ndarray, list[float]]:
+    """Place RGBA panels side by side on a white strip, vertically centred.
+
+    Parameters
+    ----------
+    planes : sequence of ndarray, each (rows_i, cols_i, 4)
+    gap : int
+        White pixels between panels.
+
+    Returns
+    -------
+    strip : ndarray, shape (max rows, sum cols + gaps, 4)
+    centres : list of float
+        Column centre of each panel (for titles).
+    """
+    height = max(p.shape[0] for p in planes)
+    width = sum(p.shape[1] for p in planes) + gap * (len(planes) - 1)
+    strip = np.ones((height, width, 4))
+    centres, x = [], 0
+    for plane in planes:
+        top = (height - plane.shape[0]) // 2
+        strip[top: top + plane.shape[0], x: x + plane.shape[1]] = plane
+        centres.append(x + (plane.shape[1] - 1) / 2)
+        x += plane.shape[1] + gap
+    return strip, centres
+
+
+def _row(volume, panels, box, *, cmap=None, vmin=None, vmax=None, rgb=False):
+    """RGBA montage of the chosen slices of one (cropped) volume."""
+    cropped = volume[box]
+    offsets = [b.start for b in box]
+    planes = []
+    for axis, idx in panels:
+        plane = take_slice(cropped, axis, idx - offsets[axis])
+        if rgb:
+            rgba = np.concatenate([np.clip(plane, 0, 1), np.ones(plane.shape[:2] + (1,))], axis=-1)
+        else:
+            rgba = to_rgba(plane, cmap, vmin, vmax)
+        planes.append(rgba)
+    return montage(planes)
+
+
+@dataclass
+class _Bar:
+    first_row: int
+    last_row: int
+    cmap: str
+    vmin: float
+    vmax: float
+    label: str
+
+
+def mosaic_figure(
+    rows: Sequence[tuple[str, np.ndarray]],
+    titles: Sequence[tuple[float, str]] = (),
+    bars: Sequence[_Bar] = (),
+    max_width_px: int = 1150,
+) -> Figure:
+    """Figure of stacked RGBA strips with row labels, column titles and colour bars.
+
+    The strips are placed as raw pixels (``Figure.figimage``, magnified by an
+    integer factor with ``np.repeat``) and the colour bars are drawn as
+    gradient images with text ticks: no axes at all. Creating and drawing a
+    matplotlib axes costs tens of milliseconds and a mosaic has dozens of
+    panels; this keeps a figure well under a second.
+
+    Parameters
+    ----------
+    rows : sequence of (label, strip)
+        Strips of equal width, from :func:`montage`, RGBA floats in [0, 1].
+    titles : sequence of (x, text)
+        Titles above the first row at strip column ``x``.
+    bars : sequence of _Bar
+        Colour bars, each beside a range of rows.
+    max_width_px : int
+        Width of a strip in the PNG; voxels are magnified by an integer
+        factor (1-8) to approach it.
+    """
+    width = rows[0][1].shape[1]
+    zoom = int(np.clip(max_width_px // width, 1, 8))
+    label_px, bar_px, gap_px = 110, (120 if bars else 10), 4
+    top_px = 20 if titles else 4
+    heights = [strip.shape[0] * zoom for _, strip in rows]
+    fig_w = label_px + width * zoom + bar_px
+    fig_h = top_px + sum(heights) + gap_px * len(rows)
+    fig = Figure(figsize=(fig_w / DPI, fig_h / DPI), dpi=DPI, facecolor="white")
+    tops = []
+    y_top = top_px
+    for (label, strip), h in zip(rows, heights):
+        pixels = np.repeat(np.repeat(_to_uint8(strip), zoom, axis=0), zoom, axis=1)
+        fig.figimage(pixels, xo=label_px, yo=fig_h - y_top - h, origin="upper")
+        fig.text((label_px - 8) / fig_w, 1 - (y_top + h / 2) / fig_h, label, ha="right",
+                 va="center", fontsize=9)
+        tops.append(y_top)
+        y_top += h + gap_px
+    for x, text in titles:
+        fig.text((label_px + (x + 0.5) * zoom) / fig_w, 1 - (top_px - 3) / fig_h, text,
+                 ha="center", va="bottom", fontsize=8)
+    for bar in bars:
+        top = tops[bar.first_row] + 6
+        bottom = tops[bar.last_row] + heights[bar.last_row] - 6
+        _draw_bar(fig, bar, x_px=label_px + width * zoom + 14, top_px=top,
+                  height_px=max(bottom - top, 20), fig_w=fig_w, fig_h=fig_h)
+    return fig
+
+
+def _to_uint8(rgba: np.ndarray) -> np.ndarray:
+    return np.round(np.clip(rgba, 0, 1) * 255).astype(np.uint8)
+
+
+def _draw_bar(fig: Figure, bar: _Bar, x_px: int, top_px: int, height_px: int, fig_w: int,
+              fig_h: int) -> None:
+    """Vertical colour bar as a gradient image, three tick labels and a title."""
+    levels = np.linspace(1.0, 0.0, height_px)[:, None] * np.ones((1, 12))
+    gradient = _to_uint8(_colormap(bar.cmap)(levels))
+    fig.figimage(gradient, xo=x_px, yo=fig_h - top_px - height_px, origin="upper")
+    for frac, value in zip((0.0, 0.5, 1.0), (bar.vmax, (bar.vmin + bar.vmax) / 2, bar.vmin)):
+        fig.text((x_px + 16) / fig_w, 1 - (top_px + frac * (height_px - 1)) / fig_h,
+                 f"{value:.3g}", ha="left", va="center", fontsize=7)
+    fig.text((x_px + 78) / fig_w, 1 - (top_px + height_px / 2) / fig_h, bar.label,
+             ha="center", va="center", rotation=90, fontsize=8)
+
+
+def _titles(panels, centres) -> list[tuple[float, str]]:
+    return [(c, f"{VIEW_NAMES[axis]} {idx}") for (axis, idx), c in zip(panels, centres)]
+
+
+def _masked(volume: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
+    volume = np.asarray(volume, dtype=np.float32)
+    if mask is None:
+        return volume
+    out = volume.copy()
+    out[~mask.astype(bool)] = np.nan
+    return out
+
+
+def _check_same_shape(**volumes):
+    shapes = {name: np.shape(v) for name, v in volumes.items() if v is not None}
+    first = next(iter(shapes.values()))
+    if any(len(s) < 3 or s[:3] != first[:3] for s in shapes.values()):
+        raise ValueError("volumes are on different grids: "
+                         + ", ".join(f"{k} {v}" for k, v in shapes.items()))
+
+
+def _layout(mask, slices):
+    mask = np.asarray(mask).astype(bool)
+    if mask.ndim != 3:
+        raise ValueError(f"mask must be 3D, got shape {mask.shape}")
+    slices = slices or select_slices(mask)
+    return mask, _slice_panels(slices), bounding_box(mask)
+
+
+# --------------------------------------------------------------------------
+# participant figures
+# --------------------------------------------------------------------------
+def rish_mosaic(
+    source: np.ndarray,
+    predicted: np.ndarray,
+    scale: np.ndarray,
+    mask: np.ndarray,
+    order: int,
+    slices: Mapping[int, Sequence[int]] | None = None,
+) -> Figure:
+    """Mosaic of one RISH order: source 3T, predicted 7T-like and lambda_l.
+
+    Parameters
+    ----------
+    source, predicted : ndarray, shape (X, Y, Z)
+        RISH_l of the 3T input and of the prediction (paper Eq. 1), same grid.
+        Shown with one shared grey scale (1st-99th percentile in the mask).
+    scale : ndarray, shape (X, Y, Z)
+        Scale map lambda_l = sqrt(RISH_l^7T / (RISH_l^3T + tau)) (paper Eq. 2);
+        diverging colour map centred at 1 (red > 1, blue < 1), masked.
+    mask : ndarray of bool, shape (X, Y, Z)
+        Brain mask (selects slices, crops, and ranges).
+    order : int
+        SH order l, for the labels.
+    slices : dict, optional
+        ``{axis: [indices]}``; :func:`select_slices` of the mask when None.
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+    """
+    _check_same_shape(source=source, predicted=predicted, scale=scale, mask=mask)
+    mask, panels, box = _layout(mask, slices)
+    vmin, vmax = robust_range([source, predicted], mask)
+    smin, smax = centred_range(scale, 1.0, mask)
+    strip_s, centres = _row(np.asarray(source, np.float32), panels, box, cmap=CMAP_INTENSITY,
+                            vmin=vmin, vmax=vmax)
+    strip_p, _ = _row(np.asarray(predicted, np.float32), panels, box, cmap=CMAP_INTENSITY,
+                      vmin=vmin, vmax=vmax)
+    strip_l, _ = _row(_masked(scale, mask), panels, box, cmap=CMAP_SCALE, vmin=smin, vmax=smax)
+    rows = [("3T source", strip_s), ("7T-like\npredicted", strip_p), (f"scale λ{order}", strip_l)]
+    bars = [_Bar(0, 1, CMAP_INTENSITY, vmin, vmax, f"RISH L{order}"),
+            _Bar(2, 2, CMAP_SCALE, smin, smax, f"λ{order}")]
+    return mosaic_figure(rows, _titles(panels, centres), bars)
+
+
+def colour_fa(fa: np.ndarray, evec: np.ndarray) -> np.ndarray:
+    """Directionally encoded colour FA: RGB = FA * |e1|.
+
+    Parameters
+    ----------
+    fa : ndarray, shape (X, Y, Z)
+        Fractional anisotropy in [0, 1].
+    evec : ndarray, shape (X, Y, Z, 3)
+        Principal eigenvector (unit norm) in voxel axes.
+
+    Returns
+    -------
+    ndarray, shape (X, Y, Z, 3), float32 in [0, 1]
+        Red = x (left-right), green = y (anterior-posterior), blue = z.
+    """
+    fa = np.nan_to_num(np.clip(np.asarray(fa, np.float32), 0, 1))
+    evec = np.nan_to_num(np.asarray(evec, np.float32))
+    if evec.shape != fa.shape + (3,):
+        raise ValueError(f"evec shape {evec.shape} does not match FA shape {fa.shape} + (3,)")
+    return np.clip(np.abs(evec) * fa[..., None], 0, 1)
+
+
+def fa_figure(
+    fa_in: np.ndarray,
+    fa_out: np.ndarray,
+    evec_in: np.ndarray | None,
+    evec_out: np.ndarray | None,
+    mask: np.ndarray,
+    slices: Mapping[int, Sequence[int]] | None = None,
+) -> Figure:
+    """FA and colour FA of input and output, and the difference FA_out - FA_in.
+
+    Parameters
+    ----------
+    fa_in, fa_out : ndarray, shape (X, Y, Z)
+        FA of the 3T input and of the 7T-like output on the same grid
+        (voxels never fitted may be NaN, shown black).
+    evec_in, evec_out : ndarray, shape (X, Y, Z, 3), or None
+        Principal eigenvectors; the colour-FA rows are left out when None.
+    mask : ndarray of bool, shape (X, Y, Z)
+    slices : dict, optional
+        ``{axis: [indices]}``.
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+        Rows: FA in, FA out, difference (diverging, centred at 0, masked),
+        then colour FA in and out when the eigenvectors are given.
+    """
+    _check_same_shape(fa_in=fa_in, fa_out=fa_out, evec_in=evec_in, evec_out=evec_out, mask=mask)
+    mask, panels, box = _layout(mask, slices)
+    fa_in = np.asarray(fa_in, np.float32)
+    fa_out = np.asarray(fa_out, np.float32)
+    diff = fa_out - fa_in
+    dmin, dmax = centred_range(diff, 0.0, mask & np.isfinite(diff), min_half_width=0.02)
+    strip_in, centres = _row(fa_in, panels, box, cmap=CMAP_INTENSITY, vmin=0, vmax=1)
+    rows = [("FA 3T in", strip_in),
+            ("FA 7T-like out", _row(fa_out, panels, box, cmap=CMAP_INTENSITY, vmin=0, vmax=1)[0]),
+            ("FA out − in", _row(_masked(diff, mask), panels, box, cmap=CMAP_DIFFERENCE,
+                                 vmin=dmin, vmax=dmax)[0])]
+    if evec_in is not None and evec_out is not None:
+        rows.append(("colour FA in", _row(colour_fa(fa_in, evec_in), panels, box, rgb=True)[0]))
+        rows.append(("colour FA out", _row(colour_fa(fa_out, evec_out), panels, box, rgb=True)[0]))
+    bars = [_Bar(0, 1, CMAP_INTENSITY, 0.0, 1.0, "FA"),
+            _Bar(2, 2, CMAP_DIFFERENCE, dmin, dmax, "ΔFA")]
+    return mosaic_figure(rows, _titles(panels, centres), bars)
+
+
+def mask_overlay_figure(
+    mean_b0: np.ndarray, mask: np.ndarray, slices: Mapping[int, Sequence[int]] | None = None
+) -> Figure:
+    """Brain mask outline (and a light fill) over the mean b0 image.
+
+    Parameters
+    ----------
+    mean_b0 : ndarray, shape (X, Y, Z)
+        Mean of the b0 volumes (any unit).
+    mask : ndarray of bool, shape (X, Y, Z)
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+        One row; the view is not cropped, so a mask cutting off brain shows.
+    """
+    _check_same_shape(mean_b0=mean_b0, mask=mask)
+    mask, panels, _ = _layout(mask, slices)
+    vmin, vmax = robust_range([mean_b0], None, percentiles=(0.5, 99.5))
+    planes = []
+    for axis, idx in panels:
+        rgba = to_rgba(take_slice(np.asarray(mean_b0, np.float32), axis, idx), CMAP_INTENSITY,
+                       vmin, vmax)
+        inside = take_slice(mask, axis, idx)
+        edge = inside & ~ndimage.binary_erosion(inside)
+        rgba[inside, :3] = 0.85 * rgba[inside, :3] + 0.15 * np.array(MASK_COLOUR)
+        rgba[edge, :3] = MASK_COLOUR
+        planes.append(rgba)
+    strip, centres = montage(planes)
+    return mosaic_figure([("mean b0\n+ mask", strip)], _titles(panels, centres))
+
+
+def uncertainty_figure(
+    std: np.ndarray,
+    mask: np.ndarray,
+    orders: Sequence[int] = (0, 2, 4),
+    slices: Mapping[int, Sequence[int]] | None = None,
+) -> Figure:
+    """Per-voxel standard deviation over the model's samples, per RISH order.
+
+    Parameters
+    ----------
+    std : ndarray, shape (X, Y, Z) or (X, Y, Z, n_orders)
+        Standard deviation of the predicted RISH_l over ``--num-samples``
+        samples (same unit as RISH_l).
+    mask : ndarray of bool, shape (X, Y, Z)
+    orders : sequence of int
+        SH orders on the last axis, for the labels.
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+        One row per order, sequential colour map, 0 to the 99th percentile.
+    """
+    std = np.asarray(std, np.float32)
+    if std.ndim == 3:
+        std = std[..., None]
+    _check_same_shape(std=std, mask=mask)
+    mask, panels, box = _layout(mask, slices)
+    rows, bars, centres = [], [], []
+    for i in range(std.shape[-1]):
+        order = orders[i] if i < len(orders) else i
+        _, vmax = robust_range([std[..., i]], mask, percentiles=(0, 99))
+        vmax = max(vmax, 1e-12)
+        strip, centres = _row(_masked(std[..., i], mask), panels, box, cmap=CMAP_UNCERTAINTY,
+                              vmin=0.0, vmax=vmax)
+        rows.append((f"sd RISH L{order}", strip))
+        bars.append(_Bar(i, i, CMAP_UNCERTAINTY, 0.0, vmax, f"sd L{order}"))
+    return mosaic_figure(rows, _titles(panels, centres), bars)
+
+
+# --------------------------------------------------------------------------
+# training figures
+# --------------------------------------------------------------------------
+def loss_curves_figure(curves: Mapping[str, Mapping[str, np.ndarray]], x_key: str = "epoch") -> Figure:
+    """Loss curves, one panel per training stage.
+
+    Parameters
+    ----------
+    curves : dict
+        ``{stage: {column: values (n,)}}``; ``column == x_key`` is the x axis
+        (the row number when absent), every other numeric column is a curve.
+    x_key : str
+        Name of the x column.
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+        Log y axis when all values are positive.
+    """
+    if not curves:
+        raise ValueError("no loss curves to plot")
+    n = len(curves)
+    fig = Figure(figsize=(4.2 * min(n, 3), 3.0 * int(np.ceil(n / 3))), facecolor="white")
+    axes = fig.subplots(int(np.ceil(n / 3)), min(n, 3), squeeze=False).ravel()
+    for ax, (stage, columns) in zip(axes, curves.items()):
+        _plot_columns(ax, columns, x_key)
+        ax.set_title(stage, fontsize=10)
+    for ax in axes[n:]:
+        ax.set_visible(False)
+    fig.tight_layout()
+    return fig
+
+
+def metrics_figure(metrics: Mapping[str, np.ndarray], x_key: str = "epoch") -> Figure:
+    """Validation metrics per epoch, one small panel per metric.
+
+    Parameters
+    ----------
+    metrics : dict
+        ``{column: values (n,)}``; ``x_key`` is the x axis, every other
+        column one panel (e.g. NMSE and SSIM per RISH order).
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+    """
+    names = [k for k in metrics if k != x_key]
+    if not names:
+        raise ValueError("no validation metric columns")
+    n_cols = min(len(names), 4)
+    n_rows = int(np.ceil(len(names) / n_cols))
+    fig = Figure(figsize=(3.2 * n_cols, 2.4 * n_rows), facecolor="white")
+    axes = fig.subplots(n_rows, n_cols, squeeze=False).ravel()
+    x = _x_values(metrics, x_key)
+    for ax, name in zip(axes, names):
+        y = np.asarray(metrics[name], float)
+        ax.plot(x[: y.size], y, marker="o", markersize=3, linewidth=1.2)
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel(x_key, fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+    for ax in axes[len(names):]:
+        ax.set_visible(False)
+    fig.tight_layout()
+    return fig
+
+
+def _x_values(columns: Mapping[str, np.ndarray], x_key: str) -> np.ndarray:
+    if x_key in columns:
+        return np.asarray(columns[x_key], float)
+    n = max(np.size(v) for v in columns.values())
+    return np.arange(n, dtype=float)
+
+
+def _plot_columns(ax, columns: Mapping[str, np.ndarray], x_key: str) -> None:
+    x = _x_values(columns, x_key)
+    positive = True
+    for name, values in columns.items():
+        if name == x_key:
+            continue
+        y = np.asarray(values, float)
+        ax.plot(x[: y.size], y, label=name, linewidth=1.2)
+        finite = y[np.isfinite(y)]
+        positive &= bool(finite.size) and bool((finite > 0).all())
+    if positive:
+        ax.set_yscale("log")
+    ax.set_xlabel(x_key, fontsize=8)
+    ax.tick_params(labelsize=7)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+
+
+def reconstruction_figure(examples: Sequence[Mapping[str, np.ndarray]], orders=(0, 2, 4)) -> Figure:
+    """Example reconstructions: mid-axial slices of input, prediction, target.
+
+    Parameters
+    ----------
+    examples : sequence of dict
+        Each ``{"label": str, "source": (X,Y,Z,n_orders), "prediction": ...,
+        "target": ...}`` (any of the three volumes may be missing; all given
+        volumes of one example on the same grid). Optionally ``"mask"``.
+    orders : sequence of int
+        SH orders on the last axis.
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+        One row per (example, order); columns source / prediction / target,
+        one grey scale per row.
+    """
+    kinds = ("source", "prediction", "target")
+    rows = []
+    for example in examples:
+        vols = {k: np.asarray(example[k], np.float32) for k in kinds if example.get(k) is not None}
+        if not vols:
+            continue
+        first = next(iter(vols.values()))
+        n_orders = first.shape[-1] if first.ndim == 4 else 1
+        for o in range(n_orders):
+            rows.append((example.get("label", "example"), list(orders)[o] if o < len(orders) else o,
+                         {k: (v[..., o] if v.ndim == 4 else v) for k, v in vols.items()}))
+    if not rows:
+        raise ValueError("no example volumes to show")
+    fig = Figure(figsize=(3 * 1.9 + 1.2, len(rows) * 1.9 + 0.3), facecolor="white")
+    axes = fig.subplots(len(rows), 3, squeeze=False)
+    for r, (label, order, vols) in enumerate(rows):
+        vmin, vmax = robust_range(list(vols.values()))
+        for c, kind in enumerate(kinds):
+            ax = axes[r, c]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            ax.set_facecolor("black")
+            if kind in vols:
+                vol = vols[kind]
+                ax.imshow(take_slice(vol, 2, vol.shape[2] // 2), cmap=CMAP_INTENSITY,
+                          vmin=vmin, vmax=vmax, interpolation="nearest")
+            if r == 0:
+                ax.set_title(kind, fontsize=9)
+        axes[r, 0].set_ylabel(f"{label}\nL{order}", fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+__all__ = [
+    "bounding_box",
+    "centred_range",
+    "colour_fa",
+    "fa_figure",
+    "loss_curves_figure",
+    "mask_overlay_figure",
+    "metrics_figure",
+    "montage",
+    "mosaic_figure",
+    "reconstruction_figure",
+    "rish_mosaic",
+    "robust_range",
+    "select_slices",
+    "take_slice",
+    "to_png",
+    "to_rgba",
+    "uncertainty_figure",
+]

@@ -1,0 +1,148 @@
+"""Participant report rendered from small synthetic derivatives in tmp_path."""
+
+from __future__ import annotations
+
+import logging
+import re
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from bids_dmri_ldm.reports import build_participant_report, regenerate_reports
+from bids_dmri_ldm.reports.html import report_section
+from bids_dmri_ldm.reports.participant import load_run, summary_numbers
+
+from .conftest import decode_png, parse_report
+from .synthetic import ORDERS, WM_LAMBDA
+
+RUN_PARTS = ("RISH L0", "RISH L2", "RISH L4", "FA and colour FA", "Brain mask",
+             "Uncertainty", "Summary numbers", "Settings and provenance", "Warnings")
+
+
+def _titles(parsed):
+    return [text for tag, text in parsed.headings if tag == "h3"]
+
+
+def _assert_self_contained(path):
+    text = path.read_text(encoding="utf-8")
+    assert not re.search(r"https?://", text), "report references an external URL"
+    parsed = parse_report(path)
+    for src in parsed.images:
+        decode_png(src)
+    return parsed
+
+
+def test_report_has_every_section_and_decodable_images(dataset):
+    path = build_participant_report(dataset["out"], "sub-01")
+    assert path == dataset["out"] / "sub-01.html"
+    parsed = _assert_self_contained(path)
+    assert ("h2", "sub-01_res-2") in parsed.headings
+    titles = _titles(parsed)
+    for part in RUN_PARTS:
+        assert any(t.startswith(part) for t in titles), (part, titles)
+    assert parsed.errors == []
+    # 3 RISH mosaics, FA, mask, uncertainty
+    assert len(parsed.images) == 6
+    sizes = [decode_png(src).size for src in parsed.images]
+    assert all(w > 600 and h > 100 for w, h in sizes)
+    text = path.read_text(encoding="utf-8")
+    assert "sha256:0123abcd" in text and "ddim_steps" in text  # provenance table
+    assert "12 voxels with NaN/Inf were set to 0" in text  # warnings of the run
+
+
+def test_summary_numbers_have_the_known_medians(dataset):
+    run = load_run(dataset["dwi"])
+    assert run.problems == {}
+    rows = dict(summary_numbers(run.scale, run.mask, run.fa_in, ORDERS))
+    for order in ORDERS:
+        # WM-like voxels (FA > 0.4) are the synthetic white-matter core, lambda = WM_LAMBDA there
+        assert rows[f"median λ{order} in WM-like voxels"] == pytest.approx(WM_LAMBDA[order], abs=1e-6)
+        assert rows[f"median λ{order} in brain"] == pytest.approx(1.0)  # the core is < half the brain
+    assert rows["brain voxels"] == int(dataset["mask"].sum())
+
+
+def test_fa_and_directions_of_input_and_output(dataset):
+    run = load_run(dataset["dwi"])
+    wm, mask = dataset["wm"], dataset["mask"]
+    # data are LAS on disk; the report works in the closest canonical (RAS) orientation
+    wm_ras, mask_ras = wm[::-1], mask[::-1]
+    fitted = np.isfinite(run.fa_out) & np.isfinite(run.fa_in)
+    core = fitted & wm_ras
+    gm = fitted & mask_ras & ~wm_ras
+    from scipy import ndimage
+
+    inner = ndimage.binary_erosion(wm_ras, iterations=2) & core  # away from the coarse input's edges
+    assert inner.sum() > 50
+    # prolate tensor 1.7/0.3 um^2/ms (FA 0.80) in, 1.7/0.25 out (FA 0.84); isotropic grey matter
+    assert np.median(run.fa_in[inner]) == pytest.approx(0.80, abs=0.02)
+    assert np.median(run.fa_out[inner]) == pytest.approx(0.84, abs=0.02)
+    assert np.median(run.fa_out[gm]) < 0.05
+    # principal direction: voxel x in the left half, y in the right half
+    x_world = nib.affines.apply_affine(nib.as_closest_canonical(nib.load(dataset["dwi"])).affine,
+                                       np.argwhere(inner))[:, 0]
+    evec = run.evec_out[inner]
+    assert np.all(np.abs(evec[x_world < -1][:, 0]) > 0.99)
+    assert np.all(np.abs(evec[x_world > 1][:, 1]) > 0.99)
+    np.testing.assert_allclose(np.abs(run.evec_in[inner & (run.fa_in > 0.5)]).max(axis=1), 1, atol=0.01)
+
+
+def test_failing_figure_is_replaced_by_its_error_and_logged(dataset, caplog):
+    # a scale map on the wrong grid: the RISH mosaics fail, everything else renders
+    bad = dataset["names"]["scale"]
+    nib.save(nib.Nifti1Image(np.ones((5, 5, 5, 3), np.float32), np.eye(4)), bad)
+    with caplog.at_level(logging.WARNING, logger="bids_dmri_ldm.reports"):
+        path = build_participant_report(dataset["out"], "01")
+    parsed = _assert_self_contained(path)
+    titles = _titles(parsed)
+    for part in RUN_PARTS:
+        assert any(t.startswith(part) for t in titles)
+    # 3 RISH sections + the summary (needs lambda) show the error; FA, mask, uncertainty render
+    assert len(parsed.errors) == 4
+    assert all("scale" in e and "(5, 5, 5)" in e for e in parsed.errors)
+    assert len(parsed.images) == 3
+    assert "cannot load scale" in caplog.text
+    assert "could not be made" in caplog.text
+
+
+def test_missing_optional_map_and_missing_source(dataset, caplog):
+    dataset["names"]["uncertainty"].unlink()
+    dataset["source"].unlink()
+    path = build_participant_report(dataset["out"], "01")
+    parsed = _assert_self_contained(path)
+    titles = _titles(parsed)
+    assert not any(t.startswith("Uncertainty") for t in titles)  # optional: no section, no error
+    # without the 3T source there is no input FA: that section says why, the rest renders
+    assert len(parsed.errors) == 1 and "source DWI" in parsed.errors[0]
+    assert len(parsed.images) == 4
+    text = path.read_text(encoding="utf-8")
+    assert "WM-like" not in text.split("Summary numbers")[1].split("</table>")[0]
+
+
+def test_report_section_wrapper_turns_exceptions_into_messages(caplog):
+    def broken():
+        raise ZeroDivisionError("odd volume")
+
+    with caplog.at_level(logging.WARNING, logger="bids_dmri_ldm.reports"):
+        section = report_section("Broken part", broken)
+    assert section.error == "ZeroDivisionError: odd volume"
+    assert "odd volume" in section.render() and "Broken part" in section.render()
+    assert "Broken part" in caplog.text
+    ok = report_section("Fine part", lambda: ["<p>x</p>"])
+    assert ok.error is None and ok.render().endswith("<p>x</p>")
+
+
+def test_corrupt_derivative_never_raises(dataset):
+    dataset["dwi"].write_bytes(b"not a nifti")
+    path = build_participant_report(dataset["out"], "01")
+    parsed = _assert_self_contained(path)
+    assert any("FA" in e or "7Tlike" in e for e in parsed.errors)
+    assert len(parsed.images) == 4  # RISH x3 and uncertainty still render
+
+
+def test_regenerate_reports_for_listed_and_all_subjects(dataset):
+    assert regenerate_reports(dataset["out"], ["sub-01"]) == [dataset["out"] / "sub-01.html"]
+    paths = regenerate_reports(dataset["out"])
+    assert paths == [dataset["out"] / "sub-01.html"]
+    assert paths[0].stat().st_size > 10_000
+    assert not list(dataset["out"].glob(".sub-01.html.*"))  # no temp file left behind
