@@ -6,6 +6,8 @@ harmonisation tool does the same).
 """
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 
 from .sh import DEFAULT_CHUNK_VOXELS, fit_sh, sh_to_signal
@@ -47,6 +49,7 @@ def normalise_dwi(
     mask: np.ndarray,
     s0_floor: float = DEFAULT_S0_FLOOR,
     chunk_voxels: int = DEFAULT_CHUNK_VOXELS,
+    n_threads: int = 1,
 ) -> tuple[np.ndarray, np.ndarray]:
     """S0 and attenuation S/S0 of the selected volumes.
 
@@ -57,22 +60,50 @@ def normalise_dwi(
     attenuation : ndarray, shape (X, Y, Z, M), float32
         ``S / S0`` clipped to [0, 1] inside the mask, 0 outside.
     """
-    mask = np.asarray(mask, dtype=bool)
-    flat = data.reshape(-1, data.shape[-1])
-    s0 = np.zeros(mask.size, dtype=np.float32)
-    att = np.zeros((mask.size, len(dwi_index)), dtype=np.float32)
-    for rows in _chunks(np.flatnonzero(mask.ravel()), chunk_voxels):
-        s0_rows, att_rows = _normalise_rows(flat[rows], b0_index, dwi_index, s0_floor)
-        s0[rows] = s0_rows
-        att[rows] = att_rows
-    return s0.reshape(mask.shape), att.reshape(mask.shape + (len(dwi_index),))
+    return _over_masked_chunks(data, b0_index, dwi_index, mask, None, s0_floor, chunk_voxels, n_threads)
 
 
 def _normalise_rows(rows: np.ndarray, b0_index, dwi_index, s0_floor: float) -> tuple[np.ndarray, np.ndarray]:
-    rows = rows.astype(np.float32, copy=False)
-    s0 = np.maximum(rows[:, b0_index].mean(axis=1), np.float32(s0_floor))
-    att = np.clip(rows[:, dwi_index] / s0[:, None], 0.0, 1.0)
+    """S0 ``(n,)`` and clipped attenuation ``(n, M)`` of raw rows ``(n, V)``, float32, in place."""
+    s0 = rows.take(b0_index, axis=1).mean(axis=1, dtype=np.float32)
+    np.maximum(s0, np.float32(s0_floor), out=s0)
+    att = rows.take(dwi_index, axis=1).astype(np.float32, copy=False)
+    att *= (np.float32(1.0) / s0)[:, None]
+    np.minimum(att, np.float32(1.0), out=att)
+    np.maximum(att, np.float32(0.0), out=att)
     return s0, att
+
+
+def _over_masked_chunks(data, b0_index, dwi_index, mask, fit_mat, s0_floor, chunk_voxels, n_threads):
+    """Shared chunk loop: normalise masked voxels and either keep the attenuation or SH-fit it.
+
+    numpy releases the GIL in these ufuncs and in BLAS, so ``n_threads`` workers on disjoint chunks
+    run in parallel (written here because dipy's fit is single-pass float64 over the whole volume).
+    """
+    mask = np.asarray(mask, dtype=bool)
+    if mask.shape != data.shape[:3]:
+        raise ValueError(f"mask shape {mask.shape} does not match data shape {data.shape[:3]}")
+    b0_index = np.asarray(b0_index)
+    dwi_index = np.asarray(dwi_index)
+    flat = data.reshape(-1, data.shape[-1])
+    fit_t = None if fit_mat is None else np.ascontiguousarray(fit_mat.T, dtype=np.float32)
+    width = len(dwi_index) if fit_t is None else fit_t.shape[1]
+    s0 = np.zeros(mask.size, dtype=np.float32)
+    out = np.zeros((mask.size, width), dtype=np.float32)
+
+    def work(rows: np.ndarray) -> None:
+        s0_rows, att_rows = _normalise_rows(flat[rows], b0_index, dwi_index, s0_floor)
+        s0[rows] = s0_rows
+        out[rows] = att_rows if fit_t is None else att_rows @ fit_t
+
+    chunks = list(_chunks(np.flatnonzero(mask.ravel()), chunk_voxels))
+    if n_threads > 1 and len(chunks) > 1:
+        with ThreadPoolExecutor(max_workers=n_threads) as pool:
+            list(pool.map(work, chunks))
+    else:
+        for rows in chunks:
+            work(rows)
+    return s0.reshape(mask.shape), out.reshape(mask.shape + (width,))
 
 
 def fit_shell_sh(
@@ -83,27 +114,24 @@ def fit_shell_sh(
     fit_mat: np.ndarray,
     s0_floor: float = DEFAULT_S0_FLOOR,
     chunk_voxels: int = DEFAULT_CHUNK_VOXELS,
+    n_threads: int = 1,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Normalise and SH-fit in one pass, never holding the full attenuation array.
 
     Same result as :func:`normalise_dwi` followed by :func:`~.sh.fit_sh`, with memory bounded by
-    the chunk size (what makes an HCP-size fit fit in a few hundred MB on top of the data).
+    the chunk size (an HCP-size fit needs a few hundred MB on top of the data).
+
+    Parameters
+    ----------
+    fit_mat : ndarray, shape (K, M)
+        SH fit matrix of the shell directions (``SHModel.fit_matrix``).
 
     Returns
     -------
     s0 : ndarray, shape (X, Y, Z), float32
     coeffs : ndarray, shape (X, Y, Z, K), float32
     """
-    mask = np.asarray(mask, dtype=bool)
-    flat = data.reshape(-1, data.shape[-1])
-    fit_t = fit_mat.T.astype(np.float32)
-    s0 = np.zeros(mask.size, dtype=np.float32)
-    coeffs = np.zeros((mask.size, fit_t.shape[1]), dtype=np.float32)
-    for rows in _chunks(np.flatnonzero(mask.ravel()), chunk_voxels):
-        s0_rows, att_rows = _normalise_rows(flat[rows], b0_index, dwi_index, s0_floor)
-        s0[rows] = s0_rows
-        coeffs[rows] = att_rows @ fit_t
-    return s0.reshape(mask.shape), coeffs.reshape(mask.shape + (fit_t.shape[1],))
+    return _over_masked_chunks(data, b0_index, dwi_index, mask, fit_mat, s0_floor, chunk_voxels, n_threads)
 
 
 def rebuild_dwi(
