@@ -88,6 +88,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="evaluation mask on the 7T grid: the simulator's ground-truth brain mask ('simulation'), "
         "median_otsu of the 7T mean b0 ('b0'), or the first available of these ('auto', default)",
     )
+    parser.add_argument(
+        "--paper-rows", action="store_true",
+        help="add the paper's Table 1 rows (real HCP data) to the Markdown table, for context",
+    )
     parser.add_argument("--shell", type=float, default=1000.0, help="b-value of the shell (s/mm², default 1000)")
     parser.add_argument("--shell-tolerance", type=float, default=100.0, help="shell tolerance (s/mm², default 100)")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more messages (-vv: debug and tracebacks)")
@@ -108,6 +112,7 @@ class Arguments:
     shell: float
     tolerance: float
     verbose: int
+    paper_rows: bool = False
 
 
 def parse_args(argv: Sequence[str] | None = None) -> Arguments:
@@ -126,7 +131,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Arguments:
     participants = None
     if ns.participant_label:
         participants = sorted({discovery.strip_prefix(label) for label in ns.participant_label})
-    return Arguments(preds, truth, ns.out, participants, ns.label, ns.mask, ns.shell, ns.shell_tolerance, ns.verbose)
+    return Arguments(preds, truth, ns.out, participants, ns.label, ns.mask, ns.shell, ns.shell_tolerance, ns.verbose, ns.paper_rows)
 
 
 # --------------------------------------------------------------------------- the run
@@ -206,11 +211,11 @@ def run(args: Arguments) -> tuple[list, list[str]]:
     return rows, failures
 
 
-def write_outputs(rows: list, out: Path | None, notes: Sequence[str]) -> str:
+def write_outputs(rows: list, out: Path | None, notes: Sequence[str], paper_rows: bool = False) -> str:
     """Write the TSV and Markdown (atomically) when ``out`` is given; return the Markdown."""
     from .evaluation.report import to_markdown, to_tsv
 
-    markdown = to_markdown(rows, notes=notes)
+    markdown = to_markdown(rows, notes=notes, paper_rows=paper_rows)
     if out is not None:
         from .bids.derivatives import atomic_write_text
 
@@ -220,7 +225,7 @@ def write_outputs(rows: list, out: Path | None, notes: Sequence[str]) -> str:
             atomic_write_text(md_path, markdown)
         except OSError as err:
             raise OutputError(f"cannot write {out}: {err.strerror or err}") from None
-        LOGGER.warning("wrote %s and %s", out, md_path)
+        print(f"wrote {out} and {md_path}", file=sys.stderr)
     return markdown
 
 
@@ -248,7 +253,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         _configure_logging(verbose)
         rows, failures = run(args)
         if rows:
-            markdown = write_outputs(rows, args.out, _notes(args, rows))
+            markdown = write_outputs(rows, args.out, _notes(args, rows), args.paper_rows)
             if args.out is None:
                 sys.stdout.write(markdown)
         if failures:

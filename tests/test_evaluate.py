@@ -241,6 +241,7 @@ def test_tables_hold_rows_and_summaries():
     assert float(mean_row["nmse_L0"]) == pytest.approx(0.2)
     md = to_markdown(rows)
     assert "| ldm | 2 | 0.200 ± 0.141 |" in md and "NMSE FA" in md and "SSIM L4" in md
+    assert "*0.105*" not in md and "| *LDM (Zhu et al. 2024), paper* | 17 | *0.105* |" in to_markdown(rows, paper_rows=True)
 
 
 def test_discovery_parses_names_and_field_strength(tmp_path):

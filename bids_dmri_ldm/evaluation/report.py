@@ -19,6 +19,17 @@ REFERENCES: dict[str, str] = {
 ID_COLUMNS: tuple[str, ...] = ("participant_id", "session", "method", "reference", "mask", "n_voxels")
 """Leading TSV columns; the scores follow (``nmse_L0 ... ssim_FA``), then ``prediction``."""
 
+PAPER_TABLE1: dict[str, dict[str, float]] = {
+    name: dict(zip(score_columns(MAP_NAMES), values))
+    for name, values in (
+        ("CNN (Karayumak 2018), paper", (0.126, 0.143, 0.495, 0.053, 0.889, 0.959, 0.956, 0.958)),
+        ("GAN, paper", (0.129, 0.427, 1.652, 0.118, 0.915, 0.893, 0.943, 0.902)),
+        ("LDM (Zhu et al. 2024), paper", (0.105, 0.102, 0.158, 0.044, 0.922, 0.961, 0.967, 0.966)),
+    )
+}
+"""Zhu et al. 2024, Table 1 (real HCP, 17 test subjects, mean only), shown for context with
+``--paper-rows``: different data (real HCP, not simulated), so not directly comparable."""
+
 SUMMARY_IDS = ("mean", "sd")
 """``participant_id`` of the summary rows (one pair per method and reference)."""
 
@@ -38,14 +49,22 @@ class ScoreRow:
     extra: dict = field(default_factory=dict)
 
 
-def _fmt(value, digits: int = 4) -> str:
-    if value is None:
+def _fmt(value, digits: int = 6) -> str:
+    """TSV cell: ``digits`` significant digits, ``n/a`` for missing values."""
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
         return "n/a"
     if isinstance(value, float):
-        if not math.isfinite(value):
-            return "n/a"
-        return f"{value:.{digits}g}" if abs(value) < 1e-3 and value != 0 else f"{value:.{digits}f}"
+        return f"{value:.{digits}g}"
     return str(value)
+
+
+def _short(value: float) -> str:
+    """Markdown number: 3 decimals as in the paper's Table 1, scientific below 0.001."""
+    if not math.isfinite(value):
+        return "n/a"
+    if value != 0 and abs(value) < 1e-3:
+        return f"{value:.1e}"
+    return f"{value:.3f}"
 
 
 def groups(rows: Sequence[ScoreRow]) -> list[tuple[str, str, list[ScoreRow]]]:
@@ -74,12 +93,12 @@ def to_tsv(rows: Sequence[ScoreRow], names: Sequence[str] = MAP_NAMES) -> str:
     for method, reference, members in groups(rows):
         for row in members:
             ids = [f"sub-{row.participant}", row.session or "n/a", method, reference, row.mask, str(row.n_voxels)]
-            lines.append("\t".join(ids + [_fmt(row.scores.get(c, math.nan), 6) for c in columns] + [row.prediction]))
+            lines.append("\t".join(ids + [_fmt(row.scores.get(c, math.nan)) for c in columns] + [row.prediction]))
         mean, sd = summarise([r.scores for r in members], columns)
         masks = sorted({r.mask for r in members})
         for label, values in zip(SUMMARY_IDS, (mean, sd)):
             ids = [label, "n/a", method, reference, "+".join(masks), str(len(members))]
-            lines.append("\t".join(ids + [_fmt(values[c], 6) for c in columns] + ["n/a"]))
+            lines.append("\t".join(ids + [_fmt(values[c]) for c in columns] + ["n/a"]))
     return "\n".join(lines) + "\n"
 
 
@@ -88,11 +107,9 @@ def _header_cells(names: Sequence[str]) -> list[str]:
 
 
 def _mean_sd(mean: float, sd: float) -> str:
-    if not math.isfinite(mean):
-        return "n/a"
-    if not math.isfinite(sd):
-        return f"{mean:.3f}"
-    return f"{mean:.3f} ± {sd:.3f}"
+    if not math.isfinite(mean) or not math.isfinite(sd):
+        return _short(mean)
+    return f"{_short(mean)} ± {_short(sd)}"
 
 
 def to_markdown(
@@ -100,10 +117,13 @@ def to_markdown(
     names: Sequence[str] = MAP_NAMES,
     title: str = "Evaluation of 7T-like predictions",
     notes: Sequence[str] = (),
+    paper_rows: bool = False,
 ) -> str:
     """Markdown: per reference, a mean ± sd table (one row per method), then per-participant tables.
 
     NMSE: lower is better; SSIM: higher is better. ``n`` = number of participants scored.
+    ``paper_rows`` appends the paper's Table 1 rows (:data:`PAPER_TABLE1`, italic, n = 17) to the
+    table against the real 7T scan, for context.
     """
     columns = score_columns(names)
     header = "| method | n | " + " | ".join(_header_cells(names)) + " |"
@@ -121,13 +141,16 @@ def to_markdown(
         for method, members in selected:
             mean, sd = summarise([r.scores for r in members], columns)
             out.append(f"| {method} | {len(members)} | " + " | ".join(_mean_sd(mean[c], sd[c]) for c in columns) + " |")
+        if paper_rows and reference == "7T" and tuple(names) == MAP_NAMES:
+            for method, values in PAPER_TABLE1.items():
+                out.append(f"| *{method}* | 17 | " + " | ".join(f"*{values[c]:.3f}*" for c in columns) + " |")
         out.append("")
     for method, reference, members in grouped:
         out += [f"#### Per participant: {method} vs {reference}", ""]
         out.append("| participant | session | " + " | ".join(_header_cells(names)) + " |")
         out.append("|---|---|" + "---|" * len(columns))
         for row in members:
-            cells = [_fmt(row.scores.get(c, math.nan), 3) if math.isfinite(row.scores.get(c, math.nan)) else "n/a" for c in columns]
+            cells = [_short(row.scores.get(c, math.nan)) for c in columns]
             out.append(f"| sub-{row.participant} | {row.session or ''} | " + " | ".join(cells) + " |")
         out.append("")
     return "\n".join(out).rstrip("\n") + "\n"
