@@ -594,7 +594,7 @@ def loss_curves_figure(curves: Mapping[str, Mapping[str, np.ndarray]], x_key: st
         ax.set_title(stage, fontsize=10)
     for ax in axes[n:]:
         ax.set_visible(False)
-    fig.tight_layout()
+    fig.subplots_adjust(left=0.08, right=0.98, bottom=0.14, top=0.9, wspace=0.25, hspace=0.45)
     return fig
 
 
@@ -628,7 +628,7 @@ def metrics_figure(metrics: Mapping[str, np.ndarray], x_key: str = "epoch") -> F
         ax.grid(alpha=0.3)
     for ax in axes[len(names):]:
         ax.set_visible(False)
-    fig.tight_layout()
+    fig.subplots_adjust(left=0.08, right=0.98, bottom=0.16, top=0.9, wspace=0.3, hspace=0.6)
     return fig
 
 
@@ -704,7 +704,8 @@ def reconstruction_figure(examples: Sequence[Mapping[str, np.ndarray]], orders=(
             if r == 0:
                 ax.set_title(kind, fontsize=9)
         axes[r, 0].set_ylabel(f"{label}\nL{order}", fontsize=8)
-    fig.tight_layout()
+    fig.subplots_adjust(left=0.12, right=0.98, bottom=0.02, top=1 - 0.3 / fig.get_figheight(),
+                        wspace=0.04, hspace=0.06)
     return fig
 
 

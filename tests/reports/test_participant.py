@@ -9,9 +9,10 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from bids_dmri_ldm.reports import build_participant_report, regenerate_reports
+from bids_dmri_ldm.reports import build_participant_report
+from bids_dmri_ldm.reports import participant
 from bids_dmri_ldm.reports.html import report_section
-from bids_dmri_ldm.reports.participant import load_run, summary_numbers
+from bids_dmri_ldm.reports.participant import load_run, regenerate_reports, summary_numbers
 
 from .conftest import decode_png, parse_report
 from .synthetic import ORDERS, WM_LAMBDA
@@ -140,9 +141,15 @@ def test_corrupt_derivative_never_raises(dataset):
     assert len(parsed.images) == 4  # RISH x3 and uncertainty still render
 
 
-def test_regenerate_reports_for_listed_and_all_subjects(dataset):
+def test_regenerate_reports_for_listed_and_all_subjects(dataset, monkeypatch):
     assert regenerate_reports(dataset["out"], ["sub-01"]) == [dataset["out"] / "sub-01.html"]
-    paths = regenerate_reports(dataset["out"])
-    assert paths == [dataset["out"] / "sub-01.html"]
-    assert paths[0].stat().st_size > 10_000
+    assert (dataset["out"] / "sub-01.html").stat().st_size > 10_000
     assert not list(dataset["out"].glob(".sub-01.html.*"))  # no temp file left behind
+    # without labels: every sub-* folder of the derivatives
+    (dataset["out"] / "sub-02").mkdir()
+    called = []
+    monkeypatch.setattr(participant, "build_participant_report",
+                        lambda out, label: called.append(label) or out / f"{label}.html")
+    paths = regenerate_reports(dataset["out"])
+    assert called == ["sub-01", "sub-02"]
+    assert paths == [dataset["out"] / "sub-01.html", dataset["out"] / "sub-02.html"]
