@@ -1,0 +1,249 @@
+"""Simulate one diffusion scan of a subject: partial-volume signal, noise, ground truth.
+
+Each output voxel is split into 2 x 2 x 2 sub-voxels. Tissue fractions of every sub-voxel are
+exact box averages of the subject's fine tissue lattice (:mod:`.anatomy`); fibre populations
+are evaluated at sub-voxel centres (:mod:`.fibres`); the voxel signal is the volume-weighted mean
+of the sub-voxel signals (:mod:`.signal`), i.e. a simulation on a grid twice as fine, averaged
+down, computed slab by slab so memory stays bounded. Noise (:mod:`.noise`) is drawn per slab
+from a generator seeded by (subject seed, protocol, slab), so results do not depend on how
+subjects are spread over processes.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import sparse
+
+from ..core.sh import rish_features, sh_basis
+from . import fibres
+from .acquisition import Protocol, world_to_voxel_directions
+from .anatomy import Subject, TissueLattice, box_average_matrix, check_axis_aligned, interpolate_coarse, voxel_edges
+from .noise import SCANNER_GAIN, add_rician_noise, noise_sigma, receive_field_7t, to_int16
+from .signal import SignalModel, fibre_signal, isotropic_signals, physical_bvals
+
+SUBDIVISIONS = 2
+"""Sub-voxels per voxel and axis (the "finer grid")."""
+
+RISH_SHELL = 1000.0
+"""Shell whose noiseless RISH features are written as ground truth."""
+
+RISH_SH_ORDER = 4
+VOXELS_PER_SLAB = 40000
+SUBVOXELS_PER_CHUNK = 4096
+
+
+@dataclass
+class ScanResult:
+    """A simulated scan and its ground truth (all on the scan's grid).
+
+    Attributes
+    ----------
+    dwi : ndarray, shape (X, Y, Z, N), int16
+        Magnitude images.
+    bvals : ndarray, shape (N,)
+    bvecs : ndarray, shape (3, N)
+        FSL convention (voxel axes).
+    affine : ndarray, shape (4, 4)
+    tissue : ndarray, shape (X, Y, Z, 3), float32
+        WM, GM, CSF volume fractions.
+    peak_directions : ndarray, shape (X, Y, Z, 3, 3), float32
+        Up to three fibre directions per voxel (world RAS frame), strongest first; zero when absent.
+    peak_fractions : ndarray, shape (X, Y, Z, 3), float32
+        Volume fraction of each peak's population in the voxel (sums to the WM fraction).
+    rish : ndarray, shape (X, Y, Z, 3), float32
+        Noiseless b = 1000 RISH L0, L2, L4 of S/S0 (order 4, unregularised fit).
+    receive_field : ndarray, shape (X, Y, Z), float32
+    sigma : float
+        Noise SD (same units as ``dwi``).
+    """
+
+    dwi: np.ndarray
+    bvals: np.ndarray
+    bvecs: np.ndarray
+    affine: np.ndarray
+    tissue: np.ndarray
+    peak_directions: np.ndarray
+    peak_fractions: np.ndarray
+    rish: np.ndarray
+    receive_field: np.ndarray
+    sigma: float
+
+
+def rish_fit_matrix(gradients: np.ndarray, sh_order_max: int = RISH_SH_ORDER) -> tuple[np.ndarray, np.ndarray]:
+    """Unregularised least-squares SH fit matrix ``(K, M)`` and ``l_values`` for a shell."""
+    basis, _, l_values = sh_basis(gradients, sh_order_max)
+    return np.linalg.pinv(basis).astype(np.float32), l_values
+
+
+def noiseless_rish(signal: np.ndarray, s0: np.ndarray, fit: np.ndarray, l_values: np.ndarray) -> np.ndarray:
+    """RISH L0/L2/L4 ``(V, 3)`` of ``signal (V, M) / s0 (V,)`` (zero where ``s0 <= 0``)."""
+    attenuation = np.where(s0[:, None] > 0, signal / np.maximum(s0[:, None], 1e-12), 0.0).astype(np.float32)
+    return rish_features(attenuation @ fit.T, l_values, (0, 2, 4))
+
+
+def simulate_scan(
+    subject: Subject,
+    lattice: TissueLattice,
+    protocol: Protocol,
+    model: SignalModel,
+    voxel_scale: float,
+    snr: float,
+    receive_field_strength: float,
+    noise_seed: int,
+    noise: bool = True,
+) -> ScanResult:
+    """Simulate one scan of ``subject`` with ``protocol``.
+
+    Parameters
+    ----------
+    subject : Subject
+    lattice : TissueLattice
+        The subject's tissue fractions on a fine world lattice.
+    protocol : Protocol
+    model : SignalModel
+        Echo time, T2 values and diffusivities.
+    voxel_scale : float
+    snr : float
+        b0 SNR of pure white matter at unit receive gain.
+    receive_field_strength : float
+        0: flat receive field; 1: the default 7T field (:func:`.noise.receive_field_7t`).
+    noise_seed : int
+        Seed of this scan's noise.
+    noise : bool
+        False returns the noiseless magnitude (rounded to int16), for tests.
+    """
+    shape, affine = protocol.grid(voxel_scale)
+    check_axis_aligned(affine)
+    bvals, gradients = protocol.gradient_table()
+    b_phys = physical_bvals(bvals)
+    n_vol = bvals.size
+    sigma = noise_sigma(model.white_matter_b0, snr)
+    gm_signal, csf_signal = isotropic_signals(model, b_phys)
+    shell = np.flatnonzero(np.abs(bvals - RISH_SHELL) < 100)
+    b0_index = int(np.flatnonzero(b_phys == 0)[0])
+    fit, l_values = rish_fit_matrix(gradients[shell])
+    grad32 = np.asarray(gradients, dtype=np.float32)
+
+    # Separable box averages: lattice -> sub-voxels along x and y now, along z per slab.
+    edges = voxel_edges(affine, shape, SUBDIVISIONS)
+    weights = [box_average_matrix(lattice.axes[d], *edges[d]).astype(np.float32) for d in range(3)]
+    partial = np.tensordot(weights[0], lattice.tissue, axes=(1, 0))  # (SX, Ly, Lz, 3)
+    partial = np.moveaxis(np.tensordot(weights[1], partial, axes=(1, 1)), 0, 1)  # (SX, SY, Lz, 3)
+    sub_centres = [(lo + hi) / 2.0 for lo, hi in edges]
+
+    out = {
+        "dwi": np.zeros(shape + (n_vol,), dtype=np.int16),
+        "tissue": np.zeros(shape + (3,), dtype=np.float32),
+        "peak_directions": np.zeros(shape + (3, 3), dtype=np.float32),
+        "peak_fractions": np.zeros(shape + (3,), dtype=np.float32),
+        "rish": np.zeros(shape + (3,), dtype=np.float32),
+        "receive_field": np.ones(shape, dtype=np.float32),
+    }
+    planes = max(1, VOXELS_PER_SLAB // (shape[0] * shape[1]))
+    seed_sequence = np.random.SeedSequence([noise_seed, int(protocol.field_strength_t * 10)])
+    slab_seeds = seed_sequence.spawn(int(np.ceil(shape[2] / planes)))
+    for slab, z0 in enumerate(range(0, shape[2], planes)):
+        z1 = min(z0 + planes, shape[2])
+        sub_tissue = np.moveaxis(
+            np.tensordot(weights[2][SUBDIVISIONS * z0 : SUBDIVISIONS * z1], partial, axes=(1, 2)), 0, 2
+        )  # (SX, SY, s, 3)
+        slab_shape = (shape[0], shape[1], z1 - z0)
+        voxel_tissue = sub_tissue.reshape(slab_shape[0], 2, slab_shape[1], 2, slab_shape[2], 2, 3).mean(axis=(1, 3, 5))
+        centres = _voxel_centres(affine, slab_shape, z0)
+        gain = receive_field_7t(centres, receive_field_strength) if receive_field_strength else np.ones(slab_shape, np.float32)
+        signal, peaks = _slab_signal(
+            subject, model, b_phys, grad32, sub_tissue, sub_centres, z0, slab_shape, gm_signal, csf_signal
+        )
+        voxel_flat = voxel_tissue.reshape(-1, 3)
+        brain = voxel_flat.sum(axis=1) > 1e-6
+        rish = np.zeros((voxel_flat.shape[0], 3), dtype=np.float32)
+        rish[brain] = noiseless_rish(signal[brain][:, shell], signal[brain][:, b0_index], fit, l_values)
+        magnitude = signal.reshape(slab_shape + (n_vol,)) * (np.float32(SCANNER_GAIN) * gain[..., None])
+        if noise:
+            magnitude = add_rician_noise(magnitude, sigma, np.random.default_rng(slab_seeds[slab]))
+        out["dwi"][:, :, z0:z1] = to_int16(magnitude)
+        out["tissue"][:, :, z0:z1] = voxel_tissue
+        out["peak_directions"][:, :, z0:z1] = peaks[0].reshape(slab_shape + (3, 3))
+        out["peak_fractions"][:, :, z0:z1] = peaks[1].reshape(slab_shape + (3,))
+        out["rish"][:, :, z0:z1] = rish.reshape(slab_shape + (3,))
+        out["receive_field"][:, :, z0:z1] = gain
+    return ScanResult(bvals=np.asarray(bvals), bvecs=world_to_voxel_directions(np.asarray(gradients), affine),
+                      affine=affine, sigma=sigma, **out)
+
+
+def _voxel_centres(affine: np.ndarray, slab_shape: tuple[int, int, int], z0: int) -> np.ndarray:
+    """World coordinates ``(X, Y, s, 3)`` of the voxel centres of a slab starting at plane ``z0``."""
+    i, j, k = np.meshgrid(*(np.arange(n) for n in slab_shape[:2]), np.arange(z0, z0 + slab_shape[2]), indexing="ij")
+    index = np.stack([i, j, k], axis=-1).astype(np.float64)
+    return index @ affine[:3, :3].T + affine[:3, 3]
+
+
+def _slab_signal(
+    subject: Subject,
+    model: SignalModel,
+    b_phys: np.ndarray,
+    gradients: np.ndarray,
+    sub_tissue: np.ndarray,
+    sub_centres: list[np.ndarray],
+    z0: int,
+    slab_shape: tuple[int, int, int],
+    gm_signal: np.ndarray,
+    csf_signal: np.ndarray,
+) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray]]:
+    """Noiseless voxel signals ``(V, N)`` of a slab (per unit proton density) and its fibre peaks.
+
+    The isotropic compartments only need voxel fractions; white matter is summed over sub-voxels,
+    each with its own fibre populations.
+    """
+    n_vox = int(np.prod(slab_shape))
+    n_sub_per_voxel = SUBDIVISIONS**3
+    voxel_tissue = sub_tissue.reshape(slab_shape[0], 2, slab_shape[1], 2, slab_shape[2], 2, 3).mean(axis=(1, 3, 5)).reshape(-1, 3)
+    signal = voxel_tissue[:, 1:2] * gm_signal + voxel_tissue[:, 2:3] * csf_signal
+    n_pop = len(fibres.BUNDLE_NAMES)
+    pop_weight = np.zeros(n_vox * n_pop, dtype=np.float64)
+    pop_vector = np.zeros((n_vox * n_pop, 3), dtype=np.float64)
+
+    wm_sub = np.argwhere(sub_tissue[..., 0] > 1e-3)  # (P, 3) sub-voxel indices within the slab
+    for start in range(0, wm_sub.shape[0], SUBVOXELS_PER_CHUNK):
+        idx = wm_sub[start : start + SUBVOXELS_PER_CHUNK]
+        f_wm = sub_tissue[idx[:, 0], idx[:, 1], idx[:, 2], 0]
+        points = np.stack(
+            [sub_centres[0][idx[:, 0]], sub_centres[1][idx[:, 1]], sub_centres[2][SUBDIVISIONS * z0 + idx[:, 2]]], axis=1
+        )
+        template_points = subject.template_points(points, interpolate_coarse(subject, points))
+        labels, fractions, directions = fibres.strongest_populations(*fibres.all_populations(template_points))
+        directions = subject.template_to_subject_directions(directions).astype(np.float32)
+        sub_signal = np.zeros((idx.shape[0], gradients.shape[0]), dtype=np.float32)
+        for k in range(labels.shape[1]):  # populations sorted by fraction: later slots are sparser
+            active = np.flatnonzero(fractions[:, k] > 0)
+            if active.size == 0:
+                break
+            cos2 = directions[active, k] @ gradients.T
+            cos2 *= cos2
+            population = fibre_signal(model, b_phys, cos2)
+            population *= fractions[active, k, None]
+            sub_signal[active] += population
+        voxel = np.ravel_multi_index((idx[:, 0] // 2, idx[:, 1] // 2, idx[:, 2] // 2), slab_shape)
+        volume = f_wm / n_sub_per_voxel
+        to_voxels = sparse.csr_matrix((volume, (voxel, np.arange(idx.shape[0]))), shape=(n_vox, idx.shape[0]))
+        signal += to_voxels @ sub_signal
+        # Fibre peaks: volume-weighted sums per (voxel, population); tangents of one population
+        # are consistently oriented, so their weighted sum is the mean direction.
+        key = (voxel[:, None] * n_pop + labels).ravel()
+        weight = (volume[:, None] * fractions).ravel()
+        pop_weight += np.bincount(key, weights=weight, minlength=n_vox * n_pop)
+        for c in range(3):
+            pop_vector[:, c] += np.bincount(key, weights=weight * directions[..., c].ravel(), minlength=n_vox * n_pop)
+    return signal.astype(np.float32), _peaks(pop_weight.reshape(n_vox, n_pop), pop_vector.reshape(n_vox, n_pop, 3))
+
+
+def _peaks(weight: np.ndarray, vector: np.ndarray, keep: int = 3) -> tuple[np.ndarray, np.ndarray]:
+    """The ``keep`` strongest populations of each voxel: unit directions ``(V, keep, 3)``, fractions ``(V, keep)``."""
+    order = np.argsort(-weight, axis=1, kind="stable")[:, :keep]
+    fractions = np.take_along_axis(weight, order, axis=1)
+    vectors = np.take_along_axis(vector, order[..., None], axis=1)
+    norm = np.linalg.norm(vectors, axis=-1, keepdims=True)
+    directions = np.where(norm > 1e-12, vectors / np.maximum(norm, 1e-12), 0.0)
+    directions[fractions <= 1e-6] = 0.0
+    return directions.astype(np.float32), np.where(fractions > 1e-6, fractions, 0.0).astype(np.float32)
