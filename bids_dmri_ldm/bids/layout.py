@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..cli.exitcodes import BadDataError, MissingInputError, NoDataError
+from ..cli.exitcodes import BadDataError, MissingInputError, NoDataError, UsageError
 
 LOGGER = logging.getLogger("bids_dmri_ldm.bids")
 
@@ -156,13 +156,20 @@ def load_layout(bids_dir: str | Path, database_dir: str | Path | None = None):
             f"{bids_dir} is not a BIDS dataset (no dataset_description.json at its root)"
         )
     try:
-        return BIDSLayout(
+        layout = BIDSLayout(
             str(bids_dir),
             validate=False,
             database_path=None if database_dir is None else str(database_dir),
         )
     except Exception as err:  # pybids raises a variety of errors on unreadable datasets
         raise MissingInputError(f"cannot index BIDS dataset {bids_dir}: {err}") from err
+    # A saved pybids database carries its own root and silently replaces ``bids_dir``.
+    if Path(layout.root).resolve() != bids_dir.resolve():
+        raise UsageError(
+            f"--bids-database-dir {database_dir} indexes another dataset ({layout.root}); "
+            "delete it or pass a different folder"
+        )
+    return layout
 
 
 def _pybids_filters(query: Mapping[str, Any]) -> dict[str, Any]:

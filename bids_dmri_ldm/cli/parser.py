@@ -431,6 +431,13 @@ def parse_args(argv: Sequence[str] | None = None) -> RunConfig:
             f"output_dir {output_dir} is {'the same as' if output_dir == bids_dir else 'inside'} "
             f"bids_dir {bids_dir}; choose an output folder outside the input dataset"
         )
+    if bids_dir in output_dir.parents or bids_dir == output_dir:
+        pass  # reported above
+    elif output_dir in bids_dir.parents:
+        raise UsageError(
+            f"bids_dir {bids_dir} is inside output_dir {output_dir}; the derivatives dataset "
+            "would contain the input. Choose an output folder beside the input dataset"
+        )
     if opts.work_dir is not None:
         work_dir = opts.work_dir.expanduser().resolve()
     else:

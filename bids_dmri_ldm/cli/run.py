@@ -157,6 +157,7 @@ def _run(argv: Sequence[str]) -> int:
     )
     LOGGER.info("%s %s: %s level, method %s, device %s", PROG, __version__,
                 config.analysis_level, config.method, config.device)
+    LOGGER.info("work dir: %s", config.work_dir)
     LOGGER.debug("settings: %s", config.to_dict())
     _limit_threads(config.omp_nthreads)
 

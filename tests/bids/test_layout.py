@@ -136,6 +136,15 @@ def test_database_dir_is_written_and_reused(make_bids_dataset, tmp_path):
     assert first == second
 
 
+def test_database_dir_of_another_dataset_is_refused(make_bids_dataset, tmp_path):
+    first, second = make_bids_dataset(), make_bids_dataset()
+    db = tmp_path / "db"
+    load_layout(first.root, db)
+    with pytest.raises(BidsAppError, match="indexes another dataset") as info:
+        load_layout(second.root, db)
+    assert info.value.exit_code == 64
+
+
 def test_not_a_bids_dataset(tmp_path):
     with pytest.raises(BidsAppError) as info:
         load_layout(tmp_path)

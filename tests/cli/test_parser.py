@@ -253,6 +253,13 @@ def test_output_dir_inside_bids_dir(bids_root):
     assert not (bids_root / "derivatives").exists()  # nothing written into the input
 
 
+def test_bids_dir_inside_output_dir(bids_root):
+    argv = [str(bids_root), str(bids_root.parent), "participant", "-w", "/tmp/w"]
+    with pytest.raises(BidsAppError, match="inside output_dir") as info:
+        parse_args(argv)
+    assert info.value.exit_code == 64
+
+
 def test_work_dir_inside_bids_dir(bids_root):
     with pytest.raises(BidsAppError, match="work dir") as info:
         parse_args(_args(bids_root, "-w", str(bids_root / "work")))
