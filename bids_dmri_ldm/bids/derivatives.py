@@ -142,7 +142,7 @@ def write_bval_bvec(bvals: np.ndarray, bvecs: np.ndarray, bval_path: str | os.Pa
     bvecs = np.asarray(bvecs, dtype=np.float64).reshape(-1, 3)
     if bvals.size != bvecs.shape[0]:
         raise ValueError(f"{bvals.size} b-values but {bvecs.shape[0]} vectors")
-    atomic_write_text(bval_path, " ".join(f"{b:g}" for b in bvals) + "\n")
+    atomic_write_text(bval_path, " ".join(np.format_float_positional(b, precision=6, trim="-") for b in bvals) + "\n")
     rows = [" ".join(f"{v:.8f}" for v in bvecs[:, axis]) for axis in range(3)]
     atomic_write_text(bvec_path, "\n".join(rows) + "\n")
     return Path(bval_path), Path(bvec_path)
@@ -458,7 +458,7 @@ def write_derivative(outputs: RunOutputs, key: str, in_file: str | os.PathLike, 
             written.append(atomic_copy(bval_file, outputs.path(key, ".bval")))
             written.append(atomic_copy(bvec_file, outputs.path(key, ".bvec")))
         written.append(atomic_write_json(outputs.sidecar(key), metadata))
-    except PermissionError as err:
+    except OSError as err:  # permissions, a file where a folder should be, disk full
         raise OutputWriteError(f"cannot write {target}: {err.strerror or err}") from None
     return written
 

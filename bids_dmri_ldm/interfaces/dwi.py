@@ -177,7 +177,6 @@ class ResampleToGrid(SimpleInterface):
 class _ScaleSHInputSpec(BaseInterfaceInputSpec):
     sh_file = File(exists=True, mandatory=True)
     scale_file = File(exists=True, mandatory=True)
-    rish_file = File(exists=True, mandatory=True, desc="source RISH on the output grid")
     mask_file = File(exists=True, mandatory=True)
     sh_order_max = traits.Int(4, usedefault=True)
 
@@ -196,8 +195,7 @@ class ScaleSH(SimpleInterface):
     output_spec = _ScaleSHOutputSpec
 
     def _run_interface(self, runtime):
-        self._results.update(steps.scale_sh_step(self.inputs.sh_file, self.inputs.scale_file, self.inputs.rish_file,
-                                                 self.inputs.mask_file, self.inputs.sh_order_max, runtime.cwd))
+        self._results.update(steps.scale_sh_step(self.inputs.sh_file, self.inputs.scale_file, self.inputs.mask_file, self.inputs.sh_order_max, runtime.cwd))
         return runtime
 
 

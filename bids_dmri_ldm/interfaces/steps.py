@@ -308,16 +308,21 @@ def grid_changes(affine: np.ndarray, shape: tuple[int, ...], voxel_size: float |
 # scale SH (Eq. 3) and rebuild
 
 
-def scale_sh_step(sh_file: str, scale_file: str, rish_file: str, mask_file: str, sh_order_max: int,
+def scale_sh_step(sh_file: str, scale_file: str, mask_file: str, sh_order_max: int,
                   out_dir: str | os.PathLike, orders: tuple[int, ...] = RISH_ORDERS) -> dict[str, str]:
     """Apply the scale maps to the SH coefficients (Eq. 3) on the output grid.
+
+    Both RISH maps written are taken (Eq. 1) from coefficients on the output grid — the source
+    ones from the resampled coefficients, the predicted ones from the scaled coefficients — so
+    that ``RISH_predicted = lambda^2 RISH_source`` holds voxel by voxel (RISH of an interpolated
+    field is not the interpolated RISH).
 
     Returns
     -------
     dict
         ``sh_file`` (scaled coefficients, ``.nii``), and the derivative-ready ``.nii.gz`` images
         ``scale_file`` (lambda inside the mask, 1 outside), ``rish_source_file`` and
-        ``rish_predicted_file`` (RISH of the scaled coefficients, Eq. 1), 0 outside the mask.
+        ``rish_predicted_file``, 0 outside the mask.
     """
     img = nib.load(sh_file)
     coeffs = np.asanyarray(img.dataobj, dtype=np.float32)
@@ -325,10 +330,9 @@ def scale_sh_step(sh_file: str, scale_file: str, rish_file: str, mask_file: str,
     lam = np.asanyarray(nib.load(scale_file).dataobj, dtype=np.float32)
     lam = np.where(mask[..., None], np.maximum(lam, 0.0), np.float32(1.0)).astype(np.float32)
     l_values = sh_basis(np.array([[0.0, 0.0, 1.0]]), sh_order_max)[2]
-    scaled = scale_sh(coeffs, lam, l_values, orders)
-    scaled[~mask] = 0.0
-    rish_source = np.asanyarray(nib.load(rish_file).dataobj, dtype=np.float32)
-    rish_source = np.where(mask[..., None], np.maximum(rish_source, 0.0), np.float32(0.0))
+    coeffs[~mask] = 0.0
+    scaled = scale_sh(coeffs, lam, l_values, orders)  # Eq. 3
+    rish_source = rish_features(coeffs, l_values, orders)  # Eq. 1
     rish_predicted = rish_features(scaled, l_values, orders)
     out_dir = Path(out_dir)
     return {

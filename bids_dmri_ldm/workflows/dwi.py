@@ -41,8 +41,9 @@ def init_dwi_7tlike_wf(
     Steps: select the b0s and the shell near ``shell`` (checking the gradient table) -> read
     those volumes and sanitise NaN/Inf -> brain mask (given, or median_otsu on the mean b0) ->
     normalise S/S0 + SH fit + RISH (Eq. 1) -> the method's scale maps lambda (Eq. 2) ->
-    resample S0, b0s, SH, lambda, RISH and mask to ``output_resolution`` (cubic B-spline; the mask
-    linear + 0.5 threshold) -> scale SH (Eq. 3) -> rebuild on the source directions.
+    resample S0, b0s, SH, lambda and mask to ``output_resolution`` (cubic B-spline; the mask
+    linear + 0.5 threshold) -> scale SH (Eq. 3) and take source/predicted RISH there -> rebuild
+    on the source directions.
 
     Workflow Graph
         .. workflow::
@@ -110,7 +111,6 @@ def init_dwi_7tlike_wf(
     resample_b0 = resampler("resample_b0", clip_min=0.0)
     resample_sh = resampler("resample_sh")
     resample_scale = resampler("resample_scale", clip_min=0.0)
-    resample_rish = resampler("resample_rish", clip_min=0.0)
     resample_mask = resampler("resample_mask", kind="mask")
     scale_sh = pe.Node(ScaleSH(sh_order_max=sh_order_max), name="scale_sh")
     rebuild = pe.Node(RebuildDWI(sh_order_max=sh_order_max), name="rebuild")
@@ -129,12 +129,10 @@ def init_dwi_7tlike_wf(
         (fit_rish, resample_s0, [("s0_file", "in_file")]),
         (fit_rish, resample_b0, [("b0_file", "in_file")]),
         (fit_rish, resample_sh, [("sh_file", "in_file")]),
-        (fit_rish, resample_rish, [("rish_file", "in_file")]),
         (predict_scale, resample_scale, [("scale_file", "in_file")]),
         (brain_mask, resample_mask, [("mask_file", "in_file")]),
         (resample_sh, scale_sh, [("out_file", "sh_file")]),
         (resample_scale, scale_sh, [("out_file", "scale_file")]),
-        (resample_rish, scale_sh, [("out_file", "rish_file")]),
         (resample_mask, scale_sh, [("out_file", "mask_file")]),
         (resample_s0, rebuild, [("out_file", "s0_file")]),
         (resample_b0, rebuild, [("out_file", "b0_file")]),
