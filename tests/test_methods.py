@@ -1,0 +1,165 @@
+"""Method registry: identity, rish-global (model file, checksum, fitting with known answers), ldm slot."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from bids_dmri_ldm import methods
+from bids_dmri_ldm.core.resample import output_grid
+from bids_dmri_ldm.methods import (
+    LOADERS,
+    Method,
+    MethodError,
+    MethodUnavailableError,
+    RishGlobalModel,
+    RishPair,
+    fit_rish_global,
+    load_method,
+    load_rish_global_model,
+    pair_scale_samples,
+    resolve_model_dir,
+    save_rish_global_model,
+)
+
+RNG = np.random.default_rng(7)
+
+
+def _rish(shape=(6, 5, 4)):
+    return RNG.uniform(0.1, 2.0, shape + (3,)).astype(np.float32)
+
+
+def test_every_method_has_a_loader():
+    assert set(LOADERS) == set(Method)
+    assert [m.value for m in Method] == ["identity", "rish-global", "ldm"]
+
+
+def test_identity_scale_is_one():
+    rish, mask = _rish(), np.ones((6, 5, 4), bool)
+    pred = load_method("identity").predict_scale_maps(rish, mask, np.eye(4))
+    np.testing.assert_array_equal(pred.scale, 1.0)
+    assert pred.scale.dtype == np.float32 and pred.scale.shape == rish.shape
+    assert pred.provenance["Method"] == "identity" and pred.provenance["Model"] is None
+
+
+def test_identity_rejects_bad_shapes():
+    with pytest.raises(ValueError, match="RISH maps"):
+        load_method("identity").predict_scale_maps(np.ones((4, 4, 4, 2)), np.ones((4, 4, 4), bool), np.eye(4))
+    with pytest.raises(ValueError, match="mask shape"):
+        load_method("identity").predict_scale_maps(np.ones((4, 4, 4, 3)), np.ones((4, 4, 3), bool), np.eye(4))
+
+
+def test_rish_global_roundtrip_and_apply(tmp_path):
+    model = RishGlobalModel(factors=(0.9, 0.8, 0.7), training={"n_pairs": 1}, shell=1000.0, sh_order_max=4)
+    save_rish_global_model(model, tmp_path / "m")
+    loaded = load_rish_global_model(tmp_path / "m")
+    assert loaded.factors == (0.9, 0.8, 0.7) and loaded.orders == (0, 2, 4)
+    assert loaded.sha256 == methods.sha256_file(tmp_path / "m" / "rish_global.json")
+    rish = _rish()
+    mask = np.zeros((6, 5, 4), bool)
+    mask[1:4, 1:4, 1:3] = True
+    pred = load_method("rish-global", tmp_path / "m").predict_scale_maps(rish, mask, np.eye(4))
+    np.testing.assert_allclose(pred.scale[mask], np.broadcast_to([0.9, 0.8, 0.7], (mask.sum(), 3)), rtol=1e-6)
+    np.testing.assert_array_equal(pred.scale[~mask], 1.0)
+    assert pred.provenance["Model"] == {"Name": "rish-global", "Version": "1", "SHA256": loaded.sha256}
+
+
+def test_rish_global_checksum_and_content_checked(tmp_path):
+    model_file = save_rish_global_model(RishGlobalModel(factors=(1.0, 1.0, 1.0)), tmp_path)
+    doc = json.loads(model_file.read_text())
+    doc["factors"] = [1.1, 1.0, 1.0]
+    model_file.write_text(json.dumps(doc))
+    with pytest.raises(MethodError, match="checksum mismatch"):
+        load_rish_global_model(tmp_path)
+    (tmp_path / "SHA256SUMS").unlink()
+    with pytest.raises(MethodError, match="SHA256SUMS"):
+        load_rish_global_model(tmp_path)
+    with pytest.raises(MethodError, match="no rish-global model"):
+        load_rish_global_model(tmp_path / "missing")
+    bad = save_rish_global_model(RishGlobalModel(factors=(1.0, -1.0, 1.0)), tmp_path / "neg")
+    assert bad.is_file()
+    with pytest.raises(MethodError, match="positive finite"):
+        load_rish_global_model(tmp_path / "neg")
+
+
+def test_ldm_and_unknown_methods():
+    with pytest.raises(MethodUnavailableError, match="ldm weights not available"):
+        load_method("ldm")
+    with pytest.raises(MethodError, match="unknown method 'cnn'"):
+        load_method("cnn")
+
+
+def test_resolve_model_dir(tmp_path, monkeypatch):
+    (tmp_path / "rish-global").mkdir()
+    assert resolve_model_dir("rish-global", tmp_path) == tmp_path / "rish-global"  # a folder of models
+    assert resolve_model_dir("rish-global", tmp_path / "rish-global") == tmp_path / "rish-global"
+    monkeypatch.setenv(methods.MODELS_ENV, str(tmp_path))
+    assert resolve_model_dir(Method.RISH_GLOBAL, None) == tmp_path / "rish-global"
+
+
+def test_shipped_default_model_loads(monkeypatch):
+    monkeypatch.delenv(methods.MODELS_ENV, raising=False)
+    model = load_rish_global_model(resolve_model_dir("rish-global", None))
+    assert len(model.factors) == 3 and all(0.5 < f < 1.5 for f in model.factors)
+    assert model.training["n_pairs"] >= 2
+
+
+def _linear_field(world: np.ndarray, base: np.ndarray) -> np.ndarray:
+    """Smooth positive RISH-like field: base_l * (1 + 0.01 * (x + 2y - z)) in world mm."""
+    ramp = 1.0 + 0.01 * (world[..., 0] + 2 * world[..., 1] - world[..., 2])
+    return (ramp[..., None] * base).astype(np.float32)
+
+
+def _world(affine, shape):
+    ijk = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"), axis=-1)
+    return ijk @ affine[:3, :3].T + affine[:3, 3]
+
+
+def test_fit_rish_global_known_factors_across_grids():
+    """3T on a 2.5 mm oblique grid, 7T on the 1.05 mm grid of the same field of view, 7T RISH =
+    k_l^2 x 3T RISH at every world position: the fitted factors are k_l."""
+    k = np.array([0.92, 0.81, 0.73])
+    theta = np.deg2rad(20)
+    rot = np.array([[np.cos(theta), -np.sin(theta), 0], [np.sin(theta), np.cos(theta), 0], [0, 0, 1]])
+    aff_3t = np.eye(4)
+    aff_3t[:3, :3] = rot @ np.diag([-2.5, 2.5, 2.5])
+    aff_3t[:3, 3] = [20.0, -10.0, 5.0]
+    shape_3t = (14, 12, 10)
+    aff_7t, shape_7t = output_grid(aff_3t, shape_3t, 1.05)
+    base = np.array([1.2, 0.3, 0.05])
+    rish_3t = _linear_field(_world(aff_3t, shape_3t), base)
+    rish_7t = _linear_field(_world(aff_7t, shape_7t), base * k**2)
+    mask_3t = np.zeros(shape_3t, bool)
+    mask_3t[3:-3, 3:-3, 3:-3] = True  # away from the edges (spline boundary)
+    mask_7t = np.ones(shape_7t, bool)
+    pair = RishPair(rish_3t, mask_3t, aff_3t, rish_7t, mask_7t, aff_7t, label="p1")
+    lam = pair_scale_samples(pair)
+    assert lam.shape[0] > 100
+    np.testing.assert_allclose(np.median(lam, axis=0), k, rtol=1e-3)
+    # Robust to outliers: 20 % of the voxels of a second pair with absurd ratios.
+    rish_bad = rish_7t.copy()
+    rish_bad[::5] *= 100.0
+    model = fit_rish_global([pair, RishPair(rish_3t, mask_3t, aff_3t, rish_bad, mask_7t, aff_7t, label="p2")])
+    np.testing.assert_allclose(model.factors, k, rtol=0.02)
+    assert model.training["n_pairs"] == 2 and [p["label"] for p in model.training["pairs"]] == ["p1", "p2"]
+
+
+def test_pair_samples_skip_background_and_undefined_orders():
+    shape = (6, 6, 6)
+    rish_s = np.zeros(shape + (3,), np.float32)
+    rish_t = np.zeros(shape + (3,), np.float32)
+    rish_s[1:5, 1:5, 1:5] = [1.0, 0.2, 0.0]  # isotropic: no order-4 content
+    rish_t[1:5, 1:5, 1:5] = [0.81, 0.2 * 0.64, 1e-9]
+    mask = np.ones(shape, bool)
+    lam = pair_scale_samples(RishPair(rish_s, mask, np.eye(4), rish_t, mask, np.eye(4)))
+    assert lam.shape == (64, 3)  # background (RISH_0 = 0) left out
+    np.testing.assert_allclose(lam[:, :2], np.broadcast_to([0.9, 0.8], (64, 2)), rtol=1e-5)
+    assert np.all(np.isnan(lam[:, 2]))
+    with pytest.raises(ValueError, match="no brain voxel"):
+        fit_rish_global([RishPair(rish_s, mask, np.eye(4), rish_t, mask, np.eye(4))])
+
+
+def test_fit_needs_pairs():
+    with pytest.raises(ValueError, match="at least one"):
+        fit_rish_global([])

@@ -1,0 +1,57 @@
+"""Group level (rish-global) through the command line, with a known answer."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from bids_dmri_ldm.cli.exitcodes import EX_USAGE
+from bids_dmri_ldm.cli.run import main
+from bids_dmri_ldm.core.sh import SHModel
+from bids_dmri_ldm.methods import load_rish_global_model
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from conftest import GM_MD, WM_EIGENVALUES, dwi_signal  # noqa: E402
+
+
+def _wm_rish(ds, strength: float) -> np.ndarray:
+    """RISH (Eq. 1) of the noiseless white-matter signal of the conftest phantom, fitted directly."""
+    data, _, wm = dwi_signal((12, 12, 10), ds.bvals, ds.bvecs, ds.principal_direction, strength)
+    shell = np.abs(ds.bvals - 1000) <= 100
+    b0 = ds.bvals <= 50
+    voxel = data[wm][0]
+    att = voxel[shell] / voxel[b0].mean()
+    return SHModel(ds.bvecs[shell], 4).fit(att[None]).rish()[0]
+
+
+def test_group_rish_global_known_factors(make_bids_dataset, tmp_path):
+    """Paired 3T/7T phantoms: grey matter has the same S/S0 at both fields (lambda_0 = 1 in most
+    brain voxels), orders 2 and 4 exist only in the white-matter core, where lambda_l =
+    sqrt(RISH_l^7T / RISH_l^3T) of the two known tensors."""
+    assert WM_EIGENVALUES[3.0] != WM_EIGENVALUES[7.0] and GM_MD
+    ds = make_bids_dataset(subjects=("01", "02"), field_strengths=(3.0, 7.0))
+    out = tmp_path / "out"
+    rc = main([str(ds.root), str(out), "group", "-w", str(tmp_path / "work"), "--skip-bids-validation",
+               "--method", "rish-global"])
+    assert rc == 0
+    model = load_rish_global_model(out / "models" / "rish-global")
+    expected = np.sqrt(_wm_rish(ds, 7.0) / _wm_rish(ds, 3.0))
+    np.testing.assert_allclose(model.factors[0], 1.0, atol=1e-4)
+    np.testing.assert_allclose(model.factors[1:], expected[1:], rtol=1e-3)
+    assert model.training["n_pairs"] == 2 and model.training["participants"] == ["01", "02"]
+    assert "models/" in (out / ".bidsignore").read_text().splitlines()
+    # The trained model is usable at the participant level.
+    rc = main([str(ds.root), str(out), "participant", "-w", str(tmp_path / "work"), "--skip-bids-validation",
+               "--nprocs", "1", "--participant-label", "01", "--method", "rish-global",
+               "--model-dir", str(out / "models"), "--output-resolution", "native"])
+    assert rc == 0
+    assert (out / "sub-01" / "dwi" / "sub-01_acq-3T_desc-7Tlike_dwi.nii.gz").is_file()
+
+
+def test_group_identity_is_a_usage_error(make_bids_dataset, tmp_path, capsys):
+    ds = make_bids_dataset(field_strengths=(3.0, 7.0))
+    rc = main([str(ds.root), str(tmp_path / "out"), "group", "-w", str(tmp_path / "work"),
+               "--skip-bids-validation", "--method", "identity"])
+    assert rc == EX_USAGE
+    assert "nothing to learn" in capsys.readouterr().err

@@ -1,0 +1,177 @@
+"""The plain functions behind the participant-level interfaces, without nipype, on tiny NIfTIs."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from bids_dmri_ldm.core.sh import sh_basis
+from bids_dmri_ldm.interfaces import steps
+from bids_dmri_ldm.interfaces.steps import InputDataError
+
+AFFINE = np.diag([-2.0, 2.0, 2.0, 1.0])
+
+
+def _directions(n: int, seed: int = 0) -> np.ndarray:
+    i = np.arange(n) + 0.5
+    z = 1 - i / n
+    phi = np.pi * (1 + 5**0.5) * i
+    r = np.sqrt(1 - z**2)
+    return np.stack([r * np.cos(phi), r * np.sin(phi), z], axis=1)
+
+
+def write_run(folder: Path, data: np.ndarray, bvals, bvecs, name="sub-01_dwi"):
+    folder.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(data, AFFINE), folder / f"{name}.nii.gz")
+    (folder / f"{name}.bval").write_text(" ".join(f"{b:g}" for b in bvals) + "\n")
+    (folder / f"{name}.bvec").write_text("\n".join(" ".join(f"{v:.8f}" for v in row) for row in np.asarray(bvecs).T))
+    return tuple(str(folder / f"{name}{ext}") for ext in (".nii.gz", ".bval", ".bvec"))
+
+
+def band_limited_run(tmp_path, shape=(5, 4, 3), n_dirs=30, seed=0):
+    """DWI whose attenuation is exactly an order-4 SH series (so the fit is exact)."""
+    rng = np.random.default_rng(seed)
+    bvecs = np.vstack([np.zeros((2, 3)), _directions(n_dirs)])
+    bvals = np.r_[0, 5, np.full(n_dirs, 1000.0)]
+    basis, _, l_values = sh_basis(bvecs[2:], 4)
+    coeffs = rng.normal(0, 0.02, shape + (basis.shape[1],))
+    coeffs[..., 0] = 0.5 * np.sqrt(4 * np.pi)  # mean attenuation 0.5
+    att = coeffs @ basis.T
+    assert 0.05 < att.min() and att.max() < 0.95
+    s0 = rng.uniform(500, 1500, shape)
+    data = np.concatenate([np.stack([s0, s0], -1), s0[..., None] * att], axis=-1).astype(np.float32)
+    return write_run(tmp_path / "in", data, bvals, bvecs), data, coeffs, l_values
+
+
+def test_check_run_inputs_errors(tmp_path):
+    bvecs = np.vstack([np.zeros((1, 3)), _directions(20)])
+    bvals = np.r_[0, np.full(20, 1000.0)]
+    data = np.ones((3, 3, 3, 21), np.float32)
+    dwi, bval, bvec = write_run(tmp_path / "ok", data, bvals, bvecs)
+    summary = steps.check_run_inputs(dwi, bval, bvec, 1000, 100)
+    assert summary.shape == (3, 3, 3, 21) and summary.selection.n_b0 == 1
+
+    cases = {
+        "no .bval file found": (dwi, None, bvec, {}),
+        "is empty": write_run(tmp_path / "e", data, bvals, bvecs)[:1] + (str(tmp_path / "e" / "x.bval"), bvec),
+        "21 volumes but the gradient table has 20": write_run(tmp_path / "m", data, bvals[:-1], bvecs[:-1]),
+        "must be a 4D image": write_run(tmp_path / "3d", data[..., 0], bvals, bvecs),
+        "no b0 volume": write_run(tmp_path / "nb0", data, np.full(21, 1000.0), _directions(21)),
+        "no volume within 100 s/mm² of b=1000": write_run(tmp_path / "ns", data, np.r_[0, np.full(20, 3000.0)], bvecs),
+        "needs at least 15": write_run(tmp_path / "few", data[..., :11], bvals[:11], bvecs[:11]),
+    }
+    (tmp_path / "e" / "x.bval").write_text("")
+    for fragment, args in cases.items():
+        args = args[:3]
+        with pytest.raises(InputDataError, match=fragment) as info:
+            steps.check_run_inputs(*args, shell=1000, tolerance=100)
+        assert "\n" not in str(info.value)
+
+
+def test_read_volumes_corrupt_and_scaled(tmp_path):
+    data = np.arange(2 * 2 * 2 * 3, dtype=np.int16).reshape(2, 2, 2, 3)
+    img = nib.Nifti1Image(data, AFFINE)
+    img.header.set_slope_inter(0.5, 10.0)
+    nib.save(img, tmp_path / "s.nii.gz")
+    vols, _ = steps.read_volumes(tmp_path / "s.nii.gz", [2, 0])
+    np.testing.assert_allclose(vols, data[..., [2, 0]] * 0.5 + 10.0)
+    assert vols.dtype == np.float32
+    big = np.random.default_rng(0).normal(size=(20, 20, 20, 4)).astype(np.float32)
+    nib.save(nib.Nifti1Image(big, AFFINE), tmp_path / "c.nii.gz")
+    raw = (tmp_path / "c.nii.gz").read_bytes()
+    (tmp_path / "c.nii.gz").write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(InputDataError, match="corrupt or truncated"):
+        steps.read_volumes(tmp_path / "c.nii.gz", [0, 1])
+
+
+def test_load_dwi_masks_nan(tmp_path, caplog):
+    (dwi, bval, bvec), data, _, _ = band_limited_run(tmp_path)
+    bad = data.copy()
+    bad[1, 1, 1, 3] = np.nan
+    bad[2, 2, 2, 0] = -np.inf
+    dwi = write_run(tmp_path / "nan", bad, np.loadtxt(bval), np.loadtxt(bvec).T)[0]
+    sel = steps.select_shell_step(dwi, bval, bvec, 1000, 100, 4, tmp_path / "w")
+    loaded = steps.load_dwi_step(dwi, sel["index"], sel["n_b0"], tmp_path / "w")
+    assert loaded["n_bad_voxels"] == 2 and "NaN/Inf" in caplog.text
+    clean = np.asanyarray(nib.load(loaded["dwi_file"]).dataobj)
+    assert np.all(np.isfinite(clean))
+    mask = steps.brain_mask_step(loaded["mean_b0_file"], loaded["bad_voxels_file"], tmp_path / "w",
+                                 mask_file=_ones_mask(tmp_path, data.shape[:3]))
+    mask_data = np.asanyarray(nib.load(mask["mask_file"]).dataobj)
+    assert mask["n_voxels"] == mask_data.size - 2 and mask_data[1, 1, 1] == 0 and mask_data[2, 2, 2] == 0
+
+
+def _ones_mask(tmp_path, shape, affine=AFFINE):
+    path = tmp_path / f"mask_{len(list(tmp_path.glob('mask_*')))}.nii.gz"
+    nib.save(nib.Nifti1Image(np.ones(shape, np.uint8), affine), path)
+    return str(path)
+
+
+def test_given_mask_on_another_grid_is_refused(tmp_path):
+    (dwi, bval, bvec), data, _, _ = band_limited_run(tmp_path)
+    sel = steps.select_shell_step(dwi, bval, bvec, 1000, 100, 4, tmp_path / "w")
+    loaded = steps.load_dwi_step(dwi, sel["index"], sel["n_b0"], tmp_path / "w")
+    with pytest.raises(InputDataError, match="not on the DWI grid"):
+        steps.brain_mask_step(loaded["mean_b0_file"], loaded["bad_voxels_file"], tmp_path / "w",
+                              mask_file=_ones_mask(tmp_path, (4, 4, 4)))
+
+
+@pytest.mark.parametrize("lam", [(1.0, 1.0, 1.0), (0.9, 0.6, 0.3)])
+def test_fit_scale_rebuild_known_answer(tmp_path, lam):
+    """A band-limited signal: lambda = 1 gives it back exactly; other lambdas give S0 * B (lambda C)."""
+    (dwi, bval, bvec), data, coeffs, l_values = band_limited_run(tmp_path)
+    work = tmp_path / "w"
+    sel = steps.select_shell_step(dwi, bval, bvec, 1000, 100, 4, work)
+    loaded = steps.load_dwi_step(dwi, sel["index"], sel["n_b0"], work)
+    mask_file = _ones_mask(tmp_path, data.shape[:3])
+    fitted = steps.fit_rish_step(loaded["dwi_file"], sel["bval_file"], sel["bvec_file"], mask_file, 4, work)
+    np.testing.assert_allclose(np.asanyarray(nib.load(fitted["sh_file"]).dataobj), coeffs, atol=1e-5)
+    scale = np.broadcast_to(np.asarray(lam, np.float32), data.shape[:3] + (3,))
+    scale_file = str(work / "scale_in.nii")
+    nib.save(nib.Nifti1Image(scale, AFFINE), scale_file)
+    scaled = steps.scale_sh_step(fitted["sh_file"], scale_file, mask_file, 4, work)
+    rish_src = np.asanyarray(nib.load(scaled["rish_source_file"]).dataobj)
+    rish_pred = np.asanyarray(nib.load(scaled["rish_predicted_file"]).dataobj)
+    np.testing.assert_allclose(rish_pred, rish_src * np.square(lam), rtol=1e-5)  # Eq. 1-3
+    out = steps.rebuild_step(fitted["s0_file"], fitted["b0_file"], scaled["sh_file"], mask_file,
+                             sel["bval_file"], sel["bvec_file"], 4, work)
+    rebuilt = np.asanyarray(nib.load(out["dwi_file"]).dataobj)
+    per_coeff = np.asarray(lam)[[{0: 0, 2: 1, 4: 2}[int(l)] for l in l_values]]
+    basis = sh_basis(np.loadtxt(bvec).T[2:], 4)[0]
+    expected = data[..., :2].mean(-1, keepdims=True) * ((coeffs * per_coeff) @ basis.T)
+    np.testing.assert_allclose(rebuilt[..., :2], data[..., :2], rtol=1e-6)  # b0s put back first
+    np.testing.assert_allclose(rebuilt[..., 2:], np.clip(expected, 0, None), rtol=2e-4, atol=1e-2)
+    np.testing.assert_allclose(np.loadtxt(out["bval_file"]), np.loadtxt(bval))
+
+
+def test_resample_step(tmp_path):
+    img_file = str(tmp_path / "v.nii")
+    vol = np.random.default_rng(1).uniform(size=(6, 5, 4)).astype(np.float32)
+    nib.save(nib.Nifti1Image(vol, AFFINE), img_file)
+    same = steps.resample_step(img_file, None, tmp_path / "a")
+    np.testing.assert_array_equal(np.asanyarray(nib.load(same).dataobj), vol)
+    assert not steps.grid_changes(AFFINE, vol.shape, None)
+    assert steps.grid_changes(AFFINE, vol.shape, 1.05)
+    assert not steps.grid_changes(AFFINE, vol.shape, 2.0)
+    fine = nib.load(steps.resample_step(img_file, 1.05, tmp_path / "b", clip_min=0.0))
+    assert fine.shape == (11, 10, 8)
+    np.testing.assert_allclose(np.abs(np.diag(fine.affine)[:3]), 1.05)
+    assert np.asanyarray(fine.dataobj).min() >= 0
+    mask = nib.load(steps.resample_step(_ones_mask(tmp_path, vol.shape), 1.05, tmp_path / "c", kind="mask"))
+    assert set(np.unique(np.asanyarray(mask.dataobj))) == {1}
+
+
+def test_crash_reason():
+    from bids_dmri_ldm.workflows.base import crash_reason
+
+    text = """Node: x
+Traceback (most recent call last):
+  File "a.py", line 1, in f
+    raise InputDataError("bad")
+bids_dmri_ldm.interfaces.steps.InputDataError: sub-01_dwi.nii.gz: the image has 3 volumes but the gradient table has 2
+"""
+    assert crash_reason(text) == ("InputDataError",
+                                  "sub-01_dwi.nii.gz: the image has 3 volumes but the gradient table has 2")
+    assert crash_reason("nothing useful")[0] == "RuntimeError"
