@@ -24,7 +24,7 @@ import platform
 import shutil
 import tempfile
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -192,14 +192,14 @@ def model_card(config: dict[str, Any], command: str = "", training_time_s: float
         f"# Model card: {config['name']}", "",
         config.get("description", ""), "",
         "## Method",
-        "Latent diffusion translation of RISH features from 3T to 7T-like diffusion MRI "
-        "(Zhu et al., MICCAI 2024): 3T VQ-VAE encoder, deterministic DDIM inversion to t0, "
-        "classifier-free-guided DDIM sampling toward the 7T class, 7T VQ-VAE decoder, "
-        "super-resolution head.", "",
+        ("Latent diffusion translation of RISH features from 3T to 7T-like diffusion MRI "
+         "(Zhu et al., MICCAI 2024): 3T VQ-VAE encoder, deterministic DDIM inversion to t0, "
+         "classifier-free-guided DDIM sampling toward the 7T class, 7T VQ-VAE decoder, "
+         "super-resolution head."), "",
         "## Settings",
         f"- model grid: {config['grid']}; RISH orders: {config['orders']}",
-        f"- t0 per order: {tr['t0']}; guidance omega per order: {tr['guidance']}; "
-        f"DDIM steps: {tr['ddim_steps']}; seed: {tr['seed']}",
+        (f"- t0 per order: {tr['t0']}; guidance omega per order: {tr['guidance']}; "
+         f"DDIM steps: {tr['ddim_steps']}; seed: {tr['seed']}"),
         f"- 7T VQ-VAE initialisation: {config['training']['vqvae7t_init']}", "",
         "## Training",
         f"- command: `{command}`" if command else "- command: (not recorded)",
@@ -207,7 +207,7 @@ def model_card(config: dict[str, Any], command: str = "", training_time_s: float
         f"- training time: {training_time_s:.0f} s" if training_time_s is not None else "- training time: (not recorded)",
         f"- machine: {machine or platform.platform()}",
         f"- software: {json.dumps(config.get('software', {}))}",
-        f"- created: {config.get('created', datetime.now(timezone.utc).isoformat(timespec='seconds'))}", "",
+        f"- created: {config.get('created', datetime.now(UTC).isoformat(timespec='seconds'))}", "",
     ]
     if evaluation_markdown:
         lines += ["## Evaluation", evaluation_markdown, ""]

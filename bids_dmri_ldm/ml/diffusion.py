@@ -14,7 +14,8 @@ nothing is clipped, and every batch entry may carry its own noise level t0
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch.nn import functional as F
@@ -60,7 +61,7 @@ class LatentDiffusion:
         self._alpha_bar_ext = torch.cat([torch.ones(1, dtype=torch.float64), self.alphas_cumprod])
 
     @classmethod
-    def from_config(cls, cfg: dict[str, Any]) -> "LatentDiffusion":
+    def from_config(cls, cfg: dict[str, Any]) -> LatentDiffusion:
         d = cfg["diffusion"]
         return cls(d["num_train_timesteps"], d["schedule"], d["beta_start"], d["beta_end"])
 

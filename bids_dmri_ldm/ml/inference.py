@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import contextlib
 import time
-from typing import Any, NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -103,6 +104,10 @@ def translate_latents(bundle: Bundle, z3: torch.Tensor, t0: Sequence[int], guida
                                 eta=eta, generator=generator)
 
 
+class DeviceMemoryError(RuntimeError):
+    """The accelerator ran out of memory; the message says what to reduce."""
+
+
 def translate_rish(rish_3t: np.ndarray, mask: np.ndarray, bundle: Bundle,
                    device: torch.device | str = "cpu", seed: int | None = None,
                    num_samples: int = 1, t0: Sequence[int] | int | None = None,
@@ -136,8 +141,19 @@ def translate_rish(rish_3t: np.ndarray, mask: np.ndarray, bundle: Bundle,
     Translation
         ``(pred_7t, std, recon_3t, provenance)``, arrays (X, Y, Z, n_orders) float32.
     """
+    try:
+        return _translate(rish_3t, mask, bundle, torch.device(device), seed, num_samples, t0,
+                          guidance, ddim_steps, max_batch)
+    except torch.OutOfMemoryError:
+        raise DeviceMemoryError(
+            f"out of GPU memory translating on {device} (model grid {bundle.config['grid']}, "
+            f"{num_samples} sample(s)): use fewer samples, a smaller max_batch, a bundle with a "
+            "smaller grid, or --device cpu") from None
+
+
+def _translate(rish_3t, mask, bundle, device, seed, num_samples, t0, guidance, ddim_steps,
+               max_batch) -> Translation:
     start = time.perf_counter()
-    device = torch.device(device)
     cfg = bundle.config
     tr = cfg["translation"]
     orders = cfg["orders"]

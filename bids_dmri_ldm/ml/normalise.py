@@ -13,7 +13,8 @@ is non-negative) and 0 outside.  Arrays: orders on the last axis.
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 

@@ -22,9 +22,10 @@ import json
 import os
 import platform
 import time
-from datetime import datetime, timezone
+from collections.abc import Callable, Mapping, Sequence
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -37,8 +38,15 @@ from tqdm.auto import tqdm
 from .bundle import model_card, save_bundle, software_versions, state_to_tensors
 from .data import to_model_grid
 from .diffusion import LatentDiffusion
-from .distributed import DistContext, barrier, init_distributed, mean_across, unwrap, wrap_ddp
-from .inference import autocast_for, translate_latents
+from .distributed import (
+    DistContext,
+    barrier,
+    init_distributed,
+    mean_across,
+    unwrap,
+    wrap_ddp,
+)
+from .inference import DeviceMemoryError, autocast_for, translate_latents
 from .modelconfig import CLASS_3T, CLASS_7T, CLASS_NULL, validate_config
 from .networks import build_sr_head, build_unet, build_vqvae
 from .normalise import fit_normalisation, normalise
@@ -165,30 +173,14 @@ def fit_stage(stage: str, model: nn.Module, tensors: Sequence[torch.Tensor], los
     bar = tqdm(range(start_epoch, epochs), desc=stage, disable=not ctx.is_main, unit="epoch",
                initial=start_epoch, total=epochs)
     for epoch in bar:
-        t_start = time.perf_counter()
-        sampler.set_epoch(epoch)
-        ddp_model.train()
-        losses = []
-        for batch in loader:
-            idx, batch_tensors = batch[0], [b.to(ctx.device) for b in batch[1:]]
-            opt.zero_grad(set_to_none=True)
-            with autocast_for(ctx.device, use_amp):
-                loss = loss_fn(ddp_model, batch_tensors, idx, epoch)
-            if scaler is not None and scaler.is_enabled():
-                scaler.scale(loss).backward()
-                scaler.step(opt)
-                scaler.update()
-            else:
-                loss.backward()
-                opt.step()
-            losses.append(float(loss.detach()))
-        train_loss = mean_across(float(np.mean(losses)), ctx)
-        val_loss = float("nan")
-        if val_tensors is not None and len(val_tensors[0]):
-            val_loss = evaluate_loss(model, val_tensors, loss_fn, ctx)
-        history.append({"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val_loss,
-                        "seconds": round(time.perf_counter() - t_start, 3)})
-        bar.set_postfix(loss=f"{train_loss:.4g}")
+        try:
+            history.append(_run_epoch(stage, epoch, ddp_model, loader, sampler, opt, scaler, use_amp,
+                                      loss_fn, model, val_tensors, ctx))
+        except torch.OutOfMemoryError:
+            raise DeviceMemoryError(
+                f"out of GPU memory in training stage {stage} (grid {cfg['grid']}, batch {batch_size}): "
+                "use a smaller batch_size/latent_batch_size or grid in the config, or more GPUs") from None
+        bar.set_postfix(loss=f"{history[-1]['train_loss']:.4g}")
         if ctx.is_main:
             _atomic_save_tensors(state_to_tensors(unwrap(ddp_model)), work_dir / "model.safetensors")
             tensors_opt, groups = optimizer_to_tensors(opt)
@@ -200,6 +192,34 @@ def fit_stage(stage: str, model: nn.Module, tensors: Sequence[torch.Tensor], los
         barrier(ctx)
     bar.close()
     return history
+
+
+def _run_epoch(stage, epoch, ddp_model, loader, sampler, opt, scaler, use_amp, loss_fn, model,
+               val_tensors, ctx) -> dict[str, float]:
+    """One pass over this rank's shard; returns the epoch's history row."""
+    t_start = time.perf_counter()
+    sampler.set_epoch(epoch)
+    ddp_model.train()
+    losses = []
+    for batch in loader:
+        idx, batch_tensors = batch[0], [b.to(ctx.device) for b in batch[1:]]
+        opt.zero_grad(set_to_none=True)
+        with autocast_for(ctx.device, use_amp):
+            loss = loss_fn(ddp_model, batch_tensors, idx, epoch)
+        if scaler is not None and scaler.is_enabled():
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+        else:
+            loss.backward()
+            opt.step()
+        losses.append(float(loss.detach()))
+    train_loss = mean_across(float(np.mean(losses)), ctx)
+    val_loss = float("nan")
+    if val_tensors is not None and len(val_tensors[0]):
+        val_loss = evaluate_loss(model, val_tensors, loss_fn, ctx)
+    return {"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val_loss,
+            "seconds": round(time.perf_counter() - t_start, 3)}
 
 
 @torch.no_grad()
@@ -312,7 +332,7 @@ RishInput = Mapping[str, tuple[np.ndarray, np.ndarray]]
 def split_participants(paired: Sequence[str], val_fraction: float, seed: int) -> tuple[list[str], list[str]]:
     """Participant-level train/validation split of the paired participants, fixed by the seed."""
     paired = sorted(paired)
-    n_val = int(round(val_fraction * len(paired))) if len(paired) >= 2 else 0
+    n_val = round(val_fraction * len(paired)) if len(paired) >= 2 else 0
     n_val = min(max(n_val, 1 if len(paired) >= 2 and val_fraction > 0 else 0), len(paired) - 1)
     order = np.random.default_rng(seed).permutation(len(paired))
     val = sorted(paired[i] for i in order[:n_val])
@@ -478,7 +498,7 @@ def train_all(rish_3t: RishInput, rish_7t: RishInput, config: dict[str, Any], ou
                        "train_participants": train_ids, "validation_participants": val_ids,
                        "unpaired_3t": only3, "unpaired_7t": only7},
         software=software_versions(),
-        created=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+        created=datetime.now(UTC).isoformat(timespec="seconds"))
     card = model_card(bundle_cfg, command=command, training_time_s=elapsed,
                       machine=f"{platform.node()} {platform.processor() or platform.machine()}, "
                               f"{torch.get_num_threads()} threads, {ctx.device}")

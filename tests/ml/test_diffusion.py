@@ -35,14 +35,14 @@ def test_add_noise_has_the_ddpm_marginal_statistics():
 def test_training_loss_is_zero_for_the_true_noise():
     d = LatentDiffusion(100, "linear", 1e-4, 0.02)
     noise = torch.randn(2, 3, 4)
-    oracle = lambda x, t, c: noise  # noqa: E731
+    oracle = lambda x, t, c: noise
     assert d.training_loss(oracle, torch.randn(2, 3, 4), torch.zeros(2, dtype=torch.long), noise,
                            torch.tensor([5, 50])).item() == 0.0
 
 
 def test_guidance_follows_eq10():
     # eps(x, c) = c + 1 so the conditional (class 0) gives 1 and the null (class 2) gives 3
-    model = lambda x, t, c: (c.float() + 1).view(-1, 1) * torch.ones_like(x)  # noqa: E731
+    model = lambda x, t, c: (c.float() + 1).view(-1, 1) * torch.ones_like(x)
     x = torch.zeros(2, 5)
     labels = torch.zeros(2, dtype=torch.long)
     eps = LatentDiffusion.guided_eps(model, x, torch.tensor([3, 3]), labels, torch.tensor([0.0, 2.0]))

@@ -7,7 +7,13 @@ import torch
 from bids_dmri_ldm.ml.bundle import load_bundle
 from bids_dmri_ldm.ml.distributed import DistContext
 from bids_dmri_ldm.ml.training import (
-    TrainingDataError, split_participants, train_all, train_ldm, train_sr, train_vqvae)
+    TrainingDataError,
+    split_participants,
+    train_all,
+    train_ldm,
+    train_sr,
+    train_vqvae,
+)
 
 CPU = DistContext(0, 1, torch.device("cpu"))
 
@@ -54,7 +60,8 @@ def test_sr_stage_learns_a_fixed_mapping(tiny_cfg, tmp_path):
     x = _volumes(6)
     _, hist = train_sr(x, 0.8 * x + 0.1, tiny_cfg, tmp_path / "sr", CPU, log_dir=tmp_path / "log")
     assert hist[-1]["train_loss"] < 0.7 * hist[0]["train_loss"]
-    rows = list(csv.DictReader(open(tmp_path / "log" / "losses_sr.csv")))
+    with open(tmp_path / "log" / "losses_sr.csv") as handle:
+        rows = list(csv.DictReader(handle))
     assert len(rows) == 5 and (tmp_path / "log" / "losses_sr.png").stat().st_size > 1000
 
 
