@@ -103,7 +103,7 @@ def write_truth(root: Path, subjects=("01", "02"), with_simulation: bool = False
             folder = root / "derivatives/simulation" / f"sub-{sub}/ses-7T/dwi"
             folder.mkdir(parents=True, exist_ok=True)
             truth_maps = scoring.diffusion_maps(data, bvals, bvecs, np.ones(shape, bool))[..., :3]
-            nib.save(nib.Nifti1Image(truth_maps, affine), folder / f"sub-{sub}_ses-7T_model-rish_desc-noiseless_dwimap.nii.gz")
+            nib.save(nib.Nifti1Image(truth_maps, affine), folder / f"sub-{sub}_ses-7T_model-truth_param-rish_dwimap.nii.gz")
             nib.save(nib.Nifti1Image(inner_sphere(affine, shape).astype(np.uint8), affine),
                      folder / f"sub-{sub}_ses-7T_desc-brain_mask.nii.gz")
     return root

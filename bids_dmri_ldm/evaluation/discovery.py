@@ -203,17 +203,32 @@ class SimulationTruth:
     """Brain mask (X, Y, Z), or tissue fractions (X, Y, Z, T) whose sum > 0.5 is brain."""
 
 
+SIMULATION_RISH = "_model-truth_param-rish_dwimap.nii.gz"
+"""Suffix of the simulator's noiseless b=1000 RISH L0/L2/L4 of a scan (docs/simulator.md)."""
+
+SIMULATION_MASK = "_desc-brain_mask.nii.gz"
+"""Suffix of the simulator's brain mask of a scan (WM + GM + CSF fraction above 0.5)."""
+
+
 def find_simulation_truth(truth_root: Path, scan: SevenTScan) -> SimulationTruth | None:
-    """The simulator's ground truth for ``scan``, or None when the dataset has none."""
-    base = Path(truth_root) / SIMULATION_DERIVATIVE / f"sub-{scan.participant}"
-    if not base.is_dir():
+    """The simulator's ground truth of ``scan``, or None when the dataset has none.
+
+    The simulator (``bids_dmri_ldm.simulate``, docs/simulator.md) writes, for a raw scan
+    ``sub-01/ses-7T/dwi/sub-01_ses-7T_dwi.nii.gz``, on that scan's grid:
+    ``derivatives/simulation/sub-01/ses-7T/dwi/sub-01_ses-7T_model-truth_param-rish_dwimap.nii.gz``
+    and ``..._desc-brain_mask.nii.gz``.
+    """
+    truth_root = Path(truth_root)
+    try:
+        relative = scan.dwi.parent.relative_to(truth_root)
+    except ValueError:
+        relative = scan.dwi.parent.resolve().relative_to(truth_root.resolve())
+    stem = _stem(scan.dwi)
+    stem = stem.removesuffix("_dwi")
+    folder = truth_root / SIMULATION_DERIVATIVE / relative
+    rish = folder / f"{stem}{SIMULATION_RISH}"
+    mask = folder / f"{stem}{SIMULATION_MASK}"
+    rish, mask = (rish if rish.is_file() else None), (mask if mask.is_file() else None)
+    if rish is None and mask is None:
         return None
-    session = scan.entities.get("session")
-    files = sorted(p for p in base.rglob("*.nii*") if p.name.endswith((".nii", ".nii.gz")))
-    if session is not None:
-        files = [p for p in files if parse_entities(p.name).get("ses") in (str(session), None)]
-    rish = [p for p in files if "rish" in p.name.lower()]
-    masks = [p for p in files if p.name.endswith(("_mask.nii.gz", "_mask.nii")) and "brain" in p.name]
-    if not rish and not masks:
-        return None
-    return SimulationTruth(rish[0] if rish else None, masks[0] if masks else None)
+    return SimulationTruth(rish, mask)
