@@ -48,6 +48,7 @@ def setup_logging(verbose: int, log_file: Path | None = None) -> None:
     for handler in list(root.handlers):
         if getattr(handler, "_bids_dmri_ldm", False):
             root.removeHandler(handler)
+            handler.close()
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
     if log_file is not None:
         try:
@@ -64,7 +65,7 @@ def setup_logging(verbose: int, log_file: Path | None = None) -> None:
     logging.captureWarnings(True)
     if verbose == 0:
         for category in (FutureWarning, DeprecationWarning, UserWarning):
-            warnings.filterwarnings("ignore", category=category, module=r"(bids|nipype|dipy|monai)")
+            warnings.filterwarnings("ignore", category=category, module=r"(bids(\.|$)|nipype|dipy|monai)")
 
 
 def _limit_threads(omp_nthreads: int) -> None:
