@@ -65,6 +65,30 @@ def test_nearer_gradient_file_overrides_the_root_one(make_bids_dataset):
     assert [run.bvec for run in runs] == [ds.root / "dwi.bvec"] * 2
 
 
+def test_session_level_gradients_apply_to_that_session_only(make_bids_dataset):
+    ds = make_bids_dataset(sessions=("1", "2"), inherit_gradients=False)
+    for ses in ("1", "2"):
+        for ext in ("bval", "bvec"):
+            (ds.root / "sub-01" / f"ses-{ses}" / "dwi" / f"sub-01_ses-{ses}_dwi.{ext}").unlink()
+    session_bval = ds.root / "sub-01" / "ses-1" / "sub-01_ses-1_dwi.bval"
+    session_bval.write_text(" ".join(f"{b:g}" for b in ds.bvals) + "\n")
+    session_bval.with_suffix(".bvec").write_text("\n".join(
+        " ".join(f"{v:.8f}" for v in row) for row in ds.bvecs.T) + "\n")
+    rejected = {}
+    (run,) = collect_dwi_runs(load_layout(ds.root), rejected=rejected)
+    assert run.session == "1" and run.bval == session_bval
+    assert list(rejected) == ["sub-01_ses-2"]  # ses-1's file does not apply to ses-2
+
+
+def test_sibling_gradients_with_other_entities_never_apply(tmp_path):
+    _write_qsiprep_like(tmp_path / "qsiprep")
+    (tmp_path / "qsiprep" / "sub-01" / "dwi" / "sub-01_space-T1w_desc-preproc_dwi.bval").unlink()
+    rejected = {}
+    runs = collect_dwi_runs(load_layout(tmp_path / "qsiprep"), rejected=rejected)
+    assert _stems(runs) == ["sub-01_acq-b"]  # acq-b's table is not used for the other run
+    assert "no .bval file found" in rejected["sub-01"]
+
+
 def test_all_runs_and_session_filter(shared_layout):
     assert len(collect_dwi_runs(shared_layout)) == 8
     runs = collect_dwi_runs(shared_layout, session_labels=["2"])
