@@ -14,8 +14,9 @@ import json
 import os
 import re
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from .. import __version__
 from ..config import METHOD_CHOICES, STAGE_CHOICES, RunConfig, default_method
@@ -47,7 +48,7 @@ _LABEL_RE = re.compile(r"^[0-9a-zA-Z+]+$")
 class BidsArgumentParser(argparse.ArgumentParser):
     """ArgumentParser whose errors carry BIDS exit codes instead of exiting with 2."""
 
-    def error(self, message: str):  # noqa: D401 - argparse API
+    def error(self, message: str):
         """Raise :class:`UsageError` (exit 64) rather than printing usage and exiting 2."""
         raise UsageError(f"{message} (see `{self.prog} --help`)")
 
@@ -247,8 +248,7 @@ def normalise_labels(values: Sequence[str] | None, prefix: str) -> list[str]:
     labels: list[str] = []
     for item in items:
         label = item.strip()
-        if label.startswith(prefix):
-            label = label[len(prefix):]
+        label = label.removeprefix(prefix)
         if not _LABEL_RE.match(label):
             raise UsageError(
                 f"invalid label {item!r}: BIDS labels use only letters, digits and '+'"

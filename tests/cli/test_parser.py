@@ -10,7 +10,12 @@ from bids_dmri_ldm import __version__
 from bids_dmri_ldm import config as config_module
 from bids_dmri_ldm.cli import parser as parser_module
 from bids_dmri_ldm.cli.exitcodes import BidsAppError
-from bids_dmri_ldm.cli.parser import _build_parser, load_filter_file, normalise_labels, parse_args
+from bids_dmri_ldm.cli.parser import (
+    _build_parser,
+    load_filter_file,
+    normalise_labels,
+    parse_args,
+)
 from bids_dmri_ldm.cli.run import main
 from bids_dmri_ldm.ml import device as device_module
 
