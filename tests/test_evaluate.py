@@ -278,7 +278,7 @@ def test_cli_scores_methods_against_7t_and_noiseless_truth(tmp_path, capsys):
         ("same", "7T"), ("same", "noiseless7T"), ("scaled", "7T"), ("scaled", "noiseless7T")}
     assert {r["mask"] for r in rows} == {"simulation"}
     mask_voxels = int(inner_sphere(*SEVEN_T_GRID).sum())
-    assert all(int(r["n_voxels"]) == mask_voxels for r in scored)
+    assert all(int(r["n_voxels"]) == mask_voxels and float(r["coverage"]) == 1.0 for r in scored)
     by = {(r["participant_id"], r["method"], r["reference"]): r for r in rows}
     for sub in ("sub-01", "sub-02"):
         same = by[(sub, "same", "7T")]

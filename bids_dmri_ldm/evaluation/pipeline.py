@@ -154,6 +154,8 @@ def score_prediction(
         raise BadDataError(f"{prediction.dwi.name} does not overlap the 7T scan {truth.scan.dwi.name} in world space")
     region = scoring.fit_region(mask, truth.affine, pred.affine, pred.shape)
     pred_maps = scoring.maps_on_grid(_maps(pred, region, shell, tolerance), pred.affine, truth.affine, truth.shape)
+    has_signal = pred.data[..., pred.n_b0 :].max(axis=-1) > 0
+    on_truth = resample_mask(has_signal, pred.affine, truth.affine, truth.shape)
     common = {
         "participant": prediction.participant,
         "session": prediction.session,
@@ -161,6 +163,7 @@ def score_prediction(
         "mask": truth.mask_source,
         "n_voxels": int(mask.sum()),
         "prediction": str(prediction.dwi.relative_to(pred_root)),
+        "coverage": float((on_truth & mask).sum() / mask.sum()),
     }
     rows = [ScoreRow(reference="7T", scores=scoring.score_maps(pred_maps, truth.maps, mask), **common)]
     if truth.noiseless_rish is not None:

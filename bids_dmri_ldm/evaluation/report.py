@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from .scoring import MAP_NAMES, score_columns, summarise
 
@@ -16,7 +16,7 @@ REFERENCES: dict[str, str] = {
 }
 """Reference kinds (``reference`` column) and how the Markdown names them."""
 
-ID_COLUMNS: tuple[str, ...] = ("participant_id", "session", "method", "reference", "mask", "n_voxels")
+ID_COLUMNS: tuple[str, ...] = ("participant_id", "session", "method", "reference", "mask", "n_voxels", "coverage")
 """Leading TSV columns; the scores follow (``nmse_L0 ... ssim_FA``), then ``prediction``."""
 
 PAPER_TABLE1: dict[str, dict[str, float]] = {
@@ -46,7 +46,8 @@ class ScoreRow:
     n_voxels: int
     scores: dict[str, float]
     prediction: str = ""
-    extra: dict = field(default_factory=dict)
+    coverage: float = math.nan
+    """Fraction of the scored voxels where the prediction has diffusion-weighted signal (> 0)."""
 
 
 def _fmt(value, digits: int = 6) -> str:
@@ -92,12 +93,13 @@ def to_tsv(rows: Sequence[ScoreRow], names: Sequence[str] = MAP_NAMES) -> str:
     lines = ["\t".join(header)]
     for method, reference, members in groups(rows):
         for row in members:
-            ids = [f"sub-{row.participant}", row.session or "n/a", method, reference, row.mask, str(row.n_voxels)]
+            ids = [f"sub-{row.participant}", row.session or "n/a", method, reference, row.mask, str(row.n_voxels),
+                   _fmt(row.coverage, 4)]
             lines.append("\t".join(ids + [_fmt(row.scores.get(c, math.nan)) for c in columns] + [row.prediction]))
-        mean, sd = summarise([r.scores for r in members], columns)
-        masks = sorted({r.mask for r in members})
+        mean, sd = summarise([r.scores | {"coverage": r.coverage} for r in members], [*columns, "coverage"])
+        masks = "+".join(sorted({r.mask for r in members}))
         for label, values in zip(SUMMARY_IDS, (mean, sd)):
-            ids = [label, "n/a", method, reference, "+".join(masks), str(len(members))]
+            ids = [label, "n/a", method, reference, masks, str(len(members)), _fmt(values["coverage"], 4)]
             lines.append("\t".join(ids + [_fmt(values[c]) for c in columns] + ["n/a"]))
     return "\n".join(lines) + "\n"
 
