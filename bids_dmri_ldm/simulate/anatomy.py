@@ -206,18 +206,21 @@ def _rotation(angles: np.ndarray) -> np.ndarray:
     return rz @ ry @ rx
 
 
-def interpolate_coarse(subject: Subject, points: np.ndarray) -> np.ndarray:
-    """Trilinear interpolation of the subject's coarse fields at world points ``(..., 3)`` -> ``(..., 5)``."""
+def interpolate_coarse(subject: Subject, points: np.ndarray, channels: int = 5) -> np.ndarray:
+    """Trilinear interpolation of the subject's coarse fields at world points ``(..., 3)``.
+
+    Returns ``(..., channels)``: the first ``channels`` fields (3: the displacement only).
+    """
     coords = (np.asarray(points, dtype=np.float64) - subject.coarse_origin) / COARSE_SPACING_MM
     flat = coords.reshape(-1, 3).T
     out = np.stack(
         [
             ndimage.map_coordinates(subject.coarse_fields[..., c], flat, order=1, mode="nearest")
-            for c in range(subject.coarse_fields.shape[-1])
+            for c in range(channels)
         ],
         axis=-1,
     )
-    return out.reshape(np.shape(points)[:-1] + (subject.coarse_fields.shape[-1],)).astype(np.float32)
+    return out.reshape(np.shape(points)[:-1] + (channels,)).astype(np.float32)
 
 
 def linear_interpolation_matrix(lattice: np.ndarray, targets: np.ndarray) -> np.ndarray:
@@ -286,7 +289,7 @@ class TissueLattice:
 
 def lattice_spacing(voxel_scale: float) -> float:
     """Spacing (mm) of the subject tissue lattice: the template's 1 mm, coarser for big voxels."""
-    return float(np.clip(0.4 * voxel_scale, 1.0, 2.0))
+    return float(np.clip(0.5 * voxel_scale, 1.0, 2.0))
 
 
 def subject_tissue_lattice(subject: Subject, spacing_mm: float, margin_mm: float = 15.0, planes_per_chunk: int = 24) -> TissueLattice:

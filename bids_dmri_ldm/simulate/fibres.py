@@ -20,6 +20,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+CUTOFF_RADII = 4.0
+"""Bundle weights are evaluated within this many radii of the trajectory (exp(-8) beyond: 0)."""
+
 MAX_POPULATIONS = 3
 """Fibre populations kept per sub-voxel (the strongest ones)."""
 
@@ -35,6 +38,12 @@ class Segment:
     start: tuple[float, float, float]
     end: tuple[float, float, float]
     radius: float
+
+    def bounding_box(self) -> tuple[np.ndarray, np.ndarray]:
+        """Box (lower, upper corners, mm) outside which the weight is below ``exp(-8)``."""
+        ends = np.array([self.start, self.end])
+        margin = CUTOFF_RADII * self.radius
+        return ends.min(axis=0) - margin, ends.max(axis=0) + margin
 
     def weight_and_tangent(self, points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Weight ``(P,)`` and unit tangent ``(P, 3)`` at points ``(P, 3)``."""
@@ -68,6 +77,12 @@ class Arc:
     radius: float
     half_width: float = 0.0
 
+    def bounding_box(self) -> tuple[np.ndarray, np.ndarray]:
+        """Box (lower, upper corners, mm) outside which the weight is below ``exp(-8)``."""
+        reach = self.arc_radius + self.half_width + CUTOFF_RADII * self.radius
+        centre = np.asarray(self.centre, dtype=np.float64)
+        return centre - reach, centre + reach
+
     def weight_and_tangent(self, points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Weight ``(P,)`` and unit tangent ``(P, 3)`` at points ``(P, 3)``."""
         normal = np.asarray(self.normal, dtype=np.float32)
@@ -97,8 +112,8 @@ def default_bundles() -> list[Segment | Arc]:
     bundles: list[Segment | Arc] = [
         # Corpus callosum: left-right arcs in coronal planes (lowest at the midline, z ~ 18),
         # rising laterally towards the cortex; swept from y = -35 to y = 25.
-        Arc("CC", centre=(0.0, -5.0, 58.0), normal=(0.0, 1.0, 0.0), e1=(1.0, 0.0, 0.0), arc_radius=40.0,
-            t_start=-145.0, t_end=-35.0, radius=4.5, half_width=30.0),
+        Arc("CC", centre=(0.0, -5.0, 88.0), normal=(0.0, 1.0, 0.0), e1=(1.0, 0.0, 0.0), arc_radius=70.0,
+            t_start=50.0, t_end=130.0, radius=4.5, half_width=30.0),  # e2 = normal x e1 = -z
         # Middle cerebellar peduncle: from the pons round into both cerebellar hemispheres.
         Arc("MCP", centre=(0.0, -45.0, -34.0), normal=(0.0, 0.0, 1.0), e1=(1.0, 0.0, 0.0), arc_radius=22.0,
             t_start=0.0, t_end=180.0, radius=5.0),
@@ -138,7 +153,10 @@ def all_populations(points: np.ndarray, bundles: list[Segment | Arc] = BUNDLES) 
     fractions = np.zeros((points.shape[0], n_pop), dtype=np.float32)
     directions = np.zeros((points.shape[0], n_pop, 3), dtype=np.float32)
     for k, bundle in enumerate(bundles):
-        fractions[:, k], directions[:, k] = bundle.weight_and_tangent(points)
+        lower, upper = bundle.bounding_box()
+        rows = np.flatnonzero(np.all((points >= lower) & (points <= upper), axis=1))
+        if rows.size:
+            fractions[rows, k], directions[rows, k] = bundle.weight_and_tangent(points[rows])
     total = fractions[:, :-1].sum(axis=1)
     over = total > 1.0
     fractions[over, :-1] /= total[over, None]

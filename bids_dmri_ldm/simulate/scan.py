@@ -13,7 +13,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import sparse
 
 from ..core.sh import rish_features, sh_basis
 from . import fibres
@@ -50,7 +49,8 @@ class ScanResult:
     peak_directions : ndarray, shape (X, Y, Z, 3, 3), float32
         Up to three fibre directions per voxel (world RAS frame), strongest first; zero when absent.
     peak_fractions : ndarray, shape (X, Y, Z, 3), float32
-        Volume fraction of each peak's population in the voxel (sums to the WM fraction).
+        Volume fraction of each peak's population in the voxel (at most the WM fraction in
+        total: populations beyond the third strongest are left out).
     rish : ndarray, shape (X, Y, Z, 3), float32
         Noiseless b = 1000 RISH L0, L2, L4 of S/S0 (order 4, unregularised fit).
     receive_field : ndarray, shape (X, Y, Z), float32
@@ -197,24 +197,33 @@ def _slab_signal(
     each with its own fibre populations.
     """
     n_vox = int(np.prod(slab_shape))
-    n_sub_per_voxel = SUBDIVISIONS**3
-    voxel_tissue = sub_tissue.reshape(slab_shape[0], 2, slab_shape[1], 2, slab_shape[2], 2, 3).mean(axis=(1, 3, 5)).reshape(-1, 3)
+    n_sub = SUBDIVISIONS**3
+    # Voxel-major order: the 8 sub-voxels of a voxel are contiguous, (voxel, sx, sy, sz).
+    by_voxel = sub_tissue.reshape(slab_shape[0], 2, slab_shape[1], 2, slab_shape[2], 2, 3)
+    by_voxel = by_voxel.transpose(0, 2, 4, 1, 3, 5, 6).reshape(n_vox, n_sub, 3)
+    voxel_tissue = by_voxel.mean(axis=1)
     signal = voxel_tissue[:, 1:2] * gm_signal + voxel_tissue[:, 2:3] * csf_signal
     n_pop = len(fibres.BUNDLE_NAMES)
-    pop_weight = np.zeros(n_vox * n_pop, dtype=np.float64)
-    pop_vector = np.zeros((n_vox * n_pop, 3), dtype=np.float64)
+    pop_weight = np.zeros((n_vox, n_pop), dtype=np.float64)
+    pop_vector = np.zeros((n_vox, n_pop, 3), dtype=np.float64)
+    offsets = np.array([(a, b, c) for a in range(2) for b in range(2) for c in range(2)])
+    voxel_index = np.stack(np.unravel_index(np.arange(n_vox), slab_shape), axis=1)
 
-    wm_sub = np.argwhere(sub_tissue[..., 0] > 1e-3)  # (P, 3) sub-voxel indices within the slab
-    for start in range(0, wm_sub.shape[0], SUBVOXELS_PER_CHUNK):
-        idx = wm_sub[start : start + SUBVOXELS_PER_CHUNK]
-        f_wm = sub_tissue[idx[:, 0], idx[:, 1], idx[:, 2], 0]
+    wm_flat = np.flatnonzero(by_voxel[..., 0].ravel() > 1e-3)  # sorted by voxel
+    for start in range(0, wm_flat.size, SUBVOXELS_PER_CHUNK):
+        flat = wm_flat[start : start + SUBVOXELS_PER_CHUNK]
+        voxel, sub = np.divmod(flat, n_sub)
+        f_wm = by_voxel[voxel, sub, 0]
+        sub_idx = SUBDIVISIONS * voxel_index[voxel] + offsets[sub]
         points = np.stack(
-            [sub_centres[0][idx[:, 0]], sub_centres[1][idx[:, 1]], sub_centres[2][SUBDIVISIONS * z0 + idx[:, 2]]], axis=1
+            [sub_centres[0][sub_idx[:, 0]], sub_centres[1][sub_idx[:, 1]], sub_centres[2][SUBDIVISIONS * z0 + sub_idx[:, 2]]], axis=1
         )
-        template_points = subject.template_points(points, interpolate_coarse(subject, points))
+        template_points = subject.template_points(points, interpolate_coarse(subject, points, channels=3))
         labels, fractions, directions = fibres.strongest_populations(*fibres.all_populations(template_points))
         directions = subject.template_to_subject_directions(directions).astype(np.float32)
-        sub_signal = np.zeros((idx.shape[0], gradients.shape[0]), dtype=np.float32)
+        volume = (f_wm / n_sub).astype(np.float32)
+        weights = fractions * volume[:, None]  # (P, K): volume fraction of each population
+        sub_signal = np.zeros((flat.size, gradients.shape[0]), dtype=np.float32)
         for k in range(labels.shape[1]):  # populations sorted by fraction: later slots are sparser
             active = np.flatnonzero(fractions[:, k] > 0)
             if active.size == 0:
@@ -222,20 +231,26 @@ def _slab_signal(
             cos2 = directions[active, k] @ gradients.T
             cos2 *= cos2
             population = fibre_signal(model, b_phys, cos2)
-            population *= fractions[active, k, None]
-            sub_signal[active] += population
-        voxel = np.ravel_multi_index((idx[:, 0] // 2, idx[:, 1] // 2, idx[:, 2] // 2), slab_shape)
-        volume = f_wm / n_sub_per_voxel
-        to_voxels = sparse.csr_matrix((volume, (voxel, np.arange(idx.shape[0]))), shape=(n_vox, idx.shape[0]))
-        signal += to_voxels @ sub_signal
+            population *= weights[active, k, None]
+            if active.size == flat.size:
+                sub_signal += population
+            else:
+                sub_signal[active] += population
+        # Sum the sub-voxels of each voxel (contiguous runs).
+        first = np.flatnonzero(np.r_[True, voxel[1:] != voxel[:-1]])
+        signal[voxel[first]] += np.add.reduceat(sub_signal, first, axis=0)
         # Fibre peaks: volume-weighted sums per (voxel, population); tangents of one population
         # are consistently oriented, so their weighted sum is the mean direction.
-        key = (voxel[:, None] * n_pop + labels).ravel()
-        weight = (volume[:, None] * fractions).ravel()
-        pop_weight += np.bincount(key, weights=weight, minlength=n_vox * n_pop)
+        v0, v1 = voxel[0], voxel[-1] + 1
+        key = ((voxel - v0)[:, None] * n_pop + labels).ravel()
+        size = (v1 - v0) * n_pop
+        flat_weights = weights.ravel().astype(np.float64)
+        pop_weight[v0:v1] += np.bincount(key, weights=flat_weights, minlength=size).reshape(-1, n_pop)
         for c in range(3):
-            pop_vector[:, c] += np.bincount(key, weights=weight * directions[..., c].ravel(), minlength=n_vox * n_pop)
-    return signal.astype(np.float32), _peaks(pop_weight.reshape(n_vox, n_pop), pop_vector.reshape(n_vox, n_pop, 3))
+            pop_vector[v0:v1, :, c] += np.bincount(
+                key, weights=flat_weights * directions[..., c].ravel(), minlength=size
+            ).reshape(-1, n_pop)
+    return signal.astype(np.float32), _peaks(pop_weight, pop_vector)
 
 
 def _peaks(weight: np.ndarray, vector: np.ndarray, keep: int = 3) -> tuple[np.ndarray, np.ndarray]:

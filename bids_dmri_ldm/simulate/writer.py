@@ -109,7 +109,7 @@ def write_truth(deriv_root: Path, label: str, session: str, result: ScanResult, 
                            "zero where a peak is absent",
         }),
         "peakfrac": (result.peak_fractions, {
-            "Description": "Voxel volume fraction of each fibre peak's population (sums to the WM fraction)",
+            "Description": "Voxel volume fraction of each fibre peak's population (at most the WM fraction in total; weaker populations beyond the third are left out)",
         }),
         "gain": (result.receive_field, {"Description": "Multiplicative receive/B1 field applied to the signal"}),
     }

@@ -1,0 +1,40 @@
+"""Rician noise and the 7T receive field."""
+import numpy as np
+import pytest
+
+from bids_dmri_ldm.simulate import noise
+
+
+def test_rician_floor_of_zero_signal_is_rayleigh_mean():
+    rng = np.random.default_rng(0)
+    magnitude = noise.add_rician_noise(np.zeros(200_000, np.float32), 10.0, rng)
+    assert magnitude.min() >= 0
+    assert magnitude.mean() == pytest.approx(10.0 * np.sqrt(np.pi / 2), rel=0.01)
+
+
+def test_rician_mean_power_is_signal_power_plus_two_sigma_squared():
+    rng = np.random.default_rng(1)
+    magnitude = noise.add_rician_noise(np.full(200_000, 50.0, np.float32), 10.0, rng)
+    assert np.mean(magnitude.astype(np.float64) ** 2) == pytest.approx(50.0**2 + 2 * 10.0**2, rel=0.01)
+
+
+def test_noise_sigma_and_measured_snr():
+    sigma = noise.noise_sigma(0.3, 25.0, gain=1000.0)
+    assert sigma == pytest.approx(12.0)
+    rng = np.random.default_rng(2)
+    b0 = noise.add_rician_noise(np.full((10, 10, 10, 18), 300.0, np.float32), sigma, rng)
+    assert noise.measure_b0_snr(b0, np.ones((10, 10, 10), bool)) == pytest.approx(25.0, rel=0.05)
+    with pytest.raises(ValueError):
+        noise.noise_sigma(0.3, 0.0)
+
+
+def test_receive_field_is_low_in_temporal_lobes_and_cerebellum():
+    points = np.array([[0.0, -15.0, 20.0], [48.0, -12.0, -28.0], [-48.0, -12.0, -28.0], [0.0, -65.0, -42.0]])
+    field = noise.receive_field_7t(points)
+    assert field[0] > 1.05
+    assert np.all(field[1:] < 0.7)
+    np.testing.assert_array_equal(noise.receive_field_7t(points, strength=0.0), 1.0)
+
+
+def test_int16_conversion_rounds_and_clips():
+    np.testing.assert_array_equal(noise.to_int16(np.array([-3.0, 1.6, 40000.0])), [0, 2, 32767])

@@ -1,0 +1,82 @@
+"""Compartment signal model: analytic values and the 7T/3T RISH ratios of science.md."""
+import numpy as np
+import pytest
+
+from bids_dmri_ldm.core.sh import SHModel
+from bids_dmri_ldm.simulate import acquisition as acq
+from bids_dmri_ldm.simulate import signal as sg
+
+MODEL_3T = sg.SignalModel(89.5, sg.T2_3T)
+MODEL_7T = sg.SignalModel(71.2, sg.T2_7T)
+
+
+def _shell(protocol, shell=1000.0):
+    bvals, dirs = protocol.gradient_table()
+    return bvals[bvals == shell], dirs[bvals == shell]
+
+
+def _rish(protocol, model, tissue, fractions, directions):
+    """Noiseless b=1000 RISH of S/S0 fitted with the project's SH core (unregularised)."""
+    bvals, dirs = _shell(protocol)
+    signal = sg.mixture_signal(model, bvals, dirs, tissue, fractions, directions)
+    s0 = sg.mixture_signal(model, np.zeros(1), np.zeros((1, 3)), tissue, fractions, directions)
+    return SHModel(dirs, sh_order_max=4).fit(signal / s0).rish((0, 2, 4))
+
+
+def _voxels(n, tissue, seed=0, n_fibres=1):
+    rng = np.random.default_rng(seed)
+    dirs = rng.standard_normal((n, n_fibres, 3))
+    dirs /= np.linalg.norm(dirs, axis=-1, keepdims=True)
+    return np.tile(np.asarray(tissue, np.float32), (n, 1)), np.full((n, n_fibres), 1.0 / n_fibres), dirs
+
+
+def test_fibre_signal_analytic_values():
+    w = MODEL_3T.weights
+    d = MODEL_3T.diffusivities
+    b = np.array([0.0, 1000.0, 1000.0])
+    cos2 = np.array([0.3, 1.0, 0.0])
+    expected = [
+        w["intra"] + w["extra"],
+        w["intra"] * np.exp(-1000 * d.intra) + w["extra"] * np.exp(-1000 * d.extra_parallel),
+        w["intra"] + w["extra"] * np.exp(-1000 * d.extra_perpendicular),
+    ]
+    np.testing.assert_allclose(sg.fibre_signal(MODEL_3T, b, cos2), expected, rtol=1e-6)
+    assert w["intra"] == pytest.approx(0.55 * np.exp(-89.5 / 80.0))
+    assert MODEL_7T.weights["csf"] == pytest.approx(np.exp(-71.2 / 1000.0))
+
+
+def test_b0_volumes_are_not_diffusion_weighted():
+    np.testing.assert_array_equal(sg.physical_bvals(np.array([5.0, 50.0, 1000.0])), [0.0, 0.0, 1000.0])
+
+
+def test_pure_white_matter_7t_3t_rish_ratios_match_science_notes():
+    tissue, fractions, dirs = _voxels(50, [1.0, 0.0, 0.0])
+    ratio = _rish(acq.PROTOCOL_7T, MODEL_7T, tissue, fractions, dirs) / _rish(acq.PROTOCOL_3T, MODEL_3T, tissue, fractions, dirs)
+    np.testing.assert_allclose(ratio, np.tile([0.89, 0.83, 0.77], (50, 1)), atol=0.05)
+
+
+def test_csf_partial_volume_lowers_the_ratios_further():
+    pure = _voxels(20, [1.0, 0.0, 0.0])
+    mixed = _voxels(20, [0.85, 0.0, 0.15])
+    ratio_pure = _rish(acq.PROTOCOL_7T, MODEL_7T, *pure) / _rish(acq.PROTOCOL_3T, MODEL_3T, *pure)
+    ratio_mixed = _rish(acq.PROTOCOL_7T, MODEL_7T, *mixed) / _rish(acq.PROTOCOL_3T, MODEL_3T, *mixed)
+    assert np.all(ratio_mixed < ratio_pure - 0.05)
+    np.testing.assert_allclose(ratio_mixed[:, :2], np.tile([0.80, 0.72], (20, 1)), atol=0.05)
+    gm_csf = _voxels(5, [0.0, 0.9, 0.1])
+    ratio_gm = _rish(acq.PROTOCOL_7T, MODEL_7T, *gm_csf) / _rish(acq.PROTOCOL_3T, MODEL_3T, *gm_csf)
+    np.testing.assert_allclose(ratio_gm[:, 0], 0.86, atol=0.05)
+
+
+@pytest.mark.parametrize("n_fibres", [1, 2, 3])
+def test_rish_agree_between_3t_and_7t_gradient_sets_when_t2_and_te_are_equal(n_fibres):
+    """Rotation/direction-count invariance of model + fit: only the gradient set changes."""
+    voxels = _voxels(30, [0.8, 0.1, 0.1], seed=n_fibres, n_fibres=n_fibres)
+    rish_3t = _rish(acq.PROTOCOL_3T, MODEL_3T, *voxels)
+    rish_7t = _rish(acq.PROTOCOL_7T, MODEL_3T, *voxels)
+    np.testing.assert_allclose(rish_7t[:, :2], rish_3t[:, :2], rtol=0.01)
+    np.testing.assert_allclose(rish_7t[:, 2], rish_3t[:, 2], rtol=0.02, atol=1e-5)
+
+
+def test_rish_of_a_single_fibre_do_not_depend_on_its_orientation():
+    rish = _rish(acq.PROTOCOL_3T, MODEL_3T, *_voxels(40, [1.0, 0.0, 0.0], seed=3))
+    assert np.all(rish.std(axis=0) / rish.mean(axis=0) < 0.01)
