@@ -103,6 +103,10 @@ def test_identity_native_two_sessions(make_bids_dataset, tmp_path, validator):
     assert {p: p.stat().st_mtime_ns for p in outputs} == mtimes
     summaries = sorted((out / "logs").glob("participant_*.tsv"))
     assert "skipped" in summaries[-1].read_text()
+    # Outputs made with other settings are not silently mixed or replaced.
+    assert run_cli(ds.root, out, work, "--method", "rish-global", "--output-resolution", "native") != 0
+    assert "other settings" in sorted((out / "logs").glob("participant_*.tsv"))[-1].read_text()
+    assert {p: p.stat().st_mtime_ns for p in outputs} == mtimes
     assert run_cli(ds.root, out, work, "--method", "identity", "--output-resolution", "native",
                    "--overwrite") == 0
     assert all(p.stat().st_mtime_ns > mtimes[p] for p in outputs)

@@ -152,25 +152,37 @@ class PredictScaleMaps(SimpleInterface):
 
 
 class _ResampleInputSpec(BaseInterfaceInputSpec):
-    in_file = File(exists=True, mandatory=True)
+    s0_file = File(exists=True, mandatory=True, desc="S0 (X, Y, Z)")
+    b0_file = File(exists=True, mandatory=True, desc="b0 volumes (X, Y, Z, n_b0)")
+    sh_file = File(exists=True, mandatory=True, desc="SH coefficients (X, Y, Z, K)")
+    scale_file = File(exists=True, mandatory=True, desc="scale maps (X, Y, Z, 3)")
+    mask_file = File(exists=True, mandatory=True, desc="brain mask (X, Y, Z)")
     voxel_size = traits.Either(None, traits.Float, default=None, usedefault=True, desc="mm; None keeps the grid")
-    kind = traits.Enum("image", "mask", usedefault=True, desc="B-spline image or thresholded mask")
-    clip_min = traits.Either(None, traits.Float, default=None, usedefault=True)
 
 
 class _ResampleOutputSpec(TraitedSpec):
-    out_file = File(exists=True)
+    s0_file = File(exists=True)
+    b0_file = File(exists=True)
+    sh_file = File(exists=True)
+    scale_file = File(exists=True)
+    mask_file = File(exists=True)
 
 
 class ResampleToGrid(SimpleInterface):
-    """Resample to the isotropic output grid (B-spline; masks linear + threshold)."""
+    """Resample S0, b0s, SH and scale maps (cubic B-spline; S0, b0 and lambda clipped >= 0) and
+    the mask (linear + 0.5 threshold) to the isotropic output grid; ``voxel_size=None`` passes
+    the files through unchanged."""
 
     input_spec = _ResampleInputSpec
     output_spec = _ResampleOutputSpec
 
     def _run_interface(self, runtime):
-        self._results["out_file"] = steps.resample_step(self.inputs.in_file, self.inputs.voxel_size, runtime.cwd,
-                                                        self.inputs.kind, self.inputs.clip_min)
+        voxel_size = self.inputs.voxel_size
+        for name, kind, clip_min in (("s0_file", "image", 0.0), ("b0_file", "image", 0.0), ("sh_file", "image", None),
+                                     ("scale_file", "image", 0.0), ("mask_file", "mask", None)):
+            in_file = getattr(self.inputs, name)
+            self._results[name] = in_file if voxel_size is None else steps.resample_step(
+                in_file, voxel_size, runtime.cwd, kind, clip_min)
         return runtime
 
 

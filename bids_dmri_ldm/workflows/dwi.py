@@ -104,14 +104,7 @@ def init_dwi_7tlike_wf(
     predict_scale = pe.Node(PredictScaleMaps(method=method, model_dir=model_dir, options=dict(method_options or {})),
                             name="predict_scale", n_procs=omp_nthreads)
 
-    def resampler(node_name, kind="image", clip_min=None):
-        return pe.Node(ResampleToGrid(voxel_size=output_resolution, kind=kind, clip_min=clip_min), name=node_name)
-
-    resample_s0 = resampler("resample_s0", clip_min=0.0)
-    resample_b0 = resampler("resample_b0", clip_min=0.0)
-    resample_sh = resampler("resample_sh")
-    resample_scale = resampler("resample_scale", clip_min=0.0)
-    resample_mask = resampler("resample_mask", kind="mask")
+    resample = pe.Node(ResampleToGrid(voxel_size=output_resolution), name="resample")
     scale_sh = pe.Node(ScaleSH(sh_order_max=sh_order_max), name="scale_sh")
     rebuild = pe.Node(RebuildDWI(sh_order_max=sh_order_max), name="rebuild")
 
@@ -126,18 +119,12 @@ def init_dwi_7tlike_wf(
         (brain_mask, fit_rish, [("mask_file", "mask_file")]),
         (fit_rish, predict_scale, [("rish_file", "rish_file")]),
         (brain_mask, predict_scale, [("mask_file", "mask_file")]),
-        (fit_rish, resample_s0, [("s0_file", "in_file")]),
-        (fit_rish, resample_b0, [("b0_file", "in_file")]),
-        (fit_rish, resample_sh, [("sh_file", "in_file")]),
-        (predict_scale, resample_scale, [("scale_file", "in_file")]),
-        (brain_mask, resample_mask, [("mask_file", "in_file")]),
-        (resample_sh, scale_sh, [("out_file", "sh_file")]),
-        (resample_scale, scale_sh, [("out_file", "scale_file")]),
-        (resample_mask, scale_sh, [("out_file", "mask_file")]),
-        (resample_s0, rebuild, [("out_file", "s0_file")]),
-        (resample_b0, rebuild, [("out_file", "b0_file")]),
+        (fit_rish, resample, [("s0_file", "s0_file"), ("b0_file", "b0_file"), ("sh_file", "sh_file")]),
+        (predict_scale, resample, [("scale_file", "scale_file")]),
+        (brain_mask, resample, [("mask_file", "mask_file")]),
+        (resample, scale_sh, [("sh_file", "sh_file"), ("scale_file", "scale_file"), ("mask_file", "mask_file")]),
+        (resample, rebuild, [("s0_file", "s0_file"), ("b0_file", "b0_file"), ("mask_file", "mask_file")]),
         (scale_sh, rebuild, [("sh_file", "sh_file")]),
-        (resample_mask, rebuild, [("out_file", "mask_file")]),
         (select_shell, rebuild, [("bval_file", "bval_file"), ("bvec_file", "bvec_file")]),
         (rebuild, outputnode, [("dwi_file", "dwi_file"), ("bval_file", "bval_file"), ("bvec_file", "bvec_file"),
                                ("mask_file", "mask_file")]),

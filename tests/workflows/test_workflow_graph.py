@@ -35,15 +35,14 @@ def test_dwi_wf_graph():
     wf = init_dwi_7tlike_wf(method="identity", output_resolution=1.05)
     names = set(wf.list_node_names())
     expected = {"inputnode", "outputnode", "select_shell", "load_dwi", "brain_mask", "fit_rish", "predict_scale",
-                "resample_s0", "resample_b0", "resample_sh", "resample_scale", "resample_mask", "scale_sh", "rebuild"}
+                "resample", "scale_sh", "rebuild"}
     assert names == expected
     edges = _edges(wf)
     for edge in [("select_shell", "load_dwi"), ("load_dwi", "brain_mask"), ("brain_mask", "fit_rish"),
-                 ("fit_rish", "predict_scale"), ("predict_scale", "resample_scale"), ("resample_sh", "scale_sh"),
-                 ("resample_scale", "scale_sh"), ("scale_sh", "rebuild"), ("rebuild", "outputnode")]:
+                 ("fit_rish", "predict_scale"), ("predict_scale", "resample"), ("fit_rish", "resample"),
+                 ("resample", "scale_sh"), ("resample", "rebuild"), ("scale_sh", "rebuild"), ("rebuild", "outputnode")]:
         assert edge in edges, edge
-    assert wf.get_node("resample_sh").inputs.voxel_size == 1.05
-    assert wf.get_node("resample_mask").inputs.kind == "mask"
+    assert wf.get_node("resample").inputs.voxel_size == 1.05
 
 
 def test_ds_wf_writes_dwi_last():
