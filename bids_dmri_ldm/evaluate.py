@@ -118,6 +118,8 @@ class Arguments:
 def parse_args(argv: Sequence[str] | None = None) -> Arguments:
     """Parse and check the command line (usage errors: 64; missing folders: 66)."""
     ns = build_parser().parse_args(argv)
+    if len(set(map(str, ns.paths))) < len(ns.paths):
+        raise UsageError(f"a path is given twice (see `{PROG} --help`)")
     if len(ns.paths) < 2:
         raise UsageError(f"expected PRED_DERIVATIVES ... TRUTH_BIDS, got {len(ns.paths)} path (see `{PROG} --help`)")
     *preds, truth = (Path(p) for p in ns.paths)
@@ -189,6 +191,11 @@ def run(args: Arguments) -> tuple[list, list[str]]:
         root: _method_name(preds, root, args.labels[i] if args.labels else None)
         for i, (root, preds) in enumerate(predictions.items())
     }
+    if len(set(methods.values())) < len(methods):
+        raise UsageError(
+            f"two prediction folders would share a method name ({', '.join(methods.values())}); "
+            "name them with --label"
+        )
     for label in paired:
         scans = seven[label]
         if len(scans) > 1:
@@ -198,7 +205,7 @@ def run(args: Arguments) -> tuple[list, list[str]]:
             truth = prepare_truth(scans[0], args.truth_root, args.mask, args.shell, args.tolerance)
         except BidsAppError as err:
             failures.append(f"sub-{label}: {err}")
-            LOGGER.error("sub-%s: %s", label, err)
+            LOGGER.warning("skipping sub-%s: %s", label, err)
             continue
         for root, preds in predictions.items():
             for prediction in (p for p in preds if p.participant == label):
@@ -207,7 +214,7 @@ def run(args: Arguments) -> tuple[list, list[str]]:
                     rows += score_prediction(prediction, truth, methods[root], args.shell, args.tolerance, root)
                 except BidsAppError as err:
                     failures.append(f"{prediction.dwi.name}: {err}")
-                    LOGGER.error("%s: %s", prediction.dwi.name, err)
+                    LOGGER.warning("skipping %s: %s", prediction.dwi.name, err)
     return rows, failures
 
 

@@ -310,11 +310,12 @@ def test_cli_usage_and_missing_input_codes(tmp_path, capsys):
     assert evaluate.main(["--no-such-option"]) == EX_USAGE
     assert evaluate.main([str(preds)]) == EX_USAGE  # TRUTH_BIDS missing
     assert evaluate.main([str(preds), str(truth), "--label", "a", "b"]) == EX_USAGE
+    assert evaluate.main([str(preds), str(preds), str(truth)]) == EX_USAGE  # same folder twice
     assert evaluate.main([str(tmp_path / "missing"), str(truth)]) == EX_NOINPUT
     assert evaluate.main([str(preds), str(tmp_path / "missing")]) == EX_NOINPUT
     assert evaluate.main([str(preds), str(truth), "--participant-label", "99"]) == EX_NOINPUT
     err = capsys.readouterr().err.strip().splitlines()
-    assert all(line.startswith("python -m bids_dmri_ldm.evaluate: error: ") for line in err) and len(err) == 6
+    assert all(line.startswith("python -m bids_dmri_ldm.evaluate: error: ") for line in err) and len(err) == 7
     with pytest.raises(SystemExit) as exc:
         evaluate.main(["--help"])
     assert exc.value.code == 0
