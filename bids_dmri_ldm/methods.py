@@ -65,6 +65,10 @@ class MethodError(RuntimeError):
     """A method cannot be used (unknown, model missing, corrupt or incompatible)."""
 
 
+class ModelNotFoundError(MethodError):
+    """The method's model directory or file does not exist."""
+
+
 class MethodUnavailableError(MethodError):
     """The method exists but cannot run in this installation (e.g. no weights)."""
 
@@ -225,7 +229,7 @@ def load_rish_global_model(model_dir: str | os.PathLike) -> RishGlobalModel:
     model_dir = Path(model_dir)
     model_file = model_dir / RISH_GLOBAL_MODEL_FILE
     if not model_file.is_file():
-        raise MethodError(f"no rish-global model in {model_dir} (expected {RISH_GLOBAL_MODEL_FILE}); "
+        raise ModelNotFoundError(f"no rish-global model in {model_dir} (expected {RISH_GLOBAL_MODEL_FILE}); "
                           "train one with the group level or pass --model-dir")
     expected = read_checksums(model_dir).get(RISH_GLOBAL_MODEL_FILE)
     actual = sha256_file(model_file)
@@ -445,7 +449,7 @@ def fit_rish_global(pairs: Iterable[RishPair], orders: Sequence[int] = RISH_ORDE
 
 
 __all__ = [
-    "Method", "MethodError", "MethodUnavailableError", "ScaleMapPrediction", "TranslationMethod",
+    "Method", "MethodError", "MethodUnavailableError", "ModelNotFoundError", "ScaleMapPrediction", "TranslationMethod",
     "IdentityMethod", "RishGlobalModel", "RishGlobalMethod", "RishPair", "LOADERS", "NEEDS_MODEL",
     "load_method", "resolve_model_dir", "default_models_root", "load_rish_global_model",
     "save_rish_global_model", "fit_rish_global", "pair_scale_samples", "sha256_file",

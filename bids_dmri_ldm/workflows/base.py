@@ -33,7 +33,8 @@ os.environ.setdefault("NIPYPE_NO_ET", "1")
 
 from ..bids import derivatives as deriv  # noqa: E402
 from ..interfaces.steps import InputDataError, InputSummary, check_run_inputs, grid_changes  # noqa: E402
-from ..methods import NEEDS_MODEL, Method, load_method, resolve_model_dir  # noqa: E402
+from ..cli.exitcodes import EX_FAILURE, EX_NOINPUT, BidsAppError, OutputError  # noqa: E402
+from ..methods import NEEDS_MODEL, Method, MethodError, ModelNotFoundError, load_method, resolve_model_dir  # noqa: E402
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..bids.layout import DWIRun
@@ -163,15 +164,21 @@ def run_participant(config: "RunConfig", runs: Sequence["DWIRun"]) -> dict[str, 
 
     Raises
     ------
-    bids_dmri_ldm.bids.derivatives.OutputWriteError
-        The output directory cannot be written at all.
-    bids_dmri_ldm.methods.MethodError
-        The method cannot be loaded (unknown, model missing or corrupt, ``ldm`` weights missing);
-        checked once before any run starts.
+    bids_dmri_ldm.cli.exitcodes.OutputError
+        The output directory cannot be written at all (73).
+    bids_dmri_ldm.cli.exitcodes.BidsAppError
+        The method cannot be loaded (unknown, model corrupt, ``ldm`` weights missing: 1; model
+        not found: 66); checked once before any run starts.
     """
     started = time.time()
-    deriv.init_derivatives_dataset(config.output_dir, config.bids_dir)
-    translator = load_method(config.method, config.model_dir, method_options(config))
+    try:
+        deriv.init_derivatives_dataset(config.output_dir, config.bids_dir)
+    except deriv.OutputWriteError as err:
+        raise OutputError(str(err)) from None
+    try:
+        translator = load_method(config.method, config.model_dir, method_options(config))
+    except MethodError as err:
+        raise BidsAppError(str(err), EX_NOINPUT if isinstance(err, ModelNotFoundError) else EX_FAILURE) from None
     model_sha = getattr(getattr(translator, "model", None), "sha256", None)
     if Method(config.method) in NEEDS_MODEL:
         LOGGER.info("method %s, model %s (sha256 %s)", config.method,

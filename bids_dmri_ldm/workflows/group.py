@@ -25,7 +25,7 @@ import nibabel as nib
 import numpy as np
 
 from ..bids import derivatives as deriv
-from ..cli.exitcodes import EX_OK, BadDataError, UsageError
+from ..cli.exitcodes import EX_OK, BadDataError, OutputError, UsageError
 from ..interfaces import steps
 from ..methods import Method, RishPair, fit_rish_global, save_rish_global_model
 
@@ -67,7 +67,10 @@ def train_rish_global(config: "RunConfig", runs: Sequence["DWIRun"]) -> int:
     from ..bids.layout import pair_runs
 
     pairs = pair_runs(runs)
-    deriv.init_derivatives_dataset(config.output_dir, config.bids_dir)
+    try:
+        deriv.init_derivatives_dataset(config.output_dir, config.bids_dir)
+    except deriv.OutputWriteError as err:
+        raise OutputError(str(err)) from None
     Path(config.work_dir).mkdir(parents=True, exist_ok=True)
     scratch_root = Path(tempfile.mkdtemp(prefix="rish_global_", dir=config.work_dir))
     rish_pairs, described = [], []

@@ -16,7 +16,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from bids_dmri_ldm.cli.exitcodes import EX_CANTCREAT, EX_DATAERR, EX_FAILURE
+from bids_dmri_ldm.cli.exitcodes import EX_CANTCREAT, EX_DATAERR, EX_FAILURE, EX_NOINPUT
 from bids_dmri_ldm.cli.run import main
 
 BAD_SESSIONS = ("emptybval", "mismatch", "threeD", "nob0", "noshell", "corrupt", "unwritable")
@@ -149,14 +149,21 @@ def test_corrupt_model_refused_before_work(bids_dataset, tmp_path, capsys):
     out = tmp_path / "out"
     rc = main([str(bids_dataset.root), str(out), "participant", "-w", str(tmp_path / "work"),
                "--skip-bids-validation", "--method", "rish-global", "--model-dir", str(model_dir)])
-    assert rc != 0
-    assert "checksum mismatch" in capsys.readouterr().err
+    assert rc == EX_FAILURE
+    err = capsys.readouterr().err
+    assert "checksum mismatch" in err and "unexpected" not in err
     assert not (out / "sub-01").exists()
+    (tmp_path / "empty").mkdir()
+    rc = main([str(bids_dataset.root), str(out), "participant", "-w", str(tmp_path / "work"),
+               "--skip-bids-validation", "--method", "rish-global", "--model-dir", str(tmp_path / "empty")])
+    assert rc == EX_NOINPUT
+    assert "no rish-global model" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("method, message", [("ldm", "ldm weights not available")])
 def test_unavailable_method(bids_dataset, tmp_path, capsys, method, message):
     rc = main([str(bids_dataset.root), str(tmp_path / "out"), "participant", "-w", str(tmp_path / "work"),
                "--skip-bids-validation", "--method", method])
-    assert rc != 0
-    assert message in capsys.readouterr().err
+    assert rc == EX_FAILURE
+    err = capsys.readouterr().err
+    assert message in err and "unexpected" not in err
