@@ -473,21 +473,51 @@ def _shell_volumes(bvals: np.ndarray, bvecs: np.ndarray, n_volumes: int, shell: 
     return selection
 
 
-def _read_voxels(img, ijk: np.ndarray, volumes: np.ndarray) -> np.ndarray:
-    """Signal ``(V, len(volumes))`` at voxel indices ``ijk (V, 3)`` of a 4D image.
+def read_voxels(
+    img, ijk: np.ndarray, volumes: Sequence[int], mean_volumes: Sequence[int] = ()
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Signal of some voxels of a 4D image, and optionally the mean of some volumes.
 
-    The file is read once in its stored dtype (half the memory of float32
-    for int16 data); scaling is applied to the gathered voxels only.
+    The volumes are read one at a time in file order from an image opened
+    with ``keep_file_open=True``: a ``.nii.gz`` is inflated once, front to
+    back, and memory holds one 3D volume, never the whole 4D series (an
+    HCP-size 7T-like DWI is ~3 GB as float32).
+
+    Parameters
+    ----------
+    img : nibabel image, 4D
+    ijk : ndarray of int, shape (V, 3)
+        Voxel indices in the image's own (stored) axes.
+    volumes : sequence of int
+        Volumes to gather, in the order of the output columns.
+    mean_volumes : sequence of int
+        Volumes to average over the whole grid (e.g. the b0s).
+
+    Returns
+    -------
+    signals : ndarray, shape (V, len(volumes)), float32
+        Scaled values (``scl_slope``/``scl_inter`` applied).
+    mean : ndarray, shape (X, Y, Z), float32, or None
     """
-    proxy = img.dataobj
-    if hasattr(proxy, "get_unscaled"):
-        raw = proxy.get_unscaled()
-        slope = float(getattr(proxy, "slope", 1.0) or 1.0)
-        inter = float(getattr(proxy, "inter", 0.0) or 0.0)
-    else:
-        raw, slope, inter = np.asarray(proxy), 1.0, 0.0
-    values = raw[ijk[:, 0], ijk[:, 1], ijk[:, 2]][:, volumes].astype(np.float32)
-    return values * slope + inter
+    columns = {int(v): c for c, v in enumerate(volumes)}
+    averaged = {int(v) for v in mean_volumes}
+    signals = np.empty((len(ijk), len(columns)), np.float32)
+    total = np.zeros(img.shape[:3], np.float64) if averaged else None
+    index = tuple(np.asarray(ijk).T)
+    for k in sorted(set(columns) | averaged):
+        volume = np.asarray(img.dataobj[..., k], dtype=np.float32)
+        if k in columns:
+            signals[:, columns[k]] = volume[index]
+        if k in averaged:
+            total += volume
+    mean = (total / len(averaged)).astype(np.float32) if averaged else None
+    return signals, mean
+
+
+def _to_stored_indices(img, canonical_affine: np.ndarray, ijk: np.ndarray) -> np.ndarray:
+    """Voxel indices of a canonical grid mapped to the stored grid of ``img`` (nearest)."""
+    transform = np.linalg.inv(img.affine) @ canonical_affine
+    return np.rint(nib.affines.apply_affine(transform, ijk)).astype(int)
 
 
 def _resolve_source(output_dir: Path, dwi_path: Path, sidecar: Mapping) -> Path:
@@ -619,22 +649,24 @@ def _load_output_dwi(run: RunData, dwi_path: Path, mask_affine: np.ndarray) -> N
     """Mean b0 and FA / eigenvector of the 7T-like DWI on the displayed slices."""
     from bids_dmri_ldm.core.gradients import b0_mask, load_gradients
 
-    img = nib.load(dwi_path)
+    img = nib.load(dwi_path, keep_file_open=True)
     if img.ndim != 4:
         raise ValueError(f"{dwi_path.name} is not 4D (shape {img.shape})")
     bvals, bvecs = load_gradients(find_derivative(dwi_path, "bval"), find_derivative(dwi_path, "bvec"))
-    data, affine, ornt = _canonical(img)
-    if data.shape[:3] != run.mask.shape or not np.allclose(affine, mask_affine, atol=1e-3):
-        raise ValueError(f"{dwi_path.name} grid {data.shape[:3]} differs from the brain mask's")
-    is_b0 = b0_mask(bvals)
-    run.mean_b0 = np.asarray(data[..., np.flatnonzero(is_b0)], np.float32).mean(axis=-1)
+    ornt = nib.orientations.io_orientation(img.affine)
+    affine = img.affine @ nib.orientations.inv_ornt_aff(ornt, img.shape[:3])
+    shape = tuple(int(img.shape[int(axis)]) for axis in np.argsort(ornt[:, 0]))
+    if shape != run.mask.shape or not np.allclose(affine, mask_affine, atol=1e-3):
+        raise ValueError(f"{dwi_path.name} grid {img.shape[:3]} differs from the brain mask's")
     selection = _shell_volumes(bvals, bvecs, img.shape[3], _sidecar_shell(run.sidecar))
     run.shell_bval = selection.shell_bval
     where = display_voxels(run.mask, figures.select_slices(run.mask))
     ijk = np.argwhere(where)
-    signals = np.asarray(data[ijk[:, 0], ijk[:, 1], ijk[:, 2]][:, selection.index], np.float32)
+    signals, mean_b0 = read_voxels(img, _to_stored_indices(img, affine, ijk), selection.index,
+                                   np.flatnonzero(b0_mask(bvals)))
+    run.mean_b0 = nib.orientations.apply_orientation(mean_b0, ornt)
     fa, evec = fit_tensor_at(signals, bvals[selection.index], selection.bvecs[selection.index])
-    run.fa_out = np.full(shape := run.mask.shape, np.nan, np.float32)
+    run.fa_out = np.full(shape, np.nan, np.float32)
     run.evec_out = np.zeros(shape + (3,), np.float32)
     run.fa_out[where] = fa
     run.evec_out[where] = _canonical_vectors(evec, ornt)
@@ -659,7 +691,7 @@ def _load_source_fa(run: RunData, output_dir: Path, dwi_path: Path, out_affine: 
         output_dir, dwi_path, run.sidecar)
     bval = Path(extra["source_bval"]) if extra.get("source_bval") else find_gradient_file(source, ".bval")
     bvec = Path(extra["source_bvec"]) if extra.get("source_bvec") else find_gradient_file(source, ".bvec")
-    img = nib.load(source)
+    img = nib.load(source, keep_file_open=True)
     if img.ndim != 4:
         raise ValueError(f"source {source.name} is not 4D (shape {img.shape})")
     bvals, bvecs = load_gradients(bval, bvec)
@@ -671,7 +703,7 @@ def _load_source_fa(run: RunData, output_dir: Path, dwi_path: Path, out_affine: 
     in_ijk = np.rint(nib.affines.apply_affine(np.linalg.inv(img.affine), world)).astype(int)
     inside = np.all((in_ijk >= 0) & (in_ijk < np.array(img.shape[:3])), axis=1)
     unique, inverse = np.unique(in_ijk[inside], axis=0, return_inverse=True)
-    signals = _read_voxels(img, unique, selection.index)
+    signals, _ = read_voxels(img, unique, selection.index)
     fa, evec = fit_tensor_at(signals, bvals[selection.index], selection.bvecs[selection.index])
     ornt = nib.orientations.io_orientation(img.affine)
     shape = run.mask.shape

@@ -63,10 +63,10 @@ def simulate_dwi(shape, affine, bvals, bvecs, radii=(19.0, 23.0, 17.0), s0=1000.
                  l_perp=0.3e-3, d_iso=0.8e-3):
     """Noiseless DWI ``(X, Y, Z, N)``: prolate tensor in WM, isotropic elsewhere in the brain."""
     brain, wm, e1 = tissue(shape, affine, radii)
-    cos2 = np.einsum("xyzc,nc->xyzn", e1, bvecs) ** 2
-    adc_wm = l_perp + (l_par - l_perp) * cos2
-    adc = np.where(wm[..., None], adc_wm, d_iso)
-    data = s0 * np.exp(-bvals * adc)
+    cos2 = np.einsum("xyzc,nc->xyzn", e1.astype(np.float32), bvecs.astype(np.float32)) ** 2
+    adc = np.where(wm[..., None], np.float32(l_perp) + np.float32(l_par - l_perp) * cos2,
+                   np.float32(d_iso))
+    data = np.float32(s0) * np.exp(-bvals.astype(np.float32) * adc)
     data[~brain] = 5.0
     return data.astype(np.float32), brain, wm
 
