@@ -262,7 +262,9 @@ def load_rish_global_model(model_dir: str | os.PathLike) -> RishGlobalModel:
 
 def save_rish_global_model(model: RishGlobalModel, model_dir: str | os.PathLike) -> Path:
     """Write ``rish_global.json`` and ``SHA256SUMS`` atomically; return the model file path."""
-    from .bids.derivatives import atomic_write_text  # local: bids/ imports nothing from here
+    from .bids.derivatives import (
+        atomic_write_text,  # local: bids/ imports nothing from here
+    )
 
     model_dir = Path(model_dir)
     model_dir.mkdir(parents=True, exist_ok=True)
@@ -441,7 +443,7 @@ def fit_rish_global(pairs: Iterable[RishPair], orders: Sequence[int] = RISH_ORDE
         "n_defined": [int(v) for v in np.sum(np.isfinite(pooled), axis=0)],
         "quartiles": {"q25": [float(v) for v in q25], "q75": [float(v) for v in q75]},
         "pairs": per_pair,
-        "created": _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat(),
+        "created": _dt.datetime.now(_dt.UTC).replace(microsecond=0).isoformat(),
     }
     training.update(extra_training or {})
     return RishGlobalModel(factors=factors, orders=tuple(orders), tau=tau, training=training,
@@ -449,8 +451,24 @@ def fit_rish_global(pairs: Iterable[RishPair], orders: Sequence[int] = RISH_ORDE
 
 
 __all__ = [
-    "Method", "MethodError", "MethodUnavailableError", "ModelNotFoundError", "ScaleMapPrediction", "TranslationMethod",
-    "IdentityMethod", "RishGlobalModel", "RishGlobalMethod", "RishPair", "LOADERS", "NEEDS_MODEL",
-    "load_method", "resolve_model_dir", "default_models_root", "load_rish_global_model",
-    "save_rish_global_model", "fit_rish_global", "pair_scale_samples", "sha256_file",
+    "LOADERS",
+    "NEEDS_MODEL",
+    "IdentityMethod",
+    "Method",
+    "MethodError",
+    "MethodUnavailableError",
+    "ModelNotFoundError",
+    "RishGlobalMethod",
+    "RishGlobalModel",
+    "RishPair",
+    "ScaleMapPrediction",
+    "TranslationMethod",
+    "default_models_root",
+    "fit_rish_global",
+    "load_method",
+    "load_rish_global_model",
+    "pair_scale_samples",
+    "resolve_model_dir",
+    "save_rish_global_model",
+    "sha256_file",
 ]

@@ -490,7 +490,7 @@ def read_settings(outputs: RunOutputs) -> dict[str, Any] | None:
 
 
 def _same_settings(recorded: Mapping[str, Any], wanted: Mapping[str, Any]) -> bool:
-    normalise = lambda d: json.loads(json.dumps(dict(d), sort_keys=True, default=_json_default))  # noqa: E731
+    normalise = lambda d: json.loads(json.dumps(dict(d), sort_keys=True, default=_json_default))
     return normalise(recorded) == normalise(wanted)
 
 
@@ -509,10 +509,34 @@ def remove_outputs(outputs: RunOutputs) -> list[Path]:
 
 
 __all__ = [
-    "BIDS_VERSION", "DESC_7TLIKE", "BIDSIGNORE_LINES", "OUTPUT_SPECS", "OutputSpec", "RunOutputs",
-    "OutputWriteError", "atomic_write_text", "atomic_write_json", "atomic_copy", "atomic_save_nifti",
-    "make_nifti", "write_bval_bvec", "write_derivative", "parse_entities", "source_entities", "resolution_label",
-    "build_name", "run_outputs", "bids_uri", "software_versions", "container_info",
-    "dataset_description", "init_derivatives_dataset", "sidecar_metadata", "provenance_block",
-    "is_complete", "read_settings", "existing_files", "remove_outputs",
+    "BIDSIGNORE_LINES",
+    "BIDS_VERSION",
+    "DESC_7TLIKE",
+    "OUTPUT_SPECS",
+    "OutputSpec",
+    "OutputWriteError",
+    "RunOutputs",
+    "atomic_copy",
+    "atomic_save_nifti",
+    "atomic_write_json",
+    "atomic_write_text",
+    "bids_uri",
+    "build_name",
+    "container_info",
+    "dataset_description",
+    "existing_files",
+    "init_derivatives_dataset",
+    "is_complete",
+    "make_nifti",
+    "parse_entities",
+    "provenance_block",
+    "read_settings",
+    "remove_outputs",
+    "resolution_label",
+    "run_outputs",
+    "sidecar_metadata",
+    "software_versions",
+    "source_entities",
+    "write_bval_bvec",
+    "write_derivative",
 ]

@@ -9,7 +9,7 @@ import os
 
 os.environ.setdefault("NIPYPE_NO_ET", "1")
 
-from nipype.interfaces.base import (  # noqa: E402
+from nipype.interfaces.base import (
     BaseInterfaceInputSpec,
     File,
     SimpleInterface,
@@ -18,7 +18,7 @@ from nipype.interfaces.base import (  # noqa: E402
     traits,
 )
 
-from ..bids import derivatives as deriv  # noqa: E402
+from ..bids import derivatives as deriv
 
 
 class _DerivativesDataSinkInputSpec(BaseInterfaceInputSpec):

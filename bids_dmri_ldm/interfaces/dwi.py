@@ -5,7 +5,7 @@ import os
 
 os.environ.setdefault("NIPYPE_NO_ET", "1")  # no version check over the network at run time
 
-from nipype.interfaces.base import (  # noqa: E402
+from nipype.interfaces.base import (
     BaseInterfaceInputSpec,
     File,
     SimpleInterface,
@@ -14,7 +14,7 @@ from nipype.interfaces.base import (  # noqa: E402
     traits,
 )
 
-from . import steps  # noqa: E402
+from . import steps
 
 
 def _optional(value):

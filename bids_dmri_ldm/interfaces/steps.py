@@ -24,7 +24,14 @@ import nibabel as nib
 import numpy as np
 
 from ..bids.derivatives import atomic_save_nifti, make_nifti, write_bval_bvec
-from ..core.gradients import B0_THRESHOLD, GradientError, ShellSelection, check_gradients, load_gradients, select_shell
+from ..core.gradients import (
+    B0_THRESHOLD,
+    GradientError,
+    ShellSelection,
+    check_gradients,
+    load_gradients,
+    select_shell,
+)
 from ..core.mask import brain_mask
 from ..core.resample import output_grid, resample, resample_mask
 from ..core.sh import RISH_ORDERS, SHModel, rish_features, scale_sh, sh_basis

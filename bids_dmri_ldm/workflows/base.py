@@ -31,10 +31,22 @@ from typing import TYPE_CHECKING, Any
 
 os.environ.setdefault("NIPYPE_NO_ET", "1")
 
-from ..bids import derivatives as deriv  # noqa: E402
-from ..interfaces.steps import InputDataError, InputSummary, check_run_inputs, grid_changes  # noqa: E402
-from ..cli.exitcodes import EX_FAILURE, EX_NOINPUT, BidsAppError, OutputError  # noqa: E402
-from ..methods import NEEDS_MODEL, Method, MethodError, ModelNotFoundError, load_method, resolve_model_dir  # noqa: E402
+from ..bids import derivatives as deriv
+from ..cli.exitcodes import EX_FAILURE, EX_NOINPUT, BidsAppError, OutputError
+from ..interfaces.steps import (
+    InputDataError,
+    InputSummary,
+    check_run_inputs,
+    grid_changes,
+)
+from ..methods import (
+    NEEDS_MODEL,
+    Method,
+    MethodError,
+    ModelNotFoundError,
+    load_method,
+    resolve_model_dir,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..bids.layout import DWIRun
@@ -63,7 +75,7 @@ class RunPlan:
     started: float = field(default_factory=time.time)
 
 
-def run_settings(config: "RunConfig", model_sha256: str | None) -> dict[str, Any]:
+def run_settings(config: RunConfig, model_sha256: str | None) -> dict[str, Any]:
     """Settings recorded in every sidecar and compared on reruns (a change means: redo)."""
     return {
         "Method": str(config.method),
@@ -75,7 +87,7 @@ def run_settings(config: "RunConfig", model_sha256: str | None) -> dict[str, Any
     }
 
 
-def method_options(config: "RunConfig") -> dict[str, Any]:
+def method_options(config: RunConfig) -> dict[str, Any]:
     """Options handed to the method loader (used by ``ldm``; ignored by the others)."""
     return {"device": config.device, "seed": int(config.seed), "num_samples": int(config.num_samples),
             "ddim_steps": config.ddim_steps, "t0": config.t0, "guidance": config.guidance,
@@ -89,7 +101,7 @@ def _uri(path, root) -> str:
         return Path(path).resolve().as_uri()
 
 
-def plan_run(run: "DWIRun", config: "RunConfig") -> RunPlan:
+def plan_run(run: DWIRun, config: RunConfig) -> RunPlan:
     """Check a run from its header/gradients and decide its output names.
 
     Raises
@@ -110,7 +122,7 @@ def plan_run(run: "DWIRun", config: "RunConfig") -> RunPlan:
                    sources=sources, spatial_reference=_uri(run.dwi, config.bids_dir), wf_name=wf_name)
 
 
-def init_single_run_wf(plan: RunPlan, config: "RunConfig", settings: dict[str, Any]):
+def init_single_run_wf(plan: RunPlan, config: RunConfig, settings: dict[str, Any]):
     """Translation + derivative writing of one run, with the run's inputs set."""
     from nipype.pipeline import engine as pe
 
@@ -150,7 +162,7 @@ def init_single_run_wf(plan: RunPlan, config: "RunConfig", settings: dict[str, A
     return workflow
 
 
-def _crash_dir(config: "RunConfig", plan: RunPlan) -> Path:
+def _crash_dir(config: RunConfig, plan: RunPlan) -> Path:
     return Path(config.work_dir) / "crash" / plan.wf_name
 
 
@@ -159,7 +171,7 @@ def _set_crash_dir(workflow, crash_dir: Path) -> None:
         node.config = {"execution": {"crashdump_dir": str(crash_dir), "crashfile_format": "txt"}}
 
 
-def run_participant(config: "RunConfig", runs: Sequence["DWIRun"]) -> dict[str, str]:
+def run_participant(config: RunConfig, runs: Sequence[DWIRun]) -> dict[str, str]:
     """Translate every run; return ``{run stem: status}`` (see the module docstring).
 
     Raises
@@ -229,7 +241,7 @@ def _settings_diff(recorded: dict, wanted: dict) -> str:
     return "; ".join(diffs) or "unknown difference"
 
 
-def _execute(plans: list[RunPlan], config: "RunConfig", settings: dict[str, Any]) -> None:
+def _execute(plans: list[RunPlan], config: RunConfig, settings: dict[str, Any]) -> None:
     """Build one workflow with a sub-workflow per run and run it; node failures are collected
     from the crash files afterwards."""
     from nipype import config as nipype_config
@@ -268,7 +280,7 @@ def _execute(plans: list[RunPlan], config: "RunConfig", settings: dict[str, Any]
         gc.unfreeze()
 
 
-def _outcome(plan: RunPlan, config: "RunConfig", settings: dict[str, Any]) -> tuple[str, str]:
+def _outcome(plan: RunPlan, config: RunConfig, settings: dict[str, Any]) -> tuple[str, str]:
     """Status and reason of one executed run."""
     crash_files = sorted(_crash_dir(config, plan).glob("crash-*.txt"))
     if not crash_files and deriv.is_complete(plan.outputs, settings):
@@ -313,7 +325,7 @@ def crash_reason(text: str) -> tuple[str, str]:
     return found
 
 
-def _write_error_log(config: "RunConfig", plan: RunPlan, message: str, crash_files: list[Path]) -> None:
+def _write_error_log(config: RunConfig, plan: RunPlan, message: str, crash_files: list[Path]) -> None:
     lines = [f"run: {plan.run.dwi}", f"reason: {message}"]
     for crash in crash_files:
         lines += [f"crash file: {crash}", crash.read_text(errors="replace")]
@@ -324,7 +336,7 @@ def _write_error_log(config: "RunConfig", plan: RunPlan, message: str, crash_fil
         LOGGER.warning("could not write the error log of %s: %s", plan.outputs.run_id, err)
 
 
-def _write_summary(config: "RunConfig", statuses: dict[str, str], reasons: dict[str, str], started: float) -> None:
+def _write_summary(config: RunConfig, statuses: dict[str, str], reasons: dict[str, str], started: float) -> None:
     stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(started))
     rows = ["run\tstatus\treason"]
     for key in sorted(statuses):

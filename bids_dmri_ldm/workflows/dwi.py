@@ -5,10 +5,10 @@ import os
 
 os.environ.setdefault("NIPYPE_NO_ET", "1")
 
-from nipype.interfaces.utility import IdentityInterface  # noqa: E402
-from nipype.pipeline import engine as pe  # noqa: E402
+from nipype.interfaces.utility import IdentityInterface
+from nipype.pipeline import engine as pe
 
-from ..interfaces.dwi import (  # noqa: E402
+from ..interfaces.dwi import (
     BrainMask,
     FitRISH,
     LoadDWI,

@@ -36,12 +36,12 @@ if TYPE_CHECKING:  # pragma: no cover
 LOGGER = logging.getLogger("bids_dmri_ldm.group")
 
 
-def group_model_dir(config: "RunConfig", method: Method) -> Path:
+def group_model_dir(config: RunConfig, method: Method) -> Path:
     """Where the group level writes the model of ``method``."""
     return Path(config.output_dir) / "models" / method.value
 
 
-def compute_run_rish(run: "DWIRun", shell: float, tolerance: float, sh_order_max: int,
+def compute_run_rish(run: DWIRun, shell: float, tolerance: float, sh_order_max: int,
                      scratch: str | Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """RISH maps ``(X, Y, Z, 3)``, brain mask ``(X, Y, Z)`` and affine of one run, on its own grid.
 
@@ -62,7 +62,7 @@ def compute_run_rish(run: "DWIRun", shell: float, tolerance: float, sh_order_max
     return rish, brain, rish_img.affine
 
 
-def train_rish_global(config: "RunConfig", runs: Sequence["DWIRun"]) -> int:
+def train_rish_global(config: RunConfig, runs: Sequence[DWIRun]) -> int:
     """Fit and save the rish-global model from every 3T/7T pair among ``runs``."""
     from ..bids.layout import pair_runs
 
@@ -132,6 +132,6 @@ GROUP_TRAINERS: dict[Method, Callable[[Any, Sequence[Any]], int]] = {
 """Method -> group-level trainer ``(config, runs) -> exit status``."""
 
 
-def run_group(config: "RunConfig", runs: Sequence["DWIRun"]) -> int:
+def run_group(config: RunConfig, runs: Sequence[DWIRun]) -> int:
     """Group level entry point called by the command line; returns the exit status."""
     return GROUP_TRAINERS[Method(config.method)](config, runs)

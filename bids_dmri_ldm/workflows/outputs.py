@@ -5,10 +5,10 @@ import os
 
 os.environ.setdefault("NIPYPE_NO_ET", "1")
 
-from nipype.interfaces.utility import IdentityInterface  # noqa: E402
-from nipype.pipeline import engine as pe  # noqa: E402
+from nipype.interfaces.utility import IdentityInterface
+from nipype.pipeline import engine as pe
 
-from ..interfaces.bids import DerivativesDataSink  # noqa: E402
+from ..interfaces.bids import DerivativesDataSink
 
 INPUT_FIELDS = ["dwi_file", "bval_file", "bvec_file", "mask_file", "rish_source_file",
                 "rish_predicted_file", "scale_file", "provenance"]
@@ -69,9 +69,10 @@ def init_ds_7tlike_wf(
     """
     workflow = pe.Workflow(name=name)
     inputnode = pe.Node(IdentityInterface(fields=INPUT_FIELDS), name="inputnode")
-    common = dict(base_directory=str(output_dir), source_file=str(source_file), source_entities=dict(source_entities),
-                  res_label=res_label, resolution=resolution, sources=list(sources),
-                  spatial_reference=spatial_reference, settings=dict(settings), seed=int(seed))
+    common = {"base_directory": str(output_dir), "source_file": str(source_file),
+              "source_entities": dict(source_entities), "res_label": res_label, "resolution": resolution,
+              "sources": list(sources), "spatial_reference": spatial_reference, "settings": dict(settings),
+              "seed": int(seed)}
 
     def sink(kind):
         return pe.Node(DerivativesDataSink(kind=kind, **common), name=f"ds_{kind}", run_without_submitting=True,

@@ -92,7 +92,7 @@ def test_every_bad_run_reported_others_processed(make_bids_dataset, tmp_path, ca
     assert f"{len(BAD_SESSIONS)} of {len(SESSIONS)} run(s) failed" in err
     assert "Traceback" not in err
 
-    summary = sorted((out / "logs").glob("participant_*.tsv"))[-1].read_text().splitlines()
+    summary = max((out / "logs").glob("participant_*.tsv"), key=lambda p: p.stat().st_mtime_ns).read_text().splitlines()
     rows = {line.split("\t")[0]: line.split("\t")[1:] for line in summary[1:]}
     assert rows["sub-01_ses-good"][0] == "done" and rows["sub-01_ses-nan"][0] == "done"
     for ses, fragment in EXPECTED_REASON.items():

@@ -12,7 +12,7 @@ from bids_dmri_ldm.core.sh import SHModel
 from bids_dmri_ldm.methods import load_rish_global_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from conftest import GM_MD, WM_EIGENVALUES, dwi_signal  # noqa: E402
+from conftest import GM_MD, WM_EIGENVALUES, dwi_signal
 
 
 def _wm_rish(ds, strength: float) -> np.ndarray:

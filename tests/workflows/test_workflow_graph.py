@@ -1,6 +1,7 @@
 """Workflow graphs are built (not run) from a fake run: nodes, edges, names, plans."""
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -53,7 +54,7 @@ def test_ds_wf_writes_dwi_last():
     assert len(sinks) == 5
     edges = _edges(wf)
     chain = ["ds_rish_source", "ds_rish_predicted", "ds_scale", "ds_mask", "ds_dwi"]
-    assert all((a, b) in edges for a, b in zip(chain, chain[1:]))
+    assert all((a, b) in edges for a, b in itertools.pairwise(chain))
     assert all(wf.get_node(s).overwrite for s in sinks)  # never served from the cache
 
 

@@ -110,7 +110,7 @@ def _ones_mask(tmp_path, shape, affine=AFFINE):
 
 
 def test_given_mask_on_another_grid_is_refused(tmp_path):
-    (dwi, bval, bvec), data, _, _ = band_limited_run(tmp_path)
+    (dwi, bval, bvec), _, _, _ = band_limited_run(tmp_path)
     sel = steps.select_shell_step(dwi, bval, bvec, 1000, 100, 4, tmp_path / "w")
     loaded = steps.load_dwi_step(dwi, sel["index"], sel["n_b0"], tmp_path / "w")
     with pytest.raises(InputDataError, match="not on the DWI grid"):
