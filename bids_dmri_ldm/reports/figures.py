@@ -548,7 +548,7 @@ def mask_overlay_figure(
                        vmin, vmax)
         inside = take_slice(mask, axis, idx)
         edge = inside & ~ndimage.binary_erosion(inside)
-        rgba[inside, :3] = 0.85 * rgba[inside, :3] + 0.15 * np.array(MASK_COLOUR)
+        rgba[inside, :3] = 0.92 * rgba[inside, :3] + 0.08 * np.array(MASK_COLOUR)
         rgba[edge, :3] = MASK_COLOUR
         planes.append(rgba)
     strip, centres = montage(planes)

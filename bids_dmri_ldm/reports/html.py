@@ -37,7 +37,7 @@ figcaption { font-size: 0.85em; color: #444; margin-top: 3px; max-width: 1100px;
 table { border-collapse: collapse; font-size: 0.85em; margin: 6px 0 12px; }
 th, td { border: 1px solid #d6d9de; padding: 3px 8px; text-align: left; vertical-align: top; }
 th { background: #f3f5f8; }
-td.num { text-align: right; font-variant-numeric: tabular-nums; }
+td.num { font-variant-numeric: tabular-nums; }
 div.error { background: #fdecea; border-left: 5px solid #c62828; padding: 8px 12px;
             margin: 6px 0 12px; }
 div.error pre { white-space: pre-wrap; margin: 4px 0 0; font-size: 0.85em; }
@@ -146,7 +146,7 @@ def error_html(message: str) -> str:
 def format_value(value) -> str:
     """Readable text of a table value (floats to 4 significant digits)."""
     if isinstance(value, float):
-        return f"{value:.4g}"
+        return f"{value:.4f}" if 1e-3 <= abs(value) < 1e4 else f"{value:.4g}"
     if isinstance(value, (list, tuple)):
         return ", ".join(format_value(v) for v in value)
     if value is None:

@@ -23,6 +23,7 @@ import numpy as np
 from bids_dmri_ldm.reports import figures
 from bids_dmri_ldm.reports.html import (
     LOGGER,
+    ReportInputError,
     Section,
     figure_html,
     preformatted,
@@ -42,6 +43,36 @@ TRAINING_FILES: dict[str, tuple[str, ...]] = {
 }
 #: Column that holds the stage name when one CSV holds several stages.
 STAGE_COLUMN = "stage"
+#: Training stages in pipeline order (``ml/training.py``); others follow, sorted.
+STAGE_ORDER = ("vqvae3t", "vqvae7t", "ldm", "sr")
+#: Columns that are bookkeeping, not curves.
+_NOT_CURVES = ("second", "time", "lr")
+
+
+def order_stages(curves: Mapping[str, Mapping]) -> dict:
+    """Stages in pipeline order (:data:`STAGE_ORDER`), unknown ones after, sorted."""
+    rank = {stage: i for i, stage in enumerate(STAGE_ORDER)}
+    return {k: curves[k] for k in sorted(curves, key=lambda k: (rank.get(k, len(rank)), k))}
+
+
+def loss_columns(columns: Mapping[str, np.ndarray], x_key: str = "epoch") -> dict[str, np.ndarray]:
+    """The x column and the loss columns (names containing 'loss'; all numeric ones without)."""
+    losses = {k: v for k, v in columns.items() if "loss" in k.lower()}
+    if not losses:
+        losses = {k: v for k, v in columns.items()
+                  if k != x_key and not any(n in k.lower() for n in _NOT_CURVES)}
+    return ({x_key: columns[x_key]} if x_key in columns else {}) | losses
+
+
+def validation_from_losses(losses: Mapping[str, Mapping[str, np.ndarray]], x_key: str = "epoch") -> dict:
+    """Per-stage validation columns (``val*``) of the loss logs, when no metrics file exists."""
+    out = {}
+    for stage, columns in losses.items():
+        val = {k: v for k, v in columns.items()
+               if k.lower().startswith("val") and np.isfinite(np.asarray(v, float)).any()}
+        if val:
+            out[stage] = ({x_key: columns[x_key]} if x_key in columns else {}) | val
+    return out
 
 
 def read_csv_columns(path: str | Path) -> dict[str, np.ndarray | list[str]]:
@@ -124,18 +155,20 @@ def load_examples(paths: Sequence[Path]) -> list[dict]:
 
 def _losses_blocks(losses) -> list[str]:
     if not losses:
-        raise ValueError("no loss CSV found (expected files matching "
-                         f"{', '.join(TRAINING_FILES['losses'])})")
-    png = figures.to_png(figures.loss_curves_figure(losses))
+        raise ReportInputError("no loss CSV found (expected files matching "
+                               f"{', '.join(TRAINING_FILES['losses'])})")
+    curves = {stage: loss_columns(columns) for stage, columns in order_stages(losses).items()}
+    png = figures.to_png(figures.loss_curves_figure(curves))
     return [figure_html(png, "loss curves", "Training (and validation) losses per stage; log "
                         "scale when all values are positive.")]
 
 
 def _validation_blocks(validation) -> list[str]:
     if not validation:
-        raise ValueError("no validation metrics CSV found")
+        raise ReportInputError("no validation metrics found (no validation CSV and no val_* "
+                               "column in the loss logs)")
     blocks = []
-    for stage, metrics in validation.items():
+    for stage, metrics in order_stages(validation).items():
         png = figures.to_png(figures.metrics_figure(metrics))
         blocks.append(figure_html(png, f"validation metrics {stage}",
                                   f"Validation metrics per epoch, stage {stage}."))
@@ -144,7 +177,8 @@ def _validation_blocks(validation) -> list[str]:
 
 def _examples_blocks(examples) -> list[str]:
     if not examples:
-        raise ValueError("no example reconstructions were given or found")
+        raise ReportInputError("no example reconstructions were given or found "
+                               f"({', '.join(TRAINING_FILES['examples'])})")
     png = figures.to_png(figures.reconstruction_figure(examples))
     return [figure_html(png, "example reconstructions", "Mid-axial slices of the validation "
                         "participants' RISH maps: 3T source, model prediction, real 7T target; "
@@ -153,13 +187,13 @@ def _examples_blocks(examples) -> list[str]:
 
 def _summary_blocks(data_summary) -> list[str]:
     if not data_summary:
-        raise ValueError("no data summary was given or found in the model config")
+        raise ReportInputError("no data summary was given or found in the model config")
     return [table_html(sorted(_flat(data_summary).items()), header=("item", "value"))]
 
 
 def _config_blocks(config) -> list[str]:
     if not config:
-        raise ValueError("no configuration was given or found")
+        raise ReportInputError("no configuration was given or found")
     return [preformatted(json.dumps(config, indent=2, sort_keys=True, default=str))]
 
 
@@ -261,6 +295,8 @@ def build_training_report(
         losses = discover("losses", load_curves)
     if validation is None:
         validation = discover("validation", load_curves)
+    if not validation and losses:
+        validation = validation_from_losses(losses)
     if config is None:
         config = discover("config", lambda paths: load_config(paths[0]))
     if examples is None:

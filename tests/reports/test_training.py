@@ -70,3 +70,26 @@ def test_training_report_with_malformed_csv_still_written(tmp_path):
     parsed = parse_report(path)
     assert path.exists() and len(parsed.errors) == 5
     assert any("loss" in e for e in parsed.errors)
+
+
+def test_training_report_from_the_group_level_layout(tmp_path):
+    # the layout ml/training.py writes: training/losses_<stage>.csv, model/config.json
+    (tmp_path / "training").mkdir()
+    for stage in ("sr", "ldm", "vqvae3t"):
+        rows = ["epoch,train_loss,val_loss,seconds"] + [f"{e},{1 / (e + 1)},{1.2 / (e + 1)},{30 + e}"
+                                                       for e in range(4)]
+        (tmp_path / "training" / f"losses_{stage}.csv").write_text("\n".join(rows) + "\n")
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text(json.dumps(
+        {"orders": [0, 2, 4], "training_data": {"n_paired": 3, "validation_participants": ["07"]}}))
+    from bids_dmri_ldm.reports import training
+
+    losses = training.load_curves(training._discover(tmp_path, "losses"))
+    assert list(training.order_stages(losses)) == ["vqvae3t", "ldm", "sr"]
+    assert list(training.loss_columns(losses["ldm"])) == ["epoch", "train_loss", "val_loss"]
+    parsed = parse_report(build_training_report(tmp_path))
+    # loss curves + validation loss of each stage (no metrics file: taken from val_loss)
+    assert len(parsed.images) == 4
+    assert len(parsed.errors) == 1 and "example" in parsed.errors[0]
+    for src in parsed.images:
+        decode_png(src)
