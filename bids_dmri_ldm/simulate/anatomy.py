@@ -5,7 +5,7 @@ Templates
 nilearn ships the MNI152 2009a (symmetric, skull-stripped) T1, GM and WM maps at 1 mm inside its
 wheel (``nilearn/datasets/data``). They are read directly with nibabel: nothing is downloaded,
 and importing :mod:`nilearn.datasets` (3.5 s on these machines) is avoided by locating the package
-with :func:`importlib.util.find_spec`. Brain = T1 above 0.2 of its maximum;
+with :func:`importlib.util.find_spec`. Brain = T1 above 0.2 of its maximum, holes (cisterns) filled;
 CSF = brain - GM - WM (clipped at 0); the ventricles come out as CSF.
 
 Subject space
@@ -92,24 +92,54 @@ def load_templates() -> Templates:
     """Read the nilearn MNI152 T1/GM/WM maps and derive WM/GM/CSF fractions (cached)."""
     folder = nilearn_template_dir()
     images = {key: nib.load(os.path.join(folder, name)) for key, name in _TEMPLATE_FILES.items()}
-    t1 = np.asarray(images["t1"].dataobj, dtype=np.float32)
-    gm = np.asarray(images["gm"].dataobj, dtype=np.float32) / 255.0
-    wm = np.asarray(images["wm"].dataobj, dtype=np.float32) / 255.0
-    brain = t1 > BRAIN_T1_THRESHOLD * t1.max()  # the ventricles (T1 ~ 0.25 max) are included
-    brain = np.maximum(brain.astype(np.float32), np.minimum(gm + wm, 1.0))
-    excess = np.maximum(gm + wm - brain, 0.0)  # keep WM + GM <= brain
-    gm = np.maximum(gm - excess, 0.0)
-    csf = np.clip(brain - gm - wm, 0.0, 1.0)
     affine = images["t1"].affine.copy()
     if not np.allclose(affine[:3, :3], np.eye(3)):
         raise RuntimeError("unexpected MNI152 template affine (expected 1 mm, RAS, axis-aligned)")
+    raw = {key: np.asarray(image.dataobj) for key, image in images.items()}  # uint8
+    t1_mask = raw["t1"] > BRAIN_T1_THRESHOLD * raw["t1"].max()
+    mask = t1_mask | ((raw["gm"].astype(np.uint16) + raw["wm"]) > 0)
+    # Crop to the brain plus a margin: every later step is then ~2x cheaper.
+    margin = 4
+    lower = np.array([np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != d)))[0] for d in range(3)])
+    upper = np.array([np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != d)))[-1] for d in range(3)])
+    lower = np.maximum(lower - margin, 0)
+    upper = np.minimum(upper + margin + 1, mask.shape)
+    box = tuple(slice(lo, hi) for lo, hi in zip(lower, upper))
+    affine[:3, 3] += lower  # 1 mm axis-aligned: voxel offset = mm offset
+    brain = fill_holes(t1_mask[box]).astype(np.float32)  # cisterns below the T1 threshold
+    gm = raw["gm"][box].astype(np.float32) / 255.0
+    wm = raw["wm"][box].astype(np.float32) / 255.0
+    total = gm + wm
+    brain = np.maximum(brain, np.minimum(total, 1.0))
+    gm -= np.maximum(total - brain, 0.0)  # keep WM + GM <= brain
+    np.maximum(gm, 0.0, out=gm)
+    csf = np.clip(brain - gm - wm, 0.0, 1.0)
     is_brain = brain > 0
     near_brain = ndimage.maximum_filter(is_brain.view(np.uint8), size=5)  # brain dilated by 2 mm
-    box = np.zeros((2, 3))
+    corners = np.zeros((2, 3))
     for axis in range(3):
         occupied = np.flatnonzero(is_brain.any(axis=tuple(a for a in range(3) if a != axis)))
-        box[:, axis] = affine[axis, 3] + occupied[[0, -1]]
-    return Templates(channels=(wm, gm, csf), affine=affine, near_brain=near_brain, brain_box_mm=box)
+        corners[:, axis] = affine[axis, 3] + occupied[[0, -1]]
+    return Templates(channels=(wm, gm, csf), affine=affine, near_brain=near_brain, brain_box_mm=corners)
+
+
+def fill_holes(mask: np.ndarray) -> np.ndarray:
+    """``mask`` with enclosed background filled (connected components of the background that
+    do not touch the array border). Same result as :func:`scipy.ndimage.binary_fill_holes`,
+    which is several times slower (iterated dilations) on the 8.7 M-voxel template.
+    """
+    # Work inside the mask's bounding box plus a one-voxel border of background.
+    lower = [int(np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != d)))[0]) for d in range(3)]
+    upper = [int(np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != d)))[-1]) + 1 for d in range(3)]
+    box = tuple(slice(lo, hi) for lo, hi in zip(lower, upper))
+    inner = np.pad(mask[box], 1)
+    labels, n_labels = ndimage.label(~inner)
+    outside = np.zeros(n_labels + 1, dtype=bool)
+    outside[np.unique(np.concatenate([labels[[0, -1]].ravel(), labels[:, [0, -1]].ravel(), labels[:, :, [0, -1]].ravel()]))] = True
+    outside[0] = True  # label 0 is the mask itself
+    filled = mask.copy()
+    filled[box] |= ~outside[labels[1:-1, 1:-1, 1:-1]]
+    return filled
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import shutil
 import sys
 import tempfile
@@ -66,10 +67,21 @@ def build_parser() -> argparse.ArgumentParser:
                         help="diffusivities in um^2/ms (default 2.2,2.0,0.7,0.9,3.0)")
     parser.add_argument("--intra-fraction", type=float, default=Diffusivities().intra_fraction, metavar="F",
                         help="intra-axonal fraction of the WM signal (default 0.55)")
-    parser.add_argument("--nprocs", type=int, default=1, metavar="P", help="scans simulated in parallel (default 1)")
+    parser.add_argument("--nprocs", type=int, default=default_nprocs(), metavar="P",
+                        help=f"scans simulated in parallel processes (default {default_nprocs()}: the usable CPUs, "
+                        "at most 2; a full-size scan needs up to ~3 GB per process)")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     return parser
+
+
+def default_nprocs() -> int:
+    """Usable CPUs, at most 2 (bounded memory by default: ~3 GB per full-size scan process)."""
+    try:
+        available = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        available = os.cpu_count() or 1
+    return max(1, min(2, available))
 
 
 def _floats(n: int):
