@@ -153,3 +153,13 @@ def test_regenerate_reports_for_listed_and_all_subjects(dataset, monkeypatch):
     paths = regenerate_reports(dataset["out"])
     assert called == ["sub-01", "sub-02"]
     assert paths == [dataset["out"] / "sub-01.html", dataset["out"] / "sub-02.html"]
+
+
+def test_eigenvector_components_follow_axis_permutations():
+    # voxel axis 0 points along world y, axis 1 along world -x: the colour of a fibre along
+    # voxel axis 0 must be green (anterior-posterior), along voxel axis 1 red
+    affine = np.array([[0, -2.0, 0, 0], [2.0, 0, 0, 0], [0, 0, 2.0, 0], [0, 0, 0, 1]])
+    ornt = nib.orientations.io_orientation(affine)
+    evec = np.array([[1.0, 0, 0], [0, -1.0, 0], [0, 0, 1.0]])
+    np.testing.assert_array_equal(participant._canonical_vectors(evec, ornt),
+                                  [[0, 1, 0], [1, 0, 0], [0, 0, 1]])
