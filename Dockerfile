@@ -94,8 +94,10 @@ RUN --mount=type=bind,source=.,target=/src,rw \
     && /opt/venv/bin/pip check
 
 # ---------------------------------------------------------------------------------------------
-# runtime: the venv, the shipped model bundles and a read-only-friendly environment.
-FROM base AS runtime
+# runtime: the venv as built (its torch, dependency and package layers stay separate, so a new
+# release changes only the small package layer), the shipped model bundles and a
+# read-only-friendly environment.
+FROM build AS runtime
 ARG VERSION=0+unknown
 ARG VCS_REF=unknown
 ARG BUILD_DATE=unknown
@@ -111,7 +113,6 @@ LABEL org.opencontainers.image.title="bids-dmri-ldm" \
       org.opencontainers.image.base.name="docker.io/library/debian:bookworm-slim" \
       org.bids-dmri-ldm.torch-variant="${TORCH_VARIANT}"
 
-COPY --from=build /opt/venv /opt/venv
 COPY models/ /opt/bids-dmri-ldm/models/
 COPY LICENSE version /opt/bids-dmri-ldm/
 

@@ -237,7 +237,7 @@ check_image() {
 
 # Run the image the way users are told to: no network, read-only root, tmpfs scratch, any UID.
 run_app() {
-    "$DOCKER" run --rm --network none --read-only --tmpfs /tmp:rw,exec,size=4g \
+    "$DOCKER" run --rm --network none --read-only --tmpfs /tmp:rw,exec,size=6g \
         -u "$RUN_UID:$RUN_GID" "$@"
 }
 
@@ -312,22 +312,52 @@ run_participant() {
     install -d -m 0755 -o "$RUN_UID" -g "$RUN_GID" "$out"
     log "participant level (--network none, read-only root, uid $RUN_UID, /bids read-only)"
     local t=$SECONDS
+    # No -w: the default work dir (beside /out) cannot be created on the read-only root, so
+    # the app must fall back to a folder under /tmp by itself.  The output grid is the
+    # simulated 7T grid (1.05 mm x voxel scale 4 = 4.2 mm); the default 1.05 mm would turn this
+    # 5 mm dataset into a 171x210x171x108 image (2.6 GB), too big for a smoke test.
     run_app -v "$BIDS:/bids:ro" -v "$out:/out" "$IMAGE" \
-        /bids /out participant -w /tmp/work --nprocs 2 \
+        /bids /out participant --nprocs 2 --output-resolution 4.2 \
         >"$SCRATCH/participant.log" 2>&1 || {
         tail -40 "$SCRATCH/participant.log" >&2
         fail "participant run exited non-zero"
     }
     PARTICIPANT_S=$((SECONDS - t))
     log "participant run took ${PARTICIPANT_S} s"
-    python3 - "$BIDS" "$out" "$VERSION" "$RUN_UID" <<'EOF' || fail "output checks"
-"""Check the participant-level derivatives written by the container."""
+    # Check the derivatives inside the image (it has nibabel and numpy), as the run's UID.
+    "$DOCKER" run --rm -i --network none --read-only --tmpfs /tmp -u "$RUN_UID:$RUN_GID" \
+        -v "$BIDS:/bids:ro" -v "$out:/out:ro" --entrypoint python "$IMAGE" \
+        - /bids /out "$VERSION" "$RUN_UID" <<'EOF' || fail "output checks"
+"""Check the participant-level derivatives written by the container (runs in the image)."""
 import json
 import sys
 from pathlib import Path
 
+import nibabel as nib
+import numpy as np
+
 bids, out, version, uid = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], int(sys.argv[4])
 problems = []
+
+
+def entities(name):
+    """BIDS entities of a file name, e.g. {'sub': '01', 'ses': '3T'}."""
+    return dict(p.split("-", 1) for p in name.split(".")[0].split("_")[:-1] if "-" in p)
+
+
+def metadata(image):
+    """JSON metadata of a raw image by the inheritance principle (nearest file wins)."""
+    ents, suffix = entities(image.name), image.name.split(".")[0].split("_")[-1]
+    folders = [image.parent, *image.parent.parents]
+    folders = folders[: folders.index(bids) + 1]
+    merged = {}
+    for folder in reversed(folders):
+        for side in sorted(folder.glob(f"*{suffix}.json")):
+            if set(entities(side.name).items()) <= set(ents.items()):
+                merged.update(json.loads(side.read_text()))
+    return merged
+
+
 desc_path = out / "dataset_description.json"
 if not desc_path.is_file():
     sys.exit(f"missing {desc_path}")
@@ -337,29 +367,53 @@ if desc.get("DatasetType") != "derivative":
 gen = {g.get("Name"): g.get("Version") for g in desc.get("GeneratedBy", [])}
 if gen.get("bids-dmri-ldm") != version:
     problems.append(f"GeneratedBy does not name bids-dmri-ldm {version}: {gen}")
-# One derivative DWI per input DWI run of the processed subject(s).
-inputs = sorted(p for p in bids.rglob("sub-*_dwi.nii*") if p.is_file())
-outputs = sorted(p for p in out.rglob("sub-*_dwi.nii*") if p.is_file())
-if not outputs:
-    problems.append("no *_dwi.nii.gz written")
-for nii in outputs:
-    stem = nii.name.split(".nii")[0]
-    for ext in (".bval", ".bvec", ".json"):
-        if not (nii.parent / f"{stem}{ext}").is_file():
-            problems.append(f"{nii.relative_to(out)} has no {ext} sidecar")
-    sidecar = nii.parent / f"{stem}.json"
-    if sidecar.is_file() and not json.loads(sidecar.read_text()):
-        problems.append(f"{sidecar.relative_to(out)} is empty")
-    if nii.stat().st_uid != uid:
-        problems.append(f"{nii.relative_to(out)} owned by uid {nii.stat().st_uid}, not {uid}")
-leftovers = [p for p in out.rglob("*") if p.name.startswith(".") and p.is_file()]
-if leftovers:
-    problems.append(f"temporary files left in the output: {leftovers[:5]}")
-print(f"inputs: {len(inputs)} DWI runs; outputs: {len(outputs)} DWI derivatives, "
-      f"{sum(1 for p in out.rglob('*') if p.is_file())} files")
-for p in sorted(out.rglob("*")):
-    if p.is_file():
-        print("   ", p.relative_to(out))
+
+# One 7T-like DWI (+ mask and RISH/scale maps) per 3T (source) DWI run of the dataset.
+sources = sorted(p for p in bids.glob("sub-*/**/dwi/*_dwi.nii*")
+                 if metadata(p).get("MagneticFieldStrength", 0) < 5)
+outputs = sorted(out.glob("sub-*/**/dwi/*_desc-7Tlike_dwi.nii.gz"))
+if not sources:
+    problems.append("the simulated dataset has no 3T DWI run")
+if len(outputs) != len(sources):
+    problems.append(f"{len(outputs)} 7T-like DWI for {len(sources)} source runs")
+for src in sources:
+    prefix = src.name.split("_dwi.nii")[0]
+    found = [p for p in outputs if p.name.startswith(prefix + "_")]
+    if len(found) != 1:
+        problems.append(f"{src.name}: {len(found)} 7T-like outputs")
+        continue
+    dwi = found[0]
+    stem = dwi.name[: -len("_desc-7Tlike_dwi.nii.gz")]
+    for name in ("desc-7Tlike_dwi.bval", "desc-7Tlike_dwi.bvec", "desc-7Tlike_dwi.json",
+                 "desc-brain_mask.nii.gz", "desc-brain_mask.json",
+                 "model-rish_desc-source_dwimap.nii.gz", "model-rish_desc-7Tlike_dwimap.nii.gz",
+                 "model-rish_desc-scale_dwimap.nii.gz"):
+        if not (dwi.parent / f"{stem}_{name}").is_file():
+            problems.append(f"{stem}: missing _{name}")
+    img = nib.load(dwi)
+    data = np.asarray(img.dataobj, dtype=np.float32)
+    bvals = np.loadtxt(dwi.parent / f"{stem}_desc-7Tlike_dwi.bval", ndmin=1)
+    bvecs = np.loadtxt(dwi.parent / f"{stem}_desc-7Tlike_dwi.bvec", ndmin=2)
+    if data.ndim != 4 or data.shape[3] != bvals.size or bvecs.shape != (3, bvals.size):
+        problems.append(f"{dwi.name}: shape {data.shape}, {bvals.size} b-values, "
+                        f"bvec {bvecs.shape}")
+    if not np.isfinite(data).all() or not (data > 0).any():
+        problems.append(f"{dwi.name}: non-finite or all-zero data")
+    sidecar = json.loads((dwi.parent / f"{stem}_desc-7Tlike_dwi.json").read_text())
+    for key in ("Sources", "Method", "Software"):
+        if key not in sidecar:
+            problems.append(f"{dwi.name}: sidecar lacks {key} (provenance)")
+    print(f"{dwi.relative_to(out)}: {data.shape}, zooms {img.header.get_zooms()[:3]}, "
+          f"b-values {sorted(set(bvals.round().astype(int).tolist()))}")
+for path in out.rglob("*"):
+    if path.is_file() and path.stat().st_uid != uid:
+        problems.append(f"{path.relative_to(out)} owned by uid {path.stat().st_uid}, not {uid}")
+    if path.name.startswith(".") and path.name != ".bidsignore":
+        problems.append(f"temporary file left in the output: {path.relative_to(out)}")
+files = sorted(p for p in out.rglob("*") if p.is_file())
+print(f"{len(sources)} source run(s) -> {len(outputs)} 7T-like DWI, {len(files)} files:")
+for path in files:
+    print("   ", path.relative_to(out))
 if problems:
     sys.exit("\n".join(problems))
 EOF
