@@ -718,7 +718,7 @@ def _load_source_fa(run: RunData, output_dir: Path, dwi_path: Path, out_affine: 
 # entry points
 # --------------------------------------------------------------------------
 def _strip_sub(label: str) -> str:
-    return label[4:] if label.startswith("sub-") else label
+    return label.removeprefix("sub-")
 
 
 def build_participant_report(

@@ -311,4 +311,4 @@ def build_training_report(
     return path
 
 
-__all__ = ["build_training_report", "render_training_report", "TRAINING_FILES"]
+__all__ = ["TRAINING_FILES", "build_training_report", "render_training_report"]

@@ -101,7 +101,7 @@ def make_dataset(root: Path, label: str = "01", uncertainty: bool = True, seed: 
     raw, out = root / "raw", root / "out"
     voxel_in = voxel_out * VOXEL_IN / VOXEL_OUT
     # 3T source: coarser grid, two shells, gradients at the dataset root.
-    shape_in = tuple(int(round(n * voxel_out / voxel_in)) for n in shape_out)
+    shape_in = tuple(round(n * voxel_out / voxel_in) for n in shape_out)
     affine_in = _affine(voxel_in, shape_in)
     bvals_in, bvecs_in = gradient_scheme(seed, ((1000.0, 30), (2000.0, 15)))
     radii = 0.43 * np.asarray(shape_out) * voxel_out

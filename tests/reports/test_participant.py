@@ -9,10 +9,13 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from bids_dmri_ldm.reports import build_participant_report
-from bids_dmri_ldm.reports import participant
+from bids_dmri_ldm.reports import build_participant_report, participant
 from bids_dmri_ldm.reports.html import report_section
-from bids_dmri_ldm.reports.participant import load_run, regenerate_reports, summary_numbers
+from bids_dmri_ldm.reports.participant import (
+    load_run,
+    regenerate_reports,
+    summary_numbers,
+)
 
 from .conftest import decode_png, parse_report
 from .synthetic import ORDERS, WM_LAMBDA
