@@ -48,8 +48,8 @@ def synthetic_participant(shape=(145, 174, 145)):
 def make_bundle(cfg, device):
     torch.manual_seed(0)
     nets = build_all(cfg)
-    for net in nets.values():
-        net.to(device).eval()
+    for net in nets.values():  # as load_bundle does
+        net.to(device, memory_format=torch.channels_last_3d).eval()
     norm = {"method": "log-percentile", "orders": cfg["orders"], "eps": [1e-3, 1e-4, 1e-5],
             "low": [0.0, -3.0, -6.0], "high": [1.5, 0.0, -2.0], "background": -1.0}
     return Bundle(dict(cfg, normalisation=norm, latent_scale=1.0), nets, None, "benchmark")
@@ -92,18 +92,21 @@ def time_training_steps(cfg, device, batch, repeats):
             times.append(time.perf_counter() - t)
         results[name] = statistics.median(times[1:])
 
-    vq = nets["vqvae3t"].to(device).train()
-    x = torch.randn(batch, 1, *grid, device=device)
+    for net in nets.values():  # as training.fit_stage does
+        net.to(device, memory_format=torch.channels_last_3d)
+    vq = nets["vqvae3t"].train()
+    x = torch.randn(batch, 1, *grid, device=device).contiguous(memory_format=torch.channels_last_3d)
     def vqvae_loss():
         recon, quant_loss = vq(x)
         return F.l1_loss(recon.float(), x) + quant_loss.float()
 
     step("vqvae", vqvae_loss, vq.parameters())
-    unet = nets["unet"].to(device).train()
-    z = torch.randn(batch, *latent_shape(cfg), device=device)
+    unet = nets["unet"].train()
+    z = torch.randn(batch, *latent_shape(cfg), device=device).contiguous(
+        memory_format=torch.channels_last_3d)
     lab = torch.zeros(batch, dtype=torch.long, device=device)
     step("ldm", lambda: ldm_loss(unet, [z, lab], torch.arange(batch), 0), unet.parameters())
-    sr = nets["sr"].to(device).train()
+    sr = nets["sr"].train()
     step("sr", lambda: F.mse_loss(sr(x).float(), x), sr.parameters())
     return results
 

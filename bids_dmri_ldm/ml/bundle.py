@@ -179,7 +179,8 @@ def load_bundle(path: str | Path, device: torch.device | str = "cpu") -> Bundle:
             first = str(err).splitlines()[0]
             raise BundleError(f"model bundle {path}: {file.name} does not fit the architecture "
                               f"in config.json ({first})") from None
-        networks[name].to(device).eval()
+        # channels-last 3D convolutions are faster with oneDNN (CPU) and cuDNN
+        networks[name].to(device, memory_format=torch.channels_last_3d).eval()
     return Bundle(config, networks, path, sums["config.json"])
 
 

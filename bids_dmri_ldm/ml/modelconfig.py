@@ -118,7 +118,7 @@ def builtin_config_names() -> list[str]:
 
 
 def load_config(name_or_path: str | Path) -> dict[str, Any]:
-    """Load and validate a training config by built-in name (``demo``, ``paper``) or path."""
+    """Load and validate a training config: built-in name (``demo``, ``paper``) or a JSON/YAML file."""
     text_path = Path(name_or_path)
     if not text_path.is_file():
         if str(name_or_path) not in builtin_config_names():
@@ -127,10 +127,18 @@ def load_config(name_or_path: str | Path) -> dict[str, Any]:
         text = (resources.files("bids_dmri_ldm.ml") / "configs" / f"{name_or_path}.json").read_text()
     else:
         text = text_path.read_text()
-    try:
-        cfg = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise ConfigError(f"config {name_or_path} is not valid JSON: {err}") from None
+    if text_path.suffix.lower() in (".yaml", ".yml"):
+        import yaml
+
+        try:
+            cfg = yaml.safe_load(text)
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config {name_or_path} is not valid YAML: {err}") from None
+    else:
+        try:
+            cfg = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"config {name_or_path} is not valid JSON: {err}") from None
     return validate_config(cfg, "training")
 
 

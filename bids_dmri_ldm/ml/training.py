@@ -148,7 +148,8 @@ def fit_stage(stage: str, model: nn.Module, tensors: Sequence[torch.Tensor], los
     """
     tr = cfg["training"]
     work_dir.mkdir(parents=True, exist_ok=True)
-    model.to(ctx.device)
+    # channels-last 3D: on CPU (oneDNN) conv3d backward in NCDHW layout measured 6-40x slower
+    model.to(ctx.device, memory_format=torch.channels_last_3d)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
                             lr=tr["lr"], weight_decay=tr["weight_decay"])
     history: list[dict[str, float]] = []
@@ -202,7 +203,7 @@ def _run_epoch(stage, epoch, ddp_model, loader, sampler, opt, scaler, use_amp, l
     ddp_model.train()
     losses = []
     for batch in loader:
-        idx, batch_tensors = batch[0], [b.to(ctx.device) for b in batch[1:]]
+        idx, batch_tensors = batch[0], [_to_device(b, ctx.device) for b in batch[1:]]
         opt.zero_grad(set_to_none=True)
         with autocast_for(ctx.device, use_amp):
             loss = loss_fn(ddp_model, batch_tensors, idx, epoch)
@@ -222,6 +223,12 @@ def _run_epoch(stage, epoch, ddp_model, loader, sampler, opt, scaler, use_amp, l
             "seconds": round(time.perf_counter() - t_start, 3)}
 
 
+def _to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Move a batch tensor; volumes (5-D) in the channels-last layout of the networks."""
+    tensor = tensor.to(device)
+    return tensor.contiguous(memory_format=torch.channels_last_3d) if tensor.ndim == 5 else tensor
+
+
 @torch.no_grad()
 def evaluate_loss(model: nn.Module, tensors: Sequence[torch.Tensor], loss_fn: LossFn,
                   ctx: DistContext, batch_size: int = 8) -> float:
@@ -231,7 +238,7 @@ def evaluate_loss(model: nn.Module, tensors: Sequence[torch.Tensor], loss_fn: Lo
     n = len(tensors[0])
     for lo in range(0, n, batch_size):
         idx = torch.arange(lo, min(lo + batch_size, n))
-        batch = [t[idx].to(ctx.device) for t in tensors]
+        batch = [_to_device(t[idx], ctx.device) for t in tensors]
         total += float(loss_fn(model, batch, idx, -1)) * len(idx)
         count += len(idx)
     model.train()

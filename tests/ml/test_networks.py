@@ -85,3 +85,13 @@ def test_builtin_configs_validate_and_bad_keys_are_refused():
         validate_config(bad)
     with pytest.raises(ConfigError, match="neither a file nor"):
         load_config("nonexistent")
+
+
+def test_yaml_config_is_accepted(tmp_path):
+    import yaml
+    path = tmp_path / "train.yaml"
+    path.write_text(yaml.safe_dump(load_config("demo")))
+    assert load_config(path) == load_config("demo")
+    path.write_text("grid: [32, 32\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(path)
