@@ -616,6 +616,7 @@ def load_run(
     sidecar_path = find_derivative(dwi_path, "sidecar")
     if sidecar_path is not None:
         run.sidecar = attempt("sidecar", lambda: json.loads(sidecar_path.read_text())) or {}
+    run.warnings += attempt("log", log_warnings, output_dir, source_key(run.label)) or []
     mask_path = find_derivative(dwi_path, "mask")
     if mask_path is None:
         run.problems["mask"] = "brain mask derivative not found"
@@ -636,6 +637,44 @@ def load_run(
     attempt("fa_out", _load_output_dwi, run, dwi_path, mask_affine)
     attempt("fa_in", _load_source_fa, run, output_dir, dwi_path, mask_affine, extra)
     return run
+
+
+_LOG_WARNING = re.compile(r"^\S+\s+WARNING\s+(?:[\w.]+:\s+)?(.*)$")
+
+
+def log_warnings(output_dir: str | Path, run_key: str) -> list[str]:
+    """Warnings about one run in the participant-level logs (``OUTPUT_DIR/logs/*.log``).
+
+    Parameters
+    ----------
+    output_dir : path-like
+        Derivative dataset root.
+    run_key : str
+        Entities of the source run (``sub-01_ses-3T``): a warning line
+        mentions the run as ``<key>:`` or by its file name ``<key>_dwi...``.
+
+    Returns
+    -------
+    list of str
+        Messages without timestamp and logger name, oldest log first, each once.
+    """
+    mentions = (f"{run_key}:", f"{run_key}_dwi")
+    found: dict[str, None] = {}
+    for log in sorted((Path(output_dir) / "logs").glob("*.log")):
+        try:
+            lines = log.read_text(encoding="utf-8", errors="replace").splitlines()
+        except OSError:
+            continue
+        for line in lines:
+            match = _LOG_WARNING.match(line)
+            if match and any(m in line for m in mentions):
+                found[match.group(1).strip()] = None
+    return list(found)
+
+
+def source_key(label: str) -> str:
+    """Entities of the source run from a derivative prefix (drops ``res-``/``space-``)."""
+    return "_".join(p for p in label.split("_") if p and not p.startswith(("res-", "space-")))
 
 
 def _dataset_root(path: Path) -> Path:

@@ -166,3 +166,18 @@ def test_eigenvector_components_follow_axis_permutations():
     evec = np.array([[1.0, 0, 0], [0, -1.0, 0], [0, 0, 1.0]])
     np.testing.assert_array_equal(participant._canonical_vectors(evec, ornt),
                                   [[0, 1, 0], [1, 0, 0], [0, 0, 1]])
+
+
+def test_warnings_of_the_run_are_read_from_the_logs(dataset):
+    logs = dataset["out"] / "logs"
+    logs.mkdir()
+    (logs / "bids-dmri-ldm_participant_20260101-000000_1.log").write_text(
+        "10:00:00 INFO    bids_dmri_ldm: sub-01: done\n"
+        "10:00:01 WARNING bids_dmri_ldm.interfaces: sub-01_dwi.nii.gz: 7 voxel(s) with NaN/Inf "
+        "values are masked out\n"
+        "10:00:02 WARNING bids_dmri_ldm: sub-02_dwi.nii.gz: another participant\n")
+    run = load_run(dataset["dwi"])
+    assert "sub-01_dwi.nii.gz: 7 voxel(s) with NaN/Inf values are masked out" in run.warnings
+    assert not any("sub-02" in w for w in run.warnings)
+    text = build_participant_report(dataset["out"], "01").read_text(encoding="utf-8")
+    assert "7 voxel(s) with NaN/Inf" in text
