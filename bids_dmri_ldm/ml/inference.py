@@ -110,7 +110,7 @@ class DeviceMemoryError(RuntimeError):
 
 def translate_rish(rish_3t: np.ndarray, mask: np.ndarray, bundle: Bundle,
                    device: torch.device | str = "cpu", seed: int | None = None,
-                   num_samples: int = 1, t0: Sequence[int] | int | None = None,
+                   num_samples: int | None = None, t0: Sequence[int] | int | None = None,
                    guidance: Sequence[float] | float | None = None,
                    ddim_steps: int | None = None, max_batch: int = 12) -> Translation:
     """Predict 7T-like RISH maps from 3T RISH maps with the latent diffusion model.
@@ -126,8 +126,9 @@ def translate_rish(rish_3t: np.ndarray, mask: np.ndarray, bundle: Bundle,
     device : torch.device or str
     seed : int, optional
         Seed of the stochastic samples (default: the bundle's ``translation.seed``).
-    num_samples : int
-        K. With K = 1 the translation is deterministic (DDIM, eta = 0).  With K > 1,
+    num_samples : int, optional
+        K (default: the bundle's ``translation.num_samples``). With K = 1 the
+        translation is deterministic (DDIM, eta = 0).  With K > 1,
         K samples are drawn with seeded DDIM noise (eta = ``translation.sample_eta``)
         and their mean and per-voxel standard deviation are returned.
     t0, guidance, ddim_steps
@@ -141,6 +142,8 @@ def translate_rish(rish_3t: np.ndarray, mask: np.ndarray, bundle: Bundle,
     Translation
         ``(pred_7t, std, recon_3t, provenance)``, arrays (X, Y, Z, n_orders) float32.
     """
+    if num_samples is None:
+        num_samples = int(bundle.config["translation"]["num_samples"])
     try:
         return _translate(rish_3t, mask, bundle, torch.device(device), seed, num_samples, t0,
                           guidance, ddim_steps, max_batch)

@@ -48,3 +48,14 @@ def test_bad_inputs_are_refused(bundle):
         translate_rish(rish, mask, bundle, t0=[10, 20])
     with pytest.raises(ValueError, match="mask is empty"):
         translate_rish(rish, np.zeros_like(mask), bundle)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_mixed_precision_agrees_with_cpu(tiny_bundle_dir):
+    rish, mask = synthetic_rish(6)
+    cpu = translate_rish(rish, mask, load_bundle(tiny_bundle_dir), seed=0)
+    gpu = translate_rish(rish, mask, load_bundle(tiny_bundle_dir, "cuda"), device="cuda", seed=0)
+    assert gpu.provenance["MixedPrecision"] is True
+    rel = np.abs(gpu.pred_7t - cpu.pred_7t)[mask].mean() / cpu.pred_7t[mask].mean()
+    assert rel < 0.05
