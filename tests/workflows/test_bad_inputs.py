@@ -85,7 +85,8 @@ def test_every_bad_run_reported_others_processed(make_bids_dataset, tmp_path, ca
     out, work = tmp_path / "out", tmp_path / "work"
     _break_dataset(ds, out)
     before = _digest(ds.root)
-    rc = main([str(ds.root), str(out), "participant", "-w", str(work), "--skip-bids-validation", "--nprocs", "1",
+    # MultiProc: a failing node must not stop the other runs' nodes.
+    rc = main([str(ds.root), str(out), "participant", "-w", str(work), "--skip-bids-validation", "--nprocs", "2",
                "--method", "identity", "--output-resolution", "native"])
     assert rc in (EX_FAILURE, EX_DATAERR)
     err = capsys.readouterr().err
