@@ -19,21 +19,17 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .._version import __version__
-from ..cli.exitcodes import EX_CANTCREAT, EX_FAILURE, EX_OK, EX_USAGE
+from ..cli.exitcodes import EX_CANTCREAT, EX_FAILURE, EX_OK, UsageError
 from . import acquisition
 from .signal import T2_3T, T2_7T, Diffusivities, Relaxation, SignalModel
 
 PROG = "python -m bids_dmri_ldm.simulate"
 
 
-class UsageError(Exception):
-    """A command-line problem, reported as one line with exit code 64."""
-
-
 class _Parser(argparse.ArgumentParser):
     """ArgumentParser whose errors raise :class:`UsageError` instead of exiting with 2."""
 
-    def error(self, message: str):  # noqa: D401 - argparse API
+    def error(self, message: str):
         raise UsageError(message)
 
 
@@ -170,10 +166,12 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the process exit code."""
     try:
         out_dir, settings, nprocs, overwrite = parse_args(argv)
-    except UsageError as exc:
-        print(f"{PROG}: error: {' '.join(str(exc).split())}", file=sys.stderr)
-        return EX_USAGE
-    from .run import simulate_dataset  # heavy imports only after the arguments are valid
+    except UsageError as exc:  # the project's one-line usage error (exit code 64)
+        print(f"{PROG}: error: {exc.message}", file=sys.stderr)
+        return exc.exit_code
+    from .run import (
+        simulate_dataset,  # heavy imports only after the arguments are valid
+    )
 
     parent = out_dir.resolve().parent
     try:
@@ -195,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(staging, ignore_errors=True)
         print(f"{PROG}: error: cannot write {out_dir}: {exc}", file=sys.stderr)
         return EX_CANTCREAT
-    except Exception as exc:  # one line, never a traceback wall
+    except Exception as exc:  # noqa: BLE001 - one line, never a traceback wall
         shutil.rmtree(staging, ignore_errors=True)
         print(f"{PROG}: error: {type(exc).__name__}: {' '.join(str(exc).split())}", file=sys.stderr)
         return EX_FAILURE

@@ -17,8 +17,21 @@ import numpy as np
 from ..core.sh import rish_features, sh_basis
 from . import fibres
 from .acquisition import Protocol, world_to_voxel_directions
-from .anatomy import Subject, TissueLattice, box_average_matrix, check_axis_aligned, interpolate_coarse, voxel_edges
-from .noise import SCANNER_GAIN, add_rician_noise, noise_sigma, receive_field_7t, to_int16
+from .anatomy import (
+    Subject,
+    TissueLattice,
+    box_average_matrix,
+    check_axis_aligned,
+    interpolate_coarse,
+    voxel_edges,
+)
+from .noise import (
+    SCANNER_GAIN,
+    add_rician_noise,
+    noise_sigma,
+    receive_field_7t,
+    to_int16,
+)
 from .signal import SignalModel, fibre_signal, isotropic_signals, physical_bvals
 
 SUBDIVISIONS = 2
@@ -149,13 +162,11 @@ def simulate_scan(
             np.tensordot(weights[2][SUBDIVISIONS * z0 : SUBDIVISIONS * z1], partial, axes=(1, 2)), 0, 2
         )  # (SX, SY, s, 3)
         slab_shape = (shape[0], shape[1], z1 - z0)
-        voxel_tissue = sub_tissue.reshape(slab_shape[0], 2, slab_shape[1], 2, slab_shape[2], 2, 3).mean(axis=(1, 3, 5))
         centres = _voxel_centres(affine, slab_shape, z0)
         gain = receive_field_7t(centres, receive_field_strength) if receive_field_strength else np.ones(slab_shape, np.float32)
-        signal, peaks = _slab_signal(
+        signal, voxel_flat, peaks = _slab_signal(
             subject, model, b_phys, grad32, sub_tissue, sub_centres, z0, slab_shape, gm_signal, csf_signal
         )
-        voxel_flat = voxel_tissue.reshape(-1, 3)
         brain = voxel_flat.sum(axis=1) > 1e-6
         rish = np.zeros((voxel_flat.shape[0], 3), dtype=np.float32)
         rish[brain] = noiseless_rish(signal[brain][:, shell], signal[brain][:, b0_index], fit, l_values)
@@ -163,7 +174,7 @@ def simulate_scan(
         if noise:
             magnitude = add_rician_noise(magnitude, sigma, np.random.default_rng(slab_seeds[slab]))
         out["dwi"][:, :, z0:z1] = to_int16(magnitude)
-        out["tissue"][:, :, z0:z1] = voxel_tissue
+        out["tissue"][:, :, z0:z1] = voxel_flat.reshape(slab_shape + (3,))
         out["peak_directions"][:, :, z0:z1] = peaks[0].reshape(slab_shape + (3, 3))
         out["peak_fractions"][:, :, z0:z1] = peaks[1].reshape(slab_shape + (3,))
         out["rish"][:, :, z0:z1] = rish.reshape(slab_shape + (3,))
@@ -190,8 +201,9 @@ def _slab_signal(
     slab_shape: tuple[int, int, int],
     gm_signal: np.ndarray,
     csf_signal: np.ndarray,
-) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray]]:
-    """Noiseless voxel signals ``(V, N)`` of a slab (per unit proton density) and its fibre peaks.
+) -> tuple[np.ndarray, np.ndarray, tuple[np.ndarray, np.ndarray]]:
+    """Noiseless voxel signals ``(V, N)`` of a slab (per unit proton density), the voxel tissue
+    fractions ``(V, 3)`` and the fibre peaks.
 
     The isotropic compartments only need voxel fractions; white matter is summed over sub-voxels,
     each with its own fibre populations.
@@ -250,7 +262,7 @@ def _slab_signal(
             pop_vector[v0:v1, :, c] += np.bincount(
                 key, weights=flat_weights * directions[..., c].ravel(), minlength=size
             ).reshape(-1, n_pop)
-    return signal.astype(np.float32), _peaks(pop_weight, pop_vector)
+    return signal.astype(np.float32), voxel_tissue, _peaks(pop_weight, pop_vector)
 
 
 def _peaks(weight: np.ndarray, vector: np.ndarray, keep: int = 3) -> tuple[np.ndarray, np.ndarray]:

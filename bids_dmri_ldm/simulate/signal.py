@@ -70,7 +70,7 @@ class SignalModel:
     relaxation: Relaxation
     diffusivities: Diffusivities = Diffusivities()
 
-    def with_echo_time(self, echo_time_ms: float) -> "SignalModel":
+    def with_echo_time(self, echo_time_ms: float) -> SignalModel:
         return replace(self, echo_time_ms=echo_time_ms)
 
     @property

@@ -43,7 +43,8 @@ def test_measured_b0_snr_at_7t_referred_to_unit_receive_gain(subject):
     b0 = result.dwi[..., result.bvals <= 50]
     wm = result.tissue[..., 0] > 0.99
     assert measure_b0_snr(b0, wm, gain=result.receive_field) == pytest.approx(23.0, rel=0.10)
-    assert result.receive_field.min() < 0.7 < 1.05 < result.receive_field.max()
+    assert result.receive_field.min() < 0.7
+    assert result.receive_field.max() > 1.05
 
 
 def test_rician_floor_is_visible_in_csf_at_3t(subject):
@@ -64,7 +65,7 @@ def test_rician_floor_is_visible_in_csf_at_3t(subject):
 @pytest.fixture(scope="module")
 def noiseless_pair(subject):
     lattice = anatomy.subject_tissue_lattice(subject, anatomy.lattice_spacing(6.0))
-    run = lambda protocol, model, field: scan.simulate_scan(  # noqa: E731
+    run = lambda protocol, model, field: scan.simulate_scan(
         subject, lattice, protocol, model, 6.0, 25.0, field, noise_seed=4, noise=False
     )
     return run(acq.PROTOCOL_3T, MODEL_3T, 0.0), run(acq.PROTOCOL_7T, MODEL_7T, 1.0)
