@@ -40,7 +40,8 @@ _SCHEMA: dict[str, set[str]] = {
     "translation": {"t0", "guidance", "ddim_steps", "invert_class", "requantise",
                     "num_samples", "seed", "crop_margin", "sample_eta"},
     "training": {"seed", "val_fraction", "batch_size", "lr", "weight_decay", "epochs",
-                 "cfg_dropout", "vqvae7t_init", "amp", "sr_ddim_steps", "latent_batch_size"},
+                 "cfg_dropout", "vqvae7t_init", "amp", "sr_ddim_steps", "latent_batch_size",
+                 "calibrate_t0", "calibrate_guidance"},
 }
 _TOP_TRAINING = {"format_version", "name", "description", "grid", "orders", *_SCHEMA}
 _TOP_BUNDLE_EXTRA = {"normalisation", "latent_scale", "training_data", "software", "created"}

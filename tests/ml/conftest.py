@@ -23,6 +23,7 @@ def tiny_config() -> dict:
     cfg["diffusion"]["num_train_timesteps"] = 100
     cfg["translation"].update(t0=[30, 30, 30], ddim_steps=5, crop_margin=1)
     cfg["training"].update(batch_size=4, latent_batch_size=4, sr_ddim_steps=3,
+                           calibrate_t0=[10, 30], calibrate_guidance=[0.0, 2.0],
                            epochs={"vqvae3t": 1, "vqvae7t": 1, "ldm": 1, "sr": 1})
     return validate_config(cfg)
 

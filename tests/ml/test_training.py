@@ -92,6 +92,12 @@ def test_train_all_writes_a_loadable_bundle_and_resumes_by_stage(tiny_cfg, tmp_p
     data = bundle.config["training_data"]
     assert data["n_paired"] == 4 and data["unpaired_3t"] == ["p4"] and len(data["validation_participants"]) == 1
     assert bundle.config["latent_scale"] > 0
+    cal = data["calibration"]
+    assert len(cal["table"]) == 4 and all(len(row["mse"]) == 3 for row in cal["table"])
+    for order in range(3):   # each order took its own best (t0, omega)
+        best = min(cal["table"], key=lambda row: row["mse"][order])
+        assert bundle.config["translation"]["t0"][order] == best["t0"]
+        assert bundle.config["translation"]["guidance"][order] == best["guidance"]
     for stage in ("vqvae3t", "vqvae7t", "ldm", "sr"):
         assert (tmp_path / "out" / "training" / f"losses_{stage}.csv").is_file()
     assert "pytest" in (bundle_dir / "MODEL_CARD.md").read_text()
