@@ -52,7 +52,7 @@ ENV PIP_NO_CACHE_DIR=1 \
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 RUN python3 -m venv /opt/venv
 # The CA bundle secret (if given) is trusted by pip for this step only.
-RUN --mount=type=bind,from=wheels,source=/wheels,target=/wheels \
+RUN --mount=type=bind,from=wheels,source=/wheels,target=/tmp/wheels \
     --mount=type=secret,id=cacert \
     if [ -s /run/secrets/cacert ]; then \
         export PIP_CERT=/run/secrets/cacert SSL_CERT_FILE=/run/secrets/cacert; \
@@ -62,10 +62,10 @@ RUN --mount=type=bind,from=wheels,source=/wheels,target=/wheels \
     if [ -n "${TORCH_INDEX_URL}" ]; then \
         index=(--index-url "${TORCH_INDEX_URL}"); \
     elif [ "${TORCH_VARIANT}" = cpu ] \
-         && ! compgen -G "/wheels/torch-${TORCH_VERSION}+cpu-*.whl" >/dev/null; then \
+         && ! compgen -G "/tmp/wheels/torch-${TORCH_VERSION}+cpu-*.whl" >/dev/null; then \
         index=(--index-url https://download.pytorch.org/whl/cpu); \
     fi; \
-    /opt/venv/bin/pip install --find-links /wheels "${index[@]}" "torch==${TORCH_VERSION}" \
+    /opt/venv/bin/pip install --find-links /tmp/wheels "${index[@]}" "torch==${TORCH_VERSION}" \
     && /opt/venv/bin/python -c "import sys, torch; \
 cpu = torch.version.cuda is None; \
 sys.exit(0 if cpu == ('${TORCH_VARIANT}' == 'cpu') else \
@@ -85,12 +85,12 @@ print('\n'.join(tomllib.load(open('/tmp/pyproject.toml', 'rb'))['project']['depe
 # The package itself.  The source is bind-mounted read-write (writes are discarded), so the
 # source tree is in no layer; only the installed package is.  (pip fetches the build backend
 # named in pyproject.toml, hence the CA secret here too.)
-RUN --mount=type=bind,source=.,target=/src,rw \
+RUN --mount=type=bind,source=.,target=/tmp/src,rw \
     --mount=type=secret,id=cacert \
     if [ -s /run/secrets/cacert ]; then \
         export PIP_CERT=/run/secrets/cacert SSL_CERT_FILE=/run/secrets/cacert; \
     fi; \
-    /opt/venv/bin/pip install --no-deps /src \
+    /opt/venv/bin/pip install --no-deps /tmp/src \
     && /opt/venv/bin/pip check
 
 # ---------------------------------------------------------------------------------------------

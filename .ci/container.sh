@@ -228,11 +228,12 @@ check_image() {
     local label
     label=$("$DOCKER" image inspect -f '{{index .Config.Labels "org.opencontainers.image.version"}}' "$IMAGE")
     [ "$label" = "$VERSION" ] || fail "OCI version label is '$label', expected '$VERSION'"
-    # The CA bundle passed as a build secret must be in no layer of the image.
-    if "$DOCKER" run --rm --network none --entrypoint sh "$IMAGE" -c \
-        'ls /run/secrets/cacert /wheels /src 2>/dev/null | grep -q .'; then
-        fail "build-time secret, wheels or source tree left in the image"
-    fi
+    # The CA bundle (build secret), the wheels and the source tree (bind mounts) must be in no
+    # layer of the image: only their empty mount points may remain.
+    local leftovers
+    leftovers=$("$DOCKER" run --rm --network none --entrypoint sh "$IMAGE" -c \
+        'find /run/secrets /tmp /src /wheels -type f 2>/dev/null; find / -xdev -name "torch-*.whl" 2>/dev/null')
+    [ -z "$leftovers" ] || fail "build-time files left in the image: $leftovers"
 }
 
 # Run the image the way users are told to: no network, read-only root, tmpfs scratch, any UID.
