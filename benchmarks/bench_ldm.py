@@ -3,14 +3,15 @@
 
 Inference: one participant (HCP-like 3T grid 145 x 174 x 145, three RISH orders)
 through ``translate_rish`` with guidance on.  On a slow CPU the full 50-step run
-can be replaced by an honest extrapolation: the run is timed at two small step
-counts n1 < n2, and time(50) = time(n1) + (50 - n1) * (time(n2) - time(n1)) / (n2 - n1)
+can be replaced by an honest extrapolation (``--extrapolate``): the whole pipeline is
+timed at 1 step, one inversion step + one guided sampling step of the UNet is timed
+separately (median of --repeats), and time(50) = time(1) + 49 x step-pair time
 (every DDIM step costs the same).  Training: one optimiser step of each network
 at the config's grid.  Peak memory: process max RSS (CPU) and
 ``torch.cuda.max_memory_allocated`` (GPU).  Weights are random: timing does not
 depend on them.
 
-    python benchmarks/bench_ldm.py --device cpu --steps 50 --measure-steps 1 3
+    python benchmarks/bench_ldm.py --device cpu --steps 50 --extrapolate
     python benchmarks/bench_ldm.py --device cuda --steps 50          # full run on a GPU
 """
 from __future__ import annotations
@@ -71,6 +72,27 @@ def time_translation(bundle, rish, mask, device, steps, repeats):
     return statistics.median(times)
 
 
+@torch.no_grad()
+def time_step_pair(bundle, device, repeats):
+    """Median time of one DDIM inversion step plus one guided sampling step (3 orders)."""
+    cfg = bundle.config
+    unet = bundle.networks["unet"]
+    n = len(cfg["orders"])
+    z = torch.randn(n, *latent_shape(cfg), device=device).contiguous(memory_format=torch.channels_last_3d)
+    t = torch.full((n,), 100, device=device)
+    labels = torch.zeros(n, dtype=torch.long, device=device)
+    times = []
+    for _ in range(repeats + 1):  # first one is warm-up
+        sync(device)
+        start = time.perf_counter()
+        with autocast_for(device):
+            unet(z, t, labels)                                              # inversion step
+            unet(torch.cat([z, z]), torch.cat([t, t]), torch.cat([labels, labels + 2]))  # guided step
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times[1:])
+
+
 def time_training_steps(cfg, device, batch, repeats):
     nets = build_all(cfg)
     grid = tuple(cfg["grid"])
@@ -116,8 +138,9 @@ def main():
     parser.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--config", default="paper")
     parser.add_argument("--steps", type=int, default=50, help="DDIM steps to report")
-    parser.add_argument("--measure-steps", type=int, nargs=2, metavar=("N1", "N2"),
-                        help="time at N1 and N2 steps and extrapolate to --steps (slow CPUs)")
+    parser.add_argument("--extrapolate", action="store_true",
+                        help="time the pipeline at 1 step and one step pair separately, "
+                             "extrapolate to --steps (slow CPUs)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--train-batch", type=int, default=1)
     parser.add_argument("--threads", type=int, default=None)
@@ -135,13 +158,13 @@ def main():
            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
            "threads": torch.get_num_threads(), "date": datetime.now(UTC).isoformat(timespec="seconds"),
            "torch": torch.__version__, "input_grid": list(rish.shape[:3]), "guidance": cfg["translation"]["guidance"]}
-    if args.measure_steps:
-        n1, n2 = args.measure_steps
-        t1 = time_translation(bundle, rish, mask, device, n1, args.repeats)
-        t2 = time_translation(bundle, rish, mask, device, n2, args.repeats)
-        per_step = (t2 - t1) / (n2 - n1)
-        res.update(measured={str(n1): t1, str(n2): t2}, seconds_per_ddim_step_pair=per_step,
-                   inference_seconds=t1 + (args.steps - n1) * per_step, extrapolated=True)
+    if args.extrapolate:
+        # full pipeline at 1 step + (steps - 1) x the median cost of one inversion step
+        # (batch of n_orders) and one guided sampling step (conditional + null: 2 x n_orders)
+        t1 = time_translation(bundle, rish, mask, device, 1, args.repeats)
+        per_step = time_step_pair(bundle, device, args.repeats)
+        res.update(measured_seconds_1_step=t1, seconds_per_ddim_step_pair=per_step,
+                   inference_seconds=t1 + (args.steps - 1) * per_step, extrapolated=True)
     else:
         res.update(inference_seconds=time_translation(bundle, rish, mask, device, args.steps, args.repeats),
                    extrapolated=False)

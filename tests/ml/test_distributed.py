@@ -2,6 +2,7 @@
 import os
 import socket
 
+import pytest
 import torch
 import torch.multiprocessing as mp
 
@@ -45,6 +46,7 @@ def _free_port():
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_ddp_two_processes_match_single_process(tmp_path):
     single = _train(DistContext(0, 1, torch.device("cpu")), tmp_path / "single")
     out = tmp_path / "ddp.pt"

@@ -80,6 +80,7 @@ def test_no_paired_participants_is_a_clear_error(tiny_cfg, tmp_path, rish_pairs)
         train_all(r3, r7, tiny_cfg, tmp_path / "out", tmp_path / "work")
 
 
+@pytest.mark.slow
 def test_train_all_writes_a_loadable_bundle_and_resumes_by_stage(tiny_cfg, tmp_path, rish_pairs):
     r3, r7 = rish_pairs
     out = train_all(r3, r7, tiny_cfg, tmp_path / "out", tmp_path / "work", stages=("vqvae3t", "vqvae7t"))
