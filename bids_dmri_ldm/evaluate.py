@@ -162,7 +162,11 @@ def run(args: Arguments) -> tuple[list, list[str]]:
     failures : list of str
         One message per participant or prediction that could not be scored.
     """
-    from .evaluation.pipeline import prepare_truth, score_prediction
+    from .evaluation.pipeline import (
+        prediction_on_truth,
+        prepare_truth,
+        score_participant,
+    )
 
     layout = _truth_layout(args.truth_root)
     known = set(discovery.all_participants(layout))
@@ -207,14 +211,21 @@ def run(args: Arguments) -> tuple[list, list[str]]:
             failures.append(f"sub-{label}: {err}")
             LOGGER.warning("skipping sub-%s: %s", label, err)
             continue
+        resampled = []
         for root, preds in predictions.items():
             for prediction in (p for p in preds if p.participant == label):
-                LOGGER.info("sub-%s: scoring %s (%s)", label, prediction.dwi.name, methods[root])
+                LOGGER.info("sub-%s: maps of %s (%s)", label, prediction.dwi.name, methods[root])
                 try:
-                    rows += score_prediction(prediction, truth, methods[root], args.shell, args.tolerance, root)
+                    resampled.append(prediction_on_truth(prediction, truth, methods[root], args.shell, args.tolerance, root))
                 except BidsAppError as err:
                     failures.append(f"{prediction.dwi.name}: {err}")
                     LOGGER.warning("skipping %s: %s", prediction.dwi.name, err)
+        if resampled:
+            try:
+                rows += score_participant(truth, resampled)
+            except BidsAppError as err:
+                failures.append(f"sub-{label}: {err}")
+                LOGGER.warning("skipping sub-%s: %s", label, err)
     return rows, failures
 
 

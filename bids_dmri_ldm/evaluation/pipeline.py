@@ -143,33 +143,61 @@ def _maps(shell_data: ShellData, mask: np.ndarray, shell: float, tolerance: floa
         raise BadDataError(str(err)) from None
 
 
-# --------------------------------------------------------------------------- one prediction
-def score_prediction(
+# --------------------------------------------------------------------------- predictions
+@dataclass
+class PredictionOnTruth:
+    """One prediction's maps brought into the 7T grid, and where they are valid."""
+
+    prediction: discovery.Prediction
+    method: str
+    relative_path: str
+    maps: np.ndarray  # (X, Y, Z, 4) on the 7T grid
+    valid: np.ndarray  # (X, Y, Z) bool: inside the prediction's field of view and signal support
+
+
+def prediction_on_truth(
     prediction: discovery.Prediction, truth: Truth, method: str, shell: float, tolerance: float, pred_root: Path
-) -> list[ScoreRow]:
-    """Score one predicted DWI against a participant's 7T scan (and noiseless truth when present)."""
+) -> PredictionOnTruth:
+    """Maps of one predicted DWI, computed on its own grid and resampled into the 7T grid."""
     pred = load_shell(prediction.dwi, prediction.bval, prediction.bvec, shell, tolerance)
-    mask = truth.mask & scoring.fov_mask(truth.affine, truth.shape, pred.affine, pred.shape)
-    if not mask.any():
+    in_fov = scoring.fov_mask(truth.affine, truth.shape, pred.affine, pred.shape)
+    if not (truth.mask & in_fov).any():
         raise BadDataError(f"{prediction.dwi.name} does not overlap the 7T scan {truth.scan.dwi.name} in world space")
-    region = scoring.fit_region(mask, truth.affine, pred.affine, pred.shape)
-    pred_maps = scoring.maps_on_grid(_maps(pred, region, shell, tolerance), pred.affine, truth.affine, truth.shape)
-    has_signal = pred.data[..., pred.n_b0 :].max(axis=-1) > 0
-    on_truth = resample_mask(has_signal, pred.affine, truth.affine, truth.shape)
-    common = {
-        "participant": prediction.participant,
-        "session": prediction.session,
-        "method": method,
-        "mask": truth.mask_source,
-        "n_voxels": int(mask.sum()),
-        "prediction": str(prediction.dwi.relative_to(pred_root)),
-        "coverage": float((on_truth & mask).sum() / mask.sum()),
-    }
-    rows = [ScoreRow(reference="7T", scores=scoring.score_maps(pred_maps, truth.maps, mask), **common)]
-    if truth.noiseless_rish is not None:
-        n = len(scoring.RISH_NAMES)
-        scores = scoring.score_maps(pred_maps[..., :n], truth.noiseless_rish, mask, scoring.RISH_NAMES)
-        rows.append(ScoreRow(reference="noiseless7T", scores=scores, **common))
+    region = scoring.fit_region(truth.mask & in_fov, truth.affine, pred.affine, pred.shape)
+    has_signal = pred.data[..., pred.n_b0 :].max(axis=-1) > 0  # zeros outside the participant level's mask
+    maps = scoring.fill_invalid(_maps(pred, region, shell, tolerance), region & has_signal)
+    maps = scoring.maps_on_grid(maps, pred.affine, truth.affine, truth.shape)
+    support = resample_mask(has_signal, pred.affine, truth.affine, truth.shape)
+    return PredictionOnTruth(prediction, method, str(prediction.dwi.relative_to(pred_root)), maps, in_fov & support)
+
+
+def score_participant(truth: Truth, predictions: list[PredictionOnTruth]) -> list[ScoreRow]:
+    """Score every prediction of one participant inside one common mask.
+
+    The mask is the 7T brain mask restricted to the voxels where *every* prediction is valid
+    (inside its field of view and where it has diffusion-weighted signal), so all methods are
+    scored on the same voxels; ``coverage`` = scored voxels / 7T brain-mask voxels.
+    """
+    mask = truth.mask.copy()
+    for item in predictions:
+        mask &= item.valid
+    if not mask.any():
+        names = ", ".join(item.prediction.dwi.name for item in predictions)
+        raise BadDataError(f"no voxel of the 7T brain mask of {truth.scan.dwi.name} is covered by {names}")
+    rows = []
+    for item in predictions:
+        common = {
+            "participant": item.prediction.participant,
+            "session": item.prediction.session,
+            "method": item.method,
+            "mask": truth.mask_source,
+            "n_voxels": int(mask.sum()),
+            "coverage": float(mask.sum() / truth.mask.sum()),
+            "prediction": item.relative_path,
+        }
+        rows.append(ScoreRow(reference="7T", scores=scoring.score_maps(item.maps, truth.maps, mask), **common))
+        if truth.noiseless_rish is not None:
+            n = len(scoring.RISH_NAMES)
+            scores = scoring.score_maps(item.maps[..., :n], truth.noiseless_rish, mask, scoring.RISH_NAMES)
+            rows.append(ScoreRow(reference="noiseless7T", scores=scores, **common))
     return rows
-
-

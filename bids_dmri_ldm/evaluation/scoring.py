@@ -162,6 +162,29 @@ def fit_region(
     return on_src
 
 
+def fill_invalid(maps: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """Give every voxel outside ``valid`` the value of its nearest valid voxel.
+
+    Done before interpolating into another grid so that voxels near the edge of a prediction's
+    support (the participant level writes zeros outside its brain mask) are not pulled towards
+    zero by the B-spline; which voxels are then scored is decided by the support itself.
+
+    Parameters
+    ----------
+    maps : ndarray, shape (X, Y, Z, C)
+    valid : ndarray of bool, shape (X, Y, Z)
+
+    Returns
+    -------
+    ndarray, shape (X, Y, Z, C) (``maps`` itself when every voxel is valid or none is)
+    """
+    valid = np.asarray(valid, dtype=bool)
+    if valid.all() or not valid.any():
+        return maps
+    nearest = ndimage.distance_transform_edt(~valid, return_distances=False, return_indices=True)
+    return maps[tuple(nearest)]
+
+
 def maps_on_grid(
     maps: np.ndarray,
     affine: np.ndarray,
