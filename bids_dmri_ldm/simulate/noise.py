@@ -25,6 +25,10 @@ def noise_sigma(white_matter_b0: float, snr: float, gain: float = SCANNER_GAIN) 
 def add_rician_noise(signal: np.ndarray, sigma: float, rng: np.random.Generator) -> np.ndarray:
     """Magnitude of ``signal + sigma (n_re + i n_im)`` with standard normal ``n``.
 
+    Where the signal is exactly 0 (outside the head) the magnitude is Rayleigh distributed and is
+    drawn directly as ``sigma sqrt(-2 ln U)`` (one uniform instead of two normals: the same
+    distribution, about half the cost on the ~55 % of a field of view that is background).
+
     Parameters
     ----------
     signal : ndarray, float32
@@ -36,21 +40,36 @@ def add_rician_noise(signal: np.ndarray, sigma: float, rng: np.random.Generator)
     -------
     ndarray, same shape, float32
     """
-    real = rng.standard_normal(signal.shape, dtype=np.float32)
-    real *= np.float32(sigma)
-    real += signal
-    imag = rng.standard_normal(signal.shape, dtype=np.float32)
-    imag *= np.float32(sigma)
-    real *= real  # |z| = sqrt(re^2 + im^2), in place (np.hypot is several times slower)
-    imag *= imag
-    real += imag
-    np.sqrt(real, out=real)
-    return real
+    signal = np.asarray(signal, dtype=np.float32)
+    out = np.empty(signal.shape, dtype=np.float32)
+    flat_in, flat_out = signal.reshape(-1), out.reshape(-1)
+    has_signal = flat_in > 0
+    inside = np.flatnonzero(has_signal)
+    outside = np.flatnonzero(~has_signal)
+    if outside.size:
+        uniform = rng.random(outside.size, dtype=np.float32)
+        np.subtract(1.0, uniform, out=uniform)  # (0, 1]: log is finite
+        np.log(uniform, out=uniform)
+        uniform *= np.float32(-2.0 * sigma**2)
+        flat_out[outside] = np.sqrt(uniform, out=uniform)
+    if inside.size:
+        real = rng.standard_normal(inside.size, dtype=np.float32)
+        real *= np.float32(sigma)
+        real += flat_in[inside]
+        imag = rng.standard_normal(inside.size, dtype=np.float32)
+        imag *= np.float32(sigma)
+        real *= real  # |z| = sqrt(re^2 + im^2), in place (np.hypot is several times slower)
+        imag *= imag
+        real += imag
+        flat_out[inside] = np.sqrt(real, out=real)
+    return out
 
 
 def to_int16(values: np.ndarray) -> np.ndarray:
     """Round to the nearest integer and clip into int16 (as scanners store magnitude images)."""
-    return np.clip(np.rint(values), 0, INT16_MAX).astype(np.int16)
+    values = np.clip(values, 0.0, INT16_MAX, dtype=np.float32)
+    values += np.float32(0.5)  # non-negative: truncation after +0.5 rounds half up
+    return values.astype(np.int16)
 
 
 # Centres (world mm) and widths of the 7T receive/B1 field components: central brightening

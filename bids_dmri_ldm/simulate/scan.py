@@ -141,8 +141,13 @@ def simulate_scan(
     # Separable box averages: lattice -> sub-voxels along x and y now, along z per slab.
     edges = voxel_edges(affine, shape, SUBDIVISIONS)
     weights = [box_average_matrix(lattice.axes[d], *edges[d]).astype(np.float32) for d in range(3)]
+    # Stored z-first and contiguous so that each slab is one plain matrix product (a tensordot
+    # over a middle axis would copy the whole array for every slab).
     partial = np.tensordot(weights[0], lattice.tissue, axes=(1, 0))  # (SX, Ly, Lz, 3)
-    partial = np.moveaxis(np.tensordot(weights[1], partial, axes=(1, 1)), 0, 1)  # (SX, SY, Lz, 3)
+    partial = np.tensordot(weights[1], partial, axes=(1, 1))  # (SY, SX, Lz, 3)
+    partial = np.ascontiguousarray(partial.transpose(2, 1, 0, 3))  # (Lz, SX, SY, 3)
+    lz, sx, sy, _ = partial.shape
+    partial_2d = partial.reshape(lz, -1)
     sub_centres = [(lo + hi) / 2.0 for lo, hi in edges]
 
     out = {
@@ -158,9 +163,10 @@ def simulate_scan(
     slab_seeds = seed_sequence.spawn(int(np.ceil(shape[2] / planes)))
     for slab, z0 in enumerate(range(0, shape[2], planes)):
         z1 = min(z0 + planes, shape[2])
-        sub_tissue = np.moveaxis(
-            np.tensordot(weights[2][SUBDIVISIONS * z0 : SUBDIVISIONS * z1], partial, axes=(1, 2)), 0, 2
-        )  # (SX, SY, s, 3)
+        rows = weights[2][SUBDIVISIONS * z0 : SUBDIVISIONS * z1]
+        used = np.flatnonzero(rows.any(axis=0))  # the few lattice planes these sub-voxels overlap
+        sub_tissue = (rows[:, used] @ partial_2d[used]) if used.size else np.zeros((rows.shape[0], partial_2d.shape[1]), np.float32)
+        sub_tissue = np.moveaxis(sub_tissue.reshape(-1, sx, sy, 3), 0, 2)  # (SX, SY, s, 3)
         slab_shape = (shape[0], shape[1], z1 - z0)
         centres = _voxel_centres(affine, slab_shape, z0)
         gain = receive_field_7t(centres, receive_field_strength) if receive_field_strength else np.ones(slab_shape, np.float32)
@@ -172,7 +178,7 @@ def simulate_scan(
         rish[brain] = noiseless_rish(signal[brain][:, shell], signal[brain][:, b0_index], fit, l_values)
         magnitude = signal.reshape(slab_shape + (n_vol,)) * (np.float32(SCANNER_GAIN) * gain[..., None])
         if noise:
-            magnitude = add_rician_noise(magnitude, sigma, np.random.default_rng(slab_seeds[slab]))
+            magnitude = add_rician_noise(magnitude, sigma, np.random.Generator(np.random.SFC64(slab_seeds[slab])))
         out["dwi"][:, :, z0:z1] = to_int16(magnitude)
         out["tissue"][:, :, z0:z1] = voxel_flat.reshape(slab_shape + (3,))
         out["peak_directions"][:, :, z0:z1] = peaks[0].reshape(slab_shape + (3, 3))

@@ -12,6 +12,14 @@ def test_rician_floor_of_zero_signal_is_rayleigh_mean():
     assert magnitude.mean() == pytest.approx(10.0 * np.sqrt(np.pi / 2), rel=0.01)
 
 
+def test_rayleigh_shortcut_matches_two_normals_in_distribution():
+    """Zero signal uses sigma*sqrt(-2 ln U); compare with explicit complex Gaussian magnitudes."""
+    rng = np.random.default_rng(3)
+    shortcut = np.sort(noise.add_rician_noise(np.zeros(100_000, np.float32), 5.0, rng))
+    explicit = np.sort(np.abs(5.0 * (rng.standard_normal(100_000) + 1j * rng.standard_normal(100_000))))
+    np.testing.assert_allclose(np.percentile(shortcut, [10, 50, 90, 99]), np.percentile(explicit, [10, 50, 90, 99]), rtol=0.03)
+
+
 def test_rician_mean_power_is_signal_power_plus_two_sigma_squared():
     rng = np.random.default_rng(1)
     magnitude = noise.add_rician_noise(np.full(200_000, 50.0, np.float32), 10.0, rng)
@@ -37,4 +45,4 @@ def test_receive_field_is_low_in_temporal_lobes_and_cerebellum():
 
 
 def test_int16_conversion_rounds_and_clips():
-    np.testing.assert_array_equal(noise.to_int16(np.array([-3.0, 1.6, 40000.0])), [0, 2, 32767])
+    np.testing.assert_array_equal(noise.to_int16(np.array([-3.0, 1.6, 2.4, 40000.0])), [0, 2, 2, 32767])
