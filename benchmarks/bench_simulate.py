@@ -8,7 +8,7 @@ Usage::
 
 Each case runs ``python -m bids_dmri_ldm.simulate OUT --subjects 1 --voxel-scale X --nprocs P``
 in a fresh process. Peak memory is the largest total RSS of the whole process tree, sampled
-every 0.2 s from /proc; CPU time is user + system of the tree (``resource.RUSAGE_CHILDREN``).
+every 0.5 s from /proc; CPU time is user + system of the tree (``resource.RUSAGE_CHILDREN``).
 The machine's load average is printed with each result, because wall times on a shared machine
 mean little without it. Not a test: numbers go into docs/simulator.md.
 """
@@ -26,27 +26,30 @@ import time
 from pathlib import Path
 
 
+def _children(pid: int) -> list[int]:
+    """Child PIDs of ``pid`` (Linux ``/proc/PID/task/*/children``)."""
+    out: list[int] = []
+    try:
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{task}/children") as handle:
+                out += [int(c) for c in handle.read().split()]
+    except OSError:
+        pass
+    return out
+
+
 def _tree_rss_bytes(root_pid: int) -> int:
     """Total resident memory of ``root_pid`` and all its descendants (Linux /proc)."""
-    children: dict[int, list[int]] = {}
-    rss: dict[int, int] = {}
     page = os.sysconf("SC_PAGE_SIZE")
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as handle:
-                fields = handle.read().rsplit(")", 1)[1].split()
-            with open(f"/proc/{entry}/statm") as handle:
-                rss[int(entry)] = int(handle.read().split()[1]) * page
-        except (OSError, IndexError, ValueError):
-            continue
-        children.setdefault(int(fields[1]), []).append(int(entry))
     total, stack = 0, [root_pid]
     while stack:
         pid = stack.pop()
-        total += rss.get(pid, 0)
-        stack.extend(children.get(pid, []))
+        try:
+            with open(f"/proc/{pid}/statm") as handle:
+                total += int(handle.read().split()[1]) * page
+        except (OSError, IndexError, ValueError):
+            continue
+        stack.extend(_children(pid))
     return total
 
 
@@ -67,7 +70,7 @@ def run_case(scale: float, nprocs: int, seed: int = 2024) -> dict:
             nonlocal peak
             while not done.is_set():
                 peak = max(peak, _tree_rss_bytes(proc.pid))
-                time.sleep(0.2)
+                time.sleep(0.5)
 
         sampler = threading.Thread(target=sample, daemon=True)
         sampler.start()
