@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..core.sh import rish_features, sh_basis
+from ..core.sh import fit_matrix, rish_features, sh_basis
 from . import fibres
 from .acquisition import Protocol, world_to_voxel_directions
 from .anatomy import (
@@ -86,7 +86,7 @@ class ScanResult:
 def rish_fit_matrix(gradients: np.ndarray, sh_order_max: int = RISH_SH_ORDER) -> tuple[np.ndarray, np.ndarray]:
     """Unregularised least-squares SH fit matrix ``(K, M)`` and ``l_values`` for a shell."""
     basis, _, l_values = sh_basis(gradients, sh_order_max)
-    return np.linalg.pinv(basis).astype(np.float32), l_values
+    return fit_matrix(basis, smooth=0.0).astype(np.float32), l_values
 
 
 def noiseless_rish(signal: np.ndarray, s0: np.ndarray, fit: np.ndarray, l_values: np.ndarray) -> np.ndarray:
