@@ -441,7 +441,7 @@ build_sif() {
         tar -C "$sid" -c . | "$DOCKER" import - bdl-sid:base >/dev/null
         rm -rf "$sid"
         "$DOCKER" run --network host --name bdl-apptainer-build bdl-sid:base sh -c \
-            'apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends apptainer squashfs-tools >/dev/null && rm -rf /var/lib/apt/lists/*' ||
+            'apt-get -o Acquire::Check-Valid-Until=false update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends apptainer squashfs-tools >/dev/null && rm -rf /var/lib/apt/lists/*' ||
             fail "apt-get install apptainer (sid)"
         "$DOCKER" commit bdl-apptainer-build bdl-apptainer:sid >/dev/null
         "$DOCKER" rm bdl-apptainer-build >/dev/null
