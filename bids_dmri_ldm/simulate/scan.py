@@ -151,7 +151,8 @@ def simulate_scan(
     sub_centres = [(lo + hi) / 2.0 for lo, hi in edges]
 
     out = {
-        "dwi": np.zeros(shape + (n_vol,), dtype=np.int16),
+        # Fortran order: the NIfTI on-disk order, so the writer streams it without reordering.
+        "dwi": np.zeros(shape + (n_vol,), dtype=np.int16, order="F"),
         "tissue": np.zeros(shape + (3,), dtype=np.float32),
         "peak_directions": np.zeros(shape + (3, 3), dtype=np.float32),
         "peak_fractions": np.zeros(shape + (3,), dtype=np.float32),
