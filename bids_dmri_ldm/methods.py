@@ -17,8 +17,12 @@ Registered methods (:class:`Method`):
     One factor per RISH order, learned at the group level from paired 3T/7T participants
     (:func:`fit_rish_global`) and read from a small JSON model file whose SHA-256 is checked.
 ``ldm``
-    The latent diffusion model (Zhu et al., MICCAI 2024). Its loader plugs into :data:`LOADERS`;
-    until its weights exist, asking for it raises :class:`MethodUnavailableError`.
+    The latent diffusion model (Zhu et al., MICCAI 2024): a model bundle (``models/demo/`` by
+    default, checksums verified) translates the source RISH maps to predicted 7T RISH maps
+    (:func:`bids_dmri_ldm.ml.inference.translate_rish`) and lambda_l = sqrt(pred_7T / reference)
+    (Eq. 2), where the reference is the input 3T RISH (``scale_reference="input"``) or the 3T
+    RISH passed through the same VQ-VAE encode/decode path (``"roundtrip"``, so that the
+    autoencoder's own error cancels in the ratio), optionally smoothed (:class:`LdmMethod`).
 
 Adding a method is one entry in :data:`LOADERS`: a callable ``(model_dir, options) -> object``
 whose ``predict_scale_maps(rish_source, mask, affine)`` returns a :class:`ScaleMapPrediction`.
@@ -88,6 +92,9 @@ class ScaleMapPrediction:
 
     scale: np.ndarray
     provenance: dict[str, Any] = field(default_factory=dict)
+    std: np.ndarray | None = None
+    """Per-voxel standard deviation ``(X, Y, Z, n_orders)`` of the predicted 7T RISH over the
+    samples (``ldm`` with ``num_samples > 1``), else None."""
 
 
 class TranslationMethod(Protocol):
@@ -281,13 +288,175 @@ def _load_rish_global(model_dir: Path | None, options: Mapping[str, Any]) -> Ris
 
 
 # ---------------------------------------------------------------------------------------------
-# ldm (plugged in by its own issue)
+# ldm
+
+LDM_MODEL_NAME = "demo"
+"""Name of the shipped ldm bundle used when no ``--model-dir`` is given (``models/demo/``)."""
+
+SCALE_REFERENCES = ("input", "roundtrip")
+"""Denominators of the ldm scale maps: the input 3T RISH, or its VQ-VAE round trip."""
+
+DEFAULT_SCALE_REFERENCE = "roundtrip"
+"""Used when the bundle's ``translation`` section does not name one (chosen by the evaluation,
+docs/evaluation_results.md)."""
+
+DEFAULT_SCALE_SMOOTHING = 0.0
+"""Gaussian sigma of the lambda smoothing, in model-grid voxels (0: none)."""
 
 
-def _load_ldm(model_dir: Path | None, options: Mapping[str, Any]) -> TranslationMethod:
-    raise MethodUnavailableError(
-        "ldm weights not available: the latent diffusion model is not shipped with this version; "
-        "use --method rish-global or --method identity"
+@dataclass
+class LdmMethod:
+    """Scale maps from the latent diffusion model.
+
+    ``predict_scale_maps`` translates the source RISH (:func:`~bids_dmri_ldm.ml.inference.translate_rish`)
+    and returns lambda_l = sqrt(pred_7T_l / (ref_l + tau)) (Eq. 2) inside the mask, 1 outside, with
+
+    - ``scale_reference="input"``: ref = the input 3T RISH (option (i));
+    - ``scale_reference="roundtrip"``: ref = the 3T RISH through the 3T VQ-VAE encoder/decoder and
+      the same grid resampling (option (ii)): the model's predicted 7T went through the same
+      lossy path, so the loss of detail cancels in the ratio and the full-resolution 3T SH keep
+      their detail when lambda is applied (Eq. 3).
+
+    ``scale_smoothing`` > 0 smooths lambda with a Gaussian of that sigma in model-grid voxels
+    (converted to input voxels through the brain crop box), mask-normalised so the background
+    does not leak in.
+    """
+
+    bundle: Any
+    device: Any = "cpu"
+    seed: int | None = None
+    num_samples: int | None = None
+    t0: Sequence[int] | None = None
+    guidance: Sequence[float] | None = None
+    ddim_steps: int | None = None
+    scale_reference: str = DEFAULT_SCALE_REFERENCE
+    scale_smoothing: float = DEFAULT_SCALE_SMOOTHING
+    tau: float = DEFAULT_TAU
+    name: str = Method.LDM.value
+
+    @property
+    def orders(self) -> tuple[int, ...]:
+        return tuple(int(o) for o in self.bundle.config["orders"])
+
+    @property
+    def sha256(self) -> str:
+        """SHA-256 of the bundle's config.json (the checksum list covers the weights)."""
+        return self.bundle.config_sha256
+
+    @property
+    def model(self) -> LdmMethod:
+        """The loaded model (``model.sha256`` is what the workflow records, as for rish-global)."""
+        return self
+
+    def predict_scale_maps(self, rish_source: np.ndarray, mask: np.ndarray, affine: np.ndarray) -> ScaleMapPrediction:
+        from .ml.inference import DeviceMemoryError, translate_rish
+
+        _check_rish_shape(rish_source, mask, self.orders)
+        mask = np.asarray(mask, dtype=bool)
+        try:
+            result = translate_rish(rish_source, mask, self.bundle, device=self.device, seed=self.seed,
+                                    num_samples=self.num_samples, t0=self.t0, guidance=self.guidance,
+                                    ddim_steps=self.ddim_steps)
+        except DeviceMemoryError as err:
+            raise MethodError(str(err)) from None
+        reference = rish_source if self.scale_reference == "input" else result.recon_3t
+        scale = scale_maps(result.pred_7t, reference, self.tau)
+        sigma_input = None
+        if self.scale_smoothing > 0:
+            crop = [stop - start for start, stop in result.provenance["CropBox"]]
+            grid = self.bundle.config["grid"]
+            sigma_input = [float(self.scale_smoothing) * c / g for c, g in zip(crop, grid)]
+            scale = smooth_in_mask(scale, mask, sigma_input)
+        scale = np.where(mask[..., None], scale, np.float32(1.0)).astype(np.float32)
+        provenance = {
+            "Method": self.name,
+            "Model": {"Name": self.bundle.config["name"], "Path": str(self.bundle.path),
+                      "SHA256": self.sha256, "Created": self.bundle.config.get("created")},
+            **{k: v for k, v in result.provenance.items() if k not in ("Method",)},
+            "ScaleReference": self.scale_reference,
+            "ScaleSmoothingSigma": float(self.scale_smoothing),
+            "ScaleSmoothingSigmaInputVoxels": sigma_input,
+            "Tau": float(self.tau),
+        }
+        provenance["RISHOrders"] = list(self.orders)
+        return ScaleMapPrediction(scale, provenance, std=result.std)
+
+
+def smooth_in_mask(volumes: np.ndarray, mask: np.ndarray, sigma: Sequence[float]) -> np.ndarray:
+    """Mask-normalised Gaussian smoothing of ``(X, Y, Z, n)`` volumes (sigma in voxels per axis).
+
+    smoothed = G * (v m) / G * m inside the mask, so values outside the brain do not pull the
+    brain's edge toward them.
+    """
+    from scipy.ndimage import gaussian_filter
+
+    weight = gaussian_filter(mask.astype(np.float32), sigma, mode="nearest")
+    out = np.empty_like(volumes, dtype=np.float32)
+    for k in range(volumes.shape[-1]):
+        num = gaussian_filter(np.where(mask, volumes[..., k], 0).astype(np.float32), sigma, mode="nearest")
+        out[..., k] = np.where(weight > 1e-6, num / np.maximum(weight, 1e-6), volumes[..., k])
+    return out
+
+
+def resolve_ldm_bundle_dir(model_dir: str | os.PathLike | None) -> Path:
+    """The ldm bundle folder: ``model_dir`` itself, ``model_dir/ldm`` or ``model_dir/demo`` when
+    one holds ``config.json``; with no ``model_dir`` the shipped ``demo`` bundle
+    (:func:`bids_dmri_ldm.config.find_shipped_model`)."""
+    from .config import find_shipped_model
+
+    if model_dir is None:
+        found = find_shipped_model(LDM_MODEL_NAME)
+        if found is None:
+            raise ModelNotFoundError(
+                "no ldm model bundle found (models/demo/ is not installed); pass --model-dir with a bundle "
+                "trained by the group level, or use --method rish-global")
+        return found
+    model_dir = Path(model_dir)
+    for candidate in (model_dir, model_dir / Method.LDM.value, model_dir / LDM_MODEL_NAME):
+        if (candidate / "config.json").is_file():
+            return candidate
+    if not model_dir.exists():
+        raise ModelNotFoundError(f"ldm model directory {model_dir} does not exist")
+    raise ModelNotFoundError(f"no ldm model bundle in {model_dir} (no config.json there or in "
+                             f"{Method.LDM.value}/); train one with the group level")
+
+
+def _option(options: Mapping[str, Any], key: str, default: Any = None) -> Any:
+    value = options.get(key)
+    return default if value is None else value
+
+
+def _load_ldm(model_dir: Path | None, options: Mapping[str, Any]) -> LdmMethod:
+    try:
+        from .ml.bundle import BundleError, load_bundle
+        from .ml.device import DeviceUnavailableError, resolve_device
+    except ImportError as err:  # torch/monai missing from this installation
+        raise MethodUnavailableError(f"--method ldm needs PyTorch and MONAI: {err}") from None
+    import torch
+
+    threads = options.get("omp_nthreads")
+    if threads:
+        torch.set_num_threads(int(threads))
+    path = resolve_ldm_bundle_dir(model_dir)
+    try:
+        device = resolve_device(str(options.get("device") or "cpu"))
+    except DeviceUnavailableError as err:
+        raise MethodUnavailableError(str(err)) from None
+    try:
+        bundle = load_bundle(path, device)
+    except BundleError as err:
+        raise MethodError(str(err)) from None
+    translation = bundle.config["translation"]
+    reference = str(_option(options, "scale_reference", translation.get("scale_reference", DEFAULT_SCALE_REFERENCE)))
+    if reference not in SCALE_REFERENCES:
+        raise MethodError(f"scale_reference must be one of {SCALE_REFERENCES}, got {reference!r}")
+    smoothing = float(_option(options, "scale_smoothing", translation.get("scale_smoothing", DEFAULT_SCALE_SMOOTHING)))
+    if not np.isfinite(smoothing) or smoothing < 0:
+        raise MethodError(f"scale_smoothing must be >= 0, got {smoothing}")
+    return LdmMethod(
+        bundle=bundle, device=device, seed=options.get("seed"), num_samples=options.get("num_samples"),
+        t0=options.get("t0"), guidance=options.get("guidance"), ddim_steps=options.get("ddim_steps"),
+        scale_reference=reference, scale_smoothing=smoothing,
     )
 
 
@@ -334,8 +503,8 @@ def load_method(name: Method | str, model_dir: str | os.PathLike | None = None,
     Raises
     ------
     MethodError
-        Unknown name, missing/corrupt model; :class:`MethodUnavailableError` for ``ldm`` until its
-        weights are available.
+        Unknown name, missing/corrupt model (a tampered ldm bundle included);
+        :class:`ModelNotFoundError` when the model directory does not exist.
     """
     try:
         method = Method(name)
@@ -454,6 +623,7 @@ __all__ = [
     "LOADERS",
     "NEEDS_MODEL",
     "IdentityMethod",
+    "LdmMethod",
     "Method",
     "MethodError",
     "MethodUnavailableError",
@@ -469,6 +639,8 @@ __all__ = [
     "load_rish_global_model",
     "pair_scale_samples",
     "resolve_model_dir",
+    "resolve_ldm_bundle_dir",
     "save_rish_global_model",
+    "smooth_in_mask",
     "sha256_file",
 ]

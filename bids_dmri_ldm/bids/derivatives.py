@@ -8,6 +8,8 @@ Layout of the derivative dataset (``output_dir``), for each source run
     sub-<s>/[ses-<t>/]dwi/<entities>[_res-<R>]_model-rish_desc-source_dwimap.nii.gz  (+ .json)
     sub-<s>/[ses-<t>/]dwi/<entities>[_res-<R>]_model-rish_desc-7Tlike_dwimap.nii.gz  (+ .json)
     sub-<s>/[ses-<t>/]dwi/<entities>[_res-<R>]_model-rish_desc-scale_dwimap.nii.gz   (+ .json)
+    sub-<s>/[ses-<t>/]dwi/<entities>[_res-<R>]_model-rish_desc-7TlikeStd_dwimap.nii.gz  (+ .json;
+        only ``--method ldm --num-samples K`` with K > 1: per-voxel SD over the K samples)
 
 ``res-<R>`` appears when the output grid differs from the input's (``R`` = voxel size with ``p``
 for the decimal point, e.g. ``1p05``) and the sidecars then carry ``Resolution``. ``space-`` is
@@ -54,6 +56,8 @@ BIDSIGNORE_LINES = (
     "*_dwimap.json",
     "logs/",
     "models/",
+    "training/",
+    "*.html",
 )
 
 # Entities a raw DWI file name may carry, in the BIDS order, plus the derivative ones we add.
@@ -216,12 +220,14 @@ class OutputSpec:
     suffix: str
     model: str | None = None
     extra_extensions: tuple[str, ...] = ()
+    optional: bool = False  # written only by some runs; not needed for completeness
 
 
 OUTPUT_SPECS: tuple[OutputSpec, ...] = (
     OutputSpec("rish_source", desc="source", suffix="dwimap", model="rish"),
     OutputSpec("rish_predicted", desc=DESC_7TLIKE, suffix="dwimap", model="rish"),
     OutputSpec("scale", desc="scale", suffix="dwimap", model="rish"),
+    OutputSpec("rish_std", desc=DESC_7TLIKE + "Std", suffix="dwimap", model="rish", optional=True),
     OutputSpec("mask", desc="brain", suffix="mask"),
     OutputSpec("dwi", desc=DESC_7TLIKE, suffix="dwi", extra_extensions=(".bval", ".bvec")),
 )
@@ -260,10 +266,13 @@ class RunOutputs:
     def sidecar(self, key: str) -> Path:
         return self.path(key, ".json")
 
-    def all_files(self) -> list[Path]:
-        """Every file of the run; the DWI sidecar (commit marker) last."""
+    def all_files(self, optional: bool = True) -> list[Path]:
+        """Every file of the run (``optional=False``: only those every run writes); the DWI
+        sidecar (commit marker) last."""
         files = []
         for spec in OUTPUT_SPECS:
+            if spec.optional and not optional:
+                continue
             files += [self.path(spec.key, ext) for ext in (".nii.gz",) + spec.extra_extensions]
             files.append(self.sidecar(spec.key))
         return files
@@ -409,6 +418,9 @@ def sidecar_metadata(kind: str, *, sources: Sequence[str], spatial_reference: st
         "rish_source": "RISH features of the source run, volumes L0, L2, L4 (Eq. 1, of S/S0, no square root).",
         "rish_predicted": "Predicted 7T RISH features, volumes L0, L2, L4 (of the scaled SH coefficients).",
         "scale": "RISH scale maps lambda_l, volumes L0, L2, L4 (Eq. 2); 1 outside the brain mask.",
+        "rish_std": "Per-voxel standard deviation of the latent diffusion model's predicted 7T RISH "
+                    "features over NumSamples seeded samples, volumes L0, L2, L4 (uncertainty of the "
+                    "prediction, on the model's output before the scale maps are formed).",
     }
     meta: dict[str, Any] = {
         "Description": descriptions[kind],
@@ -418,7 +430,7 @@ def sidecar_metadata(kind: str, *, sources: Sequence[str], spatial_reference: st
     }
     if kind == "mask":
         meta["Type"] = "Brain"
-    if kind in ("rish_source", "rish_predicted", "scale"):
+    if kind in ("rish_source", "rish_predicted", "scale", "rish_std"):
         meta["RISHOrders"] = list(provenance.get("RISHOrders", [0, 2, 4]))
     if resolution is not None:
         meta["Resolution"] = resolution
@@ -473,7 +485,7 @@ def is_complete(outputs: RunOutputs, settings: Mapping[str, Any] | None = None) 
     The DWI sidecar is written last, so its presence together with every other file means the
     run finished; ``settings`` are compared with its ``Settings`` block (method, shell, ...).
     """
-    if not all(path.is_file() for path in outputs.all_files()):
+    if not all(path.is_file() for path in outputs.all_files(optional=False)):
         return False
     if settings is None:
         return True

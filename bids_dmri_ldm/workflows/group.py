@@ -10,12 +10,22 @@ the participant level (shell selection, mask, S/S0, least-squares SH, Eq. 1), th
 are resampled onto the target grid through the two affines (same head, same scanner space), and
 the factor of each order is the median of the voxel-wise lambda_l (Eq. 2) over the brain voxels
 of all pairs (:func:`bids_dmri_ldm.methods.fit_rish_global`).
-The ``ldm`` trainer plugs in as one more entry of :data:`GROUP_TRAINERS`.
+``ldm``: the RISH maps of every participant's 3T run (paired or not) and 7T run are computed
+once with the same steps and cached in the work dir (``<work_dir>/ldm_rish_cache/<key>.npz``,
+the key hashing the input files' paths, sizes and modification times and the shell settings),
+so later stages and reruns reuse them; then :func:`bids_dmri_ldm.ml.training.train_all` trains
+the four stages (``--stage``, ``--resume``) with the ``--config`` training config (built-in
+``demo``/``paper`` or a JSON/YAML file) and the bundle is written to ``<output_dir>/models/ldm/``,
+the loss curves to ``<output_dir>/training/``, and ``<output_dir>/group_training.html``.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -25,7 +35,7 @@ import nibabel as nib
 import numpy as np
 
 from ..bids import derivatives as deriv
-from ..cli.exitcodes import EX_OK, BadDataError, OutputError, UsageError
+from ..cli.exitcodes import EX_FAILURE, EX_OK, BadDataError, BidsAppError, NoDataError, OutputError, UsageError
 from ..interfaces import steps
 from ..methods import Method, RishPair, fit_rish_global, save_rish_global_model
 
@@ -116,18 +126,205 @@ def _uri(run, config) -> str:
 def _no_training(method: Method) -> Callable[..., int]:
     def trainer(config, runs) -> int:
         raise UsageError(f"--method {method.value} has nothing to learn at the group level; "
-                         "use --method rish-global (or ldm once available)")
+                         "use --method rish-global or --method ldm")
     return trainer
 
 
-def _ldm_unavailable(config, runs) -> int:
-    raise UsageError("ldm training is not available in this version; use --method rish-global")
+# ---------------------------------------------------------------------------------------------
+# ldm
+
+RISH_CACHE_DIR = "ldm_rish_cache"
+"""Folder of the work dir holding the cached RISH features (one ``.npz`` per run)."""
+
+DEFAULT_TRAIN_CONFIG = "demo"
+"""Training config used when ``--config`` is not given."""
+
+
+def _file_fingerprint(path: str | os.PathLike | None) -> list:
+    if path is None:
+        return [None]
+    stat = os.stat(path)
+    return [str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns]
+
+
+def rish_cache_key(run: DWIRun, shell: float, tolerance: float, sh_order_max: int) -> str:
+    """Cache key of a run's RISH features: SHA-256 of the input files' (path, size, mtime)
+    and the settings that change the features."""
+    parts = [_file_fingerprint(run.dwi), _file_fingerprint(run.bval), _file_fingerprint(run.bvec),
+             _file_fingerprint(getattr(run, "mask", None)), float(shell), float(tolerance), int(sh_order_max),
+             "v1"]
+    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:32]
+
+
+def cached_run_rish(run: DWIRun, config: RunConfig, stats: dict[str, int] | None = None
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`compute_run_rish` through the work-dir cache (RISH, mask, affine).
+
+    ``stats`` (optional) counts ``"computed"`` and ``"reused"`` runs.
+    """
+    cache_dir = Path(config.work_dir) / RISH_CACHE_DIR
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    key = rish_cache_key(run, config.shell, config.shell_tolerance, config.sh_order_max)
+    cache_file = cache_dir / f"{key}.npz"
+    if cache_file.is_file():
+        try:
+            with np.load(cache_file) as data:
+                out = (data["rish"].astype(np.float32), data["mask"].astype(bool), data["affine"])
+            if stats is not None:
+                stats["reused"] = stats.get("reused", 0) + 1
+            LOGGER.info("group: RISH of %s reused from the cache", run.stem)
+            return out
+        except (OSError, KeyError, ValueError):  # truncated or foreign file: recompute
+            LOGGER.warning("group: unreadable RISH cache %s, recomputing", cache_file)
+    scratch = Path(tempfile.mkdtemp(prefix="rish_", dir=cache_dir))
+    try:
+        LOGGER.info("group: RISH of %s", run.stem)
+        rish, mask, affine = compute_run_rish(run, config.shell, config.shell_tolerance, config.sh_order_max, scratch)
+    except steps.InputDataError as err:
+        raise BadDataError(f"{run.stem}: {err}") from None
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    tmp = cache_dir / f".{key}.tmp.npz"
+    np.savez(tmp, rish=rish.astype(np.float32), mask=mask, affine=np.asarray(affine, np.float64))
+    os.replace(tmp, cache_file)
+    if stats is not None:
+        stats["computed"] = stats.get("computed", 0) + 1
+    return rish, mask, affine
+
+
+def collect_ldm_features(config: RunConfig, runs: Sequence[DWIRun], stats: dict[str, int] | None = None
+                         ) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], dict[str, tuple[np.ndarray, np.ndarray]]]:
+    """RISH features ``{participant: (RISH (X, Y, Z, 3), mask (X, Y, Z))}`` of the 3T and 7T runs.
+
+    One source (3T) and one target (7T) run per participant: the run of its first 3T/7T pair
+    (:func:`~bids_dmri_ldm.bids.layout.pair_runs`) when it has one, else its first run of that
+    field strength (3T-only participants train the 3T VQ-VAE and the LDM's 3T class).
+    """
+    from ..bids.layout import SOURCE, TARGET, pair_runs
+
+    chosen: dict[str, dict[str, Any]] = {SOURCE: {}, TARGET: {}}
+    try:
+        for source, target in pair_runs(runs):
+            chosen[SOURCE].setdefault(source.subject, source)
+            chosen[TARGET].setdefault(target.subject, target)
+    except NoDataError:
+        pass  # train_all names what was found
+    for run in runs:
+        if getattr(run, "role", None) in (SOURCE, TARGET):
+            chosen[run.role].setdefault(run.subject, run)
+    features = {}
+    for role in (SOURCE, TARGET):
+        features[role] = {}
+        for subject in sorted(chosen[role]):
+            rish, mask, _ = cached_run_rish(chosen[role][subject], config, stats)
+            features[role][subject] = (rish, mask)
+    return features[SOURCE], features[TARGET]
+
+
+def _ldm_stages(stage: str) -> tuple[str, ...]:
+    from ..ml.training import STAGES
+
+    return tuple(STAGES) if stage in (None, "all") else (stage,)
+
+
+def _load_train_config(config: RunConfig) -> dict[str, Any]:
+    from ..ml.modelconfig import ConfigError, load_config
+
+    name = config.train_config if config.train_config is not None else DEFAULT_TRAIN_CONFIG
+    try:
+        return load_config(name)
+    except ConfigError as err:
+        raise UsageError(f"--config: {err}") from None
+
+
+def train_ldm(config: RunConfig, runs: Sequence[DWIRun]) -> int:
+    """Group-level training of the latent diffusion model (all or one ``--stage``).
+
+    Writes ``<output_dir>/models/ldm/`` (bundle), ``<output_dir>/training/`` (loss CSV + PNG)
+    and ``<output_dir>/group_training.html``.
+    """
+    import torch
+
+    from ..ml.device import resolve_device
+    from ..ml.training import TrainingDataError, train_all
+
+    train_cfg = _load_train_config(config)
+    try:
+        deriv.init_derivatives_dataset(config.output_dir, config.bids_dir)
+    except deriv.OutputWriteError as err:
+        raise OutputError(str(err)) from None
+    stats: dict[str, int] = {}
+    rish_3t, rish_7t = collect_ldm_features(config, runs, stats)
+    LOGGER.info("group: RISH features of %d 3T and %d 7T participant(s) (%d computed, %d from the cache)",
+                len(rish_3t), len(rish_7t), stats.get("computed", 0), stats.get("reused", 0))
+    if config.seed:
+        train_cfg["training"]["seed"] = int(config.seed)
+    device = resolve_device(config.device)
+    work = Path(config.work_dir) / "ldm_training" / train_cfg["name"]
+    staging = Path(config.work_dir) / "ldm_training" / "out"
+    command = " ".join(["bids-dmri-ldm", *sys.argv[1:]]) if sys.argv else ""
+    try:
+        bundle_dir = train_all(rish_3t, rish_7t, train_cfg, staging, work, device=device,
+                               resume=bool(config.resume), stages=_ldm_stages(config.stage), command=command)
+    except TrainingDataError as err:
+        raise NoDataError(f"ldm training: {err}") from None
+    except torch.OutOfMemoryError:
+        raise BidsAppError(f"out of GPU memory while training on {device} (model grid {train_cfg['grid']}, "
+                           f"batch size {train_cfg['training']['batch_size']}): use a config with a smaller "
+                           "grid or batch size, or --device cpu", EX_FAILURE) from None
+    _publish_training_outputs(config, staging, bundle_dir)
+    _write_training_report(config)
+    if bundle_dir is None:
+        LOGGER.info("group: stage(s) %s done; run the remaining stages (--stage) to write the bundle",
+                    ", ".join(_ldm_stages(config.stage)))
+    else:
+        LOGGER.info("group: ldm model bundle -> %s (use it with --model-dir %s)",
+                    group_model_dir(config, Method.LDM), Path(config.output_dir) / "models")
+    return EX_OK
+
+
+def _publish_training_outputs(config: RunConfig, staging: Path, bundle_dir: Path | None) -> None:
+    """Move the bundle to ``models/ldm/`` and copy the loss curves to ``training/`` (atomically)."""
+    out = Path(config.output_dir)
+    try:
+        logs = staging / "training"
+        if logs.is_dir():
+            (out / "training").mkdir(parents=True, exist_ok=True)
+            for file in logs.iterdir():
+                deriv.atomic_copy(file, out / "training" / file.name)
+        if bundle_dir is not None:
+            target = group_model_dir(config, Method.LDM)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp = target.with_name(f".{target.name}.new")
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.copytree(bundle_dir, tmp)
+            old = target.with_name(f".{target.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            if target.exists():
+                os.replace(target, old)
+            os.replace(tmp, target)
+            shutil.rmtree(old, ignore_errors=True)
+    except OSError as err:
+        raise OutputError(f"cannot write the trained model to {out}: {err}") from None
+
+
+def _write_training_report(config: RunConfig) -> None:
+    """``group_training.html``; a failure here is logged, never fatal."""
+    try:
+        from ..reports.training import build_training_report
+
+        bundle_cfg = group_model_dir(config, Method.LDM) / "config.json"
+        cfg = json.loads(bundle_cfg.read_text()) if bundle_cfg.is_file() else None
+        path = build_training_report(config.output_dir, config=cfg, logger=LOGGER)
+        LOGGER.info("group: training report %s", path)
+    except Exception as err:  # noqa: BLE001 - the report must never fail the training
+        LOGGER.warning("group: training report not written: %s", err)
 
 
 GROUP_TRAINERS: dict[Method, Callable[[Any, Sequence[Any]], int]] = {
     Method.IDENTITY: _no_training(Method.IDENTITY),
     Method.RISH_GLOBAL: train_rish_global,
-    Method.LDM: _ldm_unavailable,  # replaced by the LDM trainer (its own issue)
+    Method.LDM: train_ldm,
 }
 """Method -> group-level trainer ``(config, runs) -> exit status``."""
 
