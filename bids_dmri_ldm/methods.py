@@ -638,9 +638,9 @@ __all__ = [
     "load_method",
     "load_rish_global_model",
     "pair_scale_samples",
-    "resolve_model_dir",
     "resolve_ldm_bundle_dir",
+    "resolve_model_dir",
     "save_rish_global_model",
-    "smooth_in_mask",
     "sha256_file",
+    "smooth_in_mask",
 ]

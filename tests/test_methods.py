@@ -12,7 +12,7 @@ from bids_dmri_ldm.methods import (
     LOADERS,
     Method,
     MethodError,
-    MethodUnavailableError,
+    ModelNotFoundError,
     RishGlobalModel,
     RishPair,
     fit_rish_global,
@@ -83,9 +83,9 @@ def test_rish_global_checksum_and_content_checked(tmp_path):
         load_rish_global_model(tmp_path / "neg")
 
 
-def test_ldm_and_unknown_methods():
-    with pytest.raises(MethodUnavailableError, match="ldm weights not available"):
-        load_method("ldm")
+def test_ldm_and_unknown_methods(tmp_path):
+    with pytest.raises(ModelNotFoundError, match="no ldm model bundle"):
+        load_method("ldm", tmp_path)  # a folder without a bundle
     with pytest.raises(MethodError, match="unknown method 'cnn'"):
         load_method("cnn")
 

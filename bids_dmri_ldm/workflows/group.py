@@ -35,7 +35,15 @@ import nibabel as nib
 import numpy as np
 
 from ..bids import derivatives as deriv
-from ..cli.exitcodes import EX_FAILURE, EX_OK, BadDataError, BidsAppError, NoDataError, OutputError, UsageError
+from ..cli.exitcodes import (
+    EX_FAILURE,
+    EX_OK,
+    BadDataError,
+    BidsAppError,
+    NoDataError,
+    OutputError,
+    UsageError,
+)
 from ..interfaces import steps
 from ..methods import Method, RishPair, fit_rish_global, save_rish_global_model
 

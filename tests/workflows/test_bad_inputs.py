@@ -161,10 +161,11 @@ def test_corrupt_model_refused_before_work(bids_dataset, tmp_path, capsys):
     assert "no rish-global model" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("method, message", [("ldm", "ldm weights not available")])
+@pytest.mark.parametrize("method, message", [("ldm", "no ldm model bundle")])
 def test_unavailable_method(bids_dataset, tmp_path, capsys, method, message):
+    (tmp_path / "empty").mkdir()
     rc = main([str(bids_dataset.root), str(tmp_path / "out"), "participant", "-w", str(tmp_path / "work"),
-               "--skip-bids-validation", "--method", method])
-    assert rc == EX_FAILURE
+               "--skip-bids-validation", "--method", method, "--model-dir", str(tmp_path / "empty")])
+    assert rc == EX_NOINPUT
     err = capsys.readouterr().err
     assert message in err and "unexpected" not in err
