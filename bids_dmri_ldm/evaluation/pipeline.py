@@ -54,8 +54,12 @@ class ShellData:
         return mean_b0(self.data, np.arange(self.n_b0))
 
 
-def load_shell(dwi: Path, bval: Path, bvec: Path, shell: float, tolerance: float) -> ShellData:
-    """Read a DWI and keep its b0 and ``shell`` volumes (float32, NaN/Inf set to 0).
+def load_shell(
+    dwi: Path, bval: Path, bvec: Path, shell: float, tolerance: float, box: tuple[slice, ...] | None = None
+) -> ShellData:
+    """Read a DWI and keep its b0 and ``shell`` volumes (float32, C order, NaN/Inf set to 0).
+
+    ``box`` (3 slices) reads only that part of the grid; the returned affine is the crop's.
 
     Raises
     ------
@@ -69,7 +73,9 @@ def load_shell(dwi: Path, bval: Path, bvec: Path, shell: float, tolerance: float
         bvals, bvecs = load_gradients(bval, bvec)
         clean = check_gradients(bvals, bvecs, img.shape[3])
         selection = select_shell(bvals, clean, shell=shell, tolerance=tolerance)
-        data = np.asarray(np.asanyarray(img.dataobj)[..., selection.index], dtype=np.float32)
+        raw = img.dataobj[tuple(box) + (slice(None),)] if box is not None else np.asanyarray(img.dataobj)
+        data = np.ascontiguousarray(raw[..., selection.index], dtype=np.float32)
+        del raw
     except GradientError as err:
         raise BadDataError(f"{dwi.name}: {err}") from None
     except BadDataError:
@@ -80,7 +86,25 @@ def load_shell(dwi: Path, bval: Path, bvec: Path, shell: float, tolerance: float
     if n_bad:
         LOGGER.warning("%s: %d voxels with NaN/Inf values set to 0", dwi.name, n_bad)
     index = selection.index
-    return ShellData(data, selection.bvals[index], clean[index], img.affine.astype(np.float64), selection.n_b0)
+    affine = img.affine.astype(np.float64)
+    if box is not None:
+        affine = affine @ _translation([b.start for b in box])
+    return ShellData(data, selection.bvals[index], clean[index], affine, selection.n_b0)
+
+
+def _translation(offset) -> np.ndarray:
+    matrix = np.eye(4)
+    matrix[:3, 3] = offset
+    return matrix
+
+
+def read_grid(dwi: Path) -> tuple[np.ndarray, tuple[int, int, int]]:
+    """Affine and spatial shape of an image, from its header only."""
+    try:
+        img = nib.load(str(dwi))
+    except Exception as err:  # noqa: BLE001 - any reading failure is bad data
+        raise BadDataError(f"cannot read {dwi}: {err}") from None
+    return img.affine.astype(np.float64), tuple(int(n) for n in img.shape[:3])
 
 
 # --------------------------------------------------------------------------- the 7T truth of one participant
@@ -114,7 +138,11 @@ def prepare_truth(
         source = "b0-median-otsu"
     if not mask.any():
         raise BadDataError(f"the brain mask of {scan.dwi.name} is empty")
-    maps = _maps(seven, mask, shell, tolerance)
+    box = scoring.bounding_box(mask, margin=1)
+    crop = ShellData(np.ascontiguousarray(seven.data[box]), seven.bvals, seven.bvecs, seven.affine, seven.n_b0)
+    maps = np.zeros(mask.shape + (len(scoring.MAP_NAMES),), dtype=np.float32)
+    maps[box] = _maps(crop, mask[box], shell, tolerance)
+    del crop
     noiseless = None
     if simulated is not None and simulated.rish is not None:
         noiseless = _image_on_grid(simulated.rish, seven.affine, seven.shape, is_mask=False)[..., : len(scoring.RISH_NAMES)]
@@ -159,11 +187,14 @@ def prediction_on_truth(
     prediction: discovery.Prediction, truth: Truth, method: str, shell: float, tolerance: float, pred_root: Path
 ) -> PredictionOnTruth:
     """Maps of one predicted DWI, computed on its own grid and resampled into the 7T grid."""
-    pred = load_shell(prediction.dwi, prediction.bval, prediction.bvec, shell, tolerance)
-    in_fov = scoring.fov_mask(truth.affine, truth.shape, pred.affine, pred.shape)
+    affine, shape = read_grid(prediction.dwi)
+    in_fov = scoring.fov_mask(truth.affine, truth.shape, affine, shape)
     if not (truth.mask & in_fov).any():
         raise BadDataError(f"{prediction.dwi.name} does not overlap the 7T scan {truth.scan.dwi.name} in world space")
-    region = scoring.fit_region(truth.mask & in_fov, truth.affine, pred.affine, pred.shape)
+    region = scoring.fit_region(truth.mask & in_fov, truth.affine, affine, shape)
+    box = scoring.bounding_box(region)  # read only the part of the prediction that is scored
+    pred = load_shell(prediction.dwi, prediction.bval, prediction.bvec, shell, tolerance, box)
+    region = region[box]
     has_signal = pred.data[..., pred.n_b0 :].max(axis=-1) > 0  # zeros outside the participant level's mask
     maps = scoring.fill_invalid(_maps(pred, region, shell, tolerance), region & has_signal)
     maps = scoring.maps_on_grid(maps, pred.affine, truth.affine, truth.shape)

@@ -48,6 +48,9 @@ DEFAULT_SHELL = 1000.0
 DEFAULT_SH_ORDER = 4
 """Highest SH order of the RISH fit (paper: L0, L2, L4)."""
 
+FA_CHUNK_VOXELS = 100_000
+"""Voxels per tensor fit (bounds dipy's float64 working memory to a few hundred MB)."""
+
 FIT_MARGIN_VOXELS = 4
 """Dilation (voxels of the source grid) of the region fitted around the mask before resampling:
 the cubic B-spline needs valid values a few voxels beyond the voxels it is evaluated at."""
@@ -105,11 +108,37 @@ def diffusion_maps(
     _, coeffs = fit_shell_sh(data, selection.b0_index, selection.shell_index, mask, model.fit_matrix)
     maps = np.zeros(mask.shape + (len(MAP_NAMES),), dtype=np.float32)
     maps[..., : len(RISH_ORDERS)] = rish_features(coeffs, model.l_values, RISH_ORDERS)  # Eq. 1
-    index = selection.index
-    if mask.any():
-        fa, _ = tensor_fit(data[..., index], selection.bvals[index], clean[index], mask=mask)
-        maps[..., len(RISH_ORDERS)] = np.where(mask, np.clip(fa, 0.0, 1.0), 0.0)
+    maps[..., len(RISH_ORDERS)] = _fa_in_chunks(data, selection.index, selection.bvals, clean, mask)
     return maps
+
+
+def _fa_in_chunks(
+    data: np.ndarray, index: np.ndarray, bvals: np.ndarray, bvecs: np.ndarray, mask: np.ndarray,
+    chunk_voxels: int = FA_CHUNK_VOXELS,
+) -> np.ndarray:
+    """FA ``(X, Y, Z)`` of the masked voxels, fitted ``chunk_voxels`` at a time.
+
+    dipy's TensorModel works in float64 on every masked voxel at once (GBs at HCP size); fitting
+    chunks of voxels gives the same FA with bounded memory.
+    """
+    fa = np.zeros(mask.shape, dtype=np.float32)
+    coords = np.nonzero(mask)
+    for start in range(0, coords[0].size, chunk_voxels):
+        where = tuple(c[start : start + chunk_voxels] for c in coords)
+        voxels = data[where][:, index]  # (V, n_b0 + M)
+        chunk_fa, _ = tensor_fit(voxels[:, None, None, :], bvals[index], bvecs[index])
+        fa[where] = np.clip(chunk_fa[:, 0, 0], 0.0, 1.0)
+    return fa
+
+
+def bounding_box(mask: np.ndarray, margin: int = 0) -> tuple[slice, slice, slice]:
+    """Slices of the smallest box holding ``mask`` (grown by ``margin`` voxels, within bounds)."""
+    coords = np.nonzero(mask)
+    if coords[0].size == 0:
+        return tuple(slice(0, 0) for _ in range(3))
+    return tuple(
+        slice(max(int(c.min()) - margin, 0), min(int(c.max()) + 1 + margin, n)) for c, n in zip(coords, mask.shape)
+    )
 
 
 def fov_mask(
