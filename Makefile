@@ -13,7 +13,7 @@ NPROC  ?= 2
 $(VENV)/.installed: pyproject.toml version
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -e '.[test,ci]'
 	touch $@
 
 venv: $(VENV)/.installed
