@@ -252,3 +252,15 @@ def test_rish_cache_counts_reuse(make_bids_dataset, tmp_path):
 
 def test_ldm_method_is_the_loaded_type(tiny_bundle):
     assert isinstance(load_method("ldm", tiny_bundle, {}), LdmMethod)
+
+
+def test_config_scale_options_are_optional_but_checked():
+    """translation.scale_reference / scale_smoothing may be absent or valid; typos are refused."""
+    from bids_dmri_ldm.ml.modelconfig import ConfigError, validate_config
+
+    cfg = tiny_training_config()
+    validate_config(dict(cfg, translation=dict(cfg["translation"], scale_reference="input", scale_smoothing=1.0)))
+    with pytest.raises(ConfigError, match="scale_reference"):
+        validate_config(dict(cfg, translation=dict(cfg["translation"], scale_reference="ratio")))
+    with pytest.raises(ConfigError, match="scale_refrence"):
+        validate_config(dict(cfg, translation=dict(cfg["translation"], scale_refrence="input")))

@@ -43,13 +43,19 @@ _SCHEMA: dict[str, set[str]] = {
                  "cfg_dropout", "vqvae7t_init", "amp", "sr_ddim_steps", "latent_batch_size",
                  "calibrate_t0", "calibrate_guidance"},
 }
+# Optional keys: may be absent (the code's default applies); unknown keys are still refused.
+_OPTIONAL: dict[str, set[str]] = {
+    # ldm scale maps (bids_dmri_ldm.methods.LdmMethod): "input" | "roundtrip", and the
+    # Gaussian sigma of the lambda smoothing in model-grid voxels (0: none)
+    "translation": {"scale_reference", "scale_smoothing"},
+}
 _TOP_TRAINING = {"format_version", "name", "description", "grid", "orders", *_SCHEMA}
 _TOP_BUNDLE_EXTRA = {"normalisation", "latent_scale", "training_data", "software", "created"}
 _EPOCH_KEYS = {"vqvae3t", "vqvae7t", "ldm", "sr"}
 
 
-def _check_keys(found: dict, expected: set[str], where: str) -> None:
-    unknown = sorted(set(found) - expected)
+def _check_keys(found: dict, expected: set[str], where: str, optional: set[str] = frozenset()) -> None:
+    unknown = sorted(set(found) - expected - set(optional))
     missing = sorted(expected - set(found))
     if unknown:
         raise ConfigError(f"unknown key(s) {unknown} in {where}; allowed: {sorted(expected)}")
@@ -83,7 +89,7 @@ def validate_config(cfg: dict[str, Any], kind: str = "training") -> dict[str, An
     for section, keys in _SCHEMA.items():
         if not isinstance(cfg[section], dict):
             raise ConfigError(f"config section {section!r} must be an object")
-        _check_keys(cfg[section], keys, f"section {section!r}")
+        _check_keys(cfg[section], keys, f"section {section!r}", _OPTIONAL.get(section, set()))
     _check_keys(cfg["training"]["epochs"], _EPOCH_KEYS, "training.epochs")
     grid = cfg["grid"]
     if len(grid) != 3 or any(int(g) < 4 for g in grid):
@@ -98,6 +104,10 @@ def validate_config(cfg: dict[str, Any], kind: str = "training") -> dict[str, An
     t_max = cfg["diffusion"]["num_train_timesteps"] - 1
     if any(not 0 < int(t) <= t_max for t in cfg["translation"]["t0"]):
         raise ConfigError(f"translation.t0 values must lie in 1..{t_max}")
+    if cfg["translation"].get("scale_reference", "roundtrip") not in ("input", "roundtrip"):
+        raise ConfigError("translation.scale_reference must be 'input' or 'roundtrip'")
+    if not float(cfg["translation"].get("scale_smoothing", 0.0)) >= 0:
+        raise ConfigError("translation.scale_smoothing must be >= 0 (model-grid voxels)")
     if cfg["translation"]["invert_class"] not in CLASS_NAMES:
         raise ConfigError(f"translation.invert_class must be one of {sorted(CLASS_NAMES)}")
     if cfg["training"]["vqvae7t_init"] not in ("3T", "scratch"):
