@@ -216,7 +216,9 @@ def _build_parser() -> BidsArgumentParser:
     group.add_argument("--resume", action="store_true",
                        help="continue training from the last checkpoint in the work dir")
     group.add_argument("--reports-only", action="store_true",
-                       help="only (re)write the group reports")
+                       help="only (re)write the reports from the derivatives already in output_dir, "
+                            "recomputing nothing: sub-<label>.html at the participant level, "
+                            "group_training.html at the group level")
 
     parser.add_argument("-v", "--verbose", action="count", default=0,
                         help="more log output (repeat: -vv); tracebacks with -v")

@@ -3,8 +3,10 @@
 ``main()`` returns the process exit status (BIDS execution spec, see :mod:`.exitcodes`):
 every :class:`~.exitcodes.BidsAppError` becomes one line ``bids-dmri-ldm: error: <message>``
 on stderr and its code; any other exception exits 1 with one line (the traceback only with
-``-v``); Ctrl-C exits 130. At the participant level every run is attempted; the exit status
-is 1 when any of them failed, after all have finished.
+``-v``); Ctrl-C exits 130. At the participant level every run is attempted; when any failed,
+the exit status (after all have finished) is 65 if every failure was bad input data, 73 if
+every failure was an unwritable output, else 1. ``--reports-only`` at the participant level
+only rebuilds the reports from existing derivatives (0, or 66 when there are none).
 """
 from __future__ import annotations
 
@@ -20,7 +22,15 @@ from pathlib import Path
 
 from .. import __version__
 from ..config import RunConfig
-from .exitcodes import EX_FAILURE, EX_INTERRUPTED, EX_OK, BidsAppError
+from .exitcodes import (
+    EX_CANTCREAT,
+    EX_DATAERR,
+    EX_FAILURE,
+    EX_INTERRUPTED,
+    EX_NOINPUT,
+    EX_OK,
+    BidsAppError,
+)
 from .parser import PROG, parse_args
 
 LOGGER = logging.getLogger("bids_dmri_ldm")
@@ -60,12 +70,30 @@ def setup_logging(verbose: int, log_file: Path | None = None) -> None:
         handler.setFormatter(logging.Formatter(_LOG_FORMAT, "%H:%M:%S"))
         handler._bids_dmri_ldm = True  # type: ignore[attr-defined]
         root.addHandler(handler)
+    _route_nipype_logs()
     root.setLevel(logging.DEBUG if verbose >= 2 else logging.INFO if verbose == 1 else logging.WARNING)
     LOGGER.setLevel(logging.DEBUG if verbose >= 1 else logging.INFO)
     logging.captureWarnings(True)
     if verbose == 0:
         for category in (FutureWarning, DeprecationWarning, UserWarning):
             warnings.filterwarnings("ignore", category=category, module=r"(bids(\.|$)|nipype|dipy|monai)")
+
+
+def _route_nipype_logs() -> None:
+    """Send nipype's log records through the root handlers only (stderr and the log file).
+
+    nipype adds its own stdout ``StreamHandler`` to the ``nipype`` logger when it is imported,
+    unless that logger already has a handler; its records also propagate to the root logger, so
+    with ``-vv`` every nipype line was printed twice. A ``NullHandler`` set before the import
+    keeps nipype from adding its handler; one added by an earlier import is removed.
+    """
+    nipype_logger = logging.getLogger("nipype")
+    for handler in list(nipype_logger.handlers):
+        if type(handler) is logging.StreamHandler:
+            nipype_logger.removeHandler(handler)
+    if not nipype_logger.handlers:
+        nipype_logger.addHandler(logging.NullHandler())
+    nipype_logger.propagate = True
 
 
 def _limit_threads(omp_nthreads: int) -> None:
@@ -129,8 +157,44 @@ def run_participant_level(config: RunConfig) -> int:
                      len(failed), len(statuses), config.output_dir / "logs")
         sys.stderr.write(f"{PROG}: error: {len(failed)} of {len(statuses)} run(s) failed: "
                          f"{', '.join(sorted(failed))}\n")
-        return EX_FAILURE
+        return failure_exit_code(failed.values())
     LOGGER.info("done: outputs in %s", config.output_dir)
+    return EX_OK
+
+
+def failure_exit_code(failed_statuses) -> int:
+    """Exit status when runs failed: 65 (data error) when every failure was bad input data,
+    73 (cannot create) when every failure was an unwritable output, else 1."""
+    failed_statuses = list(failed_statuses)
+    if failed_statuses and all(s.startswith("failed (bad-data)") for s in failed_statuses):
+        return EX_DATAERR
+    if failed_statuses and all(s.startswith("failed (cannot-write)") for s in failed_statuses):
+        return EX_CANTCREAT
+    return EX_FAILURE
+
+
+def run_reports_only(config: RunConfig) -> int:
+    """``--reports-only`` at the participant level: rebuild ``sub-<label>.html`` from the
+    derivatives already in ``output_dir`` (nothing is recomputed, the input is not read).
+
+    Returns 0, or 66 when there is nothing to report on (no 7T-like DWI of the selected
+    participants in ``output_dir``).
+    """
+    from ..reports import regenerate_reports
+
+    output_dir = Path(config.output_dir)
+    wanted = [str(label).removeprefix("sub-") for label in (config.participant_labels or [])]
+    found = sorted(p.name.removeprefix("sub-") for p in output_dir.glob("sub-*")
+                   if p.is_dir() and any(p.rglob("*_desc-7Tlike_dwi.nii*")))
+    labels = [label for label in wanted if label in found] if wanted else found
+    for label in sorted(set(wanted) - set(found)):
+        LOGGER.warning("sub-%s: no derivatives in %s, no report", label, output_dir)
+    if not labels:
+        raise BidsAppError(f"--reports-only: no derivatives to report on in {output_dir} "
+                           "(run the participant level first)", exit_code=EX_NOINPUT)
+    reports = regenerate_reports(output_dir, labels)
+    LOGGER.info("--reports-only: %d report(s) written: %s", len(reports),
+                ", ".join(str(path) for path in reports))
     return EX_OK
 
 
@@ -161,6 +225,8 @@ def _run(argv: Sequence[str]) -> int:
     LOGGER.info("work dir: %s", config.work_dir)
     LOGGER.debug("settings: %s", config.to_dict())
     _limit_threads(config.omp_nthreads)
+    if config.reports_only and config.analysis_level == "participant":
+        return run_reports_only(config)
 
     from ..bids.validate import validate_dataset
 

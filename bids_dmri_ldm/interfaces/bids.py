@@ -37,6 +37,7 @@ class _DerivativesDataSinkInputSpec(BaseInterfaceInputSpec):
     settings = traits.Dict(mandatory=True, desc="run settings recorded in the sidecar")
     seed = traits.Int(0, usedefault=True)
     depends_on = traits.List(traits.Any, desc="outputs that must be written before this one (ordering only)")
+    warnings = traits.List(traits.Str, desc="warnings raised during the run (sidecar key RunWarnings)")
 
 
 class _DerivativesDataSinkOutputSpec(TraitedSpec):
@@ -60,7 +61,19 @@ class DerivativesDataSink(SimpleInterface):
             spatial_reference=inputs.spatial_reference,
             provenance=provenance,
             resolution=inputs.resolution,
+            extra=_warnings_block(inputs.warnings),
         )
         written = deriv.write_derivative(outputs, inputs.kind, inputs.in_file, metadata, inputs.in_bval, inputs.in_bvec)
         self._results["out_file"] = [str(p) for p in written]
         return runtime
+
+
+#: Sidecar key of the warnings raised while a run was processed (a list of one-line messages;
+#: the participant report lists every sidecar key containing "warning").
+WARNINGS_KEY = "RunWarnings"
+
+
+def _warnings_block(warnings) -> dict:
+    """``{"RunWarnings": [...]}`` when there are warnings, else ``{}`` (the key is left out)."""
+    items = [str(w) for w in warnings] if isdefined(warnings) else []
+    return {WARNINGS_KEY: list(dict.fromkeys(items))} if items else {}

@@ -36,6 +36,7 @@ class _SelectShellOutputSpec(TraitedSpec):
     index = traits.List(traits.Int, desc="input volume indices, in output order")
     n_b0 = traits.Int(desc="number of b0 volumes kept")
     shell_bval = traits.Float(desc="mean b-value of the kept shell (s/mm²)")
+    warnings = traits.List(traits.Str, desc="dropped volumes, shell tolerance used (one line each)")
 
 
 class SelectShell(SimpleInterface):
@@ -55,6 +56,7 @@ class _LoadDWIInputSpec(BaseInterfaceInputSpec):
     dwi_file = File(exists=True, mandatory=True, desc="source 4D DWI")
     index = traits.List(traits.Int, mandatory=True, desc="volumes to keep, in output order")
     n_b0 = traits.Int(mandatory=True, desc="the first n_b0 kept volumes are b0s")
+    prior_warnings = traits.List(traits.Str, desc="warnings of the earlier steps (passed on first)")
 
 
 class _LoadDWIOutputSpec(TraitedSpec):
@@ -62,16 +64,21 @@ class _LoadDWIOutputSpec(TraitedSpec):
     mean_b0_file = File(exists=True, desc="mean b0 (X, Y, Z)")
     bad_voxels_file = File(exists=True, desc="1 where a value was NaN/Inf")
     n_bad_voxels = traits.Int(desc="number of voxels with NaN/Inf")
+    warnings = traits.List(traits.Str, desc="prior_warnings, then NaN/Inf voxels masked out (one line each)")
+    integer_input = traits.Bool(desc="the source DWI is stored as integers")
 
 
 class LoadDWI(SimpleInterface):
-    """Read the kept volumes, sanitise NaN/Inf (masked later, with a warning)."""
+    """Read the kept volumes, sanitise NaN/Inf (masked later, with a warning); the run's warnings
+    so far (``prior_warnings``) are passed on with its own."""
 
     input_spec = _LoadDWIInputSpec
     output_spec = _LoadDWIOutputSpec
 
     def _run_interface(self, runtime):
         self._results.update(steps.load_dwi_step(self.inputs.dwi_file, self.inputs.index, self.inputs.n_b0, runtime.cwd))
+        prior = list(self.inputs.prior_warnings) if isdefined(self.inputs.prior_warnings) else []
+        self._results["warnings"] = prior + list(self._results.get("warnings", []))
         return runtime
 
 
@@ -136,6 +143,7 @@ class _PredictScaleMapsInputSpec(BaseInterfaceInputSpec):
 class _PredictScaleMapsOutputSpec(TraitedSpec):
     scale_file = File(exists=True, desc="scale maps lambda (X, Y, Z, 3)")
     provenance = traits.Dict(desc="method provenance for the sidecars")
+    std_file = File(desc="per-voxel SD of the predicted 7T RISH (X, Y, Z, 3); ldm with num_samples > 1 only")
 
 
 class PredictScaleMaps(SimpleInterface):
@@ -153,7 +161,6 @@ class PredictScaleMaps(SimpleInterface):
 
 class _ResampleInputSpec(BaseInterfaceInputSpec):
     s0_file = File(exists=True, mandatory=True, desc="S0 (X, Y, Z)")
-    b0_file = File(exists=True, mandatory=True, desc="b0 volumes (X, Y, Z, n_b0)")
     sh_file = File(exists=True, mandatory=True, desc="SH coefficients (X, Y, Z, K)")
     scale_file = File(exists=True, mandatory=True, desc="scale maps (X, Y, Z, 3)")
     mask_file = File(exists=True, mandatory=True, desc="brain mask (X, Y, Z)")
@@ -162,27 +169,50 @@ class _ResampleInputSpec(BaseInterfaceInputSpec):
 
 class _ResampleOutputSpec(TraitedSpec):
     s0_file = File(exists=True)
-    b0_file = File(exists=True)
     sh_file = File(exists=True)
     scale_file = File(exists=True)
     mask_file = File(exists=True)
 
 
 class ResampleToGrid(SimpleInterface):
-    """Resample S0, b0s, SH and scale maps (cubic B-spline; S0, b0 and lambda clipped >= 0) and
-    the mask (linear + 0.5 threshold) to the isotropic output grid; ``voxel_size=None`` passes
-    the files through unchanged."""
+    """Resample S0, SH and scale maps (cubic B-spline; S0 and lambda clipped >= 0) and the mask
+    (linear + 0.5 threshold) to the isotropic output grid; ``voxel_size=None`` passes the files
+    through unchanged. The b0 volumes are not resampled here: :class:`RebuildDWI` resamples them
+    one at a time while it streams the output (no 4D b0 array on the fine grid)."""
 
     input_spec = _ResampleInputSpec
     output_spec = _ResampleOutputSpec
 
     def _run_interface(self, runtime):
         voxel_size = self.inputs.voxel_size
-        for name, kind, clip_min in (("s0_file", "image", 0.0), ("b0_file", "image", 0.0), ("sh_file", "image", None),
+        for name, kind, clip_min in (("s0_file", "image", 0.0), ("sh_file", "image", None),
                                      ("scale_file", "image", 0.0), ("mask_file", "mask", None)):
             in_file = getattr(self.inputs, name)
             self._results[name] = in_file if voxel_size is None else steps.resample_step(
                 in_file, voxel_size, runtime.cwd, kind, clip_min)
+        return runtime
+
+
+class _ResampleImageInputSpec(BaseInterfaceInputSpec):
+    in_file = File(exists=True, mandatory=True, desc="image (X, Y, Z[, N])")
+    voxel_size = traits.Either(None, traits.Float, default=None, usedefault=True, desc="mm; None keeps the grid")
+    clip_min = traits.Either(None, traits.Float, default=None, usedefault=True, desc="lower clip after resampling")
+
+
+class _ResampleImageOutputSpec(TraitedSpec):
+    out_file = File(exists=True)
+
+
+class ResampleImage(SimpleInterface):
+    """One image to the isotropic output grid (cubic B-spline), as :class:`ResampleToGrid` does."""
+
+    input_spec = _ResampleImageInputSpec
+    output_spec = _ResampleImageOutputSpec
+
+    def _run_interface(self, runtime):
+        voxel_size = self.inputs.voxel_size
+        self._results["out_file"] = self.inputs.in_file if voxel_size is None else steps.resample_step(
+            self.inputs.in_file, voxel_size, runtime.cwd, "image", self.inputs.clip_min)
         return runtime
 
 
@@ -212,13 +242,14 @@ class ScaleSH(SimpleInterface):
 
 
 class _RebuildInputSpec(BaseInterfaceInputSpec):
-    s0_file = File(exists=True, mandatory=True)
-    b0_file = File(exists=True, mandatory=True)
-    sh_file = File(exists=True, mandatory=True)
-    mask_file = File(exists=True, mandatory=True)
+    s0_file = File(exists=True, mandatory=True, desc="S0 on the output grid")
+    b0_file = File(exists=True, mandatory=True, desc="b0 volumes, on the input or the output grid")
+    sh_file = File(exists=True, mandatory=True, desc="scaled SH coefficients on the output grid")
+    mask_file = File(exists=True, mandatory=True, desc="brain mask on the output grid")
     bval_file = File(exists=True, mandatory=True)
     bvec_file = File(exists=True, mandatory=True)
     sh_order_max = traits.Int(4, usedefault=True)
+    integer_output = traits.Bool(False, usedefault=True, desc="write int16 + scl_slope (integer source)")
 
 
 class _RebuildOutputSpec(TraitedSpec):
@@ -229,7 +260,8 @@ class _RebuildOutputSpec(TraitedSpec):
 
 
 class RebuildDWI(SimpleInterface):
-    """Rebuild the 7T-like DWI from scaled SH, b0 volumes put back, clipped >= 0."""
+    """Rebuild the 7T-like DWI from scaled SH, b0 volumes put back (resampled to the output grid
+    when needed), clipped >= 0; streamed to disk volume by volume."""
 
     input_spec = _RebuildInputSpec
     output_spec = _RebuildOutputSpec
@@ -237,5 +269,6 @@ class RebuildDWI(SimpleInterface):
     def _run_interface(self, runtime):
         self._results.update(steps.rebuild_step(self.inputs.s0_file, self.inputs.b0_file, self.inputs.sh_file,
                                                 self.inputs.mask_file, self.inputs.bval_file, self.inputs.bvec_file,
-                                                self.inputs.sh_order_max, runtime.cwd))
+                                                self.inputs.sh_order_max, runtime.cwd,
+                                                integer_output=bool(self.inputs.integer_output)))
         return runtime

@@ -14,7 +14,9 @@ are removed so nothing half-written remains, and the others finish.
 Statuses returned (``{run stem: status}``): ``"done"``, ``"skipped: complete"``,
 ``"failed (bad-data): <reason>"``, ``"failed (cannot-write): <reason>"``, ``"failed: <reason>"``.
 Each invocation also writes ``logs/participant_<time>_<pid>.tsv`` (run, status, reason) and
-``logs/<run>_error.log`` (reason, crash file, traceback) for failed runs.
+``logs/<run>_error.log`` (reason, crash file, traceback) for failed runs, and, when all runs have
+finished, the report ``sub-<label>.html`` of every participant with a run done or complete
+(:func:`write_reports`; a report failure is only logged).
 """
 from __future__ import annotations
 
@@ -126,7 +128,7 @@ def init_single_run_wf(plan: RunPlan, config: RunConfig, settings: dict[str, Any
     """Translation + derivative writing of one run, with the run's inputs set."""
     from nipype.pipeline import engine as pe
 
-    from .dwi import init_dwi_7tlike_wf
+    from .dwi import init_dwi_7tlike_wf, writes_std_map
     from .outputs import init_ds_7tlike_wf
 
     workflow = pe.Workflow(name=plan.wf_name)
@@ -155,9 +157,12 @@ def init_single_run_wf(plan: RunPlan, config: RunConfig, settings: dict[str, Any
         seed=config.seed,
         res_label=plan.res_label,
         resolution=plan.resolution,
+        with_std=writes_std_map(config.method, method_options(config)),
     )
     fields = ["dwi_file", "bval_file", "bvec_file", "mask_file", "rish_source_file", "rish_predicted_file",
-              "scale_file", "provenance"]
+              "scale_file", "provenance", "warnings"]
+    if writes_std_map(config.method, method_options(config)):
+        fields.append("rish_std_file")
     workflow.connect([(dwi_wf, ds_wf, [(f"outputnode.{f}", f"inputnode.{f}") for f in fields])])
     return workflow
 
@@ -227,7 +232,46 @@ def run_participant(config: RunConfig, runs: Sequence[DWIRun]) -> dict[str, str]
             key = _run_key(plan.run)
             statuses[key], reasons[key] = _outcome(plan, config, settings)
     _write_summary(config, statuses, reasons, started)
+    write_reports(config.output_dir, runs, statuses)
     return statuses
+
+
+def _subject(run) -> str | None:
+    subject = getattr(run, "subject", None)
+    if subject:
+        return str(subject)
+    match = re.search(r"(?:^|_)sub-([0-9a-zA-Z]+)", Path(str(run.dwi)).name)
+    return match.group(1) if match else None
+
+
+def write_reports(output_dir: str | os.PathLike, runs: Sequence[DWIRun], statuses: dict[str, str]) -> list[Path]:
+    """Write ``sub-<label>.html`` for every participant with at least one run done or complete.
+
+    Called after all runs finished, also when some failed. A report that cannot be made is
+    logged and never fails the run or touches its derivatives
+    (:func:`~bids_dmri_ldm.reports.build_participant_report` already replaces a failing figure
+    by its error message; anything else is caught here).
+
+    Returns
+    -------
+    list of Path
+        The reports written.
+    """
+    labels: dict[str, None] = {}
+    for run in runs:
+        label = _subject(run)
+        if label and not statuses.get(_run_key(run), "failed").startswith("failed"):
+            labels[label] = None
+    written = []
+    for label in labels:
+        try:
+            from ..reports import build_participant_report
+
+            written.append(build_participant_report(output_dir, label))
+        except Exception as err:  # noqa: BLE001 - a report never fails the run
+            LOGGER.warning("sub-%s: the participant report could not be written (%s: %s); the derivatives "
+                           "are complete, rerun with --reports-only to retry", label, type(err).__name__, err)
+    return written
 
 
 def _run_key(run) -> str:

@@ -14,6 +14,7 @@ from ..interfaces.dwi import (
     LoadDWI,
     PredictScaleMaps,
     RebuildDWI,
+    ResampleImage,
     ResampleToGrid,
     ScaleSH,
     SelectShell,
@@ -21,7 +22,12 @@ from ..interfaces.dwi import (
 
 INPUT_FIELDS = ["dwi_file", "bval_file", "bvec_file", "mask_file"]
 OUTPUT_FIELDS = ["dwi_file", "bval_file", "bvec_file", "mask_file", "rish_source_file",
-                 "rish_predicted_file", "scale_file", "provenance"]
+                 "rish_predicted_file", "scale_file", "provenance", "rish_std_file", "warnings"]
+
+
+def writes_std_map(method: str, method_options: dict | None) -> bool:
+    """Whether the run produces the per-voxel SD map (``ldm`` with ``num_samples`` > 1)."""
+    return str(method) == "ldm" and int((method_options or {}).get("num_samples") or 1) > 1
 
 
 def init_dwi_7tlike_wf(
@@ -41,9 +47,11 @@ def init_dwi_7tlike_wf(
     Steps: select the b0s and the shell near ``shell`` (checking the gradient table) -> read
     those volumes and sanitise NaN/Inf -> brain mask (given, or median_otsu on the mean b0) ->
     normalise S/S0 + SH fit + RISH (Eq. 1) -> the method's scale maps lambda (Eq. 2) ->
-    resample S0, b0s, SH, lambda and mask to ``output_resolution`` (cubic B-spline; the mask
+    resample S0, SH, lambda and mask to ``output_resolution`` (cubic B-spline; the mask
     linear + 0.5 threshold) -> scale SH (Eq. 3) and take source/predicted RISH there -> rebuild
-    on the source directions.
+    on the source directions, the b0 volumes resampled one by one as the output is streamed to
+    disk. Only file paths pass between nodes; the largest array held is the SH coefficients on
+    the output grid (see docs/performance.md).
 
     Workflow Graph
         .. workflow::
@@ -91,6 +99,9 @@ def init_dwi_7tlike_wf(
         Source RISH, predicted RISH and scale maps on the output grid, ``(X, Y, Z, 3)``.
     provenance
         The method's provenance dictionary.
+    warnings
+        One-line warnings raised during the run (dropped volumes, shell tolerance used, NaN/Inf
+        voxels masked), recorded in the DWI sidecar as ``RunWarnings``.
     """
     workflow = pe.Workflow(name=name)
     inputnode = pe.Node(IdentityInterface(fields=INPUT_FIELDS), name="inputnode")
@@ -119,11 +130,13 @@ def init_dwi_7tlike_wf(
         (brain_mask, fit_rish, [("mask_file", "mask_file")]),
         (fit_rish, predict_scale, [("rish_file", "rish_file")]),
         (brain_mask, predict_scale, [("mask_file", "mask_file")]),
-        (fit_rish, resample, [("s0_file", "s0_file"), ("b0_file", "b0_file"), ("sh_file", "sh_file")]),
+        (fit_rish, resample, [("s0_file", "s0_file"), ("sh_file", "sh_file")]),
         (predict_scale, resample, [("scale_file", "scale_file")]),
         (brain_mask, resample, [("mask_file", "mask_file")]),
         (resample, scale_sh, [("sh_file", "sh_file"), ("scale_file", "scale_file"), ("mask_file", "mask_file")]),
-        (resample, rebuild, [("s0_file", "s0_file"), ("b0_file", "b0_file"), ("mask_file", "mask_file")]),
+        (resample, rebuild, [("s0_file", "s0_file"), ("mask_file", "mask_file")]),
+        (fit_rish, rebuild, [("b0_file", "b0_file")]),
+        (load_dwi, rebuild, [("integer_input", "integer_output")]),
         (scale_sh, rebuild, [("sh_file", "sh_file")]),
         (select_shell, rebuild, [("bval_file", "bval_file"), ("bvec_file", "bvec_file")]),
         (rebuild, outputnode, [("dwi_file", "dwi_file"), ("bval_file", "bval_file"), ("bvec_file", "bvec_file"),
@@ -131,5 +144,13 @@ def init_dwi_7tlike_wf(
         (scale_sh, outputnode, [("rish_source_file", "rish_source_file"),
                                 ("rish_predicted_file", "rish_predicted_file"), ("scale_file", "scale_file")]),
         (predict_scale, outputnode, [("provenance", "provenance")]),
+        (select_shell, load_dwi, [("warnings", "prior_warnings")]),
+        (load_dwi, outputnode, [("warnings", "warnings")]),
     ])  # fmt: skip
+    if writes_std_map(method, method_options):
+        resample_std = pe.Node(ResampleImage(voxel_size=output_resolution, clip_min=0.0), name="resample_std")
+        workflow.connect([
+            (predict_scale, resample_std, [("std_file", "in_file")]),
+            (resample_std, outputnode, [("out_file", "rish_std_file")]),
+        ])  # fmt: skip
     return workflow

@@ -11,7 +11,7 @@ from nipype.pipeline import engine as pe
 from ..interfaces.bids import DerivativesDataSink
 
 INPUT_FIELDS = ["dwi_file", "bval_file", "bvec_file", "mask_file", "rish_source_file",
-                "rish_predicted_file", "scale_file", "provenance"]
+                "rish_predicted_file", "scale_file", "provenance", "rish_std_file", "warnings"]
 
 
 def init_ds_7tlike_wf(
@@ -25,6 +25,7 @@ def init_ds_7tlike_wf(
     seed: int = 0,
     res_label: str | None = None,
     resolution: str | None = None,
+    with_std: bool = False,
     name: str = "ds_7tlike_wf",
 ) -> pe.Workflow:
     """Write the derivatives of one run (see :mod:`bids_dmri_ldm.bids.derivatives` for names).
@@ -59,6 +60,8 @@ def init_ds_7tlike_wf(
         Random seed recorded in the sidecars.
     res_label, resolution : str or None
         ``res-`` label and its ``Resolution`` description when the grid changes.
+    with_std : bool
+        Also write ``rish_std_file`` (``model-rish_desc-7TlikeStd_dwimap``; ldm with K > 1 samples).
 
     Inputs
     ------
@@ -66,6 +69,9 @@ def init_ds_7tlike_wf(
         Outputs of :func:`~bids_dmri_ldm.workflows.dwi.init_dwi_7tlike_wf`.
     provenance
         Method provenance dictionary.
+    warnings
+        One-line warnings raised during the run (list of str), written to the DWI sidecar as
+        ``RunWarnings`` (shown by the participant report).
     """
     workflow = pe.Workflow(name=name)
     inputnode = pe.Node(IdentityInterface(fields=INPUT_FIELDS), name="inputnode")
@@ -90,10 +96,18 @@ def init_ds_7tlike_wf(
         (inputnode, ds_scale, [("scale_file", "in_file"), ("provenance", "provenance")]),
         (inputnode, ds_mask, [("mask_file", "in_file"), ("provenance", "provenance")]),
         (inputnode, ds_dwi, [("dwi_file", "in_file"), ("bval_file", "in_bval"), ("bvec_file", "in_bvec"),
-                             ("provenance", "provenance")]),
+                             ("provenance", "provenance"), ("warnings", "warnings")]),
         (ds_rish_source, ds_rish_predicted, [("out_file", "depends_on")]),
         (ds_rish_predicted, ds_scale, [("out_file", "depends_on")]),
         (ds_scale, ds_mask, [("out_file", "depends_on")]),
-        (ds_mask, ds_dwi, [("out_file", "depends_on")]),
     ])  # fmt: skip
+    if with_std:  # ... -> mask -> std -> dwi
+        ds_std = sink("rish_std")
+        workflow.connect([
+            (inputnode, ds_std, [("rish_std_file", "in_file"), ("provenance", "provenance")]),
+            (ds_mask, ds_std, [("out_file", "depends_on")]),
+            (ds_std, ds_dwi, [("out_file", "depends_on")]),
+        ])  # fmt: skip
+    else:
+        workflow.connect(ds_mask, "out_file", ds_dwi, "depends_on")
     return workflow
