@@ -452,21 +452,29 @@ def scale_sh_step(sh_file: str, scale_file: str, mask_file: str, sh_order_max: i
         ``rish_predicted_file``, 0 outside the mask.
     """
     img = nib.load(sh_file)
-    coeffs = np.asanyarray(img.dataobj, dtype=np.float32)
+    affine, shape = img.affine, tuple(int(n) for n in img.shape[:3])
     mask = np.asanyarray(nib.load(mask_file).dataobj) > 0
-    lam = np.asanyarray(nib.load(scale_file).dataobj, dtype=np.float32)
-    lam = np.where(mask[..., None], np.maximum(lam, 0.0), np.float32(1.0)).astype(np.float32)
+    voxels = np.flatnonzero(mask.ravel(order="F"))
+    # Masked voxels only (n_brain x K), read channel by channel: no full-grid 4D array is built.
+    coeffs = _masked_channels(img, voxels)
+    lam = np.maximum(_masked_channels(nib.load(scale_file), voxels), 0.0)
     l_values = sh_basis(np.array([[0.0, 0.0, 1.0]]), sh_order_max)[2]
-    coeffs[~mask] = 0.0
     scaled = scale_sh(coeffs, lam, l_values, orders)  # Eq. 3
-    rish_source = rish_features(coeffs, l_values, orders)  # Eq. 1
-    rish_predicted = rish_features(scaled, l_values, orders)
     out_dir = Path(out_dir)
+
+    def write(values: np.ndarray, path: Path, outside: float = 0.0) -> str:
+        def volumes():
+            for c in range(values.shape[1]):
+                flat = np.full(int(np.prod(shape)), outside, dtype=np.float32)
+                flat[voxels] = values[:, c]
+                yield flat.reshape(shape, order="F")
+        return str(write_nifti_volumes(path, shape, affine, values.shape[1], volumes()))
+
     return {
-        "sh_file": _save(scaled, img.affine, out_dir / "sh_scaled.nii"),
-        "scale_file": _save(lam, img.affine, out_dir / "scale_maps.nii.gz"),
-        "rish_source_file": _save(rish_source, img.affine, out_dir / "rish_source.nii.gz"),
-        "rish_predicted_file": _save(rish_predicted, img.affine, out_dir / "rish_predicted.nii.gz"),
+        "sh_file": write(scaled, out_dir / "sh_scaled.nii"),
+        "scale_file": write(lam, out_dir / "scale_maps.nii.gz", outside=1.0),
+        "rish_source_file": write(rish_features(coeffs, l_values, orders), out_dir / "rish_source.nii.gz"),  # Eq. 1
+        "rish_predicted_file": write(rish_features(scaled, l_values, orders), out_dir / "rish_predicted.nii.gz"),
     }
 
 

@@ -92,3 +92,27 @@ def test_bad_data_only_exits_65(bids_dataset, tmp_path):
     next(bids_dataset.root.rglob("*dwi.bval")).write_text("")  # the run's (inherited) bval: empty
     rc = main(_args(bids_dataset.root, tmp_path / "out", tmp_path / "work"))
     assert rc == EX_DATAERR
+
+
+def test_nipype_lines_logged_once(capsys):
+    """With -vv a nipype record reaches the terminal once (not also through nipype's own
+    stdout handler)."""
+    import logging
+
+    from nipype import logging as nipype_logging
+
+    from bids_dmri_ldm.cli.run import setup_logging
+
+    root = logging.getLogger()
+    try:
+        setup_logging(2)
+        nipype_logging.getLogger("nipype.workflow").setLevel(logging.INFO)
+        nipype_logging.getLogger("nipype.workflow").info("node line 7f3a")
+        captured = capsys.readouterr()
+        assert (captured.out + captured.err).count("node line 7f3a") == 1
+        # nipype's own stdout handler (created at import, so capsys may not see it) is gone
+        assert not [h for h in logging.getLogger("nipype").handlers if type(h) is logging.StreamHandler]
+    finally:
+        for handler in [h for h in root.handlers if getattr(h, "_bids_dmri_ldm", False)]:
+            root.removeHandler(handler)
+        root.setLevel(logging.WARNING)
