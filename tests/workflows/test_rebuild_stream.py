@@ -105,3 +105,19 @@ def test_streamed_rebuild_resamples_b0_and_matches_in_memory(tmp_path):
     slope = float(img16.dataobj.slope)  # nibabel moves scl_slope to the array proxy on load
     assert img16.get_data_dtype() == np.int16 and 0 < slope < 1300 * 1.5 / 32767 * 4
     np.testing.assert_allclose(img16.get_fdata(dtype=np.float32), expected, atol=slope / 2 + 1e-2)
+
+
+def test_selection_warnings_dropped_volumes_and_tolerance():
+    from bids_dmri_ldm.core.gradients import select_shell
+
+    rng = np.random.default_rng(6)
+    bvecs = rng.normal(size=(8, 3))
+    bvecs /= np.linalg.norm(bvecs, axis=1, keepdims=True)
+    bvals = np.array([0, 985, 1000, 1015, 2000, 2005, 5, 1000.0])
+    bvecs[[0, 6]] = 0
+    sel = select_shell(bvals, bvecs, 1000, 100)
+    warnings = steps.selection_warnings("x_dwi.nii.gz", sel, 1000, 100)
+    assert warnings[0].startswith("x_dwi.nii.gz: 2 of 8 volume(s) dropped (b-values 2000, 2005 s/mm²")
+    assert "tolerance of 100 s/mm²: b-values 985 to 1015" in warnings[1]
+    exact = select_shell(np.array([0, 1000, 1000.0]), bvecs[[0, 1, 2]], 1000, 100)
+    assert steps.selection_warnings("y", exact, 1000, 100) == []
