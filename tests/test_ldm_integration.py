@@ -264,3 +264,22 @@ def test_config_scale_options_are_optional_but_checked():
         validate_config(dict(cfg, translation=dict(cfg["translation"], scale_reference="ratio")))
     with pytest.raises(ConfigError, match="scale_refrence"):
         validate_config(dict(cfg, translation=dict(cfg["translation"], scale_refrence="input")))
+
+
+def test_std_map_is_optional_for_completeness_but_removed_with_the_run(tmp_path):
+    """The SD map (only K > 1) is not needed for a run to count as complete, yet a failed run's
+    cleanup removes it with the others."""
+    from bids_dmri_ldm.bids import derivatives as deriv
+
+    outputs = deriv.run_outputs(tmp_path, "sub-01_dwi.nii.gz")
+    required = outputs.all_files()
+    std = outputs.path("rish_std")
+    assert std.name == "sub-01_model-rish_desc-7TlikeStd_dwimap.nii.gz" and std not in required
+    for path in required:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("{}" if path.suffix == ".json" else "x")
+    assert deriv.is_complete(outputs)
+    std.write_text("x")
+    assert std in deriv.existing_files(outputs)
+    deriv.remove_outputs(outputs)
+    assert not std.exists() and not any(p.exists() for p in required)

@@ -266,9 +266,9 @@ class RunOutputs:
     def sidecar(self, key: str) -> Path:
         return self.path(key, ".json")
 
-    def all_files(self, optional: bool = True) -> list[Path]:
-        """Every file of the run (``optional=False``: only those every run writes); the DWI
-        sidecar (commit marker) last."""
+    def all_files(self, optional: bool = False) -> list[Path]:
+        """The files every run writes (``optional=True``: also those only some runs write, e.g.
+        the ldm SD map); the DWI sidecar (commit marker) last."""
         files = []
         for spec in OUTPUT_SPECS:
             if spec.optional and not optional:
@@ -485,7 +485,7 @@ def is_complete(outputs: RunOutputs, settings: Mapping[str, Any] | None = None) 
     The DWI sidecar is written last, so its presence together with every other file means the
     run finished; ``settings`` are compared with its ``Settings`` block (method, shell, ...).
     """
-    if not all(path.is_file() for path in outputs.all_files(optional=False)):
+    if not all(path.is_file() for path in outputs.all_files()):
         return False
     if settings is None:
         return True
@@ -507,8 +507,8 @@ def _same_settings(recorded: Mapping[str, Any], wanted: Mapping[str, Any]) -> bo
 
 
 def existing_files(outputs: RunOutputs) -> list[Path]:
-    """Derivative files of the run that exist now."""
-    return [path for path in outputs.all_files() if path.is_file()]
+    """Derivative files of the run that exist now (optional ones included)."""
+    return [path for path in outputs.all_files(optional=True) if path.is_file()]
 
 
 def remove_outputs(outputs: RunOutputs) -> list[Path]:
