@@ -11,7 +11,7 @@ volumes (input order) — :attr:`bids_dmri_ldm.core.gradients.ShellSelection.ind
 """
 from __future__ import annotations
 
-import functools
+import contextlib
 import gzip
 import json
 import logging
@@ -622,10 +622,9 @@ def write_nifti_volumes(path: str | os.PathLike, shape: tuple[int, ...], affine:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
-    opener = functools.partial(gzip.open, compresslevel=compresslevel) if path.name.endswith(".gz") else open
     try:
         written = 0
-        with opener(tmp, "wb") as handle:
+        with open(tmp, "wb") as raw, _gzip_or_plain(raw, path, compresslevel) as handle:
             header.write_to(handle)
             for volume in volumes:
                 if np.shape(volume) != tuple(shape[:3]):
@@ -643,6 +642,15 @@ def write_nifti_volumes(path: str | os.PathLike, shape: tuple[int, ...], affine:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def _gzip_or_plain(raw, path: Path, compresslevel: int):
+    """A gzip stream over ``raw`` for ``.gz`` paths (empty file name and mtime 0 in the gzip
+    header, as nibabel writes them: reproducible bytes, no BIDS validator warning), else a
+    no-op context around ``raw``."""
+    if path.name.endswith(".gz"):
+        return gzip.GzipFile(filename="", mode="wb", fileobj=raw, compresslevel=compresslevel, mtime=0)
+    return contextlib.nullcontext(raw)
 
 
 def rebuild_dwi_volumes(s0: np.ndarray, b0: np.ndarray, coeffs: np.ndarray, basis: np.ndarray,

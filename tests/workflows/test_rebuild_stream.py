@@ -121,3 +121,13 @@ def test_selection_warnings_dropped_volumes_and_tolerance():
     assert "tolerance of 100 s/mm²: b-values 985 to 1015" in warnings[1]
     exact = select_shell(np.array([0, 1000, 1000.0]), bvecs[[0, 1, 2]], 1000, 100)
     assert steps.selection_warnings("y", exact, 1000, 100) == []
+
+
+def test_streamed_gzip_header_is_reproducible(tmp_path):
+    """No file name and mtime 0 in the gzip header (BIDS validator GZIP_HEADER_* warnings)."""
+    data = np.ones((2, 2, 2, 2), np.float32)
+    path = steps.write_nifti_volumes(tmp_path / "a.nii.gz", (2, 2, 2), np.eye(4), 2, (data[..., t] for t in range(2)))
+    header = path.read_bytes()[:10]
+    assert header[:2] == b"\x1f\x8b" and header[3] & 0x08 == 0  # FNAME flag unset
+    assert header[4:8] == b"\x00\x00\x00\x00"  # MTIME
+    np.testing.assert_array_equal(nib.load(path).get_fdata(), data)
