@@ -309,7 +309,13 @@ def _execute(plans: list[RunPlan], config: RunConfig, settings: dict[str, Any]) 
         _set_crash_dir(run_wf, crash_dir)
         top.add_nodes([run_wf])
     if config.nprocs > 1:
-        plugin, plugin_args = "MultiProc", {"n_procs": int(config.nprocs), "raise_insufficient": False}
+        # forkserver, not fork: a forked worker inherits torch's (OpenMP) thread pool and CUDA
+        # state from the parent and can deadlock in the first threaded kernel it runs.
+        plugin, plugin_args = "MultiProc", {
+            "n_procs": int(config.nprocs),
+            "raise_insufficient": False,
+            "mp_context": "forkserver",
+        }
     else:
         plugin, plugin_args = "Linear", {}
     # nipype's MultiProc calls gc.collect() on every scheduling pass; with torch, pybids and
