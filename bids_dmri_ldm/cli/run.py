@@ -29,9 +29,10 @@ from .exitcodes import (
     EX_INTERRUPTED,
     EX_NOINPUT,
     EX_OK,
+    EX_USAGE,
     BidsAppError,
 )
-from .parser import PROG, parse_args
+from .parser import PROG, _build_parser, parse_args
 
 LOGGER = logging.getLogger("bids_dmri_ldm")
 _LOG_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
@@ -245,6 +246,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the BIDS App and return its exit status (-h and --version return 0)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     verbose = _count_verbose(argv)
+    if not argv:  # BIDS Apps convention: a bare call prints the usage (exit 64, never argparse's 2)
+        sys.stderr.write(_build_parser().format_usage())
+        _error_line(f"bids_dir, output_dir and the analysis level are required (see `{PROG} --help`)")
+        return EX_USAGE
     try:
         return _run(argv)
     except SystemExit as exc:  # -h / --version (argparse exits 0)

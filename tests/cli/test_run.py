@@ -203,3 +203,12 @@ def test_invalid_dataset_exits_16(make_bids_dataset, tmp_path, fake_levels, vali
     line = _one_error_line(capsys.readouterr().err)
     assert "not valid BIDS" in line and "--skip-bids-validation" in line
     assert calls == []
+
+
+def test_bare_call_prints_usage_and_exits_64(capsys):
+    from bids_dmri_ldm.cli.run import main
+
+    assert main([]) == 64
+    err = capsys.readouterr().err
+    assert err.startswith("usage: bids-dmri-ldm") and "bids_dir" in err
+    assert "bids-dmri-ldm: error:" in err
