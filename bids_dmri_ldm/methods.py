@@ -489,6 +489,11 @@ def resolve_model_dir(method: Method | str, model_dir: str | os.PathLike | None)
     ``None`` selects the shipped default (:func:`default_models_root`).
     """
     method = Method(method)
+    if method is Method.LDM:  # a bundle folder, its ldm/ or demo/ sub-folder, or models/demo/
+        try:
+            return resolve_ldm_bundle_dir(model_dir)
+        except ModelNotFoundError:
+            pass
     if model_dir is None:
         return default_models_root() / method.value
     model_dir = Path(model_dir)
