@@ -364,6 +364,8 @@ def _encode_all(vq: nn.Module, volumes: torch.Tensor, device: torch.device, batc
     for lo in range(0, len(volumes), batch):
         z = vq.encode(volumes[lo:lo + batch].to(device))
         out.append(vq.quantize(z.float())[0].cpu())
+    if not out:  # no validation participants (val_fraction 0): an empty set, skipped by callers
+        return torch.zeros(0)
     return torch.cat(out)
 
 
