@@ -179,8 +179,8 @@ def _build_parser() -> BidsArgumentParser:
     method = parser.add_argument_group("translation")
     method.add_argument(
         "--method", choices=METHOD_CHOICES, default=None,
-        help="how the 3T RISH maps become 7T-like; default: 'ldm' when the demo model ships "
-        "with this installation, else 'rish-global'",
+        help="how the 3T RISH maps become 7T-like (default: 'rish-global'; the shipped demo 'ldm' "
+        "bundle is for demonstration only, see docs/evaluation_results.md)",
     )
     method.add_argument("--model-dir", type=Path, metavar="DIR",
                         help="model bundle to use instead of the shipped default")
@@ -209,8 +209,9 @@ def _build_parser() -> BidsArgumentParser:
                      help="classifier-free guidance scale ω per RISH order (paper Eq. 10)")
 
     group = parser.add_argument_group("group level (training)")
-    group.add_argument("--config", dest="train_config", type=Path, metavar="FILE",
-                       help="training configuration file")
+    group.add_argument("--config", dest="train_config", metavar="NAME|FILE",
+                       help="training configuration: a built-in name ('demo', 'paper') or a JSON/YAML "
+                       "file (default: demo)")
     group.add_argument("--stage", choices=STAGE_CHOICES, default="all",
                        help="training stage to run")
     group.add_argument("--resume", action="store_true",
@@ -461,7 +462,7 @@ def parse_args(argv: Sequence[str] | None = None) -> RunConfig:
         opts.bids_filter_file.expanduser().resolve() if opts.bids_filter_file else None
     )
     model_dir = _existing_path(opts.model_dir, "--model-dir", directory=True)
-    train_config = _existing_path(opts.train_config, "--config", directory=False)
+    train_config = _train_config(opts.train_config)
 
     nprocs = opts.nprocs or _available_cpus()
     omp_nthreads = opts.omp_nthreads or max(1, min(8, nprocs))
@@ -505,6 +506,19 @@ def parse_args(argv: Sequence[str] | None = None) -> RunConfig:
         resume=opts.resume,
         reports_only=opts.reports_only,
     )
+
+
+_BUILTIN_TRAIN_CONFIGS = Path(__file__).resolve().parents[1] / "ml" / "configs"
+
+
+def _train_config(value: str | None) -> Path | None:
+    """``--config``: a built-in configuration name (``ml/configs/<name>.json``) or an existing file."""
+    if value is None:
+        return None
+    builtin = _BUILTIN_TRAIN_CONFIGS / f"{value}.json"
+    if Path(value).name == value and not Path(value).suffix and builtin.is_file():
+        return builtin
+    return _existing_path(Path(value), "--config", directory=False)
 
 
 def _existing_path(path: Path | None, option: str, directory: bool) -> Path | None:

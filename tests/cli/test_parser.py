@@ -146,12 +146,12 @@ def test_filter_file_reaches_config(bids_root, tmp_path, no_gpu):
 
 
 def test_default_method_is_chosen_in_one_place(tmp_path, monkeypatch):
-    monkeypatch.setattr(config_module, "shipped_models_dirs", lambda: [tmp_path / "none"])
-    assert config_module.default_method() == "rish-global"
+    # The demo LDM bundle is not the default even when it ships (it measures worse than
+    # identity); it is still found for --method ldm.
     (tmp_path / "models" / "demo").mkdir(parents=True)
     (tmp_path / "models" / "demo" / "config.json").write_text("{}")
     monkeypatch.setattr(config_module, "shipped_models_dirs", lambda: [tmp_path / "models"])
-    assert config_module.default_method() == "ldm"
+    assert config_module.default_method() == "rish-global"
     assert config_module.find_shipped_model("demo") == tmp_path / "models" / "demo"
 
 
@@ -340,3 +340,14 @@ def test_parser_builds_without_side_effects(tmp_path):
 
 def test_parser_module_exposes_prog():
     assert parser_module.PROG == "bids-dmri-ldm"
+
+
+def test_config_accepts_builtin_names_and_files(bids_root, tmp_path, no_gpu):
+    cfg = parse_args(_args(bids_root, "--config", "paper"))
+    assert cfg.train_config.name == "paper.json" and cfg.train_config.is_file()
+    own = tmp_path / "mine.json"
+    own.write_text("{}")
+    assert parse_args(_args(bids_root, "--config", str(own))).train_config == own.resolve()
+    with pytest.raises(BidsAppError) as err:
+        parse_args(_args(bids_root, "--config", "nonexistent"))
+    assert err.value.exit_code == 66
