@@ -217,6 +217,16 @@ def test_group_ldm_training_through_the_cli(make_bids_dataset, tmp_path):
     assert sorted(p.name for p in (out / "training").glob("*.csv")) == [
         f"losses_{s}.csv" for s in ("ldm", "sr", "vqvae3t", "vqvae7t")]
     assert (out / "group_training.html").is_file()
+    # one validation participant translated with the new bundle, shown in the report
+    examples = sorted((out / "training").glob("sub-*_example.npz"))
+    assert len(examples) == 1
+    with np.load(examples[0]) as ex:
+        grid = tuple(bundle.config["grid"])
+        assert {k: ex[k].shape for k in ("source", "prediction", "target")} == {
+            k: grid + (3,) for k in ("source", "prediction", "target")}
+        assert np.isfinite(ex["prediction"]).all() and ex["prediction"][ex["mask"]].max() > 0
+    html = (out / "group_training.html").read_text()
+    assert "no example reconstructions" not in html and 'alt="example reconstructions"' in html
 
     cache = sorted((work / "ldm_rish_cache").glob("*.npz"))
     assert len(cache) == 5  # 3 x 3T + 2 x 7T, one file each

@@ -281,6 +281,8 @@ def train_ldm(config: RunConfig, runs: Sequence[DWIRun]) -> int:
                            f"batch size {train_cfg['training']['batch_size']}): use a config with a smaller "
                            "grid or batch size, or --device cpu", EX_FAILURE) from None
     _publish_training_outputs(config, staging, bundle_dir)
+    if bundle_dir is not None:
+        _write_examples(config, train_cfg, rish_3t, rish_7t, device)
     _write_training_report(config)
     if bundle_dir is None:
         LOGGER.info("group: stage(s) %s done; run the remaining stages (--stage) to write the bundle",
@@ -289,6 +291,46 @@ def train_ldm(config: RunConfig, runs: Sequence[DWIRun]) -> int:
         LOGGER.info("group: ldm model bundle -> %s (use it with --model-dir %s)",
                     group_model_dir(config, Method.LDM), Path(config.output_dir) / "models")
     return EX_OK
+
+
+def _write_examples(config: RunConfig, train_cfg: dict[str, Any], rish_3t, rish_7t, device,
+                    n_examples: int = 2) -> None:
+    """Translate up to ``n_examples`` validation participants with the new bundle and save
+    ``training/sub-<label>_example.npz`` (source 3T, predicted 7T-like, real 7T RISH, each cropped
+    to its brain and resized to the model grid so they sit side by side) for the training report.
+    A failure is logged, never fatal."""
+    try:
+        import numpy as np
+
+        from ..ml.bundle import load_bundle
+        from ..ml.data import to_model_grid
+        from ..ml.inference import translate_rish
+        from ..ml.training import split_participants
+
+        bundle = load_bundle(group_model_dir(config, Method.LDM), device=device)
+        grid = tuple(bundle.config["grid"])
+        margin = int(bundle.config["translation"].get("crop_margin", 2))
+        paired = sorted(set(rish_3t) & set(rish_7t))
+        train, val = split_participants(paired, float(train_cfg["training"]["val_fraction"]),
+                                        int(train_cfg["training"]["seed"]))
+        out = Path(config.output_dir) / "training"
+        out.mkdir(parents=True, exist_ok=True)
+
+        def on_grid(rish, mask):
+            volumes, mask_model, _ = to_model_grid(rish, mask, grid, margin)
+            return np.moveaxis(volumes[:, 0].numpy(), 0, -1), mask_model.numpy()
+
+        for label in (val or train)[:n_examples]:
+            (r3, m3), (r7, m7) = rish_3t[label], rish_7t[label]
+            prediction = translate_rish(r3, m3, bundle, device=device, seed=config.seed).pred_7t
+            source, mask = on_grid(r3, m3)
+            arrays = {"source": source, "prediction": on_grid(prediction, m3)[0],
+                      "target": on_grid(r7, m7)[0], "mask": mask}
+            tmp = out / f".sub-{label}_example.tmp.npz"
+            np.savez_compressed(tmp, **arrays)
+            os.replace(tmp, out / f"sub-{label}_example.npz")
+    except Exception as err:  # noqa: BLE001 - examples are for the report only
+        LOGGER.warning("group: example reconstructions not written: %s", err)
 
 
 def _publish_training_outputs(config: RunConfig, staging: Path, bundle_dir: Path | None) -> None:
