@@ -7,7 +7,6 @@ provenance, the bundle checks, the group-level errors, the RISH cache and a CLI 
 """
 from __future__ import annotations
 
-import copy
 import json
 import os
 import subprocess
@@ -26,20 +25,17 @@ torch.set_num_threads(1)
 
 
 def tiny_training_config() -> dict:
-    """The demo config shrunk to a 16^3 grid, 8 channels and one epoch per stage."""
-    from bids_dmri_ldm.ml.modelconfig import load_config, validate_config
+    """tests/ml's tiny config (16^3 grid, 8 channels, one epoch per stage) with 4 DDIM steps and
+    no t0/guidance calibration, so CLI training runs stay short."""
+    from ml.conftest import (
+        tiny_config,  # tests/ml is a package; pytest puts tests/ on sys.path
+    )
 
-    cfg = copy.deepcopy(load_config("demo"))
-    cfg["name"] = "tiny"
-    cfg["grid"] = [16, 16, 16]
-    cfg["vqvae"].update(channels=[8, 8], num_res_channels=[8, 8], embedding_dim=4, num_embeddings=16)
-    cfg["unet"].update(channels=[8, 8], norm_num_groups=4, num_head_channels=4, class_embedding_dim=8)
-    cfg["sr"].update(channels=4, num_res_blocks=1)
-    cfg["diffusion"]["num_train_timesteps"] = 100
-    cfg["translation"].update(t0=[30, 30, 30], ddim_steps=4, crop_margin=1)
-    cfg["training"].update(batch_size=4, latent_batch_size=4, sr_ddim_steps=3,
-                           calibrate_t0=[], calibrate_guidance=[],
-                           epochs={"vqvae3t": 1, "vqvae7t": 1, "ldm": 1, "sr": 1})
+    from bids_dmri_ldm.ml.modelconfig import validate_config
+
+    cfg = tiny_config()
+    cfg["translation"]["ddim_steps"] = 4
+    cfg["training"].update(calibrate_t0=[], calibrate_guidance=[])
     return validate_config(cfg)
 
 
