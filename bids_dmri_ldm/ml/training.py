@@ -96,8 +96,8 @@ def optimizer_from_tensors(opt: torch.optim.Optimizer, tensors: dict[str, torch.
     opt.load_state_dict({"state": state, "param_groups": groups})
 
 
-def write_loss_log(history: list[dict[str, float]], csv_path: Path, title: str) -> None:
-    """Loss history -> CSV and PNG (matplotlib Agg), both written atomically."""
+def write_loss_log(history: list[dict[str, float]], csv_path: Path, title: str, plot: bool = True) -> None:
+    """Loss history -> CSV and (with ``plot``) PNG (matplotlib Agg), both written atomically."""
     csv_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = csv_path.with_name(csv_path.name + ".tmp")
     with open(tmp, "w", newline="") as handle:
@@ -105,6 +105,8 @@ def write_loss_log(history: list[dict[str, float]], csv_path: Path, title: str) 
         writer.writeheader()
         writer.writerows(history)
     os.replace(tmp, csv_path)
+    if not plot:
+        return
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -124,6 +126,9 @@ def write_loss_log(history: list[dict[str, float]], csv_path: Path, title: str) 
 
 
 # --------------------------------------------------------------------------- generic loop
+PLOT_INTERVAL_S = 30.0
+"""Seconds between redraws of a stage's loss-curve PNG during training (the CSV is written every epoch)."""
+
 LossFn = Callable[[nn.Module, list[torch.Tensor], torch.Tensor, int], torch.Tensor]
 
 
@@ -173,6 +178,7 @@ def fit_stage(stage: str, model: nn.Module, tensors: Sequence[torch.Tensor], los
     loader = DataLoader(dataset, batch_size=per_rank, sampler=sampler, num_workers=0)
     bar = tqdm(range(start_epoch, epochs), desc=stage, disable=not ctx.is_main, unit="epoch",
                initial=start_epoch, total=epochs)
+    last_plot = time.monotonic()
     for epoch in bar:
         try:
             history.append(_run_epoch(stage, epoch, ddp_model, loader, sampler, opt, scaler, use_amp,
@@ -189,7 +195,11 @@ def fit_stage(stage: str, model: nn.Module, tensors: Sequence[torch.Tensor], los
             _atomic_write_text(state_path, json.dumps({"stage": stage, "history": history,
                                                        "param_groups": groups}, indent=1))
             if log_dir is not None:
-                write_loss_log(history, log_dir / f"losses_{stage}.csv", stage)
+                # the PNG costs ~0.1 s, as much as a whole GPU epoch of the demo config:
+                # redrawn at most every PLOT_INTERVAL_S seconds and after the last epoch
+                plot = epoch == epochs - 1 or time.monotonic() - last_plot >= PLOT_INTERVAL_S
+                write_loss_log(history, log_dir / f"losses_{stage}.csv", stage, plot=plot)
+                last_plot = time.monotonic() if plot else last_plot
         barrier(ctx)
     bar.close()
     return history

@@ -1,0 +1,90 @@
+"""tools/export_rish_features.py and tools/train_from_features.py: features out of BIDS, a
+bundle out of the features (the GPU-node training path without the BIDS stack)."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bids_dmri_ldm.ml.bundle import load_bundle
+
+from ml.conftest import synthetic_rish, tiny_config  # tests/ml is a package; pytest puts tests/ on sys.path
+
+TOOLS = Path(__file__).resolve().parent.parent / "tools"
+
+
+def _load_tool(name: str):
+    spec = importlib.util.spec_from_file_location(name, TOOLS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_export_features_match_the_group_level_cache(shared_bids_dataset, tmp_path):
+    export = _load_tool("export_rish_features")
+    out = tmp_path / "features.npz"
+    assert export.main([str(out), str(shared_bids_dataset.root), "-w", str(tmp_path / "work")]) == 0
+    with np.load(out) as data:
+        keys = sorted(data.files)
+        rish, mask = data["3T/01/rish"], data["3T/01/mask"]
+    # participants 01 and 02, each with a 3T and a 7T run (the first session's pair)
+    assert keys == sorted(f"{role}/{sub}/{kind}" for role in ("3T", "7T") for sub in ("01", "02")
+                          for kind in ("mask", "rish"))
+    assert rish.dtype == np.float32 and rish.shape == (*mask.shape, 3) and mask.dtype == bool
+    assert mask.any() and np.isfinite(rish).all() and (rish >= 0).all() and (rish[mask][:, 0] > 0).any()
+    # the cached features the group level trains on: the second export reads the same cache
+    cache = list((tmp_path / "work" / "ldm_rish_cache").glob("*.npz"))
+    assert len(cache) == 4
+    out2 = tmp_path / "again.npz"
+    export.main([str(out2), str(shared_bids_dataset.root), "-w", str(tmp_path / "work")])
+    with np.load(out2) as again:
+        np.testing.assert_array_equal(again["3T/01/rish"], rish)
+
+
+def test_export_prefixes_participants_of_several_datasets(shared_bids_dataset, tmp_path):
+    export = _load_tool("export_rish_features")
+    arrays = export.export_features([shared_bids_dataset.root, shared_bids_dataset.root], tmp_path)
+    assert {k.split("/")[1] for k in arrays} == {"d0-01", "d0-02", "d1-01", "d1-02"}
+
+
+def _write_features(path: Path) -> None:
+    arrays = {}
+    for i in range(5):
+        arrays[f"3T/p{i}/rish"], arrays[f"3T/p{i}/mask"] = synthetic_rish(i)
+    for i in range(4):
+        arrays[f"7T/p{i}/rish"], arrays[f"7T/p{i}/mask"] = synthetic_rish(i, ratio=(0.85, 0.75, 0.7))
+    np.savez_compressed(path, **arrays)
+
+
+def test_train_from_features_writes_a_loadable_bundle_with_the_epochs_run(tmp_path):
+    train = _load_tool("train_from_features")
+    features = tmp_path / "features.npz"
+    _write_features(features)
+    r3, r7 = train.load_features(features)
+    assert sorted(r3) == [f"p{i}" for i in range(5)] and sorted(r7) == [f"p{i}" for i in range(4)]
+    cfg_file = tmp_path / "tiny.json"
+    cfg_file.write_text(json.dumps(tiny_config()))
+    out = tmp_path / "out"
+    rc = train.main([str(features), str(out), "--config", str(cfg_file), "--device", "cpu",
+                     "--epochs", "vqvae3t=2", "vqvae7t=1", "sr=1", "--budget", "ldm=0.01",
+                     "--probe-epochs", "2", "--name", "tiny-tool"])
+    assert rc == 0
+    bundle = load_bundle(out / "model")
+    epochs = bundle.config["training"]["epochs"]
+    # fixed counts as given; the budgeted stage ran its probe only (a budget of 0.01 s)
+    assert epochs == {"vqvae3t": 2, "vqvae7t": 1, "ldm": 2, "sr": 1}
+    assert bundle.config["name"] == "tiny-tool"
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert {s: v["epochs"] for s, v in summary["stages"].items()} == epochs
+    assert "train_from_features.py" in (out / "model" / "MODEL_CARD.md").read_text()
+
+
+def test_train_from_features_refuses_a_bad_stage_name(tmp_path):
+    train = _load_tool("train_from_features")
+    with pytest.raises(SystemExit, match="STAGE=VALUE"):
+        train.main([str(tmp_path / "f.npz"), str(tmp_path / "out"), "--epochs", "vqvae=3"])
