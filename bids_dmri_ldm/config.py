@@ -12,6 +12,8 @@ from typing import Any
 
 #: Translation methods the command line offers (``--method``).
 METHOD_CHOICES = ("identity", "rish-global", "ldm")
+SCALE_REFERENCES = ("input", "roundtrip")
+"""Denominators of the ldm scale maps: the input 3T RISH, or its VQ-VAE round trip."""
 
 #: Group-level training stages (``--stage``).
 STAGE_CHOICES = ("vqvae3t", "vqvae7t", "ldm", "sr", "all")
@@ -92,6 +94,8 @@ class RunConfig:
     ddim_steps: int | None = None
     t0: list[int] | None = None
     guidance: list[float] | None = None
+    scale_reference: str | None = None  # "input" | "roundtrip"
+    scale_smoothing: float | None = None  # sigma in model-grid voxels
     # group level
     train_config: Path | None = None
     stage: str = "all"

@@ -41,6 +41,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from .config import SCALE_REFERENCES
 from .core.resample import resample, resample_mask
 from .core.sh import DEFAULT_TAU, RISH_ORDERS, scale_maps
 
@@ -293,8 +294,6 @@ def _load_rish_global(model_dir: Path | None, options: Mapping[str, Any]) -> Ris
 LDM_MODEL_NAME = "demo"
 """Name of the shipped ldm bundle used when no ``--model-dir`` is given (``models/demo/``)."""
 
-SCALE_REFERENCES = ("input", "roundtrip")
-"""Denominators of the ldm scale maps: the input 3T RISH, or its VQ-VAE round trip."""
 
 DEFAULT_SCALE_REFERENCE = "roundtrip"
 """Used when the bundle's ``translation`` section does not name one (chosen by the evaluation,

@@ -289,3 +289,21 @@ def test_std_map_is_optional_for_completeness_but_removed_with_the_run(tmp_path)
     assert std in deriv.existing_files(outputs)
     deriv.remove_outputs(outputs)
     assert not std.exists() and not any(p.exists() for p in required)
+
+
+def test_command_line_scale_options_override_the_bundle(tiny_bundle, tmp_path):
+    """--scale-reference / --scale-smoothing reach the ldm method; unset, the bundle's values apply."""
+    from bids_dmri_ldm.config import RunConfig
+    from bids_dmri_ldm.methods import DEFAULT_SCALE_REFERENCE, DEFAULT_SCALE_SMOOTHING
+    from bids_dmri_ldm.workflows.base import method_options
+
+    def config(**overrides):
+        return RunConfig(bids_dir=tmp_path, output_dir=tmp_path / "out", analysis_level="participant",
+                         work_dir=tmp_path / "work", method="ldm", **overrides)
+
+    method = load_method("ldm", tiny_bundle, method_options(config(scale_reference="input", scale_smoothing=2.5)))
+    assert (method.scale_reference, method.scale_smoothing) == ("input", 2.5)
+    translation = json.loads((tiny_bundle / "config.json").read_text())["translation"]
+    method = load_method("ldm", tiny_bundle, method_options(config()))
+    assert method.scale_reference == translation.get("scale_reference", DEFAULT_SCALE_REFERENCE)
+    assert method.scale_smoothing == translation.get("scale_smoothing", DEFAULT_SCALE_SMOOTHING)

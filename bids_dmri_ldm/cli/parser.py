@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import __version__
-from ..config import METHOD_CHOICES, STAGE_CHOICES, RunConfig, default_method
+from ..config import METHOD_CHOICES, SCALE_REFERENCES, STAGE_CHOICES, RunConfig, default_method
 from .exitcodes import (
     MissingInputError,
     OutputError,
@@ -75,6 +75,13 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text}")
+    return value
+
+
 def _resolution(text: str) -> float | None:
     """``--output-resolution``: voxel size in mm (> 0), or ``native`` (-> None)."""
     if text.strip().lower() == "native":
@@ -101,6 +108,7 @@ def _sh_order(text: str) -> int:
 _positive_int.__name__ = "positive integer"
 _non_negative_int.__name__ = "non-negative integer"
 _positive_float.__name__ = "positive number"
+_non_negative_float.__name__ = "non-negative number"
 _resolution.__name__ = "resolution"
 _sh_order.__name__ = "SH order"
 
@@ -207,6 +215,11 @@ def _build_parser() -> BidsArgumentParser:
                      help="inversion noise level (timestep) per RISH order")
     ldm.add_argument("--guidance", type=float, nargs=3, metavar=("L0", "L2", "L4"),
                      help="classifier-free guidance scale ω per RISH order (paper Eq. 10)")
+    ldm.add_argument("--scale-reference", choices=SCALE_REFERENCES,
+                     help="denominator of the scale maps λ = sqrt(predicted 7T / reference): the input "
+                     "3T RISH, or the 3T RISH through the 3T VQ-VAE round trip")
+    ldm.add_argument("--scale-smoothing", type=_non_negative_float, metavar="SIGMA",
+                     help="Gaussian sigma (model-grid voxels) smoothing λ before it is applied; 0: none")
 
     group = parser.add_argument_group("group level (training)")
     group.add_argument("--config", dest="train_config", metavar="NAME|FILE",
@@ -501,6 +514,8 @@ def parse_args(argv: Sequence[str] | None = None) -> RunConfig:
         ddim_steps=opts.ddim_steps,
         t0=list(opts.t0) if opts.t0 else None,
         guidance=list(opts.guidance) if opts.guidance else None,
+        scale_reference=opts.scale_reference,
+        scale_smoothing=opts.scale_smoothing,
         train_config=train_config,
         stage=opts.stage,
         resume=opts.resume,

@@ -93,6 +93,7 @@ def method_options(config: RunConfig) -> dict[str, Any]:
     """Options handed to the method loader (used by ``ldm``; ignored by the others)."""
     return {"device": config.device, "seed": int(config.seed), "num_samples": int(config.num_samples),
             "ddim_steps": config.ddim_steps, "t0": config.t0, "guidance": config.guidance,
+            "scale_reference": config.scale_reference, "scale_smoothing": config.scale_smoothing,
             "omp_nthreads": int(config.omp_nthreads)}
 
 

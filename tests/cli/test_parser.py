@@ -77,7 +77,8 @@ def test_all_options(bids_root, tmp_path, no_gpu):
         "--output-resolution", "native", "--shell", "2000", "--shell-tolerance", "50",
         "--sh-order", "6", "--overwrite", "--seed", "7", "-vv",
         "--num-samples", "4", "--ddim-steps", "20", "--t0", "100", "200", "300",
-        "--guidance", "1.5", "2", "0", "--config", str(train), "--stage", "ldm", "--resume",
+        "--guidance", "1.5", "2", "0", "--scale-reference", "input", "--scale-smoothing", "1.5",
+        "--config", str(train), "--stage", "ldm", "--resume",
         "--reports-only", "--skip-bids-validation",
         "--bids-database-dir", str(tmp_path / "db"),
         level="group",
@@ -92,6 +93,7 @@ def test_all_options(bids_root, tmp_path, no_gpu):
     assert (cfg.overwrite, cfg.seed, cfg.verbose) == (True, 7, 2)
     assert (cfg.num_samples, cfg.ddim_steps, cfg.t0, cfg.guidance) == (4, 20, [100, 200, 300],
                                                                         [1.5, 2.0, 0.0])
+    assert (cfg.scale_reference, cfg.scale_smoothing) == ("input", 1.5)
     assert (cfg.stage, cfg.resume, cfg.reports_only, cfg.skip_bids_validation) == (
         "ldm", True, True, True)
     assert cfg.bids_database_dir == (tmp_path / "db").resolve() and cfg.bids_database_dir.is_dir()
@@ -190,6 +192,9 @@ BAD_OPTIONS = [
     (["--stage", "vae"], 64),
     (["--t0", "1", "2"], 64),
     (["--guidance", "a", "b", "c"], 64),
+    (["--scale-reference", "ratio"], 64),
+    (["--scale-smoothing", "-1"], 64),
+    (["--scale-smoothing", "inf"], 64),
     (["--seed", "-3"], 64),
     (["--num-samples", "0"], 64),
     (["--no-such-option"], 64),
