@@ -316,9 +316,10 @@ class LdmMethod:
       lossy path, so the loss of detail cancels in the ratio and the full-resolution 3T SH keep
       their detail when lambda is applied (Eq. 3).
 
-    ``scale_smoothing`` > 0 smooths lambda with a Gaussian of that sigma in model-grid voxels
+    ``scale_smoothing`` > 0 smooths with a Gaussian of that sigma in model-grid voxels
     (converted to input voxels through the brain crop box), mask-normalised so the background
-    does not leak in.
+    does not leak in: lambda_l^2 = G*pred_l / (G*ref_l + tau), the local mean of the voxel-wise
+    lambda^2 weighted by the reference RISH (robust where the reference is small and noisy).
     """
 
     bundle: Any
@@ -359,13 +360,19 @@ class LdmMethod:
         except DeviceMemoryError as err:
             raise MethodError(str(err)) from None
         reference = rish_source if self.scale_reference == "input" else result.recon_3t
-        scale = scale_maps(result.pred_7t, reference, self.tau)
+        predicted = result.pred_7t
         sigma_input = None
         if self.scale_smoothing > 0:
+            # lambda^2 = G*pred / G*ref: the reference-weighted local mean of the voxel-wise
+            # lambda^2.  Smoothing lambda after the division (the mean of ratios) was measured
+            # far worse: where the reference RISH is small and noisy (GM, CSF, high orders)
+            # single voxels' ratios explode and the mean follows them (docs/evaluation_results.md)
             crop = [stop - start for start, stop in result.provenance["CropBox"]]
             grid = self.bundle.config["grid"]
             sigma_input = [float(self.scale_smoothing) * c / g for c, g in zip(crop, grid)]
-            scale = smooth_in_mask(scale, mask, sigma_input)
+            predicted = smooth_in_mask(np.clip(predicted, 0, None), mask, sigma_input)
+            reference = smooth_in_mask(np.clip(reference, 0, None), mask, sigma_input)
+        scale = scale_maps(predicted, reference, self.tau)
         scale = np.where(mask[..., None], scale, np.float32(1.0)).astype(np.float32)
         provenance = {
             "Method": self.name,

@@ -181,7 +181,9 @@ def _translate(rish_3t, mask, bundle, device, seed, num_samples, t0, guidance, d
     z3 = encode(bundle, x, "vqvae3t", device)                      # (n_orders, C, ...)
     with torch.no_grad():
         recon = decode(bundle, z3, "vqvae3t", device)
-    recon_3t = denormalise(from_model_grid(recon, crop, norm["background"]), mask, norm)
+    gain_7t = np.asarray(_per_order(tr.get("gain_7t"), [1.0] * n_orders, n_orders, "gain_7t"), np.float64)
+    gain_3t = np.asarray(_per_order(tr.get("gain_3t"), [1.0] * n_orders, n_orders, "gain_3t"), np.float32)
+    recon_3t = denormalise(from_model_grid(recon, crop, norm["background"]), mask, norm) * gain_3t
 
     total = np.zeros((*mask.shape, n_orders), np.float64)
     total_sq = np.zeros_like(total)
@@ -200,7 +202,7 @@ def _translate(rish_3t, mask, bundle, device, seed, num_samples, t0, guidance, d
                 out = bundle.networks["sr"](dec).float()
         for s in range(k):
             pred = denormalise(from_model_grid(out[s * n_orders:(s + 1) * n_orders], crop,
-                                               norm["background"]), mask, norm).astype(np.float64)
+                                               norm["background"]), mask, norm).astype(np.float64) * gain_7t
             total += pred
             total_sq += pred ** 2
         done += k
@@ -213,7 +215,7 @@ def _translate(rish_3t, mask, bundle, device, seed, num_samples, t0, guidance, d
         "Method": "ldm", "ModelName": cfg["name"], "ModelConfigSHA256": bundle.config_sha256,
         "ModelGrid": list(grid), "RISHOrders": list(orders), "NoiseLevelT0": t0_l,
         "GuidanceScale": w_l, "DDIMSteps": steps, "Seed": seed, "NumSamples": num_samples,
-        "SamplingEta": eta, "InversionClass": tr["invert_class"], "Requantise": tr["requantise"],
+        "SamplingEta": eta, "LinearGain7T": gain_7t.tolist(), "LinearGain3T": gain_3t.tolist(), "InversionClass": tr["invert_class"], "Requantise": tr["requantise"],
         "Device": str(device), "MixedPrecision": device.type == "cuda",
         "CropBox": crop.as_list(), "ElapsedSeconds": round(time.perf_counter() - start, 3),
     }

@@ -46,8 +46,9 @@ _SCHEMA: dict[str, set[str]] = {
 # Optional keys: may be absent (the code's default applies); unknown keys are still refused.
 _OPTIONAL: dict[str, set[str]] = {
     # ldm scale maps (bids_dmri_ldm.methods.LdmMethod): "input" | "roundtrip", and the
-    # Gaussian sigma of the lambda smoothing in model-grid voxels (0: none)
-    "translation": {"scale_reference", "scale_smoothing"},
+    # Gaussian sigma of the lambda smoothing in model-grid voxels (0: none); per-order linear
+    # gains of the predicted 7T and the round-trip 3T RISH (training.calibrate_linear_gains)
+    "translation": {"scale_reference", "scale_smoothing", "gain_7t", "gain_3t"},
 }
 _TOP_TRAINING = {"format_version", "name", "description", "grid", "orders", *_SCHEMA}
 _TOP_BUNDLE_EXTRA = {"normalisation", "latent_scale", "training_data", "software", "created"}

@@ -517,6 +517,11 @@ def train_all(rish_3t: RishInput, rish_7t: RishInput, config: dict[str, Any], ou
         calibration = calibrate_translation(networks, bundle_cfg, [rish_3t[i] for i in val_ids],
                                             [rish_7t[i] for i in val_ids], ctx.device)
         bundle_cfg["translation"].update(t0=calibration["t0"], guidance=calibration["guidance"])
+    if val_ids:
+        gains = calibrate_linear_gains(networks, bundle_cfg, [rish_3t[i] for i in val_ids],
+                                       [rish_7t[i] for i in val_ids], ctx.device)
+        bundle_cfg["translation"].update(gain_7t=gains["gain_7t"], gain_3t=gains["gain_3t"])
+        calibration = dict(calibration or {}, linear_gains=gains)
     elapsed = time.perf_counter() - t_start
     bundle_cfg.update(
         training_data={"n_3t": len(rish_3t), "n_7t": len(rish_7t), "n_paired": len(paired),
@@ -589,3 +594,43 @@ def calibrate_translation(networks, cfg, items3, items7, device) -> dict[str, An
     return {"t0": [b["t0"] for b in best], "guidance": [b["guidance"] for b in best],
             "metric": "MSE of normalised log-RISH vs real 7T, model grid, validation pairs",
             "table": table}
+
+
+@torch.no_grad()
+def calibrate_linear_gains(networks, cfg, items3, items7, device) -> dict[str, Any]:
+    """Per-order gains that undo the networks' bias in linear RISH units, on validation pairs.
+
+    The networks regress normalised *log*-RISH; back in linear units their outputs are biased
+    (the exponential of a log-domain estimate is not the mean: Jensen's inequality, Duan's
+    retransformation bias), and the bias differs between the 7T path (LDM + 7T decoder + SR
+    head, trained against noisy 7T) and the 3T round trip (3T encoder/decoder), so it does not
+    cancel in the scale maps.  Each validation participant's 3T RISH goes through
+    :func:`~bids_dmri_ldm.ml.inference.translate_rish` (final t0, omega and DDIM steps, gains
+    1); then, per order, with brain means over each scan's own grid and mask,
+
+        gain_7t_l = sum_p mean(real 7T RISH_l) / sum_p mean(predicted 7T RISH_l)
+        gain_3t_l = sum_p mean(3T RISH_l)      / sum_p mean(round-trip 3T RISH_l)
+
+    ``translate_rish`` multiplies its outputs by them (``translation.gain_7t`` / ``gain_3t``).
+    """
+    import copy
+
+    from .bundle import Bundle
+    from .inference import translate_rish
+
+    cfg = copy.deepcopy(cfg)
+    for key in ("gain_7t", "gain_3t"):
+        cfg["translation"].pop(key, None)
+    bundle = Bundle(cfg, networks, Path("."), "")
+    sums = np.zeros((4, len(cfg["orders"])))  # real 7T, predicted 7T, 3T, round-trip 3T
+    for (rish3, mask3), (rish7, mask7) in zip(items3, items7):
+        mask3, mask7 = np.asarray(mask3, bool), np.asarray(mask7, bool)
+        result = translate_rish(rish3, mask3, bundle, device=device, num_samples=1)
+        sums[0] += np.asarray(rish7, np.float64)[mask7].mean(axis=0)
+        sums[1] += result.pred_7t[mask3].astype(np.float64).mean(axis=0)
+        sums[2] += np.asarray(rish3, np.float64)[mask3].mean(axis=0)
+        sums[3] += result.recon_3t[mask3].astype(np.float64).mean(axis=0)
+    gain_7t = sums[0] / np.maximum(sums[1], 1e-30)
+    gain_3t = sums[2] / np.maximum(sums[3], 1e-30)
+    return {"gain_7t": [float(g) for g in gain_7t], "gain_3t": [float(g) for g in gain_3t],
+            "metric": "brain-mean linear RISH, real / network output, validation pairs"}

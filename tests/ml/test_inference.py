@@ -40,6 +40,22 @@ def test_samples_give_mean_and_std_and_overrides_are_recorded(bundle):
     np.testing.assert_allclose(same.pred_7t, res.pred_7t, rtol=1e-5, atol=1e-6)
 
 
+def test_linear_gains_scale_the_outputs_per_order(tiny_bundle_dir):
+    """translation.gain_7t / gain_3t multiply the predicted 7T and the round-trip 3T RISH."""
+    rish, mask = synthetic_rish(6)
+    plain = translate_rish(rish, mask, load_bundle(tiny_bundle_dir), seed=0)
+    assert plain.provenance["LinearGain7T"] == [1.0] * 3
+    gained_bundle = load_bundle(tiny_bundle_dir)
+    gained_bundle.config["translation"].update(gain_7t=[2.0, 0.5, 3.0], gain_3t=[0.25, 1.0, 4.0])
+    gained = translate_rish(rish, mask, gained_bundle, seed=0)
+    np.testing.assert_allclose(gained.pred_7t, plain.pred_7t * np.float32([2.0, 0.5, 3.0]), rtol=1e-5)
+    np.testing.assert_allclose(gained.recon_3t, plain.recon_3t * np.float32([0.25, 1.0, 4.0]), rtol=1e-5)
+    assert gained.provenance["LinearGain3T"] == [0.25, 1.0, 4.0]
+    gained_bundle.config["translation"]["gain_7t"] = [1.0, 2.0]
+    with pytest.raises(ValueError, match="gain_7t needs"):
+        translate_rish(rish, mask, gained_bundle)
+
+
 def test_bad_inputs_are_refused(bundle):
     rish, mask = synthetic_rish(5)
     with pytest.raises(ValueError, match="rish_3t must be"):

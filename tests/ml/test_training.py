@@ -1,5 +1,6 @@
 """Training stages: determinism, loss decrease, checkpoint/resume, the train_all entry point."""
 import csv
+import numpy as np
 
 import pytest
 import torch
@@ -99,6 +100,35 @@ def test_train_all_writes_a_loadable_bundle_and_resumes_by_stage(tiny_cfg, tmp_p
         best = min(cal["table"], key=lambda row: row["mse"][order])
         assert bundle.config["translation"]["t0"][order] == best["t0"]
         assert bundle.config["translation"]["guidance"][order] == best["guidance"]
+    gains = cal["linear_gains"]
+    assert bundle.config["translation"]["gain_7t"] == gains["gain_7t"]
+    assert bundle.config["translation"]["gain_3t"] == gains["gain_3t"]
+    assert all(np.isfinite(g) and g > 0 for g in gains["gain_7t"] + gains["gain_3t"])
     for stage in ("vqvae3t", "vqvae7t", "ldm", "sr"):
         assert (tmp_path / "out" / "training" / f"losses_{stage}.csv").is_file()
     assert "pytest" in (bundle_dir / "MODEL_CARD.md").read_text()
+
+
+def test_linear_gains_follow_the_7t_level_and_ignore_it_for_3t(tiny_cfg, rish_pairs):
+    """The 7T gain is the ratio of real to predicted 7T RISH brain means: scaling the real 7T
+    RISH by k scales it by exactly k and leaves the 3T gain alone."""
+    import copy
+
+    from bids_dmri_ldm.ml.networks import build_all
+    from bids_dmri_ldm.ml.normalise import fit_normalisation
+    from bids_dmri_ldm.ml.training import calibrate_linear_gains
+
+    r3, r7 = rish_pairs
+    ids = ["p0", "p1"]
+    cfg = copy.deepcopy(tiny_cfg)
+    cfg.update(normalisation=fit_normalisation([r3[i][0] for i in ids], [r3[i][1] for i in ids], cfg["orders"]),
+               latent_scale=1.0)
+    torch.manual_seed(0)
+    nets = {k: v.eval() for k, v in build_all(cfg).items()}
+    items3 = [r3[i] for i in ids]
+    base = calibrate_linear_gains(nets, cfg, items3, [r7[i] for i in ids], torch.device("cpu"))
+    k = np.array([0.5, 2.0, 3.0], np.float32)
+    scaled = calibrate_linear_gains(nets, cfg, items3, [(r7[i][0] * k, r7[i][1]) for i in ids],
+                                    torch.device("cpu"))
+    np.testing.assert_allclose(np.divide(scaled["gain_7t"], base["gain_7t"]), k, rtol=1e-5)
+    np.testing.assert_allclose(scaled["gain_3t"], base["gain_3t"], rtol=1e-6)
