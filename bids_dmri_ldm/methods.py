@@ -44,6 +44,8 @@ import numpy as np
 from .config import SCALE_REFERENCES
 from .core.resample import resample, resample_mask
 from .core.sh import DEFAULT_TAU, RISH_ORDERS, scale_maps
+from .core.smooth import smoothed_scale_maps
+from .ml.modelconfig import DEFAULT_SCALE_REFERENCE, DEFAULT_SCALE_SMOOTHING
 
 RISH_GLOBAL_MODEL_FILE = "rish_global.json"
 """File name of a rish-global model inside its model directory."""
@@ -295,13 +297,6 @@ LDM_MODEL_NAME = "demo"
 """Name of the shipped ldm bundle used when no ``--model-dir`` is given (``models/demo/``)."""
 
 
-DEFAULT_SCALE_REFERENCE = "roundtrip"
-"""Used when the bundle's ``translation`` section does not name one (chosen by the evaluation,
-docs/evaluation_results.md)."""
-
-DEFAULT_SCALE_SMOOTHING = 0.0
-"""Gaussian sigma of the lambda smoothing, in model-grid voxels (0: none)."""
-
 
 @dataclass
 class LdmMethod:
@@ -360,19 +355,12 @@ class LdmMethod:
         except DeviceMemoryError as err:
             raise MethodError(str(err)) from None
         reference = rish_source if self.scale_reference == "input" else result.recon_3t
-        predicted = result.pred_7t
         sigma_input = None
         if self.scale_smoothing > 0:
-            # lambda^2 = G*pred / G*ref: the reference-weighted local mean of the voxel-wise
-            # lambda^2.  Smoothing lambda after the division (the mean of ratios) was measured
-            # far worse: where the reference RISH is small and noisy (GM, CSF, high orders)
-            # single voxels' ratios explode and the mean follows them (docs/evaluation_results.md)
             crop = [stop - start for start, stop in result.provenance["CropBox"]]
             grid = self.bundle.config["grid"]
             sigma_input = [float(self.scale_smoothing) * c / g for c, g in zip(crop, grid)]
-            predicted = smooth_in_mask(np.clip(predicted, 0, None), mask, sigma_input)
-            reference = smooth_in_mask(np.clip(reference, 0, None), mask, sigma_input)
-        scale = scale_maps(predicted, reference, self.tau)
+        scale = smoothed_scale_maps(result.pred_7t, reference, mask, sigma_input, self.tau)
         scale = np.where(mask[..., None], scale, np.float32(1.0)).astype(np.float32)
         provenance = {
             "Method": self.name,
@@ -386,22 +374,6 @@ class LdmMethod:
         }
         provenance["RISHOrders"] = list(self.orders)
         return ScaleMapPrediction(scale, provenance, std=result.std)
-
-
-def smooth_in_mask(volumes: np.ndarray, mask: np.ndarray, sigma: Sequence[float]) -> np.ndarray:
-    """Mask-normalised Gaussian smoothing of ``(X, Y, Z, n)`` volumes (sigma in voxels per axis).
-
-    smoothed = G * (v m) / G * m inside the mask, so values outside the brain do not pull the
-    brain's edge toward them.
-    """
-    from scipy.ndimage import gaussian_filter
-
-    weight = gaussian_filter(mask.astype(np.float32), sigma, mode="nearest")
-    out = np.empty_like(volumes, dtype=np.float32)
-    for k in range(volumes.shape[-1]):
-        num = gaussian_filter(np.where(mask, volumes[..., k], 0).astype(np.float32), sigma, mode="nearest")
-        out[..., k] = np.where(weight > 1e-6, num / np.maximum(weight, 1e-6), volumes[..., k])
-    return out
 
 
 def resolve_ldm_bundle_dir(model_dir: str | os.PathLike | None) -> Path:
@@ -653,5 +625,4 @@ __all__ = [
     "resolve_model_dir",
     "save_rish_global_model",
     "sha256_file",
-    "smooth_in_mask",
 ]

@@ -19,7 +19,8 @@ import torch
 
 from bids_dmri_ldm.cli.exitcodes import EX_FAILURE, EX_NO_DATA
 from bids_dmri_ldm.cli.run import main
-from bids_dmri_ldm.methods import LdmMethod, load_method, smooth_in_mask
+from bids_dmri_ldm.core.smooth import smooth_in_mask
+from bids_dmri_ldm.methods import LdmMethod, load_method
 
 torch.set_num_threads(1)
 

@@ -9,10 +9,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from ml.conftest import (  # tests/ml is a package; pytest puts tests/ on sys.path
+    synthetic_rish,
+    tiny_config,
+)
 
 from bids_dmri_ldm.ml.bundle import load_bundle
-
-from ml.conftest import synthetic_rish, tiny_config  # tests/ml is a package; pytest puts tests/ on sys.path
 
 TOOLS = Path(__file__).resolve().parent.parent / "tools"
 

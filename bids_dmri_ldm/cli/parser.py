@@ -19,7 +19,13 @@ from pathlib import Path
 from typing import Any
 
 from .. import __version__
-from ..config import METHOD_CHOICES, SCALE_REFERENCES, STAGE_CHOICES, RunConfig, default_method
+from ..config import (
+    METHOD_CHOICES,
+    SCALE_REFERENCES,
+    STAGE_CHOICES,
+    RunConfig,
+    default_method,
+)
 from .exitcodes import (
     MissingInputError,
     OutputError,
@@ -187,8 +193,8 @@ def _build_parser() -> BidsArgumentParser:
     method = parser.add_argument_group("translation")
     method.add_argument(
         "--method", choices=METHOD_CHOICES, default=None,
-        help="how the 3T RISH maps become 7T-like (default: 'rish-global'; the shipped demo 'ldm' "
-        "bundle is for demonstration only, see docs/evaluation_results.md)",
+        help=f"how the 3T RISH maps become 7T-like (default: '{default_method()}'; the shipped models "
+        "were trained on simulated data and are for demonstration only, see docs/evaluation_results.md)",
     )
     method.add_argument("--model-dir", type=Path, metavar="DIR",
                         help="model bundle to use instead of the shipped default")

@@ -25,6 +25,13 @@ CLASS_3T, CLASS_7T, CLASS_NULL = 0, 1, 2
 CLASS_NAMES = {"3T": CLASS_3T, "7T": CLASS_7T, "null": CLASS_NULL}
 
 
+DEFAULT_SCALE_REFERENCE = "roundtrip"
+"""ldm scale-map reference when a bundle's ``translation`` names none (docs/evaluation_results.md)."""
+
+DEFAULT_SCALE_SMOOTHING = 0.0
+"""Gaussian sigma of the scale-map smoothing, in model-grid voxels (0: none), when a bundle names none."""
+
+
 class ConfigError(ValueError):
     """A model or training configuration is malformed (unknown/missing key, bad value)."""
 

@@ -602,16 +602,19 @@ def calibrate_linear_gains(networks, cfg, items3, items7, device) -> dict[str, A
 
     The networks regress normalised *log*-RISH; back in linear units their outputs are biased
     (the exponential of a log-domain estimate is not the mean: Jensen's inequality, Duan's
-    retransformation bias), and the bias differs between the 7T path (LDM + 7T decoder + SR
-    head, trained against noisy 7T) and the 3T round trip (3T encoder/decoder), so it does not
-    cancel in the scale maps.  Each validation participant's 3T RISH goes through
-    :func:`~bids_dmri_ldm.ml.inference.translate_rish` (final t0, omega and DDIM steps, gains
-    1); then, per order, with brain means over each scan's own grid and mask,
+    retransformation bias), and differently on the 7T path (LDM + 7T decoder + SR head, trained
+    against noisy 7T) and the 3T round trip, so the bias does not cancel in the scale maps.
+    Each validation participant's 3T RISH goes through
+    :func:`~bids_dmri_ldm.ml.inference.translate_rish` (final t0, omega, DDIM steps; gains 1);
+    then, per order, with brain means over each scan's own grid and mask,
 
         gain_7t_l = sum_p mean(real 7T RISH_l) / sum_p mean(predicted 7T RISH_l)
         gain_3t_l = sum_p mean(3T RISH_l)      / sum_p mean(round-trip 3T RISH_l)
 
     ``translate_rish`` multiplies its outputs by them (``translation.gain_7t`` / ``gain_3t``).
+    (A least-squares gain of the output against the 7T scan, paired through the brain crop
+    boxes, was tried and shrank the high orders far too much: the pairing is not voxel-exact,
+    docs/evaluation_results.md.)
     """
     import copy
 

@@ -148,12 +148,11 @@ def test_filter_file_reaches_config(bids_root, tmp_path, no_gpu):
 
 
 def test_default_method_is_chosen_in_one_place(tmp_path, monkeypatch):
-    # The demo LDM bundle is not the default even when it ships (it measures worse than
-    # identity); it is still found for --method ldm.
+    # ldm (with the shipped demo bundle, found in the models folders) is the default method.
     (tmp_path / "models" / "demo").mkdir(parents=True)
     (tmp_path / "models" / "demo" / "config.json").write_text("{}")
     monkeypatch.setattr(config_module, "shipped_models_dirs", lambda: [tmp_path / "models"])
-    assert config_module.default_method() == "rish-global"
+    assert config_module.default_method() == "ldm"
     assert config_module.find_shipped_model("demo") == tmp_path / "models" / "demo"
 
 

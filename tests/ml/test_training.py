@@ -1,7 +1,7 @@
 """Training stages: determinism, loss decrease, checkpoint/resume, the train_all entry point."""
 import csv
-import numpy as np
 
+import numpy as np
 import pytest
 import torch
 
