@@ -375,14 +375,18 @@ def _is_within(path: Path, parent: Path) -> bool:
 
 
 def _check_bids_dir(bids_dir: Path) -> None:
-    if not bids_dir.exists():
-        raise MissingInputError(f"bids_dir {bids_dir} does not exist")
-    if not bids_dir.is_dir():
-        raise MissingInputError(f"bids_dir {bids_dir} is not a directory")
-    if not (bids_dir / "dataset_description.json").is_file():
-        raise MissingInputError(
-            f"bids_dir {bids_dir} is not a BIDS dataset (no dataset_description.json at its root)"
-        )
+    try:
+        if not bids_dir.exists():
+            raise MissingInputError(f"bids_dir {bids_dir} does not exist")
+        if not bids_dir.is_dir():
+            raise MissingInputError(f"bids_dir {bids_dir} is not a directory")
+        if not (bids_dir / "dataset_description.json").is_file():
+            raise MissingInputError(
+                f"bids_dir {bids_dir} is not a BIDS dataset (no dataset_description.json at its root)"
+            )
+    except PermissionError as err:  # a folder on the way is not readable by this user
+        raise MissingInputError(f"bids_dir {bids_dir} cannot be read by this user (uid {os.getuid()}): "
+                                f"{err.strerror}") from None
 
 
 def _ensure_writable_dir(path: Path, what: str) -> None:

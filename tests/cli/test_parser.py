@@ -287,6 +287,21 @@ def test_missing_bids_dir(tmp_path):
     assert info.value.exit_code == 66
 
 
+def test_unreadable_bids_dir_is_a_clear_missing_input(bids_root, tmp_path, monkeypatch):
+    """A folder this user may not read (seen as uid 4242 in a container): exit 66, one line."""
+    real_is_file = Path.is_file
+
+    def is_file(self):
+        if self.name == "dataset_description.json" and self.parent == bids_root:
+            raise PermissionError(13, "Permission denied")
+        return real_is_file(self)
+
+    monkeypatch.setattr(Path, "is_file", is_file)
+    with pytest.raises(BidsAppError, match="cannot be read by this user") as info:
+        parse_args([str(bids_root), str(tmp_path / "out"), "participant"])
+    assert info.value.exit_code == 66
+
+
 def test_bids_dir_is_a_file(tmp_path):
     (tmp_path / "file").write_text("x")
     assert _exit_code([str(tmp_path / "file"), str(tmp_path / "out"), "participant"]) == 66
