@@ -3,7 +3,7 @@ import getpass
 import os
 import pwd
 
-import bids_dmri_ldm.ml as ml
+from bids_dmri_ldm import ml
 
 
 def test_a_uid_without_passwd_entry_gets_a_user_name(monkeypatch):
