@@ -90,3 +90,21 @@ def test_train_from_features_refuses_a_bad_stage_name(tmp_path):
     train = _load_tool("train_from_features")
     with pytest.raises(SystemExit, match="STAGE=VALUE"):
         train.main([str(tmp_path / "f.npz"), str(tmp_path / "out"), "--epochs", "vqvae=3"])
+
+
+def test_a_budget_extends_a_stage_beyond_its_probe_and_resumes_from_it(tmp_path):
+    """With a budget of a few seconds the tiny LDM stage runs more epochs than its probe, in
+    resumed chunks; the recorded history is one continuous run (epochs numbered 1..N)."""
+    train = _load_tool("train_from_features")
+    features = tmp_path / "features.npz"
+    _write_features(features)
+    cfg_file = tmp_path / "tiny.json"
+    cfg_file.write_text(json.dumps(tiny_config()))
+    out = tmp_path / "out"
+    assert train.main([str(features), str(out), "--config", str(cfg_file), "--device", "cpu",
+                       "--epochs", "vqvae3t=1", "vqvae7t=1", "sr=1", "--budget", "ldm=4",
+                       "--probe-epochs", "2", "--max-epochs", "60"]) == 0
+    history = json.loads((out / "work" / "ldm" / "state.json").read_text())["history"]
+    assert 2 < len(history) <= 60
+    assert [row["epoch"] for row in history] == list(range(1, len(history) + 1))
+    assert load_bundle(out / "model").config["training"]["epochs"]["ldm"] == len(history)
