@@ -215,7 +215,8 @@ def _translate(rish_3t, mask, bundle, device, seed, num_samples, t0, guidance, d
         "Method": "ldm", "ModelName": cfg["name"], "ModelConfigSHA256": bundle.config_sha256,
         "ModelGrid": list(grid), "RISHOrders": list(orders), "NoiseLevelT0": t0_l,
         "GuidanceScale": w_l, "DDIMSteps": steps, "Seed": seed, "NumSamples": num_samples,
-        "SamplingEta": eta, "LinearGain7T": gain_7t.tolist(), "LinearGain3T": gain_3t.tolist(), "InversionClass": tr["invert_class"], "Requantise": tr["requantise"],
+        "SamplingEta": eta, "LinearGain7T": gain_7t.tolist(), "LinearGain3T": gain_3t.tolist(),
+        "InversionClass": tr["invert_class"], "Requantise": tr["requantise"],
         "Device": str(device), "MixedPrecision": device.type == "cuda",
         "CropBox": crop.as_list(), "ElapsedSeconds": round(time.perf_counter() - start, 3),
     }
