@@ -297,7 +297,6 @@ LDM_MODEL_NAME = "demo"
 """Name of the shipped ldm bundle used when no ``--model-dir`` is given (``models/demo/``)."""
 
 
-
 @dataclass
 class LdmMethod:
     """Scale maps from the latent diffusion model.
