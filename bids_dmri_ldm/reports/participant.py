@@ -455,7 +455,9 @@ def fit_tensor_at(
 
     gtab = gradient_table(bvals, bvecs=bvecs, b0_threshold=B0_THRESHOLD)
     with np.errstate(all="ignore"):
-        fit = TensorModel(gtab, fit_method="OLS").fit(np.clip(signals, 1e-6, None))
+        # non-finite input voxels (NaN/inf in a raw scan) would break the whole OLS fit
+        clean = np.nan_to_num(np.asarray(signals, np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+        fit = TensorModel(gtab, fit_method="OLS").fit(np.clip(clean, 1e-6, None))
         fa = np.nan_to_num(fit.fa).astype(np.float32)
         evec = np.nan_to_num(fit.evecs[..., 0]).astype(np.float32)
     return fa, evec

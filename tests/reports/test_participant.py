@@ -181,3 +181,22 @@ def test_warnings_of_the_run_are_read_from_the_logs(dataset):
     assert not any("sub-02" in w for w in run.warnings)
     text = build_participant_report(dataset["out"], "01").read_text(encoding="utf-8")
     assert "7 voxel(s) with NaN/Inf" in text
+
+
+def test_tensor_fit_survives_non_finite_voxels():
+    """A NaN or inf value in a raw scan gives finite FA/directions and leaves the other voxels exact."""
+    rng = np.random.default_rng(0)
+    dirs = rng.standard_normal((30, 3))
+    dirs /= np.linalg.norm(dirs, axis=1, keepdims=True)
+    bvals = np.r_[0.0, np.full(30, 1000.0)]
+    bvecs = np.vstack([np.zeros(3), dirs])
+    evals = np.array([1.7e-3, 0.3e-3, 0.3e-3])  # prolate along x: FA 0.80
+    adc = (dirs ** 2) @ evals
+    good = np.r_[1.0, np.exp(-1000.0 * adc)]
+    signals = np.vstack([good, good, good])
+    signals[1, 5] = np.nan
+    signals[2, 7] = np.inf
+    fa, evec = participant.fit_tensor_at(signals, bvals, bvecs)
+    assert np.all(np.isfinite(fa)) and np.all(np.isfinite(evec))
+    expected = np.sqrt(0.5) * np.linalg.norm(evals - evals.mean()) / np.sqrt((evals ** 2).sum()) * np.sqrt(3)
+    assert fa[0] == pytest.approx(expected, abs=1e-3) and abs(evec[0, 0]) == pytest.approx(1.0, abs=1e-3)
