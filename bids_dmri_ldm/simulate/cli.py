@@ -177,6 +177,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=parent))
+        # mkdtemp makes 0700; the dataset is renamed from it, and other users (a container run
+        # with -u UID) must be able to read it: the permissions of a normal mkdir instead
+        umask = os.umask(0)
+        os.umask(umask)
+        staging.chmod(0o777 & ~umask)
     except OSError as exc:
         print(f"{PROG}: error: cannot create {out_dir}: {exc.strerror}", file=sys.stderr)
         return EX_CANTCREAT

@@ -61,6 +61,16 @@ def test_non_empty_out_dir_is_refused_without_overwrite(tmp_path, capsys):
     assert (out / "keep.txt").read_text() == "mine"
 
 
+def test_dataset_folder_has_normal_permissions(dataset):
+    """Readable by other users like a plain mkdir (not mkdtemp's 0700), for containers run as another UID."""
+    import os
+    import stat
+
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(dataset.stat().st_mode) == 0o777 & ~umask
+
+
 def test_layout_sidecars_and_truth(dataset):
     for session, n_vol, te in (("3T", 288, 0.0895), ("7T", 143, 0.0712)):
         stem = dataset / "sub-01" / f"ses-{session}" / "dwi" / f"sub-01_ses-{session}_dwi"
