@@ -108,8 +108,8 @@ def main(argv: list[str] | None = None) -> int:
             # so a slowdown (a shared GPU) overshoots the budget by one chunk at most
             epochs[stage] = args.probe_epochs
             while True:
-                train_all(rish_3t, rish_7t, cfg, args.out_dir, work, device, resume=True,
-                          stages=(stage,), command=command)
+                bundle = train_all(rish_3t, rish_7t, cfg, args.out_dir, work, device, resume=True,
+                                   stages=(stage,), command=command)
                 seconds = [row["seconds"] for row in _history(work, stage)][1:][-20:] or [1.0]
                 per_epoch = max(statistics.median(seconds), 1e-3)
                 left = budgets[stage] - (time.perf_counter() - t0)
@@ -117,8 +117,9 @@ def main(argv: list[str] | None = None) -> int:
                 if more < 1 or epochs[stage] >= args.max_epochs:
                     break
                 epochs[stage] = min(args.max_epochs, epochs[stage] + more)
-        bundle = train_all(rish_3t, rish_7t, cfg, args.out_dir, work, device, resume=True, stages=(stage,),
-                           command=command)
+        else:  # fixed count (a budgeted stage was run to its final count by the loop above)
+            bundle = train_all(rish_3t, rish_7t, cfg, args.out_dir, work, device, resume=True,
+                               stages=(stage,), command=command)
         hist = _history(work, stage)
         summary["stages"][stage] = {
             "epochs": len(hist), "wall_s": round(time.perf_counter() - t0, 1),
