@@ -12,6 +12,7 @@ import pytest
 from ml.conftest import (  # tests/ml is a package; pytest puts tests/ on sys.path
     synthetic_rish,
     tiny_config,
+    with_affine,
 )
 
 from bids_dmri_ldm.ml.bundle import load_bundle
@@ -36,7 +37,7 @@ def test_export_features_match_the_group_level_cache(shared_bids_dataset, tmp_pa
         rish, mask = data["3T/01/rish"], data["3T/01/mask"]
     # participants 01 and 02, each with a 3T and a 7T run (the first session's pair)
     assert keys == sorted(f"{role}/{sub}/{kind}" for role in ("3T", "7T") for sub in ("01", "02")
-                          for kind in ("mask", "rish"))
+                          for kind in ("affine", "mask", "rish"))
     assert rish.dtype == np.float32 and rish.shape == (*mask.shape, 3) and mask.dtype == bool
     assert mask.any() and np.isfinite(rish).all() and (rish >= 0).all() and (rish[mask][:, 0] > 0).any()
     # the cached features the group level trains on: the second export reads the same cache
@@ -56,10 +57,10 @@ def test_export_prefixes_participants_of_several_datasets(shared_bids_dataset, t
 
 def _write_features(path: Path) -> None:
     arrays = {}
-    for i in range(5):
-        arrays[f"3T/p{i}/rish"], arrays[f"3T/p{i}/mask"] = synthetic_rish(i)
-    for i in range(4):
-        arrays[f"7T/p{i}/rish"], arrays[f"7T/p{i}/mask"] = synthetic_rish(i, ratio=(0.85, 0.75, 0.7))
+    for role, n, ratio in (("3T", 5, (1.0, 1.0, 1.0)), ("7T", 4, (0.85, 0.75, 0.7))):
+        for i in range(n):
+            rish, mask, affine = with_affine(synthetic_rish(i, ratio=ratio))
+            arrays[f"{role}/p{i}/rish"], arrays[f"{role}/p{i}/mask"], arrays[f"{role}/p{i}/affine"] = rish, mask, affine
     np.savez_compressed(path, **arrays)
 
 

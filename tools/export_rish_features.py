@@ -12,8 +12,9 @@ the participant keys are prefixed ``d<k>-`` (k = position on the command line) s
 
 The file lets training run where only PyTorch and MONAI are installed
 (``tools/train_from_features.py``, e.g. on a GPU node without the BIDS stack).
-Layout: arrays ``<role>/<participant>/rish`` (X, Y, Z, 3) float32 and
-``<role>/<participant>/mask`` (X, Y, Z) bool, role ``3T`` or ``7T``.
+Layout: arrays ``<role>/<participant>/rish`` (X, Y, Z, 3) float32,
+``<role>/<participant>/mask`` (X, Y, Z) bool and ``<role>/<participant>/affine`` (4, 4) float64
+(voxel -> scanner mm: training pairs 3T and 7T through it), role ``3T`` or ``7T``.
 """
 from __future__ import annotations
 
@@ -37,9 +38,10 @@ def export_features(bids_dirs: list[Path], work_dir: Path) -> dict[str, np.ndarr
                            work_dir=work_dir)  # the cache is keyed by file path
         runs = collect_dwi_runs(load_layout(bids_dir))
         for role, features in zip(("3T", "7T"), collect_ldm_features(config, runs)):
-            for label, (rish, mask) in features.items():
+            for label, (rish, mask, affine) in features.items():
                 arrays[f"{role}/{prefix}{label}/rish"] = rish.astype(np.float32)
                 arrays[f"{role}/{prefix}{label}/mask"] = mask.astype(bool)
+                arrays[f"{role}/{prefix}{label}/affine"] = np.asarray(affine, np.float64)
     return arrays
 
 
@@ -53,8 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     tmp = args.out.with_name(f".{args.out.name}.tmp.npz")
     np.savez_compressed(tmp, **arrays)
     os.replace(tmp, args.out)
-    n3 = sum(key.startswith("3T/") for key in arrays) // 2
-    n7 = sum(key.startswith("7T/") for key in arrays) // 2
+    n3 = sum(key.startswith("3T/") and key.endswith("/rish") for key in arrays)
+    n7 = sum(key.startswith("7T/") and key.endswith("/rish") for key in arrays)
     print(f"{args.out}: {n3} 3T and {n7} 7T participants")
     return 0
 

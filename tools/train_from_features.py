@@ -37,13 +37,14 @@ CHUNK_S = 20.0
 
 
 def load_features(path: Path) -> tuple[dict, dict]:
-    """``{participant: (RISH (X, Y, Z, 3) float32, mask (X, Y, Z) bool)}`` for 3T and 7T."""
+    """``{participant: (RISH (X, Y, Z, 3) float32, mask (X, Y, Z) bool, affine (4, 4))}`` for 3T and 7T."""
     out: dict[str, dict] = {"3T": {}, "7T": {}}
     with np.load(path) as data:
         for key in data.files:
             role, label, kind = key.split("/")
             if kind == "rish":
-                out[role][label] = (data[key].astype(np.float32), data[f"{role}/{label}/mask"].astype(bool))
+                out[role][label] = (data[key].astype(np.float32), data[f"{role}/{label}/mask"].astype(bool),
+                                    data[f"{role}/{label}/affine"].astype(np.float64))
     return out["3T"], out["7T"]
 
 

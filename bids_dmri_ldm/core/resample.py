@@ -57,10 +57,12 @@ def resample(
     new_affine: np.ndarray,
     new_shape: tuple[int, int, int],
     order: int = 3,
+    mode: str = "nearest",
 ) -> np.ndarray:
     """Resample a 3D ``(X, Y, Z)`` or 4D ``(X, Y, Z, C)`` array onto another grid.
 
-    Cubic B-spline by default; values beyond the field of view repeat the edge. The last axis of a
+    Cubic B-spline by default; values beyond the field of view repeat the edge (``mode="nearest"``;
+    ``"constant"``: 0 there). The last axis of a
     4D array is resampled volume by volume (memory: one output volume at a time beyond the result).
 
     Returns
@@ -74,7 +76,7 @@ def resample(
 
     def one(volume: np.ndarray) -> np.ndarray:
         return ndimage.affine_transform(
-            np.asarray(volume, dtype=np.float32), matrix, offset, output_shape=tuple(new_shape), order=order, mode="nearest"
+            np.asarray(volume, dtype=np.float32), matrix, offset, output_shape=tuple(new_shape), order=order, mode=mode
         )
 
     if data.ndim == 3:

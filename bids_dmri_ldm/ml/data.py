@@ -5,14 +5,67 @@ model grid (paper: 96^3) with ``torch.nn.functional.interpolate``: 'area'
 (box averaging, no aliasing) when every axis shrinks, trilinear otherwise.
 Training and inference use exactly these functions, so the networks see the
 same kind of volumes in both.
+
+Pairing by position: a 3T scan and its 7T partner are compared voxel by voxel only after the
+7T RISH and mask have been brought into the 3T grid through the two affines (world space,
+:func:`target_on_source`); both are then cropped with the *3T* brain box
+(``to_model_grid(..., box_mask=mask_3t)``), so model-grid voxel ``v`` of both is the same place
+in the head whatever the two fields of view and brain masks.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
 from torch.nn import functional as F
+
+from ..core.resample import resample
+from .orientation import canonical
+
+
+class RishScan(NamedTuple):
+    """RISH features of one scan on its own grid.
+
+    Attributes
+    ----------
+    rish : (X, Y, Z, n_orders) float32, RISH_l (paper Eq. 1) of the attenuation.
+    mask : (X, Y, Z) bool, brain mask.
+    affine : (4, 4) float64, voxel -> scanner-world mm.
+    """
+
+    rish: np.ndarray
+    mask: np.ndarray
+    affine: np.ndarray
+
+
+def canonical_scan(scan: RishScan) -> RishScan:
+    """The scan in nibabel's closest canonical (RAS+) voxel order (:mod:`.orientation`)."""
+    rish, affine = canonical(np.asarray(scan.rish, np.float32), scan.affine)
+    mask, _ = canonical(np.asarray(scan.mask, bool), scan.affine)
+    return RishScan(rish, mask, affine)
+
+
+def target_on_source(target: RishScan, source: RishScan) -> RishScan:
+    """The target (7T) RISH and mask resampled onto the source (3T) grid through the affines.
+
+    Both scans are of the same head in one scanner-world space, so voxel ``i`` of the result
+    and of ``source`` are the same place.  RISH: trilinear (no overshoot, stays >= 0); mask:
+    trilinear of the 0/1 mask, threshold 0.5, and False wherever the source voxel lies outside
+    the target's field of view.
+
+    Returns
+    -------
+    RishScan
+        On the source grid (``source.affine``), target values.
+    """
+    shape = tuple(source.mask.shape[:3])
+    rish = resample(np.asarray(target.rish, np.float32), target.affine, source.affine, shape, order=1)
+    np.maximum(rish, 0.0, out=rish)
+    inside = resample(np.asarray(target.mask, np.float32), target.affine, source.affine, shape,
+                      order=1, mode="constant") >= 0.5
+    return RishScan(rish, inside, np.asarray(source.affine, np.float64))
 
 
 @dataclass(frozen=True)
@@ -54,8 +107,13 @@ def resize(volumes: torch.Tensor, shape: tuple[int, int, int]) -> torch.Tensor:
 
 
 def to_model_grid(normalised: np.ndarray, mask: np.ndarray, grid: tuple[int, int, int],
-                  margin: int) -> tuple[torch.Tensor, torch.Tensor, Crop]:
+                  margin: int, box_mask: np.ndarray | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor, Crop]:
     """Normalised RISH (X, Y, Z, n) -> single-order batch (n, 1, *grid) on the model grid.
+
+    ``box_mask`` (default ``mask``) decides the crop box: a 7T scan brought onto its 3T
+    partner's grid (:func:`target_on_source`) is cropped with the 3T brain's box so that the
+    two model-grid volumes are paired voxel by voxel.
 
     Returns
     -------
@@ -63,7 +121,7 @@ def to_model_grid(normalised: np.ndarray, mask: np.ndarray, grid: tuple[int, int
     mask_model : (*grid) bool tensor, brain mask on the model grid (fraction > 0.5).
     crop : the :class:`Crop` needed by :func:`from_model_grid`.
     """
-    crop = brain_crop(mask, margin)
+    crop = brain_crop(mask if box_mask is None else box_mask, margin)
     block = np.ascontiguousarray(np.moveaxis(normalised[crop.slices], -1, 0))[:, None]
     volumes = resize(torch.from_numpy(block.astype(np.float32)), grid)
     m = torch.from_numpy(np.asarray(mask, np.float32)[crop.slices])[None, None]

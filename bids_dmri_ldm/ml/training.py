@@ -36,7 +36,7 @@ from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 from tqdm.auto import tqdm
 
 from .bundle import model_card, save_bundle, software_versions, state_to_tensors
-from .data import to_model_grid
+from .data import RishScan, canonical_scan, target_on_source, to_model_grid
 from .diffusion import LatentDiffusion
 from .distributed import (
     DistContext,
@@ -343,7 +343,7 @@ def train_sr(ldm_outputs: torch.Tensor, targets_7t: torch.Tensor, cfg: dict[str,
 
 
 # --------------------------------------------------------------------------- whole pipeline
-RishInput = Mapping[str, tuple[np.ndarray, np.ndarray]]
+RishInput = Mapping[str, "RishScan | tuple[np.ndarray, np.ndarray, np.ndarray]"]
 
 
 def split_participants(paired: Sequence[str], val_fraction: float, seed: int) -> tuple[list[str], list[str]]:
@@ -356,16 +356,55 @@ def split_participants(paired: Sequence[str], val_fraction: float, seed: int) ->
     return [p for p in paired if p not in val], val
 
 
-def _stack_model_grid(items: Sequence[tuple[np.ndarray, np.ndarray]], norm: dict, cfg: dict) -> torch.Tensor:
-    """Per participant (RISH (X,Y,Z,n), mask) -> (n_participants * n, 1, *grid), orders interleaved."""
+def as_rish_scan(value: RishScan | Sequence[np.ndarray]) -> RishScan:
+    """A :class:`~.data.RishScan` from ``(rish, mask, affine)``, checked for matching shapes."""
+    rish, mask, affine = value
+    rish, mask = np.asarray(rish, np.float32), np.asarray(mask, bool)
+    affine = np.asarray(affine, np.float64)
+    if rish.ndim != 4 or rish.shape[:3] != mask.shape or affine.shape != (4, 4):
+        raise TrainingDataError(f"RISH {rish.shape}, mask {mask.shape} and affine {affine.shape} do not fit "
+                                "(expected (X, Y, Z, n), (X, Y, Z) and (4, 4))")
+    return RishScan(rish, mask, affine)
+
+
+def prepare_scans(rish_3t: RishInput, rish_7t: RishInput
+                  ) -> tuple[dict[str, RishScan], dict[str, RishScan], dict[str, RishScan]]:
+    """Canonical-orientation scans and, for every paired participant, its 7T on the 3T grid.
+
+    Returns ``(scans_3t, scans_7t, targets)`` where ``targets[p]`` is participant ``p``'s 7T
+    RISH and mask brought into its 3T grid through the affines (:func:`~.data.target_on_source`):
+    every 3T/7T comparison of training (SR pairs, validation losses, calibration, gains) uses it.
+    """
+    scans_3t = {k: canonical_scan(as_rish_scan(v)) for k, v in rish_3t.items()}
+    scans_7t = {k: canonical_scan(as_rish_scan(v)) for k, v in rish_7t.items()}
+    targets = {k: target_on_source(scans_7t[k], scans_3t[k]) for k in sorted(set(scans_3t) & set(scans_7t))}
+    return scans_3t, scans_7t, targets
+
+
+def _stack_model_grid(scans: Sequence[RishScan], norm: dict, cfg: dict,
+                      boxes: Sequence[np.ndarray | None] | None = None) -> torch.Tensor:
+    """Per scan -> (n_scans * n, 1, *grid), orders interleaved.
+
+    ``boxes[i]`` (optional) is the mask whose bounding box crops scan ``i`` (a 7T target on its
+    3T partner's grid is cropped with the 3T brain box); default: the scan's own mask.
+    """
     vols = []
-    for rish, mask in items:
-        x, _, _ = to_model_grid(normalise(rish, mask, norm), mask, tuple(cfg["grid"]),
-                                cfg["translation"]["crop_margin"])
+    boxes = boxes if boxes is not None else [None] * len(scans)
+    for scan, box in zip(scans, boxes):
+        x, _, _ = to_model_grid(normalise(scan.rish, scan.mask, norm), scan.mask, tuple(cfg["grid"]),
+                                cfg["translation"]["crop_margin"], box_mask=box)
         vols.append(x)
     if not vols:
         return torch.zeros((0, 1, *cfg["grid"]))
     return torch.cat(vols)
+
+
+def _stack_pairs(pairs: Sequence[tuple[RishScan, RishScan]], norm: dict, cfg: dict
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Model-grid 3T volumes and their position-paired 7T targets (both cropped by the 3T box)."""
+    sources = [p[0] for p in pairs]
+    return (_stack_model_grid(sources, norm, cfg),
+            _stack_model_grid([p[1] for p in pairs], norm, cfg, boxes=[s.mask for s in sources]))
 
 
 @torch.no_grad()
@@ -396,11 +435,15 @@ def train_all(rish_3t: RishInput, rish_7t: RishInput, config: dict[str, Any], ou
 
     Parameters
     ----------
-    rish_3t, rish_7t : mapping participant label -> (RISH (X, Y, Z, n_orders) float32, mask (X, Y, Z) bool)
-        RISH features (Eq. 1) of each participant's 3T and 7T scan, any grid (each is
-        cropped to its brain and resized to the model grid here).  A participant
-        present in both mappings is *paired*.  Unpaired 3T scans still train the 3T
-        VQ-VAE and the LDM's 3T class; unpaired 7T scans the 7T VQ-VAE.
+    rish_3t, rish_7t : mapping participant label -> (RISH (X, Y, Z, n_orders) float32, mask (X, Y, Z) bool,
+        affine (4, 4))
+        RISH features (Eq. 1) of each participant's 3T and 7T scan, any grid and voxel order
+        (each is brought to canonical RAS order, cropped to its brain and resized to the model
+        grid here).  A participant present in both mappings is *paired*: its 7T scan is
+        brought into its 3T grid through the affines and cropped with the 3T brain box, so the
+        pair is compared voxel by voxel at the same place (:func:`prepare_scans`).  Unpaired
+        3T scans still train the 3T VQ-VAE and the LDM's 3T class; unpaired 7T scans the 7T
+        VQ-VAE.
     config : validated training config (``modelconfig.load_config``).
     out_dir : results folder; the bundle goes to ``out_dir/model`` and the loss curves
         (CSV + PNG) to ``out_dir/training``.
@@ -426,7 +469,8 @@ def train_all(rish_3t: RishInput, rish_7t: RishInput, config: dict[str, Any], ou
     out_dir, work_dir = Path(out_dir), Path(work_dir)
     ctx = init_distributed(device)
     t_start = time.perf_counter()
-    paired = sorted(set(rish_3t) & set(rish_7t))
+    scans_3t, scans_7t, targets = prepare_scans(rish_3t, rish_7t)
+    paired = sorted(targets)
     if not paired:
         raise TrainingDataError(
             f"no paired participants: found {len(rish_3t)} with 3T ({', '.join(sorted(rish_3t)[:5]) or 'none'}) "
@@ -442,14 +486,16 @@ def train_all(rish_3t: RishInput, rish_7t: RishInput, config: dict[str, Any], ou
         norm = json.loads(norm_path.read_text())
     else:
         ids = train_ids + only3
-        norm = fit_normalisation([rish_3t[i][0] for i in ids], [rish_3t[i][1] for i in ids],
+        norm = fit_normalisation([scans_3t[i].rish for i in ids], [scans_3t[i].mask for i in ids],
                                  cfg["orders"], tr["seed"])
         if ctx.is_main:
             _atomic_write_text(norm_path, json.dumps(norm, indent=1))
-    x3 = _stack_model_grid([rish_3t[i] for i in train_ids + only3], norm, cfg)
-    x7 = _stack_model_grid([rish_7t[i] for i in train_ids + only7], norm, cfg)
-    v3 = _stack_model_grid([rish_3t[i] for i in val_ids], norm, cfg)
-    v7 = _stack_model_grid([rish_7t[i] for i in val_ids], norm, cfg)
+    train_pairs = [(scans_3t[i], targets[i]) for i in train_ids]
+    val_pairs = [(scans_3t[i], targets[i]) for i in val_ids]
+    x3 = _stack_model_grid([scans_3t[i] for i in train_ids + only3], norm, cfg)
+    x7 = torch.cat([_stack_pairs(train_pairs, norm, cfg)[1],
+                    _stack_model_grid([scans_7t[i] for i in only7], norm, cfg)])
+    v3, v7 = _stack_pairs(val_pairs, norm, cfg)
     epochs = tr["epochs"]
 
     def need(stage):
@@ -496,12 +542,8 @@ def train_all(rish_3t: RishInput, rish_7t: RishInput, config: dict[str, Any], ou
     bundle_cfg = dict(cfg, normalisation=norm, latent_scale=latent_scale)
     sr_state = need("sr")
     if "sr" in stages:
-        sr_in, sr_target = _translate_for_sr(networks, bundle_cfg, [rish_3t[i] for i in train_ids],
-                                             [rish_7t[i] for i in train_ids], norm, ctx.device)
-        val_sr = None
-        if val_ids:
-            val_sr = _translate_for_sr(networks, bundle_cfg, [rish_3t[i] for i in val_ids],
-                                       [rish_7t[i] for i in val_ids], norm, ctx.device)
+        sr_in, sr_target = _translate_for_sr(networks, bundle_cfg, train_pairs, norm, ctx.device)
+        val_sr = _translate_for_sr(networks, bundle_cfg, val_pairs, norm, ctx.device) if val_ids else None
         sr, _ = train_sr(sr_in, sr_target, cfg, work_dir / "sr", ctx, resume, val_sr, log_dir)
         sr_state = state_to_tensors(sr)
     if sr_state is None:
@@ -514,17 +556,17 @@ def train_all(rish_3t: RishInput, rish_7t: RishInput, config: dict[str, Any], ou
     networks["sr"].to(ctx.device).eval()
     calibration = None
     if val_ids and tr["calibrate_t0"] and tr["calibrate_guidance"]:
-        calibration = calibrate_translation(networks, bundle_cfg, [rish_3t[i] for i in val_ids],
-                                            [rish_7t[i] for i in val_ids], ctx.device)
+        calibration = calibrate_translation(networks, bundle_cfg, val_pairs, ctx.device)
         bundle_cfg["translation"].update(t0=calibration["t0"], guidance=calibration["guidance"])
     if val_ids:
-        gains = calibrate_linear_gains(networks, bundle_cfg, [rish_3t[i] for i in val_ids],
-                                       [rish_7t[i] for i in val_ids], ctx.device)
+        gains = calibrate_linear_gains(networks, bundle_cfg, val_pairs, ctx.device)
         bundle_cfg["translation"].update(gain_7t=gains["gain_7t"], gain_3t=gains["gain_3t"])
         calibration = dict(calibration or {}, linear_gains=gains)
     elapsed = time.perf_counter() - t_start
     bundle_cfg.update(
-        training_data={"n_3t": len(rish_3t), "n_7t": len(rish_7t), "n_paired": len(paired),
+        training_data={"n_3t": len(scans_3t), "n_7t": len(scans_7t), "n_paired": len(paired),
+                       "pairing": "7T brought into the 3T grid through the affines (world space), "
+                                  "canonical RAS voxel order",
                        "train_participants": train_ids, "validation_participants": val_ids,
                        "unpaired_3t": only3, "unpaired_7t": only7, "calibration": calibration},
         software=software_versions(),
@@ -538,15 +580,15 @@ def train_all(rish_3t: RishInput, rish_7t: RishInput, config: dict[str, Any], ou
 
 
 @torch.no_grad()
-def _translate_for_sr(networks, cfg, items3, items7, norm, device):
-    """LDM translation of training 3T volumes (decoded by the 7T VQ-VAE) and the real 7T targets."""
+def _translate_for_sr(networks, cfg, pairs, norm, device):
+    """LDM translation of training 3T volumes (decoded by the 7T VQ-VAE) and their position-paired
+    real 7T targets (``pairs``: (3T scan, 7T on the 3T grid), see :func:`prepare_scans`)."""
     from .bundle import Bundle
 
     bundle = Bundle(cfg, networks, Path("."), "")
     tr = cfg["translation"]
     n_orders = len(cfg["orders"])
-    x3 = _stack_model_grid(items3, norm, cfg)
-    x7 = _stack_model_grid(items7, norm, cfg)
+    x3, x7 = _stack_pairs(pairs, norm, cfg)
     outs = []
     for lo in range(0, len(x3), n_orders):
         z3 = _encode_all(networks["vqvae3t"], x3[lo:lo + n_orders], device) * cfg["latent_scale"]
@@ -559,13 +601,13 @@ def _translate_for_sr(networks, cfg, items3, items7, norm, device):
 
 
 @torch.no_grad()
-def calibrate_translation(networks, cfg, items3, items7, device) -> dict[str, Any]:
+def calibrate_translation(networks, cfg, pairs, device) -> dict[str, Any]:
     """Choose t0 and omega per RISH order on the validation pairs (grid search).
 
     For every (t0, omega) of ``training.calibrate_t0`` x ``training.calibrate_guidance`` the
     validation 3T volumes are translated (``sr_ddim_steps`` steps, SR head applied) and
-    compared with the real 7T on the model grid: mean squared error of the normalised
-    (log-RISH) values inside the 7T brain.  Orders are independent batch entries, so each
+    compared with the position-paired real 7T (``pairs``, :func:`prepare_scans`) on the model
+    grid: mean squared error of the normalised (log-RISH) values inside the 7T brain.  Orders are independent batch entries, so each
     order takes its own best pair.  Returns the choice and the full score table.
     """
     from .bundle import Bundle
@@ -574,8 +616,7 @@ def calibrate_translation(networks, cfg, items3, items7, device) -> dict[str, An
     tr, steps = cfg["training"], cfg["training"]["sr_ddim_steps"]
     n_orders = len(cfg["orders"])
     norm = cfg["normalisation"]
-    x3 = _stack_model_grid(items3, norm, cfg)
-    x7 = _stack_model_grid(items7, norm, cfg)
+    x3, x7 = _stack_pairs(pairs, norm, cfg)
     brain = x7 > norm["background"] + 0.5
     z3 = _encode_all(networks["vqvae3t"], x3, device) * cfg["latent_scale"]
     table = []
@@ -597,7 +638,7 @@ def calibrate_translation(networks, cfg, items3, items7, device) -> dict[str, An
 
 
 @torch.no_grad()
-def calibrate_linear_gains(networks, cfg, items3, items7, device) -> dict[str, Any]:
+def calibrate_linear_gains(networks, cfg, pairs, device) -> dict[str, Any]:
     """Per-order gains that undo the networks' bias in linear RISH units, on validation pairs.
 
     The networks regress normalised *log*-RISH; back in linear units their outputs are biased
@@ -606,14 +647,15 @@ def calibrate_linear_gains(networks, cfg, items3, items7, device) -> dict[str, A
     against noisy 7T) and the 3T round trip, so the bias does not cancel in the scale maps.
     Each validation participant's 3T RISH goes through
     :func:`~bids_dmri_ldm.ml.inference.translate_rish` (final t0, omega, DDIM steps; gains 1);
-    then, per order, with brain means over each scan's own grid and mask,
+    then, per order, with means over the voxels inside both brains on the 3T grid (the 7T
+    brought there through the affines, ``pairs`` from :func:`prepare_scans`),
 
         gain_7t_l = sum_p mean(real 7T RISH_l) / sum_p mean(predicted 7T RISH_l)
         gain_3t_l = sum_p mean(3T RISH_l)      / sum_p mean(round-trip 3T RISH_l)
 
     ``translate_rish`` multiplies its outputs by them (``translation.gain_7t`` / ``gain_3t``).
-    (A least-squares gain of the output against the 7T scan, paired through the brain crop
-    boxes, was tried and shrank the high orders far too much: the pairing is not voxel-exact,
+    (A least-squares gain of the output against the 7T scan was tried when the pairs were still
+    matched through their own brain crop boxes and shrank the high orders far too much,
     docs/evaluation_results.md.)
     """
     import copy
@@ -626,13 +668,15 @@ def calibrate_linear_gains(networks, cfg, items3, items7, device) -> dict[str, A
         cfg["translation"].pop(key, None)
     bundle = Bundle(cfg, networks, Path("."), "")
     sums = np.zeros((4, len(cfg["orders"])))  # real 7T, predicted 7T, 3T, round-trip 3T
-    for (rish3, mask3), (rish7, mask7) in zip(items3, items7):
-        mask3, mask7 = np.asarray(mask3, bool), np.asarray(mask7, bool)
-        result = translate_rish(rish3, mask3, bundle, device=device, num_samples=1)
-        sums[0] += np.asarray(rish7, np.float64)[mask7].mean(axis=0)
-        sums[1] += result.pred_7t[mask3].astype(np.float64).mean(axis=0)
-        sums[2] += np.asarray(rish3, np.float64)[mask3].mean(axis=0)
-        sums[3] += result.recon_3t[mask3].astype(np.float64).mean(axis=0)
+    for source, target in pairs:
+        both = source.mask & target.mask
+        if not both.any():
+            continue
+        result = translate_rish(source.rish, source.mask, bundle, device=device, num_samples=1)
+        sums[0] += target.rish[both].astype(np.float64).mean(axis=0)
+        sums[1] += result.pred_7t[both].astype(np.float64).mean(axis=0)
+        sums[2] += source.rish[both].astype(np.float64).mean(axis=0)
+        sums[3] += result.recon_3t[both].astype(np.float64).mean(axis=0)
     gain_7t = sums[0] / np.maximum(sums[1], 1e-30)
     gain_3t = sums[2] / np.maximum(sums[3], 1e-30)
     return {"gain_7t": [float(g) for g in gain_7t], "gain_3t": [float(g) for g in gain_3t],

@@ -201,8 +201,10 @@ def cached_run_rish(run: DWIRun, config: RunConfig, stats: dict[str, int] | None
 
 
 def collect_ldm_features(config: RunConfig, runs: Sequence[DWIRun], stats: dict[str, int] | None = None
-                         ) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], dict[str, tuple[np.ndarray, np.ndarray]]]:
-    """RISH features ``{participant: (RISH (X, Y, Z, 3), mask (X, Y, Z))}`` of the 3T and 7T runs.
+                         ) -> tuple[dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]],
+                                    dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]]:
+    """RISH features ``{participant: (RISH (X, Y, Z, 3), mask (X, Y, Z), affine (4, 4))}`` of the
+    3T and 7T runs, each on its own grid (training pairs them through the affines).
 
     One source (3T) and one target (7T) run per participant: the run of its first 3T/7T pair
     (:func:`~bids_dmri_ldm.bids.layout.pair_runs`) when it has one, else its first run of that
@@ -224,8 +226,7 @@ def collect_ldm_features(config: RunConfig, runs: Sequence[DWIRun], stats: dict[
     for role in (SOURCE, TARGET):
         features[role] = {}
         for subject in sorted(chosen[role]):
-            rish, mask, _ = cached_run_rish(chosen[role][subject], config, stats)
-            features[role][subject] = (rish, mask)
+            features[role][subject] = cached_run_rish(chosen[role][subject], config, stats)
     return features[SOURCE], features[TARGET]
 
 
@@ -296,16 +297,17 @@ def train_ldm(config: RunConfig, runs: Sequence[DWIRun]) -> int:
 def _write_examples(config: RunConfig, train_cfg: dict[str, Any], rish_3t, rish_7t, device,
                     n_examples: int = 2) -> None:
     """Translate up to ``n_examples`` validation participants with the new bundle and save
-    ``training/sub-<label>_example.npz`` (source 3T, predicted 7T-like, real 7T RISH, each cropped
-    to its brain and resized to the model grid so they sit side by side) for the training report.
-    A failure is logged, never fatal."""
+    ``training/sub-<label>_example.npz`` (source 3T, predicted 7T-like, real 7T RISH, in canonical
+    orientation, the 7T brought into the 3T grid through the affines, all three cropped to the 3T
+    brain box and resized to the model grid so they sit side by side, voxel for voxel) for the
+    training report.  A failure is logged, never fatal."""
     try:
         import numpy as np
 
         from ..ml.bundle import load_bundle
         from ..ml.data import to_model_grid
         from ..ml.inference import translate_rish
-        from ..ml.training import split_participants
+        from ..ml.training import prepare_scans, split_participants
 
         bundle = load_bundle(group_model_dir(config, Method.LDM), device=device)
         grid = tuple(bundle.config["grid"])
@@ -316,16 +318,18 @@ def _write_examples(config: RunConfig, train_cfg: dict[str, Any], rish_3t, rish_
         out = Path(config.output_dir) / "training"
         out.mkdir(parents=True, exist_ok=True)
 
-        def on_grid(rish, mask):
-            volumes, mask_model, _ = to_model_grid(rish, mask, grid, margin)
+        def on_grid(rish, mask, box):
+            volumes, mask_model, _ = to_model_grid(rish, mask, grid, margin, box_mask=box)
             return np.moveaxis(volumes[:, 0].numpy(), 0, -1), mask_model.numpy()
 
-        for label in (val or train)[:n_examples]:
-            (r3, m3), (r7, m7) = rish_3t[label], rish_7t[label]
-            prediction = translate_rish(r3, m3, bundle, device=device, seed=config.seed).pred_7t
-            source, mask = on_grid(r3, m3)
-            arrays = {"source": source, "prediction": on_grid(prediction, m3)[0],
-                      "target": on_grid(r7, m7)[0], "mask": mask}
+        labels = (val or train)[:n_examples]
+        scans_3t, _, targets = prepare_scans({k: rish_3t[k] for k in labels}, {k: rish_7t[k] for k in labels})
+        for label in labels:
+            s3, t7 = scans_3t[label], targets[label]
+            prediction = translate_rish(s3.rish, s3.mask, bundle, device=device, seed=config.seed).pred_7t
+            source, mask = on_grid(s3.rish, s3.mask, s3.mask)
+            arrays = {"source": source, "prediction": on_grid(prediction, s3.mask, s3.mask)[0],
+                      "target": on_grid(t7.rish, t7.mask, s3.mask)[0], "mask": mask}
             tmp = out / f".sub-{label}_example.tmp.npz"
             np.savez_compressed(tmp, **arrays)
             os.replace(tmp, out / f"sub-{label}_example.npz")

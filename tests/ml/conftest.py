@@ -46,11 +46,20 @@ def synthetic_rish(seed: int, shape=(18, 20, 16), ratio=(1.0, 1.0, 1.0)) -> tupl
     return base.astype(np.float32), mask
 
 
+def with_affine(rish_mask: tuple[np.ndarray, np.ndarray], voxel_mm: float = 2.0) -> tuple:
+    """``(rish, mask, affine)`` with an axis-aligned RAS affine of ``voxel_mm`` centred at 0."""
+    rish, mask = rish_mask
+    affine = np.diag([voxel_mm] * 3 + [1.0])
+    affine[:3, 3] = -voxel_mm * (np.asarray(mask.shape) - 1) / 2
+    return rish, mask, affine
+
+
 @pytest.fixture
 def rish_pairs():
-    """Four paired participants (7T = 3T x (0.85, 0.75, 0.7)) plus one unpaired 3T."""
-    r3 = {f"p{i}": synthetic_rish(i) for i in range(5)}
-    r7 = {f"p{i}": synthetic_rish(i, ratio=(0.85, 0.75, 0.7)) for i in range(4)}
+    """Four paired participants (7T = 3T x (0.85, 0.75, 0.7), same grid) plus one unpaired 3T,
+    as ``{label: (rish, mask, affine)}``."""
+    r3 = {f"p{i}": with_affine(synthetic_rish(i)) for i in range(5)}
+    r7 = {f"p{i}": with_affine(synthetic_rish(i, ratio=(0.85, 0.75, 0.7))) for i in range(4)}
     return r3, r7
 
 

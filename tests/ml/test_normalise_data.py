@@ -9,7 +9,7 @@ from bids_dmri_ldm.ml.normalise import denormalise, fit_normalisation, normalise
 
 def test_normalisation_round_trip_and_range(rish_pairs):
     r3, _ = rish_pairs
-    vols, masks = zip(*r3.values())
+    vols, masks, _ = zip(*r3.values())
     norm = fit_normalisation(vols, masks, (0, 2, 4))
     rish, mask = vols[0], masks[0]
     y = normalise(rish, mask, norm)

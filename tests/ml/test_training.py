@@ -116,6 +116,7 @@ def test_linear_gains_follow_the_7t_level_and_ignore_it_for_3t(tiny_cfg, rish_pa
 
     from bids_dmri_ldm.ml.networks import build_all
     from bids_dmri_ldm.ml.normalise import fit_normalisation
+    from bids_dmri_ldm.ml.data import RishScan
     from bids_dmri_ldm.ml.training import calibrate_linear_gains
 
     r3, r7 = rish_pairs
@@ -125,10 +126,10 @@ def test_linear_gains_follow_the_7t_level_and_ignore_it_for_3t(tiny_cfg, rish_pa
                latent_scale=1.0)
     torch.manual_seed(0)
     nets = {k: v.eval() for k, v in build_all(cfg).items()}
-    items3 = [r3[i] for i in ids]
-    base = calibrate_linear_gains(nets, cfg, items3, [r7[i] for i in ids], torch.device("cpu"))
+    pairs = [(RishScan(*r3[i]), RishScan(*r7[i])) for i in ids]
+    base = calibrate_linear_gains(nets, cfg, pairs, torch.device("cpu"))
     k = np.array([0.5, 2.0, 3.0], np.float32)
-    scaled = calibrate_linear_gains(nets, cfg, items3, [(r7[i][0] * k, r7[i][1]) for i in ids],
+    scaled = calibrate_linear_gains(nets, cfg, [(s, t._replace(rish=t.rish * k)) for s, t in pairs],
                                     torch.device("cpu"))
     np.testing.assert_allclose(np.divide(scaled["gain_7t"], base["gain_7t"]), k, rtol=1e-5)
     np.testing.assert_allclose(scaled["gain_3t"], base["gain_3t"], rtol=1e-6)
