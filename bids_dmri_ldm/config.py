@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 #: Translation methods the command line offers (``--method``).
-METHOD_CHOICES = ("identity", "rish-global", "ldm")
+METHOD_CHOICES = ("identity", "rish-global", "ldm", "cnn")
 SCALE_REFERENCES = ("input", "roundtrip")
 """Denominators of the ldm scale maps: the input 3T RISH, or its VQ-VAE round trip."""
 

@@ -63,6 +63,7 @@ class Method(str, Enum):
     IDENTITY = "identity"
     RISH_GLOBAL = "rish-global"
     LDM = "ldm"
+    CNN = "cnn"
 
     def __str__(self) -> str:  # argparse choices / messages show the plain value
         return self.value
@@ -296,19 +297,25 @@ def _load_rish_global(model_dir: Path | None, options: Mapping[str, Any]) -> Ris
 LDM_MODEL_NAME = "demo"
 """Name of the shipped ldm bundle used when no ``--model-dir`` is given (``models/demo/``)."""
 
+CNN_MODEL_NAME = "cnn-demo"
+"""Name of the shipped cnn bundle used when no ``--model-dir`` is given (``models/cnn-demo/``)."""
+
 
 @dataclass
-class LdmMethod:
-    """Scale maps from the latent diffusion model.
+class LearnedMethod:
+    """Scale maps from a learned model bundle (``ldm`` or ``cnn``) that predicts 7T RISH.
 
-    ``predict_scale_maps`` translates the source RISH (:func:`~bids_dmri_ldm.ml.inference.translate_rish`)
-    and returns lambda_l = sqrt(pred_7T_l / (ref_l + tau)) (Eq. 2) inside the mask, 1 outside, with
+    ``predict_scale_maps`` brings the run into canonical (RAS+) voxel order
+    (:mod:`bids_dmri_ldm.ml.orientation`: the networks always see one orientation, whatever the
+    input's storage order), predicts 7T RISH (:meth:`translate`) and returns
+    lambda_l = sqrt(pred_7T_l / (ref_l + tau)) (Eq. 2) inside the mask, 1 outside, mapped back to
+    the input's voxel order, with
 
     - ``scale_reference="input"``: ref = the input 3T RISH (option (i));
-    - ``scale_reference="roundtrip"``: ref = the 3T RISH through the 3T VQ-VAE encoder/decoder and
-      the same grid resampling (option (ii)): the model's predicted 7T went through the same
-      lossy path, so the loss of detail cancels in the ratio and the full-resolution 3T SH keep
-      their detail when lambda is applied (Eq. 3).
+    - ``scale_reference="roundtrip"``: ref = the 3T RISH through the same lossy path as the
+      prediction (the ldm: 3T VQ-VAE encoder/decoder and the model-grid resampling; the cnn: the
+      model-grid resampling), so the loss of detail cancels in the ratio and the full-resolution
+      3T SH keep their detail when lambda is applied (Eq. 3).
 
     ``scale_smoothing`` > 0 smooths with a Gaussian of that sigma in model-grid voxels
     (converted to input voxels through the brain crop box), mask-normalised so the background
@@ -318,11 +325,6 @@ class LdmMethod:
 
     bundle: Any
     device: Any = "cpu"
-    seed: int | None = None
-    num_samples: int | None = None
-    t0: Sequence[int] | None = None
-    guidance: Sequence[float] | None = None
-    ddim_steps: int | None = None
     scale_reference: str = DEFAULT_SCALE_REFERENCE
     scale_smoothing: float = DEFAULT_SCALE_SMOOTHING
     tau: float = DEFAULT_TAU
@@ -338,64 +340,118 @@ class LdmMethod:
         return self.bundle.config_sha256
 
     @property
-    def model(self) -> LdmMethod:
+    def model(self) -> LearnedMethod:
         """The loaded model (``model.sha256`` is what the workflow records, as for rish-global)."""
         return self
 
+    @property
+    def validation(self) -> dict[str, Any] | None:
+        """The group level's validation table of the bundle (``config.json["validation"]``)."""
+        return self.bundle.config.get("validation")
+
+    def translate(self, rish: np.ndarray, mask: np.ndarray):
+        """Predicted 7T RISH of canonical-orientation arrays (a ``Translation``)."""
+        raise NotImplementedError
+
     def predict_scale_maps(self, rish_source: np.ndarray, mask: np.ndarray, affine: np.ndarray) -> ScaleMapPrediction:
-        from .ml.inference import DeviceMemoryError, translate_rish
+        from .ml.inference import DeviceMemoryError
+        from .ml.orientation import Reorientation
 
         _check_rish_shape(rish_source, mask, self.orders)
         mask = np.asarray(mask, dtype=bool)
+        reo = Reorientation.of(affine, mask.shape)
+        rish_c, mask_c = reo.to_canonical(np.asarray(rish_source, np.float32)), reo.to_canonical(mask)
         try:
-            result = translate_rish(rish_source, mask, self.bundle, device=self.device, seed=self.seed,
-                                    num_samples=self.num_samples, t0=self.t0, guidance=self.guidance,
-                                    ddim_steps=self.ddim_steps)
+            result = self.translate(rish_c, mask_c)
         except DeviceMemoryError as err:
             raise MethodError(str(err)) from None
-        reference = rish_source if self.scale_reference == "input" else result.recon_3t
+        reference = rish_c if self.scale_reference == "input" else result.recon_3t
         sigma_input = None
         if self.scale_smoothing > 0:
             crop = [stop - start for start, stop in result.provenance["CropBox"]]
             grid = self.bundle.config["grid"]
             sigma_input = [float(self.scale_smoothing) * c / g for c, g in zip(crop, grid)]
-        scale = smoothed_scale_maps(result.pred_7t, reference, mask, sigma_input, self.tau)
-        scale = np.where(mask[..., None], scale, np.float32(1.0)).astype(np.float32)
+        scale = smoothed_scale_maps(result.pred_7t, reference, mask_c, sigma_input, self.tau)
+        scale = np.where(mask_c[..., None], scale, np.float32(1.0)).astype(np.float32)
         provenance = {
             "Method": self.name,
             "Model": {"Name": self.bundle.config["name"], "Path": str(self.bundle.path),
                       "SHA256": self.sha256, "Created": self.bundle.config.get("created")},
             **{k: v for k, v in result.provenance.items() if k not in ("Method",)},
+            "CanonicalOrientation": "RAS (nibabel closest canonical); CropBox in that voxel order",
             "ScaleReference": self.scale_reference,
             "ScaleSmoothingSigma": float(self.scale_smoothing),
             "ScaleSmoothingSigmaInputVoxels": sigma_input,
             "Tau": float(self.tau),
         }
         provenance["RISHOrders"] = list(self.orders)
-        return ScaleMapPrediction(scale, provenance, std=result.std)
+        std = None if result.std is None else reo.from_canonical(result.std)
+        return ScaleMapPrediction(reo.from_canonical(scale), provenance, std=std)
 
 
-def resolve_ldm_bundle_dir(model_dir: str | os.PathLike | None) -> Path:
-    """The ldm bundle folder: ``model_dir`` itself, ``model_dir/ldm`` or ``model_dir/demo`` when
-    one holds ``config.json``; with no ``model_dir`` the shipped ``demo`` bundle
-    (:func:`bids_dmri_ldm.config.find_shipped_model`)."""
+@dataclass
+class LdmMethod(LearnedMethod):
+    """The latent diffusion model (:func:`~bids_dmri_ldm.ml.inference.translate_rish`) with the
+    bundle's or the user's sampling settings."""
+
+    seed: int | None = None
+    num_samples: int | None = None
+    t0: Sequence[int] | None = None
+    guidance: Sequence[float] | None = None
+    ddim_steps: int | None = None
+
+    def translate(self, rish: np.ndarray, mask: np.ndarray):
+        from .ml.inference import translate_rish
+
+        return translate_rish(rish, mask, self.bundle, device=self.device, seed=self.seed,
+                              num_samples=self.num_samples, t0=self.t0, guidance=self.guidance,
+                              ddim_steps=self.ddim_steps)
+
+
+@dataclass
+class CnnMethod(LearnedMethod):
+    """The supervised CNN baseline (:func:`~bids_dmri_ldm.ml.cnn.predict_rish`)."""
+
+    name: str = Method.CNN.value
+
+    def translate(self, rish: np.ndarray, mask: np.ndarray):
+        from .ml.cnn import predict_rish
+
+        return predict_rish(rish, mask, self.bundle, device=self.device)
+
+
+SHIPPED_BUNDLES = {Method.LDM: LDM_MODEL_NAME, Method.CNN: CNN_MODEL_NAME}
+"""Learned method -> name of its shipped bundle under ``models/``."""
+
+
+def resolve_bundle_dir(method: Method | str, model_dir: str | os.PathLike | None) -> Path:
+    """A learned method's bundle folder: ``model_dir`` itself, ``model_dir/<method>`` or
+    ``model_dir/<shipped name>`` when one holds ``config.json``; with no ``model_dir`` the shipped
+    bundle (:func:`bids_dmri_ldm.config.find_shipped_model`)."""
     from .config import find_shipped_model
 
+    method = Method(method)
+    shipped = SHIPPED_BUNDLES[method]
     if model_dir is None:
-        found = find_shipped_model(LDM_MODEL_NAME)
+        found = find_shipped_model(shipped)
         if found is None:
             raise ModelNotFoundError(
-                "no ldm model bundle found (models/demo/ is not installed); pass --model-dir with a bundle "
-                "trained by the group level, or use --method rish-global")
+                f"no {method.value} model bundle found (models/{shipped}/ is not installed); pass --model-dir "
+                "with a bundle trained by the group level, or use --method rish-global")
         return found
     model_dir = Path(model_dir)
-    for candidate in (model_dir, model_dir / Method.LDM.value, model_dir / LDM_MODEL_NAME):
+    for candidate in (model_dir, model_dir / method.value, model_dir / shipped):
         if (candidate / "config.json").is_file():
             return candidate
     if not model_dir.exists():
-        raise ModelNotFoundError(f"ldm model directory {model_dir} does not exist")
-    raise ModelNotFoundError(f"no ldm model bundle in {model_dir} (no config.json there or in "
-                             f"{Method.LDM.value}/); train one with the group level")
+        raise ModelNotFoundError(f"{method.value} model directory {model_dir} does not exist")
+    raise ModelNotFoundError(f"no {method.value} model bundle in {model_dir} (no config.json there or in "
+                             f"{method.value}/); train one with the group level")
+
+
+def resolve_ldm_bundle_dir(model_dir: str | os.PathLike | None) -> Path:
+    """:func:`resolve_bundle_dir` of the ldm."""
+    return resolve_bundle_dir(Method.LDM, model_dir)
 
 
 def _option(options: Mapping[str, Any], key: str, default: Any = None) -> Any:
@@ -403,18 +459,19 @@ def _option(options: Mapping[str, Any], key: str, default: Any = None) -> Any:
     return default if value is None else value
 
 
-def _load_ldm(model_dir: Path | None, options: Mapping[str, Any]) -> LdmMethod:
+def _load_bundle_for(method: Method, model_dir: Path | None, options: Mapping[str, Any]):
+    """Resolve, verify and load a learned method's bundle on the requested device."""
     try:
         from .ml.bundle import BundleError, load_bundle
         from .ml.device import DeviceUnavailableError, resolve_device
     except ImportError as err:  # torch/monai missing from this installation
-        raise MethodUnavailableError(f"--method ldm needs PyTorch and MONAI: {err}") from None
+        raise MethodUnavailableError(f"--method {method.value} needs PyTorch and MONAI: {err}") from None
     import torch
 
     threads = options.get("omp_nthreads")
     if threads:
         torch.set_num_threads(int(threads))
-    path = resolve_ldm_bundle_dir(model_dir)
+    path = resolve_bundle_dir(method, model_dir)
     try:
         device = resolve_device(str(options.get("device") or "cpu"))
     except DeviceUnavailableError as err:
@@ -423,6 +480,13 @@ def _load_ldm(model_dir: Path | None, options: Mapping[str, Any]) -> LdmMethod:
         bundle = load_bundle(path, device)
     except BundleError as err:
         raise MethodError(str(err)) from None
+    if bundle.method != method.value:
+        raise MethodError(f"{path} is a {bundle.method} bundle, not {method.value}")
+    return bundle, device
+
+
+def _scale_options(bundle, options: Mapping[str, Any]) -> dict[str, Any]:
+    """``scale_reference`` and ``scale_smoothing``: the user's override, else the bundle's."""
     translation = bundle.config["translation"]
     reference = str(_option(options, "scale_reference", translation.get("scale_reference", DEFAULT_SCALE_REFERENCE)))
     if reference not in SCALE_REFERENCES:
@@ -430,11 +494,21 @@ def _load_ldm(model_dir: Path | None, options: Mapping[str, Any]) -> LdmMethod:
     smoothing = float(_option(options, "scale_smoothing", translation.get("scale_smoothing", DEFAULT_SCALE_SMOOTHING)))
     if not np.isfinite(smoothing) or smoothing < 0:
         raise MethodError(f"scale_smoothing must be >= 0, got {smoothing}")
+    return {"scale_reference": reference, "scale_smoothing": smoothing}
+
+
+def _load_ldm(model_dir: Path | None, options: Mapping[str, Any]) -> LdmMethod:
+    bundle, device = _load_bundle_for(Method.LDM, model_dir, options)
     return LdmMethod(
         bundle=bundle, device=device, seed=options.get("seed"), num_samples=options.get("num_samples"),
         t0=options.get("t0"), guidance=options.get("guidance"), ddim_steps=options.get("ddim_steps"),
-        scale_reference=reference, scale_smoothing=smoothing,
+        **_scale_options(bundle, options),
     )
+
+
+def _load_cnn(model_dir: Path | None, options: Mapping[str, Any]) -> CnnMethod:
+    bundle, device = _load_bundle_for(Method.CNN, model_dir, options)
+    return CnnMethod(bundle=bundle, device=device, **_scale_options(bundle, options))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -444,10 +518,11 @@ LOADERS: dict[Method, Callable[[Path | None, Mapping[str, Any]], TranslationMeth
     Method.IDENTITY: _load_identity,
     Method.RISH_GLOBAL: _load_rish_global,
     Method.LDM: _load_ldm,
+    Method.CNN: _load_cnn,
 }
 """Method -> loader ``(model_dir or None, options) -> TranslationMethod``. One entry per method."""
 
-NEEDS_MODEL: frozenset[Method] = frozenset({Method.RISH_GLOBAL, Method.LDM})
+NEEDS_MODEL: frozenset[Method] = frozenset({Method.RISH_GLOBAL, Method.LDM, Method.CNN})
 """Methods that read a model directory (recorded in provenance, checked before work starts)."""
 
 
@@ -466,9 +541,9 @@ def resolve_model_dir(method: Method | str, model_dir: str | os.PathLike | None)
     ``None`` selects the shipped default (:func:`default_models_root`).
     """
     method = Method(method)
-    if method is Method.LDM:  # a bundle folder, its ldm/ or demo/ sub-folder, or models/demo/
+    if method in SHIPPED_BUNDLES:  # a bundle folder, its <method>/ or shipped-name sub-folder, or models/<name>/
         try:
-            return resolve_ldm_bundle_dir(model_dir)
+            return resolve_bundle_dir(method, model_dir)
         except ModelNotFoundError:
             pass
     if model_dir is None:
@@ -604,8 +679,10 @@ def fit_rish_global(pairs: Iterable[RishPair], orders: Sequence[int] = RISH_ORDE
 __all__ = [
     "LOADERS",
     "NEEDS_MODEL",
+    "CnnMethod",
     "IdentityMethod",
     "LdmMethod",
+    "LearnedMethod",
     "Method",
     "MethodError",
     "MethodUnavailableError",
@@ -620,6 +697,7 @@ __all__ = [
     "load_method",
     "load_rish_global_model",
     "pair_scale_samples",
+    "resolve_bundle_dir",
     "resolve_ldm_bundle_dir",
     "resolve_model_dir",
     "save_rish_global_model",

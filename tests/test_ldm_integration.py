@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from bids_dmri_ldm.cli.exitcodes import EX_FAILURE, EX_NO_DATA
+from bids_dmri_ldm.cli.exitcodes import EX_DATAERR, EX_FAILURE
 from bids_dmri_ldm.cli.run import main
 from bids_dmri_ldm.core.smooth import smooth_in_mask
 from bids_dmri_ldm.methods import LdmMethod, load_method
@@ -189,10 +189,10 @@ def test_tampered_bundle_is_refused(make_bids_dataset, tiny_bundle, tmp_path, ca
 
 
 def test_group_without_pairs_fails_with_no_data(make_bids_dataset, tmp_path, capsys):
-    """Only 3T runs: exit 18 and a message saying what was found."""
+    """Only 3T runs: exit 65 (the data cannot train a model) and a message saying what was found."""
     ds = make_bids_dataset(subjects=("01", "02"))
     code = run_cli(ds.root, tmp_path / "out", tmp_path / "work", "group", "--method", "ldm")
-    assert code == EX_NO_DATA
+    assert code == EX_DATAERR
     err = capsys.readouterr().err
     assert "3T and 7T" in err and "01" in err and "02" in err
 

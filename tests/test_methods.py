@@ -32,7 +32,7 @@ def _rish(shape=(6, 5, 4)):
 
 def test_every_method_has_a_loader():
     assert set(LOADERS) == set(Method)
-    assert [m.value for m in Method] == ["identity", "rish-global", "ldm"]
+    assert [m.value for m in Method] == ["identity", "rish-global", "ldm", "cnn"]
 
 
 def test_identity_scale_is_one():
@@ -86,8 +86,8 @@ def test_rish_global_checksum_and_content_checked(tmp_path):
 def test_ldm_and_unknown_methods(tmp_path):
     with pytest.raises(ModelNotFoundError, match="no ldm model bundle"):
         load_method("ldm", tmp_path)  # a folder without a bundle
-    with pytest.raises(MethodError, match="unknown method 'cnn'"):
-        load_method("cnn")
+    with pytest.raises(MethodError, match="unknown method 'gan'"):
+        load_method("gan")
 
 
 def test_resolve_model_dir(tmp_path, monkeypatch):

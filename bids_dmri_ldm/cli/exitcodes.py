@@ -16,10 +16,11 @@ code   name                     used for
 16     EX_VALIDATION_FAILED     the input dataset fails ``bids-validator-deno``
 17     EX_UNKNOWN_LEVEL         analysis level other than ``participant``/``group``
 18     EX_NO_DATA               the labels/filters select no DWI run (data exist but none
-                                match), or the group level finds no 3T/7T pair
+                                match)
 64     EX_USAGE                 bad command line (including ``--device cuda`` without a GPU,
                                 output or work dir inside ``bids_dir``)
-65     EX_DATAERR               input data are malformed (bval/bvec, images, metadata)
+65     EX_DATAERR               input data are malformed (bval/bvec, images, metadata), or
+                                the group level finds no 3T/7T pair to train from
 66     EX_NOINPUT               ``bids_dir`` missing or not BIDS; a requested participant
                                 or session label that does not exist in the dataset
 73     EX_CANTCREAT             output or work directory cannot be created or written

@@ -30,7 +30,9 @@ from .exitcodes import (
     EX_NOINPUT,
     EX_OK,
     EX_USAGE,
+    BadDataError,
     BidsAppError,
+    NoDataError,
 )
 from .parser import PROG, _build_parser, parse_args
 
@@ -207,7 +209,10 @@ def run_group_level(config: RunConfig) -> int:
     for stem, reason in rejected.items():
         LOGGER.warning("%s not used: %s", stem, reason)
     if not config.reports_only:
-        pairs = pair_runs(runs)
+        try:
+            pairs = pair_runs(runs)
+        except NoDataError as err:  # runs were selected, but none can train a model: a data error
+            raise BadDataError(str(err)) from None
         LOGGER.info("group level: %d 3T/7T pair(s) in %d participant(s)", len(pairs),
                     len({source.subject for source, _ in pairs}))
     run_group = _level_function("bids_dmri_ldm.workflows.group", "run_group", "group")

@@ -3,13 +3,17 @@
 Layout (``models/<name>/``)::
 
     config.json          architecture, normalisation, grid, per-order t0/omega, DDIM steps,
-                         training data summary, software versions (MONAI-bundle-like metadata)
+                         training data summary, software versions (MONAI-bundle-like metadata),
+                         the group level's validation table
     vqvae3t.safetensors  3T VQ-VAE
     vqvae7t.safetensors  7T VQ-VAE (fine-tuned from the 3T weights, or trained from scratch)
     unet.safetensors     conditional latent diffusion UNet (+ class embedding)
     sr.safetensors       super-resolution head
     MODEL_CARD.md        what the model is, how it was trained, how it measured
     checksums.sha256     ``sha256sum`` format, one line per file above
+
+A cnn-baseline bundle (``config.json`` with ``"method": "cnn"``) has one weight file,
+``cnn.safetensors``, instead of the four.
 
 Weights are read with ``safetensors`` only (never pickle / ``torch.load``), and only
 after every file's SHA-256 matched.  Any problem raises :class:`BundleError` with a
@@ -37,8 +41,19 @@ from .modelconfig import ConfigError, validate_config
 from .networks import build_all
 
 WEIGHT_NAMES = ("vqvae3t", "vqvae7t", "unet", "sr")
+CNN_WEIGHT_NAMES = ("cnn",)
 CHECKSUM_FILE = "checksums.sha256"
 REQUIRED_FILES = ("config.json", "MODEL_CARD.md", *(f"{n}.safetensors" for n in WEIGHT_NAMES))
+
+
+def weight_names(config: dict[str, Any]) -> tuple[str, ...]:
+    """Weight-file stems of a bundle of this config's method."""
+    return CNN_WEIGHT_NAMES if config.get("method", "ldm") == "cnn" else WEIGHT_NAMES
+
+
+def required_files(config: dict[str, Any]) -> tuple[str, ...]:
+    """Files a bundle of this config's method must hold (all listed in its checksums)."""
+    return ("config.json", "MODEL_CARD.md", *(f"{n}.safetensors" for n in weight_names(config)))
 
 
 class BundleError(RuntimeError):
@@ -57,6 +72,11 @@ class Bundle:
     @property
     def name(self) -> str:
         return self.config["name"]
+
+    @property
+    def method(self) -> str:
+        """``"ldm"`` or ``"cnn"``."""
+        return self.config.get("method", "ldm")
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
@@ -97,11 +117,11 @@ def save_bundle(out_dir: str | Path, config: dict[str, Any], networks: dict[str,
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        for name in WEIGHT_NAMES:
+        for name in weight_names(config):
             save_file(state_to_tensors(networks[name]), str(tmp / f"{name}.safetensors"),
                       metadata={"format": "pt", "network": name})
         (tmp / "MODEL_CARD.md").write_text(model_card)
-        lines = [f"{sha256_file(tmp / f)}  {f}\n" for f in REQUIRED_FILES]
+        lines = [f"{sha256_file(tmp / f)}  {f}\n" for f in required_files(config)]
         (tmp / CHECKSUM_FILE).write_text("".join(lines))
         tmp.chmod(0o755)  # mkdtemp makes 0700; a shipped model must be world-readable
         for file in tmp.iterdir():
@@ -134,20 +154,33 @@ def _read_checksums(path: Path) -> dict[str, str]:
 
 
 def verify_bundle(path: str | Path) -> dict[str, str]:
-    """Check that every required file is present, listed and matches its SHA-256."""
+    """Check that every required file is present, listed and matches its SHA-256.
+
+    ``config.json`` is verified first, then read to know the method's weight files.
+    """
     path = Path(path)
     if not path.is_dir():
         raise BundleError(f"model bundle directory {path} does not exist")
     sums = _read_checksums(path)
-    for name in REQUIRED_FILES:
-        if name not in sums:
-            raise BundleError(f"model bundle {path} is incomplete: {name} is not listed in {CHECKSUM_FILE}")
-        if not (path / name).is_file():
-            raise BundleError(f"model bundle {path} is incomplete: {name} is missing")
-        if sha256_file(path / name) != sums[name]:
-            raise BundleError(f"model bundle {path}: {name} does not match its SHA-256 checksum "
-                              "(file changed, truncated or corrupted); re-download or retrain")
+    _verify_file(path, "config.json", sums)
+    try:
+        method_config = {"method": json.loads((path / "config.json").read_text()).get("method", "ldm")}
+    except (json.JSONDecodeError, AttributeError) as err:
+        raise BundleError(f"model bundle {path}: invalid config.json: {err}") from None
+    for name in required_files(method_config):
+        _verify_file(path, name, sums)
     return sums
+
+
+def _verify_file(path: Path, name: str, sums: dict[str, str]) -> None:
+    """One required file of a bundle: listed, present, matching its checksum."""
+    if name not in sums:
+        raise BundleError(f"model bundle {path} is incomplete: {name} is not listed in {CHECKSUM_FILE}")
+    if not (path / name).is_file():
+        raise BundleError(f"model bundle {path} is incomplete: {name} is missing")
+    if sha256_file(path / name) != sums[name]:
+        raise BundleError(f"model bundle {path}: {name} does not match its SHA-256 checksum "
+                          "(file changed, truncated or corrupted); re-download or retrain")
 
 
 def load_bundle(path: str | Path, device: torch.device | str = "cpu") -> Bundle:
@@ -167,7 +200,7 @@ def load_bundle(path: str | Path, device: torch.device | str = "cpu") -> Bundle:
     except (json.JSONDecodeError, ConfigError, KeyError, TypeError) as err:
         raise BundleError(f"model bundle {path}: invalid config.json: {err}") from None
     networks = build_all(config)
-    for name in WEIGHT_NAMES:
+    for name in weight_names(config):
         file = path / f"{name}.safetensors"
         try:
             state = load_file(str(file), device="cpu")
@@ -188,30 +221,40 @@ def model_card(config: dict[str, Any], command: str = "", training_time_s: float
                machine: str = "", evaluation_markdown: str = "", notes: str = "") -> str:
     """MODEL_CARD.md text from a bundle config and training facts."""
     data = config.get("training_data", {})
-    tr = config["translation"]
-    lines = [
-        f"# Model card: {config['name']}", "",
-        config.get("description", ""), "",
-        "## Method",
-        ("Latent diffusion translation of RISH features from 3T to 7T-like diffusion MRI "
-         "(Zhu et al., MICCAI 2024): 3T VQ-VAE encoder, deterministic DDIM inversion to t0, "
-         "classifier-free-guided DDIM sampling toward the 7T class, 7T VQ-VAE decoder, "
-         "super-resolution head."), "",
-        "## Settings",
-        f"- model grid: {config['grid']}; RISH orders: {config['orders']}",
-        (f"- t0 per order: {tr['t0']}; guidance omega per order: {tr['guidance']}; "
-         f"DDIM steps: {tr['ddim_steps']}; seed: {tr['seed']}"),
-        f"- 7T VQ-VAE initialisation: {config['training']['vqvae7t_init']}", "",
-        "## Training",
-        f"- command: `{command}`" if command else "- command: (not recorded)",
-        f"- data: {json.dumps(data)}",
-        f"- training time: {training_time_s:.0f} s" if training_time_s is not None else "- training time: (not recorded)",
-        f"- machine: {machine or platform.platform()}",
-        f"- software: {json.dumps(config.get('software', {}))}",
-        f"- created: {config.get('created', datetime.now(UTC).isoformat(timespec='seconds'))}", "",
-    ]
+    lines = [f"# Model card: {config['name']}", "", config.get("description", ""), "",
+             "## Method", *_method_lines(config), "",
+             "## Training",
+             f"- command: `{command}`" if command else "- command: (not recorded)",
+             f"- data: {json.dumps(data)}",
+             f"- training time: {training_time_s:.0f} s" if training_time_s is not None
+             else "- training time: (not recorded)",
+             f"- machine: {machine or platform.platform()}",
+             f"- software: {json.dumps(config.get('software', {}))}",
+             f"- created: {config.get('created', datetime.now(UTC).isoformat(timespec='seconds'))}", ""]
     if evaluation_markdown:
         lines += ["## Evaluation", evaluation_markdown, ""]
     if notes:
         lines += ["## Notes", notes, ""]
     return "\n".join(lines)
+
+
+def _method_lines(config: dict[str, Any]) -> list[str]:
+    """What the model is and its settings, for the model card."""
+    tr = config["translation"]
+    scale = (f"- scale maps: reference {tr.get('scale_reference', 'roundtrip')}, smoothing sigma "
+             f"{tr.get('scale_smoothing', 0.0)} model-grid voxels")
+    if config.get("method", "ldm") == "cnn":
+        return ["Supervised CNN baseline (the paper's Table 1 comparison, Karayumak et al. 2018 style): "
+                "a residual 3D UNet (MONAI) regressing normalised 7T log-RISH from 3T log-RISH on the model "
+                "grid, trained on position-paired participants.", "",
+                "## Settings",
+                f"- model grid: {config['grid']}; RISH orders: {config['orders']}; UNet {config['cnn']}", scale]
+    return ["Latent diffusion translation of RISH features from 3T to 7T-like diffusion MRI "
+            "(Zhu et al., MICCAI 2024): 3T VQ-VAE encoder, deterministic DDIM inversion to t0, "
+            "classifier-free-guided DDIM sampling toward the 7T class, 7T VQ-VAE decoder, "
+            "super-resolution head.", "",
+            "## Settings",
+            f"- model grid: {config['grid']}; RISH orders: {config['orders']}",
+            (f"- t0 per order: {tr['t0']}; guidance omega per order: {tr['guidance']}; "
+             f"DDIM steps: {tr['ddim_steps']}; seed: {tr['seed']}"),
+            f"- 7T VQ-VAE initialisation: {config['training']['vqvae7t_init']}", scale]

@@ -60,6 +60,35 @@ _OPTIONAL: dict[str, set[str]] = {
 _TOP_TRAINING = {"format_version", "name", "description", "grid", "orders", *_SCHEMA}
 _TOP_BUNDLE_EXTRA = {"normalisation", "latent_scale", "training_data", "software", "created"}
 _EPOCH_KEYS = {"vqvae3t", "vqvae7t", "ldm", "sr"}
+#: Optional top-level keys of every config: ``method`` (default "ldm"); of bundles: the validation
+#: table the group level's gate wrote (:mod:`bids_dmri_ldm.evaluation.gate`).
+_TOP_OPTIONAL = {"method"}
+_BUNDLE_OPTIONAL = {"validation"}
+
+METHODS = ("ldm", "cnn")
+"""Learned methods a config can describe (``"method"``; absent means ``"ldm"``)."""
+
+# The cnn baseline (Karayumak et al. 2018 style; bids_dmri_ldm.ml.cnn): a residual 3D UNet
+# regressing normalised 7T log-RISH from 3T log-RISH on the model grid.
+_CNN_SCHEMA: dict[str, set[str]] = {
+    "cnn": {"channels", "strides", "num_res_units"},
+    "translation": {"crop_margin"},
+    "training": {"seed", "val_fraction", "batch_size", "lr", "weight_decay", "epochs", "amp"},
+}
+_CNN_OPTIONAL: dict[str, set[str]] = {
+    "translation": {"scale_reference", "scale_smoothing"},
+    "training": {"augment_flip"},
+}
+_CNN_TOP = {"format_version", "method", "name", "description", "grid", "orders", *_CNN_SCHEMA}
+_CNN_BUNDLE_EXTRA = {"normalisation", "training_data", "software", "created"}
+
+
+def config_method(cfg: dict[str, Any]) -> str:
+    """The learned method a config describes: ``cfg["method"]``, ``"ldm"`` when absent."""
+    method = cfg.get("method", "ldm")
+    if method not in METHODS:
+        raise ConfigError(f"config method {method!r} is not one of {list(METHODS)}")
+    return method
 
 
 def _check_keys(found: dict, expected: set[str], where: str, optional: set[str] = frozenset()) -> None:
@@ -88,12 +117,11 @@ def validate_config(cfg: dict[str, Any], kind: str = "training") -> dict[str, An
     """
     if not isinstance(cfg, dict):
         raise ConfigError("config must be a JSON object")
+    if config_method(cfg) == "cnn":
+        return _validate_cnn_config(cfg, kind)
     top = set(_TOP_TRAINING) | (_TOP_BUNDLE_EXTRA if kind == "bundle" else set())
-    _check_keys(cfg, top, "config")
-    if cfg["format_version"] != FORMAT_VERSION:
-        raise ConfigError(
-            f"config format_version {cfg['format_version']!r} is not supported by this "
-            f"version of bids-dmri-ldm (expects {FORMAT_VERSION}); retrain or upgrade")
+    _check_keys(cfg, top, "config", _TOP_OPTIONAL | (_BUNDLE_OPTIONAL if kind == "bundle" else set()))
+    _check_format_version(cfg)
     for section, keys in _SCHEMA.items():
         if not isinstance(cfg[section], dict):
             raise ConfigError(f"config section {section!r} must be an object")
@@ -112,10 +140,7 @@ def validate_config(cfg: dict[str, Any], kind: str = "training") -> dict[str, An
     t_max = cfg["diffusion"]["num_train_timesteps"] - 1
     if any(not 0 < int(t) <= t_max for t in cfg["translation"]["t0"]):
         raise ConfigError(f"translation.t0 values must lie in 1..{t_max}")
-    if cfg["translation"].get("scale_reference", "roundtrip") not in ("input", "roundtrip"):
-        raise ConfigError("translation.scale_reference must be 'input' or 'roundtrip'")
-    if not float(cfg["translation"].get("scale_smoothing", 0.0)) >= 0:
-        raise ConfigError("translation.scale_smoothing must be >= 0 (model-grid voxels)")
+    _check_scale_options(cfg["translation"])
     if cfg["translation"]["invert_class"] not in CLASS_NAMES:
         raise ConfigError(f"translation.invert_class must be one of {sorted(CLASS_NAMES)}")
     if cfg["training"]["vqvae7t_init"] not in ("3T", "scratch"):
@@ -124,6 +149,46 @@ def validate_config(cfg: dict[str, Any], kind: str = "training") -> dict[str, An
     if any(c % groups for c in cfg["unet"]["channels"]):
         raise ConfigError(f"unet.channels {cfg['unet']['channels']} must be divisible by "
                           f"norm_num_groups={groups}")
+    if kind == "bundle":
+        _check_keys(cfg["normalisation"], {"method", "orders", "eps", "low", "high",
+                                           "background"}, "section 'normalisation'")
+    return cfg
+
+
+def _check_format_version(cfg: dict[str, Any]) -> None:
+    if cfg["format_version"] != FORMAT_VERSION:
+        raise ConfigError(
+            f"config format_version {cfg['format_version']!r} is not supported by this "
+            f"version of bids-dmri-ldm (expects {FORMAT_VERSION}); retrain or upgrade")
+
+
+def _check_scale_options(translation: dict[str, Any]) -> None:
+    if translation.get("scale_reference", "roundtrip") not in ("input", "roundtrip"):
+        raise ConfigError("translation.scale_reference must be 'input' or 'roundtrip'")
+    if not float(translation.get("scale_smoothing", 0.0)) >= 0:
+        raise ConfigError("translation.scale_smoothing must be >= 0 (model-grid voxels)")
+
+
+def _validate_cnn_config(cfg: dict[str, Any], kind: str) -> dict[str, Any]:
+    """Keys and values of a ``"method": "cnn"`` config (see :data:`_CNN_SCHEMA`)."""
+    top = _CNN_TOP | (_CNN_BUNDLE_EXTRA if kind == "bundle" else set())
+    _check_keys(cfg, top, "config", _BUNDLE_OPTIONAL if kind == "bundle" else set())
+    _check_format_version(cfg)
+    for section, keys in _CNN_SCHEMA.items():
+        if not isinstance(cfg[section], dict):
+            raise ConfigError(f"config section {section!r} must be an object")
+        _check_keys(cfg[section], keys, f"section {section!r}", _CNN_OPTIONAL.get(section, set()))
+    _check_keys(cfg["training"]["epochs"], {"cnn"}, "training.epochs")
+    c = cfg["cnn"]
+    if len(c["channels"]) < 2 or len(c["strides"]) != len(c["channels"]) - 1:
+        raise ConfigError("cnn.channels needs >= 2 levels and cnn.strides one stride fewer")
+    factor = 1
+    for stride in c["strides"]:
+        factor *= int(stride)
+    if len(cfg["grid"]) != 3 or any(int(g) < 4 or int(g) % factor for g in cfg["grid"]):
+        raise ConfigError(f"grid {cfg['grid']} must be three sizes >= 4 divisible by the UNet's "
+                          f"downsampling {factor}")
+    _check_scale_options(cfg["translation"])
     if kind == "bundle":
         _check_keys(cfg["normalisation"], {"method", "orders", "eps", "low", "high",
                                            "background"}, "section 'normalisation'")
@@ -163,4 +228,5 @@ def load_config(name_or_path: str | Path) -> dict[str, Any]:
 
 def training_part(cfg: dict[str, Any]) -> dict[str, Any]:
     """Copy of a (bundle) config restricted to the training-config keys."""
-    return {k: copy.deepcopy(v) for k, v in cfg.items() if k in _TOP_TRAINING}
+    keys = _CNN_TOP if config_method(cfg) == "cnn" else _TOP_TRAINING | _TOP_OPTIONAL
+    return {k: copy.deepcopy(v) for k, v in cfg.items() if k in keys}

@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from monai.networks.nets import VQVAE, DiffusionModelUNet
+from monai.networks.nets import VQVAE, DiffusionModelUNet, UNet
 from torch import nn
 from torch.nn import functional as F
 
@@ -133,8 +133,37 @@ def build_sr_head(cfg: dict[str, Any]) -> SuperResolutionHead:
     return SuperResolutionHead(cfg["sr"]["channels"], cfg["sr"]["num_res_blocks"])
 
 
+class ResidualRishCNN(nn.Module):
+    """The cnn baseline: a MONAI 3D UNet predicting the change of normalised log-RISH.
+
+    Input and output ``(N, n_orders, X, Y, Z)``: all RISH orders of a scan as channels (normalised
+    log-RISH, :mod:`.normalise`); output = input + UNet(input), so an untrained network starts at
+    the identity.  No normalisation layers: a per-image normalisation would remove the absolute
+    RISH level that tells tissue types (and field effects) apart.
+    """
+
+    def __init__(self, n_orders: int, channels: tuple[int, ...], strides: tuple[int, ...],
+                 num_res_units: int):
+        super().__init__()
+        self.unet = UNet(spatial_dims=3, in_channels=n_orders, out_channels=n_orders,
+                         channels=tuple(channels), strides=tuple(strides), num_res_units=num_res_units,
+                         norm=None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.unet(x)
+
+
+def build_cnn(cfg: dict[str, Any]) -> ResidualRishCNN:
+    """The cnn baseline network from ``cfg['cnn']`` (``method: "cnn"`` configs)."""
+    c = cfg["cnn"]
+    return ResidualRishCNN(len(cfg["orders"]), tuple(c["channels"]), tuple(c["strides"]), c["num_res_units"])
+
+
 def build_all(cfg: dict[str, Any]) -> dict[str, nn.Module]:
-    """All four networks of a bundle, keyed by their weight-file stem."""
+    """All networks of a bundle, keyed by their weight-file stem: the four of the ldm, or the
+    one of the cnn baseline (``cfg["method"] == "cnn"``)."""
+    if cfg.get("method", "ldm") == "cnn":
+        return {"cnn": build_cnn(cfg)}
     return {"vqvae3t": build_vqvae(cfg), "vqvae7t": build_vqvae(cfg),
             "unet": build_unet(cfg), "sr": build_sr_head(cfg)}
 

@@ -52,7 +52,7 @@ from .networks import build_sr_head, build_unet, build_vqvae
 from .normalise import fit_normalisation, normalise
 
 STAGES = ("vqvae3t", "vqvae7t", "ldm", "sr")
-_STAGE_ID = {s: i for i, s in enumerate(STAGES)}
+_STAGE_ID = {**{s: i for i, s in enumerate(STAGES)}, "cnn": len(STAGES)}  # cnn: the baseline (ml/cnn.py)
 
 
 class TrainingDataError(ValueError):

@@ -134,7 +134,7 @@ def _uri(run, config) -> str:
 def _no_training(method: Method) -> Callable[..., int]:
     def trainer(config, runs) -> int:
         raise UsageError(f"--method {method.value} has nothing to learn at the group level; "
-                         "use --method rish-global or --method ldm")
+                         "use --method rish-global, ldm or cnn")
     return trainer
 
 
@@ -144,8 +144,8 @@ def _no_training(method: Method) -> Callable[..., int]:
 RISH_CACHE_DIR = "ldm_rish_cache"
 """Folder of the work dir holding the cached RISH features (one ``.npz`` per run)."""
 
-DEFAULT_TRAIN_CONFIG = "demo"
-"""Training config used when ``--config`` is not given."""
+DEFAULT_TRAIN_CONFIGS = {Method.LDM: "demo", Method.CNN: "cnn-demo"}
+"""Training config of each learned method when ``--config`` is not given."""
 
 
 def _file_fingerprint(path: str | os.PathLike | None) -> list:
@@ -236,14 +236,21 @@ def _ldm_stages(stage: str) -> tuple[str, ...]:
     return tuple(STAGES) if stage in (None, "all") else (stage,)
 
 
-def _load_train_config(config: RunConfig) -> dict[str, Any]:
-    from ..ml.modelconfig import ConfigError, load_config
+def _load_train_config(config: RunConfig, method: Method = Method.LDM) -> dict[str, Any]:
+    """The ``--config`` training config (default: the method's built-in one), which must describe
+    ``method``."""
+    from ..ml.modelconfig import ConfigError, config_method, load_config
 
-    name = config.train_config if config.train_config is not None else DEFAULT_TRAIN_CONFIG
+    name = config.train_config if config.train_config is not None else DEFAULT_TRAIN_CONFIGS[method]
     try:
-        return load_config(name)
+        cfg = load_config(name)
+        described = config_method(cfg)
     except ConfigError as err:
         raise UsageError(f"--config: {err}") from None
+    if described != method.value:
+        raise UsageError(f"--config {name} is a {described} configuration; --method {method.value} needs a "
+                         f"{method.value} one (e.g. --config {DEFAULT_TRAIN_CONFIGS[method]})")
+    return cfg
 
 
 def train_ldm(config: RunConfig, runs: Sequence[DWIRun]) -> int:
@@ -283,7 +290,7 @@ def train_ldm(config: RunConfig, runs: Sequence[DWIRun]) -> int:
                            "grid or batch size, or --device cpu", EX_FAILURE) from None
     _publish_training_outputs(config, staging, bundle_dir)
     if bundle_dir is not None:
-        _write_examples(config, train_cfg, rish_3t, rish_7t, device)
+        _write_examples(config, Method.LDM, train_cfg, rish_3t, rish_7t, device)
     _write_training_report(config)
     if bundle_dir is None:
         LOGGER.info("group: stage(s) %s done; run the remaining stages (--stage) to write the bundle",
@@ -294,9 +301,9 @@ def train_ldm(config: RunConfig, runs: Sequence[DWIRun]) -> int:
     return EX_OK
 
 
-def _write_examples(config: RunConfig, train_cfg: dict[str, Any], rish_3t, rish_7t, device,
+def _write_examples(config: RunConfig, method: Method, train_cfg: dict[str, Any], rish_3t, rish_7t, device,
                     n_examples: int = 2) -> None:
-    """Translate up to ``n_examples`` validation participants with the new bundle and save
+    """Translate up to ``n_examples`` validation participants with the new ldm or cnn bundle and save
     ``training/sub-<label>_example.npz`` (source 3T, predicted 7T-like, real 7T RISH, in canonical
     orientation, the 7T brought into the 3T grid through the affines, all three cropped to the 3T
     brain box and resized to the model grid so they sit side by side, voxel for voxel) for the
@@ -304,14 +311,13 @@ def _write_examples(config: RunConfig, train_cfg: dict[str, Any], rish_3t, rish_
     try:
         import numpy as np
 
-        from ..ml.bundle import load_bundle
+        from ..methods import load_method
         from ..ml.data import to_model_grid
-        from ..ml.inference import translate_rish
         from ..ml.training import prepare_scans, split_participants
 
-        bundle = load_bundle(group_model_dir(config, Method.LDM), device=device)
-        grid = tuple(bundle.config["grid"])
-        margin = int(bundle.config["translation"].get("crop_margin", 2))
+        translator = load_method(method, group_model_dir(config, method), {"device": str(device), "seed": config.seed})
+        grid = tuple(translator.bundle.config["grid"])
+        margin = int(translator.bundle.config["translation"].get("crop_margin", 2))
         paired = sorted(set(rish_3t) & set(rish_7t))
         train, val = split_participants(paired, float(train_cfg["training"]["val_fraction"]),
                                         int(train_cfg["training"]["seed"]))
@@ -326,7 +332,7 @@ def _write_examples(config: RunConfig, train_cfg: dict[str, Any], rish_3t, rish_
         scans_3t, _, targets = prepare_scans({k: rish_3t[k] for k in labels}, {k: rish_7t[k] for k in labels})
         for label in labels:
             s3, t7 = scans_3t[label], targets[label]
-            prediction = translate_rish(s3.rish, s3.mask, bundle, device=device, seed=config.seed).pred_7t
+            prediction = translator.translate(s3.rish, s3.mask).pred_7t
             source, mask = on_grid(s3.rish, s3.mask, s3.mask)
             arrays = {"source": source, "prediction": on_grid(prediction, s3.mask, s3.mask)[0],
                       "target": on_grid(t7.rish, t7.mask, s3.mask)[0], "mask": mask}
@@ -337,8 +343,9 @@ def _write_examples(config: RunConfig, train_cfg: dict[str, Any], rish_3t, rish_
         LOGGER.warning("group: example reconstructions not written: %s", err)
 
 
-def _publish_training_outputs(config: RunConfig, staging: Path, bundle_dir: Path | None) -> None:
-    """Move the bundle to ``models/ldm/`` and copy the loss curves to ``training/`` (atomically)."""
+def _publish_training_outputs(config: RunConfig, staging: Path, bundle_dir: Path | None,
+                              method: Method = Method.LDM) -> None:
+    """Move the bundle to ``models/<method>/`` and copy the loss curves to ``training/`` (atomically)."""
     out = Path(config.output_dir)
     try:
         logs = staging / "training"
@@ -347,7 +354,7 @@ def _publish_training_outputs(config: RunConfig, staging: Path, bundle_dir: Path
             for file in logs.iterdir():
                 deriv.atomic_copy(file, out / "training" / file.name)
         if bundle_dir is not None:
-            target = group_model_dir(config, Method.LDM)
+            target = group_model_dir(config, method)
             target.parent.mkdir(parents=True, exist_ok=True)
             tmp = target.with_name(f".{target.name}.new")
             shutil.rmtree(tmp, ignore_errors=True)
@@ -362,12 +369,12 @@ def _publish_training_outputs(config: RunConfig, staging: Path, bundle_dir: Path
         raise OutputError(f"cannot write the trained model to {out}: {err}") from None
 
 
-def _write_training_report(config: RunConfig) -> None:
+def _write_training_report(config: RunConfig, method: Method = Method.LDM) -> None:
     """``group_training.html``; a failure here is logged, never fatal."""
     try:
         from ..reports.training import build_training_report
 
-        bundle_cfg = group_model_dir(config, Method.LDM) / "config.json"
+        bundle_cfg = group_model_dir(config, method) / "config.json"
         cfg = json.loads(bundle_cfg.read_text()) if bundle_cfg.is_file() else None
         path = build_training_report(config.output_dir, config=cfg, logger=LOGGER)
         LOGGER.info("group: training report %s", path)
@@ -375,14 +382,62 @@ def _write_training_report(config: RunConfig) -> None:
         LOGGER.warning("group: training report not written: %s", err)
 
 
+def train_cnn(config: RunConfig, runs: Sequence[DWIRun]) -> int:
+    """Group-level training of the cnn baseline (:func:`bids_dmri_ldm.ml.cnn.train_cnn`).
+
+    Writes ``<output_dir>/models/cnn/`` (bundle), ``<output_dir>/training/losses_cnn.{csv,png}``
+    and ``<output_dir>/group_training.html``.
+    """
+    from ..ml.cnn import train_cnn as train_cnn_bundle
+    from ..ml.device import resolve_device
+    from ..ml.training import TrainingDataError
+
+    if config.stage not in (None, "all"):
+        raise UsageError(f"--stage {config.stage} is an ldm stage; --method cnn trains in one stage (omit --stage)")
+    train_cfg = _load_train_config(config, Method.CNN)
+    try:
+        deriv.init_derivatives_dataset(config.output_dir, config.bids_dir)
+    except deriv.OutputWriteError as err:
+        raise OutputError(str(err)) from None
+    stats: dict[str, int] = {}
+    rish_3t, rish_7t = collect_ldm_features(config, runs, stats)
+    LOGGER.info("group: RISH features of %d 3T and %d 7T participant(s) (%d computed, %d from the cache)",
+                len(rish_3t), len(rish_7t), stats.get("computed", 0), stats.get("reused", 0))
+    if config.seed:
+        train_cfg["training"]["seed"] = int(config.seed)
+    device = resolve_device(config.device)
+    work = Path(config.work_dir) / "cnn_training" / train_cfg["name"]
+    staging = Path(config.work_dir) / "cnn_training" / "out"
+    command = " ".join(["bids-dmri-ldm", *sys.argv[1:]]) if sys.argv else ""
+    try:
+        bundle_dir = train_cnn_bundle(rish_3t, rish_7t, train_cfg, staging, work, device=device,
+                                      resume=bool(config.resume), command=command)
+    except TrainingDataError as err:
+        raise NoDataError(f"cnn training: {err}") from None
+    _publish_training_outputs(config, staging, bundle_dir, Method.CNN)
+    _write_examples(config, Method.CNN, train_cfg, rish_3t, rish_7t, device)
+    _write_training_report(config, Method.CNN)
+    LOGGER.info("group: cnn model bundle -> %s (use it with --method cnn --model-dir %s)",
+                group_model_dir(config, Method.CNN), Path(config.output_dir) / "models")
+    return EX_OK
+
+
 GROUP_TRAINERS: dict[Method, Callable[[Any, Sequence[Any]], int]] = {
     Method.IDENTITY: _no_training(Method.IDENTITY),
     Method.RISH_GLOBAL: train_rish_global,
     Method.LDM: train_ldm,
+    Method.CNN: train_cnn,
 }
 """Method -> group-level trainer ``(config, runs) -> exit status``."""
 
 
 def run_group(config: RunConfig, runs: Sequence[DWIRun]) -> int:
-    """Group level entry point called by the command line; returns the exit status."""
-    return GROUP_TRAINERS[Method(config.method)](config, runs)
+    """Group level entry point called by the command line; returns the exit status.
+
+    The runs were selected before (an empty selection is exit 18); a selection that holds no
+    3T/7T pair cannot train any method: a data error (65) naming what was found.
+    """
+    try:
+        return GROUP_TRAINERS[Method(config.method)](config, runs)
+    except NoDataError as err:
+        raise BadDataError(str(err)) from None

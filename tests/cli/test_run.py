@@ -101,10 +101,10 @@ def test_group_level_checks_pairs_then_dispatches(make_bids_dataset, tmp_path, f
     assert main(_argv(ds, tmp_path, "group")) == 1
 
 
-def test_group_level_without_pairs_is_no_data(make_bids_dataset, tmp_path, fake_levels, capsys):
+def test_group_level_without_pairs_is_a_data_error(make_bids_dataset, tmp_path, fake_levels, capsys):
     calls, _ = fake_levels
     ds = make_bids_dataset(subjects=("01",), field_strengths=(3.0,))
-    assert main(_argv(ds, tmp_path, "group")) == 18
+    assert main(_argv(ds, tmp_path, "group")) == 65
     assert "both 3T and 7T" in _one_error_line(capsys.readouterr().err)
     assert calls == []
 
