@@ -89,6 +89,11 @@ def build_parser() -> argparse.ArgumentParser:
         "median_otsu of the 7T mean b0 ('b0'), or the first available of these ('auto', default)",
     )
     parser.add_argument(
+        "--untouched-3t", action="store_true",
+        help="also score each participant's untouched 3T scan (its first non-7T DWI run in TRUTH_BIDS) as "
+        f"a reference row, method '{discovery.UNTOUCHED}'",
+    )
+    parser.add_argument(
         "--paper-rows", action="store_true",
         help="add the paper's Table 1 rows (real HCP data) to the Markdown table, for context",
     )
@@ -113,6 +118,7 @@ class Arguments:
     tolerance: float
     verbose: int
     paper_rows: bool = False
+    untouched: bool = False
 
 
 def parse_args(argv: Sequence[str] | None = None) -> Arguments:
@@ -133,7 +139,8 @@ def parse_args(argv: Sequence[str] | None = None) -> Arguments:
     participants = None
     if ns.participant_label:
         participants = sorted({discovery.strip_prefix(label) for label in ns.participant_label})
-    return Arguments(preds, truth, ns.out, participants, ns.label, ns.mask, ns.shell, ns.shell_tolerance, ns.verbose, ns.paper_rows)
+    return Arguments(preds, truth, ns.out, participants, ns.label, ns.mask, ns.shell, ns.shell_tolerance, ns.verbose,
+                     ns.paper_rows, ns.untouched_3t)
 
 
 # --------------------------------------------------------------------------- the run
@@ -195,11 +202,14 @@ def run(args: Arguments) -> tuple[list, list[str]]:
         root: _method_name(preds, root, args.labels[i] if args.labels else None)
         for i, (root, preds) in enumerate(predictions.items())
     }
-    if len(set(methods.values())) < len(methods):
+    if len(set(methods.values())) < len(methods) or discovery.UNTOUCHED in methods.values():
         raise UsageError(
             f"two prediction folders would share a method name ({', '.join(methods.values())}); "
             "name them with --label"
         )
+    if args.untouched:  # the raw 3T scans, scored like a prediction
+        predictions[args.truth_root] = discovery.untouched_scans(layout, paired)
+        methods[args.truth_root] = discovery.UNTOUCHED
     for label in paired:
         scans = seven[label]
         if len(scans) > 1:

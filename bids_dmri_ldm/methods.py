@@ -166,6 +166,8 @@ class RishGlobalModel:
     sha256: str | None = None
     shell: float | None = None
     sh_order_max: int | None = None
+    validation: dict[str, Any] | None = None
+    """The group level's validation table (:mod:`bids_dmri_ldm.evaluation.gate`), if any."""
 
     def to_json(self) -> dict[str, Any]:
         """The JSON document of the model file (checksum excluded: it lives in SHA256SUMS)."""
@@ -179,6 +181,7 @@ class RishGlobalModel:
             "shell": self.shell,
             "sh_order_max": self.sh_order_max,
             "training": self.training,
+            **({"validation": self.validation} if self.validation is not None else {}),
         }
 
 
@@ -193,6 +196,11 @@ class RishGlobalMethod:
     def orders(self) -> tuple[int, ...]:
         return self.model.orders
 
+    @property
+    def validation(self) -> dict[str, Any] | None:
+        """The group level's validation table of the model, if any."""
+        return self.model.validation
+
     def predict_scale_maps(self, rish_source: np.ndarray, mask: np.ndarray, affine: np.ndarray) -> ScaleMapPrediction:
         _check_rish_shape(rish_source, mask, self.orders)
         scale = np.ones(rish_source.shape, dtype=np.float32)
@@ -204,6 +212,8 @@ class RishGlobalMethod:
             "ScaleFactors": [float(f) for f in self.model.factors],
             "Tau": float(self.model.tau),
         }
+        if model_warnings(self):
+            provenance[MODEL_WARNINGS_KEY] = model_warnings(self)
         return ScaleMapPrediction(scale, provenance)
 
 
@@ -268,6 +278,7 @@ def load_rish_global_model(model_dir: str | os.PathLike) -> RishGlobalModel:
         sha256=actual,
         shell=doc.get("shell"),
         sh_order_max=doc.get("sh_order_max"),
+        validation=doc.get("validation"),
     )
 
 
@@ -385,6 +396,8 @@ class LearnedMethod:
             "Tau": float(self.tau),
         }
         provenance["RISHOrders"] = list(self.orders)
+        if model_warnings(self):
+            provenance[MODEL_WARNINGS_KEY] = model_warnings(self)
         std = None if result.std is None else reo.from_canonical(result.std)
         return ScaleMapPrediction(reo.from_canonical(scale), provenance, std=std)
 
@@ -571,6 +584,24 @@ def load_method(name: Method | str, model_dir: str | os.PathLike | None = None,
     return LOADERS[method](None if model_dir is None else Path(model_dir), dict(options or {}))
 
 
+MODEL_WARNINGS_KEY = "ModelWarnings"
+"""Provenance key of a model's standing warnings (the validation gate's verdict), which the
+derivative sidecars also list under ``RunWarnings``."""
+
+
+def model_warnings(method: Any) -> list[str]:
+    """Warnings that come with a loaded model: it lost to ``identity`` on its validation pairs, or
+    it has no validation table (:func:`bids_dmri_ldm.evaluation.gate.validation_warning`).
+    ``identity`` (no model) has none."""
+    if not hasattr(method, "validation"):
+        return []
+    from .evaluation.gate import validation_warning
+
+    name = method.bundle.config["name"] if hasattr(method, "bundle") else method.model.name
+    message = validation_warning(f"{method.name} {name!r}", method.validation)
+    return [message] if message else []
+
+
 def _check_rish_shape(rish: np.ndarray, mask: np.ndarray, orders: Sequence[int]) -> None:
     if rish.ndim != 4 or rish.shape[-1] != len(orders):
         raise ValueError(f"RISH maps must be (X, Y, Z, {len(orders)}), got {rish.shape}")
@@ -696,6 +727,7 @@ __all__ = [
     "fit_rish_global",
     "load_method",
     "load_rish_global_model",
+    "model_warnings",
     "pair_scale_samples",
     "resolve_bundle_dir",
     "resolve_ldm_bundle_dir",

@@ -61,6 +61,9 @@ def test_group_cnn_training_writes_a_verified_bundle(trained):
     data = bundle.config["training_data"]
     assert data["n_paired"] == 2 and data["n_3t"] == 3 and "affines" in data["pairing"]
     assert len(data["validation_participants"]) == 1
+    table = bundle.config["validation"]
+    assert table["model"] == "cnn" and set(table["mean"]) == {"untouched 3T", "identity", "rish-global", "cnn"}
+    assert all(set(v) == set(table["columns"]) and len(v) == 8 for v in table["mean"].values())
     assert (out / "training" / "losses_cnn.csv").is_file() and (out / "group_training.html").is_file()
     card = (out / "models" / "cnn" / "MODEL_CARD.md").read_text()
     assert "CNN baseline" in card and "tiny-cnn" in card

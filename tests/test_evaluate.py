@@ -370,3 +370,17 @@ def test_cli_bad_prediction_is_reported_and_the_others_are_written(tmp_path, cap
     assert evaluate.main([str(preds), str(truth), "--out", str(out)]) == EX_DATAERR
     assert "sub-02_ses-3T_res-1p2_desc-7Tlike_dwi.nii.gz" in capsys.readouterr().err
     assert [r["participant_id"] for r in read_tsv(out)] == ["sub-01", "mean", "sd"]
+
+
+def test_cli_untouched_3t_row_scores_the_raw_3t_scan(tmp_path, capsys):
+    """--untouched-3t adds each participant's raw 3T run (same world content here, on a grid twice
+    as coarse) as a reference row, scored on the same voxels as the predictions."""
+    truth = write_truth(tmp_path / "truth", subjects=("01",))
+    preds = write_predictions(tmp_path / "pred", subjects=("01",), dw_scale=0.9)
+    out = tmp_path / "scores.tsv"
+    assert evaluate.main([str(preds), str(truth), "--out", str(out), "--untouched-3t"]) == 0, capsys.readouterr().err
+    rows = {(r["participant_id"], r["method"]): r for r in read_tsv(out) if r["reference"] == "7T"}
+    untouched, pred = rows[("sub-01", discovery.UNTOUCHED)], rows[("sub-01", "identity")]
+    assert untouched["n_voxels"] == pred["n_voxels"]
+    assert untouched["prediction"] == "sub-01/ses-3T/dwi/sub-01_ses-3T_dwi.nii.gz"
+    assert float(untouched["nmse_L0"]) < 0.02 < float(pred["nmse_L2"])  # the 0.9-scaled one is worse

@@ -211,6 +211,11 @@ def test_group_ldm_training_through_the_cli(make_bids_dataset, tmp_path):
     bundle = load_bundle(out / "models" / "ldm")
     assert bundle.config["training_data"]["n_paired"] == 2 and bundle.config["training_data"]["n_3t"] == 3
     assert (out / "models" / "ldm" / "MODEL_CARD.md").is_file()
+    # the validation gate: the new model beside identity, rish-global and the untouched 3T scan
+    table = bundle.config["validation"]
+    assert table["model"] == "ldm" and table["n_participants"] == 1
+    assert set(table["mean"]) == {"untouched 3T", "identity", "rish-global", "ldm"}
+    assert "## Validation (group level)" in (out / "models" / "ldm" / "MODEL_CARD.md").read_text()
     assert sorted(p.name for p in (out / "training").glob("*.csv")) == [
         f"losses_{s}.csv" for s in ("ldm", "sr", "vqvae3t", "vqvae7t")]
     assert (out / "group_training.html").is_file()

@@ -154,8 +154,10 @@ def _is_seven_tesla(metadata: dict, entities: dict) -> tuple[bool, float | None]
     return any(label.upper() == "7T" for label in labels), None
 
 
-def find_seven_tesla_scans(layout, participants: Sequence[str] | None = None) -> dict[str, list[SevenTScan]]:
-    """7T DWI runs of a pybids ``BIDSLayout``, by participant label (runs sorted by path).
+def find_seven_tesla_scans(layout, participants: Sequence[str] | None = None, seven: bool = True
+                           ) -> dict[str, list[SevenTScan]]:
+    """7T DWI runs of a pybids ``BIDSLayout`` (``seven=False``: the other, 3T, runs), by
+    participant label (runs sorted by path).
 
     Runs without a ``.bval``/``.bvec`` (after inheritance) are skipped with a warning.
     """
@@ -166,17 +168,29 @@ def find_seven_tesla_scans(layout, participants: Sequence[str] | None = None) ->
     for bids_file in layout.get(**query):
         entities = bids_file.get_entities()
         is_7t, tesla = _is_seven_tesla(bids_file.get_metadata(), entities)
-        if not is_7t:
+        if is_7t != seven:
             continue
         bval, bvec = layout.get_bval(bids_file.path), layout.get_bvec(bids_file.path)
         if not bval or not bvec:
-            LOGGER.warning("skipping 7T run %s: no bval/bvec found", bids_file.path)
+            LOGGER.warning("skipping %s run %s: no bval/bvec found", "7T" if seven else "3T", bids_file.path)
             continue
         label = str(entities["subject"])
         scans.setdefault(label, []).append(
             SevenTScan(label, Path(bids_file.path), Path(bval), Path(bvec), dict(entities), tesla)
         )
     return {label: sorted(runs, key=lambda s: str(s.dwi)) for label, runs in sorted(scans.items())}
+
+
+UNTOUCHED = "untouched 3T"
+"""Method name of the reference row that scores each participant's raw 3T scan itself."""
+
+
+def untouched_scans(layout, participants: Sequence[str]) -> list[Prediction]:
+    """Each participant's first 3T run of the truth dataset, as a :class:`Prediction` to score
+    unchanged (the row every translation must beat)."""
+    found = find_seven_tesla_scans(layout, participants, seven=False)
+    return [Prediction(label, scans[0].dwi, scans[0].bval, scans[0].bvec, scans[0].entities,
+                       {"Method": UNTOUCHED}) for label, scans in found.items()]
 
 
 def all_participants(layout) -> list[str]:

@@ -176,11 +176,39 @@ def _maps(shell_data: ShellData, mask: np.ndarray, shell: float, tolerance: floa
 class PredictionOnTruth:
     """One prediction's maps brought into the 7T grid, and where they are valid."""
 
-    prediction: discovery.Prediction
+    participant: str
+    session: str | None
     method: str
     relative_path: str
     maps: np.ndarray  # (X, Y, Z, 4) on the 7T grid
     valid: np.ndarray  # (X, Y, Z) bool: inside the prediction's field of view and signal support
+
+
+def scored_region(truth: Truth, affine: np.ndarray, shape: tuple[int, int, int], name: str
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """Where a DWI on grid ``(affine, shape)`` must be fitted to be scored against ``truth``.
+
+    Returns ``(in_fov, region)``: the 7T voxels inside the DWI's field of view, and the DWI's
+    voxels to fit (the 7T brain mask brought there and dilated, :func:`scoring.fit_region`).
+    """
+    in_fov = scoring.fov_mask(truth.affine, truth.shape, affine, shape)
+    if not (truth.mask & in_fov).any():
+        raise BadDataError(f"{name} does not overlap the 7T scan {truth.scan.dwi.name} in world space")
+    return in_fov, scoring.fit_region(truth.mask & in_fov, truth.affine, affine, shape)
+
+
+def maps_on_truth(dwi: ShellData, region: np.ndarray, truth: Truth, shell: float, tolerance: float
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """RISH/FA maps of a DWI computed on its own grid inside ``region``, resampled into the 7T grid.
+
+    Returns ``(maps (X, Y, Z, 4), support (X, Y, Z) bool)`` on the 7T grid; ``support`` is where
+    the DWI has diffusion-weighted signal (the participant level's ``--skull-strip`` writes zeros
+    outside its mask).
+    """
+    has_signal = dwi.data[..., dwi.n_b0 :].max(axis=-1) > 0
+    maps = scoring.fill_invalid(_maps(dwi, region, shell, tolerance), region & has_signal)
+    maps = scoring.maps_on_grid(maps, dwi.affine, truth.affine, truth.shape)
+    return maps, resample_mask(has_signal, dwi.affine, truth.affine, truth.shape)
 
 
 def prediction_on_truth(
@@ -188,18 +216,12 @@ def prediction_on_truth(
 ) -> PredictionOnTruth:
     """Maps of one predicted DWI, computed on its own grid and resampled into the 7T grid."""
     affine, shape = read_grid(prediction.dwi)
-    in_fov = scoring.fov_mask(truth.affine, truth.shape, affine, shape)
-    if not (truth.mask & in_fov).any():
-        raise BadDataError(f"{prediction.dwi.name} does not overlap the 7T scan {truth.scan.dwi.name} in world space")
-    region = scoring.fit_region(truth.mask & in_fov, truth.affine, affine, shape)
+    in_fov, region = scored_region(truth, affine, shape, prediction.dwi.name)
     box = scoring.bounding_box(region)  # read only the part of the prediction that is scored
     pred = load_shell(prediction.dwi, prediction.bval, prediction.bvec, shell, tolerance, box)
-    region = region[box]
-    has_signal = pred.data[..., pred.n_b0 :].max(axis=-1) > 0  # zeros outside the participant level's mask
-    maps = scoring.fill_invalid(_maps(pred, region, shell, tolerance), region & has_signal)
-    maps = scoring.maps_on_grid(maps, pred.affine, truth.affine, truth.shape)
-    support = resample_mask(has_signal, pred.affine, truth.affine, truth.shape)
-    return PredictionOnTruth(prediction, method, str(prediction.dwi.relative_to(pred_root)), maps, in_fov & support)
+    maps, support = maps_on_truth(pred, region[box], truth, shell, tolerance)
+    return PredictionOnTruth(prediction.participant, prediction.session, method,
+                             str(prediction.dwi.relative_to(pred_root)), maps, in_fov & support)
 
 
 def score_participant(truth: Truth, predictions: list[PredictionOnTruth]) -> list[ScoreRow]:
@@ -213,13 +235,13 @@ def score_participant(truth: Truth, predictions: list[PredictionOnTruth]) -> lis
     for item in predictions:
         mask &= item.valid
     if not mask.any():
-        names = ", ".join(item.prediction.dwi.name for item in predictions)
+        names = ", ".join(item.relative_path for item in predictions)
         raise BadDataError(f"no voxel of the 7T brain mask of {truth.scan.dwi.name} is covered by {names}")
     rows = []
     for item in predictions:
         common = {
-            "participant": item.prediction.participant,
-            "session": item.prediction.session,
+            "participant": item.participant,
+            "session": item.session,
             "method": item.method,
             "mask": truth.mask_source,
             "n_voxels": int(mask.sum()),

@@ -19,6 +19,7 @@ from nipype.interfaces.base import (
 )
 
 from ..bids import derivatives as deriv
+from ..methods import MODEL_WARNINGS_KEY
 
 
 class _DerivativesDataSinkInputSpec(BaseInterfaceInputSpec):
@@ -61,7 +62,8 @@ class DerivativesDataSink(SimpleInterface):
             spatial_reference=inputs.spatial_reference,
             provenance=provenance,
             resolution=inputs.resolution,
-            extra=_warnings_block(inputs.warnings),
+            extra=_warnings_block([*(inputs.warnings if isdefined(inputs.warnings) else []),
+                                   *inputs.provenance.get(MODEL_WARNINGS_KEY, [])]),
         )
         written = deriv.write_derivative(outputs, inputs.kind, inputs.in_file, metadata, inputs.in_bval, inputs.in_bvec)
         self._results["out_file"] = [str(p) for p in written]
@@ -74,6 +76,11 @@ WARNINGS_KEY = "RunWarnings"
 
 
 def _warnings_block(warnings) -> dict:
-    """``{"RunWarnings": [...]}`` when there are warnings, else ``{}`` (the key is left out)."""
-    items = [str(w) for w in warnings] if isdefined(warnings) else []
+    """``{"RunWarnings": [...]}`` when there are warnings, else ``{}`` (the key is left out).
+
+    Every sidecar of a run gets the model's standing warnings (``ModelWarnings`` of the method's
+    provenance, e.g. a model that lost to identity at the group level's validation gate); the
+    DWI's also gets the run's own warnings.
+    """
+    items = [str(w) for w in warnings]
     return {WARNINGS_KEY: list(dict.fromkeys(items))} if items else {}

@@ -88,6 +88,14 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary sibling file and ``os.replace``."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def software_versions() -> dict[str, str]:
     """Versions recorded in a bundle (as MONAI's bundle metadata does)."""
     import monai
@@ -138,6 +146,25 @@ def save_bundle(out_dir: str | Path, config: dict[str, Any], networks: dict[str,
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
+
+
+def attach_validation(path: str | Path, table: dict[str, Any], markdown: str) -> None:
+    """Record the group level's validation table in a written bundle.
+
+    ``config.json["validation"] = table``, a "Validation" section in ``MODEL_CARD.md``, and the
+    checksum list recomputed; each file is replaced atomically, the checksum list last, so an
+    interrupted call leaves a bundle that fails verification rather than one that lies.
+    """
+    path = Path(path)
+    config = json.loads((path / "config.json").read_text())
+    config["validation"] = table
+    validate_config(config, "bundle")
+    card = (path / "MODEL_CARD.md").read_text().rstrip("\n")
+    card = card.split("\n## Validation (group level)")[0].rstrip("\n")
+    atomic_write_text(path / "config.json", json.dumps(config, indent=2) + "\n")
+    atomic_write_text(path / "MODEL_CARD.md", f"{card}\n\n## Validation (group level)\n{markdown}")
+    lines = [f"{sha256_file(path / f)}  {f}\n" for f in required_files(config)]
+    atomic_write_text(path / CHECKSUM_FILE, "".join(lines))
 
 
 def _read_checksums(path: Path) -> dict[str, str]:

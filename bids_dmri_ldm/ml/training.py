@@ -35,6 +35,7 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 from tqdm.auto import tqdm
 
+from .bundle import atomic_write_text as _atomic_write_text
 from .bundle import model_card, save_bundle, software_versions, state_to_tensors
 from .data import RishScan, canonical_scan, target_on_source, to_model_grid
 from .diffusion import LatentDiffusion
@@ -50,6 +51,7 @@ from .inference import DeviceMemoryError, autocast_for, translate_latents
 from .modelconfig import CLASS_3T, CLASS_7T, CLASS_NULL, validate_config
 from .networks import build_sr_head, build_unet, build_vqvae
 from .normalise import fit_normalisation, normalise
+from .split import split_participants
 
 STAGES = ("vqvae3t", "vqvae7t", "ldm", "sr")
 _STAGE_ID = {**{s: i for i, s in enumerate(STAGES)}, "cnn": len(STAGES)}  # cnn: the baseline (ml/cnn.py)
@@ -64,12 +66,6 @@ def sample_generator(seed: int, stage: str, epoch: int, index: int) -> torch.Gen
     """CPU generator for one sample of one epoch: the same on every rank and device."""
     key = (int(seed) * 1_000_003 + _STAGE_ID[stage] * 100_003 + (epoch + 1) * 10_007 + int(index))
     return torch.Generator().manual_seed(key % (2 ** 63))
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _atomic_save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
@@ -344,16 +340,6 @@ def train_sr(ldm_outputs: torch.Tensor, targets_7t: torch.Tensor, cfg: dict[str,
 
 # --------------------------------------------------------------------------- whole pipeline
 RishInput = Mapping[str, "RishScan | tuple[np.ndarray, np.ndarray, np.ndarray]"]
-
-
-def split_participants(paired: Sequence[str], val_fraction: float, seed: int) -> tuple[list[str], list[str]]:
-    """Participant-level train/validation split of the paired participants, fixed by the seed."""
-    paired = sorted(paired)
-    n_val = round(val_fraction * len(paired)) if len(paired) >= 2 else 0
-    n_val = min(max(n_val, 1 if len(paired) >= 2 and val_fraction > 0 else 0), len(paired) - 1)
-    order = np.random.default_rng(seed).permutation(len(paired))
-    val = sorted(paired[i] for i in order[:n_val])
-    return [p for p in paired if p not in val], val
 
 
 def as_rish_scan(value: RishScan | Sequence[np.ndarray]) -> RishScan:

@@ -26,6 +26,7 @@ from bids_dmri_ldm.reports.html import (
     ReportInputError,
     Section,
     figure_html,
+    paragraph,
     preformatted,
     render_document,
     report_section,
@@ -185,6 +186,26 @@ def _examples_blocks(examples) -> list[str]:
                         "one grey scale per row.")]
 
 
+def _gate_blocks(gate) -> list[str]:
+    """The group level's validation gate (``config["validation"]``,
+    :mod:`bids_dmri_ldm.evaluation.gate`): the new model, identity, rish-global and the untouched
+    3T scan on the held-out pairs, in the paper's 8 columns."""
+    if not gate:
+        raise ReportInputError("no validation table in the model (no held-out validation pair, or the "
+                               "gate could not run: see the group level's log)")
+    from bids_dmri_ldm.evaluation.gate import column_label
+
+    columns = gate["columns"]
+    rows = [[method, *("n/a" if values[c] is None else f"{values[c]:.4f}" for c in columns)]
+            for method, values in gate["mean"].items()]
+    losses = gate.get("loses_to_identity") or []
+    verdict = (f"{gate['model']} LOSES to identity in {', '.join(column_label(c) for c in losses)}."
+               if losses else f"{gate['model']} is not worse than identity in any column.")
+    return [paragraph(f"{gate['n_participants']} held-out participant(s), against their real 7T scan, "
+                      "mean over participants (NMSE lower is better, SSIM higher is better). " + verdict),
+            table_html(rows, header=["method", *(column_label(c) for c in columns)])]
+
+
 def _summary_blocks(data_summary) -> list[str]:
     if not data_summary:
         raise ReportInputError("no data summary was given or found in the model config")
@@ -239,6 +260,8 @@ def render_training_report(
     """
     logger = logger or LOGGER
     parts = [
+        ("Validation gate: the model against identity on held-out pairs", _gate_blocks,
+         (config or {}).get("validation")),
         ("Loss curves per stage", _losses_blocks, losses),
         ("Validation metrics per epoch", _validation_blocks, validation),
         ("Example reconstructions (validation participants)", _examples_blocks, examples),

@@ -47,6 +47,7 @@ from ..methods import (
     MethodError,
     ModelNotFoundError,
     load_method,
+    model_warnings,
     resolve_model_dir,
 )
 
@@ -201,6 +202,8 @@ def run_participant(config: RunConfig, runs: Sequence[DWIRun]) -> dict[str, str]
     if Method(config.method) in NEEDS_MODEL:
         LOGGER.info("method %s, model %s (sha256 %s)", config.method,
                     resolve_model_dir(config.method, config.model_dir), model_sha)
+    for message in model_warnings(translator):  # once here; every sidecar records it (RunWarnings)
+        LOGGER.warning("%s", message)
     settings = run_settings(config, model_sha)
 
     statuses: dict[str, str] = {}

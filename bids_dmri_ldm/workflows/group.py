@@ -80,9 +80,16 @@ def compute_run_rish(run: DWIRun, shell: float, tolerance: float, sh_order_max: 
     return rish, brain, rish_img.affine
 
 
+RISH_GLOBAL_VAL_FRACTION = 0.2
+"""Share of the paired participants held out from the rish-global fit for its validation gate."""
+
+
 def train_rish_global(config: RunConfig, runs: Sequence[DWIRun]) -> int:
-    """Fit and save the rish-global model from every 3T/7T pair among ``runs``."""
+    """Fit the rish-global model on the training participants' 3T/7T pairs, validate it on the
+    held-out ones (:func:`run_gate`) and save it with its validation table."""
     from ..bids.layout import pair_runs
+    from ..methods import RishGlobalMethod
+    from ..ml.split import split_participants
 
     pairs = pair_runs(runs)
     try:
@@ -90,37 +97,32 @@ def train_rish_global(config: RunConfig, runs: Sequence[DWIRun]) -> int:
     except deriv.OutputWriteError as err:
         raise OutputError(str(err)) from None
     Path(config.work_dir).mkdir(parents=True, exist_ok=True)
-    scratch_root = Path(tempfile.mkdtemp(prefix="rish_global_", dir=config.work_dir))
+    train_ids, val_ids = split_participants(sorted({s.subject for s, _ in pairs}), RISH_GLOBAL_VAL_FRACTION,
+                                            int(config.seed))
     rish_pairs, described = [], []
-    try:
-        for index, (source, target) in enumerate(pairs):
-            label = f"{source.stem} -> {target.stem}"
-            LOGGER.info("group: RISH of pair %s", label)
-            try:
-                src = compute_run_rish(source, config.shell, config.shell_tolerance, config.sh_order_max,
-                                       scratch_root / f"{index}_source")
-                tgt = compute_run_rish(target, config.shell, config.shell_tolerance, config.sh_order_max,
-                                       scratch_root / f"{index}_target")
-            except steps.InputDataError as err:
-                raise BadDataError(f"pair {label}: {err}") from None
-            rish_pairs.append(RishPair(*src, *tgt, label=label))
-            described.append({"source": _uri(source, config), "target": _uri(target, config),
-                              "source_field_strength": getattr(source, "field_strength", None),
-                              "target_field_strength": getattr(target, "field_strength", None)})
-    finally:
-        shutil.rmtree(scratch_root, ignore_errors=True)
+    for source, target in pairs:
+        if source.subject not in train_ids:
+            continue
+        label = f"{source.stem} -> {target.stem}"
+        LOGGER.info("group: RISH of pair %s", label)
+        rish_pairs.append(RishPair(*cached_run_rish(source, config), *cached_run_rish(target, config), label=label))
+        described.append({"source": _uri(source, config), "target": _uri(target, config),
+                          "source_field_strength": getattr(source, "field_strength", None),
+                          "target_field_strength": getattr(target, "field_strength", None)})
     model = fit_rish_global(
         rish_pairs, shell=config.shell, sh_order_max=config.sh_order_max,
         extra_training={"runs": described, "dataset": Path(config.bids_dir).resolve().as_uri(),
-                        "participants": sorted({p[0].subject for p in pairs}),
+                        "participants": train_ids, "validation_participants": val_ids,
                         "software": deriv.software_versions(),
                         "settings": {"shell": config.shell, "shell_tolerance": config.shell_tolerance,
                                      "sh_order_max": config.sh_order_max}},
     )
+    model.validation = run_gate(config, Method.RISH_GLOBAL.value, RishGlobalMethod(model), runs, train_ids, val_ids)
     model_file = save_rish_global_model(model, group_model_dir(config, Method.RISH_GLOBAL))
     factors = ", ".join(f"L{o}={f:.4f}" for o, f in zip(model.orders, model.factors))
     LOGGER.info("group: rish-global model from %d pair(s), %d voxels: %s -> %s",
                 len(rish_pairs), model.training["n_voxels"], factors, model_file)
+    _write_training_report(config, Method.RISH_GLOBAL)
     return EX_OK
 
 
@@ -200,6 +202,24 @@ def cached_run_rish(run: DWIRun, config: RunConfig, stats: dict[str, int] | None
     return rish, mask, affine
 
 
+def feature_runs(runs: Sequence[DWIRun]) -> dict[str, dict[str, DWIRun]]:
+    """``{"source": {participant: run}, "target": {participant: run}}``: the one 3T and one 7T run
+    of each participant that training uses (see :func:`collect_ldm_features`)."""
+    from ..bids.layout import SOURCE, TARGET, pair_runs
+
+    chosen: dict[str, dict[str, Any]] = {SOURCE: {}, TARGET: {}}
+    try:
+        for source, target in pair_runs(runs):
+            chosen[SOURCE].setdefault(source.subject, source)
+            chosen[TARGET].setdefault(target.subject, target)
+    except NoDataError:
+        pass  # the trainers name what was found
+    for run in runs:
+        if getattr(run, "role", None) in (SOURCE, TARGET):
+            chosen[run.role].setdefault(run.subject, run)
+    return chosen
+
+
 def collect_ldm_features(config: RunConfig, runs: Sequence[DWIRun], stats: dict[str, int] | None = None
                          ) -> tuple[dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]],
                                     dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]]:
@@ -210,18 +230,9 @@ def collect_ldm_features(config: RunConfig, runs: Sequence[DWIRun], stats: dict[
     (:func:`~bids_dmri_ldm.bids.layout.pair_runs`) when it has one, else its first run of that
     field strength (3T-only participants train the 3T VQ-VAE and the LDM's 3T class).
     """
-    from ..bids.layout import SOURCE, TARGET, pair_runs
+    from ..bids.layout import SOURCE, TARGET
 
-    chosen: dict[str, dict[str, Any]] = {SOURCE: {}, TARGET: {}}
-    try:
-        for source, target in pair_runs(runs):
-            chosen[SOURCE].setdefault(source.subject, source)
-            chosen[TARGET].setdefault(target.subject, target)
-    except NoDataError:
-        pass  # train_all names what was found
-    for run in runs:
-        if getattr(run, "role", None) in (SOURCE, TARGET):
-            chosen[run.role].setdefault(run.subject, run)
+    chosen = feature_runs(runs)
     features = {}
     for role in (SOURCE, TARGET):
         features[role] = {}
@@ -288,6 +299,7 @@ def train_ldm(config: RunConfig, runs: Sequence[DWIRun]) -> int:
         raise BidsAppError(f"out of GPU memory while training on {device} (model grid {train_cfg['grid']}, "
                            f"batch size {train_cfg['training']['batch_size']}): use a config with a smaller "
                            "grid or batch size, or --device cpu", EX_FAILURE) from None
+    _gate_bundle(config, Method.LDM, bundle_dir, runs)
     _publish_training_outputs(config, staging, bundle_dir)
     if bundle_dir is not None:
         _write_examples(config, Method.LDM, train_cfg, rish_3t, rish_7t, device)
@@ -374,12 +386,102 @@ def _write_training_report(config: RunConfig, method: Method = Method.LDM) -> No
     try:
         from ..reports.training import build_training_report
 
-        bundle_cfg = group_model_dir(config, method) / "config.json"
-        cfg = json.loads(bundle_cfg.read_text()) if bundle_cfg.is_file() else None
+        from ..methods import RISH_GLOBAL_MODEL_FILE
+
+        name = RISH_GLOBAL_MODEL_FILE if method is Method.RISH_GLOBAL else "config.json"
+        model_file = group_model_dir(config, method) / name
+        cfg = json.loads(model_file.read_text()) if model_file.is_file() else None
         path = build_training_report(config.output_dir, config=cfg, logger=LOGGER)
         LOGGER.info("group: training report %s", path)
     except Exception as err:  # noqa: BLE001 - the report must never fail the training
         LOGGER.warning("group: training report not written: %s", err)
+
+
+# ---------------------------------------------------------------------------------------------
+# validation gate
+
+
+def validation_pairs(config: RunConfig, runs: Sequence[DWIRun], labels: Sequence[str]) -> list:
+    """:class:`~bids_dmri_ldm.evaluation.gate.ValidationPair` of each held-out participant: the
+    3T and 7T runs training used, and the 3T run's cached RISH features."""
+    from ..bids.layout import SOURCE, TARGET
+    from ..evaluation.gate import ValidationPair
+
+    chosen = feature_runs(runs)
+    pairs = []
+    for label in labels:
+        source, target = chosen[SOURCE][label], chosen[TARGET][label]
+        rish, mask, affine = cached_run_rish(source, config)
+        pairs.append(ValidationPair(label, source.session, source.dwi, source.bval, source.bvec,
+                                    target.dwi, target.bval, target.bvec, rish, mask, affine))
+    return pairs
+
+
+def rish_global_baseline(config: RunConfig, runs: Sequence[DWIRun], labels: Sequence[str]):
+    """``rish-global`` fitted on the given (training) participants' cached features."""
+    from ..bids.layout import SOURCE, TARGET
+    from ..methods import RishGlobalMethod
+
+    chosen = feature_runs(runs)
+    pairs = [RishPair(*cached_run_rish(chosen[SOURCE][p], config), *cached_run_rish(chosen[TARGET][p], config),
+                      label=p) for p in labels]
+    return RishGlobalMethod(fit_rish_global(pairs, shell=config.shell, sh_order_max=config.sh_order_max))
+
+
+def run_gate(config: RunConfig, model_name: str, model, runs: Sequence[DWIRun], train_ids: Sequence[str],
+             val_ids: Sequence[str]) -> dict[str, Any] | None:
+    """Score the new ``model`` beside identity, rish-global (fitted on ``train_ids``) and the
+    untouched 3T scan on the held-out ``val_ids`` (:mod:`bids_dmri_ldm.evaluation.gate`).
+
+    Returns the validation table, or None (with a warning) when there is no held-out participant or
+    the gate cannot run; warns, naming the columns, when the model loses to identity.
+    """
+    from ..evaluation.gate import column_label, score_pair, summarise_rows
+    from ..methods import IdentityMethod
+
+    if not val_ids:
+        LOGGER.warning("group: no held-out validation participant (need >= 2 pairs): the %s model is not "
+                       "validated against identity", model_name)
+        return None
+    translators = {"identity": IdentityMethod()}
+    try:
+        if model_name != Method.RISH_GLOBAL.value:
+            translators[Method.RISH_GLOBAL.value] = rish_global_baseline(config, runs, train_ids)
+        translators[model_name] = model
+        rows = []
+        for pair in validation_pairs(config, runs, val_ids):
+            LOGGER.info("group: validation gate, sub-%s", pair.participant)
+            rows += score_pair(pair, translators, truth_root=config.bids_dir, shell=config.shell,
+                               tolerance=config.shell_tolerance, sh_order_max=config.sh_order_max)
+    except Exception as err:  # noqa: BLE001 - the gate informs; it never loses the trained model
+        LOGGER.warning("group: the validation gate could not run (%s): the %s model is not validated", err, model_name)
+        return None
+    table = summarise_rows(rows, model_name)
+    losses = table["loses_to_identity"]
+    if losses:
+        LOGGER.warning("group: the new %s model LOSES to identity on %d held-out participant(s) in %s; "
+                       "see MODEL_CARD.md (participant runs with it will carry this warning)", model_name,
+                       table["n_participants"], ", ".join(column_label(c) for c in losses))
+    else:
+        LOGGER.info("group: the new %s model is not worse than identity in any column on %d held-out "
+                    "participant(s)", model_name, table["n_participants"])
+    return table
+
+
+def _gate_bundle(config: RunConfig, method: Method, bundle_dir: Path | None, runs: Sequence[DWIRun]) -> None:
+    """Run the gate on a freshly trained ldm/cnn bundle and record the table in it."""
+    if bundle_dir is None:
+        return
+    from ..evaluation.gate import table_markdown
+    from ..methods import load_method
+    from ..ml.bundle import attach_validation
+
+    model = load_method(method, bundle_dir, {"device": config.device, "seed": config.seed})
+    data = model.bundle.config["training_data"]
+    table = run_gate(config, method.value, model, runs, data["train_participants"],
+                     data["validation_participants"])
+    if table is not None:
+        attach_validation(bundle_dir, table, table_markdown(table))
 
 
 def train_cnn(config: RunConfig, runs: Sequence[DWIRun]) -> int:
@@ -414,6 +516,7 @@ def train_cnn(config: RunConfig, runs: Sequence[DWIRun]) -> int:
                                       resume=bool(config.resume), command=command)
     except TrainingDataError as err:
         raise NoDataError(f"cnn training: {err}") from None
+    _gate_bundle(config, Method.CNN, bundle_dir, runs)
     _publish_training_outputs(config, staging, bundle_dir, Method.CNN)
     _write_examples(config, Method.CNN, train_cfg, rish_3t, rish_7t, device)
     _write_training_report(config, Method.CNN)

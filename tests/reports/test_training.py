@@ -36,14 +36,16 @@ def test_training_report_from_files(tmp_path):
     assert not re.search(r"https?://", text)
     parsed = parse_report(path)
     titles = [t for tag, t in parsed.headings if tag == "h2"]
-    assert titles == ["Loss curves per stage", "Validation metrics per epoch",
+    assert titles == ["Validation gate: the model against identity on held-out pairs",
+                      "Loss curves per stage", "Validation metrics per epoch",
                       "Example reconstructions (validation participants)", "Training data",
                       "Configuration"]
     for src in parsed.images:
         decode_png(src)
     assert len(parsed.images) == 2  # loss curves + one validation stage
-    # no example volumes were saved: that part says so instead of failing the report
-    assert len(parsed.errors) == 1 and "example" in parsed.errors[0]
+    # no example volumes were saved and the config has no validation table: those parts say so
+    # instead of failing the report
+    assert len(parsed.errors) == 2 and "no validation table" in parsed.errors[0] and "example" in parsed.errors[1]
     assert "participants_paired" in text and "sub-03" in text
 
 
@@ -56,9 +58,14 @@ def test_training_report_from_arrays(tmp_path):
         validation={"sr": {"epoch": epochs, "nmse_fa": np.linspace(0.2, 0.1, 4)}},
         examples=[{"label": "sub-07", "source": vol, "prediction": vol * 0.9, "target": vol}],
         data_summary={"paired participants": 2},
-        config={"lr": 1e-4})
+        config={"lr": 1e-4, "validation": {
+            "model": "ldm", "n_participants": 2, "columns": ["nmse_L0", "ssim_L0"],
+            "mean": {"identity": {"nmse_L0": 0.1, "ssim_L0": 0.9}, "ldm": {"nmse_L0": 0.2, "ssim_L0": 0.8}},
+            "loses_to_identity": ["nmse_L0", "ssim_L0"]}})
     parsed = parse_report(path)
     assert parsed.errors == []
+    text = path.read_text(encoding="utf-8")
+    assert "ldm LOSES to identity in NMSE L0, SSIM L0" in text and "0.2000" in text
     assert len(parsed.images) == 3
     for src in parsed.images:
         decode_png(src)
@@ -68,7 +75,7 @@ def test_training_report_with_malformed_csv_still_written(tmp_path):
     (tmp_path / "loss_vqvae3t.csv").write_text("epoch,train_loss\n")  # header only
     path = build_training_report(tmp_path)
     parsed = parse_report(path)
-    assert path.exists() and len(parsed.errors) == 5
+    assert path.exists() and len(parsed.errors) == 6
     assert any("loss" in e for e in parsed.errors)
 
 
@@ -90,6 +97,6 @@ def test_training_report_from_the_group_level_layout(tmp_path):
     parsed = parse_report(build_training_report(tmp_path))
     # loss curves + validation loss of each stage (no metrics file: taken from val_loss)
     assert len(parsed.images) == 4
-    assert len(parsed.errors) == 1 and "example" in parsed.errors[0]
+    assert len(parsed.errors) == 2 and "example" in parsed.errors[1]
     for src in parsed.images:
         decode_png(src)

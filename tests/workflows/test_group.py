@@ -39,7 +39,15 @@ def test_group_rish_global_known_factors(make_bids_dataset, tmp_path):
     expected = np.sqrt(_wm_rish(ds, 7.0) / _wm_rish(ds, 3.0))
     np.testing.assert_allclose(model.factors[0], 1.0, atol=1e-4)
     np.testing.assert_allclose(model.factors[1:], expected[1:], rtol=1e-3)
-    assert model.training["n_pairs"] == 2 and model.training["participants"] == ["01", "02"]
+    # one participant trains, the other is held out for the validation gate (identity, rish-global,
+    # untouched 3T against its real 7T, the paper's 8 columns)
+    train, held_out = model.training["participants"], model.training["validation_participants"]
+    assert model.training["n_pairs"] == 1 and sorted(train + held_out) == ["01", "02"] and len(held_out) == 1
+    table = model.validation
+    assert table["n_participants"] == 1 and set(table["mean"]) == {"untouched 3T", "identity", "rish-global"}
+    assert all(len(v) == 8 for v in table["mean"].values())
+    html = (out / "group_training.html").read_text()
+    assert "Validation gate" in html and "untouched 3T" in html
     assert "models/" in (out / ".bidsignore").read_text().splitlines()
     # The trained model is usable at the participant level.
     rc = main([str(ds.root), str(out), "participant", "-w", str(tmp_path / "work"), "--skip-bids-validation",
