@@ -33,7 +33,7 @@ from .distributed import barrier, init_distributed
 from .inference import Translation, autocast_for
 from .modelconfig import validate_config
 from .networks import build_cnn
-from .normalise import denormalise, fit_normalisation, normalise
+from .normalise import LEGACY_METHOD, denormalise, fit_normalisation, normalise
 from .training import (
     RishInput,
     TrainingDataError,
@@ -58,10 +58,9 @@ def paired_tensors(pairs: Sequence[tuple[RishScan, RishScan]], norm: dict, cfg: 
     weight : (n_pairs, 1, *grid) float32, 1 where both brains are (model-grid fraction > 0.5).
     """
     n, grid = len(cfg["orders"]), tuple(cfg["grid"])
-    x, y = (t.view(-1, n, *grid) for t in _stack_pairs(pairs, norm, cfg))
-    threshold = norm["background"] + 0.5
-    weight = ((x > threshold).all(dim=1, keepdim=True) & (y > threshold).all(dim=1, keepdim=True)).float()
-    return x, y, weight
+    x, mask_x, y, mask_y = _stack_pairs(pairs, norm, cfg, with_masks=True)
+    weight = (mask_x[::n] & mask_y[::n]).float()  # one mask per scan
+    return x.view(-1, n, *grid), y.view(-1, n, *grid), weight
 
 
 def make_loss(seed: int, augment_flip: bool):
@@ -116,7 +115,7 @@ def train_cnn(rish_3t: RishInput, rish_7t: RishInput, config: dict[str, Any], ou
         norm = json.loads(norm_path.read_text())
     else:
         norm = fit_normalisation([scans_3t[i].rish for i in train_ids], [scans_3t[i].mask for i in train_ids],
-                                 cfg["orders"], tr["seed"])
+                                 cfg["orders"], tr["seed"], tr.get("normalisation", LEGACY_METHOD))
         if ctx.is_main:
             _atomic_write_text(norm_path, json.dumps(norm, indent=1))
     train = paired_tensors([(scans_3t[i], targets[i]) for i in train_ids], norm, cfg)

@@ -56,6 +56,9 @@ _OPTIONAL: dict[str, set[str]] = {
     # Gaussian sigma of the lambda smoothing in model-grid voxels (0: none); per-order linear
     # gains of the predicted 7T and the round-trip 3T RISH (training.calibrate_linear_gains)
     "translation": {"scale_reference", "scale_smoothing", "gain_7t", "gain_3t"},
+    # per-order RISH normalisation (ml/normalise.py): "sqrt-percentile" | "log-percentile" (default,
+    # what bundles that name none were trained with)
+    "training": {"normalisation"},
 }
 _TOP_TRAINING = {"format_version", "name", "description", "grid", "orders", *_SCHEMA}
 _TOP_BUNDLE_EXTRA = {"normalisation", "latent_scale", "training_data", "software", "created"}
@@ -77,7 +80,7 @@ _CNN_SCHEMA: dict[str, set[str]] = {
 }
 _CNN_OPTIONAL: dict[str, set[str]] = {
     "translation": {"scale_reference", "scale_smoothing"},
-    "training": {"augment_flip"},
+    "training": {"augment_flip", "normalisation"},
 }
 _CNN_TOP = {"format_version", "method", "name", "description", "grid", "orders", *_CNN_SCHEMA}
 _CNN_BUNDLE_EXTRA = {"normalisation", "training_data", "software", "created"}
@@ -149,9 +152,7 @@ def validate_config(cfg: dict[str, Any], kind: str = "training") -> dict[str, An
     if any(c % groups for c in cfg["unet"]["channels"]):
         raise ConfigError(f"unet.channels {cfg['unet']['channels']} must be divisible by "
                           f"norm_num_groups={groups}")
-    if kind == "bundle":
-        _check_keys(cfg["normalisation"], {"method", "orders", "eps", "low", "high",
-                                           "background"}, "section 'normalisation'")
+    _check_normalisation(cfg, kind)
     return cfg
 
 
@@ -167,6 +168,20 @@ def _check_scale_options(translation: dict[str, Any]) -> None:
         raise ConfigError("translation.scale_reference must be 'input' or 'roundtrip'")
     if not float(translation.get("scale_smoothing", 0.0)) >= 0:
         raise ConfigError("translation.scale_smoothing must be >= 0 (model-grid voxels)")
+
+
+def _check_normalisation(cfg: dict[str, Any], kind: str) -> None:
+    """``training.normalisation`` names a known method; a bundle's fitted parameters are complete."""
+    from .normalise import LEGACY_METHOD, METHODS, parameter_keys
+
+    wanted = cfg["training"].get("normalisation", LEGACY_METHOD)
+    if wanted not in METHODS:
+        raise ConfigError(f"training.normalisation must be one of {list(METHODS)}, got {wanted!r}")
+    if kind == "bundle":
+        method = cfg["normalisation"].get("method") if isinstance(cfg["normalisation"], dict) else None
+        if method not in METHODS:
+            raise ConfigError(f"normalisation.method must be one of {list(METHODS)}, got {method!r}")
+        _check_keys(cfg["normalisation"], parameter_keys(method), "section 'normalisation'")
 
 
 def _validate_cnn_config(cfg: dict[str, Any], kind: str) -> dict[str, Any]:
@@ -189,9 +204,7 @@ def _validate_cnn_config(cfg: dict[str, Any], kind: str) -> dict[str, Any]:
         raise ConfigError(f"grid {cfg['grid']} must be three sizes >= 4 divisible by the UNet's "
                           f"downsampling {factor}")
     _check_scale_options(cfg["translation"])
-    if kind == "bundle":
-        _check_keys(cfg["normalisation"], {"method", "orders", "eps", "low", "high",
-                                           "background"}, "section 'normalisation'")
+    _check_normalisation(cfg, kind)
     return cfg
 
 

@@ -50,7 +50,7 @@ from .distributed import (
 from .inference import DeviceMemoryError, autocast_for, translate_latents
 from .modelconfig import CLASS_3T, CLASS_7T, CLASS_NULL, validate_config
 from .networks import build_sr_head, build_unet, build_vqvae
-from .normalise import fit_normalisation, normalise
+from .normalise import LEGACY_METHOD, fit_normalisation, normalise
 from .split import split_participants
 
 STAGES = ("vqvae3t", "vqvae7t", "ldm", "sr")
@@ -368,29 +368,36 @@ def prepare_scans(rish_3t: RishInput, rish_7t: RishInput
 
 
 def _stack_model_grid(scans: Sequence[RishScan], norm: dict, cfg: dict,
-                      boxes: Sequence[np.ndarray | None] | None = None) -> torch.Tensor:
+                      boxes: Sequence[np.ndarray | None] | None = None, with_masks: bool = False):
     """Per scan -> (n_scans * n, 1, *grid), orders interleaved.
 
     ``boxes[i]`` (optional) is the mask whose bounding box crops scan ``i`` (a 7T target on its
-    3T partner's grid is cropped with the 3T brain box); default: the scan's own mask.
+    3T partner's grid is cropped with the 3T brain box); default: the scan's own mask.  With
+    ``with_masks`` also the brain masks on the model grid, (n_scans * n, 1, *grid) bool (each
+    scan's mask repeated for its orders).
     """
-    vols = []
+    vols, masks = [], []
+    n = len(cfg["orders"])
     boxes = boxes if boxes is not None else [None] * len(scans)
     for scan, box in zip(scans, boxes):
-        x, _, _ = to_model_grid(normalise(scan.rish, scan.mask, norm), scan.mask, tuple(cfg["grid"]),
-                                cfg["translation"]["crop_margin"], box_mask=box)
+        x, mask, _ = to_model_grid(normalise(scan.rish, scan.mask, norm), scan.mask, tuple(cfg["grid"]),
+                                   cfg["translation"]["crop_margin"], box_mask=box)
         vols.append(x)
-    if not vols:
-        return torch.zeros((0, 1, *cfg["grid"]))
-    return torch.cat(vols)
+        masks.append(mask[None, None].expand(n, 1, *mask.shape))
+    empty = (0, 1, *cfg["grid"])
+    volumes = torch.cat(vols) if vols else torch.zeros(empty)
+    if not with_masks:
+        return volumes
+    return volumes, (torch.cat(masks) if masks else torch.zeros(empty, dtype=torch.bool))
 
 
-def _stack_pairs(pairs: Sequence[tuple[RishScan, RishScan]], norm: dict, cfg: dict
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Model-grid 3T volumes and their position-paired 7T targets (both cropped by the 3T box)."""
+def _stack_pairs(pairs: Sequence[tuple[RishScan, RishScan]], norm: dict, cfg: dict, with_masks: bool = False):
+    """Model-grid 3T volumes and their position-paired 7T targets (both cropped by the 3T box);
+    with ``with_masks`` each followed by its model-grid brain masks."""
     sources = [p[0] for p in pairs]
-    return (_stack_model_grid(sources, norm, cfg),
-            _stack_model_grid([p[1] for p in pairs], norm, cfg, boxes=[s.mask for s in sources]))
+    x3 = _stack_model_grid(sources, norm, cfg, with_masks=with_masks)
+    x7 = _stack_model_grid([p[1] for p in pairs], norm, cfg, boxes=[s.mask for s in sources], with_masks=with_masks)
+    return (*x3, *x7) if with_masks else (x3, x7)
 
 
 @torch.no_grad()
@@ -473,7 +480,7 @@ def train_all(rish_3t: RishInput, rish_7t: RishInput, config: dict[str, Any], ou
     else:
         ids = train_ids + only3
         norm = fit_normalisation([scans_3t[i].rish for i in ids], [scans_3t[i].mask for i in ids],
-                                 cfg["orders"], tr["seed"])
+                                 cfg["orders"], tr["seed"], tr.get("normalisation", LEGACY_METHOD))
         if ctx.is_main:
             _atomic_write_text(norm_path, json.dumps(norm, indent=1))
     train_pairs = [(scans_3t[i], targets[i]) for i in train_ids]
@@ -602,8 +609,7 @@ def calibrate_translation(networks, cfg, pairs, device) -> dict[str, Any]:
     tr, steps = cfg["training"], cfg["training"]["sr_ddim_steps"]
     n_orders = len(cfg["orders"])
     norm = cfg["normalisation"]
-    x3, x7 = _stack_pairs(pairs, norm, cfg)
-    brain = x7 > norm["background"] + 0.5
+    x3, _, x7, brain = _stack_pairs(pairs, norm, cfg, with_masks=True)
     z3 = _encode_all(networks["vqvae3t"], x3, device) * cfg["latent_scale"]
     table = []
     for t0 in tr["calibrate_t0"]:

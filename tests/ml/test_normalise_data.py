@@ -7,10 +7,12 @@ from bids_dmri_ldm.ml.data import brain_crop, from_model_grid, resize, to_model_
 from bids_dmri_ldm.ml.normalise import denormalise, fit_normalisation, normalise
 
 
-def test_normalisation_round_trip_and_range(rish_pairs):
+@pytest.mark.parametrize("method", ["sqrt-percentile", "log-percentile"])
+def test_normalisation_round_trip_and_range(rish_pairs, method):
     r3, _ = rish_pairs
     vols, masks, _ = zip(*r3.values())
-    norm = fit_normalisation(vols, masks, (0, 2, 4))
+    norm = fit_normalisation(vols, masks, (0, 2, 4), method=method)
+    assert norm["method"] == method and norm["background"] == (0.0 if method == "sqrt-percentile" else -1.0)
     rish, mask = vols[0], masks[0]
     y = normalise(rish, mask, norm)
     inside = y[mask]
@@ -20,6 +22,18 @@ def test_normalisation_round_trip_and_range(rish_pairs):
     back = denormalise(y, mask, norm)
     np.testing.assert_allclose(back[mask], rish[mask], rtol=1e-5, atol=1e-7)
     assert np.all(back[~mask] == 0)
+
+
+def test_sqrt_normalisation_is_the_amplitude_and_scales_linearly():
+    """y = sqrt(RISH / s): doubling RISH multiplies y by sqrt(2); s is the 99.5th percentile."""
+    rng = np.random.default_rng(0)
+    rish = rng.uniform(0.1, 2.0, (10, 10, 10, 3)).astype(np.float32)
+    mask = np.ones((10, 10, 10), bool)
+    norm = fit_normalisation([rish], [mask], (0, 2, 4), method="sqrt-percentile")
+    np.testing.assert_allclose(norm["scale"], np.percentile(rish.reshape(-1, 3), 99.5, axis=0), rtol=1e-6)
+    np.testing.assert_allclose(normalise(2 * rish, mask, norm), np.sqrt(2) * normalise(rish, mask, norm), rtol=1e-5)
+    with pytest.raises(ValueError, match="unknown normalisation"):
+        fit_normalisation([rish], [mask], (0, 2, 4), method="zscore")
 
 
 def test_normalisation_needs_brain_voxels():
