@@ -35,7 +35,7 @@ from ..core.gradients import (
     select_shell,
 )
 from ..core.mask import brain_mask
-from ..core.resample import output_grid, resample
+from ..core.resample import fill_outside_mask, output_grid, resample
 from ..core.sh import RISH_ORDERS, SHModel, rish_features, scale_sh, sh_basis
 from ..core.signal import fit_shell_sh, mean_b0, sanitize
 
@@ -386,7 +386,12 @@ def fit_rish_step(dwi_file: str, bval_file: str, bvec_file: str, mask_file: str 
 
 def predict_scale_step(rish_file: str, mask_file: str, method: str, model_dir: str | None,
                        options: dict[str, Any], out_dir: str | os.PathLike) -> dict[str, Any]:
-    """Scale maps lambda ``(X, Y, Z, n_orders)`` of the chosen method, and its provenance."""
+    """Scale maps lambda ``(X, Y, Z, n_orders)`` of the chosen method, and its provenance.
+
+    The file written holds lambda inside the mask and, outside it, the nearest value inside
+    (:func:`~bids_dmri_ldm.core.resample.fill_outside_mask`): lambda is set to 1 outside the mask
+    on the output grid (:func:`scale_sh_step`), after the resampling.
+    """
     from ..methods import load_method  # imported here: loading the ldm pulls torch
 
     translator = load_method(method, model_dir, options)
@@ -394,7 +399,10 @@ def predict_scale_step(rish_file: str, mask_file: str, method: str, model_dir: s
     rish = np.asanyarray(img.dataobj, dtype=np.float32)
     mask = np.asanyarray(nib.load(mask_file).dataobj) > 0
     prediction = translator.predict_scale_maps(rish, mask, img.affine)
-    out = {"scale_file": _save(prediction.scale, img.affine, Path(out_dir) / "scale.nii"),
+    # Outside the mask lambda is 1 (set again on the output grid); here it takes the nearest value
+    # inside, so that resampling to the output grid does not blend lambda with 1 at the mask's edge.
+    scale = fill_outside_mask(prediction.scale, mask)
+    out = {"scale_file": _save(scale, img.affine, Path(out_dir) / "scale.nii"),
            "provenance": prediction.provenance}
     if getattr(prediction, "std", None) is not None:  # ldm with num_samples > 1
         std = np.where(mask[..., None], prediction.std, 0).astype(np.float32)

@@ -82,6 +82,43 @@ def test_interior_crop_of_a_simulated_brain_is_kept(simulated_dataset):
         assert not result.background and result.mask.all()
 
 
+def _sphere_phantom(shape=(40, 40, 40), radius=14.0):
+    grid = np.stack(np.meshgrid(*[np.arange(n) - (n - 1) / 2 for n in shape], indexing="ij"), -1)
+    r = np.linalg.norm(grid, axis=-1)
+    return r <= radius, r <= radius / 3
+
+
+def _rician(signal, sigma, rng):
+    return np.hypot(signal + rng.normal(0, sigma, signal.shape), rng.normal(0, sigma, signal.shape))
+
+
+def test_the_mean_dw_image_tells_a_low_snr_head_from_air():
+    """b0 SNR 4 in tissue: the air is too bright relative to the head for the b0 alone (taken for
+    an all-tissue crop, everything kept), but it does not attenuate at b = 1000 while tissue does,
+    so with the mean DW image the head is found."""
+    rng = np.random.default_rng(1)
+    brain, core = _sphere_phantom()
+    tissue = np.where(core, 3.0, 1.0) * brain  # CSF-bright core, sigma = 0.25: tissue SNR 4
+    b0 = _rician(tissue * 1.0, 0.25, rng)
+    dw = np.mean([_rician(tissue * np.where(core, 0.05, 0.4), 0.25, rng) for _ in range(30)], axis=0)
+    assert not compute_brain_mask(b0).background  # the b0 alone cannot tell
+    result = compute_brain_mask(b0, None, dw)
+    assert result.background
+    assert coverage(result.mask, brain) >= 0.99 and outside(result.mask, brain) <= 0.2
+
+
+def test_the_mean_dw_image_tells_a_dark_tissue_crop_from_air():
+    """A crop of dark tissue around bright CSF: dark enough at the border to look like air in the
+    b0, but it attenuates under diffusion weighting, so with the mean DW image nothing is lost."""
+    rng = np.random.default_rng(2)
+    _, core = _sphere_phantom(radius=45.0)  # core radius 15 voxels in a 40³ crop
+    b0 = _rician(np.where(core, 12.0, 1.0), 0.02, rng)  # CSF 12x the surrounding tissue
+    dw = _rician(np.where(core, 0.6, 0.4), 0.02, rng)
+    assert compute_brain_mask(b0).background  # the b0 alone is fooled
+    result = compute_brain_mask(b0, None, dw)
+    assert not result.background and result.mask.all()
+
+
 @pytest.mark.parametrize("factor, dtype", [(1e-6, np.float32), (1e30, np.float32), (1e300, np.float64),
                                            (1e-300, np.float64)])
 def test_intensity_scale_does_not_change_the_mask(simulated_dataset, factor, dtype):
