@@ -36,7 +36,7 @@ from ..core.gradients import (
 )
 from ..core.mask import brain_mask
 from ..core.resample import fill_outside_mask, output_grid, resample
-from ..core.sh import RISH_ORDERS, SHModel, rish_features, scale_sh, sh_basis
+from ..core.sh import RISH_ORDERS, SHModel, rish_features, sh_basis
 from ..core.signal import fit_shell_sh, mean_b0, sanitize
 
 LOGGER = logging.getLogger("bids_dmri_ldm.workflow")
@@ -536,8 +536,9 @@ def scale_sh_step(sh_file: str, scale_file: str, mask_file: str, sh_order_max: i
                   skull_strip: bool = False) -> dict[str, str]:
     """Apply the scale maps to the SH coefficients (Eq. 3) on the output grid, in every voxel.
 
-    lambda is taken inside the brain mask and is 1 outside it (resampled scale maps are
-    interpolated near the mask's edge; outside the mask the source coefficients pass unchanged).
+    lambda is taken inside the brain mask and is 1 outside it, where the source coefficients pass
+    unchanged (the scale file holds, outside the mask, the nearest value inside —
+    :func:`predict_scale_step` — so that the resampled lambda is not blended with 1 at the edge).
     Both RISH maps written are taken (Eq. 1) from coefficients on the output grid — the source
     ones from the resampled coefficients, the predicted ones from the scaled coefficients — so
     that ``RISH_predicted = lambda^2 RISH_source`` holds voxel by voxel (RISH of an interpolated
