@@ -83,6 +83,7 @@ class RunConfig:
     method: str = "rish-global"
     model_dir: Path | None = None
     output_resolution: float | None = 1.05
+    skull_strip: bool = False  # zero the DWI and RISH maps outside the brain mask
     shell: float = 1000.0
     shell_tolerance: float = 100.0
     sh_order_max: int = 4

@@ -10,8 +10,8 @@ a 7T DWI run in ``TRUTH_BIDS``:
 
 1. the 7T scan's maps (RISH L0, L2, L4 of the b=1000 shell and FA) are computed on its own grid,
    inside the evaluation mask: the simulator's ground-truth brain mask when the truth dataset has
-   one (``derivatives/simulation``), else ``core.mask.brain_mask`` (median_otsu) of the 7T mean
-   b0 — the ``mask`` column says which; the mask is restricted to the prediction's field of view;
+   one (``derivatives/simulation``), else ``core.mask.brain_mask`` (the automatic air/tissue mask)
+   of the 7T mean b0 — the ``mask`` column says which; the mask is restricted to the prediction's field of view;
 2. the prediction's maps are computed the same way on the prediction's grid (in the mask brought
    to that grid and dilated) and resampled into the 7T grid with the two affines (world space);
 3. both are scored inside the mask (:mod:`bids_dmri_ldm.evaluation.scoring`), and, where the
@@ -86,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--mask", choices=MASK_CHOICES, default="auto",
         help="evaluation mask on the 7T grid: the simulator's ground-truth brain mask ('simulation'), "
-        "median_otsu of the 7T mean b0 ('b0'), or the first available of these ('auto', default)",
+        "the automatic mask of the 7T mean b0 ('b0'), or the first available of these ('auto', default)",
     )
     parser.add_argument(
         "--untouched-3t", action="store_true",

@@ -12,6 +12,10 @@ bids_dataset
     One default dataset (``make_bids_dataset()``), written once per test.
 shared_bids_dataset
     A session-scoped, read-only dataset: participants 01/02 × sessions 1/2 × 3T/7T runs.
+simulated_dataset
+    Session-scoped factory ``simulated_dataset(voxel_scale) -> Path``: one paired 3T/7T subject
+    of the project's simulator (``python -m bids_dmri_ldm.simulate``, seed 3) with its ground truth
+    in ``derivatives/simulation``, written once per voxel scale and session (read-only).
 small64d_bids
     dipy's bundled real DWI crop ``small_64D`` (10³ voxels, 2 mm, oblique affine, 1 b0 + 64
     directions at b≈1000) as a one-participant BIDS dataset. ``dipy.data.get_fnames`` only
@@ -372,6 +376,40 @@ def shared_bids_dataset(tmp_path_factory) -> SyntheticBids:
         tmp_path_factory.mktemp("shared") / "bids",
         subjects=("01", "02"), sessions=("1", "2"), field_strengths=(3.0, 7.0),
     )
+
+
+@pytest.fixture(scope="session")
+def simulated_dataset(tmp_path_factory):
+    """Factory: ``simulated_dataset(voxel_scale)`` -> root of a simulated paired subject (cached)."""
+    from bids_dmri_ldm.simulate.cli import main as simulate
+
+    cache: dict[float, Path] = {}
+
+    def _get(voxel_scale: float) -> Path:
+        if voxel_scale not in cache:
+            root = tmp_path_factory.mktemp(f"sim{voxel_scale:g}".replace(".", "p")) / "bids"
+            code = simulate([str(root), "--subjects", "1", "--voxel-scale", f"{voxel_scale:g}", "--seed", "3",
+                             "--nprocs", "1"])
+            assert code == 0
+            cache[voxel_scale] = root
+        return cache[voxel_scale]
+
+    return _get
+
+
+def simulated_scan(root: Path, session: str):
+    """``(dwi_file, bvals, mean_b0, mean_dw_b1000, truth_brain, affine)`` of a simulated scan."""
+    folder = root / "sub-01" / f"ses-{session}" / "dwi"
+    dwi = folder / f"sub-01_ses-{session}_dwi.nii.gz"
+    img = nib.load(dwi)
+    bvals = np.loadtxt(folder / f"sub-01_ses-{session}_dwi.bval")
+    data = np.asanyarray(img.dataobj)
+    b0 = data[..., bvals <= 50].astype(np.float32).mean(axis=-1)
+    dw = data[..., np.abs(bvals - 1000) <= 100].astype(np.float32).mean(axis=-1)
+    truth_file = (root / "derivatives" / "simulation" / "sub-01" / f"ses-{session}" / "dwi" /
+                  f"sub-01_ses-{session}_desc-brain_mask.nii.gz")
+    truth = np.asanyarray(nib.load(truth_file).dataobj) > 0
+    return dwi, bvals, b0, dw, truth, img.affine
 
 
 @pytest.fixture

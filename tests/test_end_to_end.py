@@ -75,9 +75,13 @@ def test_identity_native_two_sessions(make_bids_dataset, tmp_path, validator):
         np.testing.assert_allclose(bvecs, ds.bvecs[order], atol=1e-6)
         source = np.asanyarray(nib.load(dwi_in).dataobj, dtype=np.float32)[..., order]
         brain = ds.brain_mask
-        # lambda = 1 reproduces the input up to the SH truncation at order 4 (tensor signal).
+        # lambda = 1 reproduces the input up to the SH truncation at order 4 (tensor signal), in
+        # the whole field of view: nothing outside the brain mask is zeroed or changed.
         err = np.sum((data[brain] - source[brain]) ** 2) / np.sum(source[brain] ** 2)
         assert err < 1e-4
+        np.testing.assert_allclose(data[~brain], source[~brain], atol=1e-3)
+        mask = np.asanyarray(nib.load(folder / f"{stem}_desc-brain_mask.nii.gz").dataobj) > 0
+        np.testing.assert_array_equal(mask, brain)  # the automatic mask finds the phantom's brain
         # Principal diffusion direction unchanged in the white-matter core.
         _, evec_out = tensor_fit(data, bvals, bvecs, ds.wm_mask)
         angles = angular_error_deg(evec_out[ds.wm_mask], ds.principal_direction)
@@ -87,7 +91,8 @@ def test_identity_native_two_sessions(make_bids_dataset, tmp_path, validator):
         sidecar = json.loads((folder / f"{stem}_desc-7Tlike_dwi.json").read_text())
         assert sidecar["Sources"][0] == f"bids:raw:sub-01/ses-{ses}/dwi/{stem}_dwi.nii.gz"
         assert {"bids:raw:dwi.bval", "bids:raw:dwi.bvec"} <= set(sidecar["Sources"])
-        assert sidecar["Method"] == "identity" and sidecar["SkullStripped"] is True
+        assert sidecar["Method"] == "identity" and sidecar["SkullStripped"] is False
+        assert sidecar["Settings"]["SkullStrip"] is False
         assert "Resolution" not in sidecar and "res-" not in (folder / f"{stem}_desc-7Tlike_dwi.json").name
 
     description = json.loads((out / "dataset_description.json").read_text())

@@ -332,7 +332,7 @@ def test_cli_b0_mask_and_markdown_to_stdout(tmp_path, capsys):
     code = evaluate.main([str(preds), str(truth), "--participant-label", "sub-01"])
     captured = capsys.readouterr()
     assert code == 0, captured.err
-    assert "median_otsu of the 7T scan's mean b0" in captured.out
+    assert "the automatic brain mask (core.mask) of the 7T scan's mean b0" in captured.out
     assert "| identity | 1 |" in captured.out  # method read from the prediction's sidecar
 
 

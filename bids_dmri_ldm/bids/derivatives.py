@@ -392,9 +392,14 @@ def init_derivatives_dataset(output_dir: str | os.PathLike, bids_dir: str | os.P
     return root
 
 
+#: Derivatives whose voxels outside the brain mask are zeroed by ``--skull-strip`` (the others:
+#: the mask itself, the scale maps (1 outside the mask) and the ldm SD map (0 outside it always)).
+SKULL_STRIPPABLE = ("dwi", "rish_source", "rish_predicted")
+
+
 def sidecar_metadata(kind: str, *, sources: Sequence[str], spatial_reference: str,
                      provenance: Mapping[str, Any], resolution: str | None = None,
-                     extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+                     extra: Mapping[str, Any] | None = None, skull_stripped: bool = False) -> dict[str, Any]:
     """Sidecar dictionary of one derivative.
 
     Parameters
@@ -409,14 +414,25 @@ def sidecar_metadata(kind: str, *, sources: Sequence[str], spatial_reference: st
         Method, model, settings, seed and software versions (:func:`provenance_block`).
     resolution : str, optional
         Description of the ``res-`` label (required by BIDS when ``res-`` is present).
+    skull_stripped : bool
+        Whether the run was made with ``--skull-strip`` (voxels outside the brain mask set to 0 in
+        the DWI and RISH maps). ``SkullStripped`` says, per image, whether it is zero outside the
+        brain mask: the DWI and RISH maps follow ``skull_stripped``, the ldm SD map is always
+        (True), the scale maps never (False: 1 outside the mask); the mask has no such key.
     """
     descriptions = {
         "dwi": "7T-like diffusion-weighted images: the source run's b0 volumes and selected shell, "
                "its SH coefficients scaled per order by the RISH scale maps (Zhu et al. 2024, Eq. 3) "
-               "and rebuilt on the source directions; zero outside the brain mask.",
-        "mask": "Brain mask used for the translation (median_otsu on the mean b0, or the input mask).",
-        "rish_source": "RISH features of the source run, volumes L0, L2, L4 (Eq. 1, of S/S0, no square root).",
-        "rish_predicted": "Predicted 7T RISH features, volumes L0, L2, L4 (of the scaled SH coefficients).",
+               "and rebuilt on the source directions in every voxel (scale 1 outside the brain mask, "
+               "where the source signal is carried through the same SH fit and rebuild)"
+               + ("; zero outside the brain mask (--skull-strip)." if skull_stripped else "."),
+        "mask": "Brain mask of the translation: where the scale maps may differ from 1 (the automatic "
+                "air/tissue mask of the mean b0, or the input mask brought to the DWI grid).",
+        "rish_source": "RISH features of the source run, volumes L0, L2, L4 (Eq. 1, of S/S0, no square root)"
+                       + ("; zero outside the brain mask." if skull_stripped else "; every voxel."),
+        "rish_predicted": "Predicted 7T RISH features, volumes L0, L2, L4 (of the scaled SH coefficients)"
+                          + ("; zero outside the brain mask." if skull_stripped else
+                             "; every voxel (equal to the source outside the brain mask)."),
         "scale": "RISH scale maps lambda_l, volumes L0, L2, L4 (Eq. 2); 1 outside the brain mask.",
         "rish_std": "Per-voxel standard deviation of the latent diffusion model's predicted 7T RISH "
                     "features over NumSamples seeded samples, volumes L0, L2, L4 (uncertainty of the "
@@ -426,10 +442,11 @@ def sidecar_metadata(kind: str, *, sources: Sequence[str], spatial_reference: st
         "Description": descriptions[kind],
         "Sources": list(sources),
         "SpatialReference": spatial_reference,
-        "SkullStripped": True,
     }
     if kind == "mask":
         meta["Type"] = "Brain"
+    else:
+        meta["SkullStripped"] = bool(skull_stripped) if kind in SKULL_STRIPPABLE else kind == "rish_std"
     if kind in ("rish_source", "rish_predicted", "scale", "rish_std"):
         meta["RISHOrders"] = list(provenance.get("RISHOrders", [0, 2, 4]))
     if resolution is not None:
@@ -528,6 +545,7 @@ __all__ = [
     "OutputSpec",
     "OutputWriteError",
     "RunOutputs",
+    "SKULL_STRIPPABLE",
     "atomic_copy",
     "atomic_save_nifti",
     "atomic_write_json",

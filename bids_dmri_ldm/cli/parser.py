@@ -202,6 +202,11 @@ def _build_parser() -> BidsArgumentParser:
         "--output-resolution", type=_resolution, default=1.05, metavar="MM",
         help="isotropic output voxel size in mm (1.05 = the HCP 7T grid) or 'native'",
     )
+    method.add_argument(
+        "--skull-strip", action="store_true",
+        help="set the 7T-like DWI and the RISH maps to 0 outside the brain mask (default: every voxel of "
+        "the field of view keeps its signal; the mask only decides where the translation changes it)",
+    )
     method.add_argument("--shell", type=_positive_float, default=1000.0, metavar="B",
                         help="b-value (s/mm²) of the shell to translate")
     method.add_argument("--shell-tolerance", type=_positive_float, default=100.0, metavar="B",
@@ -514,6 +519,7 @@ def parse_args(argv: Sequence[str] | None = None) -> RunConfig:
         method=opts.method or default_method(),
         model_dir=model_dir,
         output_resolution=opts.output_resolution,
+        skull_strip=opts.skull_strip,
         shell=opts.shell,
         shell_tolerance=opts.shell_tolerance,
         sh_order_max=opts.sh_order,

@@ -87,6 +87,22 @@ def resample(
     return out
 
 
+def fill_outside_mask(data: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Copy of ``data (X, Y, Z[, C])`` whose voxels outside ``mask`` take the value of the nearest
+    voxel inside it (Euclidean distance in voxel units).
+
+    Used before interpolating maps that are only defined inside the mask (scale maps), so that the
+    interpolation near the mask's edge does not blend them with the values outside. An empty mask
+    returns ``data`` unchanged (float32).
+    """
+    mask = np.asarray(mask, dtype=bool)
+    data = np.asarray(data, dtype=np.float32)
+    if not mask.any() or mask.all():
+        return data.copy()
+    index = ndimage.distance_transform_edt(~mask, return_distances=False, return_indices=True)
+    return data[tuple(index)]
+
+
 def resample_mask(mask: np.ndarray, affine: np.ndarray, new_affine: np.ndarray, new_shape: tuple[int, int, int]) -> np.ndarray:
     """Resample a boolean mask (linear interpolation, then threshold at 0.5)."""
     return resample(np.asarray(mask, dtype=np.float32), affine, new_affine, new_shape, order=1) >= 0.5

@@ -72,7 +72,9 @@ def _normalise_rows(rows: np.ndarray, b0_index, dwi_index, s0_floor: float) -> t
     """
     raw = torch.from_numpy(rows)
     s0 = raw[:, b0_index].float().mean(dim=1).clamp_(min=s0_floor)
-    att = raw[:, dwi_index].float().div_(s0[:, None]).clamp_(0.0, 1.0)
+    # div, not div_: for float32 rows taken as a view (a slice of the caller's data) .float() is
+    # no copy, and the caller's data must not change.
+    att = raw[:, dwi_index].float().div(s0[:, None]).clamp_(0.0, 1.0)
     return s0, att
 
 
@@ -105,7 +107,10 @@ def _over_masked_chunks(data, b0_index, dwi_index, mask, fit_mat, s0_floor, chun
         s0[rows] = s0_rows.numpy()
         out[rows] = (att_rows if fit_t is None else att_rows @ fit_t).numpy()
 
-    chunks = list(_chunks(np.flatnonzero(mask.ravel()), chunk_voxels))
+    if mask.all():  # every voxel (the participant level): contiguous slices are views, no gather
+        chunks = [slice(start, min(start + chunk_voxels, mask.size)) for start in range(0, mask.size, chunk_voxels)]
+    else:
+        chunks = list(_chunks(np.flatnonzero(mask.ravel()), chunk_voxels))
     if n_threads > 1 and len(chunks) > 1:
         with ThreadPoolExecutor(max_workers=n_threads) as pool:
             list(pool.map(work, chunks))

@@ -30,7 +30,7 @@ LOGGER = logging.getLogger("bids_dmri_ldm.evaluate")
 
 MASK_SOURCES = {
     "simulation": "the simulator's ground-truth brain mask",
-    "b0-median-otsu": "median_otsu of the 7T scan's mean b0",
+    "b0-auto": "the automatic brain mask (core.mask) of the 7T scan's mean b0",
 }
 """Values of the ``mask`` column and what they mean."""
 
@@ -116,7 +116,7 @@ class Truth:
     affine: np.ndarray
     shape: tuple[int, int, int]
     mask: np.ndarray  # (X, Y, Z) bool
-    mask_source: str  # "simulation" or "b0-median-otsu"
+    mask_source: str  # "simulation" or "b0-auto"
     maps: np.ndarray  # (X, Y, Z, 4): RISH L0, L2, L4, FA of the 7T scan
     noiseless_rish: np.ndarray | None  # (X, Y, Z, 3) simulator ground truth, on the 7T grid
 
@@ -134,8 +134,9 @@ def prepare_truth(
     elif mask_choice == "simulation":
         raise BadDataError(f"--mask simulation: no simulator brain mask for {scan.dwi.name} in {truth_root / discovery.SIMULATION_DERIVATIVE}")
     if mask is None:
-        mask = brain_mask(seven.mean_b0)
-        source = "b0-median-otsu"
+        mean_dwi = np.mean(seven.data[..., seven.n_b0 :], axis=-1, dtype=np.float32)
+        mask = brain_mask(seven.mean_b0, seven.affine, mean_dwi)
+        source = "b0-auto"
     if not mask.any():
         raise BadDataError(f"the brain mask of {scan.dwi.name} is empty")
     box = scoring.bounding_box(mask, margin=1)

@@ -39,6 +39,7 @@ class _DerivativesDataSinkInputSpec(BaseInterfaceInputSpec):
     seed = traits.Int(0, usedefault=True)
     depends_on = traits.List(traits.Any, desc="outputs that must be written before this one (ordering only)")
     warnings = traits.List(traits.Str, desc="warnings raised during the run (sidecar key RunWarnings)")
+    skull_stripped = traits.Bool(False, usedefault=True, desc="the run zeroes the DWI and RISH maps outside the mask")
 
 
 class _DerivativesDataSinkOutputSpec(TraitedSpec):
@@ -64,6 +65,7 @@ class DerivativesDataSink(SimpleInterface):
             resolution=inputs.resolution,
             extra=_warnings_block([*(inputs.warnings if isdefined(inputs.warnings) else []),
                                    *inputs.provenance.get(MODEL_WARNINGS_KEY, [])]),
+            skull_stripped=bool(inputs.skull_stripped),
         )
         written = deriv.write_derivative(outputs, inputs.kind, inputs.in_file, metadata, inputs.in_bval, inputs.in_bvec)
         self._results["out_file"] = [str(p) for p in written]

@@ -62,6 +62,7 @@ class _LoadDWIInputSpec(BaseInterfaceInputSpec):
 class _LoadDWIOutputSpec(TraitedSpec):
     dwi_file = File(exists=True, desc="kept volumes, float32, NaN/Inf set to 0")
     mean_b0_file = File(exists=True, desc="mean b0 (X, Y, Z)")
+    mean_dwi_file = File(exists=True, desc="mean of the shell's volumes (X, Y, Z)")
     bad_voxels_file = File(exists=True, desc="1 where a value was NaN/Inf")
     n_bad_voxels = traits.Int(desc="number of voxels with NaN/Inf")
     warnings = traits.List(traits.Str, desc="prior_warnings, then NaN/Inf voxels masked out (one line each)")
@@ -84,24 +85,33 @@ class LoadDWI(SimpleInterface):
 
 class _BrainMaskInputSpec(BaseInterfaceInputSpec):
     mean_b0_file = File(exists=True, mandatory=True)
+    mean_dwi_file = traits.Either(None, File(exists=True), default=None, usedefault=True,
+                                  desc="mean DW image (helps the automatic mask tell air from tissue)")
     bad_voxels_file = File(exists=True, mandatory=True)
     in_mask = traits.Either(None, traits.Str, default=None, usedefault=True, desc="a given brain mask")
+    prior_warnings = traits.List(traits.Str, desc="warnings of the earlier steps (passed on first)")
 
 
 class _BrainMaskOutputSpec(TraitedSpec):
     mask_file = File(exists=True)
     n_voxels = traits.Int()
+    warnings = traits.List(traits.Str, desc="prior_warnings, then those about a given mask (one line each)")
 
 
 class BrainMask(SimpleInterface):
-    """The given mask, or dipy median_otsu on the mean b0; NaN/Inf voxels removed."""
+    """The given mask (resampled onto the DWI grid when needed) or the automatic mask of the mean
+    b0 (:mod:`bids_dmri_ldm.core.mask`); NaN/Inf voxels removed. The run's warnings so far
+    (``prior_warnings``) are passed on with its own."""
 
     input_spec = _BrainMaskInputSpec
     output_spec = _BrainMaskOutputSpec
 
     def _run_interface(self, runtime):
         self._results.update(steps.brain_mask_step(self.inputs.mean_b0_file, self.inputs.bad_voxels_file,
-                                                   runtime.cwd, _optional(self.inputs.in_mask)))
+                                                   runtime.cwd, _optional(self.inputs.in_mask),
+                                                   _optional(self.inputs.mean_dwi_file)))
+        prior = list(self.inputs.prior_warnings) if isdefined(self.inputs.prior_warnings) else []
+        self._results["warnings"] = prior + list(self._results.get("warnings", []))
         return runtime
 
 
@@ -109,26 +119,25 @@ class _FitRISHInputSpec(BaseInterfaceInputSpec):
     dwi_file = File(exists=True, mandatory=True)
     bval_file = File(exists=True, mandatory=True)
     bvec_file = File(exists=True, mandatory=True)
-    mask_file = File(exists=True, mandatory=True)
     sh_order_max = traits.Int(4, usedefault=True)
 
 
 class _FitRISHOutputSpec(TraitedSpec):
-    s0_file = File(exists=True, desc="S0 = mean b0, floored (X, Y, Z)")
+    s0_file = File(exists=True, desc="S0 = mean b0, floored (X, Y, Z), every voxel")
     b0_file = File(exists=True, desc="b0 volumes (X, Y, Z, n_b0)")
     sh_file = File(exists=True, desc="SH coefficients of S/S0 (X, Y, Z, K)")
     rish_file = File(exists=True, desc="RISH L0, L2, L4 (X, Y, Z, 3)")
 
 
 class FitRISH(SimpleInterface):
-    """Normalise to S/S0, least-squares SH fit, RISH features (Eq. 1)."""
+    """Normalise to S/S0, least-squares SH fit, RISH features (Eq. 1), in every voxel."""
 
     input_spec = _FitRISHInputSpec
     output_spec = _FitRISHOutputSpec
 
     def _run_interface(self, runtime):
         self._results.update(steps.fit_rish_step(self.inputs.dwi_file, self.inputs.bval_file, self.inputs.bvec_file,
-                                                 self.inputs.mask_file, self.inputs.sh_order_max, runtime.cwd))
+                                                 None, self.inputs.sh_order_max, runtime.cwd))
         return runtime
 
 
@@ -221,23 +230,26 @@ class _ScaleSHInputSpec(BaseInterfaceInputSpec):
     scale_file = File(exists=True, mandatory=True)
     mask_file = File(exists=True, mandatory=True)
     sh_order_max = traits.Int(4, usedefault=True)
+    skull_strip = traits.Bool(False, usedefault=True, desc="RISH maps zero outside the mask")
 
 
 class _ScaleSHOutputSpec(TraitedSpec):
     sh_file = File(exists=True, desc="scaled SH coefficients (Eq. 3)")
     scale_file = File(exists=True, desc="scale maps, 1 outside the mask")
-    rish_source_file = File(exists=True)
-    rish_predicted_file = File(exists=True)
+    rish_source_file = File(exists=True, desc="source RISH on the output grid, every voxel")
+    rish_predicted_file = File(exists=True, desc="predicted RISH on the output grid, every voxel")
 
 
 class ScaleSH(SimpleInterface):
-    """C_hat_lm = lambda_l C_lm (Eq. 3) and the predicted RISH maps."""
+    """C_hat_lm = lambda_l C_lm (Eq. 3; lambda = 1 outside the mask) and the RISH maps."""
 
     input_spec = _ScaleSHInputSpec
     output_spec = _ScaleSHOutputSpec
 
     def _run_interface(self, runtime):
-        self._results.update(steps.scale_sh_step(self.inputs.sh_file, self.inputs.scale_file, self.inputs.mask_file, self.inputs.sh_order_max, runtime.cwd))
+        self._results.update(steps.scale_sh_step(self.inputs.sh_file, self.inputs.scale_file, self.inputs.mask_file,
+                                                 self.inputs.sh_order_max, runtime.cwd,
+                                                 skull_strip=bool(self.inputs.skull_strip)))
         return runtime
 
 
@@ -250,6 +262,7 @@ class _RebuildInputSpec(BaseInterfaceInputSpec):
     bvec_file = File(exists=True, mandatory=True)
     sh_order_max = traits.Int(4, usedefault=True)
     integer_output = traits.Bool(False, usedefault=True, desc="write int16 + scl_slope (integer source)")
+    skull_strip = traits.Bool(False, usedefault=True, desc="every volume zero outside the mask")
 
 
 class _RebuildOutputSpec(TraitedSpec):
@@ -260,8 +273,9 @@ class _RebuildOutputSpec(TraitedSpec):
 
 
 class RebuildDWI(SimpleInterface):
-    """Rebuild the 7T-like DWI from scaled SH, b0 volumes put back (resampled to the output grid
-    when needed), clipped >= 0; streamed to disk volume by volume."""
+    """Rebuild the 7T-like DWI from scaled SH in every voxel, b0 volumes put back (resampled to the
+    output grid when needed), clipped >= 0; zero outside the mask only with ``skull_strip``;
+    streamed to disk volume by volume."""
 
     input_spec = _RebuildInputSpec
     output_spec = _RebuildOutputSpec
@@ -270,5 +284,6 @@ class RebuildDWI(SimpleInterface):
         self._results.update(steps.rebuild_step(self.inputs.s0_file, self.inputs.b0_file, self.inputs.sh_file,
                                                 self.inputs.mask_file, self.inputs.bval_file, self.inputs.bvec_file,
                                                 self.inputs.sh_order_max, runtime.cwd,
-                                                integer_output=bool(self.inputs.integer_output)))
+                                                integer_output=bool(self.inputs.integer_output),
+                                                skull_strip=bool(self.inputs.skull_strip)))
         return runtime

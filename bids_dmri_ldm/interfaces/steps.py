@@ -35,8 +35,8 @@ from ..core.gradients import (
     select_shell,
 )
 from ..core.mask import brain_mask
-from ..core.resample import output_grid, resample
-from ..core.sh import RISH_ORDERS, SHModel, rish_features, scale_sh, sh_basis
+from ..core.resample import fill_outside_mask, output_grid, resample
+from ..core.sh import RISH_ORDERS, SHModel, rish_features, sh_basis
 from ..core.signal import fit_shell_sh, mean_b0, sanitize
 
 LOGGER = logging.getLogger("bids_dmri_ldm.workflow")
@@ -202,7 +202,8 @@ def load_dwi_step(dwi_file: str, index: list[int], n_b0: int, out_dir: str | os.
     Returns
     -------
     dict
-        ``dwi_file`` (float32 ``.nii``, kept volumes), ``mean_b0_file``, ``bad_voxels_file``
+        ``dwi_file`` (float32 ``.nii``, kept volumes), ``mean_b0_file``, ``mean_dwi_file`` (mean of
+        the shell's volumes; helps the automatic mask tell air from tissue), ``bad_voxels_file``
         (uint8, 1 where any kept volume was NaN/Inf), ``n_bad_voxels``, ``warnings`` (list of
         one-line messages, also logged), ``integer_input`` (the source is stored as integers).
     """
@@ -211,12 +212,15 @@ def load_dwi_step(dwi_file: str, index: list[int], n_b0: int, out_dir: str | os.
     data, n_bad = sanitize(data)
     warnings = []
     if n_bad:
-        warnings.append(f"{Path(dwi_file).name}: {n_bad} voxel(s) with NaN/Inf values are masked out")
+        warnings.append(f"{Path(dwi_file).name}: {n_bad} voxel(s) with NaN/Inf values are set to 0 and left out "
+                        "of the brain mask")
         LOGGER.warning("%s", warnings[-1])
     out_dir = Path(out_dir)
     files = {
         "dwi_file": _save(data, affine, out_dir / "dwi_selected.nii"),
         "mean_b0_file": _save(mean_b0(data, np.arange(n_b0)), affine, out_dir / "mean_b0.nii"),
+        "mean_dwi_file": _save(np.mean(data[..., n_b0:], axis=-1, dtype=np.float32), affine,  # a view: no copy
+                               out_dir / "mean_dwi.nii"),
         "bad_voxels_file": _save(bad.astype(np.uint8), affine, out_dir / "bad_voxels.nii", np.uint8),
     }
     files["n_bad_voxels"] = int(n_bad)
@@ -230,27 +234,104 @@ def load_dwi_step(dwi_file: str, index: list[int], n_b0: int, out_dir: str | os.
 
 
 def brain_mask_step(mean_b0_file: str, bad_voxels_file: str, out_dir: str | os.PathLike,
-                    mask_file: str | None = None) -> dict[str, Any]:
-    """Brain mask: the given mask (same grid required) or median_otsu on the mean b0; voxels with
-    NaN/Inf are removed.
+                    mask_file: str | None = None, mean_dwi_file: str | None = None) -> dict[str, Any]:
+    """Brain mask on the DWI grid: the given mask (:func:`user_mask_on_grid`: resampled when it is
+    on another grid) or the automatic one (:func:`~bids_dmri_ldm.core.mask.brain_mask` of the mean
+    b0, helped by the mean DW image); voxels with NaN/Inf are removed.
 
-    Returns ``{"mask_file": ..., "n_voxels": ...}`` (uint8 NIfTI on the input grid).
+    The mask decides only where the scale maps may differ from 1; the output DWI keeps every voxel.
+
+    Returns
+    -------
+    dict
+        ``mask_file`` (uint8 NIfTI on the DWI grid), ``n_voxels``, ``warnings`` (one-line messages
+        about a given mask, also logged).
+
+    Raises
+    ------
+    InputDataError
+        A given mask that cannot be read, is not 3D, is empty, or does not overlap the DWI; or
+        an empty mask.
     """
     b0_img = nib.load(mean_b0_file)
+    warnings: list[str] = []
     if mask_file:
-        mask_img = nib.load(str(mask_file))
-        if mask_img.shape[:3] != b0_img.shape[:3] or not np.allclose(mask_img.affine, b0_img.affine, atol=1e-3):
-            raise InputDataError(f"{Path(mask_file).name}: the brain mask is not on the DWI grid "
-                                 f"(shape {mask_img.shape[:3]} vs {b0_img.shape[:3]})")
-        mask = np.asanyarray(mask_img.dataobj) > 0
+        mask, warnings = user_mask_on_grid(mask_file, b0_img.affine, tuple(b0_img.shape[:3]))
+        for message in warnings:
+            LOGGER.warning("%s", message)
     else:
-        with np.errstate(invalid="ignore", divide="ignore"):  # median_otsu's histogram on tiny volumes
-            mask = brain_mask(np.asanyarray(b0_img.dataobj, dtype=np.float32))
+        mean_dwi = np.asanyarray(nib.load(mean_dwi_file).dataobj, dtype=np.float32) if mean_dwi_file else None
+        mask = brain_mask(np.asanyarray(b0_img.dataobj, dtype=np.float32), b0_img.affine, mean_dwi)
     mask &= np.asanyarray(nib.load(bad_voxels_file).dataobj) == 0
     if not mask.any():
         raise InputDataError("the brain mask is empty (no signal in the mean b0?)")
     path = _save(mask.astype(np.uint8), b0_img.affine, Path(out_dir) / "brain_mask.nii", np.uint8)
-    return {"mask_file": path, "n_voxels": int(mask.sum())}
+    return {"mask_file": path, "n_voxels": int(mask.sum()), "warnings": warnings}
+
+
+def user_mask_on_grid(mask_file: str | os.PathLike, affine: np.ndarray,
+                      shape: tuple[int, int, int]) -> tuple[np.ndarray, list[str]]:
+    """A given brain mask as bool ``shape`` on the DWI grid, and one-line warnings about it.
+
+    Voxels > 0 are brain (values other than 0 and 1, NaN included, give a warning). A 4D mask
+    with a single volume is squeezed. A mask on another grid is resampled through the two affines
+    (world space, nearest neighbour; outside its field of view: not brain).
+
+    Raises
+    ------
+    InputDataError
+        Unreadable, not 3D, empty, or with no brain voxel inside the DWI's field of view.
+    """
+    name = Path(mask_file).name
+    try:
+        img = nib.load(str(mask_file))
+        data = np.asanyarray(img.dataobj)
+    except _READ_ERRORS as err:
+        raise InputDataError(f"{name}: cannot read the brain mask ({_short(err)})") from None
+    if data.ndim > 3 and all(n == 1 for n in data.shape[3:]):
+        data = data.reshape(data.shape[:3])
+    if data.ndim != 3:
+        raise InputDataError(f"{name}: a brain mask must be a 3D image; found shape {tuple(data.shape)}")
+    warnings = []
+    values = np.asarray(data, dtype=np.float64)
+    finite = np.isfinite(values)
+    binary = finite & ((values == 0) | (values == 1))
+    if not binary.all():
+        shown = values[finite & ~binary]
+        what = f"values from {shown.min():g} to {shown.max():g}" if shown.size else "no finite value"
+        if not finite.all():
+            what += f", {int((~finite).sum())} NaN/Inf"
+        warnings.append(f"{name}: the brain mask holds values other than 0 and 1 ({what}); voxels > 0 are "
+                        "taken as brain")
+    mask = finite & (values > 0)
+    if not mask.any():
+        raise InputDataError(f"{name}: the brain mask is empty (no voxel > 0)")
+    same_grid = tuple(mask.shape) == tuple(shape) and np.allclose(img.affine, affine, atol=1e-3)
+    if same_grid:
+        return mask, warnings
+    try:
+        mapping = np.linalg.inv(np.asarray(img.affine, dtype=np.float64)) @ np.asarray(affine, dtype=np.float64)
+    except np.linalg.LinAlgError:
+        raise InputDataError(f"{name}: the brain mask's affine is singular") from None
+    on_grid = _nearest(mask, mapping, shape)
+    if not on_grid.any():
+        overlap = _nearest(np.ones(mask.shape, dtype=bool), mapping, shape).any()
+        where = "its brain voxels lie outside the DWI's field of view" if overlap else \
+            "its grid does not overlap the DWI's field of view in world space"
+        raise InputDataError(f"{name}: the brain mask cannot be used: {where} (shape {tuple(mask.shape)} vs "
+                             f"{tuple(shape)})")
+    LOGGER.info("%s: brain mask resampled onto the DWI grid (nearest neighbour)", name)
+    return on_grid, warnings
+
+
+def _nearest(mask: np.ndarray, mapping: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
+    """Nearest-neighbour resampling of a boolean volume; ``mapping`` (4, 4) maps output voxel
+    indices to input voxel indices; outside the input: False."""
+    from scipy import ndimage
+
+    out = ndimage.affine_transform(mask.astype(np.uint8), mapping[:3, :3], mapping[:3, 3], output_shape=tuple(shape),
+                                   order=0, mode="constant", cval=0, prefilter=False)
+    return out > 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -263,9 +344,16 @@ def _shell_parts(bval_file: str, bvec_file: str) -> tuple[np.ndarray, np.ndarray
     return np.flatnonzero(is_b0), np.flatnonzero(~is_b0), bvecs[~is_b0]
 
 
-def fit_rish_step(dwi_file: str, bval_file: str, bvec_file: str, mask_file: str, sh_order_max: int,
+def fit_rish_step(dwi_file: str, bval_file: str, bvec_file: str, mask_file: str | None, sh_order_max: int,
                   out_dir: str | os.PathLike, orders: tuple[int, ...] = RISH_ORDERS) -> dict[str, str]:
-    """Normalise (S/S0 in [0, 1]), fit SH (least squares, order ``sh_order_max``) and take RISH.
+    """Normalise (S/S0 in [0, 1]), fit SH (least squares, order ``sh_order_max``) and take RISH,
+    in every voxel of the grid.
+
+    The whole field of view is fitted, not only the brain mask, so that the output can carry the
+    source signal everywhere (lambda = 1 outside the mask). Background voxels stay bounded: S0 is
+    floored (:data:`~bids_dmri_ldm.core.signal.DEFAULT_S0_FLOOR`) and S/S0 clipped to [0, 1], so
+    air rebuilds to at most ~S0 (noise level) and voxels without signal to 0. ``mask_file`` is not
+    used by the fit (accepted so callers can pass the run's mask).
 
     Returns
     -------
@@ -276,12 +364,12 @@ def fit_rish_step(dwi_file: str, bval_file: str, bvec_file: str, mask_file: str,
     b0_index, dwi_index, bvecs_shell = _shell_parts(bval_file, bvec_file)
     img = nib.load(dwi_file)
     data = np.asanyarray(img.dataobj, dtype=np.float32)
-    mask = np.asanyarray(nib.load(mask_file).dataobj) > 0
     try:
         model = SHModel(bvecs_shell, sh_order_max=sh_order_max)
     except ValueError as err:
         raise InputDataError(str(err)) from None
-    s0, coeffs = fit_shell_sh(data, b0_index, dwi_index, mask, model.fit_matrix)
+    everywhere = np.ones(data.shape[:3], dtype=bool)
+    s0, coeffs = fit_shell_sh(data, b0_index, dwi_index, everywhere, model.fit_matrix)
     rish = rish_features(coeffs, model.l_values, orders)
     out_dir = Path(out_dir)
     return {
@@ -298,7 +386,12 @@ def fit_rish_step(dwi_file: str, bval_file: str, bvec_file: str, mask_file: str,
 
 def predict_scale_step(rish_file: str, mask_file: str, method: str, model_dir: str | None,
                        options: dict[str, Any], out_dir: str | os.PathLike) -> dict[str, Any]:
-    """Scale maps lambda ``(X, Y, Z, n_orders)`` of the chosen method, and its provenance."""
+    """Scale maps lambda ``(X, Y, Z, n_orders)`` of the chosen method, and its provenance.
+
+    The file written holds lambda inside the mask and, outside it, the nearest value inside
+    (:func:`~bids_dmri_ldm.core.resample.fill_outside_mask`): lambda is set to 1 outside the mask
+    on the output grid (:func:`scale_sh_step`), after the resampling.
+    """
     from ..methods import load_method  # imported here: loading the ldm pulls torch
 
     translator = load_method(method, model_dir, options)
@@ -306,7 +399,10 @@ def predict_scale_step(rish_file: str, mask_file: str, method: str, model_dir: s
     rish = np.asanyarray(img.dataobj, dtype=np.float32)
     mask = np.asanyarray(nib.load(mask_file).dataobj) > 0
     prediction = translator.predict_scale_maps(rish, mask, img.affine)
-    out = {"scale_file": _save(prediction.scale, img.affine, Path(out_dir) / "scale.nii"),
+    # Outside the mask lambda is 1 (set again on the output grid); here it takes the nearest value
+    # inside, so that resampling to the output grid does not blend lambda with 1 at the mask's edge.
+    scale = fill_outside_mask(prediction.scale, mask)
+    out = {"scale_file": _save(scale, img.affine, Path(out_dir) / "scale.nii"),
            "provenance": prediction.provenance}
     if getattr(prediction, "std", None) is not None:  # ldm with num_samples > 1
         std = np.where(mask[..., None], prediction.std, 0).astype(np.float32)
@@ -436,62 +532,94 @@ def grid_changes(affine: np.ndarray, shape: tuple[int, ...], voxel_size: float |
 
 
 def scale_sh_step(sh_file: str, scale_file: str, mask_file: str, sh_order_max: int,
-                  out_dir: str | os.PathLike, orders: tuple[int, ...] = RISH_ORDERS) -> dict[str, str]:
-    """Apply the scale maps to the SH coefficients (Eq. 3) on the output grid.
+                  out_dir: str | os.PathLike, orders: tuple[int, ...] = RISH_ORDERS,
+                  skull_strip: bool = False) -> dict[str, str]:
+    """Apply the scale maps to the SH coefficients (Eq. 3) on the output grid, in every voxel.
 
+    lambda is taken inside the brain mask and is 1 outside it, where the source coefficients pass
+    unchanged (the scale file holds, outside the mask, the nearest value inside —
+    :func:`predict_scale_step` — so that the resampled lambda is not blended with 1 at the edge).
     Both RISH maps written are taken (Eq. 1) from coefficients on the output grid — the source
     ones from the resampled coefficients, the predicted ones from the scaled coefficients — so
     that ``RISH_predicted = lambda^2 RISH_source`` holds voxel by voxel (RISH of an interpolated
-    field is not the interpolated RISH).
+    field is not the interpolated RISH). The coefficients are streamed one channel at a time:
+    memory holds the scale maps, the RISH sums and one coefficient volume.
 
     Returns
     -------
     dict
         ``sh_file`` (scaled coefficients, ``.nii``), and the derivative-ready ``.nii.gz`` images
         ``scale_file`` (lambda inside the mask, 1 outside), ``rish_source_file`` and
-        ``rish_predicted_file``, 0 outside the mask.
+        ``rish_predicted_file`` (defined in every voxel; 0 outside the mask with ``skull_strip``).
     """
     img = nib.load(sh_file)
     affine, shape = img.affine, tuple(int(n) for n in img.shape[:3])
     mask = np.asanyarray(nib.load(mask_file).dataobj) > 0
-    voxels = np.flatnonzero(mask.ravel(order="F"))
-    # Masked voxels only (n_brain x K), read channel by channel: no full-grid 4D array is built.
-    coeffs = _masked_channels(img, voxels)
-    lam = np.maximum(_masked_channels(nib.load(scale_file), voxels), 0.0)
     l_values = sh_basis(np.array([[0.0, 0.0, 1.0]]), sh_order_max)[2]
-    scaled = scale_sh(coeffs, lam, l_values, orders)  # Eq. 3
+    scale_img = nib.load(scale_file)
+    lam = np.empty(shape + (len(orders),), dtype=np.float32)
+    for c in range(len(orders)):
+        lam[..., c] = np.where(mask, np.maximum(_channel(scale_img, c), 0.0), 1.0)
+    rish_source = np.zeros(shape + (len(orders),), dtype=np.float32)
+    rish_predicted = np.zeros(shape + (len(orders),), dtype=np.float32)
+    slot = {int(order): k for k, order in enumerate(orders)}
+
+    def scaled_channels():
+        for c, order in enumerate(l_values):
+            coeff = _channel(img, c)
+            k = slot.get(int(order))
+            if k is None:  # an order without a scale map keeps lambda = 1
+                yield coeff
+                continue
+            scaled = coeff * lam[..., k]  # Eq. 3
+            rish_source[..., k] += np.square(coeff)  # Eq. 1
+            rish_predicted[..., k] += np.square(scaled)
+            yield scaled
+
     out_dir = Path(out_dir)
-
-    def write(values: np.ndarray, path: Path, outside: float = 0.0) -> str:
-        def volumes():
-            for c in range(values.shape[1]):
-                flat = np.full(int(np.prod(shape)), outside, dtype=np.float32)
-                flat[voxels] = values[:, c]
-                yield flat.reshape(shape, order="F")
-        return str(write_nifti_volumes(path, shape, affine, values.shape[1], volumes()))
-
+    sh_path = write_nifti_volumes(out_dir / "sh_scaled.nii", shape, affine, len(l_values), scaled_channels())
+    if skull_strip:
+        rish_source[~mask] = 0.0
+        rish_predicted[~mask] = 0.0
     return {
-        "sh_file": write(scaled, out_dir / "sh_scaled.nii"),
-        "scale_file": write(lam, out_dir / "scale_maps.nii.gz", outside=1.0),
-        "rish_source_file": write(rish_features(coeffs, l_values, orders), out_dir / "rish_source.nii.gz"),  # Eq. 1
-        "rish_predicted_file": write(rish_features(scaled, l_values, orders), out_dir / "rish_predicted.nii.gz"),
+        "sh_file": str(sh_path),
+        "scale_file": _write_4d(lam, affine, out_dir / "scale_maps.nii.gz"),
+        "rish_source_file": _write_4d(rish_source, affine, out_dir / "rish_source.nii.gz"),
+        "rish_predicted_file": _write_4d(rish_predicted, affine, out_dir / "rish_predicted.nii.gz"),
     }
 
 
+def _channel(img: nib.Nifti1Image, c: int) -> np.ndarray:
+    """Channel ``c`` of a 3D/4D image as float32 ``(X, Y, Z)`` (a 3D image has one channel)."""
+    data = img.dataobj if len(img.shape) == 3 else img.dataobj[..., c]
+    return np.asarray(data, dtype=np.float32)
+
+
+def _write_4d(values: np.ndarray, affine: np.ndarray, path: Path) -> str:
+    """Stream a ``(X, Y, Z, C)`` array to a NIfTI file channel by channel (:func:`write_nifti_volumes`)."""
+    shape = values.shape[:3]
+    return str(write_nifti_volumes(path, shape, affine, values.shape[3],
+                                   (values[..., c] for c in range(values.shape[3]))))
+
+
 def rebuild_step(s0_file: str, b0_file: str, sh_file: str, mask_file: str, bval_file: str, bvec_file: str,
-                 sh_order_max: int, out_dir: str | os.PathLike, integer_output: bool = False) -> dict[str, str]:
+                 sh_order_max: int, out_dir: str | os.PathLike, integer_output: bool = False,
+                 skull_strip: bool = False) -> dict[str, str]:
     """Rebuild the 7T-like DWI: ``S0 * max(sum C_hat Y(g), 0)`` on the source directions, the b0
-    volumes put back first (clipped >= 0), all volumes zero outside the mask.
+    volumes put back first (clipped >= 0), in every voxel of the output grid (outside the brain
+    mask lambda = 1, so the source signal is carried there); with ``skull_strip`` every volume
+    is zero outside the mask.
 
     ``s0_file``, ``sh_file`` and ``mask_file`` are on the output grid; ``b0_file`` may be on the
     input grid, in which case each b0 volume is resampled (cubic B-spline) as it is written.
-    Memory is bounded: only the masked coefficients ``(n_mask, K)`` and a few output volumes are
-    held, and the image is streamed to disk volume by volume (:func:`write_nifti_volumes`,
-    gzip level 1) — never the whole ``(X, Y, Z, n_b0 + M)`` array.
+    Memory is bounded: the coefficients ``(n_voxels, K)`` of the rebuilt region (the whole grid,
+    or the mask with ``skull_strip``) and a few output volumes are held, and the image is
+    streamed to disk volume by volume (:func:`write_nifti_volumes`, gzip level 1) — never the
+    whole ``(X, Y, Z, n_b0 + M)`` array.
 
     On-disk type: float32; with ``integer_output`` (the source was stored as integers) int16
-    with a ``scl_slope`` (:func:`int16_slope`), half the size and write/read time, a
-    quantisation step of about 1/20000 of the largest b0 value.
+    with a ``scl_slope`` (:func:`int16_slope`, bounded over the rebuilt region), half the size
+    and write/read time, a quantisation step of about 1/20000 of the largest b0 value.
 
     Returns ``dwi_file`` (``.nii.gz``), ``bval_file``, ``bvec_file`` and ``mask_file`` (the
     derivative-ready ``.nii.gz`` mask).
@@ -500,8 +628,9 @@ def rebuild_step(s0_file: str, b0_file: str, sh_file: str, mask_file: str, bval_
     sh_img = nib.load(sh_file)
     affine, shape = sh_img.affine, tuple(int(n) for n in sh_img.shape[:3])
     mask = np.asanyarray(nib.load(mask_file).dataobj) > 0
-    voxels = np.flatnonzero(mask.ravel(order="F"))  # NIfTI (Fortran) order of the written volumes
-    coeffs = _masked_channels(sh_img, voxels)  # (n_mask, K)
+    region = mask if skull_strip else np.ones(shape, dtype=bool)
+    voxels = np.flatnonzero(region.ravel(order="F"))  # NIfTI (Fortran) order of the written volumes
+    coeffs = _masked_channels(sh_img, voxels)  # (n_region, K)
     s0 = _masked_channels(nib.load(s0_file), voxels)[:, 0]
     basis = sh_basis(bvecs_shell, sh_order_max)[0].astype(np.float32)  # (M, K)
     b0_img = nib.load(b0_file)
@@ -509,7 +638,7 @@ def rebuild_step(s0_file: str, b0_file: str, sh_file: str, mask_file: str, bval_
     out_dir = Path(out_dir)
     dtype, slope = (np.int16, int16_slope(b0_img, coeffs, s0, basis)) if integer_output else (np.float32, None)
     dwi_path = write_nifti_volumes(out_dir / "dwi_7tlike.nii.gz", shape, affine, n_b0 + basis.shape[0],
-                                   _rebuilt_volumes(b0_img, shape, affine, mask, voxels, coeffs, s0, basis),
+                                   _rebuilt_volumes(b0_img, shape, affine, region, voxels, coeffs, s0, basis),
                                    dtype=dtype, slope=slope)
     bvals, bvecs = load_gradients(bval_file, bvec_file)
     bval_out, bvec_out = write_bval_bvec(bvals, bvecs, out_dir / "dwi_7tlike.bval", out_dir / "dwi_7tlike.bvec")
@@ -539,7 +668,11 @@ def int16_slope(b0_img: nib.Nifti1Image, coeffs: np.ndarray, s0: np.ndarray, bas
     """
     b0_max = float(np.max(np.asanyarray(b0_img.dataobj)))
     basis_norm = float(np.sqrt(np.square(basis, dtype=np.float64).sum(axis=1)).max()) if basis.size else 0.0
-    dw_max = float(np.max(s0 * np.sqrt(np.square(coeffs).sum(axis=1)))) * basis_norm if s0.size else 0.0
+    dw_max = 0.0
+    for start in range(0, s0.size, 1 << 20):  # in chunks: no (n_voxels, K) temporary
+        rows = slice(start, start + (1 << 20))
+        norms = np.sqrt(np.einsum("ij,ij->i", coeffs[rows], coeffs[rows]))
+        dw_max = max(dw_max, float(np.max(s0[rows] * norms)) * basis_norm)
     top = max(B0_OVERSHOOT * b0_max, dw_max)
     return top / 32767.0 if top > 0 else 1.0
 
@@ -552,29 +685,36 @@ def _masked_channels(img: nib.Nifti1Image, voxels: np.ndarray) -> np.ndarray:
     data = img.dataobj
     for c in range(n_channels):
         volume = np.asanyarray(data if n_channels == 1 and len(img.shape) == 3 else data[..., c])
-        out[:, c] = volume.ravel(order="F")[voxels]
+        flat = volume.ravel(order="F")
+        out[:, c] = flat if voxels.size == flat.size else flat[voxels]  # all voxels: no gather
     return out
 
 
-def _rebuilt_volumes(b0_img, shape, affine, mask, voxels, coeffs, s0, basis):
-    """Yield the output volumes ``(X, Y, Z)`` float32 in order: b0s, then the rebuilt shell."""
+def _rebuilt_volumes(b0_img, shape, affine, region, voxels, coeffs, s0, basis):
+    """Yield the output volumes ``(X, Y, Z)`` float32 in order: b0s, then the rebuilt shell;
+    zero outside ``region`` (the whole grid unless skull-stripped)."""
     b0_same_grid = tuple(b0_img.shape[:3]) == tuple(shape) and np.allclose(b0_img.affine, affine, atol=1e-5)
     resampler = None if b0_same_grid else SeparableResampler(b0_img.affine, b0_img.shape[:3], affine, shape, 3)
     n_b0 = 1 if len(b0_img.shape) == 3 else int(b0_img.shape[3])
+    everywhere = voxels.size == region.size
     for t in range(n_b0):
         volume = np.array(b0_img.dataobj if len(b0_img.shape) == 3 else b0_img.dataobj[..., t],
                           dtype=np.float32)  # a copy: the file may be memory-mapped read-only
         volume = volume if resampler is None else resampler(volume)
         np.maximum(volume, 0.0, out=volume)
-        volume[~mask] = 0.0
+        if not everywhere:
+            volume[~region] = 0.0
         yield volume
     n_vox = int(np.prod(shape))
     batch = max(1, min(basis.shape[0], REBUILD_BATCH_BYTES // max(1, 4 * voxels.size)))
     for start in range(0, basis.shape[0], batch):
-        attenuation = coeffs @ basis[start:start + batch].T  # (n_mask, batch)
+        attenuation = coeffs @ basis[start:start + batch].T  # (n_region, batch)
         np.maximum(attenuation, 0.0, out=attenuation)
         attenuation *= s0[:, None]
         for j in range(attenuation.shape[1]):
+            if everywhere:  # voxels = 0 .. n_vox - 1 in Fortran order: no scatter needed
+                yield attenuation[:, j].reshape(shape, order="F")
+                continue
             flat = np.zeros(n_vox, dtype=np.float32)
             flat[voxels] = attenuation[:, j]
             yield flat.reshape(shape, order="F")
@@ -654,13 +794,14 @@ def _gzip_or_plain(raw, path: Path, compresslevel: int):
 
 
 def rebuild_dwi_volumes(s0: np.ndarray, b0: np.ndarray, coeffs: np.ndarray, basis: np.ndarray,
-                        mask: np.ndarray) -> np.ndarray:
-    """``(X, Y, Z, n_b0 + M)`` float32 rebuilt DWI, zero outside ``mask`` (in-memory form of
-    :func:`rebuild_step`, for small arrays)."""
+                        mask: np.ndarray, skull_strip: bool = False) -> np.ndarray:
+    """``(X, Y, Z, n_b0 + M)`` float32 rebuilt DWI in every voxel (zero outside ``mask`` with
+    ``skull_strip``): the in-memory form of :func:`rebuild_step`, for small arrays."""
     from ..core.signal import rebuild_dwi
 
-    dwi = rebuild_dwi(s0, b0, coeffs, basis, mask)
-    dwi[~mask] = 0.0
+    dwi = rebuild_dwi(s0, b0, coeffs, basis)
+    if skull_strip:
+        dwi[~mask] = 0.0
     return dwi
 
 

@@ -87,6 +87,7 @@ def run_settings(config: RunConfig, model_sha256: str | None) -> dict[str, Any]:
         "ShellTolerance": float(config.shell_tolerance),
         "SHOrderMax": int(config.sh_order_max),
         "OutputResolution": None if config.output_resolution is None else float(config.output_resolution),
+        "SkullStrip": bool(config.skull_strip),
     }
 
 
@@ -142,6 +143,7 @@ def init_single_run_wf(plan: RunPlan, config: RunConfig, settings: dict[str, Any
         shell_tolerance=config.shell_tolerance,
         sh_order_max=config.sh_order_max,
         output_resolution=config.output_resolution if plan.res_label else None,
+        skull_strip=bool(config.skull_strip),
         omp_nthreads=config.omp_nthreads,
     )
     run = plan.run
@@ -160,6 +162,7 @@ def init_single_run_wf(plan: RunPlan, config: RunConfig, settings: dict[str, Any
         res_label=plan.res_label,
         resolution=plan.resolution,
         with_std=writes_std_map(config.method, method_options(config)),
+        skull_strip=bool(config.skull_strip),
     )
     fields = ["dwi_file", "bval_file", "bvec_file", "mask_file", "rish_source_file", "rish_predicted_file",
               "scale_file", "provenance", "warnings"]

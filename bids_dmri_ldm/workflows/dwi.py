@@ -39,19 +39,23 @@ def init_dwi_7tlike_wf(
     shell_tolerance: float = 100.0,
     sh_order_max: int = 4,
     output_resolution: float | None = 1.05,
+    skull_strip: bool = False,
     omp_nthreads: int = 1,
     name: str = "dwi_7tlike_wf",
 ) -> pe.Workflow:
     """Translate one source DWI run into a 7T-like DWI (Zhu et al. 2024, Eq. 1-3).
 
     Steps: select the b0s and the shell near ``shell`` (checking the gradient table) -> read
-    those volumes and sanitise NaN/Inf -> brain mask (given, or median_otsu on the mean b0) ->
-    normalise S/S0 + SH fit + RISH (Eq. 1) -> the method's scale maps lambda (Eq. 2) ->
-    resample S0, SH, lambda and mask to ``output_resolution`` (cubic B-spline; the mask
-    linear + 0.5 threshold) -> scale SH (Eq. 3) and take source/predicted RISH there -> rebuild
-    on the source directions, the b0 volumes resampled one by one as the output is streamed to
-    disk. Only file paths pass between nodes; the largest array held is the SH coefficients on
-    the output grid (see docs/performance.md).
+    those volumes and sanitise NaN/Inf -> brain mask (given, resampled onto the DWI grid when
+    needed; or the automatic mask of :mod:`bids_dmri_ldm.core.mask`) and, independently,
+    normalise S/S0 + SH fit + RISH (Eq. 1) in every voxel -> the method's scale maps lambda
+    (Eq. 2), 1 outside the mask -> resample S0, SH, lambda and mask to ``output_resolution``
+    (cubic B-spline; the mask linear + 0.5 threshold) -> scale SH (Eq. 3; lambda = 1 outside the
+    mask) and take source/predicted RISH there -> rebuild on the source directions in every
+    voxel, the b0 volumes resampled one by one as the output is streamed to disk. The mask only
+    decides where lambda may differ from 1: no voxel of the field of view is lost, unless
+    ``skull_strip``. Only file paths pass between nodes; the largest array held is the SH
+    coefficients on the output grid (see docs/performance.md).
 
     Workflow Graph
         .. workflow::
@@ -75,6 +79,8 @@ def init_dwi_7tlike_wf(
         Highest SH order of the fit (4 gives RISH L0, L2, L4).
     output_resolution : float or None
         Isotropic voxel size (mm) of the outputs; ``None`` keeps the input grid.
+    skull_strip : bool
+        Zero the output DWI and RISH maps outside the brain mask (default: keep every voxel).
     omp_nthreads : int
         Threads a node may use (numpy/torch), declared to nipype's scheduler.
     name : str
@@ -87,7 +93,7 @@ def init_dwi_7tlike_wf(
     bval_file, bvec_file
         Its gradient table (``None`` when missing: the run then fails with a clear message).
     mask_file
-        Brain mask on the DWI grid, or ``None`` to compute one.
+        A given brain mask (any grid overlapping the DWI), or ``None`` to compute one.
 
     Outputs
     -------
@@ -101,7 +107,7 @@ def init_dwi_7tlike_wf(
         The method's provenance dictionary.
     warnings
         One-line warnings raised during the run (dropped volumes, shell tolerance used, NaN/Inf
-        voxels masked), recorded in the DWI sidecar as ``RunWarnings``.
+        voxels, a given mask that is not binary), recorded in the DWI sidecar as ``RunWarnings``.
     """
     workflow = pe.Workflow(name=name)
     inputnode = pe.Node(IdentityInterface(fields=INPUT_FIELDS), name="inputnode")
@@ -116,18 +122,18 @@ def init_dwi_7tlike_wf(
                             name="predict_scale", n_procs=omp_nthreads)
 
     resample = pe.Node(ResampleToGrid(voxel_size=output_resolution), name="resample")
-    scale_sh = pe.Node(ScaleSH(sh_order_max=sh_order_max), name="scale_sh")
-    rebuild = pe.Node(RebuildDWI(sh_order_max=sh_order_max), name="rebuild")
+    scale_sh = pe.Node(ScaleSH(sh_order_max=sh_order_max, skull_strip=skull_strip), name="scale_sh")
+    rebuild = pe.Node(RebuildDWI(sh_order_max=sh_order_max, skull_strip=skull_strip), name="rebuild")
 
     workflow.connect([
         (inputnode, select_shell, [("dwi_file", "dwi_file"), ("bval_file", "bval_file"), ("bvec_file", "bvec_file")]),
         (inputnode, load_dwi, [("dwi_file", "dwi_file")]),
         (select_shell, load_dwi, [("index", "index"), ("n_b0", "n_b0")]),
         (inputnode, brain_mask, [("mask_file", "in_mask")]),
-        (load_dwi, brain_mask, [("mean_b0_file", "mean_b0_file"), ("bad_voxels_file", "bad_voxels_file")]),
+        (load_dwi, brain_mask, [("mean_b0_file", "mean_b0_file"), ("mean_dwi_file", "mean_dwi_file"),
+                                ("bad_voxels_file", "bad_voxels_file"), ("warnings", "prior_warnings")]),
         (load_dwi, fit_rish, [("dwi_file", "dwi_file")]),
         (select_shell, fit_rish, [("bval_file", "bval_file"), ("bvec_file", "bvec_file")]),
-        (brain_mask, fit_rish, [("mask_file", "mask_file")]),
         (fit_rish, predict_scale, [("rish_file", "rish_file")]),
         (brain_mask, predict_scale, [("mask_file", "mask_file")]),
         (fit_rish, resample, [("s0_file", "s0_file"), ("sh_file", "sh_file")]),
@@ -145,7 +151,7 @@ def init_dwi_7tlike_wf(
                                 ("rish_predicted_file", "rish_predicted_file"), ("scale_file", "scale_file")]),
         (predict_scale, outputnode, [("provenance", "provenance")]),
         (select_shell, load_dwi, [("warnings", "prior_warnings")]),
-        (load_dwi, outputnode, [("warnings", "warnings")]),
+        (brain_mask, outputnode, [("warnings", "warnings")]),
     ])  # fmt: skip
     if writes_std_map(method, method_options):
         resample_std = pe.Node(ResampleImage(voxel_size=output_resolution, clip_min=0.0), name="resample_std")

@@ -26,6 +26,7 @@ def init_ds_7tlike_wf(
     res_label: str | None = None,
     resolution: str | None = None,
     with_std: bool = False,
+    skull_strip: bool = False,
     name: str = "ds_7tlike_wf",
 ) -> pe.Workflow:
     """Write the derivatives of one run (see :mod:`bids_dmri_ldm.bids.derivatives` for names).
@@ -62,6 +63,8 @@ def init_ds_7tlike_wf(
         ``res-`` label and its ``Resolution`` description when the grid changes.
     with_std : bool
         Also write ``rish_std_file`` (``model-rish_desc-7TlikeStd_dwimap``; ldm with K > 1 samples).
+    skull_strip : bool
+        The run zeroes the DWI and RISH maps outside the brain mask (sidecars' ``SkullStripped``).
 
     Inputs
     ------
@@ -78,7 +81,7 @@ def init_ds_7tlike_wf(
     common = {"base_directory": str(output_dir), "source_file": str(source_file),
               "source_entities": dict(source_entities), "res_label": res_label, "resolution": resolution,
               "sources": list(sources), "spatial_reference": spatial_reference, "settings": dict(settings),
-              "seed": int(seed)}
+              "seed": int(seed), "skull_stripped": bool(skull_strip)}
 
     def sink(kind):
         return pe.Node(DerivativesDataSink(kind=kind, **common), name=f"ds_{kind}", run_without_submitting=True,

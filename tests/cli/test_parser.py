@@ -61,6 +61,7 @@ def test_defaults(bids_root, no_gpu):
     assert cfg.participant_labels == [] and cfg.session_labels == [] and cfg.bids_filters == {}
     assert cfg.nprocs >= 1 and 1 <= cfg.omp_nthreads <= min(8, cfg.nprocs)
     assert (cfg.overwrite, cfg.seed, cfg.verbose, cfg.stage) == (False, 0, 0, "all")
+    assert cfg.skull_strip is False  # the output keeps every voxel by default
     json.dumps(cfg.to_dict())  # provenance-ready
 
 
@@ -75,7 +76,7 @@ def test_all_options(bids_root, tmp_path, no_gpu):
         "-w", str(tmp_path / "scratch"), "--nprocs", "3", "--omp-nthreads", "2",
         "--device", "cpu", "--method", "identity", "--model-dir", str(model),
         "--output-resolution", "native", "--shell", "2000", "--shell-tolerance", "50",
-        "--sh-order", "6", "--overwrite", "--seed", "7", "-vv",
+        "--sh-order", "6", "--overwrite", "--seed", "7", "-vv", "--skull-strip",
         "--num-samples", "4", "--ddim-steps", "20", "--t0", "100", "200", "300",
         "--guidance", "1.5", "2", "0", "--scale-reference", "input", "--scale-smoothing", "1.5",
         "--config", str(train), "--stage", "ldm", "--resume",
@@ -90,7 +91,7 @@ def test_all_options(bids_root, tmp_path, no_gpu):
     assert cfg.model_dir == model.resolve() and cfg.train_config == train.resolve()
     assert cfg.output_resolution is None
     assert (cfg.shell, cfg.shell_tolerance, cfg.sh_order_max) == (2000.0, 50.0, 6)
-    assert (cfg.overwrite, cfg.seed, cfg.verbose) == (True, 7, 2)
+    assert (cfg.overwrite, cfg.seed, cfg.verbose, cfg.skull_strip) == (True, 7, 2, True)
     assert (cfg.num_samples, cfg.ddim_steps, cfg.t0, cfg.guidance) == (4, 20, [100, 200, 300],
                                                                         [1.5, 2.0, 0.0])
     assert (cfg.scale_reference, cfg.scale_smoothing) == ("input", 1.5)

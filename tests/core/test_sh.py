@@ -119,6 +119,26 @@ def test_fused_fit_equals_normalise_then_fit():
     assert np.all(att[~mask] == 0) and att.max() <= 1.0 and att.min() >= 0.0
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.int16])
+def test_fit_of_every_voxel_equals_the_masked_fit_and_leaves_the_data_alone(dtype):
+    """A full mask takes the contiguous-slice path (views of the data, no gather): same result as
+    the gathered path, and the caller's array is not modified in place."""
+    rng = np.random.default_rng(6)
+    g = directions(30, 6)
+    data = rng.uniform(50, 1000, size=(6, 5, 4, 33)).astype(dtype)
+    before = data.copy()
+    model = sh.SHModel(g, 4)
+    b0, dw = np.arange(3), np.arange(3, 33)
+    full = np.ones(data.shape[:3], bool)
+    almost = full.copy()
+    almost[0, 0, 0] = False
+    s0_a, coeffs_a = fit_shell_sh(data, b0, dw, full, model.fit_matrix, chunk_voxels=13)
+    np.testing.assert_array_equal(data, before)
+    s0_b, coeffs_b = fit_shell_sh(data, b0, dw, almost, model.fit_matrix, chunk_voxels=13)
+    np.testing.assert_array_equal(s0_a[almost], s0_b[almost])
+    np.testing.assert_allclose(coeffs_a[almost], coeffs_b[almost], rtol=1e-6, atol=1e-7)
+
+
 def test_max_order_and_refusal():
     assert sh.max_sh_order(5) == 0 and sh.max_sh_order(6) == 2 and sh.max_sh_order(64) == 8
     with pytest.raises(ValueError, match="support SH order"):

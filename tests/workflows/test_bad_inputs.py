@@ -106,13 +106,15 @@ def test_every_bad_run_reported_others_processed(make_bids_dataset, tmp_path, ca
     assert (out / "logs" / "sub-01_ses-corrupt_dwi_error.log").is_file()
     assert not list(out.rglob(".*.tmp*")), "temporary files left behind"
 
-    # NaN/Inf voxels: masked out, finite output.
+    # NaN/Inf voxels: out of the brain mask (lambda = 1), their values read as 0, the output finite
+    # there and the warning recorded in the sidecar.
     folder = out / "sub-01" / "ses-nan" / "dwi"
     data = np.asanyarray(nib.load(folder / "sub-01_ses-nan_desc-7Tlike_dwi.nii.gz").dataobj)
     mask = np.asanyarray(nib.load(folder / "sub-01_ses-nan_desc-brain_mask.nii.gz").dataobj)
-    assert np.all(np.isfinite(data))
+    assert np.all(np.isfinite(data)) and np.all(data[6, 6, 5] >= 0)
     assert mask[6, 6, 5] == 0 and mask[5, 6, 5] == 0
-    assert np.all(data[6, 6, 5] == 0)
+    sidecar = json.loads((folder / "sub-01_ses-nan_desc-7Tlike_dwi.json").read_text())
+    assert any("NaN/Inf" in w for w in sidecar["RunWarnings"])
     assert _digest(ds.root) == before, "the input dataset was modified"
 
 

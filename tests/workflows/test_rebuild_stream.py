@@ -65,7 +65,8 @@ def test_write_nifti_volumes_roundtrip_float_and_int16(tmp_path):
 
 def test_streamed_rebuild_resamples_b0_and_matches_in_memory(tmp_path):
     """rebuild_step on the output grid with b0s on the input grid == the in-memory rebuild with
-    the b0s resampled first; the int16 output agrees within half its slope."""
+    the b0s resampled first, in every voxel (zero outside the mask only when skull-stripped); the
+    int16 output agrees within half its slope."""
     rng = np.random.default_rng(5)
     affine = _oblique_affine((3.0, 3.0, 3.0))
     in_shape = (6, 5, 4)
@@ -105,6 +106,15 @@ def test_streamed_rebuild_resamples_b0_and_matches_in_memory(tmp_path):
     slope = float(img16.dataobj.slope)  # nibabel moves scl_slope to the array proxy on load
     assert img16.get_data_dtype() == np.int16 and 0 < slope < 1300 * 1.5 / 32767 * 4
     np.testing.assert_allclose(img16.get_fdata(dtype=np.float32), expected, atol=slope / 2 + 1e-2)
+    assert np.count_nonzero(img16.get_fdata() == 0) == 0  # every voxel rebuilt, none lost to the mask
+
+    stripped = steps.rebuild_step(files["s0"], files["b0"], files["sh"], files["mask"], str(bval), str(bvec), 4,
+                                  tmp_path / "s", integer_output=True, skull_strip=True)
+    expected = steps.rebuild_dwi_volumes(s0, np.maximum(b0_out, 0), coeffs, basis.astype(np.float32), mask,
+                                         skull_strip=True)
+    img_s = nib.load(stripped["dwi_file"])
+    assert np.all(img_s.get_fdata()[~mask] == 0)
+    np.testing.assert_allclose(img_s.get_fdata(dtype=np.float32), expected, atol=float(img_s.dataobj.slope) / 2 + 1e-2)
 
 
 def test_selection_warnings_dropped_volumes_and_tolerance():

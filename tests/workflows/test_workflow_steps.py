@@ -1,6 +1,7 @@
 """The plain functions behind the participant-level interfaces, without nipype, on tiny NIfTIs."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import nibabel as nib
@@ -109,13 +110,81 @@ def _ones_mask(tmp_path, shape, affine=AFFINE):
     return str(path)
 
 
-def test_given_mask_on_another_grid_is_refused(tmp_path):
-    (dwi, bval, bvec), _, _, _ = band_limited_run(tmp_path)
+def _loaded_run(tmp_path):
+    (dwi, bval, bvec), data, _, _ = band_limited_run(tmp_path, shape=(8, 7, 6))
     sel = steps.select_shell_step(dwi, bval, bvec, 1000, 100, 4, tmp_path / "w")
-    loaded = steps.load_dwi_step(dwi, sel["index"], sel["n_b0"], tmp_path / "w")
-    with pytest.raises(InputDataError, match="not on the DWI grid"):
+    return steps.load_dwi_step(dwi, sel["index"], sel["n_b0"], tmp_path / "w"), data.shape[:3]
+
+
+def _save_mask(tmp_path, data, affine, name):
+    path = tmp_path / f"{name}_mask.nii.gz"
+    nib.save(nib.Nifti1Image(data, affine), path)
+    return str(path)
+
+
+def test_given_mask_on_another_grid_is_resampled_nearest(tmp_path):
+    """A mask on a finer, shifted grid is brought onto the DWI grid through the two affines: each
+    DWI voxel takes the mask value at the nearest mask voxel of its centre (world space)."""
+    loaded, shape = _loaded_run(tmp_path)
+    fine = np.diag([-1.0, 1.0, 1.0, 1.0])
+    fine[:3, 3] = [0.5, -1.5, 0.5]  # DWI voxel (i, j, k) centre = fine voxel (2i + .5, 2j + 1.5, 2k - .5)
+    fine_shape = (2 * shape[0] + 2, 2 * shape[1] + 4, 2 * shape[2] + 2)
+    ijk = np.stack(np.meshgrid(*[np.arange(n) for n in fine_shape], indexing="ij"), -1)
+    centre = np.array([8.0, 7.0, 6.0])
+    mask_fine = (np.linalg.norm(ijk - centre, axis=-1) <= 5.5).astype(np.uint8)
+    out = steps.brain_mask_step(loaded["mean_b0_file"], loaded["bad_voxels_file"], tmp_path / "w",
+                                mask_file=_save_mask(tmp_path, mask_fine, fine, "fine"))
+    got = np.asanyarray(nib.load(out["mask_file"]).dataobj) > 0
+    dwi_ijk = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"), -1)
+    world = dwi_ijk @ AFFINE[:3, :3].T + AFFINE[:3, 3]
+    src = np.rint((world - fine[:3, 3]) @ np.linalg.inv(fine[:3, :3]).T + 1e-6).astype(int)
+    expected = mask_fine[tuple(src.reshape(-1, 3).T)].reshape(shape) > 0
+    np.testing.assert_array_equal(got, expected)
+    assert 0 < got.sum() < got.size and out["warnings"] == []
+
+
+@pytest.mark.parametrize("case, fragment", [
+    ("empty", "the brain mask is empty"),
+    ("fourd", "a brain mask must be a 3D image; found shape (8, 7, 6, 2)"),
+    ("far", "its grid does not overlap the DWI's field of view"),
+    ("outside", "its brain voxels lie outside the DWI's field of view"),
+])
+def test_bad_given_masks_are_one_line_input_errors(tmp_path, case, fragment):
+    loaded, shape = _loaded_run(tmp_path)
+    far = AFFINE.copy()
+    far[:3, 3] = [500.0, 500.0, 500.0]
+    big = np.zeros((20, 20, 20), np.uint8)
+    big[-2:, -2:, -2:] = 1  # brain voxels only where the DWI grid is not
+    big_affine = AFFINE.copy()
+    big_affine[:3, 3] = [4.0, -4.0, -4.0]
+    masks = {"empty": (np.zeros(shape, np.uint8), AFFINE), "fourd": (np.ones(shape + (2,), np.uint8), AFFINE),
+             "far": (np.ones(shape, np.uint8), far), "outside": (big, big_affine)}
+    data, affine = masks[case]
+    with pytest.raises(InputDataError, match=re.escape(fragment)) as info:
         steps.brain_mask_step(loaded["mean_b0_file"], loaded["bad_voxels_file"], tmp_path / "w",
-                              mask_file=_ones_mask(tmp_path, (4, 4, 4)))
+                              mask_file=_save_mask(tmp_path, data, affine, case))
+    assert "\n" not in str(info.value)
+
+
+def test_given_mask_single_volume_4d_and_non_binary_values(tmp_path):
+    """A 4D mask with one volume is squeezed; values other than 0/1 are thresholded > 0 with one
+    warning line naming them (NaN counted, never brain)."""
+    loaded, shape = _loaded_run(tmp_path)
+    single = np.ones(shape + (1,), np.uint8)
+    out = steps.brain_mask_step(loaded["mean_b0_file"], loaded["bad_voxels_file"], tmp_path / "w",
+                                mask_file=_save_mask(tmp_path, single, AFFINE, "single"))
+    assert out["n_voxels"] == int(np.prod(shape)) and out["warnings"] == []
+    prob = np.zeros(shape, np.float32)
+    prob[2:6, 2:5, 1:4] = 0.3
+    prob[3, 3, 2] = 2.0
+    prob[0, 0, 0] = np.nan
+    prob[1, 1, 1] = -1.0
+    out = steps.brain_mask_step(loaded["mean_b0_file"], loaded["bad_voxels_file"], tmp_path / "w",
+                                mask_file=_save_mask(tmp_path, prob, AFFINE, "prob"))
+    got = np.asanyarray(nib.load(out["mask_file"]).dataobj) > 0
+    np.testing.assert_array_equal(got, prob > 0)
+    assert len(out["warnings"]) == 1 and "\n" not in out["warnings"][0]
+    assert "values other than 0 and 1 (values from -1 to 2, 1 NaN/Inf)" in out["warnings"][0]
 
 
 @pytest.mark.parametrize("lam", [(1.0, 1.0, 1.0), (0.9, 0.6, 0.3)])
@@ -144,6 +213,51 @@ def test_fit_scale_rebuild_known_answer(tmp_path, lam):
     np.testing.assert_allclose(rebuilt[..., :2], data[..., :2], rtol=1e-6)  # b0s put back first
     np.testing.assert_allclose(rebuilt[..., 2:], np.clip(expected, 0, None), rtol=2e-4, atol=1e-2)
     np.testing.assert_allclose(np.loadtxt(out["bval_file"]), np.loadtxt(bval))
+
+
+@pytest.mark.parametrize("skull_strip", [False, True])
+def test_lambda_only_inside_the_mask_and_every_voxel_rebuilt(tmp_path, skull_strip):
+    """The mask decides only where lambda applies: outside it the source signal comes back (lambda
+    = 1, even where the scale file says otherwise); no voxel is zero unless ``skull_strip``."""
+    (dwi, bval, bvec), data, coeffs, l_values = band_limited_run(tmp_path, shape=(6, 5, 4))
+    work = tmp_path / "w"
+    sel = steps.select_shell_step(dwi, bval, bvec, 1000, 100, 4, work)
+    loaded = steps.load_dwi_step(dwi, sel["index"], sel["n_b0"], work)
+    mask = np.zeros(data.shape[:3], np.uint8)
+    mask[1:4, 1:4, 1:3] = 1
+    mask_file = _save_mask(tmp_path, mask, AFFINE, "partial")
+    fitted = steps.fit_rish_step(loaded["dwi_file"], sel["bval_file"], sel["bvec_file"], mask_file, 4, work)
+    np.testing.assert_allclose(np.asanyarray(nib.load(fitted["sh_file"]).dataobj), coeffs, atol=1e-5)  # every voxel
+    lam = np.asarray((0.9, 0.6, 0.3), np.float32)
+    scale_file = str(work / "scale_in.nii")
+    nib.save(nib.Nifti1Image(np.broadcast_to(lam, data.shape[:3] + (3,)).copy(), AFFINE), scale_file)
+    scaled = steps.scale_sh_step(fitted["sh_file"], scale_file, mask_file, 4, work / "s", skull_strip=skull_strip)
+    inside = mask > 0
+    written_scale = np.asanyarray(nib.load(scaled["scale_file"]).dataobj)
+    np.testing.assert_allclose(written_scale[inside], np.broadcast_to(lam, (inside.sum(), 3)))
+    np.testing.assert_array_equal(written_scale[~inside], 1.0)
+    rish_src = np.asanyarray(nib.load(scaled["rish_source_file"]).dataobj)
+    rish_pred = np.asanyarray(nib.load(scaled["rish_predicted_file"]).dataobj)
+    np.testing.assert_allclose(rish_pred[inside], rish_src[inside] * np.square(lam), rtol=1e-5)
+    if skull_strip:
+        assert np.all(rish_src[~inside] == 0) and np.all(rish_pred[~inside] == 0)
+    else:
+        np.testing.assert_allclose(rish_pred[~inside], rish_src[~inside], rtol=1e-6)
+        assert np.all(rish_src[..., 0] > 0)
+    out = steps.rebuild_step(fitted["s0_file"], fitted["b0_file"], scaled["sh_file"], mask_file,
+                             sel["bval_file"], sel["bvec_file"], 4, work / "r", skull_strip=skull_strip)
+    rebuilt = np.asanyarray(nib.load(out["dwi_file"]).dataobj)
+    per_coeff = lam[[{0: 0, 2: 1, 4: 2}[int(l)] for l in l_values]]
+    basis = sh_basis(np.loadtxt(bvec).T[2:], 4)[0]
+    s0 = data[..., :2].mean(-1, keepdims=True)
+    expected = np.where(inside[..., None], s0 * ((coeffs * per_coeff) @ basis.T), s0 * (coeffs @ basis.T))
+    expected = np.concatenate([data[..., :2], np.clip(expected, 0, None)], axis=-1)
+    if skull_strip:
+        expected[~inside] = 0.0
+    else:
+        np.testing.assert_allclose(rebuilt[~inside], data[~inside], rtol=2e-4, atol=1e-2)  # the source comes back
+        assert np.count_nonzero(rebuilt == 0) == 0
+    np.testing.assert_allclose(rebuilt, expected, rtol=2e-4, atol=1e-2)
 
 
 def test_resample_step(tmp_path):
