@@ -65,7 +65,10 @@ class RunLock:
             return True
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o664)
+            except PermissionError:  # made by another user: a read-only descriptor locks as well
+                fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
         except OSError as err:
             raise LockUnavailable(err.errno, f"cannot create the run lock {self.path}: {err.strerror}") from None
         try:
@@ -80,8 +83,11 @@ class RunLock:
             raise
         self._fd = fd
         stamp = time.strftime("%Y-%m-%d %H:%M:%S")
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since {stamp}\n".encode(), 0)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since {stamp}\n".encode(), 0)
+        except OSError:  # a read-only descriptor: the lock holds, only the note is missing
+            pass
         return True
 
     def holder(self) -> str:

@@ -396,6 +396,10 @@ def _process_runs(ctx: _Context, runs: Sequence[DWIRun], wait: bool) -> list[DWI
             except ResourceError as err:
                 _refuse(ctx, key, f"{key}_dwi", "resources", str(err))
                 continue
+            except Exception as err:  # noqa: BLE001 - an unforeseen problem fails this run only
+                LOGGER.debug("%s: planning failed", key, exc_info=True)
+                _refuse(ctx, key, f"{key}_dwi", None, f"{type(err).__name__}: {err}")
+                continue
             run_id = plan.outputs.run_id
             if run_id in seen:  # two inputs would write one set of outputs: the first is processed
                 other = _relative(run.dwi, config.bids_dir)
@@ -446,8 +450,11 @@ def _relative(path, root) -> str:
         return str(path)
 
 
-def _refuse(ctx: _Context, key: str, log_name: str, category: str, reason: str) -> None:
-    ctx.statuses[key], ctx.reasons[key] = f"failed ({category}): {reason}", reason
+def _refuse(ctx: _Context, key: str, log_name: str, category: str | None, reason: str) -> None:
+    """Record a run refused before any work (status, reason, ``logs/<log_name>_error.log``)."""
+    reason = " ".join(reason.split())
+    ctx.statuses[key] = f"failed ({category}): {reason}" if category else f"failed: {reason}"
+    ctx.reasons[key] = reason
     _write_error_log(ctx.config, log_name, reason)
 
 
