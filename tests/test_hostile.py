@@ -515,7 +515,16 @@ def test_a_second_group_level_process_gets_75(bids_dataset, tmp_path):
                            "--skip-bids-validation", "--method", "rish-global"])
     finally:
         holder.release()
-    assert code == EX_TEMPFAIL and "another group-level process (pid" in err
+    assert code == EX_TEMPFAIL and "another group-level process (pid" in err and "output directory" in err
+    # training checkpoints live in the work dir: another output dir with the same work dir waits too
+    holder = RunLock(tmp_path / "work", "group", folder="locks")
+    assert holder.acquire()
+    try:
+        code, err = _main([str(bids_dataset.root), str(tmp_path / "out2"), "group", "-w", str(tmp_path / "work"),
+                           "--skip-bids-validation", "--method", "rish-global"])
+    finally:
+        holder.release()
+    assert code == EX_TEMPFAIL and "work directory" in err
 
 
 def test_a_run_lock_is_released_when_its_holder_is_killed(tmp_path):

@@ -37,13 +37,15 @@ class RunLock:
         Root of the derivatives dataset.
     run_id : str
         The run's name stem (``sub-01_ses-1_dwi``); one lock file per run.
+    folder : path
+        Folder of the lock files inside ``output_dir`` (default :data:`LOCK_DIR`).
 
     Use :meth:`acquire` (non-blocking or blocking) and :meth:`release`; the lock is also released
     when the object is garbage-collected or the process ends.
     """
 
-    def __init__(self, output_dir: str | os.PathLike, run_id: str):
-        self.path = Path(output_dir) / LOCK_DIR / f"{run_id}.lock"
+    def __init__(self, output_dir: str | os.PathLike, run_id: str, folder: str | os.PathLike = LOCK_DIR):
+        self.path = Path(output_dir) / folder / f"{run_id}.lock"
         self._fd: int | None = None
 
     @property

@@ -219,21 +219,26 @@ def run_reports_only(config: RunConfig) -> int:
 
 def run_group_level(config: RunConfig) -> int:
     """Check that 3T/7T pairs exist, then hand all runs to the group level (one group-level
-    process per output directory at a time: another one gets 75)."""
+    process per output directory and per work directory at a time: another one gets 75)."""
     from ..bids.locks import LockUnavailable, RunLock
 
-    lock = RunLock(config.output_dir, "group")
+    locks = [(RunLock(config.output_dir, "group"), "output directory", config.output_dir),
+             (RunLock(config.work_dir, "group", folder="locks"), "work directory", config.work_dir)]
+    taken = []
     try:
-        if not lock.acquire(blocking=False):
-            raise TemporaryFailure(
-                f"another group-level process ({lock.holder()}) is writing to {config.output_dir}; wait for "
-                "it to finish, or use another output directory")
-    except LockUnavailable as err:
-        raise OutputError(str(err)) from None
-    try:
+        for lock, what, where in locks:
+            try:
+                if not lock.acquire(blocking=False):
+                    raise TemporaryFailure(
+                        f"another group-level process ({lock.holder()}) uses the {what} {where}; wait for it "
+                        f"to finish, or use another {what}")
+            except LockUnavailable as err:
+                raise OutputError(str(err)) from None
+            taken.append(lock)
         return _run_group_level(config)
     finally:
-        lock.release()
+        for lock in taken:
+            lock.release()
 
 
 def _run_group_level(config: RunConfig) -> int:

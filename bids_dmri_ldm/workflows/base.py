@@ -34,6 +34,7 @@ have finished, the report ``sub-<label>.html`` of every participant with a run d
 from __future__ import annotations
 
 import gc
+import itertools
 import logging
 import os
 import re
@@ -95,10 +96,18 @@ class ResourceError(RuntimeError):
     ``failed (resources)``, exit 73 when every failure is one."""
 
 
+_INVOCATIONS = itertools.count(1)
+
+
 def invocation_id(started: float | None = None) -> str:
-    """``<YYYYmmdd-HHMMSS>_<pid>``: names what one invocation writes (summary, crash folders)."""
+    """``<YYYYmmdd-HHMMSS>_<pid>``: names what one invocation writes (summary, crash folders).
+
+    Unique also when one process runs the participant level more than once (``-<n>`` is added
+    from the second call on), so an invocation never reads an earlier one's crash files.
+    """
     stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(time.time() if started is None else started))
-    return f"{stamp}_{os.getpid()}"
+    number = next(_INVOCATIONS)
+    return f"{stamp}_{os.getpid()}" + (f"-{number}" if number > 1 else "")
 
 
 @dataclass

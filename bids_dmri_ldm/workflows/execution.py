@@ -33,6 +33,7 @@ import pickle
 import signal
 import sys
 import time
+import traceback
 import warnings
 from multiprocessing.connection import Connection
 from typing import Any
@@ -192,26 +193,36 @@ class WorkerPoolPlugin(MultiProcPlugin):
         self._context = mp.get_context(self.plugin_args.get("mp_context"))
         self._idle: list[_Worker] = []
         self._busy: dict[int, _Worker] = {}
+        self._failed: dict[int, dict[str, Any]] = {}
 
     # -- MultiProc's executor interface -------------------------------------------------------
     def _submit_job(self, node, updatehash=False):
         self._taskid += 1
         if getattr(node.interface, "terminal_output", "") == "stream":
             node.interface.terminal_output = "allatonce"
+        taskid = self._taskid
         worker = self._idle.pop() if self._idle else _Worker(self._context, self._cwd, self._log_snapshot)
-        worker.taskid, worker.node_name = self._taskid, node.fullname
         try:
-            worker.conn.send((node, updatehash, self._taskid))
-        except OSError:  # the idle worker died meanwhile: a fresh one
-            worker.stop(kill=True)
-            worker = _Worker(self._context, self._cwd, self._log_snapshot)
-            worker.taskid, worker.node_name = self._taskid, node.fullname
-            worker.conn.send((node, updatehash, self._taskid))
-        self._busy[self._taskid] = worker
-        self._task_obj[self._taskid] = worker
-        return self._taskid
+            try:
+                worker.conn.send((node, updatehash, taskid))
+            except OSError:  # the idle worker died meanwhile: a fresh one
+                worker.stop(kill=True)
+                worker = _Worker(self._context, self._cwd, self._log_snapshot)
+                worker.conn.send((node, updatehash, taskid))
+        except Exception:  # noqa: BLE001 - e.g. a node that cannot be pickled: that node fails
+            self._idle.append(worker)
+            self._failed[taskid] = {"result": None, "taskid": taskid,
+                                    "traceback": traceback.format_exception(*sys.exc_info())}
+            self._task_obj[taskid] = None
+            return taskid
+        worker.taskid, worker.node_name = taskid, node.fullname
+        self._busy[taskid] = worker
+        self._task_obj[taskid] = worker
+        return taskid
 
     def _get_result(self, taskid):
+        if taskid in self._failed:
+            return self._failed.pop(taskid)
         worker = self._busy.get(taskid)
         if worker is None:
             return None
