@@ -369,11 +369,13 @@ def unique_files(files, root: str | Path) -> list:
 
     A directory symlink that points back up the tree (a loop) makes pybids index the same files
     again under ever longer paths (``sub-01/dwi/loop/dwi/loop/...``); they are left out (logged),
-    keeping the shortest path of each real file.
+    keeping the shortest path of each real file. Only the folders are resolved: files that are
+    themselves symlinks (git-annex, DataLad) stay distinct even when their contents are one object.
     """
-    by_real: dict[str, Any] = {}
+    by_real: dict[tuple[str, str], Any] = {}
     for bids_file in sorted(files, key=lambda f: (len(f.path), f.path)):
-        by_real.setdefault(os.path.realpath(bids_file.path), bids_file)
+        path = Path(bids_file.path)
+        by_real.setdefault((os.path.realpath(path.parent), path.name), bids_file)
     kept = sorted(by_real.values(), key=lambda f: f.path)
     dropped = len(files) - len(kept)
     if dropped:
