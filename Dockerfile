@@ -135,7 +135,8 @@ ENV PATH=/opt/venv/bin:${PATH} \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     BIDS_DMRI_LDM_MODELS=/opt/bids-dmri-ldm/models \
-    BIDS_DMRI_LDM_IN_CONTAINER=1
+    BIDS_DMRI_LDM_IN_CONTAINER=1 \
+    BIDS_DMRI_LDM_TORCH_VARIANT=${TORCH_VARIANT}
 
 # pip byte-compiled the venv at install time (it is read-only at run time); check that the
 # command line starts.

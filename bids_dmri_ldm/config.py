@@ -79,6 +79,7 @@ class RunConfig:
     skip_bids_validation: bool = False
     nprocs: int = 1
     omp_nthreads: int = 1
+    mem_gb: float | None = None  # memory a run may use (None: what is available)
     device: str = "cpu"  # resolved: "cpu" | "cuda"
     method: str = "rish-global"
     model_dir: Path | None = None

@@ -15,7 +15,8 @@ Registered methods (:class:`Method`):
     pipeline (the baseline every other method is compared to).
 ``rish-global``
     One factor per RISH order, learned at the group level from paired 3T/7T participants
-    (:func:`fit_rish_global`) and read from a small JSON model file whose SHA-256 is checked.
+    (:func:`fit_rish_global`) and read from a small JSON model file; every file listed in the
+    folder's ``SHA256SUMS`` is checked, and the model's SHA-256 is that of ``SHA256SUMS``.
 ``ldm``
     The latent diffusion model (Zhu et al., MICCAI 2024): a model bundle (``models/demo/`` by
     default, checksums verified) translates the source RISH maps to predicted 7T RISH maps
@@ -24,8 +25,13 @@ Registered methods (:class:`Method`):
     RISH passed through the same VQ-VAE encode/decode path (``"roundtrip"``, so that the
     autoencoder's own error cancels in the ratio), optionally smoothed (:class:`LdmMethod`).
 
+Every model records what it was trained for (``trained_for``: shell(s), SH order, RISH orders,
+signal normalisation; :func:`bids_dmri_ldm.ml.modelconfig.trained_for`); :func:`model_mismatches`
+compares it with a run's settings, and the participant level refuses a mismatch.
+
 Adding a method is one entry in :data:`LOADERS`: a callable ``(model_dir, options) -> object``
-whose ``predict_scale_maps(rish_source, mask, affine)`` returns a :class:`ScaleMapPrediction`.
+whose ``predict_scale_maps(rish_source, mask, affine)`` returns a :class:`ScaleMapPrediction`
+(and, for a method with a model, a ``trained_for`` attribute: the record, or None when unknown).
 """
 from __future__ import annotations
 
@@ -45,7 +51,14 @@ from .config import SCALE_REFERENCES
 from .core.resample import resample, resample_mask
 from .core.sh import DEFAULT_TAU, RISH_ORDERS, scale_maps
 from .core.smooth import smoothed_scale_maps
-from .ml.modelconfig import DEFAULT_SCALE_REFERENCE, DEFAULT_SCALE_SMOOTHING
+from .ml.modelconfig import (
+    DEFAULT_SCALE_REFERENCE,
+    DEFAULT_SCALE_SMOOTHING,
+    ConfigError,
+    trained_for_mismatches,
+    validate_trained_for,
+)
+from .ml.modelconfig import trained_for as make_trained_for
 
 RISH_GLOBAL_MODEL_FILE = "rish_global.json"
 """File name of a rish-global model inside its model directory."""
@@ -154,7 +167,10 @@ class RishGlobalModel:
     name, version : str
         Model identity recorded in derivative sidecars.
     sha256 : str or None
-        Checksum of the model file it was read from.
+        SHA-256 of the model folder's checksum list (``SHA256SUMS``), which covers every file
+        of the model.
+    shell, sh_order_max : float, int or None
+        The b-value (s/mm²) and SH order of the data the factors were learned from.
     """
 
     factors: tuple[float, ...]
@@ -180,9 +196,17 @@ class RishGlobalModel:
             "tau": float(self.tau),
             "shell": self.shell,
             "sh_order_max": self.sh_order_max,
+            "trained_for": self.trained_for,
             "training": self.training,
             **({"validation": self.validation} if self.validation is not None else {}),
         }
+
+    @property
+    def trained_for(self) -> dict[str, Any] | None:
+        """The ``trained_for`` record (None when the shell or the SH order is unknown)."""
+        if self.shell is None or self.sh_order_max is None:
+            return None
+        return make_trained_for(self.shell, self.sh_order_max, self.orders)
 
 
 @dataclass
@@ -200,6 +224,10 @@ class RishGlobalMethod:
     def validation(self) -> dict[str, Any] | None:
         """The group level's validation table of the model, if any."""
         return self.model.validation
+
+    @property
+    def trained_for(self) -> dict[str, Any] | None:
+        return self.model.trained_for
 
     def predict_scale_maps(self, rish_source: np.ndarray, mask: np.ndarray, affine: np.ndarray) -> ScaleMapPrediction:
         _check_rish_shape(rish_source, mask, self.orders)
@@ -242,27 +270,43 @@ def read_checksums(model_dir: Path) -> dict[str, str]:
 def load_rish_global_model(model_dir: str | os.PathLike) -> RishGlobalModel:
     """Read and verify a rish-global model directory (``rish_global.json`` + ``SHA256SUMS``).
 
+    Every file listed in ``SHA256SUMS`` (``rish_global.json`` at least; the shipped model also
+    lists its model card) must match its checksum; the model's ``sha256`` is the SHA-256 of
+    ``SHA256SUMS`` itself, so it names the content of every listed file.
+
     Raises
     ------
     MethodError
-        When the file is missing, its checksum does not match, or its content is invalid.
+        When the file is missing, a checksum does not match, or the content is invalid.
     """
     model_dir = Path(model_dir)
     model_file = model_dir / RISH_GLOBAL_MODEL_FILE
     if not model_file.is_file():
         raise ModelNotFoundError(f"no rish-global model in {model_dir} (expected {RISH_GLOBAL_MODEL_FILE}); "
                           "train one with the group level or pass --model-dir")
-    expected = read_checksums(model_dir).get(RISH_GLOBAL_MODEL_FILE)
-    actual = sha256_file(model_file)
-    if expected is None:
+    sums = read_checksums(model_dir)
+    if RISH_GLOBAL_MODEL_FILE not in sums:
         raise MethodError(f"{model_dir / CHECKSUM_FILE} lists no checksum for {RISH_GLOBAL_MODEL_FILE}")
-    if expected != actual:
-        raise MethodError(f"checksum mismatch for {model_file}: expected {expected}, found {actual} (file corrupt or edited)")
+    for name, expected in sums.items():
+        listed = model_dir / name
+        if Path(name).name != name or not listed.is_file():
+            raise MethodError(f"{model_dir / CHECKSUM_FILE} lists {name!r}, which is not a file of {model_dir}")
+        actual = sha256_file(listed)
+        if expected != actual:
+            raise MethodError(f"checksum mismatch for {listed}: expected {expected}, found {actual} "
+                              "(file corrupt or edited)")
     try:
         doc = json.loads(model_file.read_text())
         orders = tuple(int(o) for o in doc["orders"])
         factors = tuple(float(f) for f in doc["factors"])
-    except (ValueError, KeyError, TypeError) as err:
+        shell = None if doc.get("shell") is None else float(doc["shell"])
+        sh_order_max = None if doc.get("sh_order_max") is None else int(doc["sh_order_max"])
+        if doc.get("trained_for") is not None:
+            record = validate_trained_for(doc["trained_for"], f"{RISH_GLOBAL_MODEL_FILE}: trained_for")
+            shell, sh_order_max = float(record["shells"][0]), int(record["sh_order_max"])
+            if [int(o) for o in record["rish_orders"]] != list(orders):
+                raise ValueError(f"trained_for.rish_orders {record['rish_orders']} differ from orders {list(orders)}")
+    except (ValueError, KeyError, TypeError, ConfigError) as err:
         raise MethodError(f"invalid rish-global model {model_file}: {err}") from None
     if doc.get("method", Method.RISH_GLOBAL.value) != Method.RISH_GLOBAL.value:
         raise MethodError(f"{model_file} is a {doc.get('method')!r} model, not rish-global")
@@ -275,9 +319,9 @@ def load_rish_global_model(model_dir: str | os.PathLike) -> RishGlobalModel:
         training=doc.get("training", {}),
         name=str(doc.get("name", Method.RISH_GLOBAL.value)),
         version=str(doc.get("version", "1")),
-        sha256=actual,
-        shell=doc.get("shell"),
-        sh_order_max=doc.get("sh_order_max"),
+        sha256=sha256_file(model_dir / CHECKSUM_FILE),
+        shell=shell,
+        sh_order_max=sh_order_max,
         validation=doc.get("validation"),
     )
 
@@ -293,8 +337,8 @@ def save_rish_global_model(model: RishGlobalModel, model_dir: str | os.PathLike)
     model_file = model_dir / RISH_GLOBAL_MODEL_FILE
     atomic_write_text(model_file, json.dumps(model.to_json(), indent=2, sort_keys=True) + "\n")
     digest = sha256_file(model_file)
-    atomic_write_text(model_dir / CHECKSUM_FILE, f"{digest}  {RISH_GLOBAL_MODEL_FILE}\n")
-    model.sha256 = digest
+    checksums = atomic_write_text(model_dir / CHECKSUM_FILE, f"{digest}  {RISH_GLOBAL_MODEL_FILE}\n")
+    model.sha256 = sha256_file(checksums)
     return model_file
 
 
@@ -347,8 +391,13 @@ class LearnedMethod:
 
     @property
     def sha256(self) -> str:
-        """SHA-256 of the bundle's config.json (the checksum list covers the weights)."""
-        return self.bundle.config_sha256
+        """SHA-256 of the bundle's checksum list, which covers every file of the bundle."""
+        return self.bundle.sha256 or self.bundle.config_sha256
+
+    @property
+    def trained_for(self) -> dict[str, Any] | None:
+        """The bundle's ``trained_for`` record, or None for a bundle trained before it existed."""
+        return self.bundle.config.get("trained_for")
 
     @property
     def model(self) -> LearnedMethod:
@@ -522,6 +571,26 @@ def _load_ldm(model_dir: Path | None, options: Mapping[str, Any]) -> LdmMethod:
 def _load_cnn(model_dir: Path | None, options: Mapping[str, Any]) -> CnnMethod:
     bundle, device = _load_bundle_for(Method.CNN, model_dir, options)
     return CnnMethod(bundle=bundle, device=device, **_scale_options(bundle, options))
+
+
+# ---------------------------------------------------------------------------------------------
+# model / data compatibility
+
+
+def model_mismatches(translator: Any, shell: float, shell_tolerance: float, sh_order_max: int,
+                     rish_orders: Sequence[int] = RISH_ORDERS) -> list[tuple[str, str, str]] | None:
+    """How a loaded method's model differs from the data a run gives it.
+
+    Returns
+    -------
+    list of (setting, the model's value, the run's value), or None
+        Empty when the model matches; None when the method has no model or its model does not
+        record what it was trained for (nothing can be compared).
+    """
+    record = getattr(translator, "trained_for", None)
+    if record is None:
+        return None
+    return trained_for_mismatches(record, shell, shell_tolerance, sh_order_max, rish_orders)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -727,6 +796,7 @@ __all__ = [
     "fit_rish_global",
     "load_method",
     "load_rish_global_model",
+    "model_mismatches",
     "model_warnings",
     "pair_scale_samples",
     "resolve_bundle_dir",

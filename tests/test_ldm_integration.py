@@ -148,7 +148,9 @@ def test_ldm_participant_run_writes_valid_derivatives_with_provenance(make_bids_
     from bids_dmri_ldm.ml.bundle import sha256_file
 
     assert sidecar["Method"] == "ldm"
-    assert sidecar["Model"]["SHA256"] == sha256_file(tiny_bundle / "config.json")
+    # the model's SHA-256 names every file of the bundle: it is that of the checksum list
+    assert sidecar["Model"]["SHA256"] == sha256_file(tiny_bundle / "checksums.sha256")
+    assert sidecar["Settings"]["ModelSHA256"] == sidecar["Model"]["SHA256"]
     assert sidecar["NoiseLevelT0"] == [20, 20, 20]
     assert sidecar["GuidanceScale"] == [0.5, 1.0, 2.0]
     assert sidecar["DDIMSteps"] == 3 and sidecar["NumSamples"] == 2 and sidecar["Seed"] == 7
@@ -210,6 +212,7 @@ def test_group_ldm_training_through_the_cli(make_bids_dataset, tmp_path):
     assert run_cli(ds.root, out, work, "group", "--method", "ldm", "--config", str(config_file)) == 0
     bundle = load_bundle(out / "models" / "ldm")
     assert bundle.config["training_data"]["n_paired"] == 2 and bundle.config["training_data"]["n_3t"] == 3
+    assert bundle.config["trained_for"]["shells"] == [1000.0] and bundle.config["trained_for"]["sh_order_max"] == 4
     assert (out / "models" / "ldm" / "MODEL_CARD.md").is_file()
     # the validation gate: the new model beside identity, rish-global and the untouched 3T scan
     table = bundle.config["validation"]

@@ -55,7 +55,10 @@ def test_rish_global_roundtrip_and_apply(tmp_path):
     save_rish_global_model(model, tmp_path / "m")
     loaded = load_rish_global_model(tmp_path / "m")
     assert loaded.factors == (0.9, 0.8, 0.7) and loaded.orders == (0, 2, 4)
-    assert loaded.sha256 == methods.sha256_file(tmp_path / "m" / "rish_global.json")
+    # the model's SHA-256 is that of its checksum list, which covers every file of the model
+    assert loaded.sha256 == methods.sha256_file(tmp_path / "m" / "SHA256SUMS")
+    assert loaded.trained_for == {"shells": [1000.0], "sh_order_max": 4, "rish_orders": [0, 2, 4],
+                                  "signal_normalisation": "S/S0"}
     rish = _rish()
     mask = np.zeros((6, 5, 4), bool)
     mask[1:4, 1:4, 1:3] = True

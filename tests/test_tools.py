@@ -64,6 +64,17 @@ def _write_features(path: Path) -> None:
     np.savez_compressed(path, **arrays)
 
 
+class FakeClock:
+    """A clock that advances ``step`` seconds each time it is read (no wall-clock dependence)."""
+
+    def __init__(self, step: float):
+        self.now, self.step = 0.0, step
+
+    def __call__(self) -> float:
+        self.now += self.step
+        return self.now
+
+
 def test_train_from_features_writes_a_loadable_bundle_with_the_epochs_run(tmp_path):
     train = _load_tool("train_from_features")
     features = tmp_path / "features.npz"
@@ -73,15 +84,19 @@ def test_train_from_features_writes_a_loadable_bundle_with_the_epochs_run(tmp_pa
     cfg_file = tmp_path / "tiny.json"
     cfg_file.write_text(json.dumps(tiny_config()))
     out = tmp_path / "out"
+    # the clock passes 1 s per reading: the probe alone spends the 0.5 s budget
     rc = train.main([str(features), str(out), "--config", str(cfg_file), "--device", "cpu",
-                     "--epochs", "vqvae3t=2", "vqvae7t=1", "sr=1", "--budget", "ldm=0.01",
-                     "--probe-epochs", "2", "--name", "tiny-tool"])
+                     "--epochs", "vqvae3t=2", "vqvae7t=1", "sr=1", "--budget", "ldm=0.5",
+                     "--probe-epochs", "2", "--name", "tiny-tool"], clock=FakeClock(1.0))
     assert rc == 0
     bundle = load_bundle(out / "model")
     epochs = bundle.config["training"]["epochs"]
-    # fixed counts as given; the budgeted stage ran its probe only (a budget of 0.01 s)
+    # fixed counts as given; the budgeted stage ran its probe only
     assert epochs == {"vqvae3t": 2, "vqvae7t": 1, "ldm": 2, "sr": 1}
     assert bundle.config["name"] == "tiny-tool"
+    # what the bundle was trained for (the export's defaults), checked at the participant level
+    assert bundle.config["trained_for"] == {"shells": [1000.0], "sh_order_max": 4, "rish_orders": [0, 2, 4],
+                                            "signal_normalisation": "S/S0"}
     summary = json.loads((out / "train_summary.json").read_text())
     assert {s: v["epochs"] for s, v in summary["stages"].items()} == epochs
     assert "train_from_features.py" in (out / "model" / "MODEL_CARD.md").read_text()
@@ -93,19 +108,26 @@ def test_train_from_features_refuses_a_bad_stage_name(tmp_path):
         train.main([str(tmp_path / "f.npz"), str(tmp_path / "out"), "--epochs", "vqvae=3"])
 
 
-def test_a_budget_extends_a_stage_beyond_its_probe_and_resumes_from_it(tmp_path):
-    """With a budget of a few seconds the tiny LDM stage runs more epochs than its probe, in
-    resumed chunks; the recorded history is one continuous run (epochs numbered 1..N)."""
+def test_a_budget_extends_a_stage_beyond_its_probe_and_resumes_from_it(tmp_path, monkeypatch):
+    """A budget larger than the probe runs more epochs than the probe, in resumed chunks sized by
+    the epoch time; the recorded history is one continuous run (epochs numbered 1..N).
+
+    Time is injected (the clock passes 1 s per reading, every epoch counts 0.25 s), so the
+    numbers are exact on any machine: after the 2 probe epochs 20 - 1 = 19 s are left, the
+    next chunk is min(19, 20) // 0.25 = 76 epochs, capped by --max-epochs 6."""
     train = _load_tool("train_from_features")
+    monkeypatch.setattr(train, "epoch_seconds", lambda work, stage: [0.25] * len(train._history(work, stage)))
     features = tmp_path / "features.npz"
     _write_features(features)
     cfg_file = tmp_path / "tiny.json"
     cfg_file.write_text(json.dumps(tiny_config()))
     out = tmp_path / "out"
     assert train.main([str(features), str(out), "--config", str(cfg_file), "--device", "cpu",
-                       "--epochs", "vqvae3t=1", "vqvae7t=1", "sr=1", "--budget", "ldm=4",
-                       "--probe-epochs", "2", "--max-epochs", "60"]) == 0
+                       "--epochs", "vqvae3t=1", "vqvae7t=1", "sr=1", "--budget", "ldm=20",
+                       "--probe-epochs", "2", "--max-epochs", "6"], clock=FakeClock(1.0)) == 0
     history = json.loads((out / "work" / "ldm" / "state.json").read_text())["history"]
-    assert 2 < len(history) <= 60
-    assert [row["epoch"] for row in history] == list(range(1, len(history) + 1))
-    assert load_bundle(out / "model").config["training"]["epochs"]["ldm"] == len(history)
+    assert len(history) == 6
+    assert [row["epoch"] for row in history] == list(range(1, 7))
+    assert load_bundle(out / "model").config["training"]["epochs"]["ldm"] == 6
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert summary["stages"]["ldm"]["epochs"] == 6

@@ -63,7 +63,13 @@ def _history(work: Path, stage: str) -> list[dict]:
     return json.loads(state.read_text())["history"] if state.is_file() else []
 
 
-def main(argv: list[str] | None = None) -> int:
+def epoch_seconds(work: Path, stage: str) -> list[float]:
+    """Seconds of each epoch run so far (the training history); sizes the next chunk."""
+    return [row["seconds"] for row in _history(work, stage)]
+
+
+def main(argv: list[str] | None = None, *, clock=time.perf_counter) -> int:
+    """Command line (see the module docstring); ``clock`` (seconds) measures the budgets."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("features", type=Path)
     parser.add_argument("out_dir", type=Path)
@@ -76,12 +82,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--probe-epochs", type=int, default=3)
     parser.add_argument("--max-epochs", type=int, default=5000)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--shell", type=float, default=1000.0,
+                        help="b-value (s/mm²) the features were computed at (export_rish_features: 1000)")
+    parser.add_argument("--sh-order", type=int, default=4,
+                        help="SH order the features were computed with (export_rish_features: 4)")
     args = parser.parse_args(argv)
 
     import torch
 
     from bids_dmri_ldm.ml.device import resolve_device
-    from bids_dmri_ldm.ml.modelconfig import load_config
+    from bids_dmri_ldm.ml.modelconfig import load_config, trained_for
     from bids_dmri_ldm.ml.training import train_all
 
     if args.threads:
@@ -90,6 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_config(args.config)
     if args.name:
         cfg["name"] = args.name
+    cfg["trained_for"] = trained_for(args.shell, args.sh_order, cfg["orders"])  # checked at the participant level
     work = args.work_dir or args.out_dir / "work"
     device = resolve_device(args.device)
     rish_3t, rish_7t = load_features(args.features)
@@ -100,10 +111,10 @@ def main(argv: list[str] | None = None) -> int:
     summary = {"device": str(device), "stages": {}}
     if device.type == "cuda":
         summary["gpu"] = torch.cuda.get_device_name(device)
-    t_all = time.perf_counter()
+    t_all = clock()
     bundle = None
     for stage in STAGES:
-        t0 = time.perf_counter()
+        t0 = clock()
         if stage in budgets:
             # chunks of about CHUNK_S seconds, each sized by the median of the recent epochs,
             # so a slowdown (a shared GPU) overshoots the budget by one chunk at most
@@ -111,9 +122,9 @@ def main(argv: list[str] | None = None) -> int:
             while True:
                 bundle = train_all(rish_3t, rish_7t, cfg, args.out_dir, work, device, resume=True,
                                    stages=(stage,), command=command)
-                seconds = [row["seconds"] for row in _history(work, stage)][1:][-20:] or [1.0]
+                seconds = epoch_seconds(work, stage)[1:][-20:] or [1.0]
                 per_epoch = max(statistics.median(seconds), 1e-3)
-                left = budgets[stage] - (time.perf_counter() - t0)
+                left = budgets[stage] - (clock() - t0)
                 more = int(min(left, CHUNK_S) // per_epoch)
                 if more < 1 or epochs[stage] >= args.max_epochs:
                     break
@@ -123,13 +134,13 @@ def main(argv: list[str] | None = None) -> int:
                                stages=(stage,), command=command)
         hist = _history(work, stage)
         summary["stages"][stage] = {
-            "epochs": len(hist), "wall_s": round(time.perf_counter() - t0, 1),
+            "epochs": len(hist), "wall_s": round(clock() - t0, 1),
             "median_epoch_s": statistics.median(r["seconds"] for r in hist) if hist else None,
             "final_train_loss": hist[-1]["train_loss"] if hist else None,
             "final_val_loss": hist[-1]["val_loss"] if hist else None,
         }
         print(f"{stage}: {summary['stages'][stage]}", flush=True)
-    summary["total_s"] = round(time.perf_counter() - t_all, 1)
+    summary["total_s"] = round(clock() - t_all, 1)
     summary["bundle"] = str(bundle) if bundle else None
     (args.out_dir / "train_summary.json").write_text(json.dumps(summary, indent=1))
     print(json.dumps(summary, indent=1))

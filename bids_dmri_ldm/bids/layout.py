@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import re
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -187,6 +189,17 @@ def _pybids_filters(query: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _labels(layout, entity: str, **scope) -> list[str]:
+    """The values of ``entity`` (``subject``/``session``) in the dataset's files.
+
+    Written instead of pybids ``get_sessions``: when ``participants.tsv`` has a ``sessions``
+    column (as the simulator writes), pybids returns that column's description (a dict) as a
+    session and finds no session for a participant.
+    """
+    values = layout.get(return_type="id", target=entity, **scope)
+    return sorted({str(v) for v in values if isinstance(v, (str, int))})
+
+
 def _check_labels(requested: Sequence[str], available: Sequence[str], what: str, flag: str):
     missing = [label for label in requested if label not in available]
     if missing:
@@ -265,10 +278,10 @@ def collect_dwi_runs(
     filters = dict(filters or {})
     participant_labels = list(participant_labels or [])
     session_labels = list(session_labels or [])
-    _check_labels(participant_labels, layout.get_subjects(), "participant", "--participant-label")
+    _check_labels(participant_labels, _labels(layout, "subject"), "participant", "--participant-label")
     if session_labels:
         scope = {"subject": participant_labels} if participant_labels else {}
-        available = layout.get_sessions(**scope)
+        available = _labels(layout, "session", **scope)
         _check_labels(session_labels, available, "session", "--session-label")
 
     query = _dwi_query(participant_labels, session_labels, filters.get("dwi", {}))
@@ -284,16 +297,28 @@ def collect_dwi_runs(
     }
     gradients = GradientIndex(layout)
     runs = []
-    for bids_file in sorted(files, key=lambda f: f.path):
+    stems: dict[str, str] = {}
+    for bids_file in unique_files(files, layout.root):
+        stem = bids_stem(bids_file.get_entities())
         try:
+            invalid = invalid_name(bids_file.path)
+            if invalid:
+                stem = _name_stem(bids_file.path)
+                raise BadDataError(invalid)
+            if stem in stems:
+                other = stems[stem]
+                stem = _name_stem(bids_file.path)
+                raise BadDataError(f"{_relative(bids_file.path, layout.root)} has the same entities as "
+                                   f"{other} (same outputs); rename one of them or leave it out with "
+                                   "--bids-filter-file")
             run = _make_run(layout, gradients, bids_file, role_paths, "dwi" in filters, roles)
             if run is not None:
+                stems[stem] = _relative(bids_file.path, layout.root)
                 runs.append(run)
         except BadDataError as err:
             if rejected is None:
                 raise
-            stem = bids_stem(bids_file.get_entities())
-            LOGGER.error("%s: %s", stem, err)
+            LOGGER.error("%s", err)
             rejected[stem] = str(err)
     if not runs and rejected:
         raise BadDataError(f"no usable DWI run: {next(iter(rejected.values()))}")
@@ -304,6 +329,62 @@ def collect_dwi_runs(
             f"{SOURCE_MAX_FIELD_STRENGTH:g} T); check the selection and --bids-filter-file"
         )
     return runs
+
+
+_NAME_PART = re.compile(r"^([a-zA-Z]+)-(.*)$")
+_LABEL = re.compile(r"^[0-9a-zA-Z+]+$")
+
+
+def invalid_name(path: str | Path) -> str | None:
+    """Why a DWI file name is not a valid BIDS name (an entity label with characters other than
+    letters, digits and ``+``, e.g. ``acq-é``), or None. pybids skips such an entity, so the run
+    would silently take the name (and the outputs) of another."""
+    name = Path(path).name
+    stem = name.split(".", 1)[0]
+    for part in stem.split("_")[:-1]:
+        match = _NAME_PART.match(part)
+        if match is None:
+            return f"{name}: {part!r} is not a BIDS key-label pair (such as acq-label); rename the file"
+        if not _LABEL.match(match.group(2)):
+            return (f"{name}: the label {match.group(2)!r} of {match.group(1)}- holds characters other than "
+                    "letters, digits and '+'; rename the file or leave it out with a .bidsignore entry")
+    return None
+
+
+def _name_stem(path: str | Path) -> str:
+    """File name without extension and suffix (``sub-01_acq-x`` of ``sub-01_acq-x_dwi.nii.gz``)."""
+    stem = Path(path).name.split(".", 1)[0]
+    return stem.rsplit("_", 1)[0] if "_" in stem else stem
+
+
+def _relative(path: str | Path, root: str | Path) -> str:
+    try:
+        return Path(path).relative_to(root).as_posix()
+    except ValueError:
+        return str(path)
+
+
+def unique_files(files, root: str | Path) -> list:
+    """``files`` (pybids file objects) sorted by path, each real file once.
+
+    A directory symlink that points back up the tree (a loop) makes pybids index the same files
+    again under ever longer paths (``sub-01/dwi/loop/dwi/loop/...``); they are left out (logged),
+    keeping the shortest path of each real file. Only the folders are resolved: files that are
+    themselves symlinks (git-annex, DataLad) stay distinct even when their contents are one object.
+    """
+    by_real: dict[tuple[str, str], Any] = {}
+    for bids_file in sorted(files, key=lambda f: (len(f.path), f.path)):
+        path = Path(bids_file.path)
+        by_real.setdefault((os.path.realpath(path.parent), path.name), bids_file)
+    kept = sorted(by_real.values(), key=lambda f: f.path)
+    dropped = len(files) - len(kept)
+    if dropped:
+        example = next(f.path for f in files if f not in kept)
+        from .validate import shorten
+
+        LOGGER.warning("%d DWI file path(s) lead to files already found (directory symlinks, e.g. %s); "
+                       "each file is used once", dropped, shorten(_relative(example, root)))
+    return kept
 
 
 def _matching_paths(layout, query: Mapping[str, Any], role_filter: Mapping[str, Any]) -> set[str]:
@@ -395,8 +476,9 @@ def _field_strength(metadata: Mapping[str, Any], stem: str) -> float | None:
         strength = float(value)
     except (TypeError, ValueError):
         strength = math.nan
-    if not math.isfinite(strength) or strength <= 0:
-        raise BadDataError(f"{stem}: MagneticFieldStrength {value!r} is not a positive number")
+    if not math.isfinite(strength) or strength <= 0 or isinstance(value, bool):
+        raise BadDataError(f"{stem}: MagneticFieldStrength {value!r} in the JSON sidecar is not a positive "
+                           "number of tesla (BIDS writes e.g. 3, not \"3T\"); correct the sidecar")
     return strength
 
 

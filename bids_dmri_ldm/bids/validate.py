@@ -20,6 +20,18 @@ from ..cli.exitcodes import EX_OK, EX_VALIDATION_FAILED, ValidationFailed
 LOGGER = logging.getLogger("bids_dmri_ldm.bids")
 VALIDATOR = "bids-validator-deno"
 _MAX_CODES_SHOWN = 3
+_MAX_LOCATION_CHARS = 60
+
+
+def shorten(text: str, limit: int = _MAX_LOCATION_CHARS) -> str:
+    """``text`` cut in the middle to at most ``limit`` characters (``/sub-01/dwi/lo…/dwi/loop``),
+    so that a path the validator reports (e.g. inside a symlink loop) keeps the message one
+    short line."""
+    text = str(text)
+    if len(text) <= limit:
+        return text
+    head = (limit - 1) // 2
+    return text[:head] + "…" + text[len(text) - (limit - 1 - head):]
 
 
 def find_validator() -> str | None:
@@ -46,7 +58,7 @@ def summarise_errors(report: dict) -> tuple[int, str]:
     for code, count in counts.most_common(_MAX_CODES_SHOWN):
         where = next((i.get("location") for i in errors if i.get("code") == code and
                       i.get("location")), None)
-        parts.append(f"{code} x{count}" + (f" (e.g. {where})" if where else ""))
+        parts.append(f"{code} x{count}" + (f" (e.g. {shorten(where)})" if where else ""))
     if len(counts) > _MAX_CODES_SHOWN:
         parts.append(f"and {len(counts) - _MAX_CODES_SHOWN} more code(s)")
     return len(errors), "; ".join(parts)

@@ -49,6 +49,10 @@ SHORT_ENTITY_NAMES = {
     "ce": "ceagent",
 }
 _LABEL_RE = re.compile(r"^[0-9a-zA-Z+]+$")
+#: Bounds of ``--output-resolution`` (mm): below, the output grid of a head cannot be held in
+#: memory (the pre-flight estimate refuses what does not fit the machine); above, nothing of
+#: the diffusion signal's anatomy is left.
+MIN_RESOLUTION_MM, MAX_RESOLUTION_MM = 0.1, 20.0
 
 
 class BidsArgumentParser(argparse.ArgumentParser):
@@ -98,8 +102,10 @@ def _resolution(text: str) -> float | None:
         raise argparse.ArgumentTypeError(
             f"must be a voxel size in mm or 'native', got {text!r}"
         ) from None
-    if not 0 < value <= 20:
-        raise argparse.ArgumentTypeError(f"must be in (0, 20] mm or 'native', got {text}")
+    if not MIN_RESOLUTION_MM <= value <= MAX_RESOLUTION_MM:
+        raise argparse.ArgumentTypeError(
+            f"must be between {MIN_RESOLUTION_MM:g} and {MAX_RESOLUTION_MM:g} mm or 'native', got {text} "
+            "(finer grids need more memory than any machine: 0.1 mm over a head is ~7e9 voxels per volume)")
     return value
 
 
@@ -187,6 +193,10 @@ def _build_parser() -> BidsArgumentParser:
                       help="processes running in parallel; default: all available CPUs")
     perf.add_argument("--omp-nthreads", type=_positive_int,
                       help="threads per process (torch, BLAS); default: min(8, nprocs)")
+    perf.add_argument("--mem-gb", "--mem_gb", dest="mem_gb", type=_positive_float, metavar="GB",
+                      help="memory (GiB) a run may use; runs estimated to need more are refused before "
+                      "any work, and parallel runs are scheduled within it; default: the memory "
+                      "available (free memory, or the container's limit)")
     perf.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                       help="where the networks run; 'cuda' fails at once without a usable GPU")
 
@@ -406,6 +416,18 @@ def _ensure_writable_dir(path: Path, what: str) -> None:
         ) from None
 
 
+def _check_temp_dir() -> None:
+    """A writable temporary folder is needed (worker processes, the validator); refuse (73)
+    before any work without one, saying what to mount."""
+    try:
+        tempfile.gettempdir()
+    except FileNotFoundError:
+        raise OutputError(
+            "no writable temporary folder ($TMPDIR, /tmp, /var/tmp, /usr/tmp and the current folder "
+            "were tried): in a read-only container mount one (docker run --read-only --tmpfs /tmp ...; "
+            "Apptainer binds /tmp itself), or set TMPDIR to a writable folder") from None
+
+
 def _default_work_dir(output_dir: Path, bids_dir: Path) -> Path:
     """``OUTPUT_DIR/../work``, or a temporary folder when that is unusable."""
     candidate = output_dir.parent / "work"
@@ -454,6 +476,7 @@ def parse_args(argv: Sequence[str] | None = None) -> RunConfig:
         raise UnknownAnalysisLevel(
             f"unknown analysis level {opts.analysis_level!r}; choose 'participant' or 'group'"
         )
+    _check_temp_dir()
     bids_dir = opts.bids_dir.expanduser().resolve()
     output_dir = opts.output_dir.expanduser().resolve()
     _check_bids_dir(bids_dir)
@@ -515,6 +538,7 @@ def parse_args(argv: Sequence[str] | None = None) -> RunConfig:
         skip_bids_validation=opts.skip_bids_validation,
         nprocs=nprocs,
         omp_nthreads=omp_nthreads,
+        mem_gb=opts.mem_gb,
         device=device,
         method=opts.method or default_method(),
         model_dir=model_dir,

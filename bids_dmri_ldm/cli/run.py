@@ -5,8 +5,9 @@ every :class:`~.exitcodes.BidsAppError` becomes one line ``bids-dmri-ldm: error:
 on stderr and its code; any other exception exits 1 with one line (the traceback only with
 ``-v``); Ctrl-C exits 130. At the participant level every run is attempted; when any failed,
 the exit status (after all have finished) is 65 if every failure was bad input data, 73 if
-every failure was an unwritable output, else 1. ``--reports-only`` at the participant level
-only rebuilds the reports from existing derivatives (0, or 66 when there are none).
+every failure was an unwritable output or too little memory, else 1. ``--reports-only`` at the
+participant level only rebuilds the reports from existing derivatives (0, or 66 when there are
+none).
 """
 from __future__ import annotations
 
@@ -33,6 +34,8 @@ from .exitcodes import (
     BadDataError,
     BidsAppError,
     NoDataError,
+    OutputError,
+    TemporaryFailure,
 )
 from .parser import PROG, _build_parser, parse_args
 
@@ -124,34 +127,46 @@ def _level_function(module: str, name: str, level: str):
         raise BidsAppError(f"{module} has no {name}(); reinstall bids-dmri-ldm") from err
 
 
-def _collect(config: RunConfig, roles):
+def _collect(config: RunConfig, roles, allow_all_rejected: bool = False):
+    """``(runs, rejected)``: the selected runs and ``{stem: reason}`` of those refused one by one.
+
+    With ``allow_all_rejected`` a selection whose every run was refused returns no runs instead
+    of raising, so that the refused runs can still be recorded (summary, error logs).
+    """
     from ..bids.layout import collect_dwi_runs, load_layout
 
     layout = load_layout(config.bids_dir, config.bids_database_dir)
     rejected: dict[str, str] = {}
-    runs = collect_dwi_runs(
-        layout,
-        participant_labels=config.participant_labels,
-        session_labels=config.session_labels,
-        filters=config.bids_filters,
-        rejected=rejected,
-        roles=roles,
-    )
+    try:
+        runs = collect_dwi_runs(
+            layout,
+            participant_labels=config.participant_labels,
+            session_labels=config.session_labels,
+            filters=config.bids_filters,
+            rejected=rejected,
+            roles=roles,
+        )
+    except BadDataError:
+        if not (allow_all_rejected and rejected):
+            raise
+        runs = []
     return runs, rejected
 
 
 def run_participant_level(config: RunConfig) -> int:
-    """Translate every selected source run; exit status 1 when any run failed."""
+    """Translate every selected source run; exit status per :func:`failure_exit_code` when any
+    run failed or was refused (every run refused by the layout included)."""
     from ..bids.layout import SOURCE, source_runs
 
-    runs, rejected = _collect(config, roles=(SOURCE,))
-    runs = source_runs(runs)
+    runs, rejected = _collect(config, roles=(SOURCE,), allow_all_rejected=True)
+    runs = source_runs(runs) if runs else []
     LOGGER.info("participant level: %d source run(s): %s", len(runs),
                 ", ".join(run.stem for run in runs))
     run_participant = _level_function("bids_dmri_ldm.workflows.base", "run_participant",
                                       "participant")
-    statuses = dict(run_participant(config, runs))
-    statuses.update({stem: f"failed: {reason}" for stem, reason in rejected.items()})
+    statuses = dict(run_participant(config, runs, rejected=rejected))
+    for stem, reason in rejected.items():
+        statuses.setdefault(stem, f"failed (bad-data): {reason}")
     failed = {name: status for name, status in statuses.items() if status.startswith("failed")}
     for name, status in sorted(statuses.items()):
         (LOGGER.error if name in failed else LOGGER.info)("%s: %s", name, status)
@@ -167,11 +182,13 @@ def run_participant_level(config: RunConfig) -> int:
 
 def failure_exit_code(failed_statuses) -> int:
     """Exit status when runs failed: 65 (data error) when every failure was bad input data,
-    73 (cannot create) when every failure was an unwritable output, else 1."""
+    73 (cannot create) when every failure was an unwritable output or a lack of resources
+    (memory), else 1 (a worker killed while running, or any other failure)."""
     failed_statuses = list(failed_statuses)
     if failed_statuses and all(s.startswith("failed (bad-data)") for s in failed_statuses):
         return EX_DATAERR
-    if failed_statuses and all(s.startswith("failed (cannot-write)") for s in failed_statuses):
+    if failed_statuses and all(s.startswith(("failed (cannot-write)", "failed (resources)"))
+                               for s in failed_statuses):
         return EX_CANTCREAT
     return EX_FAILURE
 
@@ -202,7 +219,30 @@ def run_reports_only(config: RunConfig) -> int:
 
 
 def run_group_level(config: RunConfig) -> int:
-    """Check that 3T/7T pairs exist, then hand all runs to the group level."""
+    """Check that 3T/7T pairs exist, then hand all runs to the group level (one group-level
+    process per output directory and per work directory at a time: another one gets 75)."""
+    from ..bids.locks import LockUnavailable, RunLock
+
+    locks = [(RunLock(config.output_dir, "group"), "output directory", config.output_dir),
+             (RunLock(config.work_dir, "group", folder="locks"), "work directory", config.work_dir)]
+    taken = []
+    try:
+        for lock, what, where in locks:
+            try:
+                if not lock.acquire(blocking=False):
+                    raise TemporaryFailure(
+                        f"another group-level process ({lock.holder()}) uses the {what} {where}; wait for it "
+                        f"to finish, or use another {what}")
+            except LockUnavailable as err:
+                raise OutputError(str(err)) from None
+            taken.append(lock)
+        return _run_group_level(config)
+    finally:
+        for lock in taken:
+            lock.release()
+
+
+def _run_group_level(config: RunConfig) -> int:
     from ..bids.layout import pair_runs
 
     runs, rejected = _collect(config, roles=None)

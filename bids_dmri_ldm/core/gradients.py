@@ -22,6 +22,10 @@ B0_THRESHOLD = 50.0
 _UNIT_NORM_TOLERANCE = 0.1
 """Gradient vectors whose norm is off by more than this are refused, not silently rescaled."""
 
+MAX_PLAUSIBLE_BVAL = 100_000.0
+"""b-value (s/mm²) above which a ``.bval`` file is taken to be in the wrong unit: diffusion MRI
+uses up to ~30 000 s/mm² (ex vivo, preclinical); 1000 written as 1e6 is a ×1000 scaling."""
+
 
 class GradientError(ValueError):
     """A gradient table is missing, malformed or does not match its image."""
@@ -96,6 +100,7 @@ def check_gradients(
         raise GradientError(f"the image has {n_volumes} volumes but the gradient table has {bvals.shape[0]}")
     if not np.all(np.isfinite(bvals)) or np.any(bvals < 0):
         raise GradientError("bval contains negative or non-finite values")
+    check_bval_scale(bvals, b0_threshold)
     is_b0 = b0_mask(bvals, b0_threshold)
     clean = np.where(is_b0[:, None], 0.0, bvecs)
     dw = ~is_b0
@@ -103,10 +108,41 @@ def check_gradients(
         raise GradientError("bvec has NaN/Inf directions for diffusion-weighted volumes")
     norms = np.linalg.norm(clean[dw], axis=1)
     if np.any(np.abs(norms - 1.0) > _UNIT_NORM_TOLERANCE):
-        worst = float(norms[np.argmax(np.abs(norms - 1.0))])
-        raise GradientError(f"bvec directions of diffusion-weighted volumes must be unit vectors (found norm {worst:.3f})")
+        worst = int(np.argmax(np.abs(norms - 1.0)))
+        volume = int(np.flatnonzero(dw)[worst])
+        raise GradientError(f"bvec directions of diffusion-weighted volumes must be unit vectors (volume "
+                            f"{volume}, b={bvals[volume]:g} s/mm², has norm {norms[worst]:.3f})")
     clean[dw] /= norms[:, None]
     return clean
+
+
+def check_bval_scale(bvals: np.ndarray, b0_threshold: float = B0_THRESHOLD) -> None:
+    """Refuse b-values in a wrong unit (the ``.bval`` file holds s/mm²).
+
+    Raises
+    ------
+    GradientError
+        b-values above :data:`MAX_PLAUSIBLE_BVAL` (e.g. 1000 written as 1e6: scaled ×1000), or
+        every b-value at most ``b0_threshold`` while some differ from 0 (e.g. 1 for 1000: ms/µm²).
+    """
+    bvals = np.asarray(bvals, dtype=np.float64)
+    top = float(bvals.max()) if bvals.size else 0.0
+    if top > MAX_PLAUSIBLE_BVAL:
+        raise GradientError(
+            f"b-values up to {top:g} s/mm² are not plausible (diffusion MRI uses up to ~30000); the .bval "
+            f"file seems scaled (by {_scale_hint(top)}): BIDS .bval files hold s/mm², e.g. 1000")
+    if 0 < top <= b0_threshold and np.unique(bvals).size > 1:
+        raise GradientError(
+            f"every b-value is at most {top:g} s/mm², so every volume would be a b0; is the .bval file in "
+            "ms/µm² (1 for 1000)? BIDS .bval files hold s/mm², e.g. 1000")
+
+
+def _scale_hint(top: float) -> str:
+    """Power of 1000 that brings ``top`` into the plausible range (as text, e.g. ``1000``)."""
+    factor = 1000.0
+    while top / factor > MAX_PLAUSIBLE_BVAL:
+        factor *= 1000.0
+    return f"{factor:g}"
 
 
 @dataclass(frozen=True)

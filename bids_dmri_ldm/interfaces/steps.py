@@ -75,8 +75,9 @@ def check_run_inputs(dwi_file: str | os.PathLike, bval_file: str | os.PathLike |
     Raises
     ------
     InputDataError
-        Missing/empty/mismatched bval or bvec, not a 4D image, unreadable header, no b0, no
-        volume near ``shell``, or too few directions for ``sh_order_max``.
+        Missing/empty/mismatched bval or bvec, not a 4D image, unreadable header, complex or
+        non-numeric voxel type, a degenerate voxel-to-world affine, no b0, no volume near
+        ``shell``, or too few directions for ``sh_order_max``.
     """
     name = Path(dwi_file).name
     if bval_file is None or bvec_file is None:
@@ -87,8 +88,10 @@ def check_run_inputs(dwi_file: str | os.PathLike, bval_file: str | os.PathLike |
         shape = tuple(int(s) for s in img.shape)
     except _READ_ERRORS as err:
         raise InputDataError(f"{name}: cannot read the NIfTI header ({_short(err)})") from None
+    affine = _checked_affine(img, name)
     if len(shape) != 4 or shape[3] < 2:
         raise InputDataError(f"{name}: a DWI run must be a 4D image (X, Y, Z, volumes); found shape {shape}")
+    check_voxel_type(img.get_data_dtype(), name)
     try:
         bvals, bvecs = load_gradients(bval_file, bvec_file)
         clean = check_gradients(bvals, bvecs, shape[3])
@@ -102,7 +105,41 @@ def check_run_inputs(dwi_file: str | os.PathLike, bval_file: str | os.PathLike |
             f"SH order {sh_order_max} (RISH L0-L{sh_order_max}) needs at least {needed}"
         )
     zooms = tuple(float(z) for z in img.header.get_zooms()[:3])
-    return InputSummary(shape=shape, affine=img.affine, voxel_size=zooms, selection=selection)
+    return InputSummary(shape=shape, affine=affine, voxel_size=zooms, selection=selection)
+
+
+def check_voxel_type(dtype: np.dtype, name: str) -> None:
+    """Refuse voxel types that are not real numbers (complex data: magnitude and phase in one
+    image; its imaginary part would be dropped without a word).
+
+    Raises
+    ------
+    InputDataError
+    """
+    dtype = np.dtype(dtype)
+    if np.issubdtype(dtype, np.complexfloating):
+        raise InputDataError(f"{name}: the image holds complex values ({dtype}); diffusion models here need "
+                             "magnitude images: convert it (e.g. the absolute value) or use the magnitude "
+                             "reconstruction of the scan")
+    if dtype.fields is not None or not (np.issubdtype(dtype, np.integer) or np.issubdtype(dtype, np.floating)):
+        raise InputDataError(f"{name}: voxel type {dtype} is not a number type; store the DWI as integers or floats")
+
+
+def _checked_affine(img: nib.Nifti1Image, name: str) -> np.ndarray:
+    """The image's voxel-to-world affine, refused when it has non-finite values or does not map
+    the three voxel axes to three independent directions (an all-zero sform, say)."""
+    with np.errstate(all="ignore"):
+        affine = np.asarray(img.affine, dtype=np.float64)
+        linear = affine[:3, :3]
+        finite = bool(np.all(np.isfinite(affine)))
+        singular = not finite or abs(float(np.linalg.det(linear))) <= 1e-12 * max(
+            1.0, float(np.abs(linear).max()) ** 3)
+    if not finite or singular:
+        what = "non-finite values" if not finite else (
+            "all zeros" if not np.any(linear) else "axes that are not independent (determinant 0)")
+        raise InputDataError(f"{name}: the voxel-to-world affine of the NIfTI header (sform/qform) has {what}; "
+                             "fix the header (e.g. copy the affine of the scanner's original image)")
+    return affine
 
 
 def clean_bvals(bvals: np.ndarray) -> np.ndarray:

@@ -16,7 +16,10 @@ A cnn-baseline bundle (``config.json`` with ``"method": "cnn"``) has one weight 
 ``cnn.safetensors``, instead of the four.
 
 Weights are read with ``safetensors`` only (never pickle / ``torch.load``), and only
-after every file's SHA-256 matched.  Any problem raises :class:`BundleError` with a
+after every file's SHA-256 matched. The bundle's own SHA-256 (:attr:`Bundle.sha256`, recorded
+in every derivative made with it) is that of ``checksums.sha256``, so it names every file.
+``config.json`` may record what the model was trained for (``trained_for``: shell, SH order,
+RISH orders, signal normalisation; written by the group level).  Any problem raises :class:`BundleError` with a
 one-line message naming the file.
 """
 from __future__ import annotations
@@ -62,12 +65,17 @@ class BundleError(RuntimeError):
 
 @dataclass
 class Bundle:
-    """A loaded, verified model bundle: ``config``, ``networks`` (eval mode) and ``path``."""
+    """A loaded, verified model bundle: ``config``, ``networks`` (eval mode) and ``path``.
+
+    ``config_sha256`` is the SHA-256 of ``config.json``; ``sha256`` that of the checksum list
+    (every file of the bundle; empty for a bundle assembled in memory).
+    """
 
     config: dict[str, Any]
     networks: dict[str, nn.Module]
     path: Path
     config_sha256: str
+    sha256: str = ""
 
     @property
     def name(self) -> str:
@@ -241,7 +249,7 @@ def load_bundle(path: str | Path, device: torch.device | str = "cpu") -> Bundle:
                               f"in config.json ({first})") from None
         # channels-last 3D convolutions are faster with oneDNN (CPU) and cuDNN
         networks[name].to(device, memory_format=torch.channels_last_3d).eval()
-    return Bundle(config, networks, path, sums["config.json"])
+    return Bundle(config, networks, path, sums["config.json"], sha256_file(path / CHECKSUM_FILE))
 
 
 def model_card(config: dict[str, Any], command: str = "", training_time_s: float | None = None,

@@ -24,6 +24,22 @@ _GPU_HINT = (
     "install a CUDA build of PyTorch, or use --device cpu"
 )
 
+IMAGE_VARIANT_ENV = "BIDS_DMRI_LDM_TORCH_VARIANT"
+"""Set in the container image to the PyTorch variant it was built with (``cpu`` or ``cuda``)."""
+
+_CPU_IMAGE_HINT = (
+    "this is the CPU-only image of bids-dmri-ldm (built with TORCH_VARIANT=cpu), which cannot use a "
+    "GPU whatever is passed to it: run the CUDA image instead (the default build, `docker build -t "
+    "bids-dmri-ldm .`) with `docker run --gpus all ...` or `apptainer run --nv ...`, or use --device cpu"
+)
+
+
+def _no_cuda_build_hint() -> str:
+    """What to do when this PyTorch has no CUDA: in the CPU image, name the CUDA image."""
+    if os.environ.get(IMAGE_VARIANT_ENV, "").strip().lower() == "cpu":
+        return _CPU_IMAGE_HINT
+    return _GPU_HINT
+
 
 class DeviceUnavailableError(RuntimeError):
     """The requested device cannot be used on this machine."""
@@ -72,7 +88,7 @@ def resolve_device(requested: str = "auto") -> torch.device:
         if not torch.backends.cuda.is_built():
             raise DeviceUnavailableError(
                 f"--device {name} requested but this PyTorch build ({torch.__version__}) has no "
-                f"CUDA support: {_GPU_HINT}"
+                f"CUDA support: {_no_cuda_build_hint()}"
             )
         if not cuda_available():
             raise DeviceUnavailableError(

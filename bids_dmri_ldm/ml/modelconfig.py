@@ -63,9 +63,10 @@ _OPTIONAL: dict[str, set[str]] = {
 _TOP_TRAINING = {"format_version", "name", "description", "grid", "orders", *_SCHEMA}
 _TOP_BUNDLE_EXTRA = {"normalisation", "latent_scale", "training_data", "software", "created"}
 _EPOCH_KEYS = {"vqvae3t", "vqvae7t", "ldm", "sr"}
-#: Optional top-level keys of every config: ``method`` (default "ldm"); of bundles: the validation
-#: table the group level's gate wrote (:mod:`bids_dmri_ldm.evaluation.gate`).
-_TOP_OPTIONAL = {"method"}
+#: Optional top-level keys of every config: ``method`` (default "ldm") and what the model was
+#: trained for (``trained_for``, set by the group level); of bundles: the validation table the
+#: group level's gate wrote (:mod:`bids_dmri_ldm.evaluation.gate`).
+_TOP_OPTIONAL = {"method", "trained_for"}
 _BUNDLE_OPTIONAL = {"validation"}
 
 METHODS = ("ldm", "cnn")
@@ -152,8 +153,18 @@ def validate_config(cfg: dict[str, Any], kind: str = "training") -> dict[str, An
     if any(c % groups for c in cfg["unet"]["channels"]):
         raise ConfigError(f"unet.channels {cfg['unet']['channels']} must be divisible by "
                           f"norm_num_groups={groups}")
+    _check_trained_for(cfg)
     _check_normalisation(cfg, kind)
     return cfg
+
+
+def _check_trained_for(cfg: dict[str, Any]) -> None:
+    """A ``trained_for`` record, when present, is valid and names the config's RISH orders."""
+    if "trained_for" in cfg:
+        validate_trained_for(cfg["trained_for"], "config.trained_for")
+        if list(cfg["trained_for"]["rish_orders"]) != [int(o) for o in cfg["orders"]]:
+            raise ConfigError(f"trained_for.rish_orders {cfg['trained_for']['rish_orders']} differ from "
+                              f"orders {cfg['orders']}")
 
 
 def _check_format_version(cfg: dict[str, Any]) -> None:
@@ -187,7 +198,7 @@ def _check_normalisation(cfg: dict[str, Any], kind: str) -> None:
 def _validate_cnn_config(cfg: dict[str, Any], kind: str) -> dict[str, Any]:
     """Keys and values of a ``"method": "cnn"`` config (see :data:`_CNN_SCHEMA`)."""
     top = _CNN_TOP | (_CNN_BUNDLE_EXTRA if kind == "bundle" else set())
-    _check_keys(cfg, top, "config", _BUNDLE_OPTIONAL if kind == "bundle" else set())
+    _check_keys(cfg, top, "config", {"trained_for"} | (_BUNDLE_OPTIONAL if kind == "bundle" else set()))
     _check_format_version(cfg)
     for section, keys in _CNN_SCHEMA.items():
         if not isinstance(cfg[section], dict):
@@ -204,8 +215,81 @@ def _validate_cnn_config(cfg: dict[str, Any], kind: str) -> dict[str, Any]:
         raise ConfigError(f"grid {cfg['grid']} must be three sizes >= 4 divisible by the UNet's "
                           f"downsampling {factor}")
     _check_scale_options(cfg["translation"])
+    _check_trained_for(cfg)
     _check_normalisation(cfg, kind)
     return cfg
+
+
+# ---------------------------------------------------------------------------------------------
+# what a model was trained for (every method with a model records it; the participant level
+# refuses data processed differently)
+
+SIGNAL_NORMALISATION = "S/S0"
+"""How the DWI signal is normalised before the SH fit (:func:`bids_dmri_ldm.core.signal.fit_shell_sh`:
+each volume divided by the voxel's mean b0, clipped to [0, 1])."""
+
+TRAINED_FOR_KEYS = ("shells", "sh_order_max", "rish_orders", "signal_normalisation")
+"""Keys of a model's ``trained_for`` record."""
+
+
+def trained_for(shell: float, sh_order_max: int, rish_orders, signal_normalisation: str = SIGNAL_NORMALISATION
+                ) -> dict[str, Any]:
+    """The ``trained_for`` record of a model trained on ``shell`` (s/mm²) with these settings."""
+    return {"shells": [float(shell)], "sh_order_max": int(sh_order_max),
+            "rish_orders": [int(o) for o in rish_orders], "signal_normalisation": str(signal_normalisation)}
+
+
+def validate_trained_for(record: Any, where: str = "trained_for") -> dict[str, Any]:
+    """Check a ``trained_for`` record (keys of :data:`TRAINED_FOR_KEYS`, sane values); return it.
+
+    Raises
+    ------
+    ConfigError
+    """
+    if not isinstance(record, dict):
+        raise ConfigError(f"{where} must be an object with keys {list(TRAINED_FOR_KEYS)}")
+    _check_keys(record, set(TRAINED_FOR_KEYS), where)
+    shells = record["shells"]
+    if (not isinstance(shells, list) or not shells
+            or not all(isinstance(b, (int, float)) and not isinstance(b, bool) and b > 0 for b in shells)):
+        raise ConfigError(f"{where}.shells must be a non-empty list of b-values > 0 (s/mm²), got {shells!r}")
+    if record["sh_order_max"] not in (2, 4, 6, 8):
+        raise ConfigError(f"{where}.sh_order_max must be 2, 4, 6 or 8, got {record['sh_order_max']!r}")
+    orders = record["rish_orders"]
+    if not isinstance(orders, list) or not orders or not all(isinstance(o, int) and o % 2 == 0 for o in orders):
+        raise ConfigError(f"{where}.rish_orders must be a list of even orders, got {orders!r}")
+    if not isinstance(record["signal_normalisation"], str):
+        raise ConfigError(f"{where}.signal_normalisation must be a string such as {SIGNAL_NORMALISATION!r}")
+    return record
+
+
+def trained_for_mismatches(record: dict[str, Any], shell: float, shell_tolerance: float, sh_order_max: int,
+                           rish_orders, signal_normalisation: str = SIGNAL_NORMALISATION
+                           ) -> list[tuple[str, str, str]]:
+    """What differs between a model's ``trained_for`` record and the data a run will give it.
+
+    The shell matches when a trained shell lies within ``shell_tolerance`` of ``shell`` (the
+    volumes the run selects); the SH order, the RISH orders and the signal normalisation must be
+    equal.
+
+    Returns
+    -------
+    list of (setting, the model's value, the run's value)
+        Empty when everything matches.
+    """
+    found = []
+    shells = [float(b) for b in record["shells"]]
+    if not any(abs(b - float(shell)) <= float(shell_tolerance) for b in shells):
+        found.append(("shell", "b=" + "/".join(f"{b:g}" for b in shells) + " s/mm²",
+                      f"--shell {float(shell):g} (tolerance {float(shell_tolerance):g})"))
+    if int(record["sh_order_max"]) != int(sh_order_max):
+        found.append(("SH order", str(record["sh_order_max"]), f"--sh-order {int(sh_order_max)}"))
+    if [int(o) for o in record["rish_orders"]] != [int(o) for o in rish_orders]:
+        found.append(("RISH orders", "/".join(str(o) for o in record["rish_orders"]),
+                      "/".join(str(int(o)) for o in rish_orders)))
+    if record["signal_normalisation"] != signal_normalisation:
+        found.append(("signal normalisation", record["signal_normalisation"], signal_normalisation))
+    return found
 
 
 def builtin_config_names() -> list[str]:

@@ -3,28 +3,41 @@
 :func:`run_participant` is the only place that reads the :class:`~bids_dmri_ldm.config.RunConfig`;
 the workflow factories below it take explicit arguments.
 
-Per run, before any work: the header and gradient files are checked (a bad run gets a one-line
-reason and is not built), and a run whose derivatives are complete with the same settings is
-skipped unless ``--overwrite``. The runs that remain are sub-workflows of one workflow, executed
-with nipype's ``MultiProc`` plugin when ``--nprocs`` > 1 (``Linear`` otherwise) and cached in
-``<work_dir>/bids_dmri_ldm_wf``. A failing node stops only its own run: nipype's crash file of
-that run (``<work_dir>/crash/<run>/``) gives the reason; the run's partly written derivatives
-are removed so nothing half-written remains, and the others finish.
+Before any work, the method's model is loaded once and compared with the run settings (a model
+trained for another shell, SH order, RISH orders or signal normalisation is refused, 65). Per
+run: the header and gradient files are checked and the run's memory is estimated from them (a
+bad run gets a one-line reason and is not built; a run that cannot fit in the memory available
+is refused with the number it needs), and a run whose derivatives are complete with the same
+settings is skipped unless ``--overwrite``. The runs that remain are sub-workflows of one
+workflow, executed with :class:`~bids_dmri_ldm.workflows.execution.WorkerPoolPlugin` (nipype's
+MultiProc scheduling; a worker that dies fails only its run) when ``--nprocs`` > 1 (``Linear``
+otherwise) and cached in ``<work_dir>/bids_dmri_ldm_wf``. A failing node stops only its own run:
+nipype's crash file of that run gives the reason; the run's partly written derivatives are
+removed so nothing half-written remains, and the others finish.
+
+Ownership: every invocation has an ID (``<YYYYmmdd-HHMMSS>_<pid>``). A run's derivatives are
+written, judged and removed only by the process holding the run's lock
+(:class:`~bids_dmri_ldm.bids.locks.RunLock`, ``<output_dir>/logs/locks/<run>.lock``), and its
+crash files go to ``<work_dir>/crash/<run workflow>/<invocation ID>/``, read by that invocation
+only. A run locked by another process (two commands over the same data) is left to it; once
+this process has done its other runs it waits for the lock, then finds the run complete (and
+skips it) or, when the other process failed or stopped, processes it itself.
 
 Statuses returned (``{run stem: status}``): ``"done"``, ``"skipped: complete"``,
-``"failed (bad-data): <reason>"``, ``"failed (cannot-write): <reason>"``, ``"failed: <reason>"``.
-Each invocation also writes ``logs/participant_<time>_<pid>.tsv`` (run, status, reason) and
-``logs/<run>_error.log`` (reason, crash file, traceback) for failed runs, and, when all runs have
-finished, the report ``sub-<label>.html`` of every participant with a run done or complete
+``"failed (bad-data): <reason>"``, ``"failed (cannot-write): <reason>"``,
+``"failed (resources): <reason>"``, ``"failed: <reason>"``. Each invocation also writes
+``logs/participant_<invocation ID>.tsv`` (run, status, reason) and ``logs/<run>_error.log``
+(reason, crash file, traceback) for every run that failed or was refused, and, when all runs
+have finished, the report ``sub-<label>.html`` of every participant with a run done or complete
 (:func:`write_reports`; a report failure is only logged).
 """
 from __future__ import annotations
 
 import gc
+import itertools
 import logging
 import os
 import re
-import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -33,8 +46,13 @@ from typing import TYPE_CHECKING, Any
 
 os.environ.setdefault("NIPYPE_NO_ET", "1")
 
+import nibabel as nib
+
 from ..bids import derivatives as deriv
-from ..cli.exitcodes import EX_FAILURE, EX_NOINPUT, BidsAppError, OutputError
+from ..bids.locks import LockUnavailable, RunLock
+from ..cli.exitcodes import EX_DATAERR, EX_FAILURE, EX_NOINPUT, BidsAppError, OutputError
+from ..core.resample import output_grid
+from ..core.sh import RISH_ORDERS
 from ..interfaces.steps import (
     InputDataError,
     InputSummary,
@@ -47,8 +65,18 @@ from ..methods import (
     MethodError,
     ModelNotFoundError,
     load_method,
+    model_mismatches,
     model_warnings,
     resolve_model_dir,
+)
+from .resources import (
+    GIB,
+    NIFTI1_MAX_DIM,
+    MemoryEstimate,
+    available_memory,
+    estimate_run_memory,
+    format_bytes,
+    model_weight_bytes,
 )
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -61,6 +89,26 @@ STATUS_DONE = "done"
 STATUS_SKIPPED = "skipped: complete"
 _BAD_DATA_ERRORS = ("InputDataError", "GradientError", "ImageFileError", "BadGzipFile", "EOFError")
 _WRITE_ERRORS = ("OutputWriteError", "PermissionError", "ReadOnlyFileSystemError")
+_RESOURCE_ERRORS = ("MemoryError", "OutOfMemoryError")
+
+
+class ResourceError(RuntimeError):
+    """A run cannot be processed with the resources of this machine (memory); status
+    ``failed (resources)``, exit 73 when every failure is one."""
+
+
+_INVOCATIONS = itertools.count(1)
+
+
+def invocation_id(started: float | None = None) -> str:
+    """``<YYYYmmdd-HHMMSS>_<pid>``: names what one invocation writes (summary, crash folders).
+
+    Unique also when one process runs the participant level more than once (``-<n>`` is added
+    from the second call on), so an invocation never reads an earlier one's crash files.
+    """
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(time.time() if started is None else started))
+    number = next(_INVOCATIONS)
+    return f"{stamp}_{os.getpid()}" + (f"-{number}" if number > 1 else "")
 
 
 @dataclass
@@ -75,7 +123,9 @@ class RunPlan:
     sources: list[str]
     spatial_reference: str
     wf_name: str
-    started: float = field(default_factory=time.time)
+    memory: MemoryEstimate = field(default_factory=MemoryEstimate)
+    # the run's existing derivatives before this attempt: {path: (inode, mtime_ns)}
+    before: dict[Path, tuple[int, int]] = field(default_factory=dict)
 
 
 def run_settings(config: RunConfig, model_sha256: str | None) -> dict[str, Any]:
@@ -106,13 +156,23 @@ def _uri(path, root) -> str:
         return Path(path).resolve().as_uri()
 
 
-def plan_run(run: DWIRun, config: RunConfig) -> RunPlan:
-    """Check a run from its header/gradients and decide its output names.
+def plan_run(run: DWIRun, config: RunConfig, memory_limit: int | None = None, model_bytes: int = 0) -> RunPlan:
+    """Check a run from its header/gradients, estimate its memory and decide its output names.
+
+    Parameters
+    ----------
+    memory_limit : int, optional
+        Bytes one run may use (``--mem-gb`` or the memory available); None: not checked.
+    model_bytes : int
+        Size of the model's weight files (part of the memory estimate).
 
     Raises
     ------
     InputDataError
-        The run cannot be processed (see :func:`~bids_dmri_ldm.interfaces.steps.check_run_inputs`).
+        The run cannot be processed (see :func:`~bids_dmri_ldm.interfaces.steps.check_run_inputs`),
+        or its output grid cannot be stored in NIfTI-1 (an axis over 32767 voxels).
+    ResourceError
+        The run needs more memory than ``memory_limit`` (the message says how much and what to change).
     """
     summary = check_run_inputs(run.dwi, run.bval, run.bvec, config.shell, config.shell_tolerance, config.sh_order_max)
     res_label = resolution = None
@@ -120,11 +180,50 @@ def plan_run(run: DWIRun, config: RunConfig) -> RunPlan:
         res_label = deriv.resolution_label(config.output_resolution)
         resolution = (f"Resampled to {config.output_resolution:g} mm isotropic voxels (cubic B-spline; brain mask "
                       "linear + threshold 0.5), same field of view and axis directions as the source")
-    outputs = deriv.run_outputs(config.output_dir, run.dwi, getattr(run, "entities", None), res_label)
+    memory = _check_memory(run, summary, config, res_label is not None, memory_limit, model_bytes)
+    try:
+        outputs = deriv.run_outputs(config.output_dir, run.dwi, getattr(run, "entities", None), res_label)
+    except ValueError as err:  # a label pybids accepted but BIDS does not (layout rejects most)
+        raise InputDataError(f"{Path(run.dwi).name}: {err}") from None
     sources = [_uri(p, config.bids_dir) for p in (run.dwi, run.bval, run.bvec, getattr(run, "mask", None)) if p]
     wf_name = re.sub(r"[^0-9a-zA-Z]", "_", outputs.run_id) + "_wf"
     return RunPlan(run=run, outputs=outputs, summary=summary, res_label=res_label, resolution=resolution,
-                   sources=sources, spatial_reference=_uri(run.dwi, config.bids_dir), wf_name=wf_name)
+                   sources=sources, spatial_reference=_uri(run.dwi, config.bids_dir), wf_name=wf_name,
+                   memory=memory)
+
+
+def _check_memory(run, summary: InputSummary, config: RunConfig, resampled: bool, memory_limit: int | None,
+                  model_bytes: int) -> MemoryEstimate:
+    """The run's memory estimate (:mod:`.resources`); refuse grids NIfTI-1 cannot store and runs
+    that cannot fit in ``memory_limit``."""
+    name = Path(run.dwi).name
+    voxel_size = config.output_resolution if resampled else None
+    _, out_shape = output_grid(summary.affine, summary.shape[:3], voxel_size)
+    n_kept = int(summary.selection.index.size)
+    if max(out_shape) > NIFTI1_MAX_DIM:
+        raise InputDataError(
+            f"{name}: at {voxel_size:g} mm the output grid would be {_shape_text(out_shape)} voxels; NIfTI-1 "
+            f"stores at most {NIFTI1_MAX_DIM} per axis (check the voxel sizes in the header, or use a coarser "
+            "--output-resolution)")
+    itemsize = nib.load(str(run.dwi)).get_data_dtype().itemsize
+    memory = estimate_run_memory(summary.shape, itemsize, n_kept, config.sh_order_max, out_shape, model_bytes)
+    if memory_limit is not None and memory.peak > memory_limit:
+        if resampled:
+            native = min(summary.voxel_size)
+            change = (f"use a coarser --output-resolution (e.g. 1.05, or 'native' = {native:g} mm)"
+                      f", more memory (--mem-gb), or another machine")
+            grid = f"at {voxel_size:g} mm the output grid is {_shape_text(out_shape)} voxels x {n_kept} volumes"
+        else:
+            change = "run it on a machine with more memory (or raise --mem-gb if more is free)"
+            grid = f"the grid is {_shape_text(out_shape)} voxels x {n_kept} volumes"
+        raise ResourceError(
+            f"{name}: {grid}; this run needs about {format_bytes(memory.peak)} of memory but "
+            f"{format_bytes(memory_limit)} is available; {change}")
+    return memory
+
+
+def _shape_text(shape) -> str:
+    return "x".join(str(int(n)) for n in shape)
 
 
 def init_single_run_wf(plan: RunPlan, config: RunConfig, settings: dict[str, Any]):
@@ -169,11 +268,27 @@ def init_single_run_wf(plan: RunPlan, config: RunConfig, settings: dict[str, Any
     if writes_std_map(config.method, method_options(config)):
         fields.append("rish_std_file")
     workflow.connect([(dwi_wf, ds_wf, [(f"outputnode.{f}", f"inputnode.{f}") for f in fields])])
+    _set_node_memory(workflow, plan.memory)
     return workflow
 
 
-def _crash_dir(config: RunConfig, plan: RunPlan) -> Path:
-    return Path(config.work_dir) / "crash" / plan.wf_name
+#: Which memory estimate (:class:`~.resources.MemoryEstimate` step) each heavy node is scheduled with.
+_NODE_MEMORY = {"load_dwi": "load", "fit_rish": "fit", "predict_scale": "model", "resample": "grid",
+                "resample_std": "grid", "scale_sh": "grid", "rebuild": "grid"}
+
+
+def _set_node_memory(workflow, memory: MemoryEstimate) -> None:
+    """Tell MultiProc's scheduler what the heavy nodes need (``mem_gb``), so that runs in
+    parallel never together exceed the memory given to it (see :func:`_execute`)."""
+    for node in workflow._get_all_nodes():
+        step = _NODE_MEMORY.get(node.name)
+        if step in memory.steps:
+            node._mem_gb = memory.steps[step] / GIB
+
+
+def _crash_dir(config: RunConfig, plan: RunPlan, invocation: str) -> Path:
+    """Where this invocation's crash files of the run go (read by this invocation only)."""
+    return Path(config.work_dir) / "crash" / plan.wf_name / invocation
 
 
 def _set_crash_dir(workflow, crash_dir: Path) -> None:
@@ -181,8 +296,13 @@ def _set_crash_dir(workflow, crash_dir: Path) -> None:
         node.config = {"execution": {"crashdump_dir": str(crash_dir), "crashfile_format": "txt"}}
 
 
-def run_participant(config: RunConfig, runs: Sequence[DWIRun]) -> dict[str, str]:
+def run_participant(config: RunConfig, runs: Sequence[DWIRun], rejected: dict[str, str] | None = None
+                    ) -> dict[str, str]:
     """Translate every run; return ``{run stem: status}`` (see the module docstring).
+
+    ``rejected`` (``{stem: reason}``) are runs the BIDS layout already refused (no bval/bvec,
+    a malformed ``MagneticFieldStrength``, an invalid file name, ...): they get their status,
+    summary row and error log like the runs refused here.
 
     Raises
     ------
@@ -190,57 +310,198 @@ def run_participant(config: RunConfig, runs: Sequence[DWIRun]) -> dict[str, str]
         The output directory cannot be written at all (73).
     bids_dmri_ldm.cli.exitcodes.BidsAppError
         The method cannot be loaded (unknown, model corrupt, ``ldm`` weights missing: 1; model
-        not found: 66); checked once before any run starts.
+        not found: 66), or its model was trained for other data (65); checked once before any
+        run starts.
     """
     started = time.time()
+    invocation = invocation_id(started)
     try:
         deriv.init_derivatives_dataset(config.output_dir, config.bids_dir)
     except deriv.OutputWriteError as err:
         raise OutputError(str(err)) from None
-    try:
-        translator = load_method(config.method, config.model_dir, method_options(config))
-    except MethodError as err:
-        raise BidsAppError(str(err), EX_NOINPUT if isinstance(err, ModelNotFoundError) else EX_FAILURE) from None
-    model_sha = getattr(getattr(translator, "model", None), "sha256", None)
-    if Method(config.method) in NEEDS_MODEL:
-        LOGGER.info("method %s, model %s (sha256 %s)", config.method,
-                    resolve_model_dir(config.method, config.model_dir), model_sha)
-    for message in model_warnings(translator):  # once here; every sidecar records it (RunWarnings)
-        LOGGER.warning("%s", message)
-    settings = run_settings(config, model_sha)
-
     statuses: dict[str, str] = {}
     reasons: dict[str, str] = {}
-    plans: list[RunPlan] = []
-    for run in runs:
-        key = _run_key(run)
+    for key, reason in sorted((rejected or {}).items()):
+        statuses[key], reasons[key] = "failed (bad-data): " + reason, reason
+        _write_error_log(config, f"{key}_dwi", reason)
+    if runs:
         try:
-            plan = plan_run(run, config)
-        except InputDataError as err:
-            statuses[key], reasons[key] = "failed (bad-data): " + str(err), str(err)
-            continue
-        if not config.overwrite and deriv.existing_files(plan.outputs):
-            if deriv.is_complete(plan.outputs, settings):
-                LOGGER.info("%s: outputs complete, skipped (use --overwrite to redo)", key)
-                statuses[key] = STATUS_SKIPPED
-                continue
-            recorded = deriv.read_settings(plan.outputs)
-            if recorded is not None and recorded != settings and deriv.is_complete(plan.outputs):
-                reason = (f"outputs made with other settings exist ({_settings_diff(recorded, settings)}); "
-                          "rerun with --overwrite or use another output directory")
-                statuses[key], reasons[key] = "failed: " + reason, reason
-                continue
-            LOGGER.info("%s: incomplete outputs from an earlier run are redone", key)
-        plans.append(plan)
-
-    if plans:
-        _execute(plans, config, settings)
-        for plan in plans:
-            key = _run_key(plan.run)
-            statuses[key], reasons[key] = _outcome(plan, config, settings)
-    _write_summary(config, statuses, reasons, started)
+            translator = load_method(config.method, config.model_dir, method_options(config))
+        except MethodError as err:
+            raise BidsAppError(str(err), EX_NOINPUT if isinstance(err, ModelNotFoundError) else EX_FAILURE) from None
+        model_sha = getattr(getattr(translator, "model", None), "sha256", None)
+        model_dir = None
+        if Method(config.method) in NEEDS_MODEL:
+            model_dir = resolve_model_dir(config.method, config.model_dir)
+            LOGGER.info("method %s, model %s (sha256 %s)", config.method, model_dir, model_sha)
+            check_model_matches(translator, config, model_dir)
+        for message in model_warnings(translator):  # once here; every sidecar records it (RunWarnings)
+            LOGGER.warning("%s", message)
+        settings = run_settings(config, model_sha)
+        context = _Context(config, settings, invocation, memory_limit(config), model_weight_bytes(model_dir),
+                           statuses, reasons)
+        deferred = _process_runs(context, runs, wait=False)
+        if deferred:
+            _process_runs(context, deferred, wait=True)
+    _write_summary(config, statuses, reasons, invocation)
     write_reports(config.output_dir, runs, statuses)
     return statuses
+
+
+def check_model_matches(translator, config: RunConfig, model_dir: Path | None) -> None:
+    """Refuse (65) a model trained for other data than this run gives it (shell, SH order, RISH
+    orders, signal normalisation), naming both; a model that records nothing is only warned about.
+    """
+    mismatches = model_mismatches(translator, config.shell, config.shell_tolerance, config.sh_order_max,
+                                  RISH_ORDERS)
+    if mismatches is None:
+        LOGGER.warning("the %s model %s does not record the shell, SH order and RISH orders it was trained for, "
+                       "so they are not checked against this run's (retrain it with the group level)",
+                       config.method, model_dir)
+        return
+    if mismatches:
+        found = "; ".join(f"{what}: model {theirs}, this run {ours}" for what, theirs, ours in mismatches)
+        raise BidsAppError(
+            f"the {config.method} model {model_dir} was trained for other data than this run gives it ({found}); "
+            "run with the model's settings, or train a model for these settings with the group level "
+            "(and pass it with --model-dir)", EX_DATAERR)
+
+
+def memory_limit(config: RunConfig) -> int | None:
+    """Bytes one run may use: ``--mem-gb``, else the memory available now (None when unknown)."""
+    mem_gb = getattr(config, "mem_gb", None)
+    if mem_gb:
+        return int(float(mem_gb) * GIB)
+    return available_memory()[0]
+
+
+@dataclass
+class _Context:
+    """What :func:`_process_runs` needs besides the runs (one invocation)."""
+
+    config: Any
+    settings: dict[str, Any]
+    invocation: str
+    memory_limit: int | None
+    model_bytes: int
+    statuses: dict[str, str]
+    reasons: dict[str, str]
+
+
+def _process_runs(ctx: _Context, runs: Sequence[DWIRun], wait: bool) -> list[DWIRun]:
+    """Plan, lock, execute and judge ``runs``; statuses go into ``ctx``.
+
+    A run whose lock another process holds is returned (``wait=False``) or waited for
+    (``wait=True``). Locks are taken in run order, so two processes waiting for each other's
+    runs cannot deadlock; every lock taken here is released before returning.
+    """
+    config, settings = ctx.config, ctx.settings
+    deferred: list[DWIRun] = []
+    plans: list[RunPlan] = []
+    locks: list[RunLock] = []
+    seen: dict[str, str] = {}
+    try:
+        for run in sorted(runs, key=_run_key):
+            key = _run_key(run)
+            try:
+                plan = plan_run(run, config, ctx.memory_limit, ctx.model_bytes)
+            except InputDataError as err:
+                _refuse(ctx, key, f"{key}_dwi", "bad-data", str(err))
+                continue
+            except ResourceError as err:
+                _refuse(ctx, key, f"{key}_dwi", "resources", str(err))
+                continue
+            except Exception as err:  # noqa: BLE001 - an unforeseen problem fails this run only
+                LOGGER.debug("%s: planning failed", key, exc_info=True)
+                _refuse(ctx, key, f"{key}_dwi", None, f"{type(err).__name__}: {err}")
+                continue
+            run_id = plan.outputs.run_id
+            if run_id in seen:  # two inputs would write one set of outputs: the first is processed
+                other = _relative(run.dwi, config.bids_dir)
+                _refuse(ctx, other, f"{run_id}_duplicate", "bad-data",
+                        f"{other}: same outputs ({run_id}) as {_relative(seen[run_id], config.bids_dir)}, "
+                        "which is processed instead")
+                continue
+            seen[run_id] = str(run.dwi)
+            lock = RunLock(config.output_dir, run_id)
+            try:
+                if not lock.acquire(blocking=False):
+                    if not wait:
+                        LOGGER.warning("%s: another process is translating this run (%s); it is waited for "
+                                       "after the other runs", key, lock.holder())
+                        deferred.append(run)
+                        continue
+                    LOGGER.warning("%s: waiting for the other process translating this run (%s) to finish",
+                                   key, lock.holder())
+                    lock.acquire(blocking=True)
+            except LockUnavailable as err:
+                _refuse(ctx, key, run_id, "cannot-write", str(err))
+                continue
+            locks.append(lock)
+            decision = _existing_outputs_decision(plan, config, settings)
+            if decision is not None:
+                ctx.statuses[key], ctx.reasons[key] = decision
+                if decision[0].startswith("failed"):
+                    _write_error_log(config, run_id, decision[1], dwi=run.dwi)
+                lock.release()
+                continue
+            plan.before = _snapshot(plan.outputs)
+            plans.append(plan)
+        if plans:
+            _execute(plans, config, settings, ctx.invocation)
+            for plan in plans:
+                key = _run_key(plan.run)
+                ctx.statuses[key], ctx.reasons[key] = _outcome(plan, config, settings, ctx.invocation)
+    finally:
+        for lock in locks:
+            lock.release()
+    return deferred
+
+
+def _relative(path, root) -> str:
+    try:
+        return Path(path).relative_to(root).as_posix()
+    except ValueError:
+        return str(path)
+
+
+def _refuse(ctx: _Context, key: str, log_name: str, category: str | None, reason: str) -> None:
+    """Record a run refused before any work (status, reason, ``logs/<log_name>_error.log``)."""
+    reason = " ".join(reason.split())
+    ctx.statuses[key] = f"failed ({category}): {reason}" if category else f"failed: {reason}"
+    ctx.reasons[key] = reason
+    _write_error_log(ctx.config, log_name, reason)
+
+
+def _existing_outputs_decision(plan: RunPlan, config: RunConfig, settings: dict[str, Any]
+                               ) -> tuple[str, str] | None:
+    """``(status, reason)`` when the run's existing derivatives settle it (complete: skipped;
+    made with other settings: refused), None when the run is to be (re)done."""
+    key = _run_key(plan.run)
+    if config.overwrite or not deriv.existing_files(plan.outputs):
+        return None
+    if deriv.is_complete(plan.outputs, settings):
+        LOGGER.info("%s: outputs complete, skipped (use --overwrite to redo)", key)
+        return STATUS_SKIPPED, ""
+    recorded = deriv.read_settings(plan.outputs)
+    if recorded is not None and recorded != settings and deriv.is_complete(plan.outputs):
+        reason = (f"outputs made with other settings exist ({_settings_diff(recorded, settings)}); "
+                  "rerun with --overwrite or use another output directory")
+        return "failed: " + reason, reason
+    LOGGER.info("%s: incomplete outputs from an earlier run are redone", key)
+    return None
+
+
+def _snapshot(outputs: deriv.RunOutputs) -> dict[Path, tuple[int, int]]:
+    """``{path: (inode, mtime_ns)}`` of the run's derivatives that exist now."""
+    found = {}
+    for path in deriv.existing_files(outputs):
+        try:
+            stat = path.stat()
+        except OSError:
+            continue
+        found[path] = (stat.st_ino, stat.st_mtime_ns)
+    return found
 
 
 def _subject(run) -> str | None:
@@ -292,9 +553,9 @@ def _settings_diff(recorded: dict, wanted: dict) -> str:
     return "; ".join(diffs) or "unknown difference"
 
 
-def _execute(plans: list[RunPlan], config: RunConfig, settings: dict[str, Any]) -> None:
+def _execute(plans: list[RunPlan], config: RunConfig, settings: dict[str, Any], invocation: str) -> None:
     """Build one workflow with a sub-workflow per run and run it; node failures are collected
-    from the crash files afterwards."""
+    from this invocation's crash files afterwards."""
     from nipype import config as nipype_config
     from nipype import logging as nipype_logging
     from nipype.pipeline import engine as pe
@@ -309,38 +570,39 @@ def _execute(plans: list[RunPlan], config: RunConfig, settings: dict[str, Any]) 
 
     top = pe.Workflow(name="bids_dmri_ldm_wf", base_dir=str(config.work_dir))
     for plan in plans:
-        crash_dir = _crash_dir(config, plan)
-        shutil.rmtree(crash_dir, ignore_errors=True)  # reasons of an earlier attempt are stale
-        plan.started = time.time()
         run_wf = init_single_run_wf(plan, config, settings)
-        _set_crash_dir(run_wf, crash_dir)
+        _set_crash_dir(run_wf, _crash_dir(config, plan, invocation))
         top.add_nodes([run_wf])
     if config.nprocs > 1:
+        from .execution import WorkerPoolPlugin
+
         # forkserver, not fork: a forked worker inherits torch's (OpenMP) thread pool and CUDA
         # state from the parent and can deadlock in the first threaded kernel it runs.
-        plugin, plugin_args = "MultiProc", {
-            "n_procs": int(config.nprocs),
-            "raise_insufficient": False,
-            "mp_context": "forkserver",
-        }
+        limit = memory_limit(config)
+        plugin_args = {"n_procs": int(config.nprocs), "raise_insufficient": False, "mp_context": "forkserver"}
+        if limit is not None:  # nodes' mem_gb (their estimates) are scheduled within it
+            plugin_args["memory_gb"] = max(limit / GIB, 0.5)
+        plugin = WorkerPoolPlugin(plugin_args)
     else:
-        plugin, plugin_args = "Linear", {}
+        plugin = "Linear"
     # nipype's MultiProc calls gc.collect() on every scheduling pass; with torch, pybids and
     # sqlalchemy loaded that is ~0.7 s each. Freezing the objects alive now (they live for the
     # whole run anyway) keeps those collections to the objects made since.
     gc.freeze()
     try:
-        top.run(plugin=plugin, plugin_args=plugin_args)
+        top.run(plugin=plugin)
     except RuntimeError as err:  # "Workflow did not execute cleanly": per-run outcomes below
         LOGGER.debug("nipype: %s", err)
     finally:
         gc.unfreeze()
 
 
-def _outcome(plan: RunPlan, config: RunConfig, settings: dict[str, Any]) -> tuple[str, str]:
-    """Status and reason of one executed run."""
-    crash_files = sorted(_crash_dir(config, plan).glob("crash-*.txt"))
+def _outcome(plan: RunPlan, config: RunConfig, settings: dict[str, Any], invocation: str) -> tuple[str, str]:
+    """Status and reason of one executed run (from this invocation's crash files only)."""
+    crash_dir = _crash_dir(config, plan, invocation)
+    crash_files = sorted(crash_dir.glob("crash-*.txt"))
     if not crash_files and deriv.is_complete(plan.outputs, settings):
+        _remove_empty_dirs(crash_dir)
         return STATUS_DONE, ""
     if crash_files:
         error_type, message = crash_reason(crash_files[0].read_text(errors="replace"))
@@ -353,20 +615,31 @@ def _outcome(plan: RunPlan, config: RunConfig, settings: dict[str, Any]) -> tupl
         category = "bad-data"
     elif error_type in _WRITE_ERRORS:
         category = "cannot-write"
+    elif error_type in _RESOURCE_ERRORS:
+        category = "resources"
     else:
         category = None
         message = f"{error_type}: {message}"
-    _write_error_log(config, plan, message, crash_files)
+    _write_error_log(config, plan.outputs.run_id, message, crash_files, dwi=plan.run.dwi)
     prefix = f"failed ({category}): " if category else "failed: "
     return prefix + message, message
 
 
 def _remove_partial(plan: RunPlan) -> list[Path]:
-    """Remove the run's derivatives if any was (re)written by this attempt."""
-    existing = deriv.existing_files(plan.outputs)
-    if any(path.stat().st_mtime >= plan.started - 1 for path in existing):
+    """Remove the run's derivatives when this attempt (re)wrote any of them (compared with the
+    snapshot taken under the run's lock before it started: only this process wrote since)."""
+    if _snapshot(plan.outputs) != plan.before:
         return deriv.remove_outputs(plan.outputs)
     return []
+
+
+def _remove_empty_dirs(folder: Path) -> None:
+    """Remove ``folder`` and its parent when empty (this invocation's crash folder of a run)."""
+    for path in (folder, folder.parent):
+        try:
+            path.rmdir()
+        except OSError:
+            return
 
 
 _EXC_LINE = re.compile(r"^(?:[A-Za-z_][\w.]*\.)?([A-Za-z_]\w*(?:Error|Exception|Exit|Interrupt)): ?(.*)$")
@@ -382,25 +655,25 @@ def crash_reason(text: str) -> tuple[str, str]:
     return found
 
 
-def _write_error_log(config: RunConfig, plan: RunPlan, message: str, crash_files: list[Path]) -> None:
-    lines = [f"run: {plan.run.dwi}", f"reason: {message}"]
+def _write_error_log(config: RunConfig, run_name: str, message: str, crash_files: Sequence[Path] = (),
+                     dwi: str | os.PathLike | None = None) -> None:
+    """``logs/<run_name>_error.log``: the reason, and each crash file with its traceback."""
+    lines = ([f"run: {dwi}"] if dwi else [f"run: {run_name}"]) + [f"reason: {message}"]
     for crash in crash_files:
         lines += [f"crash file: {crash}", crash.read_text(errors="replace")]
     try:
-        deriv.atomic_write_text(Path(config.output_dir) / "logs" / f"{plan.outputs.run_id}_error.log",
-                                "\n".join(lines) + "\n")
+        deriv.atomic_write_text(Path(config.output_dir) / "logs" / f"{run_name}_error.log", "\n".join(lines) + "\n")
     except OSError as err:
-        LOGGER.warning("could not write the error log of %s: %s", plan.outputs.run_id, err)
+        LOGGER.warning("could not write the error log of %s: %s", run_name, err)
 
 
-def _write_summary(config: RunConfig, statuses: dict[str, str], reasons: dict[str, str], started: float) -> None:
-    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(started))
+def _write_summary(config: RunConfig, statuses: dict[str, str], reasons: dict[str, str], invocation: str) -> None:
     rows = ["run\tstatus\treason"]
     for key in sorted(statuses):
         status = statuses[key].split(":", 1)[0]
         rows.append(f"{key}\t{status}\t{' '.join(reasons.get(key, '').split())}")
     try:
-        deriv.atomic_write_text(Path(config.output_dir) / "logs" / f"participant_{stamp}_{os.getpid()}.tsv",
+        deriv.atomic_write_text(Path(config.output_dir) / "logs" / f"participant_{invocation}.tsv",
                                 "\n".join(rows) + "\n")
     except OSError as err:
         LOGGER.warning("could not write the run summary: %s", err)

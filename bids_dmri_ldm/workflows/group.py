@@ -273,6 +273,7 @@ def train_ldm(config: RunConfig, runs: Sequence[DWIRun]) -> int:
     import torch
 
     from ..ml.device import resolve_device
+    from ..ml.modelconfig import trained_for
     from ..ml.training import TrainingDataError, train_all
 
     train_cfg = _load_train_config(config)
@@ -286,6 +287,8 @@ def train_ldm(config: RunConfig, runs: Sequence[DWIRun]) -> int:
                 len(rish_3t), len(rish_7t), stats.get("computed", 0), stats.get("reused", 0))
     if config.seed:
         train_cfg["training"]["seed"] = int(config.seed)
+    # what the bundle is trained for; the participant level refuses other data (config.json)
+    train_cfg["trained_for"] = trained_for(config.shell, config.sh_order_max, train_cfg["orders"])
     device = resolve_device(config.device)
     work = Path(config.work_dir) / "ldm_training" / train_cfg["name"]
     staging = Path(config.work_dir) / "ldm_training" / "out"

@@ -26,7 +26,7 @@ def fake_levels(monkeypatch):
     calls = []
     answers = {"participant": None, "group": 0}
 
-    def run_participant(config, runs):
+    def run_participant(config, runs, rejected=None):
         calls.append(("participant", config, list(runs)))
         if callable(answers["participant"]):
             return answers["participant"](runs)
@@ -84,7 +84,7 @@ def test_run_without_gradients_fails_but_others_run(make_bids_dataset, tmp_path,
     calls, _ = fake_levels
     ds = make_bids_dataset(subjects=("01", "02"), inherit_gradients=False)
     (ds.root / "sub-01" / "dwi" / "sub-01_dwi.bval").unlink()
-    assert main(_argv(ds, tmp_path)) == 1
+    assert main(_argv(ds, tmp_path)) == 65  # bad data (the other run: "ok")
     assert [run.stem for run in calls[0][2]] == ["sub-02"]
     err = capsys.readouterr().err
     assert "no .bval file found" in err and "sub-01" in _one_error_line(err)

@@ -1,0 +1,268 @@
+"""Parallel execution of the participant workflow: nipype's MultiProc scheduler on workers whose
+death fails only the node they were running.
+
+nipype's ``MultiProc`` plugin runs nodes in a ``concurrent.futures.ProcessPoolExecutor``. When one
+worker is killed (``kill -9``, or the kernel's out-of-memory killer), the executor marks the whole
+pool broken and fails every running future; nipype's result callback then raises inside the
+executor's thread, the task results never arrive, and the main process polls forever (and, at
+exit, waits on the broken pool's thread, so Ctrl-C does not end it either).
+
+:class:`WorkerPoolPlugin` keeps MultiProc's scheduling (dependencies, ``n_procs``/``mem_gb``
+accounting) and replaces the executor by a small pool of its own: one ``multiprocessing``
+process per worker (``forkserver`` context, see :func:`bids_dmri_ldm.workflows.base._execute`),
+each with its own pipe. A worker that dies is noticed at the next poll (every
+``poll_sleep_duration`` seconds): the node it was running gets a crash file saying how the worker
+ended (so the run fails with that reason and its other nodes are not run), the worker is
+replaced, and the other runs go on. Workers ignore SIGINT, so Ctrl-C reaches the main process
+only, which then terminates them (:meth:`WorkerPoolPlugin.run`).
+
+Workers log like the main process (stderr and the invocation's log file, nipype's records
+included, never stdout; :func:`init_worker_logging`).
+
+Test hooks (environment variables read by the workers; tests only):
+``BIDS_DMRI_LDM_TEST_KILL_NODE=<text>``: a worker about to run a node whose full name contains
+``<text>`` kills itself with SIGKILL, as the out-of-memory killer would.
+``BIDS_DMRI_LDM_TEST_HANG_NODE=<text>=<file>``: a worker about to run such a node creates
+``<file>`` and then sleeps until it is stopped (a node that never ends, to test Ctrl-C).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import signal
+import sys
+import time
+import traceback
+import warnings
+from multiprocessing.connection import Connection
+from typing import Any
+
+from nipype.pipeline.plugins.multiproc import MultiProcPlugin, process_initializer, run_node
+
+LOGGER = logging.getLogger("bids_dmri_ldm.workflow")
+
+KILL_NODE_ENV = "BIDS_DMRI_LDM_TEST_KILL_NODE"
+"""Environment variable of the worker-death test hook (see the module docstring)."""
+HANG_NODE_ENV = "BIDS_DMRI_LDM_TEST_HANG_NODE"
+"""Environment variable of the hanging-node test hook (see the module docstring)."""
+
+
+class WorkerDiedError(RuntimeError):
+    """A worker process ended while running a node (killed, or crashed in native code)."""
+
+
+def describe_exit(exitcode: int | None) -> str:
+    """How a worker process ended, in words (``exitcode`` as :attr:`multiprocessing.Process.exitcode`)."""
+    if exitcode is None:
+        return "ended without an exit status"
+    if exitcode < 0:
+        number = -exitcode
+        try:
+            name = signal.Signals(number).name
+        except ValueError:
+            name = f"signal {number}"
+        hint = " (the kernel's out-of-memory killer sends it; check the memory available)" \
+            if number == signal.SIGKILL else ""
+        return f"was killed by {name}{hint}"
+    return f"exited with status {exitcode}"
+
+
+def logging_snapshot() -> dict[str, Any]:
+    """What a worker needs to log like this process: the handlers set up by the command line
+    (stderr, the invocation's log file), the levels of the loggers involved, the warning filters."""
+    handlers = []
+    for handler in logging.getLogger().handlers:
+        if not getattr(handler, "_bids_dmri_ldm", False):
+            continue
+        formatter = handler.formatter or logging.Formatter()
+        spec = ("file", handler.baseFilename) if isinstance(handler, logging.FileHandler) else ("stderr", None)
+        handlers.append((*spec, handler.level, formatter._fmt, formatter.datefmt))
+    levels = {name: logging.getLogger(name).level for name in _LOGGERS}
+    return {"handlers": handlers, "levels": levels, "warning_filters": [f for f in warnings.filters if _picklable(f)]}
+
+
+def _picklable(obj: Any) -> bool:
+    try:
+        pickle.dumps(obj)
+    except Exception:  # noqa: BLE001 - e.g. a warning category defined in a function
+        return False
+    return True
+
+
+_LOGGERS = ("", "bids_dmri_ldm", "nipype", "nipype.workflow", "nipype.interface", "nipype.utils",
+            "nipype.filemanip")
+
+
+def init_worker_logging(snapshot: dict[str, Any]) -> None:
+    """Log in a worker as :func:`logging_snapshot` describes; nipype's records go through those
+    handlers only (nipype adds a stdout handler of its own when it is imported: removed here)."""
+    root = logging.getLogger()
+    for kind, target, level, fmt, datefmt in snapshot.get("handlers", ()):
+        try:
+            handler = logging.FileHandler(target) if kind == "file" else logging.StreamHandler(sys.stderr)
+        except OSError:  # the main process reports an unwritable log file
+            continue
+        handler.setLevel(level)
+        handler.setFormatter(logging.Formatter(fmt, datefmt))
+        root.addHandler(handler)
+    nipype_logger = logging.getLogger("nipype")
+    for handler in list(nipype_logger.handlers):
+        if type(handler) is logging.StreamHandler:
+            nipype_logger.removeHandler(handler)
+    if not nipype_logger.handlers:
+        nipype_logger.addHandler(logging.NullHandler())
+    nipype_logger.propagate = True
+    for name, level in snapshot.get("levels", {}).items():
+        logging.getLogger(name).setLevel(level)
+    logging.captureWarnings(True)
+    warnings.filters[:] = snapshot.get("warning_filters", warnings.filters)
+
+
+def _worker_main(conn: Connection, cwd: str, log_snapshot: dict[str, Any]) -> None:
+    """Loop of one worker: receive ``(node, updatehash, taskid)``, send run_node's result dict."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is handled by the main process
+    process_initializer(cwd)
+    init_worker_logging(log_snapshot)
+    while True:
+        try:
+            message = conn.recv()
+        except (EOFError, OSError):  # the main process has gone
+            return
+        if message is None:
+            return
+        node, updatehash, taskid = message
+        _test_hooks(node.fullname)
+        conn.send(run_node(node, updatehash, taskid))
+
+
+def _test_hooks(node_name: str) -> None:
+    """The test hooks of the module docstring (no effect unless their variables are set)."""
+    kill_pattern = os.environ.get(KILL_NODE_ENV)
+    if kill_pattern and kill_pattern in node_name:
+        os.kill(os.getpid(), signal.SIGKILL)
+    pattern, _, marker = os.environ.get(HANG_NODE_ENV, "").partition("=")
+    if pattern and pattern in node_name:
+        with open(marker, "w") as handle:
+            handle.write(str(os.getpid()))
+        while True:
+            time.sleep(3600)
+
+
+class _Worker:
+    def __init__(self, context, cwd: str, log_snapshot: dict[str, Any]):
+        self.conn, child = context.Pipe()
+        self.process = context.Process(target=_worker_main, args=(child, cwd, log_snapshot),
+                                       name="bids-dmri-ldm-worker", daemon=True)
+        self.process.start()
+        child.close()
+        self.taskid: int | None = None
+        self.node_name = ""
+
+    def stop(self, kill: bool = False) -> None:
+        if self.process.is_alive():
+            if kill:
+                self.process.terminate()
+            else:
+                try:
+                    self.conn.send(None)
+                except OSError:
+                    self.process.terminate()
+        self.process.join(timeout=5)
+        if self.process.is_alive():
+            self.process.kill()
+            self.process.join()
+        self.conn.close()
+
+
+class WorkerPoolPlugin(MultiProcPlugin):
+    """nipype MultiProc with workers that may die (see the module docstring).
+
+    ``plugin_args`` as MultiProc's (``n_procs``, ``memory_gb``, ``raise_insufficient``,
+    ``mp_context``); the workers log as this process does when the plugin is made
+    (:func:`logging_snapshot`).
+    """
+
+    def __init__(self, plugin_args: dict[str, Any] | None = None):
+        plugin_args = dict(plugin_args or {})
+        self._log_snapshot = plugin_args.pop("log_snapshot", None) or logging_snapshot()
+        super().__init__(plugin_args=plugin_args)
+        self.pool.shutdown(wait=False)  # MultiProc's executor (never started) is not used
+        import multiprocessing as mp
+
+        self._context = mp.get_context(self.plugin_args.get("mp_context"))
+        self._idle: list[_Worker] = []
+        self._busy: dict[int, _Worker] = {}
+        self._failed: dict[int, dict[str, Any]] = {}
+
+    # -- MultiProc's executor interface -------------------------------------------------------
+    def _submit_job(self, node, updatehash=False):
+        self._taskid += 1
+        if getattr(node.interface, "terminal_output", "") == "stream":
+            node.interface.terminal_output = "allatonce"
+        taskid = self._taskid
+        worker = self._idle.pop() if self._idle else _Worker(self._context, self._cwd, self._log_snapshot)
+        try:
+            try:
+                worker.conn.send((node, updatehash, taskid))
+            except OSError:  # the idle worker died meanwhile: a fresh one
+                worker.stop(kill=True)
+                worker = _Worker(self._context, self._cwd, self._log_snapshot)
+                worker.conn.send((node, updatehash, taskid))
+        except Exception:  # noqa: BLE001 - e.g. a node that cannot be pickled: that node fails
+            self._idle.append(worker)
+            self._failed[taskid] = {"result": None, "taskid": taskid,
+                                    "traceback": traceback.format_exception(*sys.exc_info())}
+            self._task_obj[taskid] = None
+            return taskid
+        worker.taskid, worker.node_name = taskid, node.fullname
+        self._busy[taskid] = worker
+        self._task_obj[taskid] = worker
+        return taskid
+
+    def _get_result(self, taskid):
+        if taskid in self._failed:
+            return self._failed.pop(taskid)
+        worker = self._busy.get(taskid)
+        if worker is None:
+            return None
+        if worker.conn.poll():
+            try:
+                result = worker.conn.recv()
+            except (EOFError, OSError):
+                result = None
+            if result is not None:
+                self._busy.pop(taskid)
+                worker.taskid = None
+                self._idle.append(worker)
+                return result
+        if worker.process.is_alive():
+            return None
+        worker.process.join()
+        how = describe_exit(worker.process.exitcode)
+        self._busy.pop(taskid)
+        worker.stop(kill=True)
+        LOGGER.error("the worker running %s %s; that run fails, the others go on", worker.node_name, how)
+        message = f"the worker process running {worker.node_name.split('.')[-1]} {how}"
+        return {"result": None, "taskid": taskid,
+                "traceback": [f"{__name__}.WorkerDiedError: {message}\n"]}
+
+    def _clear_task(self, taskid):
+        self._task_obj.pop(taskid, None)
+
+    def _postrun_check(self):
+        self._stop_workers(kill=False)
+
+    # -- lifetime ------------------------------------------------------------------------------
+    def _stop_workers(self, kill: bool) -> None:
+        workers = self._idle + list(self._busy.values())
+        self._idle, self._busy = [], {}
+        for worker in workers:
+            worker.stop(kill=kill)
+
+    def run(self, graph, config, updatehash=False):
+        """MultiProc's run; whatever ends it (an error, Ctrl-C), no worker outlives it."""
+        try:
+            return super().run(graph, config, updatehash=updatehash)
+        finally:
+            self._stop_workers(kill=True)

@@ -1,0 +1,154 @@
+"""Pre-flight memory estimate of a participant run, and the memory this machine offers.
+
+The estimate comes from the header only (grid, volumes, on-disk type) and the settings (shell
+volumes kept, SH order, output voxel size), before any voxel is read. It follows how the steps
+of :mod:`bids_dmri_ldm.interfaces.steps` hold their arrays (float32 = 4 bytes per value):
+
+``load``
+    the whole series as stored (``get_unscaled``) plus the kept volumes twice as float32
+    (the copy and its sanitised result): ``V_in (N b + 8 n_kept)``.
+``fit``
+    the kept volumes, their S/S0 copy and the SH coefficients (and their RISH):
+    ``4 V_in (2 n_kept + 2 K)``.
+``grid``
+    resampling the coefficients to the output grid and scaling/rebuilding them there: the
+    input coefficients, three coefficient arrays on the output grid, and one rebuild batch
+    (:data:`~bids_dmri_ldm.interfaces.steps.REBUILD_BATCH_BYTES`): ``4 (V_in K + 3 V_out K) + 256 MiB``.
+
+each plus :data:`PROCESS_BYTES` for the worker itself; the run's peak is the largest step.
+``V`` are voxels per volume, ``N``/``b`` the stored volumes and bytes per value, ``n_kept`` the
+b0 + shell volumes, ``K = (L+1)(L+2)/2`` the SH coefficients of order ``L``. The brain's share
+of the grid is not known before the mask is made, so the masked steps are counted on the whole
+grid: an upper bound. Against the peak RSS measured in docs/performance.md: the demo
+(48x58x48x288 int16 -> 171x207x171, 108 volumes kept, L = 4) is estimated at 1.6 GiB (measured
+0.97 GiB), an HCP-size scan (145x174x145x108 int16 -> 173x207x173) at 4.0 GiB (measured 3.5 GiB).
+
+The memory offered is the kernel's ``MemAvailable`` or, inside a container or a batch job with a
+cgroup limit, that limit minus what the cgroup uses, whichever is smaller; ``--mem-gb`` replaces
+it.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+GIB = 2**30
+PROCESS_BYTES = 350 * 2**20
+"""Resident size of a worker before it reads any data (Python, numpy, nibabel, nipype, torch;
+measured 340 MiB)."""
+
+REBUILD_BATCH_BYTES = 256 * 2**20
+"""The rebuild's ``(n_mask, batch)`` temporary (as :data:`bids_dmri_ldm.interfaces.steps.REBUILD_BATCH_BYTES`)."""
+
+NIFTI1_MAX_DIM = 32767
+"""Largest size of a NIfTI-1 image axis (the header stores it as int16)."""
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Bytes each heavy step of a run needs (``load``, ``fit``, ``grid``, ``model``) and the peak."""
+
+    steps: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def peak(self) -> int:
+        return max(self.steps.values(), default=PROCESS_BYTES)
+
+
+def sh_coefficients(sh_order_max: int) -> int:
+    """Number of even-order real SH coefficients up to ``sh_order_max``."""
+    return (sh_order_max + 1) * (sh_order_max + 2) // 2
+
+
+def estimate_run_memory(shape: tuple[int, ...], itemsize: int, n_kept: int, sh_order_max: int,
+                        out_shape: tuple[int, ...], model_bytes: int = 0) -> MemoryEstimate:
+    """Memory of each step of one run (see the module docstring for the model).
+
+    Parameters
+    ----------
+    shape : tuple
+        Input image shape ``(X, Y, Z, N)``.
+    itemsize : int
+        Bytes per stored value (2 for int16, 4 for float32, ...).
+    n_kept : int
+        Volumes kept (b0s + the selected shell).
+    sh_order_max : int
+    out_shape : tuple of 3 ints
+        Output grid (equal to the input grid at native resolution).
+    model_bytes : int
+        Size of the translation model's weight files (0 for methods without networks).
+    """
+    v_in = math.prod(int(n) for n in shape[:3])
+    n_stored = int(shape[3]) if len(shape) > 3 else 1
+    v_out = math.prod(int(n) for n in out_shape[:3])
+    k = sh_coefficients(sh_order_max)
+    steps = {
+        "load": v_in * (n_stored * int(itemsize) + 8 * n_kept),
+        "fit": 4 * v_in * (2 * n_kept + 2 * k),
+        "grid": 4 * (v_in * k + 3 * v_out * k) + REBUILD_BATCH_BYTES,
+        # weights, a copy while loading, and activations on the model's small grid
+        "model": 4 * v_in * 3 * 4 + 4 * int(model_bytes),
+    }
+    return MemoryEstimate({name: PROCESS_BYTES + int(value) for name, value in steps.items()})
+
+
+def model_weight_bytes(model_dir: str | os.PathLike | None) -> int:
+    """Total size of the ``*.safetensors`` files of a model folder (0 when there are none)."""
+    if model_dir is None or not Path(model_dir).is_dir():
+        return 0
+    return sum(p.stat().st_size for p in Path(model_dir).glob("*.safetensors") if p.is_file())
+
+
+def _meminfo_available() -> int | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def _cgroup_available() -> int | None:
+    """Limit minus usage of this process's memory cgroup (v2, else v1), or None without a limit."""
+    candidates = [(Path("/sys/fs/cgroup/memory.max"), Path("/sys/fs/cgroup/memory.current")),
+                  (Path("/sys/fs/cgroup/memory/memory.limit_in_bytes"),
+                   Path("/sys/fs/cgroup/memory/memory.usage_in_bytes"))]
+    for limit_file, usage_file in candidates:
+        try:
+            limit_text = limit_file.read_text().strip()
+        except OSError:
+            continue
+        if limit_text == "max":
+            return None
+        try:
+            limit = int(limit_text)
+            usage = int(usage_file.read_text().strip()) if usage_file.is_file() else 0
+        except (OSError, ValueError):
+            return None
+        if limit >= 2**60:  # cgroup v1's "unlimited"
+            return None
+        return max(0, limit - usage)
+    return None
+
+
+def available_memory() -> tuple[int | None, str]:
+    """Bytes of memory available to this process now, and where the number comes from."""
+    found = [(value, source) for value, source in ((_meminfo_available(), "free memory"),
+                                                   (_cgroup_available(), "the container's memory limit"))
+             if value is not None]
+    if not found:
+        return None, "unknown"
+    return min(found)
+
+
+def format_bytes(n_bytes: float) -> str:
+    """``1.3 GB``-style size (powers of 1024, as ``free -h`` shows them)."""
+    value = float(n_bytes)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{value:.0f} {unit}" if unit in ("B", "KiB") else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} TiB"  # pragma: no cover
