@@ -60,6 +60,7 @@ def test_group_cnn_training_writes_a_verified_bundle(trained):
     assert bundle.method == "cnn" and set(bundle.networks) == {"cnn"}
     data = bundle.config["training_data"]
     assert data["n_paired"] == 2 and data["n_3t"] == 3 and "affines" in data["pairing"]
+    assert bundle.config["trained_for"]["shells"] == [1000.0] and bundle.config["trained_for"]["sh_order_max"] == 4
     assert len(data["validation_participants"]) == 1
     table = bundle.config["validation"]
     assert table["model"] == "cnn" and set(table["mean"]) == {"untouched 3T", "identity", "rish-global", "cnn"}

@@ -499,7 +499,10 @@ def train_cnn(config: RunConfig, runs: Sequence[DWIRun]) -> int:
 
     if config.stage not in (None, "all"):
         raise UsageError(f"--stage {config.stage} is an ldm stage; --method cnn trains in one stage (omit --stage)")
+    from ..ml.modelconfig import trained_for
+
     train_cfg = _load_train_config(config, Method.CNN)
+    train_cfg["trained_for"] = trained_for(config.shell, config.sh_order_max, train_cfg["orders"])
     try:
         deriv.init_derivatives_dataset(config.output_dir, config.bids_dir)
     except deriv.OutputWriteError as err:
