@@ -94,8 +94,12 @@ def test_dataset_description_and_init(tmp_path, monkeypatch):
     generated = desc["GeneratedBy"][0]
     assert generated["Name"] == "bids-dmri-ldm" and generated["CodeURL"].startswith("https://")
     assert "Container" not in generated  # not claimed outside the image
-    assert desc["SourceDatasets"] == [{"URL": raw.as_uri(), "DOI": "doi:10.1/x"}]
-    assert desc["DatasetLinks"] == {"raw": raw.as_uri()}
+    # Provenance that travels: the input by a path relative to the output and a bids: URI with
+    # its name and DOI; no absolute path, file:// URI or mount point.
+    assert desc["SourceDatasets"] == [{"URL": "bids:raw:", "Name": "r", "DOI": "doi:10.1/x"}]
+    assert desc["DatasetLinks"] == {"raw": "../raw"}
+    assert str(tmp_path) not in json.dumps(desc) and "file:" not in json.dumps(desc)
+    assert (out / desc["DatasetLinks"]["raw"] / "dataset_description.json").is_file()
     assert (out / "logs").is_dir()
     (out / ".bidsignore").write_text("extra/\n*_dwi.bval\n")
     deriv.init_derivatives_dataset(out, raw)  # idempotent, keeps user lines, no duplicates
@@ -113,9 +117,24 @@ def test_container_info(monkeypatch):
         monkeypatch.delenv(var, raising=False)
     assert deriv.container_info() is None
     monkeypatch.setenv("BIDS_DMRI_LDM_IN_CONTAINER", "1")
-    assert deriv.container_info()["Type"] == "docker"
+    assert deriv.container_info() == {"Type": "docker", "Tag": f"bids-dmri-ldm:{deriv.__version__}"}
+    # The image's own tag (Dockerfile: ENV BIDS_DMRI_LDM_IMAGE from the IMAGE_TAG build argument)
+    monkeypatch.setenv("BIDS_DMRI_LDM_IMAGE", "ghcr.io/x/bids-dmri-ldm:9.9-cpu")
+    assert deriv.container_info() == {"Type": "docker", "Tag": "ghcr.io/x/bids-dmri-ldm:9.9-cpu"}
+    monkeypatch.setenv("BIDS_DMRI_LDM_IMAGE", "")  # built without IMAGE_TAG
+    assert deriv.container_info()["Tag"] == f"bids-dmri-ldm:{deriv.__version__}"
     monkeypatch.setenv("APPTAINER_CONTAINER", "/x.sif")
     assert deriv.container_info()["Type"] == "singularity"
+
+
+def test_source_dataset_names_no_path(tmp_path):
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    assert deriv.source_dataset(raw) == {}  # no description: nothing claimed
+    (raw / "dataset_description.json").write_text(json.dumps({"Name": "HCP", "DatasetVersion": "1.0"}))
+    assert deriv.source_dataset(raw) == {"Name": "HCP", "Version": "1.0"}
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    assert deriv.dataset_link(raw, tmp_path / "a" / "b") == "../../raw"
 
 
 def test_sidecar_content():
