@@ -165,3 +165,24 @@ def test_completeness_and_settings(tmp_path):
     assert deriv.is_complete(outputs, settings)
     assert not deriv.is_complete(outputs, dict(settings, Method="rish-global"))
     assert len(deriv.remove_outputs(outputs)) == 12 and not deriv.existing_files(outputs)
+
+
+def test_bids_uri_through_symbolic_links(tmp_path):
+    """A file reached through a linked dataset root, or a link inside the dataset, is named
+    by its place in the dataset, never by an absolute path."""
+    real = tmp_path / "real"
+    (real / "sub-01" / "dwi").mkdir(parents=True)
+    target = real / "sub-01" / "dwi" / "sub-01_dwi.nii.gz"
+    target.write_bytes(b"x")
+    alias = tmp_path / "alias"
+    alias.symlink_to(real)
+    assert deriv.bids_uri(target, alias) == "bids:raw:sub-01/dwi/sub-01_dwi.nii.gz"
+    assert deriv.bids_uri(alias / "sub-01" / "dwi" / "sub-01_dwi.nii.gz", real) == (
+        "bids:raw:sub-01/dwi/sub-01_dwi.nii.gz")
+    elsewhere = tmp_path / "data.nii.gz"
+    elsewhere.write_bytes(b"x")
+    link = real / "sub-01" / "dwi" / "sub-01_desc-x_dwi.nii.gz"
+    link.symlink_to(elsewhere)
+    assert deriv.bids_uri(link, real) == "bids:raw:sub-01/dwi/sub-01_desc-x_dwi.nii.gz"
+    with pytest.raises(ValueError):
+        deriv.bids_uri(elsewhere, real)

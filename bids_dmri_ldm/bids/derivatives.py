@@ -317,8 +317,16 @@ def run_outputs(output_dir: str | os.PathLike, dwi_file: str | os.PathLike,
 
 
 def bids_uri(path: str | os.PathLike, dataset_root: str | os.PathLike, key: str = RAW_DATASET_KEY) -> str:
-    """BIDS URI ``bids:<key>:<path relative to the dataset root>`` (POSIX separators)."""
-    rel = Path(os.path.abspath(path)).relative_to(Path(os.path.abspath(dataset_root)))
+    """BIDS URI ``bids:<key>:<path relative to the dataset root>`` (POSIX separators).
+
+    The path is taken as written (a symbolic link inside the dataset keeps its own name, e.g.
+    the ``hcp2bids`` links), else with both sides resolved (a dataset reached through a
+    symbolic link). Raises ValueError when ``path`` is outside the dataset.
+    """
+    try:
+        rel = Path(os.path.abspath(path)).relative_to(Path(os.path.abspath(dataset_root)))
+    except ValueError:
+        rel = Path(os.path.realpath(path)).relative_to(Path(os.path.realpath(dataset_root)))
     return f"bids:{key}:{rel.as_posix()}"
 
 
