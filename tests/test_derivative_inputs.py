@@ -136,6 +136,12 @@ def test_qsiprep_style_input_keeps_space_and_mask(tmp_path, validator):
     source = "bids:raw:sub-21/dwi/sub-21_space-T1w_desc-preproc_dwi.nii.gz"
     assert sidecar["SpatialReference"] == source and sidecar["Sources"][0] == source
     assert "bids:raw:sub-21/dwi/sub-21_space-T1w_desc-brain_mask.nii.gz" in sidecar["Sources"]
+    # the report finds every derivative by the space- names and the source through the relative
+    # DatasetLinks.raw
+    from bids_dmri_ldm.reports.participant import load_run
+
+    assert (out / "sub-21.html").is_file() and load_run(dwi).problems == {}
+    assert json.loads((out / "dataset_description.json").read_text())["DatasetLinks"] == {"raw": "../qsiprep"}
     log = "".join(p.read_text() for p in (out / "logs").glob("*.log"))
     assert "is a derivative dataset" in log
     env = dict(os.environ, DENO_DIR=str(tmp_path / "deno"))

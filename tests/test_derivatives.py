@@ -186,3 +186,21 @@ def test_bids_uri_through_symbolic_links(tmp_path):
     assert deriv.bids_uri(link, real) == "bids:raw:sub-01/dwi/sub-01_desc-x_dwi.nii.gz"
     with pytest.raises(ValueError):
         deriv.bids_uri(elsewhere, real)
+
+
+def test_output_names_keep_the_inputs_space_and_res(tmp_path):
+    """A derivative input's space- (and its res- on the native grid) stay in every output name;
+    a new grid's res- replaces the input's; desc- is the output's own."""
+    qsiprep = "sub-21_ses-1_space-T1w_res-2_desc-preproc_dwi.nii.gz"
+    native = deriv.run_outputs(tmp_path, qsiprep)
+    assert native.path("dwi").name == "sub-21_ses-1_space-T1w_res-2_desc-7Tlike_dwi.nii.gz"
+    assert native.path("scale").name == "sub-21_ses-1_space-T1w_res-2_model-rish_desc-scale_dwimap.nii.gz"
+    resampled = deriv.run_outputs(tmp_path, qsiprep, res_label="1p05")
+    names = [p.name for p in resampled.all_files(optional=True)]
+    assert all(n.startswith("sub-21_ses-1_space-T1w_res-1p05_") for n in names), names
+    assert "desc-preproc" not in " ".join(names)
+    # raw inputs: no space-, as before; BIDS order puts space- before chunk- and res-
+    assert deriv.run_outputs(tmp_path, "sub-01_run-1_dwi.nii.gz").path("mask").name == (
+        "sub-01_run-1_desc-brain_mask.nii.gz")
+    assert deriv.build_name({"sub": "1", "chunk": "2", "space": "T1w", "res": "2"}, "dwi", "") == (
+        "sub-1_space-T1w_chunk-2_res-2_dwi")
