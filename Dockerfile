@@ -1,7 +1,12 @@
 # bids-dmri-ldm BIDS App image.
 #
-#   docker build -t bids-dmri-ldm .                                # CUDA torch (default)
-#   docker build --build-arg TORCH_VARIANT=cpu -t bids-dmri-ldm:cpu .   # CPU torch, small
+#   docker build --build-arg IMAGE_TAG=bids-dmri-ldm -t bids-dmri-ldm .     # CUDA torch (default)
+#   docker build --build-arg TORCH_VARIANT=cpu --build-arg IMAGE_TAG=bids-dmri-ldm:cpu \
+#       -t bids-dmri-ldm:cpu .                                                 # CPU torch, small
+#
+# IMAGE_TAG is the name the image is built as (give the same as -t): the app records it as
+# GeneratedBy.Container.Tag in its outputs. The default (CUDA) image carries PyPI's torch wheel
+# for CUDA 13.0, which needs an NVIDIA driver >= 580 on the host (docs/container.md).
 #
 # Needs BuildKit (DOCKER_BUILDKIT=1 or `docker buildx build`) for the RUN --mount steps.
 # A directory `.whl/` in the build context, if present, is a pip --find-links source that is
@@ -51,21 +56,31 @@ ENV PIP_NO_CACHE_DIR=1 \
     PIP_DEFAULT_TIMEOUT=180
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 RUN python3 -m venv /opt/venv
-# The CA bundle secret (if given) is trusted by pip for this step only.
+# The CA bundle secret (if given) is trusted by pip for this step only. Local wheels in .whl/
+# are used for the variant they were built for only: for torch==X pip would otherwise prefer a
+# local torch-X+cpu wheel (a higher local version) to the CUDA wheel.
 RUN --mount=type=bind,from=wheels,source=/wheels,target=/tmp/wheels \
     --mount=type=secret,id=cacert \
     if [ -s /run/secrets/cacert ]; then \
         export PIP_CERT=/run/secrets/cacert SSL_CERT_FILE=/run/secrets/cacert; \
     fi; \
     case "${TORCH_VARIANT}" in cuda|cpu) ;; *) echo "TORCH_VARIANT must be cuda or cpu" >&2; exit 2;; esac; \
+    if [ "${TORCH_VARIANT}" = cpu ]; then \
+        patterns=("/tmp/wheels/torch-${TORCH_VERSION}+cpu-*.whl"); \
+    else \
+        patterns=("/tmp/wheels/torch-${TORCH_VERSION}+cu*.whl" "/tmp/wheels/torch-${TORCH_VERSION}-*.whl"); \
+    fi; \
+    find_links=(); \
+    for pattern in "${patterns[@]}"; do \
+        if compgen -G "${pattern}" >/dev/null; then find_links=(--find-links /tmp/wheels); fi; \
+    done; \
     index=(); \
     if [ -n "${TORCH_INDEX_URL}" ]; then \
         index=(--index-url "${TORCH_INDEX_URL}"); \
-    elif [ "${TORCH_VARIANT}" = cpu ] \
-         && ! compgen -G "/tmp/wheels/torch-${TORCH_VERSION}+cpu-*.whl" >/dev/null; then \
+    elif [ "${TORCH_VARIANT}" = cpu ] && [ "${#find_links[@]}" -eq 0 ]; then \
         index=(--index-url https://download.pytorch.org/whl/cpu); \
     fi; \
-    /opt/venv/bin/pip install --find-links /tmp/wheels "${index[@]}" "torch==${TORCH_VERSION}" \
+    /opt/venv/bin/pip install "${find_links[@]}" "${index[@]}" "torch==${TORCH_VERSION}" \
     && /opt/venv/bin/python -c "import sys, torch; \
 cpu = torch.version.cuda is None; \
 sys.exit(0 if cpu == ('${TORCH_VARIANT}' == 'cpu') else \
@@ -102,6 +117,9 @@ ARG VERSION=0+unknown
 ARG VCS_REF=unknown
 ARG BUILD_DATE=unknown
 ARG TORCH_VARIANT=cuda
+# The name this image is built as (the same as `docker build -t`), recorded by the app in its
+# outputs' GeneratedBy.Container.Tag; empty: "bids-dmri-ldm:<package version>".
+ARG IMAGE_TAG=""
 LABEL org.opencontainers.image.title="bids-dmri-ldm" \
       org.opencontainers.image.description="BIDS App: 3T to 7T-like diffusion MRI with a latent diffusion model (Zhu et al., MICCAI 2024)" \
       org.opencontainers.image.version="${VERSION}" \
@@ -111,6 +129,7 @@ LABEL org.opencontainers.image.title="bids-dmri-ldm" \
       org.opencontainers.image.source="https://github.com/bids-dmri-ldm/bids-dmri-ldm" \
       org.opencontainers.image.url="https://github.com/bids-dmri-ldm/bids-dmri-ldm" \
       org.opencontainers.image.base.name="docker.io/library/debian:bookworm-slim" \
+      org.opencontainers.image.ref.name="${IMAGE_TAG}" \
       org.bids-dmri-ldm.torch-variant="${TORCH_VARIANT}"
 
 COPY models/ /opt/bids-dmri-ldm/models/
@@ -136,7 +155,8 @@ ENV PATH=/opt/venv/bin:${PATH} \
     PYTHONUNBUFFERED=1 \
     BIDS_DMRI_LDM_MODELS=/opt/bids-dmri-ldm/models \
     BIDS_DMRI_LDM_IN_CONTAINER=1 \
-    BIDS_DMRI_LDM_TORCH_VARIANT=${TORCH_VARIANT}
+    BIDS_DMRI_LDM_TORCH_VARIANT=${TORCH_VARIANT} \
+    BIDS_DMRI_LDM_IMAGE=${IMAGE_TAG}
 
 # pip byte-compiled the venv at install time (it is read-only at run time); check that the
 # command line starts.

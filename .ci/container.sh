@@ -1,21 +1,28 @@
 #!/usr/bin/env bash
-# Build the bids-dmri-ldm image (CPU torch) and smoke-test it, on a Debian bookworm machine as
-# root with package registries but no container registry (see docs/container.md).
+# Build the bids-dmri-ldm images (CPU torch, then the default CUDA torch) and smoke-test each on
+# the CPU, on a Debian bookworm machine as root with package registries but no container registry
+# (see docs/container.md).
 #
 # Runs after `make test` in .ci/run.  Steps: install docker.io + debootstrap when missing, start a
 # private dockerd in the background, make debian:bookworm-slim locally when it cannot be pulled,
-# build the image with the local CPU torch wheel, then run the container the way users do
+# build the CPU image with the local CPU torch wheel and the CUDA image with PyPI's CUDA torch
+# wheel (~2.7 GB of wheels, a ~6 GB image), then run each container the way users do
 # (--network none, read-only root filesystem, non-root UID, input mounted read-only) and check
-# outputs, exit codes and messages.  Any failed check exits non-zero.  dockerd is stopped by its
-# PID and every scratch path is removed on exit.
+# outputs, provenance (Container.Tag = the image run), exit codes and messages.  Any failed check
+# exits non-zero.  dockerd is stopped by its PID and every scratch path is removed on exit.
 #
 # Environment (all optional):
-#   BDL_IMAGE            image tag to build / test             (default bids-dmri-ldm:ci)
+#   BDL_VARIANTS         images to build and test, in order     (default "cpu cuda")
+#   BDL_SKIP_CUDA=1      CPU image only (short of disk or bandwidth: the CUDA image needs
+#                        BDL_CUDA_MIN_FREE_GB free on the docker data root, default 16)
+#   BDL_IMAGE            CPU image tag to build / test          (default bids-dmri-ldm:ci)
+#   BDL_CUDA_IMAGE       CUDA image tag to build / test         (default bids-dmri-ldm:ci-cuda)
 #   BDL_DOCKER_ROOT      persistent dockerd data root (keeps base image and layer cache
 #                        between local runs; default: a fresh directory removed at exit)
 #   BDL_USE_HOST_DOCKER=1  use the docker engine already running (CircleCI) instead of
 #                        installing and starting a private one
-#   BDL_SKIP_BUILD=1     test the existing image BDL_IMAGE instead of building it
+#   BDL_SKIP_BUILD=1     test the existing images (BDL_IMAGE, BDL_CUDA_IMAGE) instead of
+#                        building them
 #   BDL_SCRATCH          scratch directory (created; default: mktemp under /var/tmp)
 #   BDL_KEEP=1           keep the scratch directory (dataset, outputs, logs) for inspection
 #   BDL_DATA_CACHE       directory caching the simulated dataset between runs
@@ -34,7 +41,10 @@ fail() {
 
 DOCKER=/usr/bin/docker # Debian's client: supports BuildKit (RUN --mount); others may not
 DOCKERD=/usr/sbin/dockerd
-IMAGE=${BDL_IMAGE:-bids-dmri-ldm:ci}
+VARIANTS=${BDL_VARIANTS:-cpu cuda}
+if [ "${BDL_SKIP_CUDA:-0}" = 1 ]; then VARIANTS=${VARIANTS//cuda/}; fi
+IMAGE=""   # the image under test (set per variant)
+VARIANT="" # cpu or cuda
 RUN_UID=4242 # deliberately without an /etc/passwd entry in the image
 RUN_GID=4242
 VERSION=$(tr -d '[:space:]' <version)
@@ -54,6 +64,8 @@ DOCKERD_PID=""
 MADE_WHEEL_DIR=""
 BUILD_S=0
 PARTICIPANT_S=0
+TORCH_VERSION=""
+SUMMARY=()
 export DOCKER_BUILDKIT=1
 if [ "${BDL_USE_HOST_DOCKER:-0}" = 1 ]; then
     DOCKER=$(command -v docker) || fail "BDL_USE_HOST_DOCKER=1 but no docker client on PATH"
@@ -180,13 +192,40 @@ EOF
     log "imported $base ($("$DOCKER" image inspect -f '{{.Size}}' "$base") bytes)"
 }
 
+image_of() {
+    case $1 in
+    cpu) echo "${BDL_IMAGE:-bids-dmri-ldm:ci}" ;;
+    cuda) echo "${BDL_CUDA_IMAGE:-bids-dmri-ldm:ci-cuda}" ;;
+    esac
+}
+
+torch_pin() {
+    TORCH_VERSION=$(sed -nE 's/.*"torch==([^"]+)".*/\1/p' pyproject.toml | head -1)
+    [ -n "$TORCH_VERSION" ] || fail "cannot read the torch pin from pyproject.toml"
+}
+
+check_cuda_disk() {
+    # The CUDA build downloads ~2.7 GB of wheels and leaves a ~6 GB image: fail early and say
+    # how to skip it, rather than fail half-way with "no space left on device".
+    local need=${BDL_CUDA_MIN_FREE_GB:-16} root free
+    if [ "${BDL_USE_HOST_DOCKER:-0}" = 1 ]; then
+        root=$("$DOCKER" info -f '{{.DockerRootDir}}')
+    else
+        root=$DOCKER_ROOT
+    fi
+    free=$(df -P -BG "$root" | awk 'NR == 2 {print int($4)}')
+    [ "$free" -ge "$need" ] || fail "the CUDA image needs about $need GB free on $root, found" \
+        "$free GB: free some space, or set BDL_SKIP_CUDA=1 to build and test the CPU image only"
+    log "$free GB free on $root (the CUDA build needs about $need GB)"
+}
+
 fetch_cpu_torch_wheel() {
     # The CPU torch wheel for Python 3.11, into .whl/ in the build context (bind-mounted by the
     # Dockerfile, never a layer).  Local pip caches/find-links first, then PyTorch's CPU index.
     local torch_version python=${BDL_PYTHON:-$REPO/.venv/bin/python}
     [ -x "$python" ] || python=python3
-    torch_version=$(sed -nE 's/.*"torch==([^"]+)".*/\1/p' pyproject.toml | head -1)
-    [ -n "$torch_version" ] || fail "cannot read the torch pin from pyproject.toml"
+    torch_pin
+    torch_version=$TORCH_VERSION
     if ! ls .whl/torch-"$torch_version"+cpu-cp311-*.whl >/dev/null 2>&1; then
         [ -d .whl ] || MADE_WHEEL_DIR=$REPO/.whl
         "$python" -m pip download -q --no-index --no-deps "torch==$torch_version" -d .whl 2>/dev/null ||
@@ -205,17 +244,23 @@ build_image() {
     # Trust this machine's CA bundle (an intercepting proxy's CA lives there) during the pip
     # steps only: a BuildKit secret is never written to a layer.
     [ -s "$ca" ] && secret=(--secret "id=cacert,src=$ca")
-    log "building $IMAGE (torch $TORCH_VERSION CPU)"
+    if [ "$VARIANT" = cpu ]; then
+        fetch_cpu_torch_wheel
+    else
+        torch_pin
+        check_cuda_disk
+    fi
+    log "building $IMAGE (torch $TORCH_VERSION, $VARIANT)"
     local t=$SECONDS
     "$DOCKER" build --progress plain --network host \
-        --build-arg TORCH_VARIANT=cpu --build-arg "TORCH_VERSION=$TORCH_VERSION" \
-        --build-arg "VERSION=$VERSION" \
+        --build-arg "TORCH_VARIANT=$VARIANT" --build-arg "TORCH_VERSION=$TORCH_VERSION" \
+        --build-arg "VERSION=$VERSION" --build-arg "IMAGE_TAG=$IMAGE" \
         --build-arg "VCS_REF=$(git rev-parse HEAD 2>/dev/null || echo unknown)" \
         --build-arg "BUILD_DATE=$(date -u +%Y-%m-%dT%H:%M:%SZ)" \
-        "${secret[@]}" --target production -t "$IMAGE" . >"$SCRATCH/build.log" 2>&1 ||
+        "${secret[@]}" --target production -t "$IMAGE" . >"$SCRATCH/build-$VARIANT.log" 2>&1 ||
         {
-            tail -40 "$SCRATCH/build.log" >&2
-            fail "docker build"
+            tail -40 "$SCRATCH/build-$VARIANT.log" >&2
+            fail "docker build ($VARIANT)"
         }
     BUILD_S=$((SECONDS - t))
     log "built $IMAGE in ${BUILD_S} s"
@@ -234,6 +279,16 @@ check_image() {
     leftovers=$("$DOCKER" run --rm --network none --entrypoint sh "$IMAGE" -c \
         'find /run/secrets /tmp /src /wheels -type f 2>/dev/null; find / -xdev -name "torch-*.whl" 2>/dev/null')
     [ -z "$leftovers" ] || fail "build-time files left in the image: $leftovers"
+    local torch
+    torch=$("$DOCKER" run --rm --network none --entrypoint python "$IMAGE" -c \
+        'import torch; print(torch.__version__, torch.version.cuda or "cpu-only", torch.cuda.is_available())')
+    log "$IMAGE: torch $torch (version, CUDA runtime, GPU visible)"
+    case "$VARIANT:$torch" in
+    cpu:*cpu-only*) ;;
+    cuda:*cpu-only*) fail "$IMAGE is the CUDA variant but its torch has no CUDA runtime: $torch" ;;
+    cuda:*) ;;
+    *) fail "$IMAGE is the CPU variant but its torch is a CUDA build: $torch" ;;
+    esac
 }
 
 # Run the image the way users are told to: no network, read-only root, tmpfs scratch, any UID.
@@ -309,7 +364,7 @@ check_cli() {
 }
 
 run_participant() {
-    local out=$SCRATCH/out
+    local out=$SCRATCH/out-$VARIANT
     install -d -m 0755 -o "$RUN_UID" -g "$RUN_GID" "$out"
     log "participant level (--network none, read-only root, uid $RUN_UID, /bids read-only)"
     local t=$SECONDS
@@ -319,16 +374,16 @@ run_participant() {
     # 5 mm dataset into a 171x210x171x108 image (2.6 GB), too big for a smoke test.
     run_app -v "$BIDS:/bids:ro" -v "$out:/out" "$IMAGE" \
         /bids /out participant --nprocs 2 --output-resolution 4.2 \
-        >"$SCRATCH/participant.log" 2>&1 || {
-        tail -40 "$SCRATCH/participant.log" >&2
-        fail "participant run exited non-zero"
+        >"$SCRATCH/participant-$VARIANT.log" 2>&1 || {
+        tail -40 "$SCRATCH/participant-$VARIANT.log" >&2
+        fail "participant run exited non-zero ($IMAGE)"
     }
     PARTICIPANT_S=$((SECONDS - t))
     log "participant run took ${PARTICIPANT_S} s"
     # Check the derivatives inside the image (it has nibabel and numpy), as the run's UID.
     "$DOCKER" run --rm -i --network none --read-only --tmpfs /tmp -u "$RUN_UID:$RUN_GID" \
         -v "$BIDS:/bids:ro" -v "$out:/out:ro" --entrypoint python "$IMAGE" \
-        - /bids /out "$VERSION" "$RUN_UID" <<'EOF' || fail "output checks"
+        - /bids /out "$VERSION" "$RUN_UID" "$IMAGE" "$VARIANT" <<'EOF' || fail "output checks ($IMAGE)"
 """Check the participant-level derivatives written by the container (runs in the image)."""
 import json
 import sys
@@ -338,6 +393,7 @@ import nibabel as nib
 import numpy as np
 
 bids, out, version, uid = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], int(sys.argv[4])
+image, variant = sys.argv[5], sys.argv[6]
 problems = []
 
 
@@ -368,6 +424,13 @@ if desc.get("DatasetType") != "derivative":
 gen = {g.get("Name"): g.get("Version") for g in desc.get("GeneratedBy", [])}
 if gen.get("bids-dmri-ldm") != version:
     problems.append(f"GeneratedBy does not name bids-dmri-ldm {version}: {gen}")
+# Provenance that travels: the tag of the image that ran, the input by a relative link.
+container = desc.get("GeneratedBy", [{}])[0].get("Container", {})
+if container != {"Type": "docker", "Tag": image}:
+    problems.append(f"GeneratedBy.Container is {container}, expected docker {image}")
+link = desc.get("DatasetLinks", {}).get("raw", "")
+if not link or link.startswith("/") or ":" in link:
+    problems.append(f"DatasetLinks.raw {link!r} is not a relative path")
 
 # One 7T-like DWI (+ mask and RISH/scale maps) per 3T (source) DWI run of the dataset.
 sources = sorted(p for p in bids.glob("sub-*/**/dwi/*_dwi.nii*")
@@ -404,6 +467,9 @@ for src in sources:
     for key in ("Sources", "Method", "Software"):
         if key not in sidecar:
             problems.append(f"{dwi.name}: sidecar lacks {key} (provenance)")
+    torch_version = sidecar.get("Software", {}).get("torch", "")
+    if (variant == "cpu") != torch_version.endswith("+cpu"):
+        problems.append(f"{dwi.name}: torch {torch_version} recorded by the {variant} image")
     print(f"{dwi.relative_to(out)}: {data.shape}, zooms {img.header.get_zooms()[:3]}, "
           f"b-values {sorted(set(bvals.round().astype(int).tolist()))}")
 for path in out.rglob("*"):
@@ -420,9 +486,9 @@ if problems:
 EOF
     if "$DOCKER" run --rm --entrypoint sh "$IMAGE" -c 'command -v bids-validator-deno' >/dev/null; then
         run_app -v "$out:/out:ro" --entrypoint bids-validator-deno "$IMAGE" /out \
-            >"$SCRATCH/validator.log" 2>&1 || {
-            tail -40 "$SCRATCH/validator.log" >&2
-            fail "bids-validator-deno rejects the derivatives"
+            >"$SCRATCH/validator-$VARIANT.log" 2>&1 || {
+            tail -40 "$SCRATCH/validator-$VARIANT.log" >&2
+            fail "bids-validator-deno rejects the derivatives ($IMAGE)"
         }
         log "ok: bids-validator-deno (in the image, no network) accepts the derivatives"
     fi
@@ -471,23 +537,39 @@ build_sif() {
 }
 
 # ---------------------------------------------------------------------------------------------
+[ -n "${VARIANTS// /}" ] || fail "no image variant to test (BDL_VARIANTS='${BDL_VARIANTS:-}')"
+for VARIANT in $VARIANTS; do
+    case $VARIANT in cpu | cuda) ;; *) fail "unknown image variant '$VARIANT' in BDL_VARIANTS (cpu, cuda)" ;; esac
+done
 if [ "${BDL_USE_HOST_DOCKER:-0}" = 1 ]; then
     log "using the running docker engine ($("$DOCKER" version -f '{{.Server.Version}}'))"
 else
     install_tools
     start_dockerd
 fi
-if [ "${BDL_SKIP_BUILD:-0}" = 1 ]; then
-    "$DOCKER" image inspect "$IMAGE" >/dev/null || fail "BDL_SKIP_BUILD=1 but no image $IMAGE"
-    check_image
-else
-    ensure_base_image
-    fetch_cpu_torch_wheel
-    build_image
+[ "${BDL_SKIP_BUILD:-0}" = 1 ] || ensure_base_image
+[ "${BDL_SKIP_CUDA:-0}" = 1 ] && log "BDL_SKIP_CUDA=1: the CUDA image is not built or tested"
+simulated=0
+for VARIANT in $VARIANTS; do
+    IMAGE=$(image_of "$VARIANT")
+    BUILD_S=0
+    if [ "${BDL_SKIP_BUILD:-0}" = 1 ]; then
+        "$DOCKER" image inspect "$IMAGE" >/dev/null || fail "BDL_SKIP_BUILD=1 but no image $IMAGE"
+        check_image
+    else
+        build_image
+    fi
+    if [ "$simulated" = 0 ]; then
+        simulate_dataset
+        simulated=1
+    fi
+    check_cli
+    run_participant
+    SUMMARY+=("$VARIANT: build ${BUILD_S} s, participant ${PARTICIPANT_S} s, image $((IMAGE_BYTES / 1000000)) MB")
+done
+if [ "${BDL_SIF:-0}" = 1 ]; then
+    set -- $VARIANTS
+    IMAGE=$(image_of "$1") # the first image tested (the CPU one by default: smaller)
+    build_sif
 fi
-simulate_dataset
-check_cli
-run_participant
-if [ "${BDL_SIF:-0}" = 1 ]; then build_sif; fi
-log "container smoke test passed in $((SECONDS - T0)) s (build ${BUILD_S} s," \
-    "participant ${PARTICIPANT_S} s, image $((IMAGE_BYTES / 1000000)) MB)"
+log "container smoke test passed in $((SECONDS - T0)) s ($(IFS=';'; echo "${SUMMARY[*]}"))"

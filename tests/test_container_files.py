@@ -317,3 +317,47 @@ def test_examples_and_docs_use_real_options():
                     assert flag in options, f"{source.name}: unknown option {flag}"
                     checked += 1
     assert checked >= 10  # the examples and docs do pass options
+
+
+# --------------------------------------------------------------------------- issue 14
+def test_image_records_its_own_tag():
+    """The IMAGE_TAG build argument becomes BIDS_DMRI_LDM_IMAGE, which the app writes as
+    GeneratedBy.Container.Tag (bids/derivatives.py container_info)."""
+    text = DOCKERFILE.read_text()
+    assert re.search(r'^ARG IMAGE_TAG=""$', text, re.M)
+    assert _dockerfile_env()["BIDS_DMRI_LDM_IMAGE"] == "${IMAGE_TAG}"
+    from bids_dmri_ldm.bids import derivatives
+
+    assert '"BIDS_DMRI_LDM_IMAGE"' in Path(derivatives.__file__).read_text()
+    ci = (REPO / ".ci" / "container.sh").read_text()
+    assert '--build-arg "IMAGE_TAG=$IMAGE"' in ci
+    assert "IMAGE_TAG=<< pipeline.parameters.image >>:$version" in CIRCLECI.read_text()
+
+
+def test_ci_builds_and_smoke_tests_the_cuda_image_unless_skipped():
+    ci = (REPO / ".ci" / "container.sh").read_text()
+    assert re.search(r'^VARIANTS=\$\{BDL_VARIANTS:-cpu cuda\}$', ci, re.M)
+    assert 'BDL_SKIP_CUDA:-0}" = 1 ]; then VARIANTS=${VARIANTS//cuda/}' in ci
+    assert '--build-arg "TORCH_VARIANT=$VARIANT"' in ci and "check_cuda_disk" in ci
+    circle = CIRCLECI.read_text()
+    assert "\n  smoke-cuda:\n" in circle and "BDL_VARIANTS=cuda" in circle
+    assert "requires: [lint, test, smoke, smoke-cuda]" in circle
+
+
+def _docker_run_commands(text: str) -> list[str]:
+    joined = re.sub(r"\\\n\s*", " ", text)
+    return [line[line.index("docker run"):] for line in joined.splitlines() if "docker run" in line]
+
+
+def test_documented_docker_runs_that_write_pass_the_user():
+    """Every documented `docker run` that mounts a folder runs as the caller (-u), so outputs
+    are not owned by root."""
+    sources = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md")), *EXAMPLES]
+    checked = 0
+    for source in sources:
+        for command in _docker_run_commands(source.read_text()):
+            if " -v " not in command:
+                continue
+            checked += 1
+            assert re.search(r"(^|\s)(-u|--user)\s", command), f"{source.name}: {command}"
+    assert checked >= 6

@@ -94,8 +94,12 @@ def test_dataset_description_and_init(tmp_path, monkeypatch):
     generated = desc["GeneratedBy"][0]
     assert generated["Name"] == "bids-dmri-ldm" and generated["CodeURL"].startswith("https://")
     assert "Container" not in generated  # not claimed outside the image
-    assert desc["SourceDatasets"] == [{"URL": raw.as_uri(), "DOI": "doi:10.1/x"}]
-    assert desc["DatasetLinks"] == {"raw": raw.as_uri()}
+    # Provenance that travels: the input by a path relative to the output and a bids: URI with
+    # its name and DOI; no absolute path, file:// URI or mount point.
+    assert desc["SourceDatasets"] == [{"URL": "bids:raw:", "Name": "r", "DOI": "doi:10.1/x"}]
+    assert desc["DatasetLinks"] == {"raw": "../raw"}
+    assert str(tmp_path) not in json.dumps(desc) and "file:" not in json.dumps(desc)
+    assert (out / desc["DatasetLinks"]["raw"] / "dataset_description.json").is_file()
     assert (out / "logs").is_dir()
     (out / ".bidsignore").write_text("extra/\n*_dwi.bval\n")
     deriv.init_derivatives_dataset(out, raw)  # idempotent, keeps user lines, no duplicates
@@ -113,9 +117,24 @@ def test_container_info(monkeypatch):
         monkeypatch.delenv(var, raising=False)
     assert deriv.container_info() is None
     monkeypatch.setenv("BIDS_DMRI_LDM_IN_CONTAINER", "1")
-    assert deriv.container_info()["Type"] == "docker"
+    assert deriv.container_info() == {"Type": "docker", "Tag": f"bids-dmri-ldm:{deriv.__version__}"}
+    # The image's own tag (Dockerfile: ENV BIDS_DMRI_LDM_IMAGE from the IMAGE_TAG build argument)
+    monkeypatch.setenv("BIDS_DMRI_LDM_IMAGE", "ghcr.io/x/bids-dmri-ldm:9.9-cpu")
+    assert deriv.container_info() == {"Type": "docker", "Tag": "ghcr.io/x/bids-dmri-ldm:9.9-cpu"}
+    monkeypatch.setenv("BIDS_DMRI_LDM_IMAGE", "")  # built without IMAGE_TAG
+    assert deriv.container_info()["Tag"] == f"bids-dmri-ldm:{deriv.__version__}"
     monkeypatch.setenv("APPTAINER_CONTAINER", "/x.sif")
     assert deriv.container_info()["Type"] == "singularity"
+
+
+def test_source_dataset_names_no_path(tmp_path):
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    assert deriv.source_dataset(raw) == {}  # no description: nothing claimed
+    (raw / "dataset_description.json").write_text(json.dumps({"Name": "HCP", "DatasetVersion": "1.0"}))
+    assert deriv.source_dataset(raw) == {"Name": "HCP", "Version": "1.0"}
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    assert deriv.dataset_link(raw, tmp_path / "a" / "b") == "../../raw"
 
 
 def test_sidecar_content():
@@ -146,3 +165,42 @@ def test_completeness_and_settings(tmp_path):
     assert deriv.is_complete(outputs, settings)
     assert not deriv.is_complete(outputs, dict(settings, Method="rish-global"))
     assert len(deriv.remove_outputs(outputs)) == 12 and not deriv.existing_files(outputs)
+
+
+def test_bids_uri_through_symbolic_links(tmp_path):
+    """A file reached through a linked dataset root, or a link inside the dataset, is named
+    by its place in the dataset, never by an absolute path."""
+    real = tmp_path / "real"
+    (real / "sub-01" / "dwi").mkdir(parents=True)
+    target = real / "sub-01" / "dwi" / "sub-01_dwi.nii.gz"
+    target.write_bytes(b"x")
+    alias = tmp_path / "alias"
+    alias.symlink_to(real)
+    assert deriv.bids_uri(target, alias) == "bids:raw:sub-01/dwi/sub-01_dwi.nii.gz"
+    assert deriv.bids_uri(alias / "sub-01" / "dwi" / "sub-01_dwi.nii.gz", real) == (
+        "bids:raw:sub-01/dwi/sub-01_dwi.nii.gz")
+    elsewhere = tmp_path / "data.nii.gz"
+    elsewhere.write_bytes(b"x")
+    link = real / "sub-01" / "dwi" / "sub-01_desc-x_dwi.nii.gz"
+    link.symlink_to(elsewhere)
+    assert deriv.bids_uri(link, real) == "bids:raw:sub-01/dwi/sub-01_desc-x_dwi.nii.gz"
+    with pytest.raises(ValueError):
+        deriv.bids_uri(elsewhere, real)
+
+
+def test_output_names_keep_the_inputs_space_and_res(tmp_path):
+    """A derivative input's space- (and its res- on the native grid) stay in every output name;
+    a new grid's res- replaces the input's; desc- is the output's own."""
+    qsiprep = "sub-21_ses-1_space-T1w_res-2_desc-preproc_dwi.nii.gz"
+    native = deriv.run_outputs(tmp_path, qsiprep)
+    assert native.path("dwi").name == "sub-21_ses-1_space-T1w_res-2_desc-7Tlike_dwi.nii.gz"
+    assert native.path("scale").name == "sub-21_ses-1_space-T1w_res-2_model-rish_desc-scale_dwimap.nii.gz"
+    resampled = deriv.run_outputs(tmp_path, qsiprep, res_label="1p05")
+    names = [p.name for p in resampled.all_files(optional=True)]
+    assert all(n.startswith("sub-21_ses-1_space-T1w_res-1p05_") for n in names), names
+    assert "desc-preproc" not in " ".join(names)
+    # raw inputs: no space-, as before; BIDS order puts space- before chunk- and res-
+    assert deriv.run_outputs(tmp_path, "sub-01_run-1_dwi.nii.gz").path("mask").name == (
+        "sub-01_run-1_desc-brain_mask.nii.gz")
+    assert deriv.build_name({"sub": "1", "chunk": "2", "space": "T1w", "res": "2"}, "dwi", "") == (
+        "sub-1_space-T1w_chunk-2_res-2_dwi")

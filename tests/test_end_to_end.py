@@ -97,7 +97,8 @@ def test_identity_native_two_sessions(make_bids_dataset, tmp_path, validator):
 
     description = json.loads((out / "dataset_description.json").read_text())
     assert description["DatasetType"] == "derivative"
-    assert description["DatasetLinks"]["raw"] == ds.root.resolve().as_uri()
+    assert description["DatasetLinks"]["raw"] == "../" + ds.root.name  # relative: no mount point
+    assert (out / description["DatasetLinks"]["raw"]).resolve() == ds.root.resolve()
     result = validate(validator, out, tmp_path)
     assert result.returncode == 0, result.stdout[-3000:]
     assert tree_digest(ds.root) == before, "the input dataset was modified"

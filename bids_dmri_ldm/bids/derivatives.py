@@ -11,9 +11,12 @@ Layout of the derivative dataset (``output_dir``), for each source run
     sub-<s>/[ses-<t>/]dwi/<entities>[_res-<R>]_model-rish_desc-7TlikeStd_dwimap.nii.gz  (+ .json;
         only ``--method ldm --num-samples K`` with K > 1: per-voxel SD over the K samples)
 
-``res-<R>`` appears when the output grid differs from the input's (``R`` = voxel size with ``p``
-for the decimal point, e.g. ``1p05``) and the sidecars then carry ``Resolution``. ``space-`` is
-left out: the outputs are in the input's scanner space (``SpatialReference`` names the source).
+``<entities>`` are the input's, ``space-`` included: a derivative input such as qsiprep's
+``sub-21_space-T1w_desc-preproc_dwi.nii.gz`` gives ``sub-21_space-T1w_desc-7Tlike_dwi.nii.gz``
+(the outputs stay in the input's space; ``SpatialReference`` names the source image), a raw input
+has no ``space-``. ``res-<R>`` appears when the output grid differs from the input's (``R`` =
+voxel size with ``p`` for the decimal point, e.g. ``1p05``; it replaces an input's own ``res-``)
+and the sidecars then carry ``Resolution``; an input's ``desc-`` is replaced by the output's.
 RISH and scale maps use the ``_dwimap`` suffix with ``model-``/``desc-`` entities proposed by
 BEP016 (diffusion derivatives); BIDS 1.10 has no suffix for them yet, so ``.bidsignore`` lists
 them, together with the derivative ``.bval``/``.bvec`` files the schema does not yet allow.
@@ -60,13 +63,18 @@ BIDSIGNORE_LINES = (
     "*.html",
 )
 
-# Entities a raw DWI file name may carry, in the BIDS order, plus the derivative ones we add.
+# Entities a raw DWI file name may carry, in the BIDS order; the derivative entities of an input
+# that the outputs keep (its space, and its resolution when the grid is kept); and the order of
+# every entity an output name may carry (the BIDS entity table's order, ``model``/``param`` of
+# BEP016 before ``desc``).
 _SOURCE_ENTITY_ORDER = ("sub", "ses", "acq", "ce", "rec", "dir", "run", "echo", "part", "chunk")
-_DERIV_ENTITY_ORDER = _SOURCE_ENTITY_ORDER + ("space", "res", "model", "param", "desc")
+_KEPT_DERIVATIVE_ENTITIES = ("space", "res")
+_DERIV_ENTITY_ORDER = ("sub", "ses", "acq", "ce", "rec", "dir", "run", "echo", "part", "space",
+                       "chunk", "res", "model", "param", "desc")
 _PYBIDS_TO_KEY = {
     "subject": "sub", "session": "ses", "acquisition": "acq", "ceagent": "ce",
     "reconstruction": "rec", "direction": "dir", "run": "run", "echo": "echo", "part": "part",
-    "chunk": "chunk",
+    "chunk": "chunk", "space": "space", "res": "res",
 }
 _LABEL = re.compile(r"^[0-9a-zA-Z+]+$")
 
@@ -178,8 +186,11 @@ def parse_entities(filename: str | os.PathLike) -> dict[str, str]:
 
 
 def source_entities(dwi_file: str | os.PathLike, entities: Mapping[str, Any] | None = None) -> dict[str, str]:
-    """Entities of a source DWI run (file-name labels; pybids names in ``entities`` fill gaps)."""
-    found = {k: v for k, v in parse_entities(dwi_file).items() if k in _SOURCE_ENTITY_ORDER}
+    """Entities of a source DWI run that its derivatives keep: the raw-data ones and, of a
+    derivative input, ``space`` and ``res`` (file-name labels; pybids names in ``entities`` fill
+    gaps). ``desc`` is left out: the outputs set their own."""
+    kept = _SOURCE_ENTITY_ORDER + _KEPT_DERIVATIVE_ENTITIES
+    found = {k: v for k, v in parse_entities(dwi_file).items() if k in kept}
     for name, key in _PYBIDS_TO_KEY.items():
         if entities and name in entities and key not in found:
             found[key] = str(entities[name])
@@ -243,7 +254,8 @@ class RunOutputs:
     root : Path
         Derivative dataset root (``output_dir``).
     entities : dict
-        Source entities (``sub``, ``ses``, ...), plus ``res`` when the grid changes.
+        Source entities (``sub``, ``ses``, ..., an input's ``space``), plus ``res`` when the
+        grid changes.
     """
 
     root: Path
@@ -279,7 +291,8 @@ class RunOutputs:
 
     @property
     def run_id(self) -> str:
-        """The source run's name stem without derivative entities, e.g. ``sub-01_ses-1_dwi``."""
+        """The source run's name stem without the output's ``res-``, e.g. ``sub-01_ses-1_dwi``
+        (``sub-21_space-T1w_dwi`` for a derivative input in ``space-T1w``)."""
         return build_name({k: v for k, v in self.entities.items() if k != "res"}, "dwi", "")
 
 
@@ -295,7 +308,7 @@ def run_outputs(output_dir: str | os.PathLike, dwi_file: str | os.PathLike,
     """The :class:`RunOutputs` of a source DWI file (``res_label`` when the grid changes)."""
     ents = source_entities(dwi_file, entities)
     if res_label is not None:
-        ents["res"] = res_label
+        ents["res"] = res_label  # the output grid's, replacing an input's own res-
     return RunOutputs(Path(output_dir), ents)
 
 
@@ -304,8 +317,16 @@ def run_outputs(output_dir: str | os.PathLike, dwi_file: str | os.PathLike,
 
 
 def bids_uri(path: str | os.PathLike, dataset_root: str | os.PathLike, key: str = RAW_DATASET_KEY) -> str:
-    """BIDS URI ``bids:<key>:<path relative to the dataset root>`` (POSIX separators)."""
-    rel = Path(os.path.abspath(path)).relative_to(Path(os.path.abspath(dataset_root)))
+    """BIDS URI ``bids:<key>:<path relative to the dataset root>`` (POSIX separators).
+
+    The path is taken as written (a symbolic link inside the dataset keeps its own name, e.g.
+    the ``hcp2bids`` links), else with both sides resolved (a dataset reached through a
+    symbolic link). Raises ValueError when ``path`` is outside the dataset.
+    """
+    try:
+        rel = Path(os.path.abspath(path)).relative_to(Path(os.path.abspath(dataset_root)))
+    except ValueError:
+        rel = Path(os.path.realpath(path)).relative_to(Path(os.path.realpath(dataset_root)))
     return f"bids:{key}:{rel.as_posix()}"
 
 
@@ -323,43 +344,61 @@ def software_versions() -> dict[str, str]:
 def container_info() -> dict[str, str] | None:
     """``GeneratedBy.Container`` when running in this project's image, else ``None``.
 
-    The image sets ``BIDS_DMRI_LDM_IN_CONTAINER=1`` (Dockerfile); Apptainer/Singularity are told
-    apart from Docker by their own variables. The tag is ``BIDS_DMRI_LDM_IMAGE`` when set, else
-    ``bids-dmri-ldm:<version>``. Outside the image nothing is claimed.
+    The image sets ``BIDS_DMRI_LDM_IN_CONTAINER=1`` and ``BIDS_DMRI_LDM_IMAGE`` from the
+    ``IMAGE_TAG`` build argument (Dockerfile), so the tag is the one the image was built as; an
+    image built without ``IMAGE_TAG`` says ``bids-dmri-ldm:<version>``. Apptainer/Singularity
+    are told apart from Docker by their own variables. Outside the image nothing is claimed.
     """
     if not (os.environ.get("BIDS_DMRI_LDM_IN_CONTAINER") or os.environ.get("BIDS_DMRI_LDM_IMAGE")):
         return None
-    tag = os.environ.get("BIDS_DMRI_LDM_IMAGE", f"bids-dmri-ldm:{__version__}")
+    tag = os.environ.get("BIDS_DMRI_LDM_IMAGE") or f"bids-dmri-ldm:{__version__}"
     if os.environ.get("APPTAINER_CONTAINER") or os.environ.get("SINGULARITY_CONTAINER"):
         return {"Type": "singularity", "Tag": tag}
     return {"Type": "docker", "Tag": tag}
 
 
-def dataset_description(bids_dir: str | os.PathLike) -> dict[str, Any]:
-    """Derivative ``dataset_description.json`` content for outputs made from ``bids_dir``."""
-    bids_dir = Path(os.path.abspath(bids_dir))
+def source_dataset(bids_dir: str | os.PathLike) -> dict[str, str]:
+    """``Name``, ``DOI`` and ``Version`` of a dataset, where its ``dataset_description.json``
+    gives them (``Name``, ``DatasetDOI``, ``DatasetVersion``); never a path."""
+    try:
+        raw = json.loads((Path(bids_dir) / "dataset_description.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(raw, dict):
+        return {}
+    keys = {"Name": "Name", "DOI": "DatasetDOI", "Version": "DatasetVersion"}
+    return {key: str(raw[field]) for key, field in keys.items() if raw.get(field)}
+
+
+def dataset_link(target: str | os.PathLike, from_dir: str | os.PathLike) -> str:
+    """``target`` as a POSIX path relative to ``from_dir`` (both resolved), e.g. ``../bids``.
+
+    Used for ``DatasetLinks``: the link holds as long as the two datasets keep their relative
+    places (moved or mounted together), and it names no mount point or absolute path.
+    """
+    return Path(os.path.relpath(os.path.realpath(target), os.path.realpath(from_dir))).as_posix()
+
+
+def dataset_description(bids_dir: str | os.PathLike, output_dir: str | os.PathLike) -> dict[str, Any]:
+    """Derivative ``dataset_description.json`` content for outputs of ``bids_dir`` in ``output_dir``.
+
+    The input is ``DatasetLinks.raw``, a path relative to ``output_dir`` (so ``bids:raw:...``
+    URIs resolve wherever the two datasets are moved together), and ``SourceDatasets``
+    ``bids:raw:`` with the input's ``Name``/``DOI``/``Version`` where it states them.
+    """
     generated = {"Name": PIPELINE_NAME, "Version": __version__, "CodeURL": CODE_URL,
                  "Description": "3T to 7T-like diffusion MRI translation (RISH scale maps)"}
     container = container_info()
     if container:
         generated["Container"] = container
-    source = {"URL": bids_dir.as_uri()}
-    raw_description = bids_dir / "dataset_description.json"
-    try:
-        raw = json.loads(raw_description.read_text())
-        if raw.get("DatasetDOI"):
-            source["DOI"] = raw["DatasetDOI"]
-        if raw.get("Name"):
-            source["Name"] = raw["Name"]
-    except (OSError, ValueError):
-        pass
+    source = {"URL": f"bids:{RAW_DATASET_KEY}:", **source_dataset(bids_dir)}
     return {
-        "Name": f"{PIPELINE_NAME} outputs",
+        "Name": f"{PIPELINE_NAME} outputs" + (f" of {source['Name']}" if "Name" in source else ""),
         "BIDSVersion": BIDS_VERSION,
         "DatasetType": "derivative",
         "GeneratedBy": [generated],
-        "SourceDatasets": [{k: v for k, v in source.items() if k != "Name"}],
-        "DatasetLinks": {RAW_DATASET_KEY: bids_dir.as_uri()},
+        "SourceDatasets": [source],
+        "DatasetLinks": {RAW_DATASET_KEY: dataset_link(bids_dir, output_dir)},
         "HowToAcknowledge": "Cite Zhu et al., When Diffusion MRI Meets Diffusion Model, MICCAI 2024.",
     }
 
@@ -381,7 +420,7 @@ def init_derivatives_dataset(output_dir: str | os.PathLike, bids_dir: str | os.P
         (root / "logs").mkdir(exist_ok=True)
         description = root / "dataset_description.json"
         if not description.is_file():
-            atomic_write_json(description, dataset_description(bids_dir))
+            atomic_write_json(description, dataset_description(bids_dir, root))
         ignore = root / ".bidsignore"
         present = ignore.read_text().splitlines() if ignore.is_file() else []
         missing = [line for line in BIDSIGNORE_LINES if line not in present]
@@ -554,6 +593,7 @@ __all__ = [
     "build_name",
     "container_info",
     "dataset_description",
+    "dataset_link",
     "existing_files",
     "init_derivatives_dataset",
     "is_complete",
@@ -566,6 +606,7 @@ __all__ = [
     "run_outputs",
     "sidecar_metadata",
     "software_versions",
+    "source_dataset",
     "source_entities",
     "write_bval_bvec",
     "write_derivative",

@@ -3,12 +3,23 @@
 The validator ships as a Python wheel (``pip install bids-validator-deno``) that bundles the
 deno runtime and the schema, so it runs offline. Deno writes a cache to ``$DENO_DIR`` (by
 default under ``$HOME``, read-only in many containers), so it is pointed at a scratch folder.
+
+**Derivative inputs** (``DatasetType: derivative``: qsiprep, dmriprep, ``hcp2bids`` output) are
+held to what this app reads from them. The validator applies the BIDS derivatives rules, which
+preprocessing tools rarely meet in full and which BIDS 1.10 does not even define for DWI gradient
+files; its errors are enforced (exit 16) except those :func:`relaxed_reason` names:
+``SpatialReference``/``SkullStripped`` missing from a sidecar (derivative-only provenance keys;
+the outputs stay on the input's grid and take their space from its name), filename-rule errors
+of ``.bval``/``.bvec`` files (no derivative rule covers them), and any error in a file the app
+does not read (anything but ``*_dwi.*``, ``*_mask.*`` and ``dataset_description.json``). Those
+are logged as one warning with their codes; every other error still stops the run.
 """
 from __future__ import annotations
 
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -64,6 +75,55 @@ def summarise_errors(report: dict) -> tuple[int, str]:
     return len(errors), "; ".join(parts)
 
 
+#: Derivative-only sidecar keys that a derivative input may lack (see the module docstring).
+DERIVATIVE_SIDECAR_KEYS = frozenset({"SpatialReference", "SkullStripped"})
+#: Validator codes saying that a file name fits no rule of the schema.
+FILENAME_RULE_CODES = frozenset({"ALL_FILENAME_RULES_HAVE_ISSUES", "NOT_INCLUDED", "FILENAME_MISMATCH"})
+_READ_BY_APP = re.compile(r"(_dwi\.(nii|nii\.gz|json|bval|bvec)|_mask\.(nii|nii\.gz|json))$")
+
+
+def relaxed_reason(issue: dict) -> str | None:
+    """Why a validator error does not stop a *derivative* input, or None when it does.
+
+    Parameters
+    ----------
+    issue : dict
+        One entry of the validator's JSON ``issues.issues`` list (``code``, ``subCode``,
+        ``location``).
+    """
+    code, sub_code = issue.get("code", ""), issue.get("subCode")
+    location = issue.get("location") or ""
+    if code == "SIDECAR_KEY_REQUIRED" and sub_code in DERIVATIVE_SIDECAR_KEYS:
+        return f"derivative sidecar key {sub_code}"
+    if code in FILENAME_RULE_CODES and location.endswith((".bval", ".bvec")):
+        return "derivative gradient file name"
+    if location and location != "/dataset_description.json" and not _READ_BY_APP.search(location):
+        return "file not read by bids-dmri-ldm"
+    return None
+
+
+def is_derivative_dataset(bids_dir: str | Path) -> bool:
+    """Whether ``bids_dir/dataset_description.json`` says ``DatasetType: derivative``."""
+    try:
+        description = json.loads((Path(bids_dir) / "dataset_description.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(description, dict) and description.get("DatasetType") == "derivative"
+
+
+def split_relaxed(report: dict) -> tuple[dict, Counter]:
+    """The report without the errors a derivative input is not held to, and those errors'
+    ``code[ subCode]`` counts."""
+    kept, relaxed = [], Counter()
+    for issue in report.get("issues", {}).get("issues", []):
+        if issue.get("severity") == "error" and relaxed_reason(issue) is not None:
+            relaxed[" ".join(filter(None, (issue.get("code"), issue.get("subCode"))))] += 1
+        else:
+            kept.append(issue)
+    issues = dict(report.get("issues", {}), issues=kept)
+    return dict(report, issues=issues), relaxed
+
+
 def validate_dataset(bids_dir: str | Path, scratch_dir: str | Path, skip: bool = False) -> bool:
     """Run the official validator on ``bids_dir``.
 
@@ -79,8 +139,9 @@ def validate_dataset(bids_dir: str | Path, scratch_dir: str | Path, skip: bool =
     Returns
     -------
     bool
-        True when the validator ran and passed; False when skipped or not installed (a
-        warning is logged) or when it could not run (logged).
+        True when the validator ran and passed (for a derivative dataset: passed once the
+        errors :func:`relaxed_reason` names are set aside, which is logged); False when skipped
+        or not installed (a warning is logged) or when it could not run (logged).
 
     Raises
     ------
@@ -118,8 +179,18 @@ def validate_dataset(bids_dir: str | Path, scratch_dir: str | Path, skip: bool =
             VALIDATOR, proc.returncode, (proc.stderr.strip().splitlines() or ["no message"])[-1],
         )
         return False
+    relaxed: Counter = Counter()
+    if is_derivative_dataset(bids_dir):
+        report, relaxed = split_relaxed(report)
     n_errors, summary = summarise_errors(report)
-    if proc.returncode == EX_OK and n_errors == 0:
+    if relaxed:
+        LOGGER.warning(
+            "%s is a derivative dataset: %d validator error(s) outside what bids-dmri-ldm reads or "
+            "needs are not enforced (%s); see docs/usage.md#validation",
+            bids_dir, sum(relaxed.values()),
+            ", ".join(f"{code} x{count}" for code, count in relaxed.most_common()),
+        )
+    if n_errors == 0 and (proc.returncode == EX_OK or relaxed):
         n_warn = sum(1 for i in report.get("issues", {}).get("issues", [])
                      if i.get("severity") == "warning")
         LOGGER.info("BIDS validation passed (%d warning(s))", n_warn)

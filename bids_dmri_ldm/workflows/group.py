@@ -111,7 +111,7 @@ def train_rish_global(config: RunConfig, runs: Sequence[DWIRun]) -> int:
                           "target_field_strength": getattr(target, "field_strength", None)})
     model = fit_rish_global(
         rish_pairs, shell=config.shell, sh_order_max=config.sh_order_max,
-        extra_training={"runs": described, "dataset": Path(config.bids_dir).resolve().as_uri(),
+        extra_training={"runs": described, "dataset": deriv.source_dataset(config.bids_dir),
                         "participants": train_ids, "validation_participants": val_ids,
                         "software": deriv.software_versions(),
                         "settings": {"shell": config.shell, "shell_tolerance": config.shell_tolerance,
