@@ -1,21 +1,34 @@
 #!/usr/bin/env python3
-"""Benchmark: the participant level at the default output grid (1.05 mm), CPU time and peak RSS.
+"""Benchmark: the participant level at the default output grid (1.05 mm) against its I/O floor.
 
-Two subjects:
+Subjects:
 
+- ``hcp`` (default): a synthetic HCP-size 3T run (145 x 174 x 145 voxels of 1.25 mm, 18 b0 + 90
+  directions at b=1000, int16 ``.nii.gz`` written by nibabel, single-tensor signal in an
+  ellipsoidal brain; the generator of ``bench_sh_fit.py``); the output grid is 173 x 207 x 173
+  (6.2 M voxels) x 108 volumes.
 - ``demo``: the demo subject (``python -m bids_dmri_ldm.simulate DIR --subjects 1 --voxel-scale 3
-  --seed 2024``: 48 x 58 x 48 voxels of 3.75 mm, 18 b0 + 90 b=1000 + 180 b=2000/3000 volumes,
-  int16); the output grid is 171 x 207 x 171 (6.1 M voxels) x 108 volumes.
-- ``hcp``: a synthetic HCP-size 3T run (145 x 174 x 145 voxels of 1.25 mm, 18 b0 + 90
-  directions at b=1000, int16, single-tensor signal in an ellipsoidal brain; the generator of
-  ``bench_sh_fit.py``); the output grid is 173 x 207 x 173 (6.2 M voxels) x 108 volumes.
+  --seed 2024``: 48 x 58 x 48 voxels of 3.75 mm, 18 b0 + 90 b=1000 + 180 b=2000/3000 volumes);
+  output grid 171 x 207 x 171 x 108.
 
-Each run is ``run.py BIDS OUT participant --method rish-global`` (default ``--nprocs``, report
-included) under ``/usr/bin/time -v`` in a fresh output and work dir; printed: wall time, user
-and system CPU time, peak RSS (the largest process), the machine and its load. On a shared
-machine compare CPU times, not wall times. This is not a timed test.
+For each ``--method`` (default: rish-global and ldm with its shipped model), ``--repeats`` times,
+``run.py BIDS OUT participant --skip-bids-validation`` runs in a fresh output and work folder
+(default ``--nprocs``, report included). Printed per run:
 
-Usage: python benchmarks/bench_participant.py [--subject demo|hcp|both] [--keep DIR]
+- each step's wall time (nipype's node runtimes from the work folder; ``report``: from the log),
+- the whole run's wall time, and the CPU time (user + system) and peak RSS of the whole process
+  tree: ``/proc`` is sampled every 0.1 s, CPU is the sum over every process seen of its own last
+  user + system time (nipype's workers are children of a forkserver, which ``wait4`` of the main
+  process does not count), peak RSS the largest sum of the tree's resident sets at one sample,
+- the load average before and after (the machine may be shared: compare CPU times),
+
+and once per subject the **floor**: nibabel loading the input (``np.asanyarray(nib.load(p).dataobj)``)
+plus nibabel saving the written 7T-like DWI as read back (``nib.save`` of the same int16 array and
+header, i.e. stdlib zlib level 1), each in a fresh process; and the ratio run / floor (wall and
+CPU). Medians over the repeats. This is not a timed test.
+
+Usage: python benchmarks/bench_participant.py [--subject hcp|demo|both] [--method rish-global ldm]
+       [--repeats 3] [--keep DIR] [--json FILE] [-- more run.py arguments]
 """
 from __future__ import annotations
 
@@ -24,6 +37,7 @@ import json
 import os
 import platform
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -31,6 +45,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
 def make_demo(root: Path) -> Path:
@@ -42,7 +58,7 @@ def make_demo(root: Path) -> Path:
 
 
 def make_hcp(root: Path) -> Path:
-    """Write the synthetic HCP-size run as a one-subject BIDS dataset (int16 .nii.gz)."""
+    """Write the synthetic HCP-size run as a one-subject BIDS dataset (int16 .nii.gz, nibabel)."""
     import nibabel as nib
     import numpy as np
 
@@ -69,33 +85,109 @@ def make_hcp(root: Path) -> Path:
     return bids
 
 
-def run_participant(bids: Path, scratch: Path, extra: list[str]) -> dict:
+# ---------------------------------------------------------------------------------------------
+# process-tree accounting through /proc
+
+
+def _children(pid: int) -> list[int]:
+    kids = []
+    try:
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{task}/children") as handle:
+                kids.extend(int(k) for k in handle.read().split())
+    except OSError:
+        pass
+    return kids
+
+
+def _tree(pid: int) -> list[int]:
+    found, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        found.append(p)
+        todo.extend(_children(p))
+    return found
+
+
+def _cpu_rss(pid: int) -> tuple[float, int] | None:
+    """Own user + system seconds and resident bytes of one process (None once it is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            fields = handle.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    # after the command name: state(0) ... utime(11) stime(12) ... rss(21)
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK, int(fields[21]) * PAGE
+
+
+def run_monitored(cmd: list[str], cwd: Path, interval: float = 0.1) -> dict:
+    """Run ``cmd``; wall time, CPU time and peak RSS of its whole process tree, and its stderr."""
+    err_file, out_file = tempfile.TemporaryFile(), tempfile.TemporaryFile()
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=cwd, stdout=out_file, stderr=err_file)
+    cpu_seen: dict[int, float] = {}
+    peak = 0
+    while proc.poll() is None:
+        total = 0
+        for pid in _tree(proc.pid):
+            sample = _cpu_rss(pid)
+            if sample is not None:
+                cpu_seen[pid] = max(cpu_seen.get(pid, 0.0), sample[0])
+                total += sample[1]
+        peak = max(peak, total)
+        time.sleep(interval)
+    wall = time.perf_counter() - start
+    err_file.seek(0)
+    out_file.seek(0)
+    return {"exit": proc.returncode, "wall_s": wall, "cpu_s": sum(cpu_seen.values()),
+            "peak_rss_gb": peak / 2**30, "processes": len(cpu_seen),
+            "stdout": out_file.read().decode(errors="replace"), "stderr": err_file.read().decode(errors="replace")}
+
+
+# ---------------------------------------------------------------------------------------------
+# one participant run
+
+
+def step_times(work: Path) -> dict[str, float]:
+    """Wall seconds of each nipype node (from its result file), in start order."""
+    sys.path.insert(0, str(ROOT))
+    from nipype.utils.filemanip import loadpkl
+
+    rows = []
+    for result in work.rglob("result_*.pklz"):
+        runtime = loadpkl(result).runtime
+        rows.append((runtime.startTime, result.parent.name, float(runtime.duration)))
+    times: dict[str, float] = {}
+    for _, name, seconds in sorted(rows):
+        if not name.startswith("ds_"):  # the derivative sinks: copies, summed below
+            times[name] = round(seconds, 2)
+    sinks = sum(seconds for _, name, seconds in rows if name.startswith("ds_"))
+    times["write derivatives"] = round(sinks, 2)
+    return times
+
+
+def run_participant(bids: Path, scratch: Path, method: str, extra: list[str]) -> dict:
     out, work = scratch / "out", scratch / "work"
-    cmd = ["/usr/bin/time", "-v", sys.executable, str(ROOT / "run.py"), str(bids), str(out), "participant",
-           "-w", str(work), "--skip-bids-validation", "--method", "rish-global", *extra]
-    load = os.getloadavg()[0]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, check=False)
-    err = proc.stderr
-
-    def field(name: str) -> str:
-        match = re.search(rf"{re.escape(name)}: (.+)", err)
-        return match.group(1).strip() if match else "?"
-
-    wall = field("Elapsed (wall clock) time (h:mm:ss or m:ss)")
-    parts = [float(p) for p in wall.split(":")] if wall != "?" else [float("nan")]
-    wall_s = sum(p * 60 ** i for i, p in enumerate(reversed(parts)))
+    cmd = [sys.executable, str(ROOT / "run.py"), str(bids), str(out), "participant", "-w", str(work),
+           "--skip-bids-validation", "--method", method, *extra]
+    load_before = os.getloadavg()
+    result = run_monitored(cmd, ROOT)
+    err = result.pop("stderr")
+    result.pop("stdout")
+    steps = step_times(work) if work.exists() else {}
+    report = re.search(r"report \S+ written in ([0-9.]+) s", err)
+    if report is None:
+        logs = sorted((out / "logs").glob("*.log")) if (out / "logs").exists() else []
+        text = logs[-1].read_text() if logs else ""
+        report = re.search(r"report \S+ written in ([0-9.]+) s", text)
+    steps["report"] = float(report.group(1)) if report else None
     dwi = next(out.rglob("*_desc-7Tlike_dwi.nii.gz"), None)
-    return {
-        "exit": proc.returncode,
-        "wall_s": round(wall_s, 1),
-        "user_s": float(field("User time (seconds)")),
-        "sys_s": float(field("System time (seconds)")),
-        "peak_rss_gb": round(int(field("Maximum resident set size (kbytes)")) / 2**20, 2),
-        "load_before": round(load, 2),
-        "output": None if dwi is None else {"shape": _shape(dwi), "bytes": dwi.stat().st_size},
-        "report": (out / "sub-01.html").exists(),
-        "log_tail": "" if proc.returncode == 0 else err[-2000:],
-    }
+    result.update(
+        method=method, steps=steps, load_before=[round(x, 2) for x in load_before],
+        load_after=[round(x, 2) for x in os.getloadavg()],
+        output=None if dwi is None else {"path": str(dwi), "shape": _shape(dwi), "bytes": dwi.stat().st_size},
+        log_tail="" if result["exit"] == 0 else err[-2000:])
+    return result
 
 
 def _shape(path: Path):
@@ -105,23 +197,94 @@ def _shape(path: Path):
     return [list(img.shape), str(img.get_data_dtype())]
 
 
+# ---------------------------------------------------------------------------------------------
+# the floor: nibabel load of the input + nibabel save of the output
+
+
+_FLOOR_LOAD = """
+import sys, time, numpy as np, nibabel as nib
+t = time.perf_counter(); a = np.asanyarray(nib.load(sys.argv[1]).dataobj); print(time.perf_counter() - t)
+"""
+_FLOOR_SAVE = """
+import sys, time, numpy as np, nibabel as nib
+src = nib.load(sys.argv[1]); img = nib.Nifti1Image(np.asanyarray(src.dataobj.get_unscaled()), src.affine, src.header)
+t = time.perf_counter(); nib.save(img, sys.argv[2]); print(time.perf_counter() - t)
+"""
+
+
+def floor(input_dwi: Path, output_dwi: Path, scratch: Path) -> dict:
+    """nibabel load of the input + nibabel save of the written output, each timed in its own
+    process (wall of the call; CPU of the whole process, reading the output back included for
+    the save: an upper bound of the save's CPU)."""
+    load = run_monitored([sys.executable, "-c", _FLOOR_LOAD, str(input_dwi)], ROOT)
+    target = scratch / "floor_save.nii.gz"
+    save = run_monitored([sys.executable, "-c", _FLOOR_SAVE, str(output_dwi), str(target)], ROOT)
+    load_s, save_s = float(load["stdout"].split()[-1]), float(save["stdout"].split()[-1])
+    target.unlink(missing_ok=True)
+    return {"load_s": round(load_s, 2), "save_s": round(save_s, 2), "wall_s": round(load_s + save_s, 2),
+            "load_cpu_s": round(load["cpu_s"], 2), "save_cpu_s_upper": round(save["cpu_s"], 2)}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--subject", choices=("demo", "hcp", "both"), default="both")
+    parser.add_argument("--subject", choices=("demo", "hcp", "both"), default="hcp")
+    parser.add_argument("--method", nargs="+", default=["rish-global", "ldm"])
+    parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--keep", type=Path, help="folder for the datasets (reused) and outputs")
+    parser.add_argument("--json", type=Path, help="write all results here")
     parser.add_argument("extra", nargs="*", help="more arguments for run.py (after --)")
     args = parser.parse_args()
     root = args.keep or Path(tempfile.mkdtemp(prefix="bench_participant_"))
     root.mkdir(parents=True, exist_ok=True)
-    print(f"machine: {platform.node()} {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
-          f"python {platform.python_version()}, {time.strftime('%Y-%m-%d %H:%M %Z')}")
+    machine = (f"{platform.node()} {_cpu_model()}, {os.cpu_count()} CPUs, python {platform.python_version()}, "
+               f"{time.strftime('%Y-%m-%d %H:%M %Z')}")
+    print(f"machine: {machine}")
     subjects = ("demo", "hcp") if args.subject == "both" else (args.subject,)
+    everything = {"machine": machine, "subjects": {}}
     for name in subjects:
         bids = make_demo(root) if name == "demo" else make_hcp(root)
-        scratch = root / f"run_{name}_{int(time.time())}"
-        result = run_participant(bids, scratch, args.extra)
-        print(name, json.dumps(result, indent=1))
+        input_dwi = next((bids / "sub-01").rglob("*_dwi.nii.gz"))
+        runs = {}
+        for method in args.method:
+            runs[method] = []
+            for _ in range(args.repeats):
+                scratch = root / f"run_{name}_{method}_{time.time_ns()}"
+                runs[method].append(run_participant(bids, scratch, method, args.extra))
+                print(name, method, json.dumps(runs[method][-1]), flush=True)
+        output = next((r["output"]["path"] for rs in runs.values() for r in rs if r["output"]), None)
+        fl = floor(input_dwi, Path(output), root) if output else None
+        summary = {"floor": fl, "methods": {}}
+        for method, results in runs.items():
+            ok = [r for r in results if r["exit"] == 0]
+            if not ok:
+                summary["methods"][method] = {"failed": True}
+                continue
+            med = {k: round(statistics.median(r[k] for r in ok), 2) for k in ("wall_s", "cpu_s", "peak_rss_gb")}
+            step_names = list(ok[0]["steps"])
+            med["steps"] = {s: round(statistics.median(r["steps"][s] for r in ok if r["steps"].get(s) is not None), 2)
+                            for s in step_names if any(r["steps"].get(s) is not None for r in ok)}
+            if fl:
+                med["ratio_wall"] = round(med["wall_s"] / fl["wall_s"], 2)
+            med["repeats"] = len(ok)
+            med["load_before"] = [r["load_before"][0] for r in ok]
+            summary["methods"][method] = med
+        everything["subjects"][name] = summary
+        print(f"== {name}: floor {json.dumps(fl)}")
+        for method, med in summary["methods"].items():
+            print(f"== {name} {method}: {json.dumps(med)}")
+    if args.json:
+        args.json.write_text(json.dumps(everything, indent=1))
     return 0
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 if __name__ == "__main__":

@@ -58,7 +58,7 @@ def test_atomic_writes_leave_old_file_on_failure(tmp_path, monkeypatch):
     def broken_save(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(deriv.nib, "save", broken_save)
+    monkeypatch.setattr(nib.Nifti1Image, "to_file_map", broken_save)  # disk full while writing
     with pytest.raises(OSError):
         deriv.atomic_save_nifti(deriv.make_nifti(np.zeros((2, 2, 2)), np.eye(4)), target)
     assert target.read_bytes() == before

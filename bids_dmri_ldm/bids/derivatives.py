@@ -127,12 +127,9 @@ def atomic_copy(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
 
 def atomic_save_nifti(img: nib.Nifti1Image, path: str | os.PathLike) -> Path:
     """Save a NIfTI image atomically; the extension of ``path`` (.nii / .nii.gz) picks the format."""
-    path = Path(path)
-    ext = ".nii.gz" if path.name.endswith(".nii.gz") else ".nii"
-    with _atomic_target(path, suffix=ext) as tmp:
-        nib.save(img, tmp)
-        os.chmod(tmp, 0o644)
-    return path
+    from ..io.nifti import save_nifti  # ISA-L gzip; the one NIfTI writer of the project
+
+    return save_nifti(img, path)
 
 
 def make_nifti(data: np.ndarray, affine: np.ndarray, dtype=np.float32) -> nib.Nifti1Image:

@@ -89,20 +89,24 @@ def _as_index(index: np.ndarray) -> slice | torch.Tensor:
 def _over_masked_chunks(data, b0_index, dwi_index, mask, fit_mat, s0_floor, chunk_voxels, n_threads):
     """Shared chunk loop: normalise masked voxels and either keep the attenuation or SH-fit it.
 
-    torch releases the GIL in its kernels, so ``n_threads`` workers on disjoint chunks run in
-    parallel (written here because dipy's fit converts the whole volume to float64 at once).
+    Voxels are visited in the memory order of ``data`` (Fortran order for the arrays nibabel
+    maps from a NIfTI file, C order otherwise), so ``data`` is viewed as ``(n_voxels, V)`` without
+    a copy and each chunk reads contiguous runs of every volume. torch releases the GIL in its
+    kernels, so ``n_threads`` workers on disjoint chunks run in parallel (written here because
+    dipy's fit converts the whole volume to float64 at once).
     """
     mask = np.asarray(mask, dtype=bool)
     if mask.shape != data.shape[:3]:
         raise ValueError(f"mask shape {mask.shape} does not match data shape {data.shape[:3]}")
-    flat = data.reshape(-1, data.shape[-1])
+    order = "F" if data.flags.f_contiguous and not data.flags.c_contiguous else "C"
+    flat = data.reshape(-1, data.shape[-1], order=order)  # a view for C- or F-contiguous data
     width = len(dwi_index) if fit_mat is None else fit_mat.shape[0]
     b0_index, dwi_index = _as_index(b0_index), _as_index(dwi_index)
     fit_t = None if fit_mat is None else torch.from_numpy(np.ascontiguousarray(fit_mat.T, dtype=np.float32))
     s0 = np.zeros(mask.size, dtype=np.float32)
-    out = np.zeros((mask.size, width), dtype=np.float32)
+    out = np.zeros((mask.size, width), dtype=np.float32, order=order)
 
-    def work(rows: np.ndarray) -> None:
+    def work(rows) -> None:
         s0_rows, att_rows = _normalise_rows(flat[rows], b0_index, dwi_index, s0_floor)
         s0[rows] = s0_rows.numpy()
         out[rows] = (att_rows if fit_t is None else att_rows @ fit_t).numpy()
@@ -110,14 +114,14 @@ def _over_masked_chunks(data, b0_index, dwi_index, mask, fit_mat, s0_floor, chun
     if mask.all():  # every voxel (the participant level): contiguous slices are views, no gather
         chunks = [slice(start, min(start + chunk_voxels, mask.size)) for start in range(0, mask.size, chunk_voxels)]
     else:
-        chunks = list(_chunks(np.flatnonzero(mask.ravel()), chunk_voxels))
+        chunks = list(_chunks(np.flatnonzero(mask.ravel(order=order)), chunk_voxels))
     if n_threads > 1 and len(chunks) > 1:
         with ThreadPoolExecutor(max_workers=n_threads) as pool:
             list(pool.map(work, chunks))
     else:
         for rows in chunks:
             work(rows)
-    return s0.reshape(mask.shape), out.reshape(mask.shape + (width,))
+    return s0.reshape(mask.shape, order=order), out.reshape(mask.shape + (width,), order=order)
 
 
 def fit_shell_sh(

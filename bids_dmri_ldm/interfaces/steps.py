@@ -11,21 +11,18 @@ volumes (input order) — :attr:`bids_dmri_ldm.core.gradients.ShellSelection.ind
 """
 from __future__ import annotations
 
-import contextlib
-import gzip
 import json
 import logging
 import os
-import tempfile
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import nibabel as nib
 import numpy as np
+import torch
 
-from ..bids.derivatives import atomic_save_nifti, make_nifti, write_bval_bvec
+from ..bids.derivatives import make_nifti, write_bval_bvec
 from ..core.gradients import (
     B0_THRESHOLD,
     GradientError,
@@ -37,12 +34,14 @@ from ..core.gradients import (
 from ..core.mask import brain_mask
 from ..core.resample import fill_outside_mask, output_grid, resample
 from ..core.sh import RISH_ORDERS, SHModel, rish_features, sh_basis
-from ..core.signal import fit_shell_sh, mean_b0, sanitize
+from ..core.signal import fit_shell_sh
+from ..io.nifti import READ_ERRORS, iter_nifti_volumes, nifti_layout, read_nifti_volumes, save_nifti
+from ..io.nifti import write_nifti_volumes as write_nifti_volumes  # re-exported for callers of steps
 
 LOGGER = logging.getLogger("bids_dmri_ldm.workflow")
 
-# Errors raised by nibabel/gzip/zlib when a .nii.gz is truncated or not what it claims to be.
-_READ_ERRORS = (OSError, EOFError, zlib.error, gzip.BadGzipFile, nib.filebasedimages.ImageFileError, ValueError)
+# Errors raised by nibabel/gzip/zlib/ISA-L when a .nii.gz is truncated or not what it claims to be.
+_READ_ERRORS = READ_ERRORS
 
 
 class InputDataError(ValueError):
@@ -203,8 +202,9 @@ def selection_warnings(name: str, sel: ShellSelection, shell: float, tolerance: 
 def read_volumes(dwi_file: str | os.PathLike, index: list[int]) -> tuple[np.ndarray, np.ndarray]:
     """Read the volumes ``index`` of a 4D image as float32 ``(X, Y, Z, len(index))``.
 
-    Reads the on-disk dtype once (``get_unscaled``: no float64 copy of the whole series), then
-    converts only the kept volumes, applying the scaling slope/intercept.
+    One streamed pass over the file (:func:`~bids_dmri_ldm.io.nifti.read_nifti_volumes`: ISA-L
+    inflation, each kept volume converted into its slot with the scaling slope/intercept; no
+    copy of the whole stored series).
 
     Raises
     ------
@@ -213,57 +213,110 @@ def read_volumes(dwi_file: str | os.PathLike, index: list[int]) -> tuple[np.ndar
     """
     name = Path(dwi_file).name
     try:
-        img = nib.load(str(dwi_file))
-        proxy = img.dataobj
-        raw = proxy.get_unscaled() if hasattr(proxy, "get_unscaled") else np.asanyarray(proxy)
-        if raw.ndim != 4:
-            raise InputDataError(f"{name}: a DWI run must be a 4D image; found shape {raw.shape}")
-        data = raw[..., index].astype(np.float32)
-        del raw
+        layout = nifti_layout(dwi_file)
+        if len(layout.header.get_data_shape()) != 4:
+            raise InputDataError(f"{name}: a DWI run must be a 4D image; found shape {layout.header.get_data_shape()}")
+        data, layout = read_nifti_volumes(dwi_file, index, np.float32, layout)
     except InputDataError:
         raise
     except _READ_ERRORS as err:
         raise InputDataError(f"{name}: cannot read the image data, the file is corrupt or truncated ({_short(err)})") from None
-    slope = getattr(proxy, "slope", 1.0)
-    inter = getattr(proxy, "inter", 0.0)
-    if slope not in (None, 1.0) and np.isfinite(slope):
-        data *= np.float32(slope)
-    if inter not in (None, 0.0) and np.isfinite(inter):
-        data += np.float32(inter)
-    return data, img.affine
+    return data, layout.affine
 
 
 def load_dwi_step(dwi_file: str, index: list[int], n_b0: int, out_dir: str | os.PathLike) -> dict[str, Any]:
     """Read the kept volumes, replace NaN/Inf by 0 and record where they were.
 
+    The input is streamed once, volume by volume (:func:`~bids_dmri_ldm.io.nifti.iter_nifti_volumes`),
+    into an uncompressed ``.nii`` in output order (b0s, then the shell) while the means and the
+    bad-voxel map are accumulated: memory holds a few volumes, never the series. The kept volumes
+    stay in the stored integer type when the source is stored as integers without scaling (half
+    the bytes of float32; no NaN is possible), else they are float32 image values.
+
     Returns
     -------
     dict
-        ``dwi_file`` (float32 ``.nii``, kept volumes), ``mean_b0_file``, ``mean_dwi_file`` (mean of
-        the shell's volumes; helps the automatic mask tell air from tissue), ``bad_voxels_file``
+        ``dwi_file`` (``.nii``, kept volumes), ``mean_b0_file``, ``mean_dwi_file`` (mean of the
+        shell's volumes; helps the automatic mask tell air from tissue), ``bad_voxels_file``
         (uint8, 1 where any kept volume was NaN/Inf), ``n_bad_voxels``, ``warnings`` (list of
         one-line messages, also logged), ``integer_input`` (the source is stored as integers).
     """
-    data, affine = read_volumes(dwi_file, index)
-    bad = ~np.all(np.isfinite(data), axis=-1)
-    data, n_bad = sanitize(data)
+    name = Path(dwi_file).name
+    out_dir = Path(out_dir)
+    try:
+        layout = nifti_layout(dwi_file)
+        if len(layout.header.get_data_shape()) != 4:
+            raise InputDataError(f"{name}: a DWI run must be a 4D image; found shape {layout.header.get_data_shape()}")
+        sums, bad, out_path = _stream_selected(dwi_file, layout, [int(i) for i in index], n_b0, out_dir)
+    except InputDataError:
+        raise
+    except _READ_ERRORS as err:
+        raise InputDataError(f"{name}: cannot read the image data, the file is corrupt or truncated ({_short(err)})") from None
+    n_bad = int(bad.sum())
     warnings = []
     if n_bad:
-        warnings.append(f"{Path(dwi_file).name}: {n_bad} voxel(s) with NaN/Inf values are set to 0 and left out "
+        warnings.append(f"{name}: {n_bad} voxel(s) with NaN/Inf values are set to 0 and left out "
                         "of the brain mask")
         LOGGER.warning("%s", warnings[-1])
-    out_dir = Path(out_dir)
+    affine = layout.affine
+    n_shell = len(index) - n_b0
     files = {
-        "dwi_file": _save(data, affine, out_dir / "dwi_selected.nii"),
-        "mean_b0_file": _save(mean_b0(data, np.arange(n_b0)), affine, out_dir / "mean_b0.nii"),
-        "mean_dwi_file": _save(np.mean(data[..., n_b0:], axis=-1, dtype=np.float32), affine,  # a view: no copy
-                               out_dir / "mean_dwi.nii"),
+        "dwi_file": out_path,
+        "mean_b0_file": _save((sums[0] / max(n_b0, 1)).astype(np.float32), affine, out_dir / "mean_b0.nii"),
+        "mean_dwi_file": _save((sums[1] / max(n_shell, 1)).astype(np.float32), affine, out_dir / "mean_dwi.nii"),
         "bad_voxels_file": _save(bad.astype(np.uint8), affine, out_dir / "bad_voxels.nii", np.uint8),
     }
-    files["n_bad_voxels"] = int(n_bad)
+    files["n_bad_voxels"] = n_bad
     files["warnings"] = warnings
-    files["integer_input"] = bool(np.issubdtype(nib.load(str(dwi_file)).get_data_dtype(), np.integer))
+    files["integer_input"] = bool(np.issubdtype(layout.dtype, np.integer))
     return files
+
+
+#: Stored integer types the selected volumes keep (torch converts them to float32 in the SH fit).
+_KEPT_INTEGER_TYPES = tuple(np.dtype(t) for t in (np.int8, np.uint8, np.int16, np.int32))
+
+
+def _stream_selected(dwi_file, layout, index: list[int], n_b0: int, out_dir: Path):
+    """Copy the volumes ``index`` of ``dwi_file`` into ``out_dir/dwi_selected.nii`` (output order),
+    sanitised; return the float64 sums ``(b0 sum, shell sum)``, the bad-voxel map and the path."""
+    keep_integer = layout.dtype.newbyteorder("=") in _KEPT_INTEGER_TYPES and not layout.scaled
+    dtype = layout.dtype.newbyteorder("=") if keep_integer else np.dtype(np.float32)
+    slots: dict[int, list[int]] = {}
+    for slot, t in enumerate(index):
+        slots.setdefault(t, []).append(slot)
+    header = make_nifti(np.zeros((1, 1, 1), np.float32), layout.affine).header
+    header.set_data_dtype(dtype)
+    header.set_data_shape(layout.shape + (len(index),))
+    header.set_data_offset(352)
+    out_path = out_dir / "dwi_selected.nii"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with open(out_path, "wb") as handle:
+        header.write_to(handle)
+        handle.truncate(352 + len(index) * int(np.prod(layout.shape)) * dtype.itemsize)
+    out = np.memmap(out_path, dtype=dtype, mode="r+", offset=352, shape=layout.shape + (len(index),), order="F")
+    sums = np.zeros((2,) + layout.shape, dtype=np.float64)
+    bad = np.zeros(layout.shape, dtype=bool)
+    for t, stored in iter_nifti_volumes(dwi_file, layout):
+        if t not in slots:
+            continue
+        if keep_integer:
+            volume = stored
+        else:
+            volume = stored.astype(np.float32)
+            if layout.slope != 1.0:
+                volume *= np.float32(layout.slope)
+            if layout.inter != 0.0:
+                volume += np.float32(layout.inter)
+            finite = np.isfinite(volume)
+            if not finite.all():
+                bad |= ~finite
+                volume[~finite] = 0.0
+        for slot in slots[t]:
+            out[..., slot] = volume
+            sums[0 if slot < n_b0 else 1] += volume
+    out.flush()
+    del out
+    return sums, bad, str(out_path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -400,7 +453,7 @@ def fit_rish_step(dwi_file: str, bval_file: str, bvec_file: str, mask_file: str 
     """
     b0_index, dwi_index, bvecs_shell = _shell_parts(bval_file, bvec_file)
     img = nib.load(dwi_file)
-    data = np.asanyarray(img.dataobj, dtype=np.float32)
+    data = _image_values(img)  # memory-mapped when unscaled (as load_dwi_step writes it)
     try:
         model = SHModel(bvecs_shell, sh_order_max=sh_order_max)
     except ValueError as err:
@@ -411,10 +464,26 @@ def fit_rish_step(dwi_file: str, bval_file: str, bvec_file: str, mask_file: str 
     out_dir = Path(out_dir)
     return {
         "s0_file": _save(s0, img.affine, out_dir / "s0.nii"),
-        "b0_file": _save(data[..., b0_index], img.affine, out_dir / "b0.nii"),
+        "b0_file": _save(data[..., b0_index], img.affine, out_dir / "b0.nii", _value_type(data.dtype)),
         "sh_file": _save(coeffs, img.affine, out_dir / "sh.nii"),
         "rish_file": _save(rish, img.affine, out_dir / "rish_source.nii"),
     }
+
+
+def _image_values(img: nib.Nifti1Image) -> np.ndarray:
+    """The image values: the stored array (memory-mapped for an uncompressed ``.nii``, any
+    number type) when the header has no scaling, else float32 scaled values."""
+    proxy = img.dataobj
+    slope, inter = getattr(proxy, "slope", 1.0), getattr(proxy, "inter", 0.0)
+    if hasattr(proxy, "get_unscaled") and slope in (None, 1.0) and inter in (None, 0.0):
+        return proxy.get_unscaled()
+    return np.asanyarray(proxy, dtype=np.float32)
+
+
+def _value_type(dtype: np.dtype):
+    """On-disk type that holds values of ``dtype`` exactly (integers kept, floats as float32)."""
+    dtype = np.dtype(dtype)
+    return dtype.newbyteorder("=") if np.issubdtype(dtype, np.integer) else np.float32
 
 
 # ---------------------------------------------------------------------------------------------
@@ -468,12 +537,19 @@ def resample_step(in_file: str, voxel_size: float | None, out_dir: str | os.Path
         data = np.asanyarray(img.dataobj) > 0
         mask = resample_to_grid(data.astype(np.float32), img.affine, new_affine, new_shape, order=1) >= 0.5
         return _save(mask.astype(np.uint8), new_affine, out_path, np.uint8)
-    data = np.asanyarray(img.dataobj, dtype=np.float32)
-    out = resample_to_grid(data, img.affine, new_affine, new_shape, order=3)
-    del data
-    if clip_min is not None:
-        np.maximum(out, np.float32(clip_min), out=out)
-    return _save(out, new_affine, out_path)
+    resampler = SeparableResampler(img.affine, img.shape[:3], new_affine, new_shape, 3)
+    n_channels = 1 if len(img.shape) == 3 else int(img.shape[3])
+
+    def channels():  # one channel in memory at a time, written as soon as it is resampled
+        for c in range(n_channels):
+            out = resampler(_channel(img, c))
+            if clip_min is not None:
+                np.maximum(out, np.float32(clip_min), out=out)
+            yield out
+
+    if len(img.shape) == 3:
+        return _save(next(channels()), new_affine, out_path)
+    return str(write_nifti_volumes(out_path, new_shape, new_affine, n_channels, channels()))
 
 
 class SeparableResampler:
@@ -517,19 +593,28 @@ class SeparableResampler:
                         if self.separable and not self.identity else None)
 
     def __call__(self, volume: np.ndarray) -> np.ndarray:
-        """Resample one ``(X, Y, Z)`` volume; returns float32 ``new_shape``."""
-        volume = np.asarray(volume, dtype=np.float32)
+        """Resample one ``(X, Y, Z)`` volume; returns float32 ``new_shape`` (C order)."""
         if self.identity:
-            return volume.copy()
+            return np.array(volume, dtype=np.float32, order="C")
         if not self.separable:
-            return resample(volume, self.affine, self.new_affine, self.new_shape, order=self.order)
-        w0, w1, w2 = self.weights
-        nx = volume.shape[0]
-        out = volume @ w2.T  # (X, Y, Z) -> (X, Y, Z')
-        out = np.matmul(w1, out)  # -> (X, Y', Z'), one small product per x
+            return resample(np.asarray(volume, dtype=np.float32), self.affine, self.new_affine, self.new_shape,
+                            order=self.order)
+        # C order first: volumes read from NIfTI files are Fortran-ordered, and numpy's matmul
+        # over a stack of non-contiguous matrices falls back to a loop without BLAS (1-2 s per
+        # HCP-size volume instead of ~0.2 s). torch: the three products run multi-threaded.
+        x = torch.from_numpy(np.ascontiguousarray(volume, dtype=np.float32))
+        w0, w1, w2 = self._torch_weights()
+        nx, ny, _ = x.shape
+        out = (x.reshape(nx * ny, -1) @ w2.T).reshape(nx, ny, -1)  # (X, Y, Z) -> (X, Y, Z')
+        out = torch.matmul(w1, out)  # -> (X, Y', Z'), one small product per x
         # Last, one large product over the first axis (the fastest order measured: 0.1 s vs
         # 0.8 s per 6.4 M-voxel volume when this product comes first).
-        return (w0 @ out.reshape(nx, -1)).reshape(self.new_shape)
+        return (w0 @ out.reshape(nx, -1)).reshape(self.new_shape).numpy()
+
+    def _torch_weights(self):
+        if getattr(self, "_weights_t", None) is None:
+            self._weights_t = [torch.from_numpy(w) for w in self.weights]
+        return self._weights_t
 
 
 def _axis_weights(n_in: int, n_out: int, scale: float, offset: float, order: int) -> np.ndarray:
@@ -667,8 +752,8 @@ def rebuild_step(s0_file: str, b0_file: str, sh_file: str, mask_file: str, bval_
     mask = np.asanyarray(nib.load(mask_file).dataobj) > 0
     region = mask if skull_strip else np.ones(shape, dtype=bool)
     voxels = np.flatnonzero(region.ravel(order="F"))  # NIfTI (Fortran) order of the written volumes
-    coeffs = _masked_channels(sh_img, voxels)  # (n_region, K)
-    s0 = _masked_channels(nib.load(s0_file), voxels)[:, 0]
+    coeffs = _masked_channels(sh_img, voxels)  # (K, n_region)
+    s0 = _masked_channels(nib.load(s0_file), voxels)[0]
     basis = sh_basis(bvecs_shell, sh_order_max)[0].astype(np.float32)  # (M, K)
     b0_img = nib.load(b0_file)
     n_b0 = 1 if len(b0_img.shape) == 3 else int(b0_img.shape[3])
@@ -700,36 +785,43 @@ def int16_slope(b0_img: nib.Nifti1Image, coeffs: np.ndarray, s0: np.ndarray, bas
 
     Bounds, computed before any volume is written (the output is streamed): b0 volumes, the
     input's maximum times :data:`B0_OVERSHOOT`; diffusion-weighted volumes, by Cauchy-Schwarz,
-    ``S0 * |C| * max_g |Y(g)|`` per voxel (``|.|`` the Euclidean norm over the K coefficients).
-    Values above the bound cannot occur in the DW volumes; b0 overshoot beyond it is clipped.
+    ``S0 * |C| * max_g |Y(g)|`` per voxel (``|.|`` the Euclidean norm over the K coefficients;
+    ``coeffs`` is ``(K, n_voxels)``). Values above the bound cannot occur in the DW volumes; b0
+    overshoot beyond it is clipped.
     """
     b0_max = float(np.max(np.asanyarray(b0_img.dataobj)))
     basis_norm = float(np.sqrt(np.square(basis, dtype=np.float64).sum(axis=1)).max()) if basis.size else 0.0
     dw_max = 0.0
-    for start in range(0, s0.size, 1 << 20):  # in chunks: no (n_voxels, K) temporary
+    for start in range(0, s0.size, 1 << 20):  # in chunks: no (K, n_voxels) temporary
         rows = slice(start, start + (1 << 20))
-        norms = np.sqrt(np.einsum("ij,ij->i", coeffs[rows], coeffs[rows]))
+        norms = np.sqrt(np.einsum("ij,ij->j", coeffs[:, rows], coeffs[:, rows]))
         dw_max = max(dw_max, float(np.max(s0[rows] * norms)) * basis_norm)
     top = max(B0_OVERSHOOT * b0_max, dw_max)
     return top / 32767.0 if top > 0 else 1.0
 
 
 def _masked_channels(img: nib.Nifti1Image, voxels: np.ndarray) -> np.ndarray:
-    """``(len(voxels), C)`` float32: the channels of a 3D/4D image at Fortran-order flat indices,
-    read one channel at a time (an uncompressed ``.nii`` is memory-mapped)."""
+    """``(C, len(voxels))`` float32: the channels of a 3D/4D image at Fortran-order flat indices,
+    read one channel at a time (an uncompressed ``.nii`` is memory-mapped); each row is
+    contiguous, so one output volume is one matrix product away."""
     n_channels = 1 if len(img.shape) == 3 else int(img.shape[3])
-    out = np.empty((voxels.size, n_channels), dtype=np.float32)
+    out = np.empty((n_channels, voxels.size), dtype=np.float32)
     data = img.dataobj
     for c in range(n_channels):
         volume = np.asanyarray(data if n_channels == 1 and len(img.shape) == 3 else data[..., c])
         flat = volume.ravel(order="F")
-        out[:, c] = flat if voxels.size == flat.size else flat[voxels]  # all voxels: no gather
+        out[c] = flat if voxels.size == flat.size else flat[voxels]  # all voxels: no gather
     return out
 
 
 def _rebuilt_volumes(b0_img, shape, affine, region, voxels, coeffs, s0, basis):
     """Yield the output volumes ``(X, Y, Z)`` float32 in order: b0s, then the rebuilt shell;
-    zero outside ``region`` (the whole grid unless skull-stripped)."""
+    zero outside ``region`` (the whole grid unless skull-stripped). ``coeffs`` is ``(K, n_region)``.
+
+    The shell's volumes are computed in torch (multi-threaded), a batch of directions per matrix
+    product ``Y_batch (b, K) @ C (K, n)``: each row of the result is one volume in NIfTI order,
+    contiguous, yielded as a Fortran-ordered view (no copy, no transpose).
+    """
     b0_same_grid = tuple(b0_img.shape[:3]) == tuple(shape) and np.allclose(b0_img.affine, affine, atol=1e-5)
     resampler = None if b0_same_grid else SeparableResampler(b0_img.affine, b0_img.shape[:3], affine, shape, 3)
     n_b0 = 1 if len(b0_img.shape) == 3 else int(b0_img.shape[3])
@@ -743,91 +835,20 @@ def _rebuilt_volumes(b0_img, shape, affine, region, voxels, coeffs, s0, basis):
             volume[~region] = 0.0
         yield volume
     n_vox = int(np.prod(shape))
+    coeffs_t, s0_t = torch.from_numpy(coeffs), torch.from_numpy(s0)
+    basis_t = torch.from_numpy(np.ascontiguousarray(basis, dtype=np.float32))
     batch = max(1, min(basis.shape[0], REBUILD_BATCH_BYTES // max(1, 4 * voxels.size)))
     for start in range(0, basis.shape[0], batch):
-        attenuation = coeffs @ basis[start:start + batch].T  # (n_region, batch)
-        np.maximum(attenuation, 0.0, out=attenuation)
-        attenuation *= s0[:, None]
-        for j in range(attenuation.shape[1]):
+        attenuation = basis_t[start:start + batch] @ coeffs_t  # (batch, n_region)
+        attenuation.clamp_(min=0.0).mul_(s0_t)
+        values = attenuation.numpy()
+        for j in range(values.shape[0]):
             if everywhere:  # voxels = 0 .. n_vox - 1 in Fortran order: no scatter needed
-                yield attenuation[:, j].reshape(shape, order="F")
+                yield values[j].reshape(shape, order="F")
                 continue
             flat = np.zeros(n_vox, dtype=np.float32)
-            flat[voxels] = attenuation[:, j]
+            flat[voxels] = values[j]
             yield flat.reshape(shape, order="F")
-
-
-def write_nifti_volumes(path: str | os.PathLike, shape: tuple[int, ...], affine: np.ndarray, n_volumes: int,
-                        volumes, dtype=np.float32, compresslevel: int = 1, slope: float | None = None) -> Path:
-    """Stream 3D volumes into a 4D NIfTI-1 file, atomically (temporary file + ``os.replace``).
-
-    The header is that of :func:`~bids_dmri_ldm.bids.derivatives.make_nifti` (mm/s units, the
-    affine as qform and sform, code 1); each volume is written in NIfTI (Fortran) order as it is
-    produced, so memory holds one volume. ``.nii.gz`` paths are gzip-compressed at
-    ``compresslevel`` (1: the fastest; level 6 shrinks float32 DWI by only a few percent more
-    at ~4x the time).
-
-    Parameters
-    ----------
-    path : path-like
-        ``.nii`` or ``.nii.gz``.
-    shape : tuple of 3 ints
-    affine : ndarray, shape (4, 4)
-    n_volumes : int
-        Number of volumes ``volumes`` yields (checked).
-    volumes : iterable of ndarray, each ``shape``
-    dtype : numpy dtype
-        On-disk type (float32, or an integer type with ``slope``).
-    slope : float, optional
-        ``scl_slope`` for an integer ``dtype``: stored = round(value / slope), clipped to the
-        type's range (intercept 0).
-    """
-    path = Path(path)
-    header = nib.Nifti1Header()
-    header.set_data_dtype(dtype)
-    header.set_data_shape(tuple(int(n) for n in shape[:3]) + (int(n_volumes),))
-    header.set_xyzt_units("mm", "sec")
-    header.set_qform(affine, code=1)
-    header.set_sform(affine, code=1)
-    header.set_data_offset(352)  # 348-byte header + 4-byte "no extension" flag
-    integer = np.issubdtype(np.dtype(dtype), np.integer)
-    if integer:
-        if slope is None or not slope > 0:
-            raise ValueError("an integer on-disk type needs a positive slope")
-        header.set_slope_inter(float(slope), 0.0)
-        limits = np.iinfo(dtype)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        written = 0
-        with open(tmp, "wb") as raw, _gzip_or_plain(raw, path, compresslevel) as handle:
-            header.write_to(handle)
-            for volume in volumes:
-                if np.shape(volume) != tuple(shape[:3]):
-                    raise ValueError(f"volume of shape {np.shape(volume)} for an image of shape {tuple(shape[:3])}")
-                if integer:
-                    scaled = np.rint(np.asarray(volume, dtype=np.float32) / np.float32(slope))
-                    volume = np.clip(scaled, limits.min, limits.max, out=scaled).astype(dtype)
-                handle.write(np.asarray(volume, dtype=dtype).tobytes(order="F"))
-                written += 1
-        if written != n_volumes:
-            raise ValueError(f"{written} volumes written, {n_volumes} announced")
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def _gzip_or_plain(raw, path: Path, compresslevel: int):
-    """A gzip stream over ``raw`` for ``.gz`` paths (empty file name and mtime 0 in the gzip
-    header, as nibabel writes them: reproducible bytes, no BIDS validator warning), else a
-    no-op context around ``raw``."""
-    if path.name.endswith(".gz"):
-        return gzip.GzipFile(filename="", mode="wb", fileobj=raw, compresslevel=compresslevel, mtime=0)
-    return contextlib.nullcontext(raw)
 
 
 def rebuild_dwi_volumes(s0: np.ndarray, b0: np.ndarray, coeffs: np.ndarray, basis: np.ndarray,
@@ -847,8 +868,7 @@ def rebuild_dwi_volumes(s0: np.ndarray, b0: np.ndarray, coeffs: np.ndarray, basi
 
 
 def _save(data: np.ndarray, affine: np.ndarray, path: Path, dtype=np.float32) -> str:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_save_nifti(make_nifti(data, affine, dtype), path)
+    save_nifti(make_nifti(data, affine, dtype), path)  # atomic; .nii.gz through ISA-L gzip
     return str(path)
 
 
