@@ -23,6 +23,7 @@ import json
 import logging
 import re
 import time
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +32,7 @@ from urllib.parse import unquote, urlparse
 import nibabel as nib
 import numpy as np
 
+from bids_dmri_ldm.io.nifti import load_nifti
 from bids_dmri_ldm.reports import figures
 from bids_dmri_ldm.reports.html import (
     LOGGER,
@@ -399,7 +401,7 @@ def _canonical_vectors(evec: np.ndarray, ornt: np.ndarray) -> np.ndarray:
 
 
 def _load_map(path: Path, shape: tuple[int, ...]) -> np.ndarray:
-    data, _, _ = _canonical(nib.load(path))
+    data, _, _ = _canonical(load_nifti(path))  # ISA-L inflation
     data = np.asarray(data, np.float32)
     if data.shape[:3] != shape:
         raise ValueError(f"{path.name} has grid {data.shape[:3]}, the brain mask {shape}")
@@ -480,10 +482,11 @@ def read_voxels(
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """Signal of some voxels of a 4D image, and optionally the mean of some volumes.
 
-    The volumes are read one at a time in file order from an image opened
-    with ``keep_file_open=True``: a ``.nii.gz`` is inflated once, front to
-    back, and memory holds one 3D volume, never the whole 4D series (an
-    HCP-size 7T-like DWI is ~3 GB as float32).
+    An image read from a file is streamed once, front to back, volume by volume
+    (:func:`bids_dmri_ldm.io.nifti.iter_nifti_volumes`: ISA-L inflation of a
+    ``.nii.gz``, ~2x nibabel's zlib); memory holds one 3D volume, never the
+    whole 4D series (an HCP-size 7T-like DWI is ~3 GB as float32). An image
+    without a file is read through its ``dataobj``.
 
     Parameters
     ----------
@@ -501,18 +504,32 @@ def read_voxels(
         Scaled values (``scl_slope``/``scl_inter`` applied).
     mean : ndarray, shape (X, Y, Z), float32, or None
     """
+    from bids_dmri_ldm.io.nifti import iter_nifti_volumes, nifti_layout
+
     columns = {int(v): c for c, v in enumerate(volumes)}
     averaged = {int(v) for v in mean_volumes}
     signals = np.empty((len(ijk), len(columns)), np.float32)
     total = np.zeros(img.shape[:3], np.float64) if averaged else None
     index = tuple(np.asarray(ijk).T)
-    for k in sorted(set(columns) | averaged):
-        volume = np.asarray(img.dataobj[..., k], dtype=np.float32)
+    filename = img.get_filename()
+    if filename:
+        layout = nifti_layout(filename)
+        slope, inter = layout.slope, layout.inter
+        stream = iter_nifti_volumes(filename, layout)
+    else:
+        slope, inter = 1.0, 0.0
+        wanted = sorted(set(columns) | averaged)
+        stream = ((k, np.asarray(img.dataobj[..., k], dtype=np.float32)) for k in wanted)
+    for k, volume in stream:
         if k in columns:
             signals[:, columns[k]] = volume[index]
         if k in averaged:
             total += volume
-    mean = (total / len(averaged)).astype(np.float32) if averaged else None
+    if slope != 1.0 or inter != 0.0:
+        signals = signals * np.float32(slope) + np.float32(inter)
+    mean = None
+    if averaged:
+        mean = (total / len(averaged) * slope + inter).astype(np.float32)
     return signals, mean
 
 
@@ -623,7 +640,7 @@ def load_run(
     if mask_path is None:
         run.problems["mask"] = "brain mask derivative not found"
         return run
-    loaded = attempt("mask", _canonical, nib.load(mask_path))
+    loaded = attempt("mask", lambda: _canonical(load_nifti(mask_path)))
     if loaded is None:
         return run
     mask, mask_affine, _ = loaded
@@ -636,9 +653,27 @@ def load_run(
                 run.problems[role] = "derivative not found"
             continue
         setattr(run, role, attempt(role, _load_map, path, shape))
-    attempt("fa_out", _load_output_dwi, run, dwi_path, mask_affine)
-    attempt("fa_in", _load_source_fa, run, output_dir, dwi_path, mask_affine, extra)
+    # The two DWI reads (inflating a .nii.gz is most of the report's time) run side by side:
+    # ISA-L and numpy release the GIL. The shell is settled first, so both fit the same one.
+    run.shell_bval = _output_shell(run, dwi_path)
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        jobs = [pool.submit(attempt, "fa_out", _load_output_dwi, run, dwi_path, mask_affine),
+                pool.submit(attempt, "fa_in", _load_source_fa, run, output_dir, dwi_path, mask_affine, extra)]
+        for job in jobs:
+            job.result()
     return run
+
+
+def _output_shell(run: RunData, dwi_path: Path) -> float | None:
+    """b-value of the shell the report fits tensors on (None when the gradients are unreadable:
+    the output's loader then records the problem)."""
+    from bids_dmri_ldm.core.gradients import load_gradients
+
+    try:
+        bvals, bvecs = load_gradients(find_derivative(dwi_path, "bval"), find_derivative(dwi_path, "bvec"))
+        return _shell_volumes(bvals, bvecs, len(bvals), _sidecar_shell(run.sidecar)).shell_bval
+    except Exception:  # noqa: BLE001 - reported by _load_output_dwi
+        return None
 
 
 _LOG_WARNING = re.compile(r"^\S+\s+WARNING\s+(?:[\w.]+:\s+)?(.*)$")
