@@ -149,14 +149,18 @@ def rish_features(coeffs: np.ndarray, l_values: np.ndarray, orders: Sequence[int
     -------
     ndarray, shape (..., len(orders)), float32
     """
+    # One matrix product with a 0/1 order-selection matrix (K, n_orders): ~5x faster than
+    # summing boolean-indexed copies per order on an HCP-size volume.
+    return np.square(coeffs, dtype=np.float32) @ rish_selection(l_values, orders)
+
+
+def rish_selection(l_values: np.ndarray, orders: Sequence[int] = RISH_ORDERS) -> np.ndarray:
+    """0/1 matrix ``(K, len(orders))`` float32 summing squared coefficients by order (Eq. 1)."""
     l_values = np.asarray(l_values)
     missing = [order for order in orders if not np.any(l_values == order)]
     if missing:
         raise ValueError(f"orders {missing} are not in the SH basis (max order {int(l_values.max())})")
-    # One matrix product with a 0/1 order-selection matrix (K, n_orders): ~5x faster than
-    # summing boolean-indexed copies per order on an HCP-size volume.
-    selection = (l_values[:, None] == np.asarray(orders)[None, :]).astype(np.float32)
-    return np.square(coeffs, dtype=np.float32) @ selection
+    return (l_values[:, None] == np.asarray(orders)[None, :]).astype(np.float32)
 
 
 def scale_maps(rish_target: np.ndarray, rish_source: np.ndarray, tau: float = DEFAULT_TAU) -> np.ndarray:

@@ -33,8 +33,8 @@ from ..core.gradients import (
 )
 from ..core.mask import brain_mask
 from ..core.resample import fill_outside_mask, output_grid, resample
-from ..core.sh import RISH_ORDERS, SHModel, rish_features, sh_basis
-from ..core.signal import fit_shell_sh
+from ..core.sh import RISH_ORDERS, SHModel, sh_basis
+from ..core.signal import fit_shell_rish
 from ..io.nifti import READ_ERRORS, iter_nifti_volumes, nifti_layout, read_nifti_volumes, save_nifti
 from ..io.nifti import write_nifti_volumes as write_nifti_volumes  # re-exported for callers of steps
 
@@ -459,8 +459,7 @@ def fit_rish_step(dwi_file: str, bval_file: str, bvec_file: str, mask_file: str 
     except ValueError as err:
         raise InputDataError(str(err)) from None
     everywhere = np.ones(data.shape[:3], dtype=bool)
-    s0, coeffs = fit_shell_sh(data, b0_index, dwi_index, everywhere, model.fit_matrix)
-    rish = rish_features(coeffs, model.l_values, orders)
+    s0, coeffs, rish = fit_shell_rish(data, b0_index, dwi_index, everywhere, model.fit_matrix, model.l_values, orders)
     out_dir = Path(out_dir)
     return {
         "s0_file": _save(s0, img.affine, out_dir / "s0.nii"),
