@@ -289,3 +289,24 @@ bids_dmri_ldm.interfaces.steps.InputDataError: sub-01_dwi.nii.gz: the image has 
     assert crash_reason(text) == ("InputDataError",
                                   "sub-01_dwi.nii.gz: the image has 3 volumes but the gradient table has 2")
     assert crash_reason("nothing useful")[0] == "RuntimeError"
+
+
+@pytest.mark.parametrize("slope", [1.0, 0.5])
+def test_load_dwi_streams_the_kept_volumes_in_output_order(tmp_path, slope):
+    """One streamed pass: kept volumes in output order (b0s first), the stored integers kept when
+    the file has no scaling (float32 image values otherwise), means as nibabel's values give."""
+    rng = np.random.default_rng(4)
+    data = rng.integers(0, 2000, size=(6, 5, 4, 7)).astype(np.int16)
+    img = nib.Nifti1Image(data, AFFINE)
+    img.header.set_slope_inter(slope, 0.0)
+    nib.save(img, tmp_path / "in.nii.gz")
+    values = np.asanyarray(nib.load(tmp_path / "in.nii.gz").dataobj).astype(np.float64)
+    index, n_b0 = [5, 0, 1, 3, 6], 2
+    out = steps.load_dwi_step(str(tmp_path / "in.nii.gz"), index, n_b0, tmp_path / "work")
+    selected = nib.load(out["dwi_file"])
+    assert selected.get_data_dtype() == (np.int16 if slope == 1.0 else np.float32)
+    np.testing.assert_allclose(np.asanyarray(selected.dataobj), values[..., index], rtol=1e-6)
+    np.testing.assert_allclose(nib.load(out["mean_b0_file"]).get_fdata(), values[..., [5, 0]].mean(-1), rtol=1e-6)
+    np.testing.assert_allclose(nib.load(out["mean_dwi_file"]).get_fdata(), values[..., [1, 3, 6]].mean(-1),
+                               rtol=1e-6)
+    assert out["integer_input"] and out["n_bad_voxels"] == 0
