@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 os.environ.setdefault("NIPYPE_NO_ET", "1")  # no version check over the network at run time
 
@@ -285,5 +286,8 @@ class RebuildDWI(SimpleInterface):
                                                 self.inputs.mask_file, self.inputs.bval_file, self.inputs.bvec_file,
                                                 self.inputs.sh_order_max, runtime.cwd,
                                                 integer_output=bool(self.inputs.integer_output),
-                                                skull_strip=bool(self.inputs.skull_strip)))
+                                                skull_strip=bool(self.inputs.skull_strip),
+                                                # beside the node folder: nipype removes files in it
+                                                # that are not outputs used downstream
+                                                report_samples=Path(runtime.cwd).parent / steps.REPORT_SAMPLES))
         return runtime

@@ -33,6 +33,8 @@ from matplotlib.figure import Figure
 from PIL import Image
 from scipy import ndimage
 
+from bids_dmri_ldm.core.display import bounding_box, select_slices
+
 #: Orientation names of the three slicing axes, in array-axis order.
 VIEW_NAMES = {2: "axial", 1: "coronal", 0: "sagittal"}
 #: Display order of the views in mosaics.
@@ -73,62 +75,6 @@ def to_png(fig: Figure, dpi: int = DPI) -> bytes:
 # --------------------------------------------------------------------------
 # slice selection and intensity ranges
 # --------------------------------------------------------------------------
-def bounding_box(mask: np.ndarray, margin: int = 2) -> tuple[slice, slice, slice]:
-    """Bounding box of the non-zero voxels of a 3D mask, padded by ``margin``.
-
-    Parameters
-    ----------
-    mask : ndarray, shape (X, Y, Z)
-        Brain mask (any dtype; non-zero = inside).
-    margin : int
-        Voxels added on each side, clipped to the volume.
-
-    Returns
-    -------
-    tuple of slice
-        One slice per axis; the whole volume when the mask is empty.
-    """
-    mask = np.asarray(mask) != 0
-    if mask.ndim != 3:
-        raise ValueError(f"mask must be 3D, got shape {mask.shape}")
-    if not mask.any():
-        return tuple(slice(0, n) for n in mask.shape)
-    box = []
-    for axis in range(3):
-        other = tuple(a for a in range(3) if a != axis)
-        hit = np.flatnonzero(mask.any(axis=other))
-        box.append(slice(max(hit[0] - margin, 0), min(hit[-1] + margin + 1, mask.shape[axis])))
-    return tuple(box)
-
-
-def select_slices(mask: np.ndarray, n_per_view: int = 3) -> dict[int, list[int]]:
-    """Evenly spaced slice indices through the mask, for each slicing axis.
-
-    The slices sit at the fractions ``(i + 1) / (n + 1)`` of the mask's
-    extent along each axis, so they avoid the nearly empty edges.
-
-    Parameters
-    ----------
-    mask : ndarray, shape (X, Y, Z)
-        Brain mask; the whole volume is used when it is empty.
-    n_per_view : int
-        Number of slices per axis.
-
-    Returns
-    -------
-    dict
-        ``{axis: [index, ...]}`` for axes 0 (sagittal), 1 (coronal), 2 (axial).
-    """
-    box = bounding_box(mask, margin=0)
-    chosen = {}
-    for axis, extent in enumerate(box):
-        span = extent.stop - extent.start
-        fractions = (np.arange(n_per_view) + 1) / (n_per_view + 1)
-        idx = extent.start + np.floor(fractions * span).astype(int)
-        chosen[axis] = sorted({int(min(i, extent.stop - 1)) for i in idx})
-    return chosen
-
-
 #: Display ranges are percentiles of at most this many voxels (an evenly
 #: strided subset; exact percentiles of 2e6 HCP brain voxels cost ~0.1 s each).
 MAX_RANGE_SAMPLES = 200_000

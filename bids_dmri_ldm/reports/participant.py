@@ -32,6 +32,7 @@ from urllib.parse import unquote, urlparse
 import nibabel as nib
 import numpy as np
 
+from bids_dmri_ldm.core.display import display_voxels, stored_display_voxels
 from bids_dmri_ldm.io.nifti import load_nifti
 from bids_dmri_ldm.reports import figures
 from bids_dmri_ldm.reports.html import (
@@ -410,16 +411,6 @@ def _load_map(path: Path, shape: tuple[int, ...]) -> np.ndarray:
     return data
 
 
-def display_voxels(mask: np.ndarray, slices: Mapping[int, Sequence[int]]) -> np.ndarray:
-    """Brain voxels on the displayed slices (bool, same shape as ``mask``)."""
-    planes = np.zeros(mask.shape, bool)
-    for axis, indices in slices.items():
-        index = [slice(None)] * 3
-        index[axis] = list(indices)
-        planes[tuple(index)] = True
-    return planes & mask
-
-
 def lattice_voxels(mask: np.ndarray, step: int = LATTICE_STEP) -> np.ndarray:
     """Brain voxels on a regular lattice of every ``step``-th voxel."""
     lattice = np.zeros(mask.shape, bool)
@@ -657,7 +648,8 @@ def load_run(
     # ISA-L and numpy release the GIL. The shell is settled first, so both fit the same one.
     run.shell_bval = _output_shell(run, dwi_path)
     with ThreadPoolExecutor(max_workers=2) as pool:
-        jobs = [pool.submit(attempt, "fa_out", _load_output_dwi, run, dwi_path, mask_affine),
+        jobs = [pool.submit(attempt, "fa_out", _load_output_dwi, run, dwi_path, mask_affine,
+                            extra.get("sample_files", ())),
                 pool.submit(attempt, "fa_in", _load_source_fa, run, output_dir, dwi_path, mask_affine, extra)]
         for job in jobs:
             job.result()
@@ -721,8 +713,14 @@ def _dataset_root(path: Path) -> Path:
     return path.parents[len(path.parents) - 1]
 
 
-def _load_output_dwi(run: RunData, dwi_path: Path, mask_affine: np.ndarray) -> None:
-    """Mean b0 and FA / eigenvector of the 7T-like DWI on the displayed slices."""
+def _load_output_dwi(run: RunData, dwi_path: Path, mask_affine: np.ndarray,
+                     sample_files: Sequence[str | Path] = ()) -> None:
+    """Mean b0 and FA / eigenvector of the 7T-like DWI on the displayed slices.
+
+    The signal and mean b0 come from the samples the rebuild step recorded for this exact file
+    (``sample_files``: :class:`~bids_dmri_ldm.interfaces.steps.ReportSamples`, matched by file
+    size and gzip trailer) when one matches, else from the file (inflated once).
+    """
     from bids_dmri_ldm.core.gradients import b0_mask, load_gradients
 
     img = nib.load(dwi_path, keep_file_open=True)
@@ -737,15 +735,43 @@ def _load_output_dwi(run: RunData, dwi_path: Path, mask_affine: np.ndarray) -> N
     selection = _shell_volumes(bvals, bvecs, img.shape[3], _sidecar_shell(run.sidecar))
     run.shell_bval = selection.shell_bval
     where = display_voxels(run.mask, figures.select_slices(run.mask))
-    ijk = np.argwhere(where)
-    signals, mean_b0 = read_voxels(img, _to_stored_indices(img, affine, ijk), selection.index,
-                                   np.flatnonzero(b0_mask(bvals)))
+    stored = _to_stored_indices(img, affine, np.argwhere(where))
+    samples = _recorded_samples(dwi_path, sample_files, stored, img.shape)
+    if samples is not None:
+        signals, mean_b0 = samples["signals"][:, selection.index], samples["mean_b0"]
+    else:
+        signals, mean_b0 = read_voxels(img, stored, selection.index, np.flatnonzero(b0_mask(bvals)))
     run.mean_b0 = nib.orientations.apply_orientation(mean_b0, ornt)
     fa, evec = fit_tensor_at(signals, bvals[selection.index], selection.bvecs[selection.index])
     run.fa_out = np.full(shape, np.nan, np.float32)
     run.evec_out = np.zeros(shape + (3,), np.float32)
     run.fa_out[where] = fa
     run.evec_out[where] = _canonical_vectors(evec, ornt)
+
+
+def _recorded_samples(dwi_path: Path, sample_files: Sequence[str | Path], stored_ijk: np.ndarray,
+                      shape: tuple[int, ...]) -> dict[str, np.ndarray] | None:
+    """The rebuild's recorded samples of this very file (same size and last 8 bytes: the gzip
+    CRC-32 and length) at the same voxels, or None."""
+    if not sample_files:
+        return None
+    size = dwi_path.stat().st_size
+    with open(dwi_path, "rb") as handle:
+        handle.seek(-8, 2)
+        tail = handle.read(8)
+    for candidate in sample_files:
+        try:
+            with np.load(candidate) as recorded:
+                if int(recorded["dwi_bytes"]) != size or recorded["dwi_tail"].tobytes() != tail:
+                    continue
+                samples = {k: recorded[k] for k in ("ijk", "signals", "mean_b0")}
+        except (OSError, KeyError, ValueError):
+            continue
+        if (np.array_equal(samples["ijk"], stored_ijk) and samples["mean_b0"].shape == tuple(shape[:3])
+                and samples["signals"].shape[1] == shape[3]):
+            LOGGER.debug("report of %s: output signal from the rebuild's samples %s", dwi_path.name, candidate)
+            return samples
+    return None
 
 
 def _sidecar_shell(sidecar: Mapping) -> float | None:
@@ -802,6 +828,7 @@ def build_participant_report(
     subject_label: str,
     runs_info: Iterable[str | Path | Mapping | RunData] | None = None,
     logger: logging.Logger | None = None,
+    sample_files: Sequence[str | Path] = (),
 ) -> Path:
     """Write ``OUTPUT_DIR/sub-<label>.html`` from a participant's derivatives.
 
@@ -819,6 +846,10 @@ def build_participant_report(
         every 7T-like DWI of the participant under ``output_dir``.
     logger : logging.Logger, optional
         Receives a warning per part of the report that could not be made.
+    sample_files : sequence of path-like
+        Samples recorded by the rebuild step while it wrote the outputs
+        (:class:`~bids_dmri_ldm.interfaces.steps.ReportSamples`); a run whose 7T-like DWI is
+        the file one of them was recorded for is not read again.
 
     Returns
     -------
@@ -838,6 +869,7 @@ def build_participant_report(
             runs.append(item)
             continue
         extra = dict(item) if isinstance(item, Mapping) else {"dwi": item}
+        extra.setdefault("sample_files", tuple(sample_files))
         try:
             runs.append(load_run(extra.pop("dwi"), output_dir, extra, logger))
         except Exception as exc:  # noqa: BLE001 - a bad run must not stop the report

@@ -344,7 +344,7 @@ def run_participant(config: RunConfig, runs: Sequence[DWIRun], rejected: dict[st
         if deferred:
             _process_runs(context, deferred, wait=True)
     _write_summary(config, statuses, reasons, invocation)
-    write_reports(config.output_dir, runs, statuses)
+    write_reports(config.output_dir, runs, statuses, config.work_dir)
     return statuses
 
 
@@ -512,7 +512,8 @@ def _subject(run) -> str | None:
     return match.group(1) if match else None
 
 
-def write_reports(output_dir: str | os.PathLike, runs: Sequence[DWIRun], statuses: dict[str, str]) -> list[Path]:
+def write_reports(output_dir: str | os.PathLike, runs: Sequence[DWIRun], statuses: dict[str, str],
+                  work_dir: str | os.PathLike | None = None) -> list[Path]:
     """Write ``sub-<label>.html`` for every participant with at least one run done or complete.
 
     Called after all runs finished, also when some failed. A report that cannot be made is
@@ -520,11 +521,18 @@ def write_reports(output_dir: str | os.PathLike, runs: Sequence[DWIRun], statuse
     (:func:`~bids_dmri_ldm.reports.build_participant_report` already replaces a failing figure
     by its error message; anything else is caught here).
 
+    ``work_dir``: where the rebuild steps left the samples they recorded for the report
+    (:class:`~bids_dmri_ldm.interfaces.steps.ReportSamples`), so that the report does not
+    inflate each 7T-like DWI again; a sample is used only for the exact file it was recorded for.
+
     Returns
     -------
     list of Path
         The reports written.
     """
+    from ..interfaces.steps import REPORT_SAMPLES
+
+    samples = sorted((Path(work_dir) / "bids_dmri_ldm_wf").rglob(REPORT_SAMPLES)) if work_dir else []
     labels: dict[str, None] = {}
     for run in runs:
         label = _subject(run)
@@ -535,7 +543,7 @@ def write_reports(output_dir: str | os.PathLike, runs: Sequence[DWIRun], statuse
         try:
             from ..reports import build_participant_report
 
-            written.append(build_participant_report(output_dir, label))
+            written.append(build_participant_report(output_dir, label, sample_files=samples))
         except Exception as err:  # noqa: BLE001 - a report never fails the run
             LOGGER.warning("sub-%s: the participant report could not be written (%s: %s); the derivatives "
                            "are complete, rerun with --reports-only to retry", label, type(err).__name__, err)
