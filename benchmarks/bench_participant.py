@@ -28,7 +28,7 @@ header, i.e. stdlib zlib level 1), each in a fresh process; and the ratio run / 
 CPU). Medians over the repeats. This is not a timed test.
 
 Usage: python benchmarks/bench_participant.py [--subject hcp|demo|both] [--method rish-global ldm]
-       [--repeats 3] [--keep DIR] [--json FILE] [-- more run.py arguments]
+       [--repeats 3] [--keep DIR] [--json FILE] [--before OLD_CHECKOUT] [-- more run.py arguments]
 """
 from __future__ import annotations
 
@@ -166,12 +166,12 @@ def step_times(work: Path) -> dict[str, float]:
     return times
 
 
-def run_participant(bids: Path, scratch: Path, method: str, extra: list[str]) -> dict:
+def run_participant(bids: Path, scratch: Path, method: str, extra: list[str], repo: Path = ROOT) -> dict:
     out, work = scratch / "out", scratch / "work"
-    cmd = [sys.executable, str(ROOT / "run.py"), str(bids), str(out), "participant", "-w", str(work),
+    cmd = [sys.executable, str(repo / "run.py"), str(bids), str(out), "participant", "-w", str(work),
            "--skip-bids-validation", "--method", method, *extra]
     load_before = os.getloadavg()
-    result = run_monitored(cmd, ROOT)
+    result = run_monitored(cmd, repo)  # run from the checkout: its package shadows an installed one
     err = result.pop("stderr")
     result.pop("stdout")
     steps = step_times(work) if work.exists() else {}
@@ -232,6 +232,9 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--keep", type=Path, help="folder for the datasets (reused) and outputs")
     parser.add_argument("--json", type=Path, help="write all results here")
+    parser.add_argument("--before", type=Path,
+                        help="another checkout (e.g. `git archive` of an older commit): each repeat runs it "
+                             "first, then this one, in the same conditions; reported as METHOD@before")
     parser.add_argument("extra", nargs="*", help="more arguments for run.py (after --)")
     args = parser.parse_args()
     root = args.keep or Path(tempfile.mkdtemp(prefix="bench_participant_"))
@@ -245,13 +248,15 @@ def main() -> int:
         bids = make_demo(root) if name == "demo" else make_hcp(root)
         input_dwi = next((bids / "sub-01").rglob("*_dwi.nii.gz"))
         runs = {}
-        for method in args.method:
-            runs[method] = []
-            for _ in range(args.repeats):
-                scratch = root / f"run_{name}_{method}_{time.time_ns()}"
-                runs[method].append(run_participant(bids, scratch, method, args.extra))
-                print(name, method, json.dumps(runs[method][-1]), flush=True)
-        output = next((r["output"]["path"] for rs in runs.values() for r in rs if r["output"]), None)
+        checkouts = ([("@before", args.before.resolve())] if args.before else []) + [("", ROOT)]
+        for _ in range(args.repeats):
+            for method in args.method:
+                for tag, repo in checkouts:
+                    scratch = root / f"run_{name}_{method}{tag.replace('@', '_')}_{time.time_ns()}"
+                    runs.setdefault(method + tag, []).append(run_participant(bids, scratch, method, args.extra, repo))
+                    print(name, method + tag, json.dumps(runs[method + tag][-1]), flush=True)
+        output = next((r["output"]["path"] for key, rs in runs.items() if "@" not in key for r in rs
+                       if r["output"]), None)
         fl = floor(input_dwi, Path(output), root) if output else None
         summary = {"floor": fl, "methods": {}}
         for method, results in runs.items():
