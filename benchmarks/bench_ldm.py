@@ -22,8 +22,12 @@ import os
 import platform
 import resource
 import statistics
+import sys
 import time
 from datetime import UTC, datetime
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's package, not an installed one
 
 import numpy as np
 import torch
