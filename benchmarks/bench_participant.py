@@ -37,6 +37,7 @@ import json
 import os
 import platform
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -230,8 +231,10 @@ def main() -> int:
     parser.add_argument("--subject", choices=("demo", "hcp", "both"), default="hcp")
     parser.add_argument("--method", nargs="+", default=["rish-global", "ldm"])
     parser.add_argument("--repeats", type=int, default=1)
-    parser.add_argument("--keep", type=Path, help="folder for the datasets (reused) and outputs")
+    parser.add_argument("--keep", type=Path, help="folder for the datasets (reused) and the runs")
     parser.add_argument("--json", type=Path, help="write all results here")
+    parser.add_argument("--keep-runs", action="store_true",
+                        help="keep each run's output and work folders (~5 GB each at HCP size)")
     parser.add_argument("--before", type=Path,
                         help="another checkout (e.g. `git archive` of an older commit): each repeat runs it "
                              "first, then this one, in the same conditions; reported as METHOD@before")
@@ -249,15 +252,22 @@ def main() -> int:
         input_dwi = next((bids / "sub-01").rglob("*_dwi.nii.gz"))
         runs = {}
         checkouts = ([("@before", args.before.resolve())] if args.before else []) + [("", ROOT)]
+        output = None  # one written 7T-like DWI of this checkout, kept for the floor
         for _ in range(args.repeats):
             for method in args.method:
                 for tag, repo in checkouts:
                     scratch = root / f"run_{name}_{method}{tag.replace('@', '_')}_{time.time_ns()}"
-                    runs.setdefault(method + tag, []).append(run_participant(bids, scratch, method, args.extra, repo))
-                    print(name, method + tag, json.dumps(runs[method + tag][-1]), flush=True)
-        output = next((r["output"]["path"] for key, rs in runs.items() if "@" not in key for r in rs
-                       if r["output"]), None)
-        fl = floor(input_dwi, Path(output), root) if output else None
+                    result = run_participant(bids, scratch, method, args.extra, repo)
+                    runs.setdefault(method + tag, []).append(result)
+                    print(name, method + tag, json.dumps(result), flush=True)
+                    if output is None and not tag and result["output"]:
+                        output = root / f"{name}_floor_output.nii.gz"
+                        shutil.move(result["output"]["path"], output)
+                    if not args.keep_runs:  # each run leaves ~5 GB (work folder, outputs) at HCP size
+                        shutil.rmtree(scratch, ignore_errors=True)
+        fl = floor(input_dwi, output, root) if output else None
+        if output is not None:
+            output.unlink(missing_ok=True)
         summary = {"floor": fl, "methods": {}}
         for method, results in runs.items():
             ok = [r for r in results if r["exit"] == 0]
