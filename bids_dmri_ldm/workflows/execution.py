@@ -191,6 +191,13 @@ class WorkerPoolPlugin(MultiProcPlugin):
         import multiprocessing as mp
 
         self._context = mp.get_context(self.plugin_args.get("mp_context"))
+        if self.plugin_args.get("mp_context") == "forkserver":
+            # The forkserver imports the steps (numpy, nibabel, nipype, torch: ~2 s) once and
+            # forks each worker from it ready to run, instead of every worker importing them
+            # when its first node arrives. Importing runs no torch kernel, so no OpenMP pool or
+            # CUDA state exists yet to be inherited (why forkserver and not fork). Ignored when
+            # this process's forkserver is already running.
+            self._context.set_forkserver_preload(["bids_dmri_ldm.interfaces.dwi", "bids_dmri_ldm.interfaces.bids"])
         self._idle: list[_Worker] = []
         self._busy: dict[int, _Worker] = {}
         self._failed: dict[int, dict[str, Any]] = {}
