@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import re
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -12,6 +13,7 @@ import pytest
 from bids_dmri_ldm.reports import build_participant_report, participant
 from bids_dmri_ldm.reports.html import report_section
 from bids_dmri_ldm.reports.participant import (
+    find_derivative,
     load_run,
     regenerate_reports,
     summary_numbers,
@@ -200,3 +202,36 @@ def test_tensor_fit_survives_non_finite_voxels():
     assert np.all(np.isfinite(fa)) and np.all(np.isfinite(evec))
     expected = np.sqrt(0.5) * np.linalg.norm(evals - evals.mean()) / np.sqrt((evals ** 2).sum()) * np.sqrt(3)
     assert fa[0] == pytest.approx(expected, abs=1e-3) and abs(evec[0, 0]) == pytest.approx(1.0, abs=1e-3)
+
+
+def test_report_uses_the_rebuilds_samples_of_that_exact_file(dataset, tmp_path, caplog):
+    """What the rebuild records while writing the 7T-like DWI (ReportSamples) gives the report
+    the same output FA and mean b0 as reading the file back; samples of another file are ignored."""
+    from bids_dmri_ldm.interfaces.steps import ReportSamples
+
+    dwi = Path(dataset["dwi"])
+    img = nib.load(dwi)
+    mask = np.asanyarray(nib.load(find_derivative(dwi, "mask")).dataobj) > 0
+    samples = ReportSamples(mask, img.affine, 2, img.shape[3])  # b0 volumes first, as the rebuild writes
+    volumes = (np.asarray(img.dataobj[..., t], dtype=np.float32) for t in range(img.shape[3]))
+    for _ in samples.observe(volumes):
+        pass
+    recorded = samples.save(tmp_path / "report_samples.npz", dwi)
+    read = load_run(dwi)
+    with caplog.at_level(logging.DEBUG, logger="bids_dmri_ldm.reports"):
+        reused = load_run(dwi, extra={"sample_files": [recorded]})
+    assert "output signal from the rebuild's samples" in caplog.text
+    caplog.clear()
+    assert reused.problems == read.problems == {}
+    np.testing.assert_allclose(reused.fa_out, read.fa_out, atol=1e-5, equal_nan=True)
+    np.testing.assert_allclose(reused.mean_b0, read.mean_b0, rtol=1e-6)
+    assert np.isfinite(reused.fa_out).sum() > 100
+    other = tmp_path / "other.nii.gz"
+    other.write_bytes(dwi.read_bytes()[:-8] + b"\0" * 8)  # another file (its gzip trailer differs)
+    stale = samples.save(tmp_path / "stale.npz", other)
+    with np.load(stale) as z:
+        assert z["dwi_tail"].tobytes() != dwi.read_bytes()[-8:]
+    with caplog.at_level(logging.DEBUG, logger="bids_dmri_ldm.reports"):
+        fallback = load_run(dwi, extra={"sample_files": [stale]})
+    assert "rebuild's samples" not in caplog.text
+    np.testing.assert_allclose(fallback.fa_out, read.fa_out, atol=1e-5, equal_nan=True)

@@ -1,0 +1,72 @@
+"""The fast paths of issue 15 give the values of the straightforward code they replaced."""
+import numpy as np
+from scipy.ndimage import gaussian_filter
+
+from bids_dmri_ldm.core.sh import SHModel, rish_features, sh_basis
+from bids_dmri_ldm.core.signal import fit_shell_rish, fit_shell_sh, normalise_dwi
+from bids_dmri_ldm.core.smooth import smooth_in_mask, smoothed_scale_maps
+
+
+def _reference_smooth(volumes, mask, sigma):
+    """The former one-filter-at-a-time smoothing (G * mask filtered per call)."""
+    weight = gaussian_filter(mask.astype(np.float32), sigma, mode="nearest")
+    out = np.empty_like(volumes, dtype=np.float32)
+    for k in range(volumes.shape[-1]):
+        num = gaussian_filter(np.where(mask, volumes[..., k], 0).astype(np.float32), sigma, mode="nearest")
+        out[..., k] = np.where(weight > 1e-6, num / np.maximum(weight, 1e-6), volumes[..., k])
+    return out
+
+
+def test_threaded_smoothing_is_bit_identical():
+    rng = np.random.default_rng(0)
+    volumes = rng.random((14, 12, 10, 3)).astype(np.float32)
+    mask = rng.random((14, 12, 10)) > 0.3
+    sigma = [1.5, 2.0, 2.5]
+    np.testing.assert_array_equal(smooth_in_mask(volumes, mask, sigma), _reference_smooth(volumes, mask, sigma))
+    np.testing.assert_array_equal(smooth_in_mask(volumes, mask, sigma, n_threads=1),
+                                  _reference_smooth(volumes, mask, sigma))
+    target, reference = 2 * volumes, volumes + 0.5
+    lam = smoothed_scale_maps(target, reference, mask, sigma)
+    expected = np.sqrt(_reference_smooth(target, mask, sigma) / (_reference_smooth(reference, mask, sigma) + np.float32(1e-8)))
+    np.testing.assert_array_equal(lam, expected)
+
+
+def _shell(seed=1):
+    rng = np.random.default_rng(seed)
+    g = rng.normal(size=(30, 3))
+    g /= np.linalg.norm(g, axis=1, keepdims=True)
+    coeffs = rng.normal(scale=0.05, size=(9, 8, 7, 15)).astype(np.float32)
+    coeffs[..., 0] = 0.6
+    att = np.clip(coeffs @ sh_basis(g, 4)[0].T.astype(np.float32), 0, 1)
+    s0 = rng.uniform(500, 1500, size=(9, 8, 7)).astype(np.float32)
+    data = np.concatenate([np.repeat(s0[..., None], 3, -1), s0[..., None] * att], -1)
+    return np.rint(data).astype(np.int16), g
+
+
+def test_fit_in_memory_order_and_rish_in_the_same_pass():
+    """Fortran-ordered int16 data (as nibabel maps a .nii) give the C-order result; the RISH
+    taken per chunk equal rish_features of the coefficients; masked and full-grid paths agree
+    with the normalise-then-fit reference."""
+    data, g = _shell()
+    model = SHModel(g, 4)
+    b0, dw = np.arange(3), np.arange(3, 33)
+    everywhere = np.ones(data.shape[:3], bool)
+    s0_c, c_c, r_c = fit_shell_rish(data, b0, dw, everywhere, model.fit_matrix, model.l_values, n_threads=2,
+                                    chunk_voxels=50)
+    s0_f, c_f, r_f = fit_shell_rish(np.asfortranarray(data), b0, dw, everywhere, model.fit_matrix, model.l_values,
+                                    n_threads=1, chunk_voxels=64)
+    np.testing.assert_allclose(c_f, c_c, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(s0_f, s0_c, rtol=1e-6)
+    np.testing.assert_allclose(r_c, rish_features(c_c, model.l_values), rtol=1e-5, atol=1e-9)
+    np.testing.assert_allclose(r_f, r_c, rtol=1e-5, atol=1e-9)
+    s0_ref, att = normalise_dwi(data.astype(np.float32), b0, dw, everywhere)
+    np.testing.assert_allclose(c_c, model.fit(att).coeffs, rtol=1e-5, atol=1e-6)
+    mask = np.zeros(data.shape[:3], bool)
+    mask[2:7, 1:6, 2:5] = True
+    _, c_m = fit_shell_sh(np.asfortranarray(data), b0, dw, mask, model.fit_matrix, chunk_voxels=7)
+    np.testing.assert_allclose(c_m[mask], c_c[mask], rtol=1e-5, atol=1e-7)
+    assert not c_m[~mask].any()
+    float_data = np.asfortranarray(data.astype(np.float32))
+    before = float_data.copy()
+    fit_shell_sh(float_data, b0, dw, everywhere, model.fit_matrix)
+    np.testing.assert_array_equal(float_data, before)  # float32 input is read through views: unchanged
