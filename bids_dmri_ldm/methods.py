@@ -50,7 +50,7 @@ import numpy as np
 from .config import SCALE_REFERENCES
 from .core.resample import resample, resample_mask
 from .core.sh import DEFAULT_TAU, RISH_ORDERS, scale_maps
-from .core.smooth import smoothed_scale_maps
+from .ml.scalemaps import input_sigma, learned_scale_maps, per_order
 from .ml.modelconfig import (
     DEFAULT_SCALE_REFERENCE,
     DEFAULT_SCALE_SMOOTHING,
@@ -372,16 +372,17 @@ class LearnedMethod:
       model-grid resampling), so the loss of detail cancels in the ratio and the full-resolution
       3T SH keep their detail when lambda is applied (Eq. 3).
 
-    ``scale_smoothing`` > 0 smooths with a Gaussian of that sigma in model-grid voxels
-    (converted to input voxels through the brain crop box), mask-normalised so the background
-    does not leak in: lambda_l^2 = G*pred_l / (G*ref_l + tau), the local mean of the voxel-wise
-    lambda^2 weighted by the reference RISH (robust where the reference is small and noisy).
+    ``scale_smoothing`` (one sigma, or one per order; > 0) smooths with a Gaussian of that sigma in
+    model-grid voxels (converted to input voxels through the brain crop box), mask-normalised so
+    the background does not leak in: lambda_l^2 = G*pred_l / (G*ref_l + tau), the local mean of
+    the voxel-wise lambda^2 weighted by the reference RISH (robust where the reference is small
+    and noisy); :mod:`bids_dmri_ldm.ml.scalemaps`.
     """
 
     bundle: Any
     device: Any = "cpu"
     scale_reference: str = DEFAULT_SCALE_REFERENCE
-    scale_smoothing: float = DEFAULT_SCALE_SMOOTHING
+    scale_smoothing: float | Sequence[float] = DEFAULT_SCALE_SMOOTHING
     tau: float = DEFAULT_TAU
     name: str = Method.LDM.value
 
@@ -426,13 +427,9 @@ class LearnedMethod:
         except DeviceMemoryError as err:
             raise MethodError(str(err)) from None
         reference = rish_c if self.scale_reference == "input" else result.recon_3t
-        sigma_input = None
-        if self.scale_smoothing > 0:
-            crop = [stop - start for start, stop in result.provenance["CropBox"]]
-            grid = self.bundle.config["grid"]
-            sigma_input = [float(self.scale_smoothing) * c / g for c, g in zip(crop, grid)]
-        scale = smoothed_scale_maps(result.pred_7t, reference, mask_c, sigma_input, self.tau)
-        scale = np.where(mask_c[..., None], scale, np.float32(1.0)).astype(np.float32)
+        grid, box = self.bundle.config["grid"], result.provenance["CropBox"]
+        sigmas = per_order(self.scale_smoothing, len(self.orders))
+        scale = learned_scale_maps(result.pred_7t, reference, mask_c, box, grid, sigmas, self.tau)
         provenance = {
             "Method": self.name,
             "Model": {"Name": self.bundle.config["name"], "Path": str(self.bundle.path),
@@ -440,8 +437,8 @@ class LearnedMethod:
             **{k: v for k, v in result.provenance.items() if k not in ("Method",)},
             "CanonicalOrientation": "RAS (nibabel closest canonical); CropBox in that voxel order",
             "ScaleReference": self.scale_reference,
-            "ScaleSmoothingSigma": float(self.scale_smoothing),
-            "ScaleSmoothingSigmaInputVoxels": sigma_input,
+            "ScaleSmoothingSigma": sigmas,
+            "ScaleSmoothingSigmaInputVoxels": [input_sigma(s, box, grid) for s in sigmas],
             "Tau": float(self.tau),
         }
         provenance["RISHOrders"] = list(self.orders)
@@ -553,8 +550,12 @@ def _scale_options(bundle, options: Mapping[str, Any]) -> dict[str, Any]:
     reference = str(_option(options, "scale_reference", translation.get("scale_reference", DEFAULT_SCALE_REFERENCE)))
     if reference not in SCALE_REFERENCES:
         raise MethodError(f"scale_reference must be one of {SCALE_REFERENCES}, got {reference!r}")
-    smoothing = float(_option(options, "scale_smoothing", translation.get("scale_smoothing", DEFAULT_SCALE_SMOOTHING)))
-    if not np.isfinite(smoothing) or smoothing < 0:
+    smoothing = _option(options, "scale_smoothing", translation.get("scale_smoothing", DEFAULT_SCALE_SMOOTHING))
+    try:
+        smoothing = per_order(smoothing, len(bundle.config["orders"]))
+    except (TypeError, ValueError) as err:
+        raise MethodError(f"scale_smoothing: {err}") from None
+    if not all(np.isfinite(s) and s >= 0 for s in smoothing):
         raise MethodError(f"scale_smoothing must be >= 0, got {smoothing}")
     return {"scale_reference": reference, "scale_smoothing": smoothing}
 

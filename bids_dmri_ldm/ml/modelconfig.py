@@ -58,7 +58,7 @@ _OPTIONAL: dict[str, set[str]] = {
     "translation": {"scale_reference", "scale_smoothing", "gain_7t", "gain_3t"},
     # per-order RISH normalisation (ml/normalise.py): "sqrt-percentile" | "log-percentile" (default,
     # what bundles that name none were trained with)
-    "training": {"normalisation"},
+    "training": {"normalisation", "calibrate_smoothing"},
 }
 _TOP_TRAINING = {"format_version", "name", "description", "grid", "orders", *_SCHEMA}
 _TOP_BUNDLE_EXTRA = {"normalisation", "latent_scale", "training_data", "software", "created"}
@@ -81,7 +81,7 @@ _CNN_SCHEMA: dict[str, set[str]] = {
 }
 _CNN_OPTIONAL: dict[str, set[str]] = {
     "translation": {"scale_reference", "scale_smoothing"},
-    "training": {"augment_flip", "normalisation"},
+    "training": {"augment_flip", "normalisation", "calibrate_smoothing"},
 }
 _CNN_TOP = {"format_version", "method", "name", "description", "grid", "orders", *_CNN_SCHEMA}
 _CNN_BUNDLE_EXTRA = {"normalisation", "training_data", "software", "created"}
@@ -144,7 +144,7 @@ def validate_config(cfg: dict[str, Any], kind: str = "training") -> dict[str, An
     t_max = cfg["diffusion"]["num_train_timesteps"] - 1
     if any(not 0 < int(t) <= t_max for t in cfg["translation"]["t0"]):
         raise ConfigError(f"translation.t0 values must lie in 1..{t_max}")
-    _check_scale_options(cfg["translation"])
+    _check_scale_options(cfg["translation"], len(cfg["orders"]))
     if cfg["translation"]["invert_class"] not in CLASS_NAMES:
         raise ConfigError(f"translation.invert_class must be one of {sorted(CLASS_NAMES)}")
     if cfg["training"]["vqvae7t_init"] not in ("3T", "scratch"):
@@ -174,11 +174,16 @@ def _check_format_version(cfg: dict[str, Any]) -> None:
             f"version of bids-dmri-ldm (expects {FORMAT_VERSION}); retrain or upgrade")
 
 
-def _check_scale_options(translation: dict[str, Any]) -> None:
+def _check_scale_options(translation: dict[str, Any], n_orders: int) -> None:
     if translation.get("scale_reference", "roundtrip") not in ("input", "roundtrip"):
         raise ConfigError("translation.scale_reference must be 'input' or 'roundtrip'")
-    if not float(translation.get("scale_smoothing", 0.0)) >= 0:
-        raise ConfigError("translation.scale_smoothing must be >= 0 (model-grid voxels)")
+    sigma = translation.get("scale_smoothing", 0.0)
+    values = [sigma] if isinstance(sigma, (int, float)) else list(sigma) if isinstance(sigma, list) else [None]
+    if not all(isinstance(v, (int, float)) and v >= 0 for v in values):
+        raise ConfigError("translation.scale_smoothing must be a number >= 0 (model-grid voxels) or a list "
+                          "of one per RISH order")
+    if isinstance(sigma, list) and len(sigma) != n_orders:
+        raise ConfigError(f"translation.scale_smoothing lists {len(sigma)} values for {n_orders} RISH orders")
 
 
 def _check_normalisation(cfg: dict[str, Any], kind: str) -> None:
@@ -214,7 +219,7 @@ def _validate_cnn_config(cfg: dict[str, Any], kind: str) -> dict[str, Any]:
     if len(cfg["grid"]) != 3 or any(int(g) < 4 or int(g) % factor for g in cfg["grid"]):
         raise ConfigError(f"grid {cfg['grid']} must be three sizes >= 4 divisible by the UNet's "
                           f"downsampling {factor}")
-    _check_scale_options(cfg["translation"])
+    _check_scale_options(cfg["translation"], len(cfg["orders"]))
     _check_trained_for(cfg)
     _check_normalisation(cfg, kind)
     return cfg
