@@ -81,6 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
                          f"{REFERENCE_TIMING_MS[0]:g}/{REFERENCE_TIMING_MS[1]:g} ms (default 2.2,2.0,0.7,0.9,3.0)")
     physics.add_argument("--intra-fraction", type=float, default=None, metavar="F",
                          help=f"intra-axonal fraction of the WM signal (default {Diffusivities().intra_fraction:g})")
+    physics.add_argument("--tract-variation", type=float, default=None, metavar="A",
+                         help="strength of the tract-specific intra-axonal fractions around --intra-fraction "
+                         f"(0: the same everywhere; default {DEFAULT.diffusivities.tract_variation:g})")
     physics.add_argument("--time-dependence", type=float, default=None, metavar="A",
                          help="extra-axonal structural-disorder amplitude in um^2 (0: no diffusion-time "
                          f"dependence; default {DEFAULT_DISORDER_AMPLITUDE_UM2:g})")
@@ -174,7 +177,7 @@ def _scan_physics(args: argparse.Namespace, preset, session: str) -> ScanPhysics
     diffusivities = replace(preset.diffusivities)
     if args.diffusivities is not None:
         d = [v * 1e-3 for v in args.diffusivities]  # um^2/ms -> mm^2/s
-        diffusivities = Diffusivities(d[0], d[1], d[2], d[3], d[4], diffusivities.intra_fraction)
+        diffusivities = Diffusivities(d[0], d[1], d[2], d[3], d[4], diffusivities.intra_fraction, diffusivities.tract_variation)
     if args.intra_fraction is not None:
         diffusivities = replace(diffusivities, intra_fraction=args.intra_fraction)
     t2 = getattr(args, f"t2_{suffix}")
@@ -189,6 +192,7 @@ def _scan_physics(args: argparse.Namespace, preset, session: str) -> ScanPhysics
         b1_strength=getattr(args, f"b1_field_{suffix}"),
         diffusivities=diffusivities,
         disorder_amplitude_um2=args.time_dependence,
+        tract_variation=args.tract_variation,
     )
 
 

@@ -46,6 +46,7 @@ DIFFUSIVITY_RANGE = (0.01e-3, 4.0e-3)  # mm^2/s; free water at 37 C is ~3.0e-3
 GRADIENT_DROP_RANGE = (0.0, 0.5)
 B1_STRENGTH_RANGE = (0.0, 1.5)
 DISORDER_RANGE_UM2 = (0.0, 5.0)
+TRACT_VARIATION_RANGE = (0.0, 2.0)
 
 
 @dataclass(frozen=True)
@@ -79,7 +80,7 @@ class PhysicsPreset:
     name: str
     session_3t: SessionPreset
     session_7t: SessionPreset
-    diffusivities: Diffusivities = Diffusivities()
+    diffusivities: Diffusivities = Diffusivities(tract_variation=1.0)
     disorder_amplitude_um2: float = DEFAULT_DISORDER_AMPLITUDE_UM2
 
     def session(self, name: str) -> SessionPreset:
@@ -171,6 +172,7 @@ def build_scan_physics(
     b1_strength: float | None = None,
     diffusivities: Diffusivities | None = None,
     disorder_amplitude_um2: float | None = None,
+    tract_variation: float | None = None,
 ) -> ScanPhysics:
     """The physics of one session: the preset's values, with any given value replacing it.
 
@@ -184,6 +186,8 @@ def build_scan_physics(
         protocol = replace(protocol, big_delta_ms=timing_ms[0], small_delta_ms=timing_ms[1])
     relaxation = relaxation or values.relaxation
     diffusivities = diffusivities or preset.diffusivities
+    if tract_variation is not None:
+        diffusivities = replace(diffusivities, tract_variation=tract_variation)
     amplitude = preset.disorder_amplitude_um2 if disorder_amplitude_um2 is None else disorder_amplitude_um2
     suffix = session.lower()
     _check_range(f"--te-{suffix}", protocol.echo_time_ms, ECHO_TIME_RANGE_MS, "ms")
@@ -194,6 +198,7 @@ def build_scan_physics(
         _check_range(f"--diffusivities ({name})", getattr(diffusivities, name) * 1e3, tuple(v * 1e3 for v in DIFFUSIVITY_RANGE), "um^2/ms")
     if not 0.0 <= diffusivities.intra_fraction <= 1.0:
         raise ValueError(f"--intra-fraction must be between 0 and 1, got {diffusivities.intra_fraction}")
+    _check_range("--tract-variation", diffusivities.tract_variation, TRACT_VARIATION_RANGE, "")
     _check_range("--time-dependence", amplitude, DISORDER_RANGE_UM2, "um^2")
     d_perp = extra_perpendicular_at(diffusivities.extra_perpendicular, amplitude, (protocol.big_delta_ms, protocol.small_delta_ms))
     if not d_perp > 0.0:

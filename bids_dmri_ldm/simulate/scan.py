@@ -32,7 +32,7 @@ from .anatomy import (
 from .fields import effective_bscale, grad_dev_volumes
 from .noise import SCANNER_GAIN, add_rician_noise, noise_sigma, to_int16
 from .physics import ScanPhysics
-from .signal import SignalModel, fibre_signal, isotropic_signals, physical_bvals
+from .signal import SignalModel, fibre_signal, isotropic_signals, physical_bvals, tract_intra_fractions
 
 SUBDIVISIONS = 2
 """Sub-voxels per voxel and axis (the "finer grid")."""
@@ -255,6 +255,7 @@ def _slab_signal(
         np.exp(perpendicular, out=perpendicular)  # (rows, N)
         del gm_signal, csf_signal
     n_pop = len(fibres.BUNDLE_NAMES)
+    tract_fraction = tract_intra_fractions(model.diffusivities) if model.diffusivities.tract_variation else None
     pop_weight = np.zeros((n_vox, n_pop), dtype=np.float64)
     pop_vector = np.zeros((n_vox, n_pop, 3), dtype=np.float64)
     offsets = np.array([(a, b, c) for a in range(2) for b in range(2) for c in range(2)])
@@ -289,7 +290,8 @@ def _slab_signal(
             cos2 *= cos2
             every = active.size == flat.size
             factor = None if sub_perpendicular is None else (sub_perpendicular if every else sub_perpendicular[active])
-            population = fibre_signal(model, b_phys, cos2, factor)
+            f_in = None if tract_fraction is None else tract_fraction[labels[active, k]]
+            population = fibre_signal(model, b_phys, cos2, factor, f_in)
             population *= weights[active, k, None]
             if every:
                 sub_signal += population

@@ -43,7 +43,11 @@ B0_THRESHOLD = 50.0
 
 @dataclass(frozen=True)
 class Diffusivities:
-    """Compartment diffusivities (mm^2/s) and the intra-axonal signal fraction."""
+    """Compartment diffusivities (mm^2/s) and the intra-axonal signal fraction.
+
+    ``tract_variation`` scales the tract-specific offsets of the intra-axonal fraction
+    (:data:`TRACT_INTRA_FRACTION_OFFSETS`; 0: the same ``intra_fraction`` in every fibre population).
+    """
 
     intra: float = 2.2e-3
     extra_parallel: float = 2.0e-3
@@ -51,6 +55,7 @@ class Diffusivities:
     grey_matter: float = 0.9e-3
     csf: float = 3.0e-3
     intra_fraction: float = 0.55
+    tract_variation: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -68,6 +73,29 @@ T2_3T = Relaxation(intra=80.0, extra=55.0, grey_matter=76.0, csf=2000.0)
 
 T2_7T = Relaxation(intra=47.0, extra=47.0, grey_matter=47.0, csf=1000.0)
 """7T: WM and GM ~47 ms (Cox & Gowland 2010), CSF ~1 s."""
+
+TRACT_INTRA_FRACTION_OFFSETS = {
+    "CC": 0.07, "CST": 0.05, "MCP": 0.05, "CG": 0.0, "SLF": -0.02, "AF": -0.02, "IFOF": -0.03, "background": -0.06,
+}
+"""Intra-axonal fraction of each tract relative to ``intra_fraction`` (bundle-name prefixes of
+:data:`.fibres.BUNDLE_NAMES`). Illustrative values spanning the ~0.45-0.7 range of intra-axonal /
+intra-neurite fractions that NODDI and WMTI studies report across adult WM (densely packed
+commissural and projection fibres highest, peripheral WM lowest); they make the TE re-weighting,
+and so the 7T/3T ratios, differ between tracts."""
+
+
+def tract_intra_fractions(diffusivities: Diffusivities, names: tuple[str, ...] | None = None) -> np.ndarray:
+    """Intra-axonal fraction of each fibre population ``(len(names),)``, clipped to [0.05, 0.95]."""
+    from .fibres import BUNDLE_NAMES
+
+    names = BUNDLE_NAMES if names is None else names
+    offsets = []
+    for name in names:
+        prefix = next(key for key in sorted(TRACT_INTRA_FRACTION_OFFSETS, key=len, reverse=True) if name.startswith(key))
+        offsets.append(TRACT_INTRA_FRACTION_OFFSETS[prefix])
+    fractions = diffusivities.intra_fraction + diffusivities.tract_variation * np.asarray(offsets)
+    return np.clip(fractions, 0.05, 0.95)
+
 
 REFERENCE_TIMING_MS = (43.1, 10.6)
 """(Delta, delta) at which :attr:`Diffusivities.extra_perpendicular` is given: the HCP 3T protocol."""
@@ -151,6 +179,7 @@ def fibre_signal(
     bvals: np.ndarray,
     cos2: np.ndarray,
     perpendicular: np.ndarray | None = None,
+    intra_fraction: np.ndarray | None = None,
 ) -> np.ndarray:
     """Stick + zeppelin signal of one fibre population.
 
@@ -164,6 +193,9 @@ def fibre_signal(
     perpendicular : ndarray, shape (N,) or (..., N), optional
         The extra-axonal factor ``exp(-b D_perp |(I + L) g|^2)``; default ``exp(-b D_perp)``
         (linear gradients).
+    intra_fraction : ndarray, shape (P,), optional
+        Intra-axonal fraction of each row of a ``(P, N)`` ``cos2`` (tract-specific); default the
+        model's ``intra_fraction``.
 
     Returns
     -------
@@ -179,12 +211,19 @@ def fibre_signal(
     np.exp(intra, out=intra)
     extra = cos2 * (-b * (d.extra_parallel - d.extra_perpendicular)).astype(np.float32)
     np.exp(extra, out=extra)
+    if intra_fraction is None:
+        w_intra, w_extra = np.float32(w["intra"]), np.float32(w["extra"])
+    else:
+        relax = model.relaxation
+        f = np.asarray(intra_fraction, dtype=np.float32)[:, None]
+        w_intra = f * np.float32(np.exp(-model.echo_time_ms / relax.intra))
+        w_extra = (1.0 - f) * np.float32(np.exp(-model.echo_time_ms / relax.extra))
     if perpendicular is None:
-        extra *= (w["extra"] * np.exp(-b * d.extra_perpendicular)).astype(np.float32)
+        extra *= np.exp(-b * d.extra_perpendicular).astype(np.float32)
     else:
         extra *= perpendicular
-        extra *= np.float32(w["extra"])
-    intra *= np.float32(w["intra"])
+    extra *= w_extra
+    intra *= w_intra
     intra += extra
     return intra
 

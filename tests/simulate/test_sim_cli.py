@@ -51,6 +51,7 @@ def dataset(tmp_path_factory):
         ["--t2-3t", "80,55,76,-1"],
         ["--snr-7t", "0"],
         ["--intra-fraction", "1.5"],
+        ["--tract-variation", "3"],
         ["--physics", "shifted", "--snr-3t", "nan"],
     ],
 )

@@ -16,9 +16,10 @@ from bids_dmri_ldm.simulate.physics import DEFAULT, build_scan_physics
 SCALE = 8.0
 
 
-def physics(session, gradient=0.0, b1=0.0, snr=None, disorder=0.0):
-    """Default-preset physics with the spatial fields off unless asked for (T2/TE tests at isocentre)."""
-    return build_scan_physics(DEFAULT, session, gradient_drop=gradient, b1_strength=b1, snr=snr, disorder_amplitude_um2=disorder)
+def physics(session, gradient=0.0, b1=0.0, snr=None, disorder=0.0, tract=0.0):
+    """Default-preset physics with the spatial effects off unless asked for (T2/TE tests at isocentre)."""
+    return build_scan_physics(DEFAULT, session, gradient_drop=gradient, b1_strength=b1, snr=snr,
+                              disorder_amplitude_um2=disorder, tract_variation=tract)
 
 
 FLAT_3T, FLAT_7T = physics("3T"), physics("7T")
@@ -228,6 +229,21 @@ def test_gradient_non_linearity_in_white_matter_equals_a_linear_scan_with_the_wa
     np.testing.assert_allclose(warped.dwi[tissue].astype(float), linear.dwi[tissue].astype(float), atol=1.01)
     nominal = scan.simulate_scan(subject, lattice, flat, coarse, noise_seed=7, noise=False)
     assert np.abs(warped.dwi[tissue].astype(float) - nominal.dwi[tissue]).max() > 50  # the field matters
+
+
+def test_tract_specific_intra_axonal_fractions_reach_every_population(subject, monkeypatch):
+    """With every tract offset set to +0.1, a tract-varying scan equals a uniform one at
+    intra_fraction + 0.1: the per-population fractions are applied (and nothing else changes)."""
+    monkeypatch.setattr(sg, "TRACT_INTRA_FRACTION_OFFSETS", {key: 0.1 for key in sg.TRACT_INTRA_FRACTION_OFFSETS})
+    lattice = uniform_lattice([0.9, 0.05, 0.05])
+    varying = scan.simulate_scan(subject, lattice, physics("7T", tract=1.0), 12.0, noise_seed=8, noise=False)
+    uniform_physics = physics("7T")
+    uniform_physics = dataclasses.replace(uniform_physics, model=dataclasses.replace(
+        uniform_physics.model, diffusivities=dataclasses.replace(uniform_physics.model.diffusivities, intra_fraction=0.65)))
+    uniform = scan.simulate_scan(subject, lattice, uniform_physics, 12.0, noise_seed=8, noise=False)
+    default = scan.simulate_scan(subject, lattice, physics("7T"), 12.0, noise_seed=8, noise=False)
+    np.testing.assert_allclose(varying.dwi.astype(float), uniform.dwi.astype(float), atol=1.01)
+    assert np.abs(varying.dwi.astype(float) - default.dwi).max() > 50
 
 
 def test_partial_volume_at_a_tissue_boundary_on_both_grids(subject):

@@ -131,3 +131,32 @@ def test_gradient_non_linearity_gives_csf_apparent_anisotropy():
     expected_l0 = 4 * np.pi * np.mean(np.exp(-1000 * MODEL_3T.diffusivities.csf * bscale)) ** 2
     assert rish[1][0] == pytest.approx(expected_l0, rel=0.005)
     assert rish[1][0] / rish[0][0] == pytest.approx(np.exp(-2 * 3.0 * (bscale.mean() - 1)), rel=0.05)  # exp(-b D) at the mean b
+
+
+def test_tract_specific_intra_axonal_fractions():
+    """Per-tract fractions around the mean (CC and CST highest, peripheral 'background' lowest),
+    scaled by tract_variation and clipped; the 7T/3T ratios then differ between tracts."""
+    from dataclasses import replace
+
+    from bids_dmri_ldm.simulate import fibres
+
+    names = fibres.BUNDLE_NAMES
+    base = sg.Diffusivities()
+    np.testing.assert_allclose(sg.tract_intra_fractions(base), 0.55)
+    varied = sg.tract_intra_fractions(replace(base, tract_variation=1.0))
+    assert varied[names.index("CC")] == pytest.approx(0.62) and varied[names.index("background")] == pytest.approx(0.49)
+    assert varied[names.index("CSTL")] == varied[names.index("CSTR")] == pytest.approx(0.60)
+    assert sg.tract_intra_fractions(replace(base, intra_fraction=0.93, tract_variation=2.0)).max() == pytest.approx(0.95)
+    # Row-wise fractions in fibre_signal equal a model with that fraction.
+    cos2 = np.array([[0.1, 0.9, 0.0], [0.5, 0.2, 1.0]])
+    b = np.array([0.0, 1000.0, 1000.0])
+    rows = sg.fibre_signal(MODEL_7T, b, cos2, intra_fraction=np.array([0.62, 0.49]))
+    for i, f in enumerate((0.62, 0.49)):
+        model = sg.SignalModel(71.2, sg.T2_7T, replace(base, intra_fraction=f))
+        np.testing.assert_allclose(rows[i], sg.fibre_signal(model, b, cos2[i]), rtol=1e-6)
+    ratio = {}
+    for f in (0.62, 0.49):
+        voxels = _voxels(10, [1.0, 0.0, 0.0], seed=4)
+        models = [sg.SignalModel(m.echo_time_ms, m.relaxation, replace(base, intra_fraction=f)) for m in (MODEL_3T, MODEL_7T)]
+        ratio[f] = _rish(acq.PROTOCOL_7T, models[1], *voxels) / _rish(acq.PROTOCOL_3T, models[0], *voxels)
+    assert np.all(ratio[0.62].mean(0)[1:] > ratio[0.49].mean(0)[1:] + 0.02)  # L2, L4: tract-dependent
