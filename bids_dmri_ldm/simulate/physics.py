@@ -1,4 +1,4 @@
-"""Physics presets of the simulator and the marker of held-out ("shifted") datasets.
+"""Physics presets of the simulator (``--physics default|shifted``).
 
 A preset fixes, for each session, the protocol (voxel size, grid, echo time, gradient timing),
 the T2 values, the b0 SNR, the gradient non-linearity and the B1 field; the tissue
@@ -8,16 +8,15 @@ diffusivities and the structural-disorder amplitude are shared by both sessions 
 - ``shifted``: other T2s, TEs, gradient timings, SNR, field maps and voxel sizes, each within
   published ranges, for *held-out evaluation only*: every fidelity number can be reported on a
   domain no model was trained on. Such a dataset says so in ``dataset_description.json`` (raw and
-  ``derivatives/simulation``), under :data:`PRESET_KEY`; :func:`is_shifted_dataset` reads it.
+  ``derivatives/simulation``), under :data:`.marker.PRESET_KEY`; :func:`.marker.is_shifted_dataset`
+  (also ``bids_dmri_ldm.simulate.is_shifted_dataset``) reads it.
 
 Command-line options override single values of the preset (``--te-7t`` etc.).
 """
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, replace
-from pathlib import Path
 
 from .acquisition import PROTOCOL_3T, PROTOCOL_7T, Protocol
 from .fields import B1_3T, B1_3T_SHIFTED, B1_7T, B1_7T_SHIFTED, B1Field, B1Pattern, GradientNonlinearity
@@ -31,11 +30,6 @@ from .signal import (
     extra_perpendicular_at,
 )
 
-PRESET_KEY = "SimulationPhysicsPreset"
-"""``dataset_description.json`` key holding the preset name (raw dataset and truth derivative)."""
-
-HELD_OUT_PRESETS = ("shifted",)
-"""Presets whose datasets are for held-out evaluation only (never for training)."""
 
 # Ranges accepted for user values (outside: a usage error). Wide enough for any real protocol,
 # narrow enough to refuse typos and unit mistakes (seconds for ms, mm^2/s for um^2/ms).
@@ -231,30 +225,3 @@ def _check_timing(suffix: str, protocol: Protocol) -> None:
         raise ValueError(
             f"--timing-{suffix} / --te-{suffix}: Delta + delta ({big + small:g} ms) must be shorter than the echo time ({te:g} ms)"
         )
-
-
-def is_shifted_dataset(path: str | Path) -> bool:
-    """True when ``path`` belongs to a simulated dataset made with a held-out-only physics preset.
-
-    ``path`` may be the raw dataset root, its ``derivatives/simulation`` folder, or any file or
-    folder inside either. The nearest ``dataset_description.json`` at or above ``path`` is read,
-    and, for a raw root, also ``derivatives/simulation/dataset_description.json``; either naming a
-    preset of :data:`HELD_OUT_PRESETS` under :data:`PRESET_KEY` makes the answer True. Anything
-    unreadable counts as not shifted (this marks simulated data; real data carry no such key).
-    """
-    path = Path(path).resolve()
-    folder = path if path.is_dir() else path.parent
-    for candidate in (folder, *folder.parents):
-        description = candidate / "dataset_description.json"
-        if description.is_file():
-            files = [description, candidate / "derivatives" / "simulation" / "dataset_description.json"]
-            return any(_preset_of(f) in HELD_OUT_PRESETS for f in files)
-    return False
-
-
-def _preset_of(description: Path) -> str | None:
-    try:
-        value = json.loads(description.read_text()).get(PRESET_KEY)
-    except (OSError, ValueError, AttributeError):
-        return None
-    return value if isinstance(value, str) else None

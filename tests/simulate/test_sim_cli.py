@@ -70,6 +70,14 @@ def test_missing_out_dir_and_real_process_exit_code(tmp_path):
     assert exc.value.code == 0
 
 
+def test_package_import_leaves_numpy_unloaded():
+    """``python -m bids_dmri_ldm.simulate`` imports the package before ``__main__`` limits BLAS
+    threads: the package (and its is_shifted_dataset) must not import numpy (measured: +70 % CPU)."""
+    code = "import sys, bids_dmri_ldm.simulate as s; assert callable(s.is_shifted_dataset); print('numpy' in sys.modules)"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert proc.stdout.strip() == "False"
+
+
 def test_non_empty_out_dir_is_refused_without_overwrite(tmp_path, capsys):
     out = tmp_path / "existing"
     out.mkdir()
