@@ -387,6 +387,12 @@ class LearnedMethod:
     name: str = Method.LDM.value
 
     @property
+    def scale_strength(self) -> list[float]:
+        """alpha_l of lambda_l ** alpha_l (1: the model's full ratio; 0: order left unchanged),
+        chosen on the validation pairs by training (``translation.scale_strength``)."""
+        return per_order(self.bundle.config["translation"].get("scale_strength", 1.0), len(self.orders))
+
+    @property
     def orders(self) -> tuple[int, ...]:
         return tuple(int(o) for o in self.bundle.config["orders"])
 
@@ -429,7 +435,8 @@ class LearnedMethod:
         reference = rish_c if self.scale_reference == "input" else result.recon_3t
         grid, box = self.bundle.config["grid"], result.provenance["CropBox"]
         sigmas = per_order(self.scale_smoothing, len(self.orders))
-        scale = learned_scale_maps(result.pred_7t, reference, mask_c, box, grid, sigmas, self.tau)
+        scale = learned_scale_maps(result.pred_7t, reference, mask_c, box, grid, sigmas, self.tau,
+                                   self.scale_strength)
         provenance = {
             "Method": self.name,
             "Model": {"Name": self.bundle.config["name"], "Path": str(self.bundle.path),
@@ -439,6 +446,7 @@ class LearnedMethod:
             "ScaleReference": self.scale_reference,
             "ScaleSmoothingSigma": sigmas,
             "ScaleSmoothingSigmaInputVoxels": [input_sigma(s, box, grid) for s in sigmas],
+            "ScaleStrength": self.scale_strength,
             "Tau": float(self.tau),
         }
         provenance["RISHOrders"] = list(self.orders)

@@ -136,9 +136,9 @@ def train_cnn(rish_3t: RishInput, rish_7t: RishInput, config: dict[str, Any], ou
     if val_ids and candidates:
         bundle = Bundle(dict(cfg, normalisation=norm), {STAGE: model}, Path("."), "")
         calibration = calibrate_scale_smoothing(lambda r, m: predict_rish(r, m, bundle), [
-            (scans_3t[i], targets[i]) for i in val_ids], cfg["grid"],
+            (scans_3t[i], scans_7t[i]) for i in val_ids], cfg["grid"],
             cfg["translation"].get("scale_reference", "roundtrip"), candidates)
-        cfg["translation"]["scale_smoothing"] = calibration["sigma"]
+        cfg["translation"].update(scale_smoothing=calibration["sigma"], scale_strength=calibration["strength"])
     bundle_cfg = dict(cfg, normalisation=norm, software=software_versions(),
                       created=datetime.now(UTC).isoformat(timespec="seconds"),
                       training_data={"n_3t": len(scans_3t), "n_7t": len(scans_7t), "n_paired": len(paired),

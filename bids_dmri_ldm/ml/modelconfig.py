@@ -55,7 +55,7 @@ _OPTIONAL: dict[str, set[str]] = {
     # ldm scale maps (bids_dmri_ldm.methods.LdmMethod): "input" | "roundtrip", and the
     # Gaussian sigma of the lambda smoothing in model-grid voxels (0: none); per-order linear
     # gains of the predicted 7T and the round-trip 3T RISH (training.calibrate_linear_gains)
-    "translation": {"scale_reference", "scale_smoothing", "gain_7t", "gain_3t"},
+    "translation": {"scale_reference", "scale_smoothing", "scale_strength", "gain_7t", "gain_3t"},
     # per-order RISH normalisation (ml/normalise.py): "sqrt-percentile" | "log-percentile" (default,
     # what bundles that name none were trained with)
     "training": {"normalisation", "calibrate_smoothing"},
@@ -80,7 +80,7 @@ _CNN_SCHEMA: dict[str, set[str]] = {
     "training": {"seed", "val_fraction", "batch_size", "lr", "weight_decay", "epochs", "amp"},
 }
 _CNN_OPTIONAL: dict[str, set[str]] = {
-    "translation": {"scale_reference", "scale_smoothing"},
+    "translation": {"scale_reference", "scale_smoothing", "scale_strength"},
     "training": {"augment_flip", "normalisation", "calibrate_smoothing"},
 }
 _CNN_TOP = {"format_version", "method", "name", "description", "grid", "orders", *_CNN_SCHEMA}
@@ -184,6 +184,11 @@ def _check_scale_options(translation: dict[str, Any], n_orders: int) -> None:
                           "of one per RISH order")
     if isinstance(sigma, list) and len(sigma) != n_orders:
         raise ConfigError(f"translation.scale_smoothing lists {len(sigma)} values for {n_orders} RISH orders")
+    alpha = translation.get("scale_strength", 1.0)
+    alphas = [alpha] if isinstance(alpha, (int, float)) else list(alpha) if isinstance(alpha, list) else [None]
+    if not all(isinstance(v, (int, float)) and 0 <= v <= 1 for v in alphas) or \
+            (isinstance(alpha, list) and len(alpha) != n_orders):
+        raise ConfigError("translation.scale_strength must be a number in [0, 1] or a list of one per RISH order")
 
 
 def _check_normalisation(cfg: dict[str, Any], kind: str) -> None:

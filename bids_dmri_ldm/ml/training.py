@@ -563,9 +563,9 @@ def train_all(rish_3t: RishInput, rish_7t: RishInput, config: dict[str, Any], ou
 
             bundle = Bundle(bundle_cfg, networks, Path("."), "")
             smoothing = calibrate_scale_smoothing(
-                lambda r, m: translate_rish(r, m, bundle, device=ctx.device, num_samples=1), val_pairs,
-                cfg["grid"], bundle_cfg["translation"].get("scale_reference", "roundtrip"), candidates)
-            bundle_cfg["translation"]["scale_smoothing"] = smoothing["sigma"]
+                lambda r, m: translate_rish(r, m, bundle, device=ctx.device, num_samples=1),
+                [(scans_3t[i], scans_7t[i]) for i in val_ids], cfg["grid"], bundle_cfg["translation"].get("scale_reference", "roundtrip"), candidates)
+            bundle_cfg["translation"].update(scale_smoothing=smoothing["sigma"], scale_strength=smoothing["strength"])
             calibration["scale_smoothing"] = smoothing
     elapsed = time.perf_counter() - t_start
     bundle_cfg.update(
