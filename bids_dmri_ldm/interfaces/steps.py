@@ -259,7 +259,7 @@ def iter_volumes(dwi_file: str | os.PathLike):
             raise InputDataError(f"{name}: a DWI run must be a 4D image; found shape {img.shape}")
         proxy = img.dataobj
         for t in range(int(img.shape[3])):
-            yield t, np.asarray(proxy[..., t], dtype=np.float32)
+            yield t, np.array(proxy[..., t], dtype=np.float32)  # a copy: the caller may write to it
     except InputDataError:
         raise
     except _READ_ERRORS as err:
