@@ -84,6 +84,9 @@ class ShellOptions:
         ``--output-gradients`` files (None: the output keeps the input's table).
     only_selected : bool
         Leave out the shells ``shells`` does not name (the group level's RISH features).
+    output_sha256 : str or None
+        Digest of the ``--output-gradients`` files: part of the options, so that a table edited
+        in place changes the cached plan of a rerun.
     """
 
     tolerance: float = 100.0
@@ -94,6 +97,7 @@ class ShellOptions:
     output_bval: str | None = None
     output_bvec: str | None = None
     only_selected: bool = False
+    output_sha256: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Plain values (nipype inputs)."""
@@ -101,7 +105,7 @@ class ShellOptions:
                 "shells": None if self.shells is None else [float(b) for b in self.shells],
                 "covered": None if self.covered is None else [float(b) for b in self.covered],
                 "model_label": self.model_label, "output_bval": self.output_bval, "output_bvec": self.output_bvec,
-                "only_selected": bool(self.only_selected)}
+                "only_selected": bool(self.only_selected), "output_sha256": self.output_sha256}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ShellOptions:

@@ -161,13 +161,15 @@ def shell_options(config: RunConfig, translator: Any = None) -> ShellOptions:
     """How every run's shells are treated: ``--shell``, ``--shell-tolerance``, ``--sh-order``,
     ``--output-gradients`` and the shells the loaded method's model covers."""
     covered = trained_shells(translator) if translator is not None else None
+    record = output_gradients_record(config)
     return ShellOptions(
         tolerance=float(config.shell_tolerance), sh_order_max=int(config.sh_order_max),
         shells=None if config.shells is None else tuple(float(b) for b in config.shells),
         covered=None if covered is None else tuple(covered),
         model_label=f"the {config.method} model",
         output_bval=str(config.output_gradients[0]) if config.output_gradients else None,
-        output_bvec=str(config.output_gradients[1]) if config.output_gradients else None)
+        output_bvec=str(config.output_gradients[1]) if config.output_gradients else None,
+        output_sha256=None if record is None else record["BValSHA256"] + record["BVecSHA256"])
 
 
 def method_options(config: RunConfig) -> dict[str, Any]:
@@ -394,8 +396,8 @@ def check_model_matches(translator, config: RunConfig, model_dir: Path | None) -
                                   RISH_ORDERS)
     if mismatches is None:
         LOGGER.warning("the %s model %s does not record the shell, SH order and RISH orders it was trained for, "
-                       "so they are not checked against this run's (retrain it with the group level)",
-                       config.method, model_dir)
+                       "so they are not checked against this run's and it is applied to every shell (retrain it "
+                       "with the group level)", config.method, model_dir)
         return
     if mismatches:
         found = "; ".join(f"{what}: model {theirs}, this run {ours}" for what, theirs, ours in mismatches)
