@@ -99,13 +99,11 @@ class Oracle:
         self.bundle, self.target = bundle, target
 
     def predict_scale_maps(self, rish, mask, affine):
-        import numpy as np
-
-        from bids_dmri_ldm.core.smooth import smoothed_scale_maps
         from bids_dmri_ldm.methods import ScaleMapPrediction
         from bids_dmri_ldm.ml.data import RishScan, canonical_scan, from_model_grid, target_on_source, to_model_grid
         from bids_dmri_ldm.ml.normalise import denormalise, normalise
         from bids_dmri_ldm.ml.orientation import Reorientation
+        from bids_dmri_ldm.ml.scalemaps import learned_scale_maps
 
         cfg = self.bundle.config
         norm, grid, margin = cfg["normalisation"], tuple(cfg["grid"]), cfg["translation"]["crop_margin"]
@@ -120,11 +118,8 @@ class Oracle:
         pred, crop = through_grid(target, source.mask)
         ref, _ = through_grid(source, source.mask) if cfg["translation"].get("scale_reference") != "input" \
             else (source.rish, None)
-        sigma = float(cfg["translation"].get("scale_smoothing", 0.0))
-        sizes = [s.stop - s.start for s in crop.slices]
-        sigma_input = [sigma * c / g for c, g in zip(sizes, grid)] if sigma > 0 else None
-        scale = smoothed_scale_maps(pred, ref, source.mask, sigma_input)
-        scale = np.where(source.mask[..., None], scale, np.float32(1.0)).astype(np.float32)
+        scale = learned_scale_maps(pred, ref, source.mask, crop.as_list(), grid,
+                                   cfg["translation"].get("scale_smoothing", 0.0))
         return ScaleMapPrediction(reo.from_canonical(scale), {"Method": "oracle"})
 
 
