@@ -34,7 +34,6 @@ class _SelectShellsOutputSpec(TraitedSpec):
     plan_file = File(exists=True, desc="JSON of the run's VolumePlan (what happens to each volume)")
     bval_file = File(exists=True, desc="b-values of the output volumes")
     bvec_file = File(exists=True, desc="FSL bvecs of the output volumes")
-    shells = traits.List(traits.Dict, desc="the sidecars' Shells records")
     warnings = traits.List(traits.Str, desc="shells passed through or carried (one line each)")
 
 

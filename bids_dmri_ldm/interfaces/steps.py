@@ -215,9 +215,8 @@ def select_shells_step(dwi_file: str, bval_file: str | None, bvec_file: str | No
     -------
     dict
         ``plan_file`` (JSON of the :class:`~bids_dmri_ldm.core.shells.VolumePlan`, with
-        ``tolerance``), ``bval_file``, ``bvec_file`` (FSL table of the output volumes),
-        ``shells`` (the sidecars' ``Shells`` records) and ``warnings`` (one line each, also
-        logged; the notes are logged at INFO).
+        ``tolerance``), ``bval_file``, ``bvec_file`` (FSL table of the output volumes) and
+        ``warnings`` (one line each, also logged; the notes are logged at INFO).
     """
     opts = ShellOptions.from_dict(options)
     plan = check_run_inputs(dwi_file, bval_file, bvec_file, opts).plan
@@ -234,8 +233,7 @@ def select_shells_step(dwi_file: str, bval_file: str | None, bvec_file: str | No
         LOGGER.warning("%s", message)
     for message in plan.notes:
         LOGGER.info("%s: %s", name, message)
-    return {"plan_file": plan_file, "bval_file": str(bval_out), "bvec_file": str(bvec_out),
-            "shells": plan.shell_records(), "warnings": warnings}
+    return {"plan_file": plan_file, "bval_file": str(bval_out), "bvec_file": str(bvec_out), "warnings": warnings}
 
 
 def read_plan(plan_file: str | os.PathLike) -> tuple[VolumePlan, float]:

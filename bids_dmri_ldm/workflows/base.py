@@ -4,10 +4,13 @@
 the workflow factories below it take explicit arguments.
 
 Before any work, the method's model is loaded once and compared with the run settings (a model
-trained for another shell, SH order, RISH orders or signal normalisation is refused, 65). Per
-run: the header and gradient files are checked and the run's memory is estimated from them (a
-bad run gets a one-line reason and is not built; a run that cannot fit in the memory available
-is refused with the number it needs), and a run whose derivatives are complete with the same
+trained for another SH order, RISH orders or signal normalisation, or not for a ``--shell``
+value, is refused, 65). Per run: the header and gradient files are checked, the fate of each
+volume is decided (:func:`~bids_dmri_ldm.core.shells.plan_volumes`: the shells the model covers
+are translated, the others passed through; a run none of whose shells the model covers is
+refused) and the run's memory is estimated from them (a bad run gets a one-line reason and is
+not built; a run that cannot fit in the memory available is refused with the number it needs),
+and a run whose derivatives are complete with the same
 settings is skipped unless ``--overwrite``. The runs that remain are sub-workflows of one
 workflow, executed with :class:`~bids_dmri_ldm.workflows.execution.WorkerPoolPlugin` (nipype's
 MultiProc scheduling; a worker that dies fails only its run) when ``--nprocs`` > 1 (``Linear``
