@@ -132,7 +132,7 @@ def memory_rows(test_dir: Path, models: Path, methods: list[str], logs: Path) ->
     from bids_dmri_ldm.evaluation.gate import score_pair
     from bids_dmri_ldm.methods import load_method
     from bids_dmri_ldm.ml.data import RishScan
-    from bids_dmri_ldm.workflows.group import cached_run_rish, feature_runs, validation_pairs
+    from bids_dmri_ldm.workflows.group import feature_runs, shell_rish, validation_pairs
 
     config = RunConfig(bids_dir=test_dir, output_dir=logs / "unused", analysis_level="group",
                        work_dir=test_dir.parent / "work" / f"memory_{test_dir.name}")
@@ -144,8 +144,8 @@ def memory_rows(test_dir: Path, models: Path, methods: list[str], logs: Path) ->
         translators[method] = load_method(method, models)
     ldm = translators.get("ldm") or load_method("ldm", models if (models / "ldm").is_dir() else None)
     rows = []
-    for pair in validation_pairs(config, runs, labels):
-        rish7, mask7, affine7 = cached_run_rish(chosen["target"][pair.participant], config)
+    for pair in validation_pairs(config, runs, labels, config.training_shell):
+        rish7, mask7, affine7 = shell_rish(chosen["target"][pair.participant], config, config.training_shell)
         oracle = Oracle(ldm.bundle, RishScan(np.asarray(rish7, np.float32), mask7, affine7))
         rows += score_pair(pair, {**translators, "oracle": oracle}, truth_root=test_dir)
     return rows

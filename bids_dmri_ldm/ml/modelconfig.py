@@ -242,10 +242,12 @@ TRAINED_FOR_KEYS = ("shells", "sh_order_max", "rish_orders", "signal_normalisati
 """Keys of a model's ``trained_for`` record."""
 
 
-def trained_for(shell: float, sh_order_max: int, rish_orders, signal_normalisation: str = SIGNAL_NORMALISATION
+def trained_for(shell, sh_order_max: int, rish_orders, signal_normalisation: str = SIGNAL_NORMALISATION
                 ) -> dict[str, Any]:
-    """The ``trained_for`` record of a model trained on ``shell`` (s/mm²) with these settings."""
-    return {"shells": [float(shell)], "sh_order_max": int(sh_order_max),
+    """The ``trained_for`` record of a model trained on ``shell`` (s/mm²; one b-value, or a
+    sequence of them for a model holding several shells) with these settings."""
+    shells = [float(b) for b in shell] if isinstance(shell, (list, tuple)) else [float(shell)]
+    return {"shells": shells, "sh_order_max": int(sh_order_max),
             "rish_orders": [int(o) for o in rish_orders], "signal_normalisation": str(signal_normalisation)}
 
 
@@ -273,14 +275,15 @@ def validate_trained_for(record: Any, where: str = "trained_for") -> dict[str, A
     return record
 
 
-def trained_for_mismatches(record: dict[str, Any], shell: float, shell_tolerance: float, sh_order_max: int,
+def trained_for_mismatches(record: dict[str, Any], shell: float | None, shell_tolerance: float, sh_order_max: int,
                            rish_orders, signal_normalisation: str = SIGNAL_NORMALISATION
                            ) -> list[tuple[str, str, str]]:
     """What differs between a model's ``trained_for`` record and the data a run will give it.
 
     The shell matches when a trained shell lies within ``shell_tolerance`` of ``shell`` (the
-    volumes the run selects); the SH order, the RISH orders and the signal normalisation must be
-    equal.
+    volumes the run selects; ``None``: not compared here, the shells of each run are matched
+    one by one, :func:`bids_dmri_ldm.core.shells.plan_volumes`); the SH order, the RISH orders
+    and the signal normalisation must be equal.
 
     Returns
     -------
@@ -289,7 +292,7 @@ def trained_for_mismatches(record: dict[str, Any], shell: float, shell_tolerance
     """
     found = []
     shells = [float(b) for b in record["shells"]]
-    if not any(abs(b - float(shell)) <= float(shell_tolerance) for b in shells):
+    if shell is not None and not any(abs(b - float(shell)) <= float(shell_tolerance) for b in shells):
         found.append(("shell", "b=" + "/".join(f"{b:g}" for b in shells) + " s/mm²",
                       f"--shell {float(shell):g} (tolerance {float(shell_tolerance):g})"))
     if int(record["sh_order_max"]) != int(sh_order_max):
