@@ -100,7 +100,13 @@ class Oracle:
 
     def predict_scale_maps(self, rish, mask, affine):
         from bids_dmri_ldm.methods import ScaleMapPrediction
-        from bids_dmri_ldm.ml.data import RishScan, canonical_scan, from_model_grid, target_on_source, to_model_grid
+        from bids_dmri_ldm.ml.data import (
+            RishScan,
+            canonical_scan,
+            from_model_grid,
+            target_on_source,
+            to_model_grid,
+        )
         from bids_dmri_ldm.ml.normalise import denormalise, normalise
         from bids_dmri_ldm.ml.orientation import Reorientation
         from bids_dmri_ldm.ml.scalemaps import learned_scale_maps

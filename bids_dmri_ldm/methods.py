@@ -50,7 +50,6 @@ import numpy as np
 from .config import SCALE_REFERENCES
 from .core.resample import resample, resample_mask
 from .core.sh import DEFAULT_TAU, RISH_ORDERS, scale_maps
-from .ml.scalemaps import input_sigma, learned_scale_maps, per_order
 from .ml.modelconfig import (
     DEFAULT_SCALE_REFERENCE,
     DEFAULT_SCALE_SMOOTHING,
@@ -59,6 +58,7 @@ from .ml.modelconfig import (
     validate_trained_for,
 )
 from .ml.modelconfig import trained_for as make_trained_for
+from .ml.scalemaps import input_sigma, learned_scale_maps, per_order
 
 RISH_GLOBAL_MODEL_FILE = "rish_global.json"
 """File name of a rish-global model inside its model directory."""

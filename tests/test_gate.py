@@ -32,7 +32,7 @@ def _pair(tmp_path, dw_scale_7t: float) -> gate.ValidationPair:
     mask = np.ones(s3, bool)
     _, coeffs = fit_shell_sh(data, np.arange(3), np.arange(3, 43), mask, model.fit_matrix)
     rish = rish_features(coeffs, model.l_values, RISH_ORDERS)
-    stem = lambda p: str(p).removesuffix(".nii.gz")  # noqa: E731
+    stem = lambda p: str(p).removesuffix(".nii.gz")
     return gate.ValidationPair("01", "3T", src, tmp_path / f"{stem(src)}.bval", tmp_path / f"{stem(src)}.bvec",
                                tgt, tmp_path / f"{stem(tgt)}.bval", tmp_path / f"{stem(tgt)}.bvec",
                                rish, mask, a3)

@@ -108,7 +108,14 @@ def score_pair(pair: ValidationPair, translators: Mapping[str, Any], truth_root:
     mask).  Rows: ``reference="7T"`` (and ``"noiseless7T"`` for simulated data).
     """
     from . import discovery, scoring
-    from .pipeline import ShellData, Truth, load_shell, prepare_truth, score_participant, scored_region
+    from .pipeline import (
+        ShellData,
+        Truth,
+        load_shell,
+        prepare_truth,
+        score_participant,
+        scored_region,
+    )
     scan = discovery.SevenTScan(pair.participant, pair.target_dwi, pair.target_bval, pair.target_bvec)
     truth: Truth = prepare_truth(scan, Path(truth_root) if truth_root else pair.target_dwi.parent, "auto",
                                  shell, tolerance)

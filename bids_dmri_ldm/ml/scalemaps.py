@@ -110,10 +110,9 @@ def calibrate_scale_smoothing(translate: Callable[[np.ndarray, np.ndarray], Any]
     table = None
     count = 0
     for source, target in pairs:
-        shape7 = tuple(target.mask.shape)
-
-        def on_target(volume, mode="nearest"):
-            return resample(np.asarray(volume, np.float32), source.affine, target.affine, shape7, order=1, mode=mode)
+        def on_target(volume, mode="nearest", source=source, target=target):
+            return resample(np.asarray(volume, np.float32), source.affine, target.affine, target.mask.shape,
+                            order=1, mode=mode)
 
         in_fov = on_target(np.ones(source.mask.shape, np.float32), mode="constant") > 0.5
         region = np.asarray(target.mask, bool) & in_fov

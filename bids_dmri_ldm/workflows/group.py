@@ -50,7 +50,13 @@ from ..cli.exitcodes import (
     UsageError,
 )
 from ..interfaces import steps
-from ..methods import Method, RishPair, fit_rish_global, fit_rish_global_shells, save_rish_global_model
+from ..methods import (
+    Method,
+    RishPair,
+    fit_rish_global,
+    fit_rish_global_shells,
+    save_rish_global_model,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..bids.layout import DWIRun
@@ -109,7 +115,12 @@ def common_shells(runs: Sequence[DWIRun], tolerance: float, sh_order_max: int) -
         A run's gradient table cannot be read, or the runs share no shell.
     """
     from ..core.gradients import GradientError, load_gradients
-    from ..core.shells import DIRECTIONS_FOR_ORDER, cluster_shells, find_shell, shells_text
+    from ..core.shells import (
+        DIRECTIONS_FOR_ORDER,
+        cluster_shells,
+        find_shell,
+        shells_text,
+    )
 
     needed = DIRECTIONS_FOR_ORDER.get(int(sh_order_max), 0)
     tables = []
@@ -478,9 +489,8 @@ def _publish_training_outputs(config: RunConfig, staging: Path, bundle_dir: Path
 def _write_training_report(config: RunConfig, method: Method = Method.LDM) -> None:
     """``group_training.html``; a failure here is logged, never fatal."""
     try:
-        from ..reports.training import build_training_report
-
         from ..methods import RISH_GLOBAL_MODEL_FILE
+        from ..reports.training import build_training_report
 
         name = RISH_GLOBAL_MODEL_FILE if method is Method.RISH_GLOBAL else "config.json"
         model_file = group_model_dir(config, method) / name

@@ -6,7 +6,12 @@ import pytest
 
 from bids_dmri_ldm.ml.data import RishScan
 from bids_dmri_ldm.ml.inference import Translation
-from bids_dmri_ldm.ml.scalemaps import GLOBAL_SIGMA, calibrate_scale_smoothing, learned_scale_maps, per_order
+from bids_dmri_ldm.ml.scalemaps import (
+    GLOBAL_SIGMA,
+    calibrate_scale_smoothing,
+    learned_scale_maps,
+    per_order,
+)
 
 SHAPE = (16, 18, 14)
 BOX = [[0, 16], [0, 18], [0, 14]]
