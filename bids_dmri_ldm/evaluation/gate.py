@@ -172,8 +172,14 @@ def _finite(value: float) -> float | None:
     return float(value) if math.isfinite(value) else None
 
 
+TIE_TOLERANCE = 1e-6
+"""Relative difference below which two means tie (float32 rounding: an order a model leaves
+unchanged differs from identity only in the last digits)."""
+
+
 def losing_columns(table: Mapping[str, Any], model: str, baseline: str = IDENTITY) -> list[str]:
-    """Columns where ``model`` is worse than ``baseline``: higher NMSE or lower SSIM (means).
+    """Columns where ``model`` is worse than ``baseline``: higher NMSE or lower SSIM (means), by more
+    than :data:`TIE_TOLERANCE` relative.
 
     Columns that are undefined for either are left out.  An empty list means: no worse anywhere.
     """
@@ -185,7 +191,8 @@ def losing_columns(table: Mapping[str, Any], model: str, baseline: str = IDENTIT
         a, b = mean[model].get(column), mean[baseline].get(column)
         if a is None or b is None:
             continue
-        if (column.startswith("nmse") and a > b) or (column.startswith("ssim") and a < b):
+        margin = TIE_TOLERANCE * abs(b)
+        if (column.startswith("nmse") and a > b + margin) or (column.startswith("ssim") and a < b - margin):
             worse.append(column)
     return worse
 
