@@ -99,13 +99,17 @@ class Oracle:
         self.bundle, self.target = bundle, target
 
     def predict_scale_maps(self, rish, mask, affine):
-        import numpy as np
-
-        from bids_dmri_ldm.core.smooth import smoothed_scale_maps
         from bids_dmri_ldm.methods import ScaleMapPrediction
-        from bids_dmri_ldm.ml.data import RishScan, canonical_scan, from_model_grid, target_on_source, to_model_grid
+        from bids_dmri_ldm.ml.data import (
+            RishScan,
+            canonical_scan,
+            from_model_grid,
+            target_on_source,
+            to_model_grid,
+        )
         from bids_dmri_ldm.ml.normalise import denormalise, normalise
         from bids_dmri_ldm.ml.orientation import Reorientation
+        from bids_dmri_ldm.ml.scalemaps import learned_scale_maps
 
         cfg = self.bundle.config
         norm, grid, margin = cfg["normalisation"], tuple(cfg["grid"]), cfg["translation"]["crop_margin"]
@@ -120,11 +124,8 @@ class Oracle:
         pred, crop = through_grid(target, source.mask)
         ref, _ = through_grid(source, source.mask) if cfg["translation"].get("scale_reference") != "input" \
             else (source.rish, None)
-        sigma = float(cfg["translation"].get("scale_smoothing", 0.0))
-        sizes = [s.stop - s.start for s in crop.slices]
-        sigma_input = [sigma * c / g for c, g in zip(sizes, grid)] if sigma > 0 else None
-        scale = smoothed_scale_maps(pred, ref, source.mask, sigma_input)
-        scale = np.where(source.mask[..., None], scale, np.float32(1.0)).astype(np.float32)
+        scale = learned_scale_maps(pred, ref, source.mask, crop.as_list(), grid,
+                                   cfg["translation"].get("scale_smoothing", 0.0))
         return ScaleMapPrediction(reo.from_canonical(scale), {"Method": "oracle"})
 
 
@@ -137,7 +138,7 @@ def memory_rows(test_dir: Path, models: Path, methods: list[str], logs: Path) ->
     from bids_dmri_ldm.evaluation.gate import score_pair
     from bids_dmri_ldm.methods import load_method
     from bids_dmri_ldm.ml.data import RishScan
-    from bids_dmri_ldm.workflows.group import cached_run_rish, feature_runs, validation_pairs
+    from bids_dmri_ldm.workflows.group import feature_runs, shell_rish, validation_pairs
 
     config = RunConfig(bids_dir=test_dir, output_dir=logs / "unused", analysis_level="group",
                        work_dir=test_dir.parent / "work" / f"memory_{test_dir.name}")
@@ -149,8 +150,8 @@ def memory_rows(test_dir: Path, models: Path, methods: list[str], logs: Path) ->
         translators[method] = load_method(method, models)
     ldm = translators.get("ldm") or load_method("ldm", models if (models / "ldm").is_dir() else None)
     rows = []
-    for pair in validation_pairs(config, runs, labels):
-        rish7, mask7, affine7 = cached_run_rish(chosen["target"][pair.participant], config)
+    for pair in validation_pairs(config, runs, labels, config.training_shell):
+        rish7, mask7, affine7 = shell_rish(chosen["target"][pair.participant], config, config.training_shell)
         oracle = Oracle(ldm.bundle, RishScan(np.asarray(rish7, np.float32), mask7, affine7))
         rows += score_pair(pair, {**translators, "oracle": oracle}, truth_root=test_dir)
     return rows

@@ -8,8 +8,12 @@ Subjects:
   ellipsoidal brain; the generator of ``bench_sh_fit.py``); the output grid is 173 x 207 x 173
   (6.2 M voxels) x 108 volumes.
 - ``demo``: the demo subject (``python -m bids_dmri_ldm.simulate DIR --subjects 1 --voxel-scale 3
-  --seed 2024``: 48 x 58 x 48 voxels of 3.75 mm, 18 b0 + 90 b=1000 + 180 b=2000/3000 volumes);
-  output grid 171 x 207 x 171 x 108.
+  --seed 2024``: 48 x 58 x 48 voxels of 3.75 mm, 18 b0 + 90 b=1000 + 180 b=2000/3000 volumes,
+  int16); every shell is translated, so the output grid is 171 x 207 x 171 x 288 volumes.
+- ``hcp3``: the ``hcp`` run with HCP's three shells, 18 b0 + 3 x 90 directions at b = 1000,
+  2000, 3000 interleaved as HCP acquires them (the shells of one tensor field; int16 ``.nii.gz``
+  written through the I/O module); the output grid is 173 x 207 x 173 x 288 volumes (every
+  input volume).
 
 For each ``--method`` (default: rish-global and ldm with its shipped model), ``--repeats`` times,
 ``run.py BIDS OUT participant --skip-bids-validation`` runs in a fresh output and work folder
@@ -27,7 +31,7 @@ plus nibabel saving the written 7T-like DWI as read back (``nib.save`` of the sa
 header, i.e. stdlib zlib level 1), each in a fresh process; and the ratio run / floor (wall and
 CPU). Medians over the repeats. This is not a timed test.
 
-Usage: python benchmarks/bench_participant.py [--subject hcp|demo|both] [--method rish-global ldm]
+Usage: python benchmarks/bench_participant.py [--subject hcp|hcp3|demo|both] [--method rish-global ldm]
        [--repeats 3] [--keep DIR] [--json FILE] [--before OLD_CHECKOUT] [-- more run.py arguments]
 """
 from __future__ import annotations
@@ -83,6 +87,53 @@ def make_hcp(root: Path) -> Path:
         "\n".join(" ".join(f"{v:.6f}" for v in row) for row in np.asarray(bvecs).T) + "\n")
     (dwi_dir / "sub-01_dwi.json").write_text(json.dumps({"MagneticFieldStrength": 3.0}))
     (bids / "dataset_description.json").write_text(json.dumps({"Name": "synthetic HCP-size", "BIDSVersion": "1.9.0"}))
+    return bids
+
+
+def make_hcp3(root: Path) -> Path:
+    """The synthetic HCP-size run with three shells (b = 1000, 2000, 3000), b0s and shells
+    interleaved; written volume by volume (int16 .nii.gz)."""
+    import numpy as np
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    sys.path.insert(0, str(ROOT))
+    from bench_sh_fit import make_subject
+
+    from bids_dmri_ldm.interfaces.steps import write_nifti_volumes
+
+    bids = root / "hcp3_bids"
+    dwi_dir = bids / "sub-01" / "dwi"
+    if (bids / "dataset_description.json").exists():
+        return bids
+    dwi_dir.mkdir(parents=True, exist_ok=True)
+    data, bvals, bvecs, _ = make_subject(1.0)  # 18 b0 (S0 = 1000) + 90 at b = 1000
+    order = []  # (source volume, b-value): a b0 every 16 volumes, the shells interleaved
+    for k in range(90):
+        if k % 5 == 0 and len([o for o in order if o[1] == 0]) < 18:
+            order.append((len([o for o in order if o[1] == 0]), 0.0))
+        order += [(18 + k, b) for b in (1000.0, 2000.0, 3000.0)]
+    while len([o for o in order if o[1] == 0]) < 18:
+        order.append((len([o for o in order if o[1] == 0]), 0.0))
+
+    def volumes():
+        for source, b in order:
+            volume = data[..., source].astype(np.float32)
+            if b > 1000:  # exp(-b D) = (exp(-1000 D))^(b / 1000) for the same tensor
+                volume = 1000.0 * np.power(volume / 1000.0, b / 1000.0)
+            yield volume
+
+    affine = np.diag([-1.25, 1.25, 1.25, 1.0])
+    affine[:3, 3] = [90.0, -126.0, -72.0]
+    write_nifti_volumes(dwi_dir / "sub-01_dwi.nii.gz", data.shape[:3], affine, len(order), volumes(),
+                        dtype=np.int16, slope=1.0)
+    out_bvals = np.array([b for _, b in order])
+    out_bvecs = np.array([bvecs[source] for source, _ in order])
+    (dwi_dir / "sub-01_dwi.bval").write_text(" ".join(f"{b:g}" for b in out_bvals) + "\n")
+    (dwi_dir / "sub-01_dwi.bvec").write_text(
+        "\n".join(" ".join(f"{v:.6f}" for v in row) for row in out_bvecs.T) + "\n")
+    (dwi_dir / "sub-01_dwi.json").write_text(json.dumps({"MagneticFieldStrength": 3.0}))
+    (bids / "dataset_description.json").write_text(json.dumps({"Name": "synthetic HCP-size, 3 shells",
+                                                               "BIDSVersion": "1.9.0"}))
     return bids
 
 
@@ -228,7 +279,7 @@ def floor(input_dwi: Path, output_dwi: Path, scratch: Path) -> dict:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--subject", choices=("demo", "hcp", "both"), default="hcp")
+    parser.add_argument("--subject", choices=("demo", "hcp", "hcp3", "both"), default="hcp")
     parser.add_argument("--method", nargs="+", default=["rish-global", "ldm"])
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--keep", type=Path, help="folder for the datasets (reused) and the runs")
@@ -248,7 +299,7 @@ def main() -> int:
     subjects = ("demo", "hcp") if args.subject == "both" else (args.subject,)
     everything = {"machine": machine, "subjects": {}}
     for name in subjects:
-        bids = make_demo(root) if name == "demo" else make_hcp(root)
+        bids = {"demo": make_demo, "hcp": make_hcp, "hcp3": make_hcp3}[name](root)
         input_dwi = next((bids / "sub-01").rglob("*_dwi.nii.gz"))
         runs = {}
         checkouts = ([("@before", args.before.resolve())] if args.before else []) + [("", ROOT)]

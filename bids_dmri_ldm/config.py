@@ -55,6 +55,11 @@ simpler ``rish-global`` beats it in 6 of 8 (docs/evaluation_results.md); both sh
 demonstrations trained on simulated data."""
 
 
+DEFAULT_TRAINING_SHELL = 1000.0
+"""b-value (s/mm²) an ldm/cnn bundle is trained for when the group level gets no ``--shell`` (the
+paper's shell)."""
+
+
 def default_method() -> str:
     """The ``--method`` used when none is given: the one place this choice is made."""
     return DEFAULT_METHOD
@@ -65,7 +70,7 @@ class RunConfig:
     """Everything a participant or group run needs, after validation.
 
     Paths are absolute. ``output_resolution`` is in mm (``None`` keeps the input grid).
-    ``shell`` and ``shell_tolerance`` are in s/mm².
+    ``shells`` and ``shell_tolerance`` are in s/mm².
     """
 
     bids_dir: Path
@@ -85,8 +90,9 @@ class RunConfig:
     model_dir: Path | None = None
     output_resolution: float | None = 1.05
     skull_strip: bool = False  # zero the DWI and RISH maps outside the brain mask
-    shell: float = 1000.0
+    shells: list[float] | None = None  # --shell: the shells to translate (None: every shell the model covers)
     shell_tolerance: float = 100.0
+    output_gradients: tuple[Path, Path] | None = None  # --output-gradients BVAL BVEC
     sh_order_max: int = 4
     overwrite: bool = False
     seed: int = 0
@@ -104,9 +110,17 @@ class RunConfig:
     resume: bool = False
     reports_only: bool = False
 
+    @property
+    def training_shell(self) -> float:
+        """The one shell an ldm/cnn bundle is trained for at the group level: ``--shell`` (a single
+        value), else :data:`DEFAULT_TRAINING_SHELL`."""
+        return float(self.shells[0]) if self.shells else DEFAULT_TRAINING_SHELL
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-serialisable view (paths as strings) for provenance."""
         out = {}
         for key, value in asdict(self).items():
+            if isinstance(value, tuple):
+                value = [str(v) if isinstance(v, Path) else v for v in value]
             out[key] = str(value) if isinstance(value, Path) else value
         return out

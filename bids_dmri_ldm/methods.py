@@ -50,7 +50,6 @@ import numpy as np
 from .config import SCALE_REFERENCES
 from .core.resample import resample, resample_mask
 from .core.sh import DEFAULT_TAU, RISH_ORDERS, scale_maps
-from .core.smooth import smoothed_scale_maps
 from .ml.modelconfig import (
     DEFAULT_SCALE_REFERENCE,
     DEFAULT_SCALE_SMOOTHING,
@@ -59,6 +58,7 @@ from .ml.modelconfig import (
     validate_trained_for,
 )
 from .ml.modelconfig import trained_for as make_trained_for
+from .ml.scalemaps import input_sigma, learned_scale_maps, per_order
 
 RISH_GLOBAL_MODEL_FILE = "rish_global.json"
 """File name of a rish-global model inside its model directory."""
@@ -152,25 +152,28 @@ def _load_identity(model_dir: Path | None, options: Mapping[str, Any]) -> Identi
 
 @dataclass
 class RishGlobalModel:
-    """One scale factor per RISH order (a spatially constant lambda_l).
+    """One scale factor per RISH order (a spatially constant lambda_l), for each trained shell.
 
     Attributes
     ----------
     factors : tuple of float
-        lambda_l for each order in ``orders``.
+        lambda_l for each order in ``orders``, of ``shell`` (the lowest trained shell).
     orders : tuple of int
         RISH orders, e.g. (0, 2, 4).
     tau : float
         The tau of Eq. 2 used when fitting.
     training : dict
-        Summary of the data the factors were learned from.
+        Summary of the data the factors were learned from (of every shell under ``per_shell``).
     name, version : str
         Model identity recorded in derivative sidecars.
     sha256 : str or None
         SHA-256 of the model folder's checksum list (``SHA256SUMS``), which covers every file
         of the model.
     shell, sh_order_max : float, int or None
-        The b-value (s/mm²) and SH order of the data the factors were learned from.
+        The b-value (s/mm²) of ``factors`` and the SH order of the data the factors were learned from.
+    shell_factors : dict
+        ``{b-value: factors}`` of every trained shell, ascending (``{shell: factors}`` when only
+        ``shell`` and ``factors`` are given; empty when the shell is unknown).
     """
 
     factors: tuple[float, ...]
@@ -184,9 +187,35 @@ class RishGlobalModel:
     sh_order_max: int | None = None
     validation: dict[str, Any] | None = None
     """The group level's validation table (:mod:`bids_dmri_ldm.evaluation.gate`), if any."""
+    shell_factors: dict[float, tuple[float, ...]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.shell_factors and self.shell is not None:
+            self.shell_factors = {float(self.shell): tuple(float(f) for f in self.factors)}
+        self.shell_factors = {float(b): tuple(float(f) for f in fs) for b, fs in sorted(self.shell_factors.items())}
+        if self.shell_factors:
+            self.shell, self.factors = next(iter(self.shell_factors.items()))
+
+    @property
+    def shells(self) -> list[float]:
+        """The trained shells (s/mm², ascending; empty when unknown)."""
+        return list(self.shell_factors)
+
+    def factors_for(self, bval: float, tolerance: float) -> tuple[float, ...] | None:
+        """The factors of the trained shell nearest to ``bval`` within ``tolerance``, or None;
+        a model that does not record its shell applies its factors to any shell."""
+        if not self.shell_factors:
+            return self.factors
+        gaps = {b: abs(b - float(bval)) for b in self.shell_factors}
+        nearest = min(gaps, key=gaps.get)
+        return self.shell_factors[nearest] if gaps[nearest] <= tolerance else None
 
     def to_json(self) -> dict[str, Any]:
-        """The JSON document of the model file (checksum excluded: it lives in SHA256SUMS)."""
+        """The JSON document of the model file (checksum excluded: it lives in SHA256SUMS).
+
+        ``factors``/``shell`` are those of the lowest shell (what a single-shell model holds);
+        ``shell_factors`` lists every shell.
+        """
         return {
             "name": self.name,
             "version": self.version,
@@ -195,6 +224,7 @@ class RishGlobalModel:
             "factors": [float(f) for f in self.factors],
             "tau": float(self.tau),
             "shell": self.shell,
+            "shell_factors": [{"shell": b, "factors": list(fs)} for b, fs in self.shell_factors.items()],
             "sh_order_max": self.sh_order_max,
             "trained_for": self.trained_for,
             "training": self.training,
@@ -204,17 +234,22 @@ class RishGlobalModel:
     @property
     def trained_for(self) -> dict[str, Any] | None:
         """The ``trained_for`` record (None when the shell or the SH order is unknown)."""
-        if self.shell is None or self.sh_order_max is None:
+        if not self.shell_factors or self.sh_order_max is None:
             return None
-        return make_trained_for(self.shell, self.sh_order_max, self.orders)
+        return make_trained_for(self.shells, self.sh_order_max, self.orders)
 
 
 @dataclass
 class RishGlobalMethod:
-    """Apply a :class:`RishGlobalModel`: lambda_l(x) = factor_l inside the mask, 1 outside."""
+    """Apply a :class:`RishGlobalModel`: lambda_l(x) = factor_l inside the mask, 1 outside.
+
+    ``shell`` picks the factors of that trained shell (:meth:`for_shell`); None: the model's
+    first (lowest) shell.
+    """
 
     model: RishGlobalModel
     name: str = Method.RISH_GLOBAL.value
+    shell: float | None = None
 
     @property
     def orders(self) -> tuple[int, ...]:
@@ -229,15 +264,30 @@ class RishGlobalMethod:
     def trained_for(self) -> dict[str, Any] | None:
         return self.model.trained_for
 
+    @property
+    def factors(self) -> tuple[float, ...]:
+        """The factors applied: those of ``shell``, or of the model's first shell."""
+        return self.model.factors if self.shell is None else self.model.shell_factors.get(self.shell, self.model.factors)
+
+    def for_shell(self, bval: float, tolerance: float) -> RishGlobalMethod | None:
+        """This method with the factors of the trained shell within ``tolerance`` of ``bval``
+        (None when the model has no such shell)."""
+        if self.model.factors_for(bval, tolerance) is None:
+            return None
+        if not self.model.shell_factors:
+            return self
+        nearest = min(self.model.shell_factors, key=lambda b: abs(b - float(bval)))
+        return RishGlobalMethod(self.model, self.name, nearest)
+
     def predict_scale_maps(self, rish_source: np.ndarray, mask: np.ndarray, affine: np.ndarray) -> ScaleMapPrediction:
         _check_rish_shape(rish_source, mask, self.orders)
         scale = np.ones(rish_source.shape, dtype=np.float32)
-        scale[np.asarray(mask, dtype=bool)] = np.asarray(self.model.factors, dtype=np.float32)
+        scale[np.asarray(mask, dtype=bool)] = np.asarray(self.factors, dtype=np.float32)
         provenance = {
             "Method": self.name,
             "Model": {"Name": self.model.name, "Version": self.model.version, "SHA256": self.model.sha256},
             "RISHOrders": list(self.orders),
-            "ScaleFactors": [float(f) for f in self.model.factors],
+            "ScaleFactors": [float(f) for f in self.factors],
             "Tau": float(self.model.tau),
         }
         if model_warnings(self):
@@ -301,17 +351,29 @@ def load_rish_global_model(model_dir: str | os.PathLike) -> RishGlobalModel:
         factors = tuple(float(f) for f in doc["factors"])
         shell = None if doc.get("shell") is None else float(doc["shell"])
         sh_order_max = None if doc.get("sh_order_max") is None else int(doc["sh_order_max"])
+        shell_factors = {float(e["shell"]): tuple(float(f) for f in e["factors"]) for e in doc.get("shell_factors") or []}
+        if shell is not None and not shell_factors:
+            shell_factors = {shell: factors}
         if doc.get("trained_for") is not None:
             record = validate_trained_for(doc["trained_for"], f"{RISH_GLOBAL_MODEL_FILE}: trained_for")
-            shell, sh_order_max = float(record["shells"][0]), int(record["sh_order_max"])
+            sh_order_max = int(record["sh_order_max"])
+            if not shell_factors and len(record["shells"]) == 1:
+                shell_factors = {float(record["shells"][0]): factors}
+            if sorted(float(b) for b in record["shells"]) != sorted(shell_factors):
+                raise ValueError(f"trained_for.shells {record['shells']} differ from the shells of the factors "
+                                 f"{sorted(shell_factors)}")
             if [int(o) for o in record["rish_orders"]] != list(orders):
                 raise ValueError(f"trained_for.rish_orders {record['rish_orders']} differ from orders {list(orders)}")
+        if shell_factors and shell_factors[min(shell_factors)] != factors:
+            raise ValueError("factors differ from those of the lowest shell in shell_factors")
     except (ValueError, KeyError, TypeError, ConfigError) as err:
         raise MethodError(f"invalid rish-global model {model_file}: {err}") from None
     if doc.get("method", Method.RISH_GLOBAL.value) != Method.RISH_GLOBAL.value:
         raise MethodError(f"{model_file} is a {doc.get('method')!r} model, not rish-global")
-    if len(orders) != len(factors) or not all(np.isfinite(factors)) or min(factors) <= 0:
-        raise MethodError(f"invalid rish-global model {model_file}: need one positive finite factor per order")
+    for values in [factors, *shell_factors.values()]:
+        if len(orders) != len(values) or not all(np.isfinite(values)) or min(values) <= 0:
+            raise MethodError(f"invalid rish-global model {model_file}: need one positive finite factor per order "
+                              "(of every shell)")
     return RishGlobalModel(
         factors=factors,
         orders=orders,
@@ -323,6 +385,7 @@ def load_rish_global_model(model_dir: str | os.PathLike) -> RishGlobalModel:
         shell=shell,
         sh_order_max=sh_order_max,
         validation=doc.get("validation"),
+        shell_factors=shell_factors,
     )
 
 
@@ -372,18 +435,25 @@ class LearnedMethod:
       model-grid resampling), so the loss of detail cancels in the ratio and the full-resolution
       3T SH keep their detail when lambda is applied (Eq. 3).
 
-    ``scale_smoothing`` > 0 smooths with a Gaussian of that sigma in model-grid voxels
-    (converted to input voxels through the brain crop box), mask-normalised so the background
-    does not leak in: lambda_l^2 = G*pred_l / (G*ref_l + tau), the local mean of the voxel-wise
-    lambda^2 weighted by the reference RISH (robust where the reference is small and noisy).
+    ``scale_smoothing`` (one sigma, or one per order; > 0) smooths with a Gaussian of that sigma in
+    model-grid voxels (converted to input voxels through the brain crop box), mask-normalised so
+    the background does not leak in: lambda_l^2 = G*pred_l / (G*ref_l + tau), the local mean of
+    the voxel-wise lambda^2 weighted by the reference RISH (robust where the reference is small
+    and noisy); :mod:`bids_dmri_ldm.ml.scalemaps`.
     """
 
     bundle: Any
     device: Any = "cpu"
     scale_reference: str = DEFAULT_SCALE_REFERENCE
-    scale_smoothing: float = DEFAULT_SCALE_SMOOTHING
+    scale_smoothing: float | Sequence[float] = DEFAULT_SCALE_SMOOTHING
     tau: float = DEFAULT_TAU
     name: str = Method.LDM.value
+
+    @property
+    def scale_strength(self) -> list[float]:
+        """alpha_l of lambda_l ** alpha_l (1: the model's full ratio; 0: order left unchanged),
+        chosen on the validation pairs by training (``translation.scale_strength``)."""
+        return per_order(self.bundle.config["translation"].get("scale_strength", 1.0), len(self.orders))
 
     @property
     def orders(self) -> tuple[int, ...]:
@@ -426,13 +496,10 @@ class LearnedMethod:
         except DeviceMemoryError as err:
             raise MethodError(str(err)) from None
         reference = rish_c if self.scale_reference == "input" else result.recon_3t
-        sigma_input = None
-        if self.scale_smoothing > 0:
-            crop = [stop - start for start, stop in result.provenance["CropBox"]]
-            grid = self.bundle.config["grid"]
-            sigma_input = [float(self.scale_smoothing) * c / g for c, g in zip(crop, grid)]
-        scale = smoothed_scale_maps(result.pred_7t, reference, mask_c, sigma_input, self.tau)
-        scale = np.where(mask_c[..., None], scale, np.float32(1.0)).astype(np.float32)
+        grid, box = self.bundle.config["grid"], result.provenance["CropBox"]
+        sigmas = per_order(self.scale_smoothing, len(self.orders))
+        scale = learned_scale_maps(result.pred_7t, reference, mask_c, box, grid, sigmas, self.tau,
+                                   self.scale_strength)
         provenance = {
             "Method": self.name,
             "Model": {"Name": self.bundle.config["name"], "Path": str(self.bundle.path),
@@ -440,8 +507,9 @@ class LearnedMethod:
             **{k: v for k, v in result.provenance.items() if k not in ("Method",)},
             "CanonicalOrientation": "RAS (nibabel closest canonical); CropBox in that voxel order",
             "ScaleReference": self.scale_reference,
-            "ScaleSmoothingSigma": float(self.scale_smoothing),
-            "ScaleSmoothingSigmaInputVoxels": sigma_input,
+            "ScaleSmoothingSigma": sigmas,
+            "ScaleSmoothingSigmaInputVoxels": [input_sigma(s, box, grid) for s in sigmas],
+            "ScaleStrength": self.scale_strength,
             "Tau": float(self.tau),
         }
         provenance["RISHOrders"] = list(self.orders)
@@ -553,8 +621,12 @@ def _scale_options(bundle, options: Mapping[str, Any]) -> dict[str, Any]:
     reference = str(_option(options, "scale_reference", translation.get("scale_reference", DEFAULT_SCALE_REFERENCE)))
     if reference not in SCALE_REFERENCES:
         raise MethodError(f"scale_reference must be one of {SCALE_REFERENCES}, got {reference!r}")
-    smoothing = float(_option(options, "scale_smoothing", translation.get("scale_smoothing", DEFAULT_SCALE_SMOOTHING)))
-    if not np.isfinite(smoothing) or smoothing < 0:
+    smoothing = _option(options, "scale_smoothing", translation.get("scale_smoothing", DEFAULT_SCALE_SMOOTHING))
+    try:
+        smoothing = per_order(smoothing, len(bundle.config["orders"]))
+    except (TypeError, ValueError) as err:
+        raise MethodError(f"scale_smoothing: {err}") from None
+    if not all(np.isfinite(s) and s >= 0 for s in smoothing):
         raise MethodError(f"scale_smoothing must be >= 0, got {smoothing}")
     return {"scale_reference": reference, "scale_smoothing": smoothing}
 
@@ -577,9 +649,14 @@ def _load_cnn(model_dir: Path | None, options: Mapping[str, Any]) -> CnnMethod:
 # model / data compatibility
 
 
-def model_mismatches(translator: Any, shell: float, shell_tolerance: float, sh_order_max: int,
+def model_mismatches(translator: Any, shells: Sequence[float] | None, shell_tolerance: float, sh_order_max: int,
                      rish_orders: Sequence[int] = RISH_ORDERS) -> list[tuple[str, str, str]] | None:
     """How a loaded method's model differs from the data a run gives it.
+
+    ``shells`` are the shells ``--shell`` asks to translate: each must be one the model was
+    trained for. ``None`` (every shell of each run): the shells are matched per run
+    (:func:`bids_dmri_ldm.core.shells.plan_volumes`: a shell the model does not cover is passed
+    through, a run none of whose shells it covers is refused).
 
     Returns
     -------
@@ -590,7 +667,28 @@ def model_mismatches(translator: Any, shell: float, shell_tolerance: float, sh_o
     record = getattr(translator, "trained_for", None)
     if record is None:
         return None
-    return trained_for_mismatches(record, shell, shell_tolerance, sh_order_max, rish_orders)
+    found = trained_for_mismatches(record, None, shell_tolerance, sh_order_max, rish_orders)
+    for shell in shells or ():
+        found += [m for m in trained_for_mismatches(record, shell, shell_tolerance, sh_order_max, rish_orders)
+                  if m[0] == "shell"]
+    return found
+
+
+def trained_shells(translator: Any) -> list[float] | None:
+    """The shells (s/mm²) a loaded method's model was trained for; None for a method without a
+    model (it applies to every shell) or a model that does not record them."""
+    record = getattr(translator, "trained_for", None)
+    return None if record is None else [float(b) for b in record["shells"]]
+
+
+def method_for_shell(translator: Any, bval: float, tolerance: float) -> Any:
+    """The method that translates the shell ``bval`` (s/mm²): rish-global with the factors of
+    that trained shell; any other method as it is (a learned bundle holds one shell, checked
+    by :func:`bids_dmri_ldm.core.shells.plan_volumes` before). None when the model has no
+    factors for the shell."""
+    if isinstance(translator, RishGlobalMethod):
+        return translator.for_shell(bval, tolerance)
+    return translator
 
 
 # ---------------------------------------------------------------------------------------------
@@ -776,6 +874,35 @@ def fit_rish_global(pairs: Iterable[RishPair], orders: Sequence[int] = RISH_ORDE
                            shell=shell, sh_order_max=sh_order_max)
 
 
+def fit_rish_global_shells(pairs_by_shell: Mapping[float, Sequence[RishPair]], orders: Sequence[int] = RISH_ORDERS,
+                           tau: float = DEFAULT_TAU, sh_order_max: int | None = None,
+                           extra_training: Mapping[str, Any] | None = None) -> RishGlobalModel:
+    """:func:`fit_rish_global` on each shell's pairs: one model holding the factors of every shell.
+
+    Parameters
+    ----------
+    pairs_by_shell : mapping
+        ``{b-value (s/mm²): pairs of that shell's RISH maps}``.
+
+    Returns
+    -------
+    RishGlobalModel
+        ``shell_factors`` of every shell; ``training`` is that of the lowest shell (for readers
+        of single-shell models) with every shell's under ``per_shell`` (``{"1000": {...}}``).
+    """
+    if not pairs_by_shell:
+        raise ValueError("fit_rish_global_shells needs at least one shell")
+    fitted = {float(b): fit_rish_global(pairs, orders, tau, shell=float(b), sh_order_max=sh_order_max)
+              for b, pairs in sorted(pairs_by_shell.items())}
+    first = fitted[min(fitted)]
+    training = dict(first.training)
+    training["per_shell"] = {f"{b:g}": {k: v for k, v in m.training.items() if k != "created"} for b, m in fitted.items()}
+    training.update(extra_training or {})
+    return RishGlobalModel(factors=first.factors, orders=tuple(orders), tau=tau, training=training,
+                           sh_order_max=sh_order_max,
+                           shell_factors={b: m.factors for b, m in fitted.items()})
+
+
 __all__ = [
     "LOADERS",
     "NEEDS_MODEL",
@@ -794,8 +921,10 @@ __all__ = [
     "TranslationMethod",
     "default_models_root",
     "fit_rish_global",
+    "fit_rish_global_shells",
     "load_method",
     "load_rish_global_model",
+    "method_for_shell",
     "model_mismatches",
     "model_warnings",
     "pair_scale_samples",
@@ -804,4 +933,5 @@ __all__ = [
     "resolve_model_dir",
     "save_rish_global_model",
     "sha256_file",
+    "trained_shells",
 ]

@@ -54,7 +54,7 @@ def trained(tmp_path_factory):
 def test_group_cnn_training_writes_a_verified_bundle(trained):
     from bids_dmri_ldm.ml.bundle import load_bundle
 
-    ds, out, _, code = trained
+    _, out, _, code = trained
     assert code == 0
     bundle = load_bundle(out / "models" / "cnn")
     assert bundle.method == "cnn" and set(bundle.networks) == {"cnn"}
@@ -87,7 +87,7 @@ def test_participant_cnn_run_records_the_model(trained, tmp_path):
 
 
 def test_tampered_cnn_bundle_is_refused(trained, tmp_path, capsys):
-    ds, out, _, code = trained
+    ds, out, _, _ = trained
     bad = tmp_path / "bad"
     shutil.copytree(out / "models" / "cnn", bad)
     weights = bad / "cnn.safetensors"
@@ -111,7 +111,7 @@ def test_an_ldm_bundle_is_not_a_cnn(tmp_path):
 def test_cnn_scale_maps_do_not_depend_on_the_storage_order(trained):
     """The same RISH maps stored with x flipped, and with y and z swapped, give the same scale
     maps after undoing the change (the network always sees canonical RAS order)."""
-    _, out, _, code = trained
+    _, out, _, _ = trained
     method = load_method("cnn", out / "models")
     assert isinstance(method, CnnMethod)
     _assert_orientation_proof(method)

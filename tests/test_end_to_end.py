@@ -67,13 +67,13 @@ def test_identity_native_two_sessions(make_bids_dataset, tmp_path, validator):
             assert (folder / name).is_file(), name
         data, affine, bvals, bvecs = load_output(folder / f"{stem}_desc-7Tlike_dwi.nii.gz")
         np.testing.assert_allclose(affine, ds.affine, atol=1e-6)
-        # b0s first, then the b=1000 shell in input order; the b=2000 volumes are dropped.
-        b0 = ds.bvals <= 50
-        shell = np.abs(ds.bvals - 1000) <= 100
-        order = np.concatenate([np.flatnonzero(b0), np.flatnonzero(shell)])
-        np.testing.assert_allclose(bvals, ds.bvals[order])
-        np.testing.assert_allclose(bvecs, ds.bvecs[order], atol=1e-6)
-        source = np.asanyarray(nib.load(dwi_in).dataobj, dtype=np.float32)[..., order]
+        # Every input volume, in the input's order: b0s, the b=1000 shell (SH-fitted) and the
+        # six b=2000 volumes (too few directions for order 4: carried through unchanged).
+        np.testing.assert_allclose(bvals, ds.bvals)
+        np.testing.assert_allclose(bvecs, ds.bvecs, atol=1e-6)
+        source = np.asanyarray(nib.load(dwi_in).dataobj, dtype=np.float32)
+        carried = (ds.bvals <= 50) | (np.abs(ds.bvals - 2000) <= 100)
+        np.testing.assert_array_equal(data[..., carried], source[..., carried])
         brain = ds.brain_mask
         # lambda = 1 reproduces the input up to the SH truncation at order 4 (tensor signal), in
         # the whole field of view: nothing outside the brain mask is zeroed or changed.
@@ -92,6 +92,9 @@ def test_identity_native_two_sessions(make_bids_dataset, tmp_path, validator):
         assert sidecar["Sources"][0] == f"bids:raw:sub-01/ses-{ses}/dwi/{stem}_dwi.nii.gz"
         assert {"bids:raw:dwi.bval", "bids:raw:dwi.bvec"} <= set(sidecar["Sources"])
         assert sidecar["Method"] == "identity" and sidecar["SkullStripped"] is False
+        assert [(r["BValue"], r["Translated"], r["SHFitted"]) for r in sidecar["Shells"]] == [
+            (1000.0, True, True), (2000.0, False, False)]
+        assert any("b=2000 shell (6 volumes) is carried through unchanged" in w for w in sidecar["RunWarnings"])
         assert sidecar["Settings"]["SkullStrip"] is False
         assert "Resolution" not in sidecar and "res-" not in (folder / f"{stem}_desc-7Tlike_dwi.json").name
 
@@ -141,7 +144,7 @@ def test_rish_global_resampled(make_bids_dataset, tmp_path, validator):
     np.testing.assert_allclose(affine[:3, :3] / 1.05, ds.affine[:3, :3] / 2.0, atol=1e-6)
     sidecar = json.loads(dwi.with_name(dwi.name.replace(".nii.gz", ".json")).read_text())
     assert "1.05 mm" in sidecar["Resolution"]
-    assert sidecar["Model"]["SHA256"] and sidecar["ScaleFactors"] == list(factors)
+    assert sidecar["Model"]["SHA256"] and sidecar["Shells"][0]["ScaleFactors"] == list(factors)
 
     mask = np.asanyarray(nib.load(folder / f"{stem}_desc-brain_mask.nii.gz").dataobj) > 0
     scale = np.asanyarray(nib.load(folder / f"{stem}_model-rish_desc-scale_dwimap.nii.gz").dataobj)

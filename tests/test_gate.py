@@ -32,7 +32,7 @@ def _pair(tmp_path, dw_scale_7t: float) -> gate.ValidationPair:
     mask = np.ones(s3, bool)
     _, coeffs = fit_shell_sh(data, np.arange(3), np.arange(3, 43), mask, model.fit_matrix)
     rish = rish_features(coeffs, model.l_values, RISH_ORDERS)
-    stem = lambda p: str(p).removesuffix(".nii.gz")  # noqa: E731
+    stem = lambda p: str(p).removesuffix(".nii.gz")
     return gate.ValidationPair("01", "3T", src, tmp_path / f"{stem(src)}.bval", tmp_path / f"{stem(src)}.bvec",
                                tgt, tmp_path / f"{stem(tgt)}.bval", tmp_path / f"{stem(tgt)}.bvec",
                                rish, mask, a3)
@@ -111,3 +111,12 @@ def test_a_model_that_lost_is_flagged_in_every_sidecar(make_bids_dataset, tmp_pa
     assert len(sidecars) >= 10  # 5 derivatives x 2 participants
     for sidecar in sidecars:
         assert any("loses to identity" in w for w in json.loads(sidecar.read_text())["RunWarnings"]), sidecar
+
+
+def test_float_rounding_is_a_tie_not_a_loss():
+    table = {"columns": ["nmse_L4", "ssim_L4"], "mean": {
+        "identity": {"nmse_L4": 0.17732077893961892, "ssim_L4": 0.775556206703186},
+        "same": {"nmse_L4": 0.17732077852303893, "ssim_L4": 0.7755561947822571},
+        "worse": {"nmse_L4": 0.1775, "ssim_L4": 0.7750}}}
+    assert gate.losing_columns(table, "same") == []
+    assert gate.losing_columns(table, "worse") == ["nmse_L4", "ssim_L4"]

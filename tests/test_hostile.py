@@ -422,14 +422,18 @@ def test_a_grid_too_large_for_the_memory_is_refused_before_any_work(bids_dataset
 def test_memory_estimate_follows_the_grid():
     from bids_dmri_ldm.workflows.resources import PROCESS_BYTES, estimate_run_memory
 
-    native = estimate_run_memory((10, 10, 10, 20), 2, 12, 4, (10, 10, 10))
-    half = estimate_run_memory((10, 10, 10, 20), 2, 12, 4, (20, 20, 20))
+    native = estimate_run_memory((10, 10, 10, 20), 2, 12, 4, (10, 10, 10), n_b0=2, n_fitted=1)
+    half = estimate_run_memory((10, 10, 10, 20), 2, 12, 4, (20, 20, 20), n_b0=2, n_fitted=1)
     k = 15  # SH coefficients of order 4
-    assert native.steps["load"] == PROCESS_BYTES + 1000 * (20 * 2 + 8 * 12)
+    assert native.steps["load"] == PROCESS_BYTES + 1000 * (2 + 45)  # streamed: one volume at a time
+    assert native.steps["fit"] == PROCESS_BYTES + 4 * 1000 * (2 * 12 + 2 * k)  # one shell at a time
     # the output-grid term grows with the number of output voxels (x8), the others do not
     grid_term = lambda e: e.steps["grid"] - PROCESS_BYTES - 4 * 1000 * k - 256 * 2**20  # noqa: E731
     assert grid_term(half) == 8 * grid_term(native)
     assert half.steps["load"] == native.steps["load"] and half.peak >= native.peak
+    # the rebuild holds every fitted shell's coefficients on the output grid
+    three = estimate_run_memory((10, 10, 10, 20), 2, 12, 4, (20, 20, 20), n_b0=2, n_fitted=3)
+    assert three.steps["rebuild"] - half.steps["rebuild"] == 4 * 8000 * 2 * k
 
 
 def test_heavy_nodes_are_scheduled_with_their_memory(bids_dataset, tmp_path):
@@ -442,7 +446,8 @@ def test_heavy_nodes_are_scheduled_with_their_memory(bids_dataset, tmp_path):
     plan = plan_run(run, config)
     workflow = init_single_run_wf(plan, config, run_settings(config, None))
     memory = {node.name: node.mem_gb for node in workflow._get_all_nodes()}
-    assert memory["rebuild"] == pytest.approx(plan.memory.steps["grid"] / 2**30)
+    assert memory["rebuild"] == pytest.approx(plan.memory.steps["rebuild"] / 2**30)
+    assert memory["scale_sh"] == pytest.approx(plan.memory.steps["grid"] / 2**30)
     assert memory["load_dwi"] == pytest.approx(plan.memory.steps["load"] / 2**30)
 
 

@@ -311,8 +311,8 @@ def test_command_line_scale_options_override_the_bundle(tiny_bundle, tmp_path):
                          work_dir=tmp_path / "work", method="ldm", **overrides)
 
     method = load_method("ldm", tiny_bundle, method_options(config(scale_reference="input", scale_smoothing=2.5)))
-    assert (method.scale_reference, method.scale_smoothing) == ("input", 2.5)
+    assert (method.scale_reference, method.scale_smoothing) == ("input", [2.5, 2.5, 2.5])  # one per order
     translation = json.loads((tiny_bundle / "config.json").read_text())["translation"]
     method = load_method("ldm", tiny_bundle, method_options(config()))
     assert method.scale_reference == translation.get("scale_reference", DEFAULT_SCALE_REFERENCE)
-    assert method.scale_smoothing == translation.get("scale_smoothing", DEFAULT_SCALE_SMOOTHING)
+    assert method.scale_smoothing == [translation.get("scale_smoothing", DEFAULT_SCALE_SMOOTHING)] * 3

@@ -20,6 +20,9 @@ and the sidecars then carry ``Resolution``; an input's ``desc-`` is replaced by 
 RISH and scale maps use the ``_dwimap`` suffix with ``model-``/``desc-`` entities proposed by
 BEP016 (diffusion derivatives); BIDS 1.10 has no suffix for them yet, so ``.bidsignore`` lists
 them, together with the derivative ``.bval``/``.bvec`` files the schema does not yet allow.
+BIDS has no entity for a b-value, so the shells share one file per map: three volumes (L0, L2,
+L4) per SH-fitted shell, ascending b; the sidecars list each volume's shell and order
+(``VolumeShells``, ``VolumeRISHOrders``) and every shell's fate (``Shells``).
 
 Every file is written atomically: to a temporary file in the destination folder, then
 ``os.replace`` (readers never see a half-written file; a crash leaves only a hidden temp file,
@@ -456,23 +459,31 @@ def sidecar_metadata(kind: str, *, sources: Sequence[str], spatial_reference: st
         brain mask: the DWI and RISH maps follow ``skull_stripped``, the ldm SD map is always
         (True), the scale maps never (False: 1 outside the mask); the mask has no such key.
     """
+    given_table = (provenance.get("Settings") or {}).get("OutputGradients")
+    per_shell = ("three volumes (L0, L2, L4) per SH-fitted shell, the shells in ascending b (VolumeShells, "
+                 "VolumeRISHOrders)")
     descriptions = {
-        "dwi": "7T-like diffusion-weighted images: the source run's b0 volumes and selected shell, "
-               "its SH coefficients scaled per order by the RISH scale maps (Zhu et al. 2024, Eq. 3) "
-               "and rebuilt on the source directions in every voxel (scale 1 outside the brain mask, "
-               "where the source signal is carried through the same SH fit and rebuild)"
+        "dwi": "7T-like diffusion-weighted images: each shell's SH coefficients scaled per order by its RISH "
+               "scale maps (Zhu et al. 2024, Eq. 3; scale 1 for a shell passed through, see Shells) and "
+               + ("evaluated on the directions of the given table (Settings.OutputGradients), whose b0 "
+                  "volumes are the source's mean b0" if given_table else
+                  "rebuilt on the source directions, volume for volume in the source's order, the b0 volumes "
+                  "(and those of a shell with too few directions for the SH fit) carried as they are")
+               + "; in every voxel (scale 1 outside the brain mask, where the source signal is carried through "
+               "the same SH fit and rebuild)"
                + ("; zero outside the brain mask (--skull-strip)." if skull_stripped else "."),
         "mask": "Brain mask of the translation: where the scale maps may differ from 1 (the automatic "
                 "air/tissue mask of the mean b0, or the input mask brought to the DWI grid).",
-        "rish_source": "RISH features of the source run, volumes L0, L2, L4 (Eq. 1, of S/S0, no square root)"
+        "rish_source": f"RISH features of the source run, {per_shell} (Eq. 1, of S/S0, no square root)"
                        + ("; zero outside the brain mask." if skull_stripped else "; every voxel."),
-        "rish_predicted": "Predicted 7T RISH features, volumes L0, L2, L4 (of the scaled SH coefficients)"
+        "rish_predicted": f"Predicted 7T RISH features, {per_shell} (of the scaled SH coefficients)"
                           + ("; zero outside the brain mask." if skull_stripped else
                              "; every voxel (equal to the source outside the brain mask)."),
-        "scale": "RISH scale maps lambda_l, volumes L0, L2, L4 (Eq. 2); 1 outside the brain mask.",
+        "scale": f"RISH scale maps lambda_l, {per_shell} (Eq. 2); 1 outside the brain mask and for a shell "
+                 "passed through.",
         "rish_std": "Per-voxel standard deviation of the latent diffusion model's predicted 7T RISH "
-                    "features over NumSamples seeded samples, volumes L0, L2, L4 (uncertainty of the "
-                    "prediction, on the model's output before the scale maps are formed).",
+                    f"features over NumSamples seeded samples, {per_shell}; 0 for a shell passed through "
+                    "(uncertainty of the prediction, on the model's output before the scale maps are formed).",
     }
     meta: dict[str, Any] = {
         "Description": descriptions[kind],
@@ -484,7 +495,11 @@ def sidecar_metadata(kind: str, *, sources: Sequence[str], spatial_reference: st
     else:
         meta["SkullStripped"] = bool(skull_stripped) if kind in SKULL_STRIPPABLE else kind == "rish_std"
     if kind in ("rish_source", "rish_predicted", "scale", "rish_std"):
-        meta["RISHOrders"] = list(provenance.get("RISHOrders", [0, 2, 4]))
+        orders = [int(o) for o in provenance.get("RISHOrders", [0, 2, 4])]
+        meta["RISHOrders"] = orders
+        fitted = [r["BValue"] for r in provenance.get("Shells") or [] if r.get("MapShellIndex") is not None]
+        meta["VolumeShells"] = [b for b in fitted for _ in orders]
+        meta["VolumeRISHOrders"] = [o for _ in fitted for o in orders]
     if resolution is not None:
         meta["Resolution"] = resolution
     meta.update(dict(provenance))

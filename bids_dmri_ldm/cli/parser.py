@@ -217,10 +217,19 @@ def _build_parser() -> BidsArgumentParser:
         help="set the 7T-like DWI and the RISH maps to 0 outside the brain mask (default: every voxel of "
         "the field of view keeps its signal; the mask only decides where the translation changes it)",
     )
-    method.add_argument("--shell", type=_positive_float, default=1000.0, metavar="B",
-                        help="b-value (s/mm²) of the shell to translate")
+    method.add_argument("--shell", type=_positive_float, nargs="+", default=None, metavar="B",
+                        help="b-values (s/mm²) of the shells to translate; every other shell is passed "
+                        "through with lambda = 1 (default: every shell the model was trained for). Group "
+                        "level: the shells rish-global is fitted for (default: every shell the pairs "
+                        "share); ldm and cnn train one shell (default: 1000)")
     method.add_argument("--shell-tolerance", type=_positive_float, default=100.0, metavar="B",
-                        help="volumes with |b - shell| <= tolerance belong to the shell")
+                        help="largest spread of b-values (s/mm²) within one shell; a shell matches a "
+                        "requested, trained or output b-value within it")
+    method.add_argument("--output-gradients", nargs=2, type=Path, metavar=("BVAL", "BVEC"),
+                        help="write the 7T-like DWI on this FSL gradient table (b-values; bvecs relative "
+                        "to the written image, which keeps the input's axes), e.g. the HCP 7T scheme: "
+                        "its b0 rows take the input's mean b0, each shell must be one of the input's "
+                        "(default: the input's table, volume for volume)")
     method.add_argument("--sh-order", type=_sh_order, default=4, metavar="L",
                         help="maximal spherical-harmonic order of the fit")
     method.add_argument("--seed", type=_non_negative_int, default=0,
@@ -513,6 +522,7 @@ def parse_args(argv: Sequence[str] | None = None) -> RunConfig:
         opts.bids_filter_file.expanduser().resolve() if opts.bids_filter_file else None
     )
     model_dir = _existing_path(opts.model_dir, "--model-dir", directory=True)
+    output_gradients = _output_gradients(opts.output_gradients)
     train_config = _train_config(opts.train_config)
 
     nprocs = opts.nprocs or _available_cpus()
@@ -544,8 +554,9 @@ def parse_args(argv: Sequence[str] | None = None) -> RunConfig:
         model_dir=model_dir,
         output_resolution=opts.output_resolution,
         skull_strip=opts.skull_strip,
-        shell=opts.shell,
+        shells=_unique_shells(opts.shell, opts.shell_tolerance),
         shell_tolerance=opts.shell_tolerance,
+        output_gradients=output_gradients,
         sh_order_max=opts.sh_order,
         overwrite=opts.overwrite,
         seed=opts.seed,
@@ -561,6 +572,34 @@ def parse_args(argv: Sequence[str] | None = None) -> RunConfig:
         resume=opts.resume,
         reports_only=opts.reports_only,
     )
+
+
+def _unique_shells(values: Sequence[float] | None, tolerance: float) -> list[float] | None:
+    """``--shell`` values, ascending; two within the tolerance name one shell (64)."""
+    if values is None:
+        return None
+    shells = sorted(float(b) for b in values)
+    for low, high in zip(shells, shells[1:]):
+        if high - low <= tolerance:
+            raise UsageError(f"--shell {low:g} and {high:g} are within --shell-tolerance {tolerance:g} s/mm² "
+                             "of each other: they name one shell")
+    return shells
+
+
+def _output_gradients(paths: Sequence[Path] | None) -> tuple[Path, Path] | None:
+    """``--output-gradients BVAL BVEC``: both files exist (66) and hold a well-formed FSL table
+    (64: unreadable, a count mismatch between them, non-unit directions, b-values in a wrong unit)."""
+    if paths is None:
+        return None
+    from ..core.gradients import GradientError
+    from ..core.shells import load_output_table
+
+    bval, bvec = (_existing_path(Path(p), "--output-gradients", directory=False) for p in paths)
+    try:
+        load_output_table(bval, bvec)
+    except GradientError as err:
+        raise UsageError(f"--output-gradients {bval.name} {bvec.name}: {err}") from None
+    return bval, bvec
 
 
 _BUILTIN_TRAIN_CONFIGS = Path(__file__).resolve().parents[1] / "ml" / "configs"

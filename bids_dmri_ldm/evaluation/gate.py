@@ -108,7 +108,14 @@ def score_pair(pair: ValidationPair, translators: Mapping[str, Any], truth_root:
     mask).  Rows: ``reference="7T"`` (and ``"noiseless7T"`` for simulated data).
     """
     from . import discovery, scoring
-    from .pipeline import ShellData, Truth, load_shell, prepare_truth, score_participant, scored_region
+    from .pipeline import (
+        ShellData,
+        Truth,
+        load_shell,
+        prepare_truth,
+        score_participant,
+        scored_region,
+    )
     scan = discovery.SevenTScan(pair.participant, pair.target_dwi, pair.target_bval, pair.target_bvec)
     truth: Truth = prepare_truth(scan, Path(truth_root) if truth_root else pair.target_dwi.parent, "auto",
                                  shell, tolerance)
@@ -165,8 +172,14 @@ def _finite(value: float) -> float | None:
     return float(value) if math.isfinite(value) else None
 
 
+TIE_TOLERANCE = 1e-6
+"""Relative difference below which two means tie (float32 rounding: an order a model leaves
+unchanged differs from identity only in the last digits)."""
+
+
 def losing_columns(table: Mapping[str, Any], model: str, baseline: str = IDENTITY) -> list[str]:
-    """Columns where ``model`` is worse than ``baseline``: higher NMSE or lower SSIM (means).
+    """Columns where ``model`` is worse than ``baseline``: higher NMSE or lower SSIM (means), by more
+    than :data:`TIE_TOLERANCE` relative.
 
     Columns that are undefined for either are left out.  An empty list means: no worse anywhere.
     """
@@ -178,7 +191,8 @@ def losing_columns(table: Mapping[str, Any], model: str, baseline: str = IDENTIT
         a, b = mean[model].get(column), mean[baseline].get(column)
         if a is None or b is None:
             continue
-        if (column.startswith("nmse") and a > b) or (column.startswith("ssim") and a < b):
+        margin = TIE_TOLERANCE * abs(b)
+        if (column.startswith("nmse") and a > b + margin) or (column.startswith("ssim") and a < b - margin):
             worse.append(column)
     return worse
 

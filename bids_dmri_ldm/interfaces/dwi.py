@@ -22,48 +22,45 @@ def _optional(value):
     return value if isdefined(value) and value not in ("", None) else None
 
 
-class _SelectShellInputSpec(BaseInterfaceInputSpec):
+class _SelectShellsInputSpec(BaseInterfaceInputSpec):
     dwi_file = File(exists=True, mandatory=True, desc="source 4D DWI")
     bval_file = traits.Either(None, traits.Str, default=None, usedefault=True, desc=".bval (None: missing)")
     bvec_file = traits.Either(None, traits.Str, default=None, usedefault=True, desc=".bvec (None: missing)")
-    shell = traits.Float(1000.0, usedefault=True, desc="b-value of the shell to keep (s/mm²)")
-    shell_tolerance = traits.Float(100.0, usedefault=True, desc="tolerance around shell (s/mm²)")
-    sh_order_max = traits.Int(4, usedefault=True, desc="SH order the shell must support")
+    options = traits.Dict(mandatory=True, desc="steps.ShellOptions.to_dict(): tolerance, SH order, --shell, "
+                          "the model's shells, --output-gradients")
 
 
-class _SelectShellOutputSpec(TraitedSpec):
-    bval_file = File(exists=True, desc="b-values of the kept volumes (b0s then shell)")
-    bvec_file = File(exists=True, desc="FSL bvecs of the kept volumes")
-    index = traits.List(traits.Int, desc="input volume indices, in output order")
-    n_b0 = traits.Int(desc="number of b0 volumes kept")
-    shell_bval = traits.Float(desc="mean b-value of the kept shell (s/mm²)")
-    warnings = traits.List(traits.Str, desc="dropped volumes, shell tolerance used (one line each)")
+class _SelectShellsOutputSpec(TraitedSpec):
+    plan_file = File(exists=True, desc="JSON of the run's VolumePlan (what happens to each volume)")
+    bval_file = File(exists=True, desc="b-values of the output volumes")
+    bvec_file = File(exists=True, desc="FSL bvecs of the output volumes")
+    warnings = traits.List(traits.Str, desc="shells passed through or carried (one line each)")
 
 
-class SelectShell(SimpleInterface):
-    """Check the gradient table against the image and keep the b0s and one shell."""
+class SelectShells(SimpleInterface):
+    """Check the gradient table against the image and decide what happens to each shell."""
 
-    input_spec = _SelectShellInputSpec
-    output_spec = _SelectShellOutputSpec
+    input_spec = _SelectShellsInputSpec
+    output_spec = _SelectShellsOutputSpec
 
     def _run_interface(self, runtime):
-        self._results.update(steps.select_shell_step(
+        self._results.update(steps.select_shells_step(
             self.inputs.dwi_file, _optional(self.inputs.bval_file), _optional(self.inputs.bvec_file),
-            self.inputs.shell, self.inputs.shell_tolerance, self.inputs.sh_order_max, runtime.cwd))
+            dict(self.inputs.options), runtime.cwd))
         return runtime
 
 
 class _LoadDWIInputSpec(BaseInterfaceInputSpec):
     dwi_file = File(exists=True, mandatory=True, desc="source 4D DWI")
-    index = traits.List(traits.Int, mandatory=True, desc="volumes to keep, in output order")
-    n_b0 = traits.Int(mandatory=True, desc="the first n_b0 kept volumes are b0s")
+    plan_file = File(exists=True, mandatory=True, desc="the run's VolumePlan (volumes to read)")
     prior_warnings = traits.List(traits.Str, desc="warnings of the earlier steps (passed on first)")
 
 
 class _LoadDWIOutputSpec(TraitedSpec):
-    dwi_file = File(exists=True, desc="kept volumes, float32, NaN/Inf set to 0")
+    dwi_file = File(exists=True, desc="volumes read (ascending input order): the stored integer type for an "
+                    "unscaled integer source, else float32 with NaN/Inf set to 0")
     mean_b0_file = File(exists=True, desc="mean b0 (X, Y, Z)")
-    mean_dwi_file = File(exists=True, desc="mean of the shell's volumes (X, Y, Z)")
+    mean_dwi_file = File(exists=True, desc="mean of the lowest shell's volumes (X, Y, Z)")
     bad_voxels_file = File(exists=True, desc="1 where a value was NaN/Inf")
     n_bad_voxels = traits.Int(desc="number of voxels with NaN/Inf")
     warnings = traits.List(traits.Str, desc="prior_warnings, then NaN/Inf voxels masked out (one line each)")
@@ -71,14 +68,14 @@ class _LoadDWIOutputSpec(TraitedSpec):
 
 
 class LoadDWI(SimpleInterface):
-    """Read the kept volumes, sanitise NaN/Inf (masked later, with a warning); the run's warnings
-    so far (``prior_warnings``) are passed on with its own."""
+    """Read the volumes the run needs (streamed), sanitise NaN/Inf (masked later, with a
+    warning); the run's warnings so far (``prior_warnings``) are passed on with its own."""
 
     input_spec = _LoadDWIInputSpec
     output_spec = _LoadDWIOutputSpec
 
     def _run_interface(self, runtime):
-        self._results.update(steps.load_dwi_step(self.inputs.dwi_file, self.inputs.index, self.inputs.n_b0, runtime.cwd))
+        self._results.update(steps.load_dwi_step(self.inputs.dwi_file, self.inputs.plan_file, runtime.cwd))
         prior = list(self.inputs.prior_warnings) if isdefined(self.inputs.prior_warnings) else []
         self._results["warnings"] = prior + list(self._results.get("warnings", []))
         return runtime
@@ -117,150 +114,143 @@ class BrainMask(SimpleInterface):
 
 
 class _FitRISHInputSpec(BaseInterfaceInputSpec):
-    dwi_file = File(exists=True, mandatory=True)
-    bval_file = File(exists=True, mandatory=True)
-    bvec_file = File(exists=True, mandatory=True)
+    dwi_file = File(exists=True, mandatory=True, desc="volumes read (LoadDWI)")
+    plan_file = File(exists=True, mandatory=True)
     sh_order_max = traits.Int(4, usedefault=True)
 
 
 class _FitRISHOutputSpec(TraitedSpec):
     s0_file = File(exists=True, desc="S0 = mean b0, floored (X, Y, Z), every voxel")
-    b0_file = File(exists=True, desc="b0 volumes (X, Y, Z, n_b0)")
-    sh_file = File(exists=True, desc="SH coefficients of S/S0 (X, Y, Z, K)")
-    rish_file = File(exists=True, desc="RISH L0, L2, L4 (X, Y, Z, 3)")
+    sh_files = traits.List(File(exists=True), desc="SH coefficients of S/S0 (X, Y, Z, K), one per fitted shell")
+    rish_files = traits.List(File(exists=True), desc="RISH L0, L2, L4 (X, Y, Z, 3), one per fitted shell")
 
 
 class FitRISH(SimpleInterface):
-    """Normalise to S/S0, least-squares SH fit, RISH features (Eq. 1), in every voxel."""
+    """Normalise to S/S0, least-squares SH fit, RISH features (Eq. 1) of each shell, in every voxel."""
 
     input_spec = _FitRISHInputSpec
     output_spec = _FitRISHOutputSpec
 
     def _run_interface(self, runtime):
-        self._results.update(steps.fit_rish_step(self.inputs.dwi_file, self.inputs.bval_file, self.inputs.bvec_file,
-                                                 None, self.inputs.sh_order_max, runtime.cwd))
+        self._results.update(steps.fit_rish_step(self.inputs.dwi_file, self.inputs.plan_file,
+                                                 self.inputs.sh_order_max, runtime.cwd))
         return runtime
 
 
 class _PredictScaleMapsInputSpec(BaseInterfaceInputSpec):
-    rish_file = File(exists=True, mandatory=True)
+    rish_files = traits.List(File(exists=True), mandatory=True, desc="RISH maps, one per fitted shell")
     mask_file = File(exists=True, mandatory=True)
+    plan_file = File(exists=True, mandatory=True)
     method = traits.Str(mandatory=True, desc="registered method name (bids_dmri_ldm.methods.Method)")
     model_dir = traits.Either(None, traits.Str, default=None, usedefault=True)
     options = traits.Dict(desc="method options (device, seed, ...)")
 
 
 class _PredictScaleMapsOutputSpec(TraitedSpec):
-    scale_file = File(exists=True, desc="scale maps lambda (X, Y, Z, 3)")
-    provenance = traits.Dict(desc="method provenance for the sidecars")
-    std_file = File(desc="per-voxel SD of the predicted 7T RISH (X, Y, Z, 3); ldm with num_samples > 1 only")
+    scale_files = traits.List(File(exists=True), desc="scale maps lambda (X, Y, Z, 3), one per fitted shell")
+    provenance = traits.Dict(desc="method provenance for the sidecars, with the Shells records")
+    std_files = traits.List(File(exists=True), desc="per-voxel SD of the predicted 7T RISH (X, Y, Z, 3), one per "
+                            "fitted shell; ldm with num_samples > 1 only")
 
 
 class PredictScaleMaps(SimpleInterface):
-    """Scale maps lambda_l (Eq. 2) from the chosen translation method."""
+    """Scale maps lambda_l (Eq. 2) of each shell: the method's where the shell is translated, 1
+    where it is passed through."""
 
     input_spec = _PredictScaleMapsInputSpec
     output_spec = _PredictScaleMapsOutputSpec
 
     def _run_interface(self, runtime):
         options = self.inputs.options if isdefined(self.inputs.options) else {}
-        self._results.update(steps.predict_scale_step(self.inputs.rish_file, self.inputs.mask_file, self.inputs.method,
-                                                      _optional(self.inputs.model_dir), options, runtime.cwd))
+        self._results.update(steps.predict_scale_step(list(self.inputs.rish_files), self.inputs.mask_file,
+                                                      self.inputs.method, _optional(self.inputs.model_dir),
+                                                      options, self.inputs.plan_file, runtime.cwd))
         return runtime
 
 
 class _ResampleInputSpec(BaseInterfaceInputSpec):
     s0_file = File(exists=True, mandatory=True, desc="S0 (X, Y, Z)")
-    sh_file = File(exists=True, mandatory=True, desc="SH coefficients (X, Y, Z, K)")
-    scale_file = File(exists=True, mandatory=True, desc="scale maps (X, Y, Z, 3)")
+    sh_files = traits.List(File(exists=True), desc="SH coefficients (X, Y, Z, K) per shell")
+    scale_files = traits.List(File(exists=True), desc="scale maps (X, Y, Z, 3) per shell")
+    std_files = traits.List(File(exists=True), desc="ldm SD maps (X, Y, Z, 3) per shell (optional)")
     mask_file = File(exists=True, mandatory=True, desc="brain mask (X, Y, Z)")
     voxel_size = traits.Either(None, traits.Float, default=None, usedefault=True, desc="mm; None keeps the grid")
 
 
 class _ResampleOutputSpec(TraitedSpec):
     s0_file = File(exists=True)
-    sh_file = File(exists=True)
-    scale_file = File(exists=True)
+    sh_files = traits.List(File(exists=True))
+    scale_files = traits.List(File(exists=True))
+    std_files = traits.List(File(exists=True))
     mask_file = File(exists=True)
 
 
 class ResampleToGrid(SimpleInterface):
-    """Resample S0, SH and scale maps (cubic B-spline; S0 and lambda clipped >= 0) and the mask
-    (linear + 0.5 threshold) to the isotropic output grid; ``voxel_size=None`` passes the files
-    through unchanged. The b0 volumes are not resampled here: :class:`RebuildDWI` resamples them
-    one at a time while it streams the output (no 4D b0 array on the fine grid)."""
+    """Resample S0, each shell's SH, scale maps (and SD maps) (cubic B-spline; S0, lambda and the
+    SD clipped >= 0) and the mask (linear + 0.5 threshold) to the isotropic output grid;
+    ``voxel_size=None`` passes the files through unchanged. Carried volumes (b0s) are not
+    resampled here: :class:`RebuildDWI` resamples them one at a time while it streams the output
+    (no 4D b0 array on the fine grid)."""
 
     input_spec = _ResampleInputSpec
     output_spec = _ResampleOutputSpec
 
     def _run_interface(self, runtime):
         voxel_size = self.inputs.voxel_size
-        for name, kind, clip_min in (("s0_file", "image", 0.0), ("sh_file", "image", None),
-                                     ("scale_file", "image", 0.0), ("mask_file", "mask", None)):
-            in_file = getattr(self.inputs, name)
-            self._results[name] = in_file if voxel_size is None else steps.resample_step(
-                in_file, voxel_size, runtime.cwd, kind, clip_min)
-        return runtime
 
+        def resampled(in_file, kind="image", clip_min=None, sub=""):
+            if voxel_size is None:
+                return in_file
+            return steps.resample_step(in_file, voxel_size, Path(runtime.cwd) / sub, kind, clip_min)
 
-class _ResampleImageInputSpec(BaseInterfaceInputSpec):
-    in_file = File(exists=True, mandatory=True, desc="image (X, Y, Z[, N])")
-    voxel_size = traits.Either(None, traits.Float, default=None, usedefault=True, desc="mm; None keeps the grid")
-    clip_min = traits.Either(None, traits.Float, default=None, usedefault=True, desc="lower clip after resampling")
-
-
-class _ResampleImageOutputSpec(TraitedSpec):
-    out_file = File(exists=True)
-
-
-class ResampleImage(SimpleInterface):
-    """One image to the isotropic output grid (cubic B-spline), as :class:`ResampleToGrid` does."""
-
-    input_spec = _ResampleImageInputSpec
-    output_spec = _ResampleImageOutputSpec
-
-    def _run_interface(self, runtime):
-        voxel_size = self.inputs.voxel_size
-        self._results["out_file"] = self.inputs.in_file if voxel_size is None else steps.resample_step(
-            self.inputs.in_file, voxel_size, runtime.cwd, "image", self.inputs.clip_min)
+        self._results["s0_file"] = resampled(self.inputs.s0_file, clip_min=0.0)
+        self._results["mask_file"] = resampled(self.inputs.mask_file, kind="mask")
+        for name, clip_min in (("sh_files", None), ("scale_files", 0.0), ("std_files", 0.0)):
+            files = list(getattr(self.inputs, name)) if isdefined(getattr(self.inputs, name)) else []
+            self._results[name] = [resampled(f, clip_min=clip_min, sub=name) for f in files]
         return runtime
 
 
 class _ScaleSHInputSpec(BaseInterfaceInputSpec):
-    sh_file = File(exists=True, mandatory=True)
-    scale_file = File(exists=True, mandatory=True)
+    sh_files = traits.List(File(exists=True), mandatory=True, desc="SH coefficients per fitted shell")
+    scale_files = traits.List(File(exists=True), mandatory=True, desc="scale maps per fitted shell")
+    std_files = traits.List(File(exists=True), desc="ldm SD maps per fitted shell (optional)")
     mask_file = File(exists=True, mandatory=True)
     sh_order_max = traits.Int(4, usedefault=True)
     skull_strip = traits.Bool(False, usedefault=True, desc="RISH maps zero outside the mask")
 
 
 class _ScaleSHOutputSpec(TraitedSpec):
-    sh_file = File(exists=True, desc="scaled SH coefficients (Eq. 3)")
-    scale_file = File(exists=True, desc="scale maps, 1 outside the mask")
-    rish_source_file = File(exists=True, desc="source RISH on the output grid, every voxel")
-    rish_predicted_file = File(exists=True, desc="predicted RISH on the output grid, every voxel")
+    sh_files = traits.List(File(exists=True), desc="scaled SH coefficients (Eq. 3) per fitted shell")
+    scale_file = File(exists=True, desc="scale maps, 1 outside the mask, 3 volumes per shell")
+    rish_source_file = File(exists=True, desc="source RISH on the output grid, every voxel, 3 volumes per shell")
+    rish_predicted_file = File(exists=True, desc="predicted RISH on the output grid, every voxel, 3 volumes per shell")
+    std_file = File(desc="ldm SD maps, 3 volumes per shell (given std_files only)")
 
 
 class ScaleSH(SimpleInterface):
-    """C_hat_lm = lambda_l C_lm (Eq. 3; lambda = 1 outside the mask) and the RISH maps."""
+    """C_hat_lm = lambda_l C_lm (Eq. 3; lambda = 1 outside the mask) and the RISH maps, shell by shell."""
 
     input_spec = _ScaleSHInputSpec
     output_spec = _ScaleSHOutputSpec
 
     def _run_interface(self, runtime):
-        self._results.update(steps.scale_sh_step(self.inputs.sh_file, self.inputs.scale_file, self.inputs.mask_file,
-                                                 self.inputs.sh_order_max, runtime.cwd,
-                                                 skull_strip=bool(self.inputs.skull_strip)))
+        std_files = list(self.inputs.std_files) if isdefined(self.inputs.std_files) else None
+        self._results.update(steps.scale_sh_step(list(self.inputs.sh_files), list(self.inputs.scale_files),
+                                                 self.inputs.mask_file, self.inputs.sh_order_max, runtime.cwd,
+                                                 skull_strip=bool(self.inputs.skull_strip), std_files=std_files))
         return runtime
 
 
 class _RebuildInputSpec(BaseInterfaceInputSpec):
     s0_file = File(exists=True, mandatory=True, desc="S0 on the output grid")
-    b0_file = File(exists=True, mandatory=True, desc="b0 volumes, on the input or the output grid")
-    sh_file = File(exists=True, mandatory=True, desc="scaled SH coefficients on the output grid")
+    dwi_file = File(exists=True, mandatory=True, desc="volumes read (LoadDWI), on the input grid")
+    mean_b0_file = File(exists=True, mandatory=True, desc="mean b0, on the input grid")
+    sh_files = traits.List(File(exists=True), mandatory=True, desc="scaled SH per fitted shell, output grid")
     mask_file = File(exists=True, mandatory=True, desc="brain mask on the output grid")
-    bval_file = File(exists=True, mandatory=True)
-    bvec_file = File(exists=True, mandatory=True)
+    plan_file = File(exists=True, mandatory=True)
+    bval_file = File(exists=True, mandatory=True, desc="b-values of the output volumes")
+    bvec_file = File(exists=True, mandatory=True, desc="bvecs of the output volumes")
     sh_order_max = traits.Int(4, usedefault=True)
     integer_output = traits.Bool(False, usedefault=True, desc="write int16 + scl_slope (integer source)")
     skull_strip = traits.Bool(False, usedefault=True, desc="every volume zero outside the mask")
@@ -274,19 +264,20 @@ class _RebuildOutputSpec(TraitedSpec):
 
 
 class RebuildDWI(SimpleInterface):
-    """Rebuild the 7T-like DWI from scaled SH in every voxel, b0 volumes put back (resampled to the
-    output grid when needed), clipped >= 0; zero outside the mask only with ``skull_strip``;
-    streamed to disk volume by volume."""
+    """Write the 7T-like DWI on the output table from scaled SH in every voxel, carried volumes
+    (b0s) put back (resampled to the output grid when needed), clipped >= 0; zero outside the
+    mask only with ``skull_strip``; streamed to disk volume by volume."""
 
     input_spec = _RebuildInputSpec
     output_spec = _RebuildOutputSpec
 
     def _run_interface(self, runtime):
-        self._results.update(steps.rebuild_step(self.inputs.s0_file, self.inputs.b0_file, self.inputs.sh_file,
-                                                self.inputs.mask_file, self.inputs.bval_file, self.inputs.bvec_file,
-                                                self.inputs.sh_order_max, runtime.cwd,
-                                                integer_output=bool(self.inputs.integer_output),
-                                                skull_strip=bool(self.inputs.skull_strip),
+        inputs = self.inputs
+        self._results.update(steps.rebuild_step(inputs.s0_file, inputs.dwi_file, inputs.mean_b0_file,
+                                                list(inputs.sh_files), inputs.mask_file, inputs.plan_file,
+                                                inputs.bval_file, inputs.bvec_file, inputs.sh_order_max,
+                                                runtime.cwd, integer_output=bool(inputs.integer_output),
+                                                skull_strip=bool(inputs.skull_strip),
                                                 # beside the node folder: nipype removes files in it
                                                 # that are not outputs used downstream
                                                 report_samples=Path(runtime.cwd).parent / steps.REPORT_SAMPLES))

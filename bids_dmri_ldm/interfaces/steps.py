@@ -6,8 +6,11 @@ output grid's). The nipype interfaces in :mod:`.dwi` and :mod:`.bids` are thin w
 them, and the group level calls them directly. Intermediate images are uncompressed ``.nii``
 (fast in the work directory); images that become derivatives are ``.nii.gz``.
 
-Volume order of the selected data: the b0 volumes first (input order), then the selected shell's
-volumes (input order) — :attr:`bids_dmri_ldm.core.gradients.ShellSelection.index`.
+What happens to each volume is decided once per run (:func:`select_shells_step`, a
+:class:`~bids_dmri_ldm.core.shells.VolumePlan` written as JSON): the later steps read the plan.
+Shells are processed one at a time (SH fit, scale maps, Eq. 3), in ascending b; their RISH and
+scale maps are stacked in that order in the derivatives. The output DWI follows the output table
+(the input's, volume for volume, or ``--output-gradients``).
 """
 from __future__ import annotations
 
@@ -24,20 +27,14 @@ import numpy as np
 import torch
 
 from ..bids.derivatives import make_nifti, write_bval_bvec
-from ..core.gradients import (
-    B0_THRESHOLD,
-    GradientError,
-    ShellSelection,
-    check_gradients,
-    load_gradients,
-    select_shell,
-)
 from ..core.display import stored_display_voxels
+from ..core.gradients import GradientError, b0_mask, check_gradients, load_gradients
 from ..core.mask import brain_mask
 from ..core.resample import fill_outside_mask, output_grid, resample
-from ..core.sh import RISH_ORDERS, SHModel, sh_basis
-from ..core.signal import fit_shell_rish
-from ..io.nifti import READ_ERRORS, iter_nifti_volumes, nifti_layout, read_nifti_volumes, save_nifti
+from ..core.sh import RISH_ORDERS, SHModel, n_coefficients, sh_basis
+from ..core.shells import MEAN_B0, VolumePlan, load_output_table, plan_volumes
+from ..core.signal import DEFAULT_S0_FLOOR, fit_shell_rish
+from ..io.nifti import READ_ERRORS, iter_nifti_volumes, nifti_layout, save_nifti
 from ..io.nifti import write_nifti_volumes as write_nifti_volumes  # re-exported for callers of steps
 
 LOGGER = logging.getLogger("bids_dmri_ldm.workflow")
@@ -65,20 +62,72 @@ class InputSummary:
     shape: tuple[int, ...]
     affine: np.ndarray
     voxel_size: tuple[float, float, float]
-    selection: ShellSelection
+    plan: VolumePlan
+
+
+@dataclass(frozen=True)
+class ShellOptions:
+    """How a run's shells are treated (:func:`~bids_dmri_ldm.core.shells.plan_volumes`).
+
+    Attributes
+    ----------
+    tolerance : float
+        ``--shell-tolerance`` (s/mm²).
+    sh_order_max : int
+        SH order of the fit.
+    shells : tuple of float or None
+        ``--shell``: the shells to translate (None: every shell the model covers).
+    covered : tuple of float or None
+        Shells the model was trained for (None: every shell).
+    model_label : str
+        The model in messages (``"the rish-global model"``).
+    output_bval, output_bvec : str or None
+        ``--output-gradients`` files (None: the output keeps the input's table).
+    only_selected : bool
+        Leave out the shells ``shells`` does not name (the group level's RISH features).
+    output_sha256 : str or None
+        Digest of the ``--output-gradients`` files: part of the options, so that a table edited
+        in place changes the cached plan of a rerun.
+    """
+
+    tolerance: float = 100.0
+    sh_order_max: int = 4
+    shells: tuple[float, ...] | None = None
+    covered: tuple[float, ...] | None = None
+    model_label: str = "the model"
+    output_bval: str | None = None
+    output_bvec: str | None = None
+    only_selected: bool = False
+    output_sha256: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain values (nipype inputs)."""
+        return {"tolerance": float(self.tolerance), "sh_order_max": int(self.sh_order_max),
+                "shells": None if self.shells is None else [float(b) for b in self.shells],
+                "covered": None if self.covered is None else [float(b) for b in self.covered],
+                "model_label": self.model_label, "output_bval": self.output_bval, "output_bvec": self.output_bvec,
+                "only_selected": bool(self.only_selected), "output_sha256": self.output_sha256}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ShellOptions:
+        d = dict(d)
+        for key in ("shells", "covered"):
+            d[key] = None if d.get(key) is None else tuple(float(b) for b in d[key])
+        return cls(**d)
 
 
 def check_run_inputs(dwi_file: str | os.PathLike, bval_file: str | os.PathLike | None,
-                     bvec_file: str | os.PathLike | None, shell: float, tolerance: float,
-                     sh_order_max: int = 4) -> InputSummary:
-    """Check a DWI run from its header and gradient files, without reading the voxel data.
+                     bvec_file: str | os.PathLike | None, options: ShellOptions = ShellOptions()) -> InputSummary:
+    """Check a DWI run from its header and gradient files, without reading the voxel data, and
+    decide the fate of each of its volumes (:func:`~bids_dmri_ldm.core.shells.plan_volumes`).
 
     Raises
     ------
     InputDataError
         Missing/empty/mismatched bval or bvec, not a 4D image, unreadable header, complex or
-        non-numeric voxel type, a degenerate voxel-to-world affine, no b0, no volume near
-        ``shell``, or too few directions for ``sh_order_max``.
+        non-numeric voxel type, a degenerate voxel-to-world affine, no b0, a ``--shell`` or an
+        output b-value the run lacks, a shell to translate with too few directions for the SH
+        order, or a model that covers none of the run's shells.
     """
     name = Path(dwi_file).name
     if bval_file is None or bvec_file is None:
@@ -96,17 +145,17 @@ def check_run_inputs(dwi_file: str | os.PathLike, bval_file: str | os.PathLike |
     try:
         bvals, bvecs = load_gradients(bval_file, bvec_file)
         clean = check_gradients(bvals, bvecs, shape[3])
-        selection = select_shell(clean_bvals(bvals), clean, shell, tolerance)
+        table = None
+        if options.output_bval is not None:
+            table = load_output_table(options.output_bval, options.output_bvec)
+        plan = plan_volumes(clean_bvals(bvals), clean, tolerance=options.tolerance,
+                            sh_order_max=options.sh_order_max, selected=options.shells, covered=options.covered,
+                            model_label=options.model_label, output_table=table,
+                            only_selected=options.only_selected)
     except GradientError as err:
         raise InputDataError(f"{name}: {err}") from None
-    needed = {2: 6, 4: 15, 6: 28, 8: 45}.get(sh_order_max, 0)
-    if selection.shell_index.size < needed:
-        raise InputDataError(
-            f"{name}: the b={selection.shell_bval:.0f} shell has {selection.shell_index.size} directions; "
-            f"SH order {sh_order_max} (RISH L0-L{sh_order_max}) needs at least {needed}"
-        )
     zooms = tuple(float(z) for z in img.header.get_zooms()[:3])
-    return InputSummary(shape=shape, affine=affine, voxel_size=zooms, selection=selection)
+    return InputSummary(shape=shape, affine=affine, voxel_size=zooms, plan=plan)
 
 
 def check_voxel_type(dtype: np.dtype, name: str) -> None:
@@ -157,153 +206,131 @@ def _short(err: BaseException) -> str:
 # select shell -> load + sanitize
 
 
-def select_shell_step(dwi_file: str, bval_file: str | None, bvec_file: str | None, shell: float,
-                      tolerance: float, sh_order_max: int, out_dir: str | os.PathLike) -> dict[str, Any]:
-    """Check the run and write the gradient table of the kept volumes (b0s, then the shell).
+def select_shells_step(dwi_file: str, bval_file: str | None, bvec_file: str | None, options: dict[str, Any],
+                       out_dir: str | os.PathLike) -> dict[str, Any]:
+    """Check the run, decide each volume's fate and write the output gradient table.
+
+    ``options`` is :meth:`ShellOptions.to_dict`.
 
     Returns
     -------
     dict
-        ``bval_file``, ``bvec_file`` (FSL, of the kept volumes), ``index`` (list of input volume
-        indices, in output order), ``n_b0``, ``shell_bval``, ``warnings`` (see
-        :func:`selection_warnings`; also logged).
+        ``plan_file`` (JSON of the :class:`~bids_dmri_ldm.core.shells.VolumePlan`, with
+        ``tolerance``), ``bval_file``, ``bvec_file`` (FSL table of the output volumes) and
+        ``warnings`` (one line each, also logged; the notes are logged at INFO).
     """
-    summary = check_run_inputs(dwi_file, bval_file, bvec_file, shell, tolerance, sh_order_max)
-    sel = summary.selection
-    index = sel.index
+    opts = ShellOptions.from_dict(options)
+    plan = check_run_inputs(dwi_file, bval_file, bvec_file, opts).plan
+    name = Path(dwi_file).name
     out_dir = Path(out_dir)
-    bval_out, bvec_out = write_bval_bvec(sel.bvals[index], sel.bvecs[index],
-                                         out_dir / "selected.bval", out_dir / "selected.bvec")
-    warnings = selection_warnings(Path(dwi_file).name, sel, shell, tolerance)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    bval_out, bvec_out = write_bval_bvec(plan.out_bvals, plan.out_bvecs, out_dir / "output.bval",
+                                         out_dir / "output.bvec")
+    doc = plan.to_dict()
+    doc["tolerance"] = float(opts.tolerance)
+    plan_file = write_json(doc, out_dir / "volume_plan.json")
+    warnings = [f"{name}: {w}" for w in plan.warnings]
     for message in warnings:
         LOGGER.warning("%s", message)
-    return {"bval_file": str(bval_out), "bvec_file": str(bvec_out), "index": [int(i) for i in index],
-            "n_b0": sel.n_b0, "shell_bval": sel.shell_bval, "warnings": warnings}
+    for message in plan.notes:
+        LOGGER.info("%s: %s", name, message)
+    return {"plan_file": plan_file, "bval_file": str(bval_out), "bvec_file": str(bvec_out), "warnings": warnings}
 
 
-def selection_warnings(name: str, sel: ShellSelection, shell: float, tolerance: float) -> list[str]:
-    """One-line warnings about a shell selection: volumes dropped (other shells), and shell
-    b-values that differ from ``shell`` (the tolerance was used). Recorded in the run's sidecar
-    (``RunWarnings``) and shown in the participant report."""
-    warnings = []
-    kept = np.zeros(sel.bvals.size, dtype=bool)
-    kept[sel.index] = True
-    if not kept.all():
-        dropped = sorted({round(float(b)) for b in sel.bvals[~kept]})
-        shown = ", ".join(str(b) for b in dropped[:8]) + (", ..." if len(dropped) > 8 else "")
-        warnings.append(f"{name}: {int((~kept).sum())} of {kept.size} volume(s) dropped "
-                        f"(b-values {shown} s/mm²; only the b0s and the b={shell:g} shell are translated)")
-    shell_b = sel.bvals[sel.shell_index]
-    if np.abs(shell_b - shell).max() > 0.5:
-        warnings.append(f"{name}: the b={shell:g} shell was taken with the tolerance of {tolerance:g} s/mm²: "
-                        f"b-values {shell_b.min():g} to {shell_b.max():g} (mean {shell_b.mean():.1f}) "
-                        "treated as one shell")
-    return warnings
+def read_plan(plan_file: str | os.PathLike) -> tuple[VolumePlan, float]:
+    """The :class:`~bids_dmri_ldm.core.shells.VolumePlan` and the shell tolerance of a run."""
+    doc = json.loads(Path(plan_file).read_text())
+    return VolumePlan.from_dict(doc), float(doc.get("tolerance", 100.0))
 
 
-def read_volumes(dwi_file: str | os.PathLike, index: list[int]) -> tuple[np.ndarray, np.ndarray]:
-    """Read the volumes ``index`` of a 4D image as float32 ``(X, Y, Z, len(index))``.
+def iter_volumes(dwi_file: str | os.PathLike):
+    """Yield ``(t, volume)`` for every volume of a 4D image in file order, each float32
+    ``(X, Y, Z)`` with the scaling slope/intercept applied.
 
-    One streamed pass over the file (:func:`~bids_dmri_ldm.io.nifti.read_nifti_volumes`: ISA-L
-    inflation, each kept volume converted into its slot with the scaling slope/intercept; no
-    copy of the whole stored series).
+    The file is streamed once, front to back (:func:`iter_stored_volumes`): a ``.nii.gz`` is
+    inflated by ISA-L and memory holds one volume, never the whole series.
 
     Raises
     ------
     InputDataError
         When the data cannot be decompressed or read (corrupt or truncated file).
     """
+    layout = None
+    for t, stored, layout in iter_stored_volumes(dwi_file):
+        volume = stored.astype(np.float32, order="F")  # a copy: the caller may write to it
+        if layout.slope != 1.0:
+            volume *= np.float32(layout.slope)
+        if layout.inter != 0.0:
+            volume += np.float32(layout.inter)
+        yield t, volume
+
+
+def iter_stored_volumes(dwi_file: str | os.PathLike):
+    """Yield ``(t, stored, layout)`` for every volume of a 4D image in file order: the stored
+    (unscaled) values in the on-disk type, Fortran-ordered ``(X, Y, Z)``, a buffer that the next
+    volume overwrites (:func:`~bids_dmri_ldm.io.nifti.iter_nifti_volumes`), and the file's
+    :class:`~bids_dmri_ldm.io.nifti.NiftiLayout`.
+
+    Raises
+    ------
+    InputDataError
+        Not a 4D image, or the data cannot be decompressed or read (corrupt or truncated file).
+    """
     name = Path(dwi_file).name
     try:
         layout = nifti_layout(dwi_file)
-        if len(layout.header.get_data_shape()) != 4:
-            raise InputDataError(f"{name}: a DWI run must be a 4D image; found shape {layout.header.get_data_shape()}")
-        data, layout = read_nifti_volumes(dwi_file, index, np.float32, layout)
+        shape = tuple(int(n) for n in layout.header.get_data_shape())
+        if len(shape) != 4:
+            raise InputDataError(f"{name}: a DWI run must be a 4D image; found shape {shape}")
+        for t, stored in iter_nifti_volumes(dwi_file, layout):
+            yield t, stored, layout
     except InputDataError:
         raise
     except _READ_ERRORS as err:
         raise InputDataError(f"{name}: cannot read the image data, the file is corrupt or truncated ({_short(err)})") from None
-    return data, layout.affine
 
 
-def load_dwi_step(dwi_file: str, index: list[int], n_b0: int, out_dir: str | os.PathLike) -> dict[str, Any]:
-    """Read the kept volumes, replace NaN/Inf by 0 and record where they were.
+def load_dwi_step(dwi_file: str, plan_file: str, out_dir: str | os.PathLike) -> dict[str, Any]:
+    """Read the volumes the run needs (:attr:`~bids_dmri_ldm.core.shells.VolumePlan.read_index`),
+    replace NaN/Inf by 0 and record where they were; streamed volume by volume.
 
-    The input is streamed once, volume by volume (:func:`~bids_dmri_ldm.io.nifti.iter_nifti_volumes`),
-    into an uncompressed ``.nii`` in output order (b0s, then the shell) while the means and the
-    bad-voxel map are accumulated: memory holds a few volumes, never the series. The kept volumes
-    stay in the stored integer type when the source is stored as integers without scaling (half
-    the bytes of float32; no NaN is possible), else they are float32 image values.
+    The input is read once, front to back (:func:`iter_stored_volumes`: ISA-L inflation), and the
+    volumes read are written as they arrive; memory holds a few volumes, never the series. They
+    keep the stored integer type when the source is stored as integers without scaling (half the
+    bytes of float32; no NaN is possible; the SH fit converts them), else they are float32 image
+    values.
 
     Returns
     -------
     dict
-        ``dwi_file`` (``.nii``, kept volumes), ``mean_b0_file``, ``mean_dwi_file`` (mean of the
-        shell's volumes; helps the automatic mask tell air from tissue), ``bad_voxels_file``
-        (uint8, 1 where any kept volume was NaN/Inf), ``n_bad_voxels``, ``warnings`` (list of
-        one-line messages, also logged), ``integer_input`` (the source is stored as integers).
+        ``dwi_file`` (``.nii`` of the volumes read, in ascending input order),
+        ``mean_b0_file``, ``mean_dwi_file`` (mean of the lowest shell's volumes; helps the
+        automatic mask tell air from tissue), ``bad_voxels_file`` (uint8, 1 where any volume read
+        was NaN/Inf), ``n_bad_voxels``, ``warnings`` (list of one-line messages, also logged),
+        ``integer_input`` (the source is stored as integers).
     """
+    plan, _ = read_plan(plan_file)
     name = Path(dwi_file).name
-    out_dir = Path(out_dir)
     try:
         layout = nifti_layout(dwi_file)
-        if len(layout.header.get_data_shape()) != 4:
-            raise InputDataError(f"{name}: a DWI run must be a 4D image; found shape {layout.header.get_data_shape()}")
-        sums, bad, out_path = _stream_selected(dwi_file, layout, [int(i) for i in index], n_b0, out_dir)
-    except InputDataError:
-        raise
     except _READ_ERRORS as err:
-        raise InputDataError(f"{name}: cannot read the image data, the file is corrupt or truncated ({_short(err)})") from None
-    n_bad = int(bad.sum())
-    warnings = []
-    if n_bad:
-        warnings.append(f"{name}: {n_bad} voxel(s) with NaN/Inf values are set to 0 and left out "
-                        "of the brain mask")
-        LOGGER.warning("%s", warnings[-1])
-    affine = layout.affine
-    n_shell = len(index) - n_b0
-    files = {
-        "dwi_file": out_path,
-        "mean_b0_file": _save((sums[0] / max(n_b0, 1)).astype(np.float32), affine, out_dir / "mean_b0.nii"),
-        "mean_dwi_file": _save((sums[1] / max(n_shell, 1)).astype(np.float32), affine, out_dir / "mean_dwi.nii"),
-        "bad_voxels_file": _save(bad.astype(np.uint8), affine, out_dir / "bad_voxels.nii", np.uint8),
-    }
-    files["n_bad_voxels"] = n_bad
-    files["warnings"] = warnings
-    files["integer_input"] = bool(np.issubdtype(layout.dtype, np.integer))
-    return files
+        raise InputDataError(f"{name}: cannot read the NIfTI header ({_short(err)})") from None
+    shape, affine = layout.shape, layout.affine
+    keep = set(int(i) for i in plan.read_index)
+    b0s = set(int(i) for i in plan.b0_index)
+    for_mask = set(int(i) for i in plan.mask_index)
+    sums = {"b0": np.zeros(shape, np.float64, order="F"), "dwi": np.zeros(shape, np.float64, order="F")}
+    bad = np.zeros(shape, dtype=bool, order="F")
+    stored_type = layout.dtype.newbyteorder("=")
+    keep_integer = stored_type in _KEPT_INTEGER_TYPES and not layout.scaled
+    dtype = stored_type if keep_integer else np.dtype(np.float32)
 
-
-#: Stored integer types the selected volumes keep (torch converts them to float32 in the SH fit).
-_KEPT_INTEGER_TYPES = tuple(np.dtype(t) for t in (np.int8, np.uint8, np.int16, np.int32))
-
-
-def _stream_selected(dwi_file, layout, index: list[int], n_b0: int, out_dir: Path):
-    """Copy the volumes ``index`` of ``dwi_file`` into ``out_dir/dwi_selected.nii`` (output order,
-    written at each volume's offset), sanitised; return the float32 sums ``(b0 sum, shell sum)``,
-    the bad-voxel map and the path."""
-    keep_integer = layout.dtype.newbyteorder("=") in _KEPT_INTEGER_TYPES and not layout.scaled
-    dtype = layout.dtype.newbyteorder("=") if keep_integer else np.dtype(np.float32)
-    slots: dict[int, list[int]] = {}
-    for slot, t in enumerate(index):
-        slots.setdefault(t, []).append(slot)
-    header = make_nifti(np.zeros((1, 1, 1), np.float32), layout.affine).header
-    header.set_data_dtype(dtype)
-    header.set_data_shape(layout.shape + (len(index),))
-    header.set_data_offset(352)
-    out_path = out_dir / "dwi_selected.nii"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    volume_bytes = int(np.prod(layout.shape)) * dtype.itemsize
-    sums = np.zeros((2,) + layout.shape, dtype=np.float32, order="F")
-    bad = np.zeros(layout.shape, dtype=bool, order="F")
-    with open(out_path, "wb") as handle:
-        header.write_to(handle)
-        handle.truncate(352 + len(index) * volume_bytes)
-        for t, stored in iter_nifti_volumes(dwi_file, layout):
-            if t not in slots:
+    def kept_volumes():
+        for t, stored, _ in iter_stored_volumes(dwi_file):
+            if t not in keep and t not in for_mask:
                 continue
-            if keep_integer:
-                volume = stored
+            if keep_integer:  # image values = stored values; no NaN/Inf possible
+                volume = stored.astype(stored_type, copy=False)
             else:
                 volume = stored.astype(np.float32, order="F")
                 if layout.slope != 1.0:
@@ -312,14 +339,38 @@ def _stream_selected(dwi_file, layout, index: list[int], n_b0: int, out_dir: Pat
                     volume += np.float32(layout.inter)
                 finite = np.isfinite(volume)
                 if not finite.all():
-                    bad |= ~finite
+                    bad[~finite] = True
                     volume[~finite] = 0.0
-            data = memoryview(np.asarray(volume, dtype=dtype).ravel(order="F"))  # NIfTI order, no copy
-            for slot in slots[t]:
-                handle.seek(352 + slot * volume_bytes)
-                handle.write(data)
-                np.add(sums[0 if slot < n_b0 else 1], volume, out=sums[0 if slot < n_b0 else 1], casting="unsafe")
-    return sums, bad, str(out_path)
+            if t in b0s:
+                sums["b0"] += volume
+            if t in for_mask:
+                sums["dwi"] += volume
+            if t in keep:
+                yield volume
+
+    out_dir = Path(out_dir)
+    dwi_path = write_nifti_volumes(out_dir / "dwi_read.nii", shape, affine, len(keep), kept_volumes(), dtype=dtype,
+                                   slope=1.0 if keep_integer else None)
+    n_bad = int(bad.sum())
+    warnings = []
+    if n_bad:
+        warnings.append(f"{Path(dwi_file).name}: {n_bad} voxel(s) with NaN/Inf values are set to 0 and left out "
+                        "of the brain mask")
+        LOGGER.warning("%s", warnings[-1])
+    mean_dwi = sums["dwi"] / max(1, len(for_mask)) if for_mask else sums["b0"] / len(b0s)
+    return {
+        "dwi_file": str(dwi_path),
+        "mean_b0_file": _save((sums["b0"] / len(b0s)).astype(np.float32), affine, out_dir / "mean_b0.nii"),
+        "mean_dwi_file": _save(mean_dwi.astype(np.float32), affine, out_dir / "mean_dwi.nii"),
+        "bad_voxels_file": _save(bad.astype(np.uint8), affine, out_dir / "bad_voxels.nii", np.uint8),
+        "n_bad_voxels": n_bad,
+        "warnings": warnings,
+        "integer_input": bool(np.issubdtype(layout.dtype, np.integer)),
+    }
+
+
+#: Stored integer types the volumes read keep (the SH fit converts them to float32 in torch).
+_KEPT_INTEGER_TYPES = tuple(np.dtype(t) for t in (np.int8, np.uint8, np.int16, np.int32))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -431,45 +482,52 @@ def _nearest(mask: np.ndarray, mapping: np.ndarray, shape: tuple[int, int, int])
 # normalise + SH fit + RISH (Eq. 1)
 
 
-def _shell_parts(bval_file: str, bvec_file: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    bvals, bvecs = load_gradients(bval_file, bvec_file)
-    is_b0 = bvals <= B0_THRESHOLD
-    return np.flatnonzero(is_b0), np.flatnonzero(~is_b0), bvecs[~is_b0]
+def fit_rish_step(dwi_file: str, plan_file: str, sh_order_max: int, out_dir: str | os.PathLike,
+                  orders: tuple[int, ...] = RISH_ORDERS) -> dict[str, Any]:
+    """Normalise (S/S0 in [0, 1]), fit SH (least squares, order ``sh_order_max``) and take RISH of
+    each fitted shell, one shell at a time, in every voxel of the grid.
 
-
-def fit_rish_step(dwi_file: str, bval_file: str, bvec_file: str, mask_file: str | None, sh_order_max: int,
-                  out_dir: str | os.PathLike, orders: tuple[int, ...] = RISH_ORDERS) -> dict[str, str]:
-    """Normalise (S/S0 in [0, 1]), fit SH (least squares, order ``sh_order_max``) and take RISH,
-    in every voxel of the grid.
-
-    The whole field of view is fitted, not only the brain mask, so that the output can carry the
-    source signal everywhere (lambda = 1 outside the mask). Background voxels stay bounded: S0 is
-    floored (:data:`~bids_dmri_ldm.core.signal.DEFAULT_S0_FLOOR`) and S/S0 clipped to [0, 1], so
-    air rebuilds to at most ~S0 (noise level) and voxels without signal to 0. ``mask_file`` is not
-    used by the fit (accepted so callers can pass the run's mask).
+    ``dwi_file`` holds the volumes the run read (:func:`load_dwi_step`, memory-mapped); each
+    shell's fit (:func:`~bids_dmri_ldm.core.signal.fit_shell_rish`: normalisation, SH fit and RISH
+    in one pass, in chunks of voxels in the file's memory order, no copy of the data) reads the
+    b0s and that shell's volumes only. The
+    whole field of view is fitted, not only the brain mask, so that the output can carry the
+    source signal everywhere (lambda = 1 outside the mask). Background voxels stay bounded: S0
+    is floored (:data:`~bids_dmri_ldm.core.signal.DEFAULT_S0_FLOOR`) and S/S0 clipped to [0, 1],
+    so air rebuilds to at most ~S0 (noise level) and voxels without signal to 0.
 
     Returns
     -------
     dict
-        ``s0_file`` (X,Y,Z), ``b0_file`` (X,Y,Z,n_b0), ``sh_file`` (X,Y,Z,K) and ``rish_file``
-        (X,Y,Z,len(orders)), float32 ``.nii`` on the input grid.
+        ``s0_file`` (X,Y,Z), and per fitted shell (ascending b) ``sh_files`` (X,Y,Z,K) and
+        ``rish_files`` (X,Y,Z,len(orders)), float32 ``.nii`` on the input grid.
     """
-    b0_index, dwi_index, bvecs_shell = _shell_parts(bval_file, bvec_file)
+    plan, _ = read_plan(plan_file)
     img = nib.load(dwi_file)
-    data = _image_values(img)  # memory-mapped when unscaled (as load_dwi_step writes it)
-    try:
-        model = SHModel(bvecs_shell, sh_order_max=sh_order_max)
-    except ValueError as err:
-        raise InputDataError(str(err)) from None
-    everywhere = np.ones(data.shape[:3], dtype=bool)
-    s0, coeffs, rish = fit_shell_rish(data, b0_index, dwi_index, everywhere, model.fit_matrix, model.l_values, orders)
+    data = _image_values(img)  # memory-mapped (X, Y, Z, V) in NIfTI order, as load_dwi_step writes it
+    position = {int(t): k for k, t in enumerate(plan.read_index)}
+    b0_pos = [position[int(t)] for t in plan.b0_index]
     out_dir = Path(out_dir)
-    return {
-        "s0_file": _save(s0, img.affine, out_dir / "s0.nii"),
-        "b0_file": _save(data[..., b0_index], img.affine, out_dir / "b0.nii", _value_type(data.dtype)),
-        "sh_file": _save(coeffs, img.affine, out_dir / "sh.nii"),
-        "rish_file": _save(rish, img.affine, out_dir / "rish_source.nii"),
-    }
+    everywhere = np.ones(img.shape[:3], dtype=bool)
+    s0 = None
+    sh_files, rish_files = [], []
+    for plan_shell in plan.fitted:
+        shell = plan_shell.shell
+        try:
+            model = SHModel(plan.bvecs[shell.index], sh_order_max=sh_order_max)
+        except ValueError as err:
+            raise InputDataError(str(err)) from None
+        shell_pos = np.array([position[int(t)] for t in shell.index], dtype=np.int64)
+        s0, coeffs, rish = fit_shell_rish(data, np.array(b0_pos, dtype=np.int64), shell_pos, everywhere,
+                                          model.fit_matrix, model.l_values, orders)
+        label = f"b{shell.bval:.0f}"
+        sh_files.append(_save(coeffs, img.affine, out_dir / f"sh_{label}.nii"))
+        rish_files.append(_save(rish, img.affine, out_dir / f"rish_source_{label}.nii"))
+        del coeffs, rish
+    if s0 is None:  # no shell to fit (every volume carried): S0 is the floored mean b0
+        b0 = _gather_volumes(img, b0_pos)
+        s0 = np.maximum(b0.mean(axis=-1), np.float32(DEFAULT_S0_FLOOR))
+    return {"s0_file": _save(s0, img.affine, out_dir / "s0.nii"), "sh_files": sh_files, "rish_files": rish_files}
 
 
 def _image_values(img: nib.Nifti1Image) -> np.ndarray:
@@ -482,40 +540,80 @@ def _image_values(img: nib.Nifti1Image) -> np.ndarray:
     return np.asanyarray(proxy, dtype=np.float32)
 
 
-def _value_type(dtype: np.dtype):
-    """On-disk type that holds values of ``dtype`` exactly (integers kept, floats as float32)."""
-    dtype = np.dtype(dtype)
-    return dtype.newbyteorder("=") if np.issubdtype(dtype, np.integer) else np.float32
-
-
 # ---------------------------------------------------------------------------------------------
 # method -> scale maps (Eq. 2)
 
 
-def predict_scale_step(rish_file: str, mask_file: str, method: str, model_dir: str | None,
-                       options: dict[str, Any], out_dir: str | os.PathLike) -> dict[str, Any]:
-    """Scale maps lambda ``(X, Y, Z, n_orders)`` of the chosen method, and its provenance.
+def _gather_volumes(img: nib.Nifti1Image, volumes: list[int]) -> np.ndarray:
+    """Volumes ``volumes`` of a 4D float32 image as a C-order ``(X, Y, Z, len(volumes))`` array,
+    copied one volume at a time from the memory-mapped file (no copy of the whole series)."""
+    data = np.asanyarray(img.dataobj)
+    out = np.empty(tuple(img.shape[:3]) + (len(volumes),), dtype=np.float32)
+    for k, t in enumerate(volumes):
+        out[..., k] = data[..., t]
+    return out
 
-    The file written holds lambda inside the mask and, outside it, the nearest value inside
+
+#: Provenance keys that belong to one shell (moved into that shell's ``Shells`` record).
+SHELL_PROVENANCE_KEYS = ("ScaleFactors",)
+
+
+def predict_scale_step(rish_files: list[str], mask_file: str, method: str, model_dir: str | None,
+                       options: dict[str, Any], plan_file: str, out_dir: str | os.PathLike) -> dict[str, Any]:
+    """Scale maps lambda ``(X, Y, Z, n_orders)`` of each fitted shell, and the provenance.
+
+    A translated shell gets the method's scale maps (rish-global: the factors of that shell,
+    :func:`~bids_dmri_ldm.methods.method_for_shell`); a shell passed through gets lambda = 1.
+    Each file holds lambda inside the mask and, outside it, the nearest value inside
     (:func:`~bids_dmri_ldm.core.resample.fill_outside_mask`): lambda is set to 1 outside the mask
     on the output grid (:func:`scale_sh_step`), after the resampling.
-    """
-    from ..methods import load_method  # imported here: loading the ldm pulls torch
 
+    Returns
+    -------
+    dict
+        ``scale_files`` and, for ``ldm`` with ``num_samples`` > 1, ``std_files`` (0 for shells
+        passed through), one per fitted shell; ``provenance``: the method's (of the first
+        translated shell) with ``Shells``, the sidecars' per-shell records (shell-specific
+        provenance such as rish-global's ``ScaleFactors`` inside them).
+    """
+    from ..methods import load_method, method_for_shell  # imported here: loading the ldm pulls torch
+
+    plan, tolerance = read_plan(plan_file)
     translator = load_method(method, model_dir, options)
-    img = nib.load(rish_file)
-    rish = np.asanyarray(img.dataobj, dtype=np.float32)
     mask = np.asanyarray(nib.load(mask_file).dataobj) > 0
-    prediction = translator.predict_scale_maps(rish, mask, img.affine)
-    # Outside the mask lambda is 1 (set again on the output grid); here it takes the nearest value
-    # inside, so that resampling to the output grid does not blend lambda with 1 at the mask's edge.
-    scale = fill_outside_mask(prediction.scale, mask)
-    out = {"scale_file": _save(scale, img.affine, Path(out_dir) / "scale.nii"),
-           "provenance": prediction.provenance}
-    if getattr(prediction, "std", None) is not None:  # ldm with num_samples > 1
-        std = np.where(mask[..., None], prediction.std, 0).astype(np.float32)
-        out["std_file"] = _save(std, img.affine, Path(out_dir) / "rish_std.nii")
-    return out
+    records = plan.shell_records()
+    by_position = {r["MapShellIndex"]: r for r in records if r["MapShellIndex"] is not None}
+    provenance: dict[str, Any] | None = None
+    scale_files, std_files, stds = [], [], []
+    out_dir = Path(out_dir)
+    for k, (plan_shell, rish_file) in enumerate(zip(plan.fitted, rish_files)):
+        img = nib.load(rish_file)
+        rish = np.asanyarray(img.dataobj, dtype=np.float32)
+        label = f"b{plan_shell.bval:.0f}"
+        std = None
+        if plan_shell.translated:
+            shell_method = method_for_shell(translator, plan_shell.bval, tolerance)
+            prediction = shell_method.predict_scale_maps(rish, mask, img.affine)
+            scale, std = prediction.scale, getattr(prediction, "std", None)
+            shell_provenance = dict(prediction.provenance)
+            for key in SHELL_PROVENANCE_KEYS:
+                if key in shell_provenance:
+                    by_position[k][key] = shell_provenance.pop(key)
+            provenance = provenance or shell_provenance
+        else:
+            scale = np.ones(rish.shape, dtype=np.float32)
+        # Outside the mask lambda is 1 (set again on the output grid); here it takes the nearest value
+        # inside, so that resampling to the output grid does not blend lambda with 1 at the mask's edge.
+        scale_files.append(_save(fill_outside_mask(scale, mask), img.affine, out_dir / f"scale_{label}.nii"))
+        stds.append((None if std is None else np.where(mask[..., None], std, 0).astype(np.float32), img.affine,
+                     out_dir / f"rish_std_{label}.nii", rish.shape))
+    if any(std is not None for std, *_ in stds):  # ldm with num_samples > 1: one SD map per shell
+        std_files = [_save(np.zeros(shape, np.float32) if std is None else std, affine, path)
+                     for std, affine, path, shape in stds]
+    if provenance is None:  # no shell translated (every shell passed through or carried)
+        provenance = {"Method": str(method), "RISHOrders": list(RISH_ORDERS)}
+    provenance["Shells"] = records
+    return {"scale_files": scale_files, "std_files": std_files, "provenance": provenance}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -595,7 +693,8 @@ class SeparableResampler:
                         if self.separable and not self.identity else None)
 
     def __call__(self, volume: np.ndarray) -> np.ndarray:
-        """Resample one ``(X, Y, Z)`` volume; returns float32 ``new_shape`` (C order)."""
+        """Resample one ``(X, Y, Z)`` volume; returns float32 ``new_shape`` (Fortran-ordered for a
+        Fortran-ordered volume, else C-ordered)."""
         if self.identity:
             return np.array(volume, dtype=np.float32, order="C")
         if not self.separable:
@@ -673,10 +772,11 @@ def grid_changes(affine: np.ndarray, shape: tuple[int, ...], voxel_size: float |
 # scale SH (Eq. 3) and rebuild
 
 
-def scale_sh_step(sh_file: str, scale_file: str, mask_file: str, sh_order_max: int,
+def scale_sh_step(sh_files: list[str], scale_files: list[str], mask_file: str, sh_order_max: int,
                   out_dir: str | os.PathLike, orders: tuple[int, ...] = RISH_ORDERS,
-                  skull_strip: bool = False) -> dict[str, str]:
-    """Apply the scale maps to the SH coefficients (Eq. 3) on the output grid, in every voxel.
+                  skull_strip: bool = False, std_files: list[str] | None = None) -> dict[str, Any]:
+    """Apply each fitted shell's scale maps to its SH coefficients (Eq. 3) on the output grid, in
+    every voxel, one shell at a time; then stack the shells' maps into the derivatives.
 
     lambda is taken inside the brain mask and is 1 outside it, where the source coefficients pass
     unchanged (the scale file holds, outside the mask, the nearest value inside —
@@ -685,18 +785,45 @@ def scale_sh_step(sh_file: str, scale_file: str, mask_file: str, sh_order_max: i
     ones from the resampled coefficients, the predicted ones from the scaled coefficients — so
     that ``RISH_predicted = lambda^2 RISH_source`` holds voxel by voxel (RISH of an interpolated
     field is not the interpolated RISH). The coefficients are streamed one channel at a time:
-    memory holds the scale maps, the RISH sums and one coefficient volume.
+    memory holds one shell's scale maps, its RISH sums and one coefficient volume.
 
     Returns
     -------
     dict
-        ``sh_file`` (scaled coefficients, ``.nii``), and the derivative-ready ``.nii.gz`` images
-        ``scale_file`` (lambda inside the mask, 1 outside), ``rish_source_file`` and
-        ``rish_predicted_file`` (defined in every voxel; 0 outside the mask with ``skull_strip``).
+        ``sh_files`` (scaled coefficients per shell, ``.nii``), and the derivative-ready
+        ``.nii.gz`` images ``scale_file`` (lambda inside the mask, 1 outside),
+        ``rish_source_file`` and ``rish_predicted_file`` (defined in every voxel; 0 outside the
+        mask with ``skull_strip``) and, given ``std_files``, ``std_file``: ``len(orders)``
+        volumes per shell, the shells in the order given (ascending b).
     """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    mask_img = nib.load(mask_file)
+    mask = np.asanyarray(mask_img.dataobj) > 0
+    affine, shape = mask_img.affine, tuple(int(n) for n in mask_img.shape[:3])
+    scaled_files, per_shell = [], {"scale": [], "rish_source": [], "rish_predicted": []}
+    for k, (sh_file, scale_file) in enumerate(zip(sh_files, scale_files)):
+        parts = _scale_one_shell(sh_file, scale_file, mask, sh_order_max, orders, skull_strip,
+                                 out_dir / f"shell{k}")
+        scaled_files.append(parts.pop("sh_file"))
+        for key, path in parts.items():
+            per_shell[key].append(path)
+    out = {"sh_files": scaled_files}
+    names = {"scale": "scale_maps.nii.gz", "rish_source": "rish_source.nii.gz",
+             "rish_predicted": "rish_predicted.nii.gz"}
+    for key, name in names.items():
+        out[f"{key}_file"] = stack_channels(per_shell[key], shape, affine, out_dir / name, len(orders),
+                                            fill=1.0 if key == "scale" else 0.0)
+    if std_files:
+        out["std_file"] = stack_channels(std_files, shape, affine, out_dir / "rish_std.nii.gz", len(orders))
+    return out
+
+
+def _scale_one_shell(sh_file: str, scale_file: str, mask: np.ndarray, sh_order_max: int,
+                     orders: tuple[int, ...], skull_strip: bool, out_dir: Path) -> dict[str, str]:
+    """Eq. 3 on one shell (see :func:`scale_sh_step`); its maps as ``.nii`` in ``out_dir``."""
     img = nib.load(sh_file)
     affine, shape = img.affine, tuple(int(n) for n in img.shape[:3])
-    mask = np.asanyarray(nib.load(mask_file).dataobj) > 0
     l_values = sh_basis(np.array([[0.0, 0.0, 1.0]]), sh_order_max)[2]
     scale_img = nib.load(scale_file)
     # Fortran order, as the NIfTI channels are read and written: every product below is an
@@ -720,17 +847,33 @@ def scale_sh_step(sh_file: str, scale_file: str, mask_file: str, sh_order_max: i
             rish_predicted[..., k] += np.square(scaled)
             yield scaled
 
-    out_dir = Path(out_dir)
     sh_path = write_nifti_volumes(out_dir / "sh_scaled.nii", shape, affine, len(l_values), scaled_channels())
     if skull_strip:
         rish_source[~mask] = 0.0
         rish_predicted[~mask] = 0.0
     return {
         "sh_file": str(sh_path),
-        "scale_file": _write_4d(lam, affine, out_dir / "scale_maps.nii.gz"),
-        "rish_source_file": _write_4d(rish_source, affine, out_dir / "rish_source.nii.gz"),
-        "rish_predicted_file": _write_4d(rish_predicted, affine, out_dir / "rish_predicted.nii.gz"),
+        "scale": _write_4d(lam, affine, out_dir / "scale.nii"),
+        "rish_source": _write_4d(rish_source, affine, out_dir / "rish_source.nii"),
+        "rish_predicted": _write_4d(rish_predicted, affine, out_dir / "rish_predicted.nii"),
     }
+
+
+def stack_channels(files: list[str], shape: tuple[int, ...], affine: np.ndarray, path: Path,
+                   n_channels: int, fill: float = 0.0) -> str:
+    """Stack the channels of several images of ``n_channels`` into one file (streamed channel by
+    channel: memory holds one volume); no file (no shell was fitted): ``n_channels`` volumes of
+    ``fill``."""
+    def channels():
+        if not files:
+            for _ in range(n_channels):
+                yield np.full(shape, fill, np.float32)
+        for file in files:
+            img = nib.load(file)
+            for c in range(n_channels):
+                yield _channel(img, c)
+
+    return str(write_nifti_volumes(path, shape, affine, n_channels * max(1, len(files)), channels()))
 
 
 def _channel(img: nib.Nifti1Image, c: int) -> np.ndarray:
@@ -746,60 +889,74 @@ def _write_4d(values: np.ndarray, affine: np.ndarray, path: Path) -> str:
                                    (values[..., c] for c in range(values.shape[3]))))
 
 
-def rebuild_step(s0_file: str, b0_file: str, sh_file: str, mask_file: str, bval_file: str, bvec_file: str,
-                 sh_order_max: int, out_dir: str | os.PathLike, integer_output: bool = False,
-                 skull_strip: bool = False, report_samples: str | os.PathLike | None = None) -> dict[str, str]:
-    """Rebuild the 7T-like DWI: ``S0 * max(sum C_hat Y(g), 0)`` on the source directions, the b0
-    volumes put back first (clipped >= 0), in every voxel of the output grid (outside the brain
-    mask lambda = 1, so the source signal is carried there); with ``skull_strip`` every volume
-    is zero outside the mask.
+def rebuild_step(s0_file: str, dwi_file: str, mean_b0_file: str, sh_files: list[str], mask_file: str,
+                 plan_file: str, bval_file: str, bvec_file: str, sh_order_max: int, out_dir: str | os.PathLike,
+                 integer_output: bool = False, skull_strip: bool = False,
+                 report_samples: str | os.PathLike | None = None) -> dict[str, str]:
+    """Write the 7T-like DWI on the output table, volume by volume in its order, in every voxel of
+    the output grid (outside the brain mask lambda = 1, so the source signal is carried there);
+    with ``skull_strip`` every volume is zero outside the mask.
 
-    ``s0_file``, ``sh_file`` and ``mask_file`` are on the output grid; ``b0_file`` may be on the
-    input grid, in which case each b0 volume is resampled (cubic B-spline) as it is written.
-    Memory is bounded: the coefficients ``(n_voxels, K)`` of the rebuilt region (the whole grid,
-    or the mask with ``skull_strip``) and a few output volumes are held, and the image is
-    streamed to disk volume by volume (:func:`write_nifti_volumes`, gzip level 1) — never the
-    whole ``(X, Y, Z, n_b0 + M)`` array.
+    Each output volume (:class:`~bids_dmri_ldm.core.shells.VolumePlan`) is
+
+    * rebuilt from its shell's scaled SH: ``S0 * max(sum C_hat Y(g), 0)`` on its direction ``g``
+      (any direction: the input's, or a given table's);
+    * an input volume carried through (a b0, or a volume of a shell with too few directions for
+      the SH fit), resampled, clipped >= 0;
+    * the input's mean b0, resampled, clipped >= 0 (the b0 rows of a given table).
+
+    ``s0_file``, ``sh_files`` (per fitted shell, ascending b) and ``mask_file`` are on the output
+    grid; ``dwi_file`` (the volumes read, :func:`load_dwi_step`) and ``mean_b0_file`` may be on
+    the input grid, in which case each carried volume is resampled (cubic B-spline) as it is
+    written. Memory is bounded: the coefficients ``(n_voxels, K)`` of every fitted shell over the
+    rebuilt region (the whole grid, or the mask with ``skull_strip``) and a few output volumes
+    are held, and the image is streamed to disk volume by volume (:func:`write_nifti_volumes`,
+    ISA-L gzip level 1) — never the whole ``(X, Y, Z, N)`` array.
 
     On-disk type: float32; with ``integer_output`` (the source was stored as integers) int16
     with a ``scl_slope`` (:func:`int16_slope`, bounded over the rebuilt region), half the size
     and write/read time, a quantisation step of about 1/20000 of the largest b0 value.
 
-    Returns ``dwi_file`` (``.nii.gz``), ``bval_file``, ``bvec_file`` and ``mask_file`` (the
-    derivative-ready ``.nii.gz`` mask). With ``report_samples`` (a path), what the participant
-    report needs from the output is recorded as it is written (:class:`ReportSamples`).
+    Returns ``dwi_file`` (``.nii.gz``), ``bval_file``, ``bvec_file`` (the output table) and
+    ``mask_file`` (the derivative-ready ``.nii.gz`` mask). With ``report_samples`` (a path), what
+    the participant report needs from the output is recorded as it is written
+    (:class:`ReportSamples`).
     """
-    _, _, bvecs_shell = _shell_parts(bval_file, bvec_file)
-    sh_img = nib.load(sh_file)
-    affine, shape = sh_img.affine, tuple(int(n) for n in sh_img.shape[:3])
-    mask = np.asanyarray(nib.load(mask_file).dataobj) > 0
+    plan, _ = read_plan(plan_file)
+    mask_img = nib.load(mask_file)
+    affine, shape = mask_img.affine, tuple(int(n) for n in mask_img.shape[:3])
+    mask = np.asanyarray(mask_img.dataobj) > 0
     region = mask if skull_strip else np.ones(shape, dtype=bool)
     voxels = np.flatnonzero(region.ravel(order="F"))  # NIfTI (Fortran) order of the written volumes
-    coeffs = _masked_channels(sh_img, voxels)  # (K, n_region)
+    coeffs = [_masked_channels(nib.load(f), voxels) for f in sh_files]  # (K, n_region) per shell
     s0 = _masked_channels(nib.load(s0_file), voxels)[0]
-    basis = sh_basis(bvecs_shell, sh_order_max)[0].astype(np.float32)  # (M, K)
-    b0_img = nib.load(b0_file)
-    n_b0 = 1 if len(b0_img.shape) == 3 else int(b0_img.shape[3])
+    dw = plan.out_shell >= 0
+    basis = np.zeros((plan.out_bvals.size, n_coefficients(sh_order_max)), dtype=np.float32)
+    if dw.any():
+        basis[dw] = sh_basis(plan.out_bvecs[dw], sh_order_max)[0]
+    carried = _CarriedVolumes(plan, nib.load(dwi_file), nib.load(mean_b0_file), shape, affine)
+    dtype, slope = (np.int16, int16_slope(carried.max_value(), coeffs, s0, basis, plan.out_shell)) \
+        if integer_output else (np.float32, None)
+    volumes = _output_volumes(plan, carried, coeffs, s0, basis, shape, region, voxels, slope)
     out_dir = Path(out_dir)
-    dtype, slope = (np.int16, int16_slope(b0_img, coeffs, s0, basis)) if integer_output else (np.float32, None)
-    n_volumes = n_b0 + basis.shape[0]
-    volumes = _rebuilt_volumes(b0_img, shape, affine, region, voxels, coeffs, s0, basis, slope)
-    samples = ReportSamples(mask, affine, n_b0, n_volumes) if report_samples else None
-    dwi_path = write_nifti_volumes(out_dir / "dwi_7tlike.nii.gz", shape, affine, n_volumes,
-                                   volumes if samples is None else samples.observe(volumes), dtype=dtype, slope=slope)
+    n_volumes = plan.out_bvals.size
+    samples = None
+    if report_samples:
+        samples = ReportSamples(mask, affine, np.flatnonzero(b0_mask(plan.out_bvals)), n_volumes, slope)
+        volumes = samples.observe(volumes)
+    dwi_path = write_nifti_volumes(out_dir / "dwi_7tlike.nii.gz", shape, affine, n_volumes, volumes,
+                                   dtype=dtype, slope=slope)
     if samples is not None:
         samples.save(Path(report_samples), dwi_path)
-    bvals, bvecs = load_gradients(bval_file, bvec_file)
-    bval_out, bvec_out = write_bval_bvec(bvals, bvecs, out_dir / "dwi_7tlike.bval", out_dir / "dwi_7tlike.bvec")
     return {
         "dwi_file": str(dwi_path),
-        "bval_file": str(bval_out),
-        "bvec_file": str(bvec_out),
+        "bval_file": str(bval_file),
+        "bvec_file": str(bvec_file),
         "mask_file": _save(mask.astype(np.uint8), affine, out_dir / "brain_mask.nii.gz", np.uint8),
     }
 
 
-#: File name of the rebuild's :class:`ReportSamples` (in its work folder).
+#: File name of the rebuild's :class:`ReportSamples` (beside its work folder).
 REPORT_SAMPLES = "report_samples.npz"
 
 
@@ -809,38 +966,48 @@ class ReportSamples:
     The report shows the output's FA on a few slices and its mean b0
     (:func:`~bids_dmri_ldm.core.display.stored_display_voxels`); reading them back means
     inflating the whole output again (1.3 GB at HCP size). Here the signal of every volume at
-    those voxels and the mean of the b0 volumes are kept as the volumes stream past (values
-    before the int16 quantisation), and saved with the size and gzip trailer (CRC-32 + length)
-    of the file they belong to: the report uses them only for that exact file.
+    those voxels and the mean of the b0 volumes (``b0_index``: the output table's b0 rows, as
+    the report finds them) are kept as the volumes stream past — image values: volumes already
+    quantised to int16 (``slope``) are multiplied back by the slope, float volumes are recorded
+    before the writer quantises them — and saved with the size and gzip trailer (CRC-32 +
+    length) of the file they belong to: the report uses them only for that exact file.
     """
 
-    def __init__(self, mask: np.ndarray, affine: np.ndarray, n_b0: int, n_volumes: int):
+    def __init__(self, mask: np.ndarray, affine: np.ndarray, b0_index, n_volumes: int,
+                 slope: float | None = None):
         self.ijk = stored_display_voxels(mask, affine)
         self.index = tuple(self.ijk.T)
-        self.n_b0 = n_b0
+        self.b0_index = {int(t) for t in np.atleast_1d(b0_index)}
+        self.slope = slope
         self.signals = np.empty((len(self.ijk), n_volumes), dtype=np.float32)
         self.b0_sum = np.zeros(mask.shape, dtype=np.float64)
 
     def observe(self, volumes):
         """Pass ``volumes`` through, recording each."""
         for t, volume in enumerate(volumes):
-            self.signals[:, t] = volume[self.index]
-            if t < self.n_b0:
-                self.b0_sum += volume
+            values = volume[self.index]
+            if self.slope is not None and np.issubdtype(volume.dtype, np.integer):
+                values = values.astype(np.float32) * np.float32(self.slope)
+            self.signals[:, t] = values
+            if t in self.b0_index:
+                if self.slope is not None and np.issubdtype(volume.dtype, np.integer):
+                    self.b0_sum += volume.astype(np.float64) * self.slope
+                else:
+                    self.b0_sum += volume
             yield volume
 
     def save(self, path: Path, dwi_path: Path) -> str:
         with open(dwi_path, "rb") as handle:
             handle.seek(-8, os.SEEK_END)
             tail = handle.read(8)
-        mean_b0 = (self.b0_sum / max(self.n_b0, 1)).astype(np.float32)
+        mean_b0 = (self.b0_sum / max(len(self.b0_index), 1)).astype(np.float32)
         with open(path, "wb") as handle:
             np.savez(handle, ijk=self.ijk, signals=self.signals, mean_b0=mean_b0,
                      dwi_bytes=np.int64(os.path.getsize(dwi_path)), dwi_tail=np.frombuffer(tail, np.uint8))
         return str(path)
 
 
-#: Output volumes rebuilt per matrix product (bounds the ``(n_mask, batch)`` temporary).
+#: Output volumes rebuilt per matrix product (bounds the ``(batch, n_region)`` temporary).
 REBUILD_BATCH_BYTES = 256 * 2**20
 
 
@@ -848,23 +1015,64 @@ REBUILD_BATCH_BYTES = 256 * 2**20
 B0_OVERSHOOT = 1.5
 
 
-def int16_slope(b0_img: nib.Nifti1Image, coeffs: np.ndarray, s0: np.ndarray, basis: np.ndarray) -> float:
+class _CarriedVolumes:
+    """Input volumes carried into the output (b0s, volumes of shells not SH-fitted, the mean b0),
+    resampled from the input grid to the output grid one at a time."""
+
+    def __init__(self, plan: VolumePlan, read_img: nib.Nifti1Image, mean_b0_img: nib.Nifti1Image,
+                 shape: tuple[int, ...], affine: np.ndarray):
+        self.plan, self.read_img, self.mean_b0_img = plan, read_img, mean_b0_img
+        self.position = {int(t): k for k, t in enumerate(plan.read_index)}
+        same_grid = tuple(read_img.shape[:3]) == tuple(shape) and np.allclose(read_img.affine, affine, atol=1e-5)
+        self.resampler = None if same_grid else SeparableResampler(read_img.affine, read_img.shape[:3], affine,
+                                                                   shape, 3)
+        self._mean_b0 = None
+
+    def input_volume(self, source: int) -> np.ndarray:
+        """Input volume ``source`` (or the mean b0 for :data:`MEAN_B0`) on the input grid, float32."""
+        if source == MEAN_B0:
+            return np.array(self.mean_b0_img.dataobj, dtype=np.float32)
+        # a copy: the file may be memory-mapped read-only
+        return np.array(self.read_img.dataobj[..., self.position[int(source)]], dtype=np.float32)
+
+    def __call__(self, source: int) -> np.ndarray:
+        """Volume ``source`` on the output grid, clipped >= 0."""
+        if source == MEAN_B0 and self._mean_b0 is not None:
+            return self._mean_b0.copy()
+        volume = self.input_volume(source)
+        volume = volume if self.resampler is None else self.resampler(volume)
+        np.maximum(volume, 0.0, out=volume)
+        if source == MEAN_B0:
+            self._mean_b0 = volume.copy()
+        return volume
+
+    def max_value(self) -> float:
+        """Largest value of the carried volumes on the input grid (bounds the int16 output)."""
+        sources = sorted({int(t) for t in self.plan.out_source if t >= 0 or t == MEAN_B0})
+        return max((float(np.max(self.input_volume(t))) for t in sources), default=0.0)
+
+
+def int16_slope(carried_max: float, coeffs: list[np.ndarray], s0: np.ndarray, basis: np.ndarray,
+                out_shell: np.ndarray) -> float:
     """``scl_slope`` that maps the largest possible output value to 32767.
 
-    Bounds, computed before any volume is written (the output is streamed): b0 volumes, the
-    input's maximum times :data:`B0_OVERSHOOT`; diffusion-weighted volumes, by Cauchy-Schwarz,
-    ``S0 * |C| * max_g |Y(g)|`` per voxel (``|.|`` the Euclidean norm over the K coefficients;
-    ``coeffs`` is ``(K, n_voxels)``). Values above the bound cannot occur in the DW volumes; b0
-    overshoot beyond it is clipped.
+    Bounds, computed before any volume is written (the output is streamed): carried volumes
+    (b0s), their input maximum ``carried_max`` times :data:`B0_OVERSHOOT`; rebuilt volumes, by
+    Cauchy-Schwarz, ``S0 * |C| * max_g |Y(g)|`` per voxel and shell (``|.|`` the Euclidean norm
+    over the K coefficients, ``g`` the shell's output directions). Values above the bound cannot
+    occur in the rebuilt volumes; b0 overshoot beyond it is clipped. Each ``coeffs[k]`` is
+    ``(K, n_voxels)``.
     """
-    b0_max = float(np.max(np.asanyarray(b0_img.dataobj)))
-    basis_norm = float(np.sqrt(np.square(basis, dtype=np.float64).sum(axis=1)).max()) if basis.size else 0.0
-    dw_max = 0.0
-    for start in range(0, s0.size, 1 << 20):  # in chunks: no (K, n_voxels) temporary
-        rows = slice(start, start + (1 << 20))
-        norms = np.sqrt(np.einsum("ij,ij->j", coeffs[:, rows], coeffs[:, rows]))
-        dw_max = max(dw_max, float(np.max(s0[rows] * norms)) * basis_norm)
-    top = max(B0_OVERSHOOT * b0_max, dw_max)
+    top = B0_OVERSHOOT * carried_max
+    for k, shell_coeffs in enumerate(coeffs):
+        rows = basis[out_shell == k]
+        if not rows.size:
+            continue
+        basis_norm = float(np.sqrt(np.square(rows, dtype=np.float64).sum(axis=1)).max())
+        for start in range(0, s0.size, 1 << 20):  # in chunks: no (K, n_voxels) temporary
+            chunk = slice(start, start + (1 << 20))
+            norms = np.sqrt(np.einsum("ij,ij->j", shell_coeffs[:, chunk], shell_coeffs[:, chunk]))
+            top = max(top, float(np.max(s0[chunk] * norms)) * basis_norm)
     return top / 32767.0 if top > 0 else 1.0
 
 
@@ -882,48 +1090,53 @@ def _masked_channels(img: nib.Nifti1Image, voxels: np.ndarray) -> np.ndarray:
     return out
 
 
-def _rebuilt_volumes(b0_img, shape, affine, region, voxels, coeffs, s0, basis, slope=None):
-    """Yield the output volumes ``(X, Y, Z)`` in order: b0s (float32), then the rebuilt shell;
-    zero outside ``region`` (the whole grid unless skull-stripped). ``coeffs`` is ``(K, n_region)``.
+def _output_volumes(plan: VolumePlan, carried: _CarriedVolumes, coeffs: list[np.ndarray], s0: np.ndarray,
+                    basis: np.ndarray, shape, region, voxels, slope: float | None = None):
+    """Yield the output volumes ``(X, Y, Z)`` in the output table's order; zero outside ``region``
+    (the whole grid unless skull-stripped). ``coeffs[k]`` is shell ``k``'s ``(K, n_region)``.
 
-    The shell's volumes are computed in torch (multi-threaded), a batch of directions per matrix
-    product ``Y_batch (b, K) @ C (K, n)``: each row of the result is one volume in NIfTI order,
-    contiguous, yielded as a Fortran-ordered view (no copy, no transpose). With ``slope`` (int16
-    output) they are quantised here, on the whole batch, ``rint(max(C Y, 0) * (S0 / slope))``
-    clipped to int16 (the b0 volumes are quantised by the writer): four passes over the batch
-    instead of seven. ``S0 / slope`` is taken once, so a value within a float32 rounding of a
-    half-quantum may round to the neighbouring integer (1/32767 of the range).
+    Carried volumes are float32 (quantised by the writer). Consecutive volumes of one shell are
+    rebuilt in torch (multi-threaded) with one matrix product ``Y_batch (b, K) @ C (K, n)`` (at
+    most :data:`REBUILD_BATCH_BYTES` of temporary): each row of the result is one volume in
+    NIfTI order, contiguous, yielded as a Fortran-ordered view (no copy, no transpose). With
+    ``slope`` (int16 output) they are quantised here, on the whole batch,
+    ``rint(max(C Y, 0) * (S0 / slope))`` clipped to int16: four passes over the batch instead of
+    seven. ``S0 / slope`` is taken once, so a value within a float32 rounding of a half-quantum
+    may round to the neighbouring integer (1/32767 of the range).
     """
-    b0_same_grid = tuple(b0_img.shape[:3]) == tuple(shape) and np.allclose(b0_img.affine, affine, atol=1e-5)
-    resampler = None if b0_same_grid else SeparableResampler(b0_img.affine, b0_img.shape[:3], affine, shape, 3)
-    n_b0 = 1 if len(b0_img.shape) == 3 else int(b0_img.shape[3])
-    everywhere = voxels.size == region.size
-    for t in range(n_b0):
-        volume = np.array(b0_img.dataobj if len(b0_img.shape) == 3 else b0_img.dataobj[..., t],
-                          dtype=np.float32)  # a copy: the file may be memory-mapped read-only
-        volume = volume if resampler is None else resampler(volume)
-        np.maximum(volume, 0.0, out=volume)
-        if not everywhere:
-            volume[~region] = 0.0
-        yield volume
+    n_out = plan.out_bvals.size
     n_vox = int(np.prod(shape))
-    coeffs_t = torch.from_numpy(coeffs)
+    everywhere = voxels.size == region.size
+    batch = max(1, REBUILD_BATCH_BYTES // max(1, 4 * voxels.size))
+    coeffs_t = [torch.from_numpy(c) for c in coeffs]
     s0_t = torch.from_numpy(s0) if slope is None else torch.from_numpy(s0) / np.float32(slope)
     basis_t = torch.from_numpy(np.ascontiguousarray(basis, dtype=np.float32))
-    batch = max(1, min(basis.shape[0], REBUILD_BATCH_BYTES // max(1, 4 * voxels.size)))
-    for start in range(0, basis.shape[0], batch):
-        attenuation = basis_t[start:start + batch] @ coeffs_t  # (batch, n_region)
+    j = 0
+    while j < n_out:
+        k = int(plan.out_shell[j])
+        if k < 0:
+            volume = carried(int(plan.out_source[j]))
+            if not everywhere:
+                volume[~region] = 0.0
+            yield volume
+            j += 1
+            continue
+        stop = j + 1
+        while stop < n_out and stop - j < batch and int(plan.out_shell[stop]) == k:
+            stop += 1
+        attenuation = basis_t[j:stop] @ coeffs_t[k]  # (stop - j, n_region)
         attenuation.clamp_(min=0.0).mul_(s0_t)
         values = attenuation.numpy()
         if slope is not None:  # numpy's float32 -> int16 cast is ~2x faster than torch's
             values = attenuation.round_().clamp_(max=32767.0).numpy().astype(np.int16)
-        for j in range(values.shape[0]):
+        for c in range(values.shape[0]):
             if everywhere:  # voxels = 0 .. n_vox - 1 in Fortran order: no scatter needed
-                yield values[j].reshape(shape, order="F")
+                yield values[c].reshape(shape, order="F")
                 continue
             flat = np.zeros(n_vox, dtype=values.dtype)
-            flat[voxels] = values[j]
+            flat[voxels] = values[c]
             yield flat.reshape(shape, order="F")
+        j = stop
 
 
 def rebuild_dwi_volumes(s0: np.ndarray, b0: np.ndarray, coeffs: np.ndarray, basis: np.ndarray,

@@ -277,17 +277,18 @@ def _method_lines(config: dict[str, Any]) -> list[str]:
     """What the model is and its settings, for the model card."""
     tr = config["translation"]
     scale = (f"- scale maps: reference {tr.get('scale_reference', 'roundtrip')}, smoothing sigma "
-             f"{tr.get('scale_smoothing', 0.0)} model-grid voxels")
+             f"{tr.get('scale_smoothing', 0.0)} model-grid voxels (>= 1e9: one brain-wide factor), strength "
+             f"{tr.get('scale_strength', 1.0)} (lambda ** strength; 0: the order is left unchanged)")
     if config.get("method", "ldm") == "cnn":
-        return ["Supervised CNN baseline (the paper's Table 1 comparison, Karayumak et al. 2018 style): "
-                "a residual 3D UNet (MONAI) regressing normalised 7T log-RISH from 3T log-RISH on the model "
-                "grid, trained on position-paired participants.", "",
+        return [("Supervised CNN baseline (the paper's Table 1 comparison, Karayumak et al. 2018 style): "
+                 "a residual 3D UNet (MONAI) regressing the normalised 7T RISH from the 3T RISH on the model "
+                 "grid, trained on position-paired participants."), "",
                 "## Settings",
                 f"- model grid: {config['grid']}; RISH orders: {config['orders']}; UNet {config['cnn']}", scale]
-    return ["Latent diffusion translation of RISH features from 3T to 7T-like diffusion MRI "
-            "(Zhu et al., MICCAI 2024): 3T VQ-VAE encoder, deterministic DDIM inversion to t0, "
-            "classifier-free-guided DDIM sampling toward the 7T class, 7T VQ-VAE decoder, "
-            "super-resolution head.", "",
+    return [("Latent diffusion translation of RISH features from 3T to 7T-like diffusion MRI "
+             "(Zhu et al., MICCAI 2024): 3T VQ-VAE encoder, deterministic DDIM inversion to t0, "
+             "classifier-free-guided DDIM sampling toward the 7T class, 7T VQ-VAE decoder, "
+             "super-resolution head."), "",
             "## Settings",
             f"- model grid: {config['grid']}; RISH orders: {config['orders']}",
             (f"- t0 per order: {tr['t0']}; guidance omega per order: {tr['guidance']}; "

@@ -34,6 +34,7 @@ from .inference import Translation, autocast_for
 from .modelconfig import validate_config
 from .networks import build_cnn
 from .normalise import LEGACY_METHOD, denormalise, fit_normalisation, normalise
+from .scalemaps import SMOOTHING_CANDIDATES, calibrate_scale_smoothing
 from .training import (
     RishInput,
     TrainingDataError,
@@ -129,16 +130,26 @@ def train_cnn(rish_3t: RishInput, rish_7t: RishInput, config: dict[str, Any], ou
     if not ctx.is_main:
         barrier(ctx)
         return None
+    model = model.cpu().eval()
+    calibration = None
+    candidates = tr.get("calibrate_smoothing", SMOOTHING_CANDIDATES)
+    if val_ids and candidates:
+        bundle = Bundle(dict(cfg, normalisation=norm), {STAGE: model}, Path("."), "")
+        calibration = calibrate_scale_smoothing(lambda r, m: predict_rish(r, m, bundle), [
+            (scans_3t[i], scans_7t[i]) for i in val_ids], cfg["grid"],
+            cfg["translation"].get("scale_reference", "roundtrip"), candidates)
+        cfg["translation"].update(scale_smoothing=calibration["sigma"], scale_strength=calibration["strength"])
     bundle_cfg = dict(cfg, normalisation=norm, software=software_versions(),
                       created=datetime.now(UTC).isoformat(timespec="seconds"),
                       training_data={"n_3t": len(scans_3t), "n_7t": len(scans_7t), "n_paired": len(paired),
                                      "pairing": "7T brought into the 3T grid through the affines (world "
                                                 "space), canonical RAS voxel order",
-                                     "train_participants": train_ids, "validation_participants": val_ids})
+                                     "train_participants": train_ids, "validation_participants": val_ids,
+                                     "calibration": {"scale_smoothing": calibration}})
     card = model_card(bundle_cfg, command=command, training_time_s=time.perf_counter() - t_start,
                       machine=f"{platform.node()} {platform.processor() or platform.machine()}, "
                               f"{torch.get_num_threads()} threads, {ctx.device}")
-    bundle_dir = save_bundle(out_dir / "model", bundle_cfg, {STAGE: model.cpu().eval()}, card)
+    bundle_dir = save_bundle(out_dir / "model", bundle_cfg, {STAGE: model}, card)
     barrier(ctx)
     return bundle_dir
 

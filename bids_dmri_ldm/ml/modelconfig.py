@@ -55,10 +55,10 @@ _OPTIONAL: dict[str, set[str]] = {
     # ldm scale maps (bids_dmri_ldm.methods.LdmMethod): "input" | "roundtrip", and the
     # Gaussian sigma of the lambda smoothing in model-grid voxels (0: none); per-order linear
     # gains of the predicted 7T and the round-trip 3T RISH (training.calibrate_linear_gains)
-    "translation": {"scale_reference", "scale_smoothing", "gain_7t", "gain_3t"},
+    "translation": {"scale_reference", "scale_smoothing", "scale_strength", "gain_7t", "gain_3t"},
     # per-order RISH normalisation (ml/normalise.py): "sqrt-percentile" | "log-percentile" (default,
     # what bundles that name none were trained with)
-    "training": {"normalisation"},
+    "training": {"normalisation", "calibrate_smoothing"},
 }
 _TOP_TRAINING = {"format_version", "name", "description", "grid", "orders", *_SCHEMA}
 _TOP_BUNDLE_EXTRA = {"normalisation", "latent_scale", "training_data", "software", "created"}
@@ -80,8 +80,8 @@ _CNN_SCHEMA: dict[str, set[str]] = {
     "training": {"seed", "val_fraction", "batch_size", "lr", "weight_decay", "epochs", "amp"},
 }
 _CNN_OPTIONAL: dict[str, set[str]] = {
-    "translation": {"scale_reference", "scale_smoothing"},
-    "training": {"augment_flip", "normalisation"},
+    "translation": {"scale_reference", "scale_smoothing", "scale_strength"},
+    "training": {"augment_flip", "normalisation", "calibrate_smoothing"},
 }
 _CNN_TOP = {"format_version", "method", "name", "description", "grid", "orders", *_CNN_SCHEMA}
 _CNN_BUNDLE_EXTRA = {"normalisation", "training_data", "software", "created"}
@@ -144,7 +144,7 @@ def validate_config(cfg: dict[str, Any], kind: str = "training") -> dict[str, An
     t_max = cfg["diffusion"]["num_train_timesteps"] - 1
     if any(not 0 < int(t) <= t_max for t in cfg["translation"]["t0"]):
         raise ConfigError(f"translation.t0 values must lie in 1..{t_max}")
-    _check_scale_options(cfg["translation"])
+    _check_scale_options(cfg["translation"], len(cfg["orders"]))
     if cfg["translation"]["invert_class"] not in CLASS_NAMES:
         raise ConfigError(f"translation.invert_class must be one of {sorted(CLASS_NAMES)}")
     if cfg["training"]["vqvae7t_init"] not in ("3T", "scratch"):
@@ -174,11 +174,21 @@ def _check_format_version(cfg: dict[str, Any]) -> None:
             f"version of bids-dmri-ldm (expects {FORMAT_VERSION}); retrain or upgrade")
 
 
-def _check_scale_options(translation: dict[str, Any]) -> None:
+def _check_scale_options(translation: dict[str, Any], n_orders: int) -> None:
     if translation.get("scale_reference", "roundtrip") not in ("input", "roundtrip"):
         raise ConfigError("translation.scale_reference must be 'input' or 'roundtrip'")
-    if not float(translation.get("scale_smoothing", 0.0)) >= 0:
-        raise ConfigError("translation.scale_smoothing must be >= 0 (model-grid voxels)")
+    sigma = translation.get("scale_smoothing", 0.0)
+    values = [sigma] if isinstance(sigma, (int, float)) else list(sigma) if isinstance(sigma, list) else [None]
+    if not all(isinstance(v, (int, float)) and v >= 0 for v in values):
+        raise ConfigError("translation.scale_smoothing must be a number >= 0 (model-grid voxels) or a list "
+                          "of one per RISH order")
+    if isinstance(sigma, list) and len(sigma) != n_orders:
+        raise ConfigError(f"translation.scale_smoothing lists {len(sigma)} values for {n_orders} RISH orders")
+    alpha = translation.get("scale_strength", 1.0)
+    alphas = [alpha] if isinstance(alpha, (int, float)) else list(alpha) if isinstance(alpha, list) else [None]
+    if not all(isinstance(v, (int, float)) and 0 <= v <= 1 for v in alphas) or \
+            (isinstance(alpha, list) and len(alpha) != n_orders):
+        raise ConfigError("translation.scale_strength must be a number in [0, 1] or a list of one per RISH order")
 
 
 def _check_normalisation(cfg: dict[str, Any], kind: str) -> None:
@@ -214,7 +224,7 @@ def _validate_cnn_config(cfg: dict[str, Any], kind: str) -> dict[str, Any]:
     if len(cfg["grid"]) != 3 or any(int(g) < 4 or int(g) % factor for g in cfg["grid"]):
         raise ConfigError(f"grid {cfg['grid']} must be three sizes >= 4 divisible by the UNet's "
                           f"downsampling {factor}")
-    _check_scale_options(cfg["translation"])
+    _check_scale_options(cfg["translation"], len(cfg["orders"]))
     _check_trained_for(cfg)
     _check_normalisation(cfg, kind)
     return cfg
@@ -232,10 +242,12 @@ TRAINED_FOR_KEYS = ("shells", "sh_order_max", "rish_orders", "signal_normalisati
 """Keys of a model's ``trained_for`` record."""
 
 
-def trained_for(shell: float, sh_order_max: int, rish_orders, signal_normalisation: str = SIGNAL_NORMALISATION
+def trained_for(shell, sh_order_max: int, rish_orders, signal_normalisation: str = SIGNAL_NORMALISATION
                 ) -> dict[str, Any]:
-    """The ``trained_for`` record of a model trained on ``shell`` (s/mm²) with these settings."""
-    return {"shells": [float(shell)], "sh_order_max": int(sh_order_max),
+    """The ``trained_for`` record of a model trained on ``shell`` (s/mm²; one b-value, or a
+    sequence of them for a model holding several shells) with these settings."""
+    shells = [float(b) for b in shell] if isinstance(shell, (list, tuple)) else [float(shell)]
+    return {"shells": shells, "sh_order_max": int(sh_order_max),
             "rish_orders": [int(o) for o in rish_orders], "signal_normalisation": str(signal_normalisation)}
 
 
@@ -263,14 +275,15 @@ def validate_trained_for(record: Any, where: str = "trained_for") -> dict[str, A
     return record
 
 
-def trained_for_mismatches(record: dict[str, Any], shell: float, shell_tolerance: float, sh_order_max: int,
+def trained_for_mismatches(record: dict[str, Any], shell: float | None, shell_tolerance: float, sh_order_max: int,
                            rish_orders, signal_normalisation: str = SIGNAL_NORMALISATION
                            ) -> list[tuple[str, str, str]]:
     """What differs between a model's ``trained_for`` record and the data a run will give it.
 
     The shell matches when a trained shell lies within ``shell_tolerance`` of ``shell`` (the
-    volumes the run selects); the SH order, the RISH orders and the signal normalisation must be
-    equal.
+    volumes the run selects; ``None``: not compared here, the shells of each run are matched
+    one by one, :func:`bids_dmri_ldm.core.shells.plan_volumes`); the SH order, the RISH orders
+    and the signal normalisation must be equal.
 
     Returns
     -------
@@ -279,7 +292,7 @@ def trained_for_mismatches(record: dict[str, Any], shell: float, shell_tolerance
     """
     found = []
     shells = [float(b) for b in record["shells"]]
-    if not any(abs(b - float(shell)) <= float(shell_tolerance) for b in shells):
+    if shell is not None and not any(abs(b - float(shell)) <= float(shell_tolerance) for b in shells):
         found.append(("shell", "b=" + "/".join(f"{b:g}" for b in shells) + " s/mm²",
                       f"--shell {float(shell):g} (tolerance {float(shell_tolerance):g})"))
     if int(record["sh_order_max"]) != int(sh_order_max):

@@ -51,6 +51,7 @@ from .inference import DeviceMemoryError, autocast_for, translate_latents
 from .modelconfig import CLASS_3T, CLASS_7T, CLASS_NULL, validate_config
 from .networks import build_sr_head, build_unet, build_vqvae
 from .normalise import LEGACY_METHOD, fit_normalisation, normalise
+from .scalemaps import SMOOTHING_CANDIDATES, calibrate_scale_smoothing
 from .split import split_participants
 
 STAGES = ("vqvae3t", "vqvae7t", "ldm", "sr")
@@ -555,6 +556,17 @@ def train_all(rish_3t: RishInput, rish_7t: RishInput, config: dict[str, Any], ou
         gains = calibrate_linear_gains(networks, bundle_cfg, val_pairs, ctx.device)
         bundle_cfg["translation"].update(gain_7t=gains["gain_7t"], gain_3t=gains["gain_3t"])
         calibration = dict(calibration or {}, linear_gains=gains)
+        candidates = tr.get("calibrate_smoothing", SMOOTHING_CANDIDATES)
+        if candidates:
+            from .bundle import Bundle
+            from .inference import translate_rish
+
+            bundle = Bundle(bundle_cfg, networks, Path("."), "")
+            smoothing = calibrate_scale_smoothing(
+                lambda r, m: translate_rish(r, m, bundle, device=ctx.device, num_samples=1),
+                [(scans_3t[i], scans_7t[i]) for i in val_ids], cfg["grid"], bundle_cfg["translation"].get("scale_reference", "roundtrip"), candidates)
+            bundle_cfg["translation"].update(scale_smoothing=smoothing["sigma"], scale_strength=smoothing["strength"])
+            calibration["scale_smoothing"] = smoothing
     elapsed = time.perf_counter() - t_start
     bundle_cfg.update(
         training_data={"n_3t": len(scans_3t), "n_7t": len(scans_7t), "n_paired": len(paired),

@@ -1,27 +1,28 @@
 """Command line: ``python -m bids_dmri_ldm.simulate OUT_DIR --subjects N [options]``.
 
-Usage errors (bad counts, unknown options, impossible voxel scale, non-empty OUT_DIR without
-``--overwrite``) print one line and exit 64 (BIDS execution spec); argparse's exit code 2 is
-never used. The dataset is built in a temporary sibling folder and moved into place at the end,
+Usage errors (bad counts, unknown options, impossible voxel scale, a physics value out of range,
+non-empty OUT_DIR without ``--overwrite``) print one line and exit 64 (BIDS execution spec);
+argparse's exit code 2 is never used. Physics options default to the chosen ``--physics`` preset
+(:mod:`.physics`). The dataset is built in a temporary sibling folder and moved into place at the end,
 so OUT_DIR is never left half-written.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import shutil
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from .._version import __version__
 from ..cli.exitcodes import EX_CANTCREAT, EX_FAILURE, EX_OK, UsageError
 from . import acquisition
-from .signal import T2_3T, T2_7T, Diffusivities, Relaxation, SignalModel
+from .physics import DEFAULT, PRESETS, ScanPhysics, build_scan_physics
+from .signal import DEFAULT_DISORDER_AMPLITUDE_UM2, REFERENCE_TIMING_MS, Diffusivities, Relaxation
 
 PROG = "python -m bids_dmri_ldm.simulate"
 
@@ -47,22 +48,45 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0, metavar="S", help="random seed (default 0)")
     parser.add_argument("--voxel-scale", type=float, default=1.0, metavar="X",
                         help="multiply both voxel sizes by X (1: HCP 1.25/1.05 mm grids; 4: ~36x44x36 at 3T)")
-    parser.add_argument("--snr-3t", type=float, default=acquisition.PROTOCOL_3T.snr_b0_wm, metavar="V",
-                        help=f"b0 SNR in white matter at 3T (default {acquisition.PROTOCOL_3T.snr_b0_wm:g})")
-    parser.add_argument("--snr-7t", type=float, default=acquisition.PROTOCOL_7T.snr_b0_wm, metavar="V",
-                        help=f"b0 SNR in white matter at unit receive gain at 7T (default {acquisition.PROTOCOL_7T.snr_b0_wm:g})")
-    parser.add_argument("--receive-field", type=float, default=1.0, metavar="A",
-                        help="strength of the 7T receive/B1 field (0: flat, 1: default)")
-    parser.add_argument("--te-3t", type=float, default=acquisition.PROTOCOL_3T.echo_time_ms, metavar="MS", help="3T echo time (ms)")
-    parser.add_argument("--te-7t", type=float, default=acquisition.PROTOCOL_7T.echo_time_ms, metavar="MS", help="7T echo time (ms)")
-    parser.add_argument("--t2-3t", type=_floats(4), default=None, metavar="IN,EX,GM,CSF",
-                        help="3T T2 (ms) of intra-axonal, extra-axonal, GM, CSF (default 80,55,76,2000)")
-    parser.add_argument("--t2-7t", type=_floats(4), default=None, metavar="IN,EX,GM,CSF",
-                        help="7T T2 (ms) (default 47,47,47,1000)")
-    parser.add_argument("--diffusivities", type=_floats(5), default=None, metavar="IN,EXPAR,EXPERP,GM,CSF",
-                        help="diffusivities in um^2/ms (default 2.2,2.0,0.7,0.9,3.0)")
-    parser.add_argument("--intra-fraction", type=float, default=Diffusivities().intra_fraction, metavar="F",
-                        help="intra-axonal fraction of the WM signal (default 0.55)")
+    parser.add_argument("--physics", choices=sorted(PRESETS), default="default",
+                        help="physics preset (default: HCP-like; shifted: other T2s, TEs, SNR, field maps and "
+                        "voxel sizes, for held-out evaluation only, marked in dataset_description.json)")
+    d3, d7 = DEFAULT.session_3t, DEFAULT.session_7t
+    p3, p7 = d3.protocol, d7.protocol
+    physics = parser.add_argument_group("physics (each defaults to the --physics preset; the default preset's value is shown)")
+    physics.add_argument("--snr-3t", type=float, default=None, metavar="V",
+                         help=f"b0 SNR in white matter at 3T at unit gain (default {d3.snr:g})")
+    physics.add_argument("--snr-7t", type=float, default=None, metavar="V",
+                         help=f"b0 SNR in white matter at 7T at unit gain and g-factor (default {d7.snr:g})")
+    physics.add_argument("--b1-field-3t", type=float, default=None, metavar="A",
+                         help="strength of the 3T receive field (0: flat, 1: default)")
+    physics.add_argument("--b1-field-7t", "--receive-field", dest="b1_field_7t", type=float, default=None, metavar="A",
+                         help="strength of the 7T transmit/receive/g-factor field (0: flat, 1: default)")
+    physics.add_argument("--grad-nonlin-3t", type=float, default=None, metavar="F",
+                         help=f"3T gradient non-linearity: b-value drop 100 mm from the isocentre (0: off; default {d3.gradient.b_drop:g})")
+    physics.add_argument("--grad-nonlin-7t", type=float, default=None, metavar="F",
+                         help=f"7T gradient non-linearity (default {d7.gradient.b_drop:g})")
+    physics.add_argument("--te-3t", type=float, default=None, metavar="MS", help=f"3T echo time (ms, default {p3.echo_time_ms:g})")
+    physics.add_argument("--te-7t", type=float, default=None, metavar="MS", help=f"7T echo time (ms, default {p7.echo_time_ms:g})")
+    physics.add_argument("--timing-3t", type=_floats(2), default=None, metavar="DELTA,delta",
+                         help=f"3T diffusion gradient separation and duration (ms, default {p3.big_delta_ms:g},{p3.small_delta_ms:g})")
+    physics.add_argument("--timing-7t", type=_floats(2), default=None, metavar="DELTA,delta",
+                         help=f"7T diffusion gradient separation and duration (ms, default {p7.big_delta_ms:g},{p7.small_delta_ms:g})")
+    physics.add_argument("--t2-3t", type=_floats(4), default=None, metavar="IN,EX,GM,CSF",
+                         help="3T T2 (ms) of intra-axonal, extra-axonal, GM, CSF (default {:g},{:g},{:g},{:g})".format(*vars(d3.relaxation).values()))
+    physics.add_argument("--t2-7t", type=_floats(4), default=None, metavar="IN,EX,GM,CSF",
+                         help="7T T2 (ms) (default {:g},{:g},{:g},{:g})".format(*vars(d7.relaxation).values()))
+    physics.add_argument("--diffusivities", type=_floats(5), default=None, metavar="IN,EXPAR,EXPERP,GM,CSF",
+                         help="diffusivities in um^2/ms, EXPERP at the reference timing Delta/delta "
+                         f"{REFERENCE_TIMING_MS[0]:g}/{REFERENCE_TIMING_MS[1]:g} ms (default 2.2,2.0,0.7,0.9,3.0)")
+    physics.add_argument("--intra-fraction", type=float, default=None, metavar="F",
+                         help=f"intra-axonal fraction of the WM signal (default {Diffusivities().intra_fraction:g})")
+    physics.add_argument("--tract-variation", type=float, default=None, metavar="A",
+                         help="strength of the tract-specific intra-axonal fractions around --intra-fraction "
+                         f"(0: the same everywhere; default {DEFAULT.diffusivities.tract_variation:g})")
+    physics.add_argument("--time-dependence", type=float, default=None, metavar="A",
+                         help="extra-axonal structural-disorder amplitude in um^2 (0: no diffusion-time "
+                         f"dependence; default {DEFAULT_DISORDER_AMPLITUDE_UM2:g})")
     parser.add_argument("--nprocs", type=int, default=default_nprocs(), metavar="P",
                         help=f"scans simulated in parallel processes (default {default_nprocs()}: the usable CPUs, "
                         "at most 2; a full-size scan needs up to ~3 GB per process)")
@@ -101,11 +125,13 @@ class Settings:
     only_3t: int
     seed: int
     voxel_scale: float
-    snr_3t: float
-    snr_7t: float
-    receive_field: float
-    model_3t: SignalModel
-    model_7t: SignalModel
+    physics: str
+    scan_3t: ScanPhysics
+    scan_7t: ScanPhysics
+
+    def scan(self, session: str) -> ScanPhysics:
+        """The physics of session ``3T`` or ``7T``."""
+        return {"3T": self.scan_3t, "7T": self.scan_7t}[session]
 
     def describe(self) -> dict:
         """JSON-friendly record for READMEs and sidecars."""
@@ -124,42 +150,50 @@ def parse_args(argv: list[str] | None = None) -> tuple[Path, Settings, int, bool
         raise UsageError(f"--nprocs must be at least 1, got {args.nprocs}")
     if args.seed < 0:
         raise UsageError(f"--seed must be 0 or more, got {args.seed}")
+    preset = PRESETS[args.physics]
     try:
-        acquisition.check_voxel_scale(args.voxel_scale, (acquisition.PROTOCOL_3T, acquisition.PROTOCOL_7T))
+        scans = {session: _scan_physics(args, preset, session) for session in ("3T", "7T")}
+        acquisition.check_voxel_scale(args.voxel_scale, tuple(scan.protocol for scan in scans.values()))
     except ValueError as exc:
         raise UsageError(str(exc)) from None
-    for name in ("snr_3t", "snr_7t", "te_3t", "te_7t"):
-        value = getattr(args, name)
-        if not (math.isfinite(value) and value > 0):
-            raise UsageError(f"--{name.replace('_', '-')} must be a positive number, got {value}")
-    if not (math.isfinite(args.receive_field) and 0 <= args.receive_field <= 1.5):
-        raise UsageError(f"--receive-field must be between 0 and 1.5, got {args.receive_field}")
-    if not 0 <= args.intra_fraction <= 1:
-        raise UsageError(f"--intra-fraction must be between 0 and 1, got {args.intra_fraction}")
-    for option, values in (("--t2-3t", args.t2_3t), ("--t2-7t", args.t2_7t), ("--diffusivities", args.diffusivities)):
-        if values is not None and not all(math.isfinite(v) and v > 0 for v in values):
-            raise UsageError(f"{option} values must be positive numbers")
-    diffusivities = Diffusivities(intra_fraction=args.intra_fraction)
-    if args.diffusivities is not None:
-        d = [v * 1e-3 for v in args.diffusivities]  # um^2/ms -> mm^2/s
-        diffusivities = Diffusivities(d[0], d[1], d[2], d[3], d[4], args.intra_fraction)
-    t2_3t = Relaxation(*args.t2_3t) if args.t2_3t else T2_3T
-    t2_7t = Relaxation(*args.t2_7t) if args.t2_7t else T2_7T
     settings = Settings(
         subjects=args.subjects,
         only_3t=args.only_3t,
         seed=args.seed,
         voxel_scale=args.voxel_scale,
-        snr_3t=args.snr_3t,
-        snr_7t=args.snr_7t,
-        receive_field=args.receive_field,
-        model_3t=SignalModel(args.te_3t, t2_3t, diffusivities),
-        model_7t=SignalModel(args.te_7t, t2_7t, diffusivities),
+        physics=preset.name,
+        scan_3t=scans["3T"],
+        scan_7t=scans["7T"],
     )
     out_dir = args.out_dir
     if out_dir.exists() and (not out_dir.is_dir() or (any(out_dir.iterdir()) and not args.overwrite)):
         raise UsageError(f"{out_dir} exists and is not an empty folder (use --overwrite to replace it)")
     return out_dir, settings, args.nprocs, args.overwrite
+
+
+def _scan_physics(args: argparse.Namespace, preset, session: str) -> ScanPhysics:
+    """One session's physics from the preset and the options given (ValueError when out of range)."""
+    suffix = session.lower()
+    diffusivities = replace(preset.diffusivities)
+    if args.diffusivities is not None:
+        d = [v * 1e-3 for v in args.diffusivities]  # um^2/ms -> mm^2/s
+        diffusivities = Diffusivities(d[0], d[1], d[2], d[3], d[4], diffusivities.intra_fraction, diffusivities.tract_variation)
+    if args.intra_fraction is not None:
+        diffusivities = replace(diffusivities, intra_fraction=args.intra_fraction)
+    t2 = getattr(args, f"t2_{suffix}")
+    return build_scan_physics(
+        preset,
+        session,
+        echo_time_ms=getattr(args, f"te_{suffix}"),
+        timing_ms=getattr(args, f"timing_{suffix}"),
+        relaxation=Relaxation(*t2) if t2 is not None else None,
+        snr=getattr(args, f"snr_{suffix}"),
+        gradient_drop=getattr(args, f"grad_nonlin_{suffix}"),
+        b1_strength=getattr(args, f"b1_field_{suffix}"),
+        diffusivities=diffusivities,
+        disorder_amplitude_um2=args.time_dependence,
+        tract_variation=args.tract_variation,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 
-from . import acquisition
 from .anatomy import lattice_spacing, random_subject, subject_tissue_lattice
 from .scan import simulate_scan
 from .writer import subject_label, write_dataset_files, write_scan
@@ -50,40 +49,27 @@ def plan(settings) -> tuple[list[str], list[str], dict[str, dict], list[ScanTask
 
 def simulate_task(root: Path, task: ScanTask, settings) -> str:
     """Simulate and write one scan; returns a short description."""
-    protocol = acquisition.PROTOCOLS[task.session]
-    is_7t = task.session == "7T"
+    scan = settings.scan(task.session)
     subject = random_subject(task.subject_seed)
     lattice = subject_tissue_lattice(subject, lattice_spacing(settings.voxel_scale))
-    result = simulate_scan(
-        subject,
-        lattice,
-        protocol,
-        settings.model_7t if is_7t else settings.model_3t,
-        settings.voxel_scale,
-        settings.snr_7t if is_7t else settings.snr_3t,
-        settings.receive_field if is_7t else 0.0,
-        noise_seed=task.subject_seed,
-    )
-    model = settings.model_7t if is_7t else settings.model_3t
+    result = simulate_scan(subject, lattice, scan, settings.voxel_scale, noise_seed=task.subject_seed)
     provenance = {
         "Generator": "bids-dmri-ldm simulator",
+        "PhysicsPreset": settings.physics,
         "SubjectSeed": task.subject_seed,
         "VoxelScale": settings.voxel_scale,
-        "EchoTimeMs": model.echo_time_ms,
-        "T2Ms": vars(model.relaxation),
-        "DiffusivitiesMm2PerS": vars(model.diffusivities),
-        "SNRb0WhiteMatter": settings.snr_7t if is_7t else settings.snr_3t,
+        **scan.provenance(),
         "NoiseSigma": round(result.sigma, 4),
-        "ReceiveFieldStrength": settings.receive_field if is_7t else 0.0,
+        "GradientIsocentreMm": None if result.isocentre is None else [round(float(v), 3) for v in result.isocentre],
     }
-    write_scan(root, task.label, protocol, result, provenance)
+    write_scan(root, task.label, scan.protocol, result, provenance)
     return f"sub-{task.label} ses-{task.session} {result.dwi.shape}"
 
 
 def simulate_dataset(root: Path, settings, nprocs: int = 1) -> None:
     """Simulate every subject into ``root`` (an empty staging folder)."""
     paired, only_3t, participants, tasks = plan(settings)
-    write_dataset_files(root, paired, only_3t, participants, settings.describe())
+    write_dataset_files(root, paired, only_3t, participants, settings.describe(), settings.physics)
     if nprocs == 1 or len(tasks) == 1:
         for task in tasks:
             simulate_task(root, task, settings)

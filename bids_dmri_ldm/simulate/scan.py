@@ -7,6 +7,10 @@ of the sub-voxel signals (:mod:`.signal`), i.e. a simulation on a grid twice as 
 down, computed slab by slab so memory stays bounded. Noise (:mod:`.noise`) is drawn per slab
 from a generator seeded by (subject seed, protocol, slab), so results do not depend on how
 subjects are spread over processes.
+
+Spatial fields (:mod:`.fields`) are evaluated at voxel centres: the gradient deviation tensor
+changes each voxel's effective b-values and directions (all its sub-voxels share it: the field
+varies over ~10 cm, a voxel is ~1-5 mm); the B1 maps give the intensity gain and the noise SD.
 """
 from __future__ import annotations
 
@@ -16,7 +20,7 @@ import numpy as np
 
 from ..core.sh import fit_matrix, rish_features, sh_basis
 from . import fibres
-from .acquisition import Protocol, world_to_voxel_directions
+from .acquisition import world_to_voxel_directions
 from .anatomy import (
     Subject,
     TissueLattice,
@@ -25,14 +29,10 @@ from .anatomy import (
     interpolate_coarse,
     voxel_edges,
 )
-from .noise import (
-    SCANNER_GAIN,
-    add_rician_noise,
-    noise_sigma,
-    receive_field_7t,
-    to_int16,
-)
-from .signal import SignalModel, fibre_signal, isotropic_signals, physical_bvals
+from .fields import effective_bscale, grad_dev_volumes
+from .noise import SCANNER_GAIN, add_rician_noise, noise_sigma, to_int16
+from .physics import ScanPhysics
+from .signal import SignalModel, fibre_signal, isotropic_signals, physical_bvals, tract_intra_fractions
 
 SUBDIVISIONS = 2
 """Sub-voxels per voxel and axis (the "finer grid")."""
@@ -65,10 +65,18 @@ class ScanResult:
         Volume fraction of each peak's population in the voxel (at most the WM fraction in
         total: populations beyond the third strongest are left out).
     rish : ndarray, shape (X, Y, Z, 3), float32
-        Noiseless b = 1000 RISH L0, L2, L4 of S/S0 (order 4, unregularised fit).
-    receive_field : ndarray, shape (X, Y, Z), float32
+        Noiseless b = 1000 RISH L0, L2, L4 of S/S0 (order 4, unregularised fit of the nominal
+        gradient table, i.e. what the acquired data give, gradient non-linearity included).
+    gain : ndarray, shape (X, Y, Z), float32
+        Intensity gain (B1 transmit x receive) the signal was multiplied by.
+    noise_sd : ndarray, shape (X, Y, Z), float32
+        Noise SD of each voxel (``sigma`` x g-factor), same units as ``dwi``.
     sigma : float
-        Noise SD (same units as ``dwi``).
+        Reference noise SD ``sigma0`` (unit gain, unit g-factor).
+    grad_dev : ndarray, shape (X, Y, Z, 9) float32, or None
+        HCP/FSL ``grad_dev`` volumes of the gradient non-linearity used (None: linear gradients).
+    isocentre : ndarray, shape (3,), or None
+        World position (mm) of the gradient isocentre (None: linear gradients).
     """
 
     dwi: np.ndarray
@@ -79,8 +87,11 @@ class ScanResult:
     peak_directions: np.ndarray
     peak_fractions: np.ndarray
     rish: np.ndarray
-    receive_field: np.ndarray
+    gain: np.ndarray
+    noise_sd: np.ndarray
     sigma: float
+    grad_dev: np.ndarray | None = None
+    isocentre: np.ndarray | None = None
 
 
 def rish_fit_matrix(gradients: np.ndarray, sh_order_max: int = RISH_SH_ORDER) -> tuple[np.ndarray, np.ndarray]:
@@ -98,45 +109,39 @@ def noiseless_rish(signal: np.ndarray, s0: np.ndarray, fit: np.ndarray, l_values
 def simulate_scan(
     subject: Subject,
     lattice: TissueLattice,
-    protocol: Protocol,
-    model: SignalModel,
+    scan: ScanPhysics,
     voxel_scale: float,
-    snr: float,
-    receive_field_strength: float,
     noise_seed: int,
     noise: bool = True,
 ) -> ScanResult:
-    """Simulate one scan of ``subject`` with ``protocol``.
+    """Simulate one scan of ``subject``.
 
     Parameters
     ----------
     subject : Subject
     lattice : TissueLattice
         The subject's tissue fractions on a fine world lattice.
-    protocol : Protocol
-    model : SignalModel
-        Echo time, T2 values and diffusivities.
+    scan : ScanPhysics
+        Protocol, signal model (echo time, T2, diffusivities), SNR, gradient non-linearity, B1.
     voxel_scale : float
-    snr : float
-        b0 SNR of pure white matter at unit receive gain.
-    receive_field_strength : float
-        0: flat receive field; 1: the default 7T field (:func:`.noise.receive_field_7t`).
     noise_seed : int
         Seed of this scan's noise.
     noise : bool
         False returns the noiseless magnitude (rounded to int16), for tests.
     """
+    protocol, model = scan.protocol, scan.model
     shape, affine = protocol.grid(voxel_scale)
     check_axis_aligned(affine)
     bvals, gradients = protocol.gradient_table()
     b_phys = physical_bvals(bvals)
     n_vol = bvals.size
-    sigma = noise_sigma(model.white_matter_b0, snr)
-    gm_signal, csf_signal = isotropic_signals(model, b_phys)
+    sigma = noise_sigma(model.white_matter_b0, scan.snr)
     shell = np.flatnonzero(np.abs(bvals - RISH_SHELL) < 100)
     b0_index = int(np.flatnonzero(b_phys == 0)[0])
     fit, l_values = rish_fit_matrix(gradients[shell])
     grad32 = np.asarray(gradients, dtype=np.float32)
+    session_code = int(protocol.field_strength_t * 10)
+    isocentre = scan.gradient.isocentre(subject.seed, session_code) if scan.gradient.enabled else None
 
     # Separable box averages: lattice -> sub-voxels along x and y now, along z per slab.
     edges = voxel_edges(affine, shape, SUBDIVISIONS)
@@ -157,10 +162,12 @@ def simulate_scan(
         "peak_directions": np.zeros(shape + (3, 3), dtype=np.float32),
         "peak_fractions": np.zeros(shape + (3,), dtype=np.float32),
         "rish": np.zeros(shape + (3,), dtype=np.float32),
-        "receive_field": np.ones(shape, dtype=np.float32),
+        "gain": np.ones(shape, dtype=np.float32),
+        "noise_sd": np.full(shape, sigma, dtype=np.float32),
+        "grad_dev": np.zeros(shape + (9,), dtype=np.float32) if isocentre is not None else None,
     }
     planes = max(1, VOXELS_PER_SLAB // (shape[0] * shape[1]))
-    seed_sequence = np.random.SeedSequence([noise_seed, int(protocol.field_strength_t * 10)])
+    seed_sequence = np.random.SeedSequence([noise_seed, session_code])
     slab_seeds = seed_sequence.spawn(int(np.ceil(shape[2] / planes)))
     for slab, z0 in enumerate(range(0, shape[2], planes)):
         z1 = min(z0 + planes, shape[2])
@@ -170,24 +177,32 @@ def simulate_scan(
         sub_tissue = np.moveaxis(sub_tissue.reshape(-1, sx, sy, 3), 0, 2)  # (SX, SY, s, 3)
         slab_shape = (shape[0], shape[1], z1 - z0)
         centres = _voxel_centres(affine, slab_shape, z0)
-        gain = receive_field_7t(centres, receive_field_strength) if receive_field_strength else np.ones(slab_shape, np.float32)
+        gain, amplification = scan.b1.maps(centres)
+        deviation = None
+        if isocentre is not None:
+            deviation = scan.gradient.deviation(centres, isocentre)  # (X, Y, s, 3, 3) world frame
+            out["grad_dev"][:, :, z0:z1] = grad_dev_volumes(deviation, affine)
+            deviation = deviation.reshape(-1, 3, 3)
         signal, voxel_flat, peaks = _slab_signal(
-            subject, model, b_phys, grad32, sub_tissue, sub_centres, z0, slab_shape, gm_signal, csf_signal
+            subject, model, b_phys, grad32, sub_tissue, sub_centres, z0, slab_shape, deviation
         )
         brain = voxel_flat.sum(axis=1) > 1e-6
         rish = np.zeros((voxel_flat.shape[0], 3), dtype=np.float32)
         rish[brain] = noiseless_rish(signal[brain][:, shell], signal[brain][:, b0_index], fit, l_values)
         magnitude = signal.reshape(slab_shape + (n_vol,)) * (np.float32(SCANNER_GAIN) * gain[..., None])
+        noise_sd = np.float32(sigma) * amplification
         if noise:
-            magnitude = add_rician_noise(magnitude, sigma, np.random.Generator(np.random.SFC64(slab_seeds[slab])))
+            slab_sigma = sigma if np.all(amplification == 1.0) else noise_sd[..., None]
+            magnitude = add_rician_noise(magnitude, slab_sigma, np.random.Generator(np.random.SFC64(slab_seeds[slab])))
         out["dwi"][:, :, z0:z1] = to_int16(magnitude)
         out["tissue"][:, :, z0:z1] = voxel_flat.reshape(slab_shape + (3,))
         out["peak_directions"][:, :, z0:z1] = peaks[0].reshape(slab_shape + (3, 3))
         out["peak_fractions"][:, :, z0:z1] = peaks[1].reshape(slab_shape + (3,))
         out["rish"][:, :, z0:z1] = rish.reshape(slab_shape + (3,))
-        out["receive_field"][:, :, z0:z1] = gain
+        out["gain"][:, :, z0:z1] = gain
+        out["noise_sd"][:, :, z0:z1] = noise_sd
     return ScanResult(bvals=np.asarray(bvals), bvecs=world_to_voxel_directions(np.asarray(gradients), affine),
-                      affine=affine, sigma=sigma, **out)
+                      affine=affine, sigma=sigma, isocentre=isocentre, **out)
 
 
 def _voxel_centres(affine: np.ndarray, slab_shape: tuple[int, int, int], z0: int) -> np.ndarray:
@@ -206,14 +221,14 @@ def _slab_signal(
     sub_centres: list[np.ndarray],
     z0: int,
     slab_shape: tuple[int, int, int],
-    gm_signal: np.ndarray,
-    csf_signal: np.ndarray,
+    deviation: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, tuple[np.ndarray, np.ndarray]]:
     """Noiseless voxel signals ``(V, N)`` of a slab (per unit proton density), the voxel tissue
     fractions ``(V, 3)`` and the fibre peaks.
 
     The isotropic compartments only need voxel fractions; white matter is summed over sub-voxels,
-    each with its own fibre populations.
+    each with its own fibre populations. ``deviation (V, 3, 3)``: gradient deviation tensor of each
+    voxel (world frame), None for linear gradients.
     """
     n_vox = int(np.prod(slab_shape))
     n_sub = SUBDIVISIONS**3
@@ -221,8 +236,26 @@ def _slab_signal(
     by_voxel = sub_tissue.reshape(slab_shape[0], 2, slab_shape[1], 2, slab_shape[2], 2, 3)
     by_voxel = by_voxel.transpose(0, 2, 4, 1, 3, 5, 6).reshape(n_vox, n_sub, 3)
     voxel_tissue = by_voxel.mean(axis=1)
-    signal = voxel_tissue[:, 1:2] * gm_signal + voxel_tissue[:, 2:3] * csf_signal
+    d_perp = model.diffusivities.extra_perpendicular
+    row_of_voxel = None
+    if deviation is None:
+        gm_signal, csf_signal = isotropic_signals(model, b_phys)
+        signal = voxel_tissue[:, 1:2] * gm_signal + voxel_tissue[:, 2:3] * csf_signal
+    else:
+        # Per-voxel b-value factors |(I + L) g|^2, only where there is tissue.
+        tissue_rows = np.flatnonzero(voxel_tissue.sum(axis=1) > 0)
+        row_of_voxel = np.full(n_vox, -1, dtype=np.intp)
+        row_of_voxel[tissue_rows] = np.arange(tissue_rows.size)
+        b_local = (effective_bscale(deviation[tissue_rows], gradients.astype(np.float64)) * b_phys).astype(np.float32)
+        gm_signal, csf_signal = isotropic_signals(model, b_local)
+        signal = np.zeros((n_vox, b_phys.size), dtype=np.float32)
+        signal[tissue_rows] = voxel_tissue[tissue_rows, 1:2] * gm_signal + voxel_tissue[tissue_rows, 2:3] * csf_signal
+        perpendicular = b_local
+        perpendicular *= np.float32(-d_perp)
+        np.exp(perpendicular, out=perpendicular)  # (rows, N)
+        del gm_signal, csf_signal
     n_pop = len(fibres.BUNDLE_NAMES)
+    tract_fraction = tract_intra_fractions(model.diffusivities) if model.diffusivities.tract_variation else None
     pop_weight = np.zeros((n_vox, n_pop), dtype=np.float64)
     pop_vector = np.zeros((n_vox, n_pop, 3), dtype=np.float64)
     offsets = np.array([(a, b, c) for a in range(2) for b in range(2) for c in range(2)])
@@ -240,6 +273,12 @@ def _slab_signal(
         template_points = subject.template_points(points, interpolate_coarse(subject, points, channels=3))
         labels, fractions, directions = fibres.strongest_populations(*fibres.all_populations(template_points))
         directions = subject.template_to_subject_directions(directions).astype(np.float32)
+        encoded, sub_perpendicular = directions, None
+        if deviation is not None:
+            # (n.(I + L) g)^2 = ((I + L)^T n . g)^2: transform the fibre directions once instead of
+            # the gradient table for every voxel; exp(-b D_perp |(I + L) g|^2) is per voxel.
+            encoded = directions @ (np.eye(3) + deviation[voxel]).astype(np.float32)
+            sub_perpendicular = perpendicular[row_of_voxel[voxel]]
         volume = (f_wm / n_sub).astype(np.float32)
         weights = fractions * volume[:, None]  # (P, K): volume fraction of each population
         sub_signal = np.zeros((flat.size, gradients.shape[0]), dtype=np.float32)
@@ -247,11 +286,14 @@ def _slab_signal(
             active = np.flatnonzero(fractions[:, k] > 0)
             if active.size == 0:
                 break
-            cos2 = directions[active, k] @ gradients.T
+            cos2 = encoded[active, k] @ gradients.T
             cos2 *= cos2
-            population = fibre_signal(model, b_phys, cos2)
+            every = active.size == flat.size
+            factor = None if sub_perpendicular is None else (sub_perpendicular if every else sub_perpendicular[active])
+            f_in = None if tract_fraction is None else tract_fraction[labels[active, k]]
+            population = fibre_signal(model, b_phys, cos2, factor, f_in)
             population *= weights[active, k, None]
-            if active.size == flat.size:
+            if every:
                 sub_signal += population
             else:
                 sub_signal[active] += population
@@ -269,7 +311,7 @@ def _slab_signal(
             pop_vector[v0:v1, :, c] += np.bincount(
                 key, weights=flat_weights * directions[..., c].ravel(), minlength=size
             ).reshape(-1, n_pop)
-    return signal.astype(np.float32), voxel_tissue, _peaks(pop_weight, pop_vector)
+    return signal.astype(np.float32, copy=False), voxel_tissue, _peaks(pop_weight, pop_vector)
 
 
 def _peaks(weight: np.ndarray, vector: np.ndarray, keep: int = 3) -> tuple[np.ndarray, np.ndarray]:

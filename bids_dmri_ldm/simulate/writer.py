@@ -15,7 +15,15 @@ Ground truth per scan, on that scan's grid (``derivatives/simulation/sub-01/ses-
   (3 volumes; SH order 4, descoteaux07 legacy=False, unregularised least squares);
 - ``*_model-truth_param-peaks_dwimap.nii.gz``: up to 3 fibre directions per voxel (9 volumes,
   x/y/z of peak 1, 2, 3 in world RAS axes) and ``*_param-peakfrac_dwimap``: their volume fractions;
-- ``*_model-truth_param-gain_dwimap.nii.gz``: the receive field the signal was multiplied by.
+- ``*_model-truth_param-gain_dwimap.nii.gz``: the intensity gain (B1 transmit x receive) the
+  signal was multiplied by; ``*_param-sigma_dwimap``: the noise SD of each voxel;
+- ``*_model-truth_param-graddev_dwimap.nii.gz`` (only when the scan had gradient non-linearity):
+  the gradient deviation tensor in the HCP ``grad_dev.nii.gz`` layout (9 volumes, FSL convention,
+  see :func:`.fields.grad_dev_volumes`).
+
+A dataset made with a held-out-only physics preset (``--physics shifted``) names it under
+``SimulationPhysicsPreset`` in both ``dataset_description.json`` files (and in their ``Name``), so
+nobody trains on it by mistake (:func:`.marker.is_shifted_dataset`).
 
 ``_dwimap`` with ``model-``/``param-`` follows the BIDS diffusion-derivatives proposal (BEP016),
 which the released specification does not include yet, so the derivative's ``.bidsignore``
@@ -36,6 +44,7 @@ from .._version import __version__
 from ..io.nifti import save_nifti as write_nifti
 from .acquisition import Protocol
 from .anatomy import TISSUES
+from .marker import HELD_OUT_PRESETS, PRESET_KEY
 from .scan import ScanResult
 
 BIDS_VERSION = "1.10.0"
@@ -112,26 +121,53 @@ def write_truth(deriv_root: Path, label: str, session: str, result: ScanResult, 
         "peakfrac": (result.peak_fractions, {
             "Description": "Voxel volume fraction of each fibre peak's population (at most the WM fraction in total; weaker populations beyond the third are left out)",
         }),
-        "gain": (result.receive_field, {"Description": "Multiplicative receive/B1 field applied to the signal"}),
+        "gain": (result.gain, {"Description": "Intensity gain applied to the signal: spin-echo B1 transmit factor "
+                                               "sin(kappa pi/2)^3 times the receive sensitivity"}),
+        "sigma": (result.noise_sd, {"Description": "Noise standard deviation of each voxel (same units as the DWI; "
+                                                   "real and imaginary parts, before the magnitude)"}),
     }
+    if result.grad_dev is not None:
+        maps["graddev"] = (result.grad_dev, {
+            "Description": "Gradient deviation tensor L used by the simulation, in the layout of HCP's grad_dev.nii.gz: "
+                           "volume 3*j+i holds L[i, j] in the voxel axes of the DWI (the frame of its FSL bvecs); "
+                           "a volume with bvec v and b-value b was acquired with v_eff = (I + L) v, "
+                           "b_eff = |v_eff|^2 b (FSL convention, bedpostx -g)",
+            "GradientIsocentreMm": None if result.isocentre is None else [float(v) for v in result.isocentre],
+        })
     for param, (data, extra) in maps.items():
         name = f"{stem}_model-truth_param-{param}_dwimap"
         save_nifti(out_dir / f"{name}.nii.gz", np.ascontiguousarray(data, dtype=np.float32), result.affine)
         write_json(out_dir / f"{name}.json", {**common, **extra, "Simulation": provenance})
 
 
-def write_dataset_files(root: Path, labels_paired: list[str], labels_3t_only: list[str], participants: dict[str, dict], settings: dict) -> None:
-    """Dataset-level files of the raw dataset and of the simulation derivative."""
+def write_dataset_files(
+    root: Path,
+    labels_paired: list[str],
+    labels_3t_only: list[str],
+    participants: dict[str, dict],
+    settings: dict,
+    physics: str = "default",
+) -> None:
+    """Dataset-level files of the raw dataset and of the simulation derivative.
+
+    ``physics`` is the preset name, written under :data:`.marker.PRESET_KEY`; a held-out-only
+    preset is also spelled out in ``Name`` and ``GeneratedBy[0].Description``.
+    """
+    held_out = physics in HELD_OUT_PRESETS
+    suffix = f" [{physics.upper()} PHYSICS: held-out evaluation only, do not train on it]" if held_out else ""
+    generated_by = {"Name": GENERATOR, "Version": __version__, "CodeURL": CODE_URL,
+                    "Description": f"physics preset '{physics}'" + (" (held-out evaluation only)" if held_out else "")}
     write_json(root / "dataset_description.json", {
-        "Name": "Simulated paired 3T/7T diffusion MRI (HCP-like)",
+        "Name": "Simulated paired 3T/7T diffusion MRI (HCP-like)" + suffix,
         "BIDSVersion": BIDS_VERSION,
         "DatasetType": "raw",
         "License": "CC0",
         "Authors": ["bids-dmri-ldm developers"],
-        "GeneratedBy": [{"Name": GENERATOR, "Version": __version__, "CodeURL": CODE_URL}],
+        "GeneratedBy": [generated_by],
         "HowToAcknowledge": "Simulated data; no human subjects.",
+        PRESET_KEY: physics,
     })
-    (root / "README").write_text(_readme(labels_paired, labels_3t_only, settings))
+    (root / "README").write_text(_readme(labels_paired, labels_3t_only, settings, physics))
     lines = ["participant_id\tage\tsex\tsessions"]
     for label in labels_paired + labels_3t_only:
         info = participants[label]
@@ -144,12 +180,13 @@ def write_dataset_files(root: Path, labels_paired: list[str], labels_3t_only: li
     })
     deriv = root / "derivatives" / "simulation"
     write_json(deriv / "dataset_description.json", {
-        "Name": "Ground truth of the simulated paired 3T/7T dataset",
+        "Name": "Ground truth of the simulated paired 3T/7T dataset" + suffix,
         "BIDSVersion": BIDS_VERSION,
         "DatasetType": "derivative",
-        "GeneratedBy": [{"Name": GENERATOR, "Version": __version__, "CodeURL": CODE_URL}],
+        "GeneratedBy": [generated_by],
         "SourceDatasets": [{"URL": "bids:raw:"}],
         "DatasetLinks": {"raw": "../../"},
+        PRESET_KEY: physics,
     })
     (deriv / ".bidsignore").write_text(
         "# BEP016-style diffusion-model maps (model-/param- entities, _dwimap suffix) are not in the\n"
@@ -157,23 +194,35 @@ def write_dataset_files(root: Path, labels_paired: list[str], labels_3t_only: li
     )
     (deriv / "README").write_text(
         "Ground truth written by the bids-dmri-ldm simulator next to the raw data: tissue volume\n"
-        "fractions (probseg), brain masks, fibre peaks and fractions, the receive field, and the\n"
-        "noiseless b=1000 RISH features (L0, L2, L4) of each scan, on that scan's own grid.\n"
-        f"Simulation settings: {json.dumps(settings, sort_keys=True)}\n"
+        "fractions (probseg), brain masks, fibre peaks and fractions, the intensity gain and noise SD\n"
+        "maps, the gradient deviation tensor (HCP grad_dev layout), and the noiseless b=1000 RISH\n"
+        "features (L0, L2, L4) of each scan, on that scan's own grid.\n"
+        + _held_out_warning(physics)
+        + f"Simulation settings: {json.dumps(settings, sort_keys=True)}\n"
     )
 
 
-def _readme(labels_paired: list[str], labels_3t_only: list[str], settings: dict) -> str:
+def _held_out_warning(physics: str) -> str:
+    if physics not in HELD_OUT_PRESETS:
+        return f"Physics preset: {physics}.\n"
+    return (f"Physics preset: {physics}. HELD-OUT EVALUATION ONLY: these physics differ from the default\n"
+            "preset on purpose; do not train on this dataset.\n")
+
+
+def _readme(labels_paired: list[str], labels_3t_only: list[str], settings: dict, physics: str = "default") -> str:
     return (
         "Simulated paired 3T/7T diffusion MRI\n"
         "====================================\n\n"
         "Written by the bids-dmri-ldm simulator (python -m bids_dmri_ldm.simulate). No human data:\n"
         "brain-shaped phantoms built from the MNI152 2009a tissue maps shipped with nilearn, with a\n"
         "random smooth deformation per subject, synthetic fibre bundles with crossings, a\n"
-        "stick/zeppelin/GM/CSF signal model weighted by exp(-TE/T2) per compartment, HCP-like\n"
-        "3T (1.25 mm, TE 89.5 ms, 18 b0 + 3 x 90 directions at b=1000/2000/3000) and 7T (1.05 mm,\n"
-        "TE 71.2 ms, 15 b0 + 2 x 64 directions at b=1000/2000) acquisitions, partial volume, a 7T\n"
-        "receive field and Rician noise.\n\n"
+        "stick/zeppelin/GM/CSF signal model weighted by exp(-TE/T2) per compartment (tract-specific\n"
+        "intra-axonal fractions), HCP-like\n"
+        "3T (18 b0 + 3 x 90 directions at b=1000/2000/3000) and 7T (15 b0 + 2 x 64 directions at\n"
+        "b=1000/2000) acquisitions, partial volume, gradient non-linearity, diffusion-time dependent\n"
+        "extra-axonal diffusivity, B1 transmit/receive fields and Rician noise with a spatially\n"
+        "varying SD.\n"
+        + _held_out_warning(physics) + "\n"
         f"Paired subjects (ses-3T and ses-7T): {', '.join('sub-' + l for l in labels_paired) or 'none'}\n"
         f"3T-only subjects: {', '.join('sub-' + l for l in labels_3t_only) or 'none'}\n\n"
         "Ground truth: derivatives/simulation/.\n"

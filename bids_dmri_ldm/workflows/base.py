@@ -4,10 +4,13 @@
 the workflow factories below it take explicit arguments.
 
 Before any work, the method's model is loaded once and compared with the run settings (a model
-trained for another shell, SH order, RISH orders or signal normalisation is refused, 65). Per
-run: the header and gradient files are checked and the run's memory is estimated from them (a
-bad run gets a one-line reason and is not built; a run that cannot fit in the memory available
-is refused with the number it needs), and a run whose derivatives are complete with the same
+trained for another SH order, RISH orders or signal normalisation, or not for a ``--shell``
+value, is refused, 65). Per run: the header and gradient files are checked, the fate of each
+volume is decided (:func:`~bids_dmri_ldm.core.shells.plan_volumes`: the shells the model covers
+are translated, the others passed through; a run none of whose shells the model covers is
+refused) and the run's memory is estimated from them (a bad run gets a one-line reason and is
+not built; a run that cannot fit in the memory available is refused with the number it needs),
+and a run whose derivatives are complete with the same
 settings is skipped unless ``--overwrite``. The runs that remain are sub-workflows of one
 workflow, executed with :class:`~bids_dmri_ldm.workflows.execution.WorkerPoolPlugin` (nipype's
 MultiProc scheduling; a worker that dies fails only its run) when ``--nprocs`` > 1 (``Linear``
@@ -56,6 +59,7 @@ from ..core.sh import RISH_ORDERS
 from ..interfaces.steps import (
     InputDataError,
     InputSummary,
+    ShellOptions,
     check_run_inputs,
     grid_changes,
 )
@@ -68,6 +72,7 @@ from ..methods import (
     model_mismatches,
     model_warnings,
     resolve_model_dir,
+    trained_shells,
 )
 from .resources import (
     GIB,
@@ -123,6 +128,7 @@ class RunPlan:
     sources: list[str]
     spatial_reference: str
     wf_name: str
+    options: ShellOptions = field(default_factory=ShellOptions)
     memory: MemoryEstimate = field(default_factory=MemoryEstimate)
     # the run's existing derivatives before this attempt: {path: (inode, mtime_ns)}
     before: dict[Path, tuple[int, int]] = field(default_factory=dict)
@@ -133,12 +139,40 @@ def run_settings(config: RunConfig, model_sha256: str | None) -> dict[str, Any]:
     return {
         "Method": str(config.method),
         "ModelSHA256": model_sha256,
-        "Shell": float(config.shell),
+        "Shells": None if config.shells is None else [float(b) for b in config.shells],
         "ShellTolerance": float(config.shell_tolerance),
+        "OutputGradients": output_gradients_record(config),
         "SHOrderMax": int(config.sh_order_max),
         "OutputResolution": None if config.output_resolution is None else float(config.output_resolution),
         "SkullStrip": bool(config.skull_strip),
     }
+
+
+def output_gradients_record(config: RunConfig) -> dict[str, Any] | None:
+    """Where the output table comes from (``Settings.OutputGradients`` of the sidecars): the
+    ``--output-gradients`` files' names and SHA-256 (not their paths: no mount point is
+    recorded); None when the output keeps the input's table."""
+    if not config.output_gradients:
+        return None
+    from ..methods import sha256_file
+
+    bval, bvec = (Path(p) for p in config.output_gradients)
+    return {"BVal": bval.name, "BVec": bvec.name, "BValSHA256": sha256_file(bval), "BVecSHA256": sha256_file(bvec)}
+
+
+def shell_options(config: RunConfig, translator: Any = None) -> ShellOptions:
+    """How every run's shells are treated: ``--shell``, ``--shell-tolerance``, ``--sh-order``,
+    ``--output-gradients`` and the shells the loaded method's model covers."""
+    covered = trained_shells(translator) if translator is not None else None
+    record = output_gradients_record(config)
+    return ShellOptions(
+        tolerance=float(config.shell_tolerance), sh_order_max=int(config.sh_order_max),
+        shells=None if config.shells is None else tuple(float(b) for b in config.shells),
+        covered=None if covered is None else tuple(covered),
+        model_label=f"the {config.method} model",
+        output_bval=str(config.output_gradients[0]) if config.output_gradients else None,
+        output_bvec=str(config.output_gradients[1]) if config.output_gradients else None,
+        output_sha256=None if record is None else record["BValSHA256"] + record["BVecSHA256"])
 
 
 def method_options(config: RunConfig) -> dict[str, Any]:
@@ -156,8 +190,10 @@ def _uri(path, root) -> str:
         return Path(path).resolve().as_uri()
 
 
-def plan_run(run: DWIRun, config: RunConfig, memory_limit: int | None = None, model_bytes: int = 0) -> RunPlan:
-    """Check a run from its header/gradients, estimate its memory and decide its output names.
+def plan_run(run: DWIRun, config: RunConfig, memory_limit: int | None = None, model_bytes: int = 0,
+             options: ShellOptions | None = None) -> RunPlan:
+    """Check a run from its header/gradients, decide what happens to each of its shells,
+    estimate its memory and decide its output names.
 
     Parameters
     ----------
@@ -165,6 +201,8 @@ def plan_run(run: DWIRun, config: RunConfig, memory_limit: int | None = None, mo
         Bytes one run may use (``--mem-gb`` or the memory available); None: not checked.
     model_bytes : int
         Size of the model's weight files (part of the memory estimate).
+    options : ShellOptions, optional
+        :func:`shell_options` (default: from ``config``, every shell covered).
 
     Raises
     ------
@@ -174,7 +212,7 @@ def plan_run(run: DWIRun, config: RunConfig, memory_limit: int | None = None, mo
     ResourceError
         The run needs more memory than ``memory_limit`` (the message says how much and what to change).
     """
-    summary = check_run_inputs(run.dwi, run.bval, run.bvec, config.shell, config.shell_tolerance, config.sh_order_max)
+    summary = check_run_inputs(run.dwi, run.bval, run.bvec, options or shell_options(config))
     res_label = resolution = None
     if config.output_resolution is not None and grid_changes(summary.affine, summary.shape, config.output_resolution):
         res_label = deriv.resolution_label(config.output_resolution)
@@ -189,7 +227,7 @@ def plan_run(run: DWIRun, config: RunConfig, memory_limit: int | None = None, mo
     wf_name = re.sub(r"[^0-9a-zA-Z]", "_", outputs.run_id) + "_wf"
     return RunPlan(run=run, outputs=outputs, summary=summary, res_label=res_label, resolution=resolution,
                    sources=sources, spatial_reference=_uri(run.dwi, config.bids_dir), wf_name=wf_name,
-                   memory=memory)
+                   options=options or shell_options(config), memory=memory)
 
 
 def _check_memory(run, summary: InputSummary, config: RunConfig, resampled: bool, memory_limit: int | None,
@@ -199,14 +237,17 @@ def _check_memory(run, summary: InputSummary, config: RunConfig, resampled: bool
     name = Path(run.dwi).name
     voxel_size = config.output_resolution if resampled else None
     _, out_shape = output_grid(summary.affine, summary.shape[:3], voxel_size)
-    n_kept = int(summary.selection.index.size)
+    plan = summary.plan
+    n_kept = int(plan.read_index.size)
     if max(out_shape) > NIFTI1_MAX_DIM:
         raise InputDataError(
             f"{name}: at {voxel_size:g} mm the output grid would be {_shape_text(out_shape)} voxels; NIfTI-1 "
             f"stores at most {NIFTI1_MAX_DIM} per axis (check the voxel sizes in the header, or use a coarser "
             "--output-resolution)")
     itemsize = nib.load(str(run.dwi)).get_data_dtype().itemsize
-    memory = estimate_run_memory(summary.shape, itemsize, n_kept, config.sh_order_max, out_shape, model_bytes)
+    memory = estimate_run_memory(summary.shape, itemsize, n_kept, config.sh_order_max, out_shape, model_bytes,
+                                 shell_volumes=max((p.shell.n_volumes for p in plan.fitted), default=0),
+                                 n_b0=int(plan.b0_index.size), n_fitted=len(plan.fitted))
     if memory_limit is not None and memory.peak > memory_limit:
         if resampled:
             native = min(summary.voxel_size)
@@ -238,8 +279,7 @@ def init_single_run_wf(plan: RunPlan, config: RunConfig, settings: dict[str, Any
         method=str(config.method),
         model_dir=None if config.model_dir is None else str(config.model_dir),
         method_options=method_options(config),
-        shell=config.shell,
-        shell_tolerance=config.shell_tolerance,
+        shell_options=plan.options.to_dict(),
         sh_order_max=config.sh_order_max,
         output_resolution=config.output_resolution if plan.res_label else None,
         skull_strip=bool(config.skull_strip),
@@ -274,7 +314,7 @@ def init_single_run_wf(plan: RunPlan, config: RunConfig, settings: dict[str, Any
 
 #: Which memory estimate (:class:`~.resources.MemoryEstimate` step) each heavy node is scheduled with.
 _NODE_MEMORY = {"load_dwi": "load", "fit_rish": "fit", "predict_scale": "model", "resample": "grid",
-                "resample_std": "grid", "scale_sh": "grid", "rebuild": "grid"}
+                "scale_sh": "grid", "rebuild": "rebuild"}
 
 
 def _set_node_memory(workflow, memory: MemoryEstimate) -> None:
@@ -339,7 +379,7 @@ def run_participant(config: RunConfig, runs: Sequence[DWIRun], rejected: dict[st
             LOGGER.warning("%s", message)
         settings = run_settings(config, model_sha)
         context = _Context(config, settings, invocation, memory_limit(config), model_weight_bytes(model_dir),
-                           statuses, reasons)
+                           statuses, reasons, shell_options(config, translator))
         deferred = _process_runs(context, runs, wait=False)
         if deferred:
             _process_runs(context, deferred, wait=True)
@@ -349,15 +389,18 @@ def run_participant(config: RunConfig, runs: Sequence[DWIRun], rejected: dict[st
 
 
 def check_model_matches(translator, config: RunConfig, model_dir: Path | None) -> None:
-    """Refuse (65) a model trained for other data than this run gives it (shell, SH order, RISH
-    orders, signal normalisation), naming both; a model that records nothing is only warned about.
+    """Refuse (65) a model trained for other data than the runs give it (a ``--shell`` it was not
+    trained for, SH order, RISH orders, signal normalisation), naming both; a model that records
+    nothing is only warned about. Without ``--shell`` the shells are matched per run
+    (:func:`plan_run`: shells the model does not cover are passed through, a run none of whose
+    shells it covers is refused).
     """
-    mismatches = model_mismatches(translator, config.shell, config.shell_tolerance, config.sh_order_max,
+    mismatches = model_mismatches(translator, config.shells, config.shell_tolerance, config.sh_order_max,
                                   RISH_ORDERS)
     if mismatches is None:
         LOGGER.warning("the %s model %s does not record the shell, SH order and RISH orders it was trained for, "
-                       "so they are not checked against this run's (retrain it with the group level)",
-                       config.method, model_dir)
+                       "so they are not checked against this run's and it is applied to every shell (retrain it "
+                       "with the group level)", config.method, model_dir)
         return
     if mismatches:
         found = "; ".join(f"{what}: model {theirs}, this run {ours}" for what, theirs, ours in mismatches)
@@ -386,6 +429,7 @@ class _Context:
     model_bytes: int
     statuses: dict[str, str]
     reasons: dict[str, str]
+    options: ShellOptions = field(default_factory=ShellOptions)
 
 
 def _process_runs(ctx: _Context, runs: Sequence[DWIRun], wait: bool) -> list[DWIRun]:
@@ -404,7 +448,7 @@ def _process_runs(ctx: _Context, runs: Sequence[DWIRun], wait: bool) -> list[DWI
         for run in sorted(runs, key=_run_key):
             key = _run_key(run)
             try:
-                plan = plan_run(run, config, ctx.memory_limit, ctx.model_bytes)
+                plan = plan_run(run, config, ctx.memory_limit, ctx.model_bytes, ctx.options)
             except InputDataError as err:
                 _refuse(ctx, key, f"{key}_dwi", "bad-data", str(err))
                 continue

@@ -14,10 +14,9 @@ from ..interfaces.dwi import (
     LoadDWI,
     PredictScaleMaps,
     RebuildDWI,
-    ResampleImage,
     ResampleToGrid,
     ScaleSH,
-    SelectShell,
+    SelectShells,
 )
 
 INPUT_FIELDS = ["dwi_file", "bval_file", "bvec_file", "mask_file"]
@@ -35,27 +34,29 @@ def init_dwi_7tlike_wf(
     method: str,
     model_dir: str | None = None,
     method_options: dict | None = None,
-    shell: float = 1000.0,
-    shell_tolerance: float = 100.0,
+    shell_options: dict | None = None,
     sh_order_max: int = 4,
     output_resolution: float | None = 1.05,
     skull_strip: bool = False,
     omp_nthreads: int = 1,
     name: str = "dwi_7tlike_wf",
 ) -> pe.Workflow:
-    """Translate one source DWI run into a 7T-like DWI (Zhu et al. 2024, Eq. 1-3).
+    """Translate one source DWI run into a 7T-like DWI (Zhu et al. 2024, Eq. 1-3), every shell.
 
-    Steps: select the b0s and the shell near ``shell`` (checking the gradient table) -> read
-    those volumes and sanitise NaN/Inf -> brain mask (given, resampled onto the DWI grid when
-    needed; or the automatic mask of :mod:`bids_dmri_ldm.core.mask`) and, independently,
-    normalise S/S0 + SH fit + RISH (Eq. 1) in every voxel -> the method's scale maps lambda
-    (Eq. 2), 1 outside the mask -> resample S0, SH, lambda and mask to ``output_resolution``
-    (cubic B-spline; the mask linear + 0.5 threshold) -> scale SH (Eq. 3; lambda = 1 outside the
-    mask) and take source/predicted RISH there -> rebuild on the source directions in every
-    voxel, the b0 volumes resampled one by one as the output is streamed to disk. The mask only
-    decides where lambda may differ from 1: no voxel of the field of view is lost, unless
-    ``skull_strip``. Only file paths pass between nodes; the largest array held is the SH
-    coefficients on the output grid (see docs/performance.md).
+    Steps: decide what happens to each volume (:func:`~bids_dmri_ldm.core.shells.plan_volumes`:
+    the shells, which are translated or passed through, the output table) -> read the volumes
+    needed (streamed) and sanitise NaN/Inf -> brain mask (given, resampled onto the DWI grid
+    when needed; or the automatic mask of :mod:`bids_dmri_ldm.core.mask`) and, independently,
+    per shell: normalise S/S0 + SH fit + RISH (Eq. 1) in every voxel -> per shell, the method's
+    scale maps lambda (Eq. 2) where the shell is translated, 1 where it is passed through (and
+    outside the mask) -> resample S0, SH, lambda and mask to ``output_resolution`` (cubic
+    B-spline; the mask linear + 0.5 threshold) -> per shell, scale SH (Eq. 3) and take
+    source/predicted RISH there -> write the output table volume by volume: rebuilt from its
+    shell's SH on its direction, or an input b0 (or a volume of a shell with too few
+    directions) resampled, or the mean b0 (a given table's b0 rows). The mask only decides where
+    lambda may differ from 1: no voxel of the field of view is lost, unless ``skull_strip``.
+    Only file paths pass between nodes; shells are processed one at a time inside each node
+    (see docs/performance.md).
 
     Workflow Graph
         .. workflow::
@@ -73,8 +74,9 @@ def init_dwi_7tlike_wf(
         Model directory (``None``: the shipped default of the method).
     method_options : dict or None
         Options passed to the method's loader (device, seed, sampling settings).
-    shell, shell_tolerance : float
-        b-value (s/mm²) of the shell to translate and the tolerance around it.
+    shell_options : dict or None
+        :meth:`bids_dmri_ldm.interfaces.steps.ShellOptions.to_dict`: shell tolerance, SH order,
+        ``--shell``, the model's shells, ``--output-gradients`` (None: the defaults).
     sh_order_max : int
         Highest SH order of the fit (4 gives RISH L0, L2, L4).
     output_resolution : float or None
@@ -98,23 +100,25 @@ def init_dwi_7tlike_wf(
     Outputs
     -------
     dwi_file, bval_file, bvec_file
-        7T-like DWI on the output grid (b0 volumes first, then the shell) and its FSL table.
+        7T-like DWI on the output grid and table and its FSL table.
     mask_file
         Brain mask on the output grid.
     rish_source_file, rish_predicted_file, scale_file
-        Source RISH, predicted RISH and scale maps on the output grid, ``(X, Y, Z, 3)``.
+        Source RISH, predicted RISH and scale maps on the output grid, ``(X, Y, Z, 3 n_shells)``:
+        three volumes (L0, L2, L4) per fitted shell, ascending b.
     provenance
-        The method's provenance dictionary.
+        The method's provenance dictionary, with ``Shells`` (one record per input shell).
     warnings
-        One-line warnings raised during the run (dropped volumes, shell tolerance used, NaN/Inf
+        One-line warnings raised during the run (shells passed through or carried, NaN/Inf
         voxels, a given mask that is not binary), recorded in the DWI sidecar as ``RunWarnings``.
     """
+    options = dict(shell_options or {"tolerance": 100.0, "sh_order_max": sh_order_max})
+    options["sh_order_max"] = int(sh_order_max)
     workflow = pe.Workflow(name=name)
     inputnode = pe.Node(IdentityInterface(fields=INPUT_FIELDS), name="inputnode")
     outputnode = pe.Node(IdentityInterface(fields=OUTPUT_FIELDS), name="outputnode")
 
-    select_shell = pe.Node(SelectShell(shell=shell, shell_tolerance=shell_tolerance, sh_order_max=sh_order_max),
-                           name="select_shell")
+    select_shells = pe.Node(SelectShells(options=options), name="select_shells")
     load_dwi = pe.Node(LoadDWI(), name="load_dwi")
     brain_mask = pe.Node(BrainMask(), name="brain_mask")
     fit_rish = pe.Node(FitRISH(sh_order_max=sh_order_max), name="fit_rish", n_procs=omp_nthreads)
@@ -126,37 +130,39 @@ def init_dwi_7tlike_wf(
     rebuild = pe.Node(RebuildDWI(sh_order_max=sh_order_max, skull_strip=skull_strip), name="rebuild")
 
     workflow.connect([
-        (inputnode, select_shell, [("dwi_file", "dwi_file"), ("bval_file", "bval_file"), ("bvec_file", "bvec_file")]),
+        (inputnode, select_shells, [("dwi_file", "dwi_file"), ("bval_file", "bval_file"),
+                                    ("bvec_file", "bvec_file")]),
         (inputnode, load_dwi, [("dwi_file", "dwi_file")]),
-        (select_shell, load_dwi, [("index", "index"), ("n_b0", "n_b0")]),
+        (select_shells, load_dwi, [("plan_file", "plan_file"), ("warnings", "prior_warnings")]),
         (inputnode, brain_mask, [("mask_file", "in_mask")]),
         (load_dwi, brain_mask, [("mean_b0_file", "mean_b0_file"), ("mean_dwi_file", "mean_dwi_file"),
                                 ("bad_voxels_file", "bad_voxels_file"), ("warnings", "prior_warnings")]),
         (load_dwi, fit_rish, [("dwi_file", "dwi_file")]),
-        (select_shell, fit_rish, [("bval_file", "bval_file"), ("bvec_file", "bvec_file")]),
-        (fit_rish, predict_scale, [("rish_file", "rish_file")]),
+        (select_shells, fit_rish, [("plan_file", "plan_file")]),
+        (fit_rish, predict_scale, [("rish_files", "rish_files")]),
         (brain_mask, predict_scale, [("mask_file", "mask_file")]),
-        (fit_rish, resample, [("s0_file", "s0_file"), ("sh_file", "sh_file")]),
-        (predict_scale, resample, [("scale_file", "scale_file")]),
+        (select_shells, predict_scale, [("plan_file", "plan_file")]),
+        (fit_rish, resample, [("s0_file", "s0_file"), ("sh_files", "sh_files")]),
+        (predict_scale, resample, [("scale_files", "scale_files")]),
         (brain_mask, resample, [("mask_file", "mask_file")]),
-        (resample, scale_sh, [("sh_file", "sh_file"), ("scale_file", "scale_file"), ("mask_file", "mask_file")]),
+        (resample, scale_sh, [("sh_files", "sh_files"), ("scale_files", "scale_files"), ("mask_file", "mask_file")]),
         (resample, rebuild, [("s0_file", "s0_file"), ("mask_file", "mask_file")]),
-        (fit_rish, rebuild, [("b0_file", "b0_file")]),
-        (load_dwi, rebuild, [("integer_input", "integer_output")]),
-        (scale_sh, rebuild, [("sh_file", "sh_file")]),
-        (select_shell, rebuild, [("bval_file", "bval_file"), ("bvec_file", "bvec_file")]),
+        (load_dwi, rebuild, [("dwi_file", "dwi_file"), ("mean_b0_file", "mean_b0_file"),
+                             ("integer_input", "integer_output")]),
+        (scale_sh, rebuild, [("sh_files", "sh_files")]),
+        (select_shells, rebuild, [("plan_file", "plan_file"), ("bval_file", "bval_file"),
+                                  ("bvec_file", "bvec_file")]),
         (rebuild, outputnode, [("dwi_file", "dwi_file"), ("bval_file", "bval_file"), ("bvec_file", "bvec_file"),
                                ("mask_file", "mask_file")]),
         (scale_sh, outputnode, [("rish_source_file", "rish_source_file"),
                                 ("rish_predicted_file", "rish_predicted_file"), ("scale_file", "scale_file")]),
         (predict_scale, outputnode, [("provenance", "provenance")]),
-        (select_shell, load_dwi, [("warnings", "prior_warnings")]),
         (brain_mask, outputnode, [("warnings", "warnings")]),
     ])  # fmt: skip
     if writes_std_map(method, method_options):
-        resample_std = pe.Node(ResampleImage(voxel_size=output_resolution, clip_min=0.0), name="resample_std")
         workflow.connect([
-            (predict_scale, resample_std, [("std_file", "in_file")]),
-            (resample_std, outputnode, [("out_file", "rish_std_file")]),
+            (predict_scale, resample, [("std_files", "std_files")]),
+            (resample, scale_sh, [("std_files", "std_files")]),
+            (scale_sh, outputnode, [("std_file", "rish_std_file")]),
         ])  # fmt: skip
     return workflow

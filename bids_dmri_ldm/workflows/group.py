@@ -5,12 +5,17 @@ the run configuration and every selected run, and returns an exit status. The tr
 written to ``<output_dir>/models/<method>/`` (listed in ``.bidsignore``); use it at the
 participant level with ``--model-dir <output_dir>/models``.
 
-``rish-global``: the RISH maps of both runs of every pair are computed with the same steps as
-the participant level (shell selection, mask, S/S0, least-squares SH, Eq. 1), the source maps
-are resampled onto the target grid through the two affines (same head, same scanner space), and
-the factor of each order is the median of the voxel-wise lambda_l (Eq. 2) over the brain voxels
-of all pairs (:func:`bids_dmri_ldm.methods.fit_rish_global`).
-``ldm``: the RISH maps of every participant's 3T run (paired or not) and 7T run are computed
+``rish-global``: for each shell (``--shell``; default: every shell the training pairs' 3T and
+7T runs share, :func:`common_shells`), the RISH maps of both runs of every pair are computed with
+the same steps as the participant level (shell clustering, mask, S/S0, least-squares SH per
+shell, Eq. 1), the source maps are resampled onto the target grid through the two affines (same
+head, same scanner space), and the factor of each order is the median of the voxel-wise
+lambda_l (Eq. 2) over the brain voxels of all pairs
+(:func:`bids_dmri_ldm.methods.fit_rish_global_shells`): one model file holds the factors of
+every shell, its ``trained_for`` lists them; the validation gate scores the lowest shell.
+``ldm`` and ``cnn`` train one shell per bundle (``--shell B``, default 1000 s/mm²; several values
+are refused, 64: train one bundle per shell into separate output folders). The RISH maps of
+every participant's 3T run (paired or not) and 7T run are computed
 once with the same steps and cached in the work dir (``<work_dir>/ldm_rish_cache/<key>.npz``,
 the key hashing the input files' paths, sizes and modification times and the shell settings),
 so later stages and reruns reuse them; then :func:`bids_dmri_ldm.ml.training.train_all` trains
@@ -45,7 +50,13 @@ from ..cli.exitcodes import (
     UsageError,
 )
 from ..interfaces import steps
-from ..methods import Method, RishPair, fit_rish_global, save_rish_global_model
+from ..methods import (
+    Method,
+    RishPair,
+    fit_rish_global,
+    fit_rish_global_shells,
+    save_rish_global_model,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..bids.layout import DWIRun
@@ -59,25 +70,94 @@ def group_model_dir(config: RunConfig, method: Method) -> Path:
     return Path(config.output_dir) / "models" / method.value
 
 
-def compute_run_rish(run: DWIRun, shell: float, tolerance: float, sh_order_max: int,
-                     scratch: str | Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """RISH maps ``(X, Y, Z, 3)``, brain mask ``(X, Y, Z)`` and affine of one run, on its own grid.
+def compute_run_rish(run: DWIRun, shells: Sequence[float], tolerance: float, sh_order_max: int,
+                     scratch: str | Path) -> tuple[dict[float, np.ndarray], np.ndarray, np.ndarray]:
+    """RISH maps ``{shell: (X, Y, Z, 3)}`` of the given shells, brain mask ``(X, Y, Z)`` and affine
+    of one run, on its own grid.
 
     Uses the participant-level steps (:mod:`bids_dmri_ldm.interfaces.steps`), so source and
-    target runs go through exactly the processing the translation assumes.
+    target runs go through exactly the processing the translation assumes (the same brain mask,
+    one SH fit per shell). The keys are the values of ``shells`` (s/mm²).
+
+    Raises
+    ------
+    InputDataError
+        The run lacks one of the shells, or has too few directions in it.
     """
     scratch = Path(scratch)
     scratch.mkdir(parents=True, exist_ok=True)
-    sel = steps.select_shell_step(str(run.dwi), str(run.bval), str(run.bvec), shell, tolerance, sh_order_max, scratch)
-    loaded = steps.load_dwi_step(str(run.dwi), sel["index"], sel["n_b0"], scratch)
+    options = steps.ShellOptions(tolerance=float(tolerance), sh_order_max=int(sh_order_max),
+                                 shells=tuple(float(b) for b in shells), only_selected=True)
+    sel = steps.select_shells_step(str(run.dwi), str(run.bval), str(run.bvec), options.to_dict(), scratch)
+    loaded = steps.load_dwi_step(str(run.dwi), sel["plan_file"], scratch)
     mask = steps.brain_mask_step(loaded["mean_b0_file"], loaded["bad_voxels_file"], scratch,
-                                 str(run.mask) if getattr(run, "mask", None) else None)
-    fitted = steps.fit_rish_step(loaded["dwi_file"], sel["bval_file"], sel["bvec_file"], mask["mask_file"],
-                                 sh_order_max, scratch)
-    rish_img = nib.load(fitted["rish_file"])
-    rish = np.asanyarray(rish_img.dataobj, dtype=np.float32)
+                                 str(run.mask) if getattr(run, "mask", None) else None, loaded["mean_dwi_file"])
+    fitted = steps.fit_rish_step(loaded["dwi_file"], sel["plan_file"], sh_order_max, scratch)
+    plan, _ = steps.read_plan(sel["plan_file"])
+    found = [p.bval for p in plan.fitted]
+    rish, affine = {}, None
+    for shell in shells:
+        k = int(np.argmin([abs(b - float(shell)) for b in found]))
+        img = nib.load(fitted["rish_files"][k])
+        rish[float(shell)], affine = np.asanyarray(img.dataobj, dtype=np.float32), img.affine
     brain = np.asanyarray(nib.load(mask["mask_file"]).dataobj) > 0
-    return rish, brain, rish_img.affine
+    return rish, brain, affine
+
+
+def common_shells(runs: Sequence[DWIRun], tolerance: float, sh_order_max: int) -> list[float]:
+    """The shells (s/mm², rounded, ascending) every one of ``runs`` has within ``tolerance``
+    (of the first run's shells) with enough directions for the SH order; the default set
+    rish-global is fitted for.
+
+    Raises
+    ------
+    BadDataError
+        A run's gradient table cannot be read, or the runs share no shell.
+    """
+    from ..core.gradients import GradientError, load_gradients
+    from ..core.shells import (
+        DIRECTIONS_FOR_ORDER,
+        cluster_shells,
+        find_shell,
+        shells_text,
+    )
+
+    needed = DIRECTIONS_FOR_ORDER.get(int(sh_order_max), 0)
+    tables = []
+    for run in runs:
+        try:
+            tables.append(cluster_shells(load_gradients(run.bval, run.bvec)[0], tolerance))
+        except (GradientError, TypeError) as err:
+            raise BadDataError(f"{getattr(run, 'stem', run.dwi)}: {err}") from None
+    if not tables:
+        return []
+
+    def fits(table, bval) -> bool:
+        k = find_shell(table, bval, tolerance)
+        return k is not None and table[k].n_volumes >= needed
+
+    shared = [float(round(s.bval)) for s in tables[0] if all(fits(t, s.bval) for t in tables)]
+    if not shared:
+        found = "; ".join(f"{getattr(r, 'stem', r.dwi)}: {shells_text(t)}" for r, t in zip(runs, tables))
+        raise BadDataError(f"the 3T and 7T runs share no shell within {tolerance:g} s/mm² with the {needed} "
+                           f"directions SH order {sh_order_max} needs ({found})")
+    return shared
+
+
+def training_shell(config: RunConfig, method: Method) -> float:
+    """The one shell an ldm/cnn bundle is trained for (``--shell``, default 1000 s/mm²).
+
+    Raises
+    ------
+    UsageError
+        Several ``--shell`` values: a bundle holds one shell; train one bundle per shell, each
+        into its own output folder, and use each at the participant level with ``--shell``.
+    """
+    if config.shells and len(config.shells) > 1:
+        shown = " ".join(f"{b:g}" for b in config.shells)
+        raise UsageError(f"--method {method.value} trains one shell per bundle, got --shell {shown}; train one "
+                         "bundle per shell (one --shell each, into separate output folders)")
+    return config.training_shell
 
 
 RISH_GLOBAL_VAL_FRACTION = 0.2
@@ -99,29 +179,38 @@ def train_rish_global(config: RunConfig, runs: Sequence[DWIRun]) -> int:
     Path(config.work_dir).mkdir(parents=True, exist_ok=True)
     train_ids, val_ids = split_participants(sorted({s.subject for s, _ in pairs}), RISH_GLOBAL_VAL_FRACTION,
                                             int(config.seed))
-    rish_pairs, described = [], []
-    for source, target in pairs:
-        if source.subject not in train_ids:
-            continue
+    train_pairs = [(source, target) for source, target in pairs if source.subject in train_ids]
+    shells = list(config.shells) if config.shells else common_shells(
+        [run for pair in train_pairs for run in pair], config.shell_tolerance, config.sh_order_max)
+    LOGGER.info("group: rish-global factors for the shell(s) b=%s s/mm²", "/".join(f"{b:g}" for b in shells))
+    pairs_by_shell: dict[float, list[RishPair]] = {float(b): [] for b in shells}
+    described = []
+    for source, target in train_pairs:
         label = f"{source.stem} -> {target.stem}"
         LOGGER.info("group: RISH of pair %s", label)
-        rish_pairs.append(RishPair(*cached_run_rish(source, config), *cached_run_rish(target, config), label=label))
+        rish_s, mask_s, affine_s = cached_run_rish(source, config, shells)
+        rish_t, mask_t, affine_t = cached_run_rish(target, config, shells)
+        for b in pairs_by_shell:
+            pairs_by_shell[b].append(RishPair(rish_s[b], mask_s, affine_s, rish_t[b], mask_t, affine_t, label=label))
         described.append({"source": _uri(source, config), "target": _uri(target, config),
                           "source_field_strength": getattr(source, "field_strength", None),
                           "target_field_strength": getattr(target, "field_strength", None)})
-    model = fit_rish_global(
-        rish_pairs, shell=config.shell, sh_order_max=config.sh_order_max,
+    model = fit_rish_global_shells(
+        pairs_by_shell, sh_order_max=config.sh_order_max,
         extra_training={"runs": described, "dataset": deriv.source_dataset(config.bids_dir),
                         "participants": train_ids, "validation_participants": val_ids,
                         "software": deriv.software_versions(),
-                        "settings": {"shell": config.shell, "shell_tolerance": config.shell_tolerance,
+                        "settings": {"shells": [float(b) for b in shells], "shell_tolerance": config.shell_tolerance,
                                      "sh_order_max": config.sh_order_max}},
     )
-    model.validation = run_gate(config, Method.RISH_GLOBAL.value, RishGlobalMethod(model), runs, train_ids, val_ids)
+    # the gate scores the lowest shell (the paper's metrics are of one shell)
+    model.validation = run_gate(config, Method.RISH_GLOBAL.value, RishGlobalMethod(model), runs, train_ids, val_ids,
+                                shell=float(shells[0]))
     model_file = save_rish_global_model(model, group_model_dir(config, Method.RISH_GLOBAL))
-    factors = ", ".join(f"L{o}={f:.4f}" for o, f in zip(model.orders, model.factors))
-    LOGGER.info("group: rish-global model from %d pair(s), %d voxels: %s -> %s",
-                len(rish_pairs), model.training["n_voxels"], factors, model_file)
+    for b, factors in model.shell_factors.items():
+        LOGGER.info("group: rish-global b=%g from %d pair(s): %s", b, len(train_pairs),
+                    ", ".join(f"L{o}={f:.4f}" for o, f in zip(model.orders, factors)))
+    LOGGER.info("group: rish-global model -> %s", model_file)
     _write_training_report(config, Method.RISH_GLOBAL)
     return EX_OK
 
@@ -157,29 +246,31 @@ def _file_fingerprint(path: str | os.PathLike | None) -> list:
     return [str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns]
 
 
-def rish_cache_key(run: DWIRun, shell: float, tolerance: float, sh_order_max: int) -> str:
+def rish_cache_key(run: DWIRun, shells: Sequence[float], tolerance: float, sh_order_max: int) -> str:
     """Cache key of a run's RISH features: SHA-256 of the input files' (path, size, mtime)
     and the settings that change the features."""
     parts = [_file_fingerprint(run.dwi), _file_fingerprint(run.bval), _file_fingerprint(run.bvec),
-             _file_fingerprint(getattr(run, "mask", None)), float(shell), float(tolerance), int(sh_order_max),
-             "v1"]
+             _file_fingerprint(getattr(run, "mask", None)), [float(b) for b in shells], float(tolerance),
+             int(sh_order_max), "v2"]
     return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:32]
 
 
-def cached_run_rish(run: DWIRun, config: RunConfig, stats: dict[str, int] | None = None
-                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """:func:`compute_run_rish` through the work-dir cache (RISH, mask, affine).
+def cached_run_rish(run: DWIRun, config: RunConfig, shells: Sequence[float], stats: dict[str, int] | None = None
+                    ) -> tuple[dict[float, np.ndarray], np.ndarray, np.ndarray]:
+    """:func:`compute_run_rish` through the work-dir cache (``{shell: RISH}``, mask, affine).
 
     ``stats`` (optional) counts ``"computed"`` and ``"reused"`` runs.
     """
+    shells = [float(b) for b in shells]
     cache_dir = Path(config.work_dir) / RISH_CACHE_DIR
     cache_dir.mkdir(parents=True, exist_ok=True)
-    key = rish_cache_key(run, config.shell, config.shell_tolerance, config.sh_order_max)
+    key = rish_cache_key(run, shells, config.shell_tolerance, config.sh_order_max)
     cache_file = cache_dir / f"{key}.npz"
     if cache_file.is_file():
         try:
             with np.load(cache_file) as data:
-                out = (data["rish"].astype(np.float32), data["mask"].astype(bool), data["affine"])
+                out = ({b: data[f"rish_{k}"].astype(np.float32) for k, b in enumerate(shells)},
+                       data["mask"].astype(bool), data["affine"])
             if stats is not None:
                 stats["reused"] = stats.get("reused", 0) + 1
             LOGGER.info("group: RISH of %s reused from the cache", run.stem)
@@ -189,17 +280,25 @@ def cached_run_rish(run: DWIRun, config: RunConfig, stats: dict[str, int] | None
     scratch = Path(tempfile.mkdtemp(prefix="rish_", dir=cache_dir))
     try:
         LOGGER.info("group: RISH of %s", run.stem)
-        rish, mask, affine = compute_run_rish(run, config.shell, config.shell_tolerance, config.sh_order_max, scratch)
+        rish, mask, affine = compute_run_rish(run, shells, config.shell_tolerance, config.sh_order_max, scratch)
     except steps.InputDataError as err:
         raise BadDataError(f"{run.stem}: {err}") from None
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     tmp = cache_dir / f".{key}.tmp.npz"
-    np.savez(tmp, rish=rish.astype(np.float32), mask=mask, affine=np.asarray(affine, np.float64))
+    np.savez(tmp, mask=mask, affine=np.asarray(affine, np.float64),
+             **{f"rish_{k}": rish[b].astype(np.float32) for k, b in enumerate(shells)})
     os.replace(tmp, cache_file)
     if stats is not None:
         stats["computed"] = stats.get("computed", 0) + 1
     return rish, mask, affine
+
+
+def shell_rish(run: DWIRun, config: RunConfig, shell: float, stats: dict[str, int] | None = None
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """RISH maps ``(X, Y, Z, 3)`` of one shell, brain mask and affine of a run (cached)."""
+    rish, mask, affine = cached_run_rish(run, config, [shell], stats)
+    return rish[float(shell)], mask, affine
 
 
 def feature_runs(runs: Sequence[DWIRun]) -> dict[str, dict[str, DWIRun]]:
@@ -224,7 +323,8 @@ def collect_ldm_features(config: RunConfig, runs: Sequence[DWIRun], stats: dict[
                          ) -> tuple[dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]],
                                     dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]]:
     """RISH features ``{participant: (RISH (X, Y, Z, 3), mask (X, Y, Z), affine (4, 4))}`` of the
-    3T and 7T runs, each on its own grid (training pairs them through the affines).
+    3T and 7T runs, of the training shell (:func:`training_shell`), each on its own grid
+    (training pairs them through the affines).
 
     One source (3T) and one target (7T) run per participant: the run of its first 3T/7T pair
     (:func:`~bids_dmri_ldm.bids.layout.pair_runs`) when it has one, else its first run of that
@@ -233,11 +333,12 @@ def collect_ldm_features(config: RunConfig, runs: Sequence[DWIRun], stats: dict[
     from ..bids.layout import SOURCE, TARGET
 
     chosen = feature_runs(runs)
+    shell = config.training_shell
     features = {}
     for role in (SOURCE, TARGET):
         features[role] = {}
         for subject in sorted(chosen[role]):
-            features[role][subject] = cached_run_rish(chosen[role][subject], config, stats)
+            features[role][subject] = shell_rish(chosen[role][subject], config, shell, stats)
     return features[SOURCE], features[TARGET]
 
 
@@ -277,6 +378,7 @@ def train_ldm(config: RunConfig, runs: Sequence[DWIRun]) -> int:
     from ..ml.training import TrainingDataError, train_all
 
     train_cfg = _load_train_config(config)
+    shell = training_shell(config, Method.LDM)
     try:
         deriv.init_derivatives_dataset(config.output_dir, config.bids_dir)
     except deriv.OutputWriteError as err:
@@ -288,7 +390,7 @@ def train_ldm(config: RunConfig, runs: Sequence[DWIRun]) -> int:
     if config.seed:
         train_cfg["training"]["seed"] = int(config.seed)
     # what the bundle is trained for; the participant level refuses other data (config.json)
-    train_cfg["trained_for"] = trained_for(config.shell, config.sh_order_max, train_cfg["orders"])
+    train_cfg["trained_for"] = trained_for(shell, config.sh_order_max, train_cfg["orders"])
     device = resolve_device(config.device)
     work = Path(config.work_dir) / "ldm_training" / train_cfg["name"]
     staging = Path(config.work_dir) / "ldm_training" / "out"
@@ -387,9 +489,8 @@ def _publish_training_outputs(config: RunConfig, staging: Path, bundle_dir: Path
 def _write_training_report(config: RunConfig, method: Method = Method.LDM) -> None:
     """``group_training.html``; a failure here is logged, never fatal."""
     try:
-        from ..reports.training import build_training_report
-
         from ..methods import RISH_GLOBAL_MODEL_FILE
+        from ..reports.training import build_training_report
 
         name = RISH_GLOBAL_MODEL_FILE if method is Method.RISH_GLOBAL else "config.json"
         model_file = group_model_dir(config, method) / name
@@ -404,9 +505,9 @@ def _write_training_report(config: RunConfig, method: Method = Method.LDM) -> No
 # validation gate
 
 
-def validation_pairs(config: RunConfig, runs: Sequence[DWIRun], labels: Sequence[str]) -> list:
+def validation_pairs(config: RunConfig, runs: Sequence[DWIRun], labels: Sequence[str], shell: float) -> list:
     """:class:`~bids_dmri_ldm.evaluation.gate.ValidationPair` of each held-out participant: the
-    3T and 7T runs training used, and the 3T run's cached RISH features."""
+    3T and 7T runs training used, and the 3T run's cached RISH features of ``shell``."""
     from ..bids.layout import SOURCE, TARGET
     from ..evaluation.gate import ValidationPair
 
@@ -414,27 +515,28 @@ def validation_pairs(config: RunConfig, runs: Sequence[DWIRun], labels: Sequence
     pairs = []
     for label in labels:
         source, target = chosen[SOURCE][label], chosen[TARGET][label]
-        rish, mask, affine = cached_run_rish(source, config)
+        rish, mask, affine = shell_rish(source, config, shell)
         pairs.append(ValidationPair(label, source.session, source.dwi, source.bval, source.bvec,
                                     target.dwi, target.bval, target.bvec, rish, mask, affine))
     return pairs
 
 
-def rish_global_baseline(config: RunConfig, runs: Sequence[DWIRun], labels: Sequence[str]):
-    """``rish-global`` fitted on the given (training) participants' cached features."""
+def rish_global_baseline(config: RunConfig, runs: Sequence[DWIRun], labels: Sequence[str], shell: float):
+    """``rish-global`` fitted on the given (training) participants' cached features of ``shell``."""
     from ..bids.layout import SOURCE, TARGET
     from ..methods import RishGlobalMethod
 
     chosen = feature_runs(runs)
-    pairs = [RishPair(*cached_run_rish(chosen[SOURCE][p], config), *cached_run_rish(chosen[TARGET][p], config),
+    pairs = [RishPair(*shell_rish(chosen[SOURCE][p], config, shell), *shell_rish(chosen[TARGET][p], config, shell),
                       label=p) for p in labels]
-    return RishGlobalMethod(fit_rish_global(pairs, shell=config.shell, sh_order_max=config.sh_order_max))
+    return RishGlobalMethod(fit_rish_global(pairs, shell=shell, sh_order_max=config.sh_order_max))
 
 
 def run_gate(config: RunConfig, model_name: str, model, runs: Sequence[DWIRun], train_ids: Sequence[str],
-             val_ids: Sequence[str]) -> dict[str, Any] | None:
+             val_ids: Sequence[str], shell: float | None = None) -> dict[str, Any] | None:
     """Score the new ``model`` beside identity, rish-global (fitted on ``train_ids``) and the
-    untouched 3T scan on the held-out ``val_ids`` (:mod:`bids_dmri_ldm.evaluation.gate`).
+    untouched 3T scan on the held-out ``val_ids`` (:mod:`bids_dmri_ldm.evaluation.gate`), on one
+    shell (``shell``; default: the training shell).
 
     Returns the validation table, or None (with a warning) when there is no held-out participant or
     the gate cannot run; warns, naming the columns, when the model loses to identity.
@@ -446,15 +548,16 @@ def run_gate(config: RunConfig, model_name: str, model, runs: Sequence[DWIRun], 
         LOGGER.warning("group: no held-out validation participant (need >= 2 pairs): the %s model is not "
                        "validated against identity", model_name)
         return None
+    shell = config.training_shell if shell is None else float(shell)
     translators = {"identity": IdentityMethod()}
     try:
         if model_name != Method.RISH_GLOBAL.value:
-            translators[Method.RISH_GLOBAL.value] = rish_global_baseline(config, runs, train_ids)
+            translators[Method.RISH_GLOBAL.value] = rish_global_baseline(config, runs, train_ids, shell)
         translators[model_name] = model
         rows = []
-        for pair in validation_pairs(config, runs, val_ids):
+        for pair in validation_pairs(config, runs, val_ids, shell):
             LOGGER.info("group: validation gate, sub-%s", pair.participant)
-            rows += score_pair(pair, translators, truth_root=config.bids_dir, shell=config.shell,
+            rows += score_pair(pair, translators, truth_root=config.bids_dir, shell=shell,
                                tolerance=config.shell_tolerance, sh_order_max=config.sh_order_max)
     except Exception as err:  # noqa: BLE001 - the gate informs; it never loses the trained model
         LOGGER.warning("group: the validation gate could not run (%s): the %s model is not validated", err, model_name)
@@ -502,7 +605,7 @@ def train_cnn(config: RunConfig, runs: Sequence[DWIRun]) -> int:
     from ..ml.modelconfig import trained_for
 
     train_cfg = _load_train_config(config, Method.CNN)
-    train_cfg["trained_for"] = trained_for(config.shell, config.sh_order_max, train_cfg["orders"])
+    train_cfg["trained_for"] = trained_for(training_shell(config, Method.CNN), config.sh_order_max, train_cfg["orders"])
     try:
         deriv.init_derivatives_dataset(config.output_dir, config.bids_dir)
     except deriv.OutputWriteError as err:

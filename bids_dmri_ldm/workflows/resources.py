@@ -5,23 +5,27 @@ volumes kept, SH order, output voxel size), before any voxel is read. It follows
 of :mod:`bids_dmri_ldm.interfaces.steps` hold their arrays (float32 = 4 bytes per value):
 
 ``load``
-    the whole series as stored (``get_unscaled``) plus the kept volumes twice as float32
-    (the copy and its sanitised result): ``V_in (N b + 8 n_kept)``.
+    the volumes are streamed one at a time (a stored volume, its float64 and float32 copies, two
+    float64 sums and the NaN map): ``V_in (b + 45)``.
 ``fit``
-    the kept volumes, their S/S0 copy and the SH coefficients (and their RISH):
-    ``4 V_in (2 n_kept + 2 K)``.
+    one shell at a time: the b0s and the largest shell's volumes, their S/S0 copy and the SH
+    coefficients (and their RISH): ``4 V_in (2 (n_b0 + M) + 2 K)``.
 ``grid``
-    resampling the coefficients to the output grid and scaling/rebuilding them there: the
-    input coefficients, three coefficient arrays on the output grid, and one rebuild batch
+    resampling one shell's coefficients to the output grid and scaling them there: the input
+    coefficients, three coefficient arrays on the output grid, and one rebuild batch
     (:data:`~bids_dmri_ldm.interfaces.steps.REBUILD_BATCH_BYTES`): ``4 (V_in K + 3 V_out K) + 256 MiB``.
+``rebuild``
+    the coefficients of every fitted shell on the output grid, S0 and two output volumes, and
+    one batch: ``4 V_out (n_shells K + 3) + 256 MiB``.
 
 each plus :data:`PROCESS_BYTES` for the worker itself; the run's peak is the largest step.
-``V`` are voxels per volume, ``N``/``b`` the stored volumes and bytes per value, ``n_kept`` the
-b0 + shell volumes, ``K = (L+1)(L+2)/2`` the SH coefficients of order ``L``. The brain's share
-of the grid is not known before the mask is made, so the masked steps are counted on the whole
-grid: an upper bound. Against the peak RSS measured in docs/performance.md: the demo
-(48x58x48x288 int16 -> 171x207x171, 108 volumes kept, L = 4) is estimated at 1.6 GiB (measured
-0.97 GiB), an HCP-size scan (145x174x145x108 int16 -> 173x207x173) at 4.0 GiB (measured 3.5 GiB).
+``V`` are voxels per volume, ``b`` the bytes per stored value, ``n_b0`` the b0s, ``M`` the
+volumes of the largest fitted shell, ``n_shells`` the fitted shells, ``K = (L+1)(L+2)/2`` the SH
+coefficients of order ``L``. The brain's share of the grid is not known before the mask is made,
+so the masked steps are counted on the whole grid: an upper bound. Against the peak RSS measured
+in docs/performance.md: the demo (48x58x48x288 int16 -> 171x207x171, three shells of 90 and 18
+b0s, L = 4) is estimated at 1.7 GiB, an HCP-size scan (145x174x145x288 int16 -> 173x207x173) at
+3.7 GiB (the per-shell fit).
 
 The memory offered is the kernel's ``MemAvailable`` or, inside a container or a batch job with a
 cgroup limit, that limit minus what the cgroup uses, whichever is smaller; ``--mem-gb`` replaces
@@ -63,7 +67,8 @@ def sh_coefficients(sh_order_max: int) -> int:
 
 
 def estimate_run_memory(shape: tuple[int, ...], itemsize: int, n_kept: int, sh_order_max: int,
-                        out_shape: tuple[int, ...], model_bytes: int = 0) -> MemoryEstimate:
+                        out_shape: tuple[int, ...], model_bytes: int = 0, shell_volumes: int | None = None,
+                        n_b0: int = 0, n_fitted: int = 1) -> MemoryEstimate:
     """Memory of each step of one run (see the module docstring for the model).
 
     Parameters
@@ -73,21 +78,28 @@ def estimate_run_memory(shape: tuple[int, ...], itemsize: int, n_kept: int, sh_o
     itemsize : int
         Bytes per stored value (2 for int16, 4 for float32, ...).
     n_kept : int
-        Volumes kept (b0s + the selected shell).
+        Volumes read (b0s, fitted shells, carried volumes).
     sh_order_max : int
     out_shape : tuple of 3 ints
         Output grid (equal to the input grid at native resolution).
     model_bytes : int
         Size of the translation model's weight files (0 for methods without networks).
+    shell_volumes : int, optional
+        Volumes of the largest fitted shell (default: ``n_kept - n_b0``).
+    n_b0 : int
+        b0 volumes.
+    n_fitted : int
+        Fitted shells.
     """
     v_in = math.prod(int(n) for n in shape[:3])
-    n_stored = int(shape[3]) if len(shape) > 3 else 1
     v_out = math.prod(int(n) for n in out_shape[:3])
     k = sh_coefficients(sh_order_max)
+    per_shell = (n_kept - n_b0) if shell_volumes is None else int(shell_volumes)
     steps = {
-        "load": v_in * (n_stored * int(itemsize) + 8 * n_kept),
-        "fit": 4 * v_in * (2 * n_kept + 2 * k),
+        "load": v_in * (int(itemsize) + 45),
+        "fit": 4 * v_in * (2 * (n_b0 + per_shell) + 2 * k),
         "grid": 4 * (v_in * k + 3 * v_out * k) + REBUILD_BATCH_BYTES,
+        "rebuild": 4 * v_out * (max(1, n_fitted) * k + 3) + REBUILD_BATCH_BYTES,
         # weights, a copy while loading, and activations on the model's small grid
         "model": 4 * v_in * 3 * 4 + 4 * int(model_bytes),
     }

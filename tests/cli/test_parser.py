@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from bids_dmri_ldm import __version__
@@ -55,7 +56,8 @@ def test_defaults(bids_root, no_gpu):
     assert cfg.work_dir == (bids_root.parent / "work").resolve()  # OUTPUT_DIR/../work
     assert cfg.output_dir.is_dir() and cfg.work_dir.is_dir()
     assert cfg.output_resolution == pytest.approx(1.05)
-    assert (cfg.shell, cfg.shell_tolerance, cfg.sh_order_max) == (1000.0, 100.0, 4)
+    assert (cfg.shells, cfg.shell_tolerance, cfg.sh_order_max) == (None, 100.0, 4)  # every shell
+    assert cfg.output_gradients is None and cfg.training_shell == 1000.0
     assert cfg.device == "cpu"
     assert cfg.method == config_module.default_method()
     assert cfg.participant_labels == [] and cfg.session_labels == [] and cfg.bids_filters == {}
@@ -75,7 +77,7 @@ def test_all_options(bids_root, tmp_path, no_gpu):
         "--participant_label", "sub-01", "02", "--session-id", "ses-A", "B",
         "-w", str(tmp_path / "scratch"), "--nprocs", "3", "--omp-nthreads", "2",
         "--device", "cpu", "--method", "identity", "--model-dir", str(model),
-        "--output-resolution", "native", "--shell", "2000", "--shell-tolerance", "50",
+        "--output-resolution", "native", "--shell", "2000", "1000", "--shell-tolerance", "50",
         "--sh-order", "6", "--overwrite", "--seed", "7", "-vv", "--skull-strip",
         "--num-samples", "4", "--ddim-steps", "20", "--t0", "100", "200", "300",
         "--guidance", "1.5", "2", "0", "--scale-reference", "input", "--scale-smoothing", "1.5",
@@ -90,7 +92,7 @@ def test_all_options(bids_root, tmp_path, no_gpu):
     assert (cfg.nprocs, cfg.omp_nthreads, cfg.device, cfg.method) == (3, 2, "cpu", "identity")
     assert cfg.model_dir == model.resolve() and cfg.train_config == train.resolve()
     assert cfg.output_resolution is None
-    assert (cfg.shell, cfg.shell_tolerance, cfg.sh_order_max) == (2000.0, 50.0, 6)
+    assert (cfg.shells, cfg.shell_tolerance, cfg.sh_order_max) == ([1000.0, 2000.0], 50.0, 6)
     assert (cfg.overwrite, cfg.seed, cfg.verbose, cfg.skull_strip) == (True, 7, 2, True)
     assert (cfg.num_samples, cfg.ddim_steps, cfg.t0, cfg.guidance) == (4, 20, [100, 200, 300],
                                                                         [1.5, 2.0, 0.0])
@@ -184,6 +186,10 @@ BAD_OPTIONS = [
     (["--output-resolution", "-1.2"], 64),
     (["--output-resolution", "fine"], 64),
     (["--shell", "0"], 64),
+    (["--shell"], 64),
+    (["--shell", "1000", "1050"], 64),  # within the tolerance of each other: one shell
+    (["--output-gradients", "/no/such/table.bval", "/no/such/table.bvec"], 66),
+    (["--output-gradients", "only_one"], 64),
     (["--shell-tolerance", "nan"], 64),
     (["--sh-order", "3"], 64),
     (["--sh-order", "10"], 64),
@@ -371,3 +377,34 @@ def test_config_accepts_builtin_names_and_files(bids_root, tmp_path, no_gpu):
     with pytest.raises(BidsAppError) as err:
         parse_args(_args(bids_root, "--config", "nonexistent"))
     assert err.value.exit_code == 66
+
+
+def _table(tmp_path, bvals, bvecs, name="t"):
+    bval, bvec = tmp_path / f"{name}.bval", tmp_path / f"{name}.bvec"
+    bval.write_text(" ".join(f"{b:g}" for b in bvals) + "\n")
+    bvec.write_text("\n".join(" ".join(f"{v:.6f}" for v in row) for row in np.asarray(bvecs).T) + "\n")
+    return bval, bvec
+
+
+def test_output_gradients_table_checked_at_parsing(bids_root, tmp_path, no_gpu, capsys):
+    """A well-formed table is kept (absolute paths); an ill-formed one is a one-line usage error
+    (64) naming the files and the problem: non-unit directions, a count mismatch between the two
+    files, text that is not numbers."""
+    dirs = np.array([[1.0, 0, 0], [0, 1.0, 0], [0, 0, 1.0]])
+    bval, bvec = _table(tmp_path, [0, 1000, 1000, 2000], np.vstack([[0, 0, 0], dirs]))
+    cfg = parse_args(_args(bids_root, "--output-gradients", str(bval), str(bvec)))
+    assert cfg.output_gradients == (bval.resolve(), bvec.resolve())
+    json.dumps(cfg.to_dict())
+    cases = {
+        "must be unit vectors": _table(tmp_path, [0, 1000, 1000, 2000], np.vstack([[0, 0, 0], 0.5 * dirs]), "short"),
+        "bval file has 3 entries but the bvec file has 4": _table(tmp_path, [0, 1000, 1000],
+                                                                  np.vstack([[0, 0, 0], dirs]), "count"),
+    }
+    words = tmp_path / "words.bval"
+    words.write_text("zero thousand\n")
+    cases["is not a table of numbers"] = (words, bvec)
+    for fragment, (bad_bval, bad_bvec) in cases.items():
+        capsys.readouterr()
+        assert main(_args(bids_root, "--output-gradients", str(bad_bval), str(bad_bvec))) == 64
+        err = capsys.readouterr().err.strip()
+        assert fragment in err and "--output-gradients" in err and "\n" not in err, err

@@ -1,4 +1,4 @@
-"""Rician noise and the 7T receive field."""
+"""Rician noise (scalar and per-voxel SD)."""
 import numpy as np
 import pytest
 
@@ -36,12 +36,15 @@ def test_noise_sigma_and_measured_snr():
         noise.noise_sigma(0.3, 0.0)
 
 
-def test_receive_field_is_low_in_temporal_lobes_and_cerebellum():
-    points = np.array([[0.0, -15.0, 20.0], [48.0, -12.0, -28.0], [-48.0, -12.0, -28.0], [0.0, -65.0, -42.0]])
-    field = noise.receive_field_7t(points)
-    assert field[0] > 1.05
-    assert np.all(field[1:] < 0.7)
-    np.testing.assert_array_equal(noise.receive_field_7t(points, strength=0.0), 1.0)
+def test_per_voxel_sigma_map_scales_the_noise_of_each_voxel():
+    """A sigma map broadcast over volumes: each voxel's Rayleigh floor and Rician power follow its own SD."""
+    rng = np.random.default_rng(4)
+    sigma = np.array([5.0, 20.0], np.float32)[:, None]  # (voxels, 1) broadcast over 50_000 volumes
+    floor = noise.add_rician_noise(np.zeros((2, 50_000), np.float32), sigma, rng)
+    np.testing.assert_allclose(floor.mean(axis=1), sigma[:, 0] * np.sqrt(np.pi / 2), rtol=0.02)
+    signal = np.full((2, 50_000), 40.0, np.float32)
+    power = np.mean(noise.add_rician_noise(signal, sigma, rng).astype(np.float64) ** 2, axis=1)
+    np.testing.assert_allclose(power, 40.0**2 + 2 * sigma[:, 0] ** 2, rtol=0.02)
 
 
 def test_int16_conversion_rounds_and_clips():

@@ -19,14 +19,14 @@ import pytest
 from bids_dmri_ldm.cli.exitcodes import EX_CANTCREAT, EX_DATAERR, EX_FAILURE, EX_NOINPUT
 from bids_dmri_ldm.cli.run import main
 
-BAD_SESSIONS = ("emptybval", "mismatch", "threeD", "nob0", "noshell", "corrupt", "unwritable")
-SESSIONS = ("good", "nan") + BAD_SESSIONS
+BAD_SESSIONS = ("emptybval", "mismatch", "threeD", "nob0", "corrupt", "unwritable")
+# "othershells": b = 3000/4000 instead of 1000/2000, processed like any shells (identity covers them)
+SESSIONS = ("good", "nan", "othershells") + BAD_SESSIONS
 EXPECTED_REASON = {
     "emptybval": "is empty",
     "mismatch": "volumes but the gradient table has",
     "threeD": "must be a 4D image",
     "nob0": "no b0 volume",
-    "noshell": "no volume within 100 s/mm² of b=1000",
     "corrupt": "corrupt or truncated",
     "unwritable": "cannot write",
 }
@@ -57,7 +57,7 @@ def _break_dataset(ds, out: Path) -> None:
     new_vecs = bvecs.copy()
     new_vecs[b0] = [0.0, 0.0, 1.0]
     _write_table(bval, bvec, np.where(b0, 1000.0, bvals), new_vecs)
-    dwi, bval, bvec = _run_files(root, "noshell")
+    dwi, bval, bvec = _run_files(root, "othershells")
     _write_table(bval, bvec, np.where(bvals > 50, bvals + 2000.0, bvals), bvecs)
     dwi, _, _ = _run_files(root, "nan")
     img = nib.load(dwi)
@@ -95,7 +95,7 @@ def test_every_bad_run_reported_others_processed(make_bids_dataset, tmp_path, ca
 
     summary = max((out / "logs").glob("participant_*.tsv"), key=lambda p: p.stat().st_mtime_ns).read_text().splitlines()
     rows = {line.split("\t")[0]: line.split("\t")[1:] for line in summary[1:]}
-    assert rows["sub-01_ses-good"][0] == "done" and rows["sub-01_ses-nan"][0] == "done"
+    assert rows["sub-01_ses-good"][0] == rows["sub-01_ses-nan"][0] == rows["sub-01_ses-othershells"][0] == "done"
     for ses, fragment in EXPECTED_REASON.items():
         status, reason = rows[f"sub-01_ses-{ses}"]
         assert status.startswith("failed"), (ses, status)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 
 from bids_dmri_ldm.cli.exitcodes import EX_USAGE
@@ -15,10 +16,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from conftest import GM_MD, WM_EIGENVALUES, dwi_signal
 
 
-def _wm_rish(ds, strength: float) -> np.ndarray:
+def _wm_rish(ds, strength: float, b: float = 1000.0) -> np.ndarray:
     """RISH (Eq. 1) of the noiseless white-matter signal of the conftest phantom, fitted directly."""
     data, _, wm = dwi_signal((12, 12, 10), ds.bvals, ds.bvecs, ds.principal_direction, strength)
-    shell = np.abs(ds.bvals - 1000) <= 100
+    shell = np.abs(ds.bvals - b) <= 100
     b0 = ds.bvals <= 50
     voxel = data[wm][0]
     att = voxel[shell] / voxel[b0].mean()
@@ -63,3 +64,35 @@ def test_group_identity_is_a_usage_error(make_bids_dataset, tmp_path, capsys):
                "--skip-bids-validation", "--method", "identity"])
     assert rc == EX_USAGE
     assert "nothing to learn" in capsys.readouterr().err
+
+
+def test_group_rish_global_every_shared_shell(make_bids_dataset, tmp_path, capsys):
+    """Two full shells at both field strengths: one model file holds the factors of each shell
+    (each the known tensor ratio of that shell), its trained_for lists both; the participant level
+    then scales each shell by its own factors. ldm/cnn train one shell per bundle: several
+    --shell values are a usage error (64)."""
+    ds = make_bids_dataset(subjects=("01", "02"), field_strengths=(3.0, 7.0), n_b2000=30)
+    out, work = tmp_path / "out", tmp_path / "work"
+    assert main([str(ds.root), str(out), "group", "-w", str(work), "--skip-bids-validation",
+                 "--method", "rish-global"]) == 0
+    model = load_rish_global_model(out / "models" / "rish-global")
+    assert model.shells == [1000.0, 2000.0] and model.trained_for["shells"] == [1000.0, 2000.0]
+    for b in (1000.0, 2000.0):
+        expected = np.sqrt(_wm_rish(ds, 7.0, b) / _wm_rish(ds, 3.0, b))
+        np.testing.assert_allclose(model.shell_factors[b][1:], expected[1:], rtol=1e-3)
+    assert set(model.training["per_shell"]) == {"1000", "2000"}
+    assert model.validation is not None  # the gate scored the lowest shell
+    rc = main([str(ds.root), str(out), "participant", "-w", str(work), "--skip-bids-validation", "--nprocs", "1",
+               "--participant-label", "01", "--method", "rish-global", "--model-dir", str(out / "models"),
+               "--output-resolution", "native"])
+    assert rc == 0
+    folder = out / "sub-01" / "dwi"
+    scale = np.asanyarray(nib.load(folder / "sub-01_acq-3T_model-rish_desc-scale_dwimap.nii.gz").dataobj)
+    mask = np.asanyarray(nib.load(folder / "sub-01_acq-3T_desc-brain_mask.nii.gz").dataobj) > 0
+    for k, b in enumerate((1000.0, 2000.0)):
+        np.testing.assert_allclose(scale[mask][:, 3 * k:3 * k + 3],
+                                   np.broadcast_to(model.shell_factors[b], (mask.sum(), 3)), rtol=1e-6)
+    capsys.readouterr()
+    assert main([str(ds.root), str(tmp_path / "ldm"), "group", "-w", str(work), "--skip-bids-validation",
+                 "--method", "ldm", "--shell", "1000", "2000"]) == EX_USAGE
+    assert "trains one shell per bundle" in capsys.readouterr().err

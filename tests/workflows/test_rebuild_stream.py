@@ -1,6 +1,8 @@
 """The fast output path: separable resampling, streamed NIfTI writing, int16 + scl_slope output."""
 from __future__ import annotations
 
+import json
+
 import nibabel as nib
 import numpy as np
 import pytest
@@ -63,6 +65,15 @@ def test_write_nifti_volumes_roundtrip_float_and_int16(tmp_path):
     assert not (tmp_path / "bad.nii.gz").exists() and not list(tmp_path.glob(".bad*"))
 
 
+def _plan_file(path, bvals, bvecs, **kwargs):
+    from bids_dmri_ldm.core.shells import plan_volumes
+
+    doc = plan_volumes(bvals, bvecs, **kwargs).to_dict()
+    doc["tolerance"] = 100.0
+    path.write_text(json.dumps(doc))
+    return str(path)
+
+
 def test_streamed_rebuild_resamples_b0_and_matches_in_memory(tmp_path):
     """rebuild_step on the output grid with b0s on the input grid == the in-memory rebuild with
     the b0s resampled first, in every voxel (zero outside the mask only when skull-stripped); the
@@ -80,9 +91,10 @@ def test_streamed_rebuild_resamples_b0_and_matches_in_memory(tmp_path):
     mask = np.zeros(shape, dtype=bool)
     mask[2:-2, 1:-1, 1:-2] = True
     b0_in = rng.uniform(300, 1300, in_shape + (2,)).astype(np.float32)
+    read = np.concatenate([b0_in, rng.uniform(0, 900, in_shape + (20,))], axis=-1).astype(np.float32)
     files = {}
-    for name, array, aff in (("s0", s0, new_affine), ("sh", coeffs, new_affine), ("b0", b0_in, affine),
-                             ("mask", mask.astype(np.uint8), new_affine)):
+    for name, array, aff in (("s0", s0, new_affine), ("sh", coeffs, new_affine), ("read", read, affine),
+                             ("mean_b0", b0_in.mean(-1), affine), ("mask", mask.astype(np.uint8), new_affine)):
         files[name] = str(tmp_path / f"{name}.nii")
         nib.save(make_nifti(array, aff, np.uint8 if name == "mask" else np.float32), files[name])
     bvals = np.r_[0, 0, np.full(20, 1000.0)]
@@ -90,47 +102,33 @@ def test_streamed_rebuild_resamples_b0_and_matches_in_memory(tmp_path):
     bval, bvec = tmp_path / "t.bval", tmp_path / "t.bvec"
     bval.write_text(" ".join(f"{b:g}" for b in bvals) + "\n")
     bvec.write_text("\n".join(" ".join(f"{v:.10f}" for v in row) for row in bvecs.T) + "\n")
+    plan = _plan_file(tmp_path / "plan.json", bvals, bvecs)
+
+    def rebuild(out, **kwargs):
+        return steps.rebuild_step(files["s0"], files["read"], files["mean_b0"], [files["sh"]], files["mask"], plan,
+                                  str(bval), str(bvec), 4, tmp_path / out, **kwargs)
 
     b0_out = np.stack([resample(b0_in[..., t], affine, new_affine, shape) for t in range(2)], axis=-1)
     expected = steps.rebuild_dwi_volumes(s0, np.maximum(b0_out, 0), coeffs, basis.astype(np.float32), mask)
-    out = steps.rebuild_step(files["s0"], files["b0"], files["sh"], files["mask"], str(bval), str(bvec), 4,
-                             tmp_path / "f")
+    out = rebuild("f")
     img = nib.load(out["dwi_file"])
     assert img.shape == shape + (22,) and img.get_data_dtype() == np.float32
     np.testing.assert_allclose(img.affine, new_affine, atol=1e-6)
     np.testing.assert_allclose(img.get_fdata(dtype=np.float32), expected, rtol=1e-4, atol=1e-2)
 
-    out16 = steps.rebuild_step(files["s0"], files["b0"], files["sh"], files["mask"], str(bval), str(bvec), 4,
-                               tmp_path / "i", integer_output=True)
+    out16 = rebuild("i", integer_output=True)
     img16 = nib.load(out16["dwi_file"])
     slope = float(img16.dataobj.slope)  # nibabel moves scl_slope to the array proxy on load
     assert img16.get_data_dtype() == np.int16 and 0 < slope < 1300 * 1.5 / 32767 * 4
     np.testing.assert_allclose(img16.get_fdata(dtype=np.float32), expected, atol=slope / 2 + 1e-2)
     assert np.count_nonzero(img16.get_fdata() == 0) == 0  # every voxel rebuilt, none lost to the mask
 
-    stripped = steps.rebuild_step(files["s0"], files["b0"], files["sh"], files["mask"], str(bval), str(bvec), 4,
-                                  tmp_path / "s", integer_output=True, skull_strip=True)
+    stripped = rebuild("s", integer_output=True, skull_strip=True)
     expected = steps.rebuild_dwi_volumes(s0, np.maximum(b0_out, 0), coeffs, basis.astype(np.float32), mask,
                                          skull_strip=True)
     img_s = nib.load(stripped["dwi_file"])
     assert np.all(img_s.get_fdata()[~mask] == 0)
     np.testing.assert_allclose(img_s.get_fdata(dtype=np.float32), expected, atol=float(img_s.dataobj.slope) / 2 + 1e-2)
-
-
-def test_selection_warnings_dropped_volumes_and_tolerance():
-    from bids_dmri_ldm.core.gradients import select_shell
-
-    rng = np.random.default_rng(6)
-    bvecs = rng.normal(size=(8, 3))
-    bvecs /= np.linalg.norm(bvecs, axis=1, keepdims=True)
-    bvals = np.array([0, 985, 1000, 1015, 2000, 2005, 5, 1000.0])
-    bvecs[[0, 6]] = 0
-    sel = select_shell(bvals, bvecs, 1000, 100)
-    warnings = steps.selection_warnings("x_dwi.nii.gz", sel, 1000, 100)
-    assert warnings[0].startswith("x_dwi.nii.gz: 2 of 8 volume(s) dropped (b-values 2000, 2005 s/mm²")
-    assert "tolerance of 100 s/mm²: b-values 985 to 1015" in warnings[1]
-    exact = select_shell(np.array([0, 1000, 1000.0]), bvecs[[0, 1, 2]], 1000, 100)
-    assert steps.selection_warnings("y", exact, 1000, 100) == []
 
 
 def test_streamed_gzip_header_is_reproducible(tmp_path):

@@ -35,13 +35,13 @@ def _edges(wf):
 def test_dwi_wf_graph():
     wf = init_dwi_7tlike_wf(method="identity", output_resolution=1.05)
     names = set(wf.list_node_names())
-    expected = {"inputnode", "outputnode", "select_shell", "load_dwi", "brain_mask", "fit_rish", "predict_scale",
+    expected = {"inputnode", "outputnode", "select_shells", "load_dwi", "brain_mask", "fit_rish", "predict_scale",
                 "resample", "scale_sh", "rebuild"}
     assert names == expected
     edges = _edges(wf)
     # The SH fit covers every voxel, so it does not wait for the mask; the mask decides lambda.
     assert ("brain_mask", "fit_rish") not in edges
-    for edge in [("select_shell", "load_dwi"), ("load_dwi", "brain_mask"), ("load_dwi", "fit_rish"),
+    for edge in [("select_shells", "load_dwi"), ("select_shells", "fit_rish"), ("select_shells", "rebuild"), ("load_dwi", "brain_mask"), ("load_dwi", "fit_rish"),
                  ("brain_mask", "predict_scale"), ("fit_rish", "predict_scale"), ("predict_scale", "resample"), ("fit_rish", "resample"),
                  ("resample", "scale_sh"), ("resample", "rebuild"), ("scale_sh", "rebuild"), ("rebuild", "outputnode")]:
         assert edge in edges, edge
@@ -84,5 +84,6 @@ def test_plan_and_single_run_wf(bids_dataset, tmp_path):
 def test_plan_refuses_bad_run(bids_dataset, tmp_path):
     ds = bids_dataset
     run = FakeRun(ds.dwi_files[0], ds.root / "dwi.bval", ds.root / "dwi.bvec")
-    with pytest.raises(InputDataError, match="no volume within"):
-        plan_run(run, _config(ds, tmp_path, shell=5000.0))
+    with pytest.raises(InputDataError, match=r"--shell 5000: no shell within 100 s/mm² \(shells available: "
+                                             r"1000 \(30 directions\), 2000 \(6\)\)"):
+        plan_run(run, _config(ds, tmp_path, shells=[5000.0]))

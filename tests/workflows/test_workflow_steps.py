@@ -51,8 +51,8 @@ def test_check_run_inputs_errors(tmp_path):
     bvals = np.r_[0, np.full(20, 1000.0)]
     data = np.ones((3, 3, 3, 21), np.float32)
     dwi, bval, bvec = write_run(tmp_path / "ok", data, bvals, bvecs)
-    summary = steps.check_run_inputs(dwi, bval, bvec, 1000, 100)
-    assert summary.shape == (3, 3, 3, 21) and summary.selection.n_b0 == 1
+    summary = steps.check_run_inputs(dwi, bval, bvec)
+    assert summary.shape == (3, 3, 3, 21) and summary.plan.b0_index.size == 1
 
     cases = {
         "no .bval file found": (dwi, None, bvec, {}),
@@ -60,31 +60,37 @@ def test_check_run_inputs_errors(tmp_path):
         "21 volumes but the gradient table has 20": write_run(tmp_path / "m", data, bvals[:-1], bvecs[:-1]),
         "must be a 4D image": write_run(tmp_path / "3d", data[..., 0], bvals, bvecs),
         "no b0 volume": write_run(tmp_path / "nb0", data, np.full(21, 1000.0), _directions(21)),
-        "no volume within 100 s/mm² of b=1000": write_run(tmp_path / "ns", data, np.r_[0, np.full(20, 3000.0)], bvecs),
+        "--shell 1000: no shell within 100 s/mm² (shells available: 3000 (20 directions))":
+            write_run(tmp_path / "ns", data, np.r_[0, np.full(20, 3000.0)], bvecs),
         "needs at least 15": write_run(tmp_path / "few", data[..., :11], bvals[:11], bvecs[:11]),
     }
     (tmp_path / "e" / "x.bval").write_text("")
     for fragment, args in cases.items():
         args = args[:3]
-        with pytest.raises(InputDataError, match=fragment) as info:
-            steps.check_run_inputs(*args, shell=1000, tolerance=100)
+        with pytest.raises(InputDataError, match=re.escape(fragment)) as info:
+            steps.check_run_inputs(*args, steps.ShellOptions(shells=(1000.0,)))
         assert "\n" not in str(info.value)
 
 
-def test_read_volumes_corrupt_and_scaled(tmp_path):
+def test_iter_volumes_corrupt_and_scaled(tmp_path):
     data = np.arange(2 * 2 * 2 * 3, dtype=np.int16).reshape(2, 2, 2, 3)
     img = nib.Nifti1Image(data, AFFINE)
     img.header.set_slope_inter(0.5, 10.0)
     nib.save(img, tmp_path / "s.nii.gz")
-    vols, _ = steps.read_volumes(tmp_path / "s.nii.gz", [2, 0])
-    np.testing.assert_allclose(vols, data[..., [2, 0]] * 0.5 + 10.0)
-    assert vols.dtype == np.float32
+    vols = dict(steps.iter_volumes(tmp_path / "s.nii.gz"))
+    assert sorted(vols) == [0, 1, 2] and all(v.dtype == np.float32 for v in vols.values())
+    np.testing.assert_allclose(np.stack([vols[2], vols[0]], -1), data[..., [2, 0]] * 0.5 + 10.0)
     big = np.random.default_rng(0).normal(size=(20, 20, 20, 4)).astype(np.float32)
     nib.save(nib.Nifti1Image(big, AFFINE), tmp_path / "c.nii.gz")
     raw = (tmp_path / "c.nii.gz").read_bytes()
     (tmp_path / "c.nii.gz").write_bytes(raw[: len(raw) // 2])
     with pytest.raises(InputDataError, match="corrupt or truncated"):
-        steps.read_volumes(tmp_path / "c.nii.gz", [0, 1])
+        list(steps.iter_volumes(tmp_path / "c.nii.gz"))
+
+
+def _select_and_load(dwi, bval, bvec, work, **options):
+    sel = steps.select_shells_step(dwi, bval, bvec, steps.ShellOptions(**options).to_dict(), work)
+    return sel, steps.load_dwi_step(dwi, sel["plan_file"], work)
 
 
 def test_load_dwi_masks_nan(tmp_path, caplog):
@@ -93,11 +99,10 @@ def test_load_dwi_masks_nan(tmp_path, caplog):
     bad[1, 1, 1, 3] = np.nan
     bad[2, 2, 2, 0] = -np.inf
     dwi = write_run(tmp_path / "nan", bad, np.loadtxt(bval), np.loadtxt(bvec).T)[0]
-    sel = steps.select_shell_step(dwi, bval, bvec, 1000, 100, 4, tmp_path / "w")
-    loaded = steps.load_dwi_step(dwi, sel["index"], sel["n_b0"], tmp_path / "w")
+    _, loaded = _select_and_load(dwi, bval, bvec, tmp_path / "w")
     assert loaded["n_bad_voxels"] == 2 and "NaN/Inf" in caplog.text
     clean = np.asanyarray(nib.load(loaded["dwi_file"]).dataobj)
-    assert np.all(np.isfinite(clean))
+    assert np.all(np.isfinite(clean)) and clean.shape == data.shape
     mask = steps.brain_mask_step(loaded["mean_b0_file"], loaded["bad_voxels_file"], tmp_path / "w",
                                  mask_file=_ones_mask(tmp_path, data.shape[:3]))
     mask_data = np.asanyarray(nib.load(mask["mask_file"]).dataobj)
@@ -112,8 +117,7 @@ def _ones_mask(tmp_path, shape, affine=AFFINE):
 
 def _loaded_run(tmp_path):
     (dwi, bval, bvec), data, _, _ = band_limited_run(tmp_path, shape=(8, 7, 6))
-    sel = steps.select_shell_step(dwi, bval, bvec, 1000, 100, 4, tmp_path / "w")
-    return steps.load_dwi_step(dwi, sel["index"], sel["n_b0"], tmp_path / "w"), data.shape[:3]
+    return _select_and_load(dwi, bval, bvec, tmp_path / "w")[1], data.shape[:3]
 
 
 def _save_mask(tmp_path, data, affine, name):
@@ -187,30 +191,37 @@ def test_given_mask_single_volume_4d_and_non_binary_values(tmp_path):
     assert "values other than 0 and 1 (values from -1 to 2, 1 NaN/Inf)" in out["warnings"][0]
 
 
+def _scale_file(work, lam, shape):
+    scale_file = str(work / "scale_in.nii")
+    nib.save(nib.Nifti1Image(np.broadcast_to(np.asarray(lam, np.float32), shape + (3,)).copy(), AFFINE), scale_file)
+    return scale_file
+
+
+def _rebuild(fitted, loaded, scaled, mask_file, sel, work, **kwargs):
+    return steps.rebuild_step(fitted["s0_file"], loaded["dwi_file"], loaded["mean_b0_file"], scaled["sh_files"],
+                              mask_file, sel["plan_file"], sel["bval_file"], sel["bvec_file"], 4, work, **kwargs)
+
+
 @pytest.mark.parametrize("lam", [(1.0, 1.0, 1.0), (0.9, 0.6, 0.3)])
 def test_fit_scale_rebuild_known_answer(tmp_path, lam):
     """A band-limited signal: lambda = 1 gives it back exactly; other lambdas give S0 * B (lambda C)."""
     (dwi, bval, bvec), data, coeffs, l_values = band_limited_run(tmp_path)
     work = tmp_path / "w"
-    sel = steps.select_shell_step(dwi, bval, bvec, 1000, 100, 4, work)
-    loaded = steps.load_dwi_step(dwi, sel["index"], sel["n_b0"], work)
+    sel, loaded = _select_and_load(dwi, bval, bvec, work)
     mask_file = _ones_mask(tmp_path, data.shape[:3])
-    fitted = steps.fit_rish_step(loaded["dwi_file"], sel["bval_file"], sel["bvec_file"], mask_file, 4, work)
-    np.testing.assert_allclose(np.asanyarray(nib.load(fitted["sh_file"]).dataobj), coeffs, atol=1e-5)
-    scale = np.broadcast_to(np.asarray(lam, np.float32), data.shape[:3] + (3,))
-    scale_file = str(work / "scale_in.nii")
-    nib.save(nib.Nifti1Image(scale, AFFINE), scale_file)
-    scaled = steps.scale_sh_step(fitted["sh_file"], scale_file, mask_file, 4, work)
+    fitted = steps.fit_rish_step(loaded["dwi_file"], sel["plan_file"], 4, work)
+    assert len(fitted["sh_files"]) == len(fitted["rish_files"]) == 1
+    np.testing.assert_allclose(np.asanyarray(nib.load(fitted["sh_files"][0]).dataobj), coeffs, atol=1e-5)
+    scaled = steps.scale_sh_step(fitted["sh_files"], [_scale_file(work, lam, data.shape[:3])], mask_file, 4, work)
     rish_src = np.asanyarray(nib.load(scaled["rish_source_file"]).dataobj)
     rish_pred = np.asanyarray(nib.load(scaled["rish_predicted_file"]).dataobj)
     np.testing.assert_allclose(rish_pred, rish_src * np.square(lam), rtol=1e-5)  # Eq. 1-3
-    out = steps.rebuild_step(fitted["s0_file"], fitted["b0_file"], scaled["sh_file"], mask_file,
-                             sel["bval_file"], sel["bvec_file"], 4, work)
+    out = _rebuild(fitted, loaded, scaled, mask_file, sel, work)
     rebuilt = np.asanyarray(nib.load(out["dwi_file"]).dataobj)
     per_coeff = np.asarray(lam)[[{0: 0, 2: 1, 4: 2}[int(l)] for l in l_values]]
     basis = sh_basis(np.loadtxt(bvec).T[2:], 4)[0]
     expected = data[..., :2].mean(-1, keepdims=True) * ((coeffs * per_coeff) @ basis.T)
-    np.testing.assert_allclose(rebuilt[..., :2], data[..., :2], rtol=1e-6)  # b0s put back first
+    np.testing.assert_allclose(rebuilt[..., :2], data[..., :2], rtol=1e-6)  # b0s carried as they are
     np.testing.assert_allclose(rebuilt[..., 2:], np.clip(expected, 0, None), rtol=2e-4, atol=1e-2)
     np.testing.assert_allclose(np.loadtxt(out["bval_file"]), np.loadtxt(bval))
 
@@ -221,17 +232,15 @@ def test_lambda_only_inside_the_mask_and_every_voxel_rebuilt(tmp_path, skull_str
     = 1, even where the scale file says otherwise); no voxel is zero unless ``skull_strip``."""
     (dwi, bval, bvec), data, coeffs, l_values = band_limited_run(tmp_path, shape=(6, 5, 4))
     work = tmp_path / "w"
-    sel = steps.select_shell_step(dwi, bval, bvec, 1000, 100, 4, work)
-    loaded = steps.load_dwi_step(dwi, sel["index"], sel["n_b0"], work)
+    sel, loaded = _select_and_load(dwi, bval, bvec, work)
     mask = np.zeros(data.shape[:3], np.uint8)
     mask[1:4, 1:4, 1:3] = 1
     mask_file = _save_mask(tmp_path, mask, AFFINE, "partial")
-    fitted = steps.fit_rish_step(loaded["dwi_file"], sel["bval_file"], sel["bvec_file"], mask_file, 4, work)
-    np.testing.assert_allclose(np.asanyarray(nib.load(fitted["sh_file"]).dataobj), coeffs, atol=1e-5)  # every voxel
+    fitted = steps.fit_rish_step(loaded["dwi_file"], sel["plan_file"], 4, work)
+    np.testing.assert_allclose(np.asanyarray(nib.load(fitted["sh_files"][0]).dataobj), coeffs, atol=1e-5)  # every voxel
     lam = np.asarray((0.9, 0.6, 0.3), np.float32)
-    scale_file = str(work / "scale_in.nii")
-    nib.save(nib.Nifti1Image(np.broadcast_to(lam, data.shape[:3] + (3,)).copy(), AFFINE), scale_file)
-    scaled = steps.scale_sh_step(fitted["sh_file"], scale_file, mask_file, 4, work / "s", skull_strip=skull_strip)
+    scaled = steps.scale_sh_step(fitted["sh_files"], [_scale_file(work, lam, data.shape[:3])], mask_file, 4,
+                                 work / "s", skull_strip=skull_strip)
     inside = mask > 0
     written_scale = np.asanyarray(nib.load(scaled["scale_file"]).dataobj)
     np.testing.assert_allclose(written_scale[inside], np.broadcast_to(lam, (inside.sum(), 3)))
@@ -244,8 +253,7 @@ def test_lambda_only_inside_the_mask_and_every_voxel_rebuilt(tmp_path, skull_str
     else:
         np.testing.assert_allclose(rish_pred[~inside], rish_src[~inside], rtol=1e-6)
         assert np.all(rish_src[..., 0] > 0)
-    out = steps.rebuild_step(fitted["s0_file"], fitted["b0_file"], scaled["sh_file"], mask_file,
-                             sel["bval_file"], sel["bvec_file"], 4, work / "r", skull_strip=skull_strip)
+    out = _rebuild(fitted, loaded, scaled, mask_file, sel, work / "r", skull_strip=skull_strip)
     rebuilt = np.asanyarray(nib.load(out["dwi_file"]).dataobj)
     per_coeff = lam[[{0: 0, 2: 1, 4: 2}[int(l)] for l in l_values]]
     basis = sh_basis(np.loadtxt(bvec).T[2:], 4)[0]
@@ -292,21 +300,72 @@ bids_dmri_ldm.interfaces.steps.InputDataError: sub-01_dwi.nii.gz: the image has 
 
 
 @pytest.mark.parametrize("slope", [1.0, 0.5])
-def test_load_dwi_streams_the_kept_volumes_in_output_order(tmp_path, slope):
-    """One streamed pass: kept volumes in output order (b0s first), the stored integers kept when
-    the file has no scaling (float32 image values otherwise), means as nibabel's values give."""
+def test_load_dwi_streams_the_volumes_read_and_keeps_stored_integers(tmp_path, slope):
+    """One streamed pass: the volumes read in input order, the stored integers kept when the file
+    has no scaling (float32 image values otherwise), means as nibabel's values give; the SH fit
+    and RISH of the integer file equal those of the same values stored as float32."""
     rng = np.random.default_rng(4)
-    data = rng.integers(0, 2000, size=(6, 5, 4, 7)).astype(np.int16)
+    n_dirs = 20
+    bvals = np.r_[0, np.full(n_dirs, 1000.0), 0, np.full(n_dirs, 2000.0)]  # b0s between the shells
+    bvecs = np.vstack([np.zeros((1, 3)), _directions(n_dirs), np.zeros((1, 3)), _directions(n_dirs, 1)])
+    data = rng.integers(200, 2000, size=(6, 5, 4, bvals.size)).astype(np.int16)
+    dwi, bval, bvec = write_run(tmp_path / "in", data, bvals, bvecs)
     img = nib.Nifti1Image(data, AFFINE)
     img.header.set_slope_inter(slope, 0.0)
-    nib.save(img, tmp_path / "in.nii.gz")
-    values = np.asanyarray(nib.load(tmp_path / "in.nii.gz").dataobj).astype(np.float64)
-    index, n_b0 = [5, 0, 1, 3, 6], 2
-    out = steps.load_dwi_step(str(tmp_path / "in.nii.gz"), index, n_b0, tmp_path / "work")
-    selected = nib.load(out["dwi_file"])
-    assert selected.get_data_dtype() == (np.int16 if slope == 1.0 else np.float32)
-    np.testing.assert_allclose(np.asanyarray(selected.dataobj), values[..., index], rtol=1e-6)
-    np.testing.assert_allclose(nib.load(out["mean_b0_file"]).get_fdata(), values[..., [5, 0]].mean(-1), rtol=1e-6)
-    np.testing.assert_allclose(nib.load(out["mean_dwi_file"]).get_fdata(), values[..., [1, 3, 6]].mean(-1),
+    nib.save(img, dwi)
+    values = np.asanyarray(nib.load(dwi).dataobj).astype(np.float64)
+    sel, out = _select_and_load(dwi, bval, bvec, tmp_path / "work")
+    plan, _ = steps.read_plan(sel["plan_file"])
+    read = nib.load(out["dwi_file"])
+    assert read.get_data_dtype() == (np.int16 if slope == 1.0 else np.float32)
+    np.testing.assert_allclose(np.asanyarray(read.dataobj), values[..., plan.read_index], rtol=1e-6)
+    np.testing.assert_allclose(nib.load(out["mean_b0_file"]).get_fdata(), values[..., [0, n_dirs + 1]].mean(-1),
+                               rtol=1e-6)
+    np.testing.assert_allclose(nib.load(out["mean_dwi_file"]).get_fdata(), values[..., plan.mask_index].mean(-1),
                                rtol=1e-6)
     assert out["integer_input"] and out["n_bad_voxels"] == 0
+    fitted = steps.fit_rish_step(out["dwi_file"], sel["plan_file"], 4, tmp_path / "work")
+    floats = write_run(tmp_path / "f", values.astype(np.float32), bvals, bvecs)[0]
+    sel_f, out_f = _select_and_load(floats, bval, bvec, tmp_path / "work_f")
+    assert nib.load(out_f["dwi_file"]).get_data_dtype() == np.float32
+    fitted_f = steps.fit_rish_step(out_f["dwi_file"], sel_f["plan_file"], 4, tmp_path / "work_f")
+    assert len(fitted["sh_files"]) == 2
+    for key in ("sh_files", "rish_files"):
+        for a, b in zip(fitted[key], fitted_f[key]):
+            np.testing.assert_allclose(nib.load(a).get_fdata(), nib.load(b).get_fdata(), rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("integer_output", [False, True])
+def test_rebuild_records_the_report_samples_of_the_written_file(tmp_path, integer_output):
+    """What the rebuild records for the report (ReportSamples) is the written file's signal at the
+    displayed voxels and the mean of its b0 volumes, wherever they are in the output (here
+    between two shells), in image values also for int16 output (to within half a quantum)."""
+    rng = np.random.default_rng(7)
+    n_dirs = 20
+    bvals = np.r_[0, np.full(n_dirs, 1000.0), 0, np.full(n_dirs, 2000.0)]
+    bvecs = np.vstack([np.zeros((1, 3)), _directions(n_dirs), np.zeros((1, 3)), _directions(n_dirs, 1)])
+    shape = (7, 6, 5)
+    s0 = rng.uniform(800, 1200, shape)
+    data = np.concatenate([s0[..., None], s0[..., None] * rng.uniform(0.3, 0.6, shape + (n_dirs,)),
+                           s0[..., None], s0[..., None] * rng.uniform(0.1, 0.3, shape + (n_dirs,))], axis=-1)
+    dwi, bval, bvec = write_run(tmp_path / "in", data.astype(np.int16), bvals, bvecs)
+    work = tmp_path / "w"
+    sel, loaded = _select_and_load(dwi, bval, bvec, work)
+    mask_file = _ones_mask(tmp_path, shape)
+    fitted = steps.fit_rish_step(loaded["dwi_file"], sel["plan_file"], 4, work)
+    lam = _scale_file(work, (0.9, 0.6, 0.3), shape)
+    scaled = steps.scale_sh_step(fitted["sh_files"], [lam, lam], mask_file, 4, work)
+    out = _rebuild(fitted, loaded, scaled, mask_file, sel, work / "r", integer_output=integer_output,
+                   report_samples=work / steps.REPORT_SAMPLES)
+    img = nib.load(out["dwi_file"])
+    assert img.get_data_dtype() == (np.int16 if integer_output else np.float32)
+    values = np.asanyarray(img.dataobj)
+    half_quantum = float(img.dataobj.slope) / 2 if integer_output else 0.0
+    with np.load(work / steps.REPORT_SAMPLES) as recorded:
+        ijk, signals, mean_b0 = recorded["ijk"], recorded["signals"], recorded["mean_b0"]
+        assert int(recorded["dwi_bytes"]) == Path(out["dwi_file"]).stat().st_size
+    assert len(ijk) > 10 and signals.shape == (len(ijk), bvals.size)
+    np.testing.assert_allclose(signals, values[tuple(ijk.T)], rtol=1e-6, atol=half_quantum + 1e-3)
+    b0 = np.flatnonzero(np.loadtxt(out["bval_file"]) < 50)
+    assert list(b0) == [0, n_dirs + 1]
+    np.testing.assert_allclose(mean_b0, values[..., b0].mean(-1), rtol=1e-6, atol=half_quantum + 1e-3)
