@@ -50,6 +50,7 @@ import numpy as np
 from .config import SCALE_REFERENCES
 from .core.resample import resample, resample_mask
 from .core.sh import DEFAULT_TAU, RISH_ORDERS, scale_maps
+from .errors import MethodError, MethodUnavailableError, ModelNotFoundError
 from .ml.modelconfig import (
     DEFAULT_SCALE_REFERENCE,
     DEFAULT_SCALE_SMOOTHING,
@@ -80,18 +81,6 @@ class Method(str, Enum):
 
     def __str__(self) -> str:  # argparse choices / messages show the plain value
         return self.value
-
-
-class MethodError(RuntimeError):
-    """A method cannot be used (unknown, model missing, corrupt or incompatible)."""
-
-
-class ModelNotFoundError(MethodError):
-    """The method's model directory or file does not exist."""
-
-
-class MethodUnavailableError(MethodError):
-    """The method exists but cannot run in this installation (e.g. no weights)."""
 
 
 @dataclass

@@ -4,7 +4,7 @@
 validates everything that can be checked before any data are read (paths, labels, filter
 file, GPU) and returns a filled :class:`~bids_dmri_ldm.config.RunConfig`.
 
-Errors are raised as :class:`~bids_dmri_ldm.cli.exitcodes.BidsAppError` subclasses carrying
+Errors are raised as :class:`~bids_dmri_ldm.errors.BidsAppError` subclasses carrying
 the BIDS execution-spec exit code; argparse's own exit status 2 is never used.
 """
 from __future__ import annotations
@@ -26,7 +26,7 @@ from ..config import (
     RunConfig,
     default_method,
 )
-from .exitcodes import (
+from ..errors import (
     MissingInputError,
     OutputError,
     UnknownAnalysisLevel,
@@ -475,7 +475,7 @@ def parse_args(argv: Sequence[str] | None = None) -> RunConfig:
     Raises
     ------
     BidsAppError
-        With the exit code of the BIDS execution spec (see :mod:`.exitcodes`).
+        With the exit code of the BIDS execution spec (see :mod:`bids_dmri_ldm.errors`).
     SystemExit
         Code 0 only, for ``--help`` and ``--version``.
     """

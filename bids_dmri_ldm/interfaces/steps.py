@@ -35,19 +35,12 @@ from ..core.resample import fill_outside_mask, output_grid, resample
 from ..core.sh import RISH_ORDERS, SHModel, n_coefficients, rish_features, sh_basis
 from ..core.shells import MEAN_B0, VolumePlan, load_output_table, plan_volumes
 from ..core.signal import DEFAULT_S0_FLOOR, fit_shell_sh
+from ..errors import InputDataError
 
 LOGGER = logging.getLogger("bids_dmri_ldm.workflow")
 
 # Errors raised by nibabel/gzip/zlib when a .nii.gz is truncated or not what it claims to be.
 _READ_ERRORS = (OSError, EOFError, zlib.error, gzip.BadGzipFile, nib.filebasedimages.ImageFileError, ValueError)
-
-
-class InputDataError(ValueError):
-    """An input run cannot be processed as given (bad image, gradients, shell, mask).
-
-    The message is one line saying what is wrong and, where possible, what to do; the workflow
-    reports it as the run's failure reason (exit code 65, "data format error").
-    """
 
 
 # ---------------------------------------------------------------------------------------------

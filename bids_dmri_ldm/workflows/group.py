@@ -40,7 +40,7 @@ import nibabel as nib
 import numpy as np
 
 from ..bids import derivatives as deriv
-from ..cli.exitcodes import (
+from ..errors import (
     EX_FAILURE,
     EX_OK,
     BadDataError,
