@@ -67,6 +67,7 @@ __all__ = [
     "EX_VALIDATION_FAILED",
     "BadDataError",
     "BidsAppError",
+    "BundleError",
     "FailureCategory",
     "InputDataError",
     "MethodError",
@@ -193,6 +194,10 @@ class ModelNotFoundError(MethodError):
 
 class MethodUnavailableError(MethodError):
     """The method exists but cannot run in this installation (e.g. no PyTorch, no GPU) (1)."""
+
+
+class BundleError(MethodError):
+    """A model bundle is missing, incomplete, tampered with, truncated or incompatible (1)."""
 
 
 class TemporaryFailure(BidsAppError):

@@ -19,19 +19,14 @@ from pathlib import Path
 from typing import Any
 
 from .. import __version__
-from ..config import (
-    METHOD_CHOICES,
-    SCALE_REFERENCES,
-    STAGE_CHOICES,
-    RunConfig,
-    default_method,
-)
+from ..config import RunConfig, default_method
 from ..errors import (
     MissingInputError,
     OutputError,
     UnknownAnalysisLevel,
     UsageError,
 )
+from ..vocabulary import ALL_STAGES, METHOD_CHOICES, SCALE_REFERENCES, STAGE_CHOICES
 
 PROG = "bids-dmri-ldm"
 ANALYSIS_LEVELS = ("participant", "group")
@@ -255,7 +250,7 @@ def _build_parser() -> BidsArgumentParser:
     group.add_argument("--config", dest="train_config", metavar="NAME|FILE",
                        help="training configuration: a built-in name ('demo', 'paper') or a JSON/YAML "
                        "file (default: demo)")
-    group.add_argument("--stage", choices=STAGE_CHOICES, default="all",
+    group.add_argument("--stage", choices=STAGE_CHOICES, default=ALL_STAGES,
                        help="training stage to run")
     group.add_argument("--resume", action="store_true",
                        help="continue training from the last checkpoint in the work dir")

@@ -71,12 +71,11 @@ from ..interfaces.steps import (
     grid_changes,
 )
 from ..methods import (
-    NEEDS_MODEL,
-    Method,
-    load_method,
+    MethodOptions,
+    ModelInfo,
+    inspect_model,
     model_mismatches,
     model_warnings,
-    resolve_model_dir,
     trained_shells,
 )
 from .resources import (
@@ -150,7 +149,7 @@ def output_gradients_record(config: RunConfig) -> dict[str, Any] | None:
     recorded); None when the output keeps the input's table."""
     if not config.output_gradients:
         return None
-    from ..methods import sha256_file
+    from ..bundles import sha256_file
 
     bval, bvec = (Path(p) for p in config.output_gradients)
     return {"BVal": bval.name, "BVec": bvec.name, "BValSHA256": sha256_file(bval), "BVecSHA256": sha256_file(bvec)}
@@ -158,7 +157,8 @@ def output_gradients_record(config: RunConfig) -> dict[str, Any] | None:
 
 def shell_options(config: RunConfig, translator: Any = None) -> ShellOptions:
     """How every run's shells are treated: ``--shell``, ``--shell-tolerance``, ``--sh-order``,
-    ``--output-gradients`` and the shells the loaded method's model covers."""
+    ``--output-gradients`` and the shells the method's model covers (``translator``: a loaded
+    method or its :class:`~bids_dmri_ldm.methods.ModelInfo`)."""
     covered = trained_shells(translator) if translator is not None else None
     record = output_gradients_record(config)
     return ShellOptions(
@@ -171,12 +171,12 @@ def shell_options(config: RunConfig, translator: Any = None) -> ShellOptions:
         output_sha256=None if record is None else record["BValSHA256"] + record["BVecSHA256"])
 
 
-def method_options(config: RunConfig) -> dict[str, Any]:
-    """Options handed to the method loader (used by ``ldm``; ignored by the others)."""
-    return {"device": config.device, "seed": int(config.seed), "num_samples": int(config.num_samples),
-            "ddim_steps": config.ddim_steps, "t0": config.t0, "guidance": config.guidance,
-            "scale_reference": config.scale_reference, "scale_smoothing": config.scale_smoothing,
-            "omp_nthreads": int(config.omp_nthreads)}
+def method_options(config: RunConfig) -> MethodOptions:
+    """Options handed to the method loader (used by ``ldm``/``cnn``; ignored by the others)."""
+    return MethodOptions(device=config.device, seed=int(config.seed), num_samples=int(config.num_samples),
+                         ddim_steps=config.ddim_steps, t0=config.t0, guidance=config.guidance,
+                         scale_reference=config.scale_reference, scale_smoothing=config.scale_smoothing,
+                         omp_nthreads=int(config.omp_nthreads))
 
 
 def _uri(path, root) -> str:
@@ -274,7 +274,7 @@ def init_single_run_wf(plan: RunPlan, config: RunConfig, settings: dict[str, Any
     dwi_wf = init_dwi_7tlike_wf(
         method=str(config.method),
         model_dir=None if config.model_dir is None else str(config.model_dir),
-        method_options=method_options(config),
+        method_options=method_options(config).to_dict(),  # JSON values through nipype
         shell_options=plan.options.to_dict(),
         sh_order_max=config.sh_order_max,
         output_resolution=config.output_resolution if plan.res_label else None,
@@ -296,12 +296,12 @@ def init_single_run_wf(plan: RunPlan, config: RunConfig, settings: dict[str, Any
         seed=config.seed,
         res_label=plan.res_label,
         resolution=plan.resolution,
-        with_std=writes_std_map(config.method, method_options(config)),
+        with_std=writes_std_map(config.method, method_options(config).to_dict()),
         skull_strip=bool(config.skull_strip),
     )
     fields = ["dwi_file", "bval_file", "bvec_file", "mask_file", "rish_source_file", "rish_predicted_file",
               "scale_file", "provenance", "warnings"]
-    if writes_std_map(config.method, method_options(config)):
+    if writes_std_map(config.method, method_options(config).to_dict()):
         fields.append("rish_std_file")
     workflow.connect([(dwi_wf, ds_wf, [(f"outputnode.{f}", f"inputnode.{f}") for f in fields])])
     _set_node_memory(workflow, plan.memory)
@@ -358,18 +358,18 @@ def run_participant(config: RunConfig, runs: Sequence[DWIRun], rejected: dict[st
         statuses[key], reasons[key] = "failed (bad-data): " + reason, reason
         _write_error_log(config, f"{key}_dwi", reason)
     if runs:
-        translator = load_method(config.method, config.model_dir, method_options(config))  # MethodError: 1/66
-        model_sha = getattr(getattr(translator, "model", None), "sha256", None)
-        model_dir = None
-        if Method(config.method) in NEEDS_MODEL:
-            model_dir = resolve_model_dir(config.method, config.model_dir)
-            LOGGER.info("method %s, model %s (sha256 %s)", config.method, model_dir, model_sha)
-            check_model_matches(translator, config, model_dir)
-        for message in model_warnings(translator):  # once here; every sidecar records it (RunWarnings)
+        # the model verified and described once, without building it (MethodError: 1, not found: 66);
+        # every node that predicts scale maps loads it for use
+        info = inspect_model(config.method, config.model_dir, method_options(config))
+        model_dir = None if info is None else info.path
+        if info is not None:
+            LOGGER.info("method %s, model %s (sha256 %s)", config.method, model_dir, info.sha256)
+            check_model_matches(info, config, model_dir)
+        for message in model_warnings(info):  # once here; every sidecar records it (RunWarnings)
             LOGGER.warning("%s", message)
-        settings = run_settings(config, model_sha)
+        settings = run_settings(config, None if info is None else info.sha256)
         context = _Context(config, settings, invocation, memory_limit(config), model_weight_bytes(model_dir),
-                           statuses, reasons, shell_options(config, translator))
+                           statuses, reasons, shell_options(config, info))
         deferred = _process_runs(context, runs, wait=False)
         if deferred:
             _process_runs(context, deferred, wait=True)
@@ -378,7 +378,7 @@ def run_participant(config: RunConfig, runs: Sequence[DWIRun], rejected: dict[st
     return statuses
 
 
-def check_model_matches(translator, config: RunConfig, model_dir: Path | None) -> None:
+def check_model_matches(translator: ModelInfo | Any, config: RunConfig, model_dir: Path | None) -> None:
     """Refuse (65) a model trained for other data than the runs give it (a ``--shell`` it was not
     trained for, SH order, RISH orders, signal normalisation), naming both; a model that records
     nothing is only warned about. Without ``--shell`` the shells are matched per run
