@@ -1,6 +1,7 @@
 # bids-dmri-ldm developer entry points.
 #   make demo   - create .venv, install, simulate a small BIDS dataset, run the participant level
-#   make test   - create .venv if needed, install the test extra, run the test suite
+#   make test   - create .venv if needed, install the test extra, check the import contracts
+#                 (pyproject.toml [tool.importlinter]), run the test suite
 #   make bench  - run the benchmarks (not part of the tests)
 PYTHON ?= python3
 VENV   ?= .venv
@@ -19,6 +20,7 @@ $(VENV)/.installed: pyproject.toml version
 venv: $(VENV)/.installed
 
 test: $(VENV)/.installed
+	$(VENV)/bin/lint-imports --no-cache
 	$(PY) -m pytest -n $(NPROC) -q -ra
 
 demo: $(VENV)/.installed

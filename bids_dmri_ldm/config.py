@@ -5,55 +5,20 @@ explicit arguments instead.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-#: Translation methods the command line offers (``--method``).
-METHOD_CHOICES = ("identity", "rish-global", "ldm", "cnn")
-SCALE_REFERENCES = ("input", "roundtrip")
-"""Denominators of the ldm scale maps: the input 3T RISH, or its VQ-VAE round trip."""
+from .vocabulary import (
+    ALL_STAGES,
+    DEFAULT_METHOD,
+    METHOD_CHOICES,
+    SCALE_REFERENCES,
+    STAGE_CHOICES,
+)
 
-#: Group-level training stages (``--stage``).
-STAGE_CHOICES = ("vqvae3t", "vqvae7t", "ldm", "sr", "all")
-
-#: Name of the model bundle shipped for the demo (``models/demo/config.json``).
-DEMO_MODEL_NAME = "demo"
-
-#: Environment variable that points to an extra folder of shipped model bundles.
-MODELS_ENV = "BIDS_DMRI_LDM_MODELS"
-
-
-def shipped_models_dirs() -> list[Path]:
-    """Folders that may hold model bundles shipped with the software, in search order.
-
-    1. ``$BIDS_DMRI_LDM_MODELS`` when set (e.g. weights baked into a container);
-    2. ``models/`` at the repository root (source checkout, editable install, container);
-    3. ``bids_dmri_ldm/data/models/`` inside the installed package.
-    """
-    package_dir = Path(__file__).resolve().parent
-    candidates = []
-    if os.environ.get(MODELS_ENV):
-        candidates.append(Path(os.environ[MODELS_ENV]).expanduser())
-    candidates += [package_dir.parent / "models", package_dir / "data" / "models"]
-    return candidates
-
-
-def find_shipped_model(name: str) -> Path | None:
-    """Folder of the shipped model bundle ``name`` (one holding ``config.json``), or None."""
-    for base in shipped_models_dirs():
-        if (base / name / "config.json").is_file():
-            return base / name
-    return None
-
-
-DEFAULT_METHOD = "ldm"
-"""The default ``--method``: the latent diffusion model with the shipped ``models/demo`` bundle.
-On held-out simulated subjects it beats ``identity`` in 7 of 8 of the paper's columns and the
-simpler ``rish-global`` beats it in 6 of 8 (docs/evaluation_results.md); both shipped models are
-demonstrations trained on simulated data."""
-
+__all__ = ["DEFAULT_METHOD", "DEFAULT_TRAINING_SHELL", "METHOD_CHOICES", "SCALE_REFERENCES", "STAGE_CHOICES",
+           "RunConfig", "default_method"]
 
 DEFAULT_TRAINING_SHELL = 1000.0
 """b-value (s/mm²) an ldm/cnn bundle is trained for when the group level gets no ``--shell`` (the
@@ -86,7 +51,7 @@ class RunConfig:
     omp_nthreads: int = 1
     mem_gb: float | None = None  # memory a run may use (None: what is available)
     device: str = "cpu"  # resolved: "cpu" | "cuda"
-    method: str = "rish-global"
+    method: str = DEFAULT_METHOD  # the command line's default (bids_dmri_ldm.vocabulary)
     model_dir: Path | None = None
     output_resolution: float | None = 1.05
     skull_strip: bool = False  # zero the DWI and RISH maps outside the brain mask
@@ -106,7 +71,7 @@ class RunConfig:
     scale_smoothing: float | None = None  # sigma in model-grid voxels
     # group level
     train_config: Path | None = None
-    stage: str = "all"
+    stage: str = ALL_STAGES
     resume: bool = False
     reports_only: bool = False
 

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import __version__
-from .cli.exitcodes import (
+from .errors import (
     EX_DATAERR,
     BadDataError,
     BidsAppError,
@@ -43,6 +43,7 @@ from .cli.exitcodes import (
     NoDataError,
     OutputError,
     UsageError,
+    report_error,
 )
 from .evaluation import discovery
 
@@ -290,8 +291,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BidsAppError as err:
         if verbose >= 2:
             traceback.print_exc()
-        print(f"{PROG}: error: {err}", file=sys.stderr)
-        return err.exit_code
+        return report_error(PROG, err)
     except KeyboardInterrupt:
         return 130
 

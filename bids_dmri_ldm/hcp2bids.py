@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ._version import __version__
-from .cli.exitcodes import EX_CANTCREAT, EX_FAILURE, EX_OK, BidsAppError, MissingInputError, UsageError
+from .errors import EX_CANTCREAT, EX_OK, BidsAppError, MissingInputError, UsageError, report_error
 
 PROG = "python -m bids_dmri_ldm.hcp2bids"
 LOGGER = logging.getLogger("bids_dmri_ldm.hcp2bids")
@@ -126,15 +126,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EX_OK
     except SystemExit as exc:  # --help / --version
         return exc.code if isinstance(exc.code, int) else EX_OK
-    except BidsAppError as exc:
-        sys.stderr.write(f"{PROG}: error: {exc.message}\n")
-        return exc.exit_code
-    except KeyboardInterrupt:
-        sys.stderr.write(f"{PROG}: error: interrupted\n")
-        return 130
-    except Exception as exc:  # noqa: BLE001 - one line, never a traceback wall
-        sys.stderr.write(f"{PROG}: error: unexpected {type(exc).__name__}: {' '.join(str(exc).split())}\n")
-        return EX_FAILURE
+    except (Exception, KeyboardInterrupt) as exc:  # noqa: BLE001 - one line, never a traceback wall
+        return report_error(PROG, exc)
     finally:
         LOGGER.removeHandler(handler)
 

@@ -101,9 +101,10 @@ def test_tampered_cnn_bundle_is_refused(trained, tmp_path, capsys):
 
 
 def test_an_ldm_bundle_is_not_a_cnn(tmp_path):
-    from bids_dmri_ldm.methods import MethodError, resolve_bundle_dir
+    from bids_dmri_ldm.bundles import resolve_model_dir
+    from bids_dmri_ldm.methods import MethodError
 
-    shipped_ldm = resolve_bundle_dir("ldm", None)
+    shipped_ldm = resolve_model_dir("ldm", None)
     with pytest.raises(MethodError, match="is a ldm bundle, not cnn"):
         load_method("cnn", shipped_ldm)
 

@@ -275,7 +275,7 @@ def test_dockerfile_points_every_runtime_write_at_tmp():
         assert env.get(key, "").startswith("/tmp"), key
     assert env["PYTHONDONTWRITEBYTECODE"] == "1"
     assert env["NIPYPE_NO_ET"] == "1"  # no etelemetry request at import (no network)
-    from bids_dmri_ldm.config import MODELS_ENV
+    from bids_dmri_ldm.bundles import MODELS_ENV
 
     assert env[MODELS_ENV] == "/opt/bids-dmri-ldm/models"
 

@@ -303,7 +303,7 @@ def test_std_map_is_optional_for_completeness_but_removed_with_the_run(tmp_path)
 def test_command_line_scale_options_override_the_bundle(tiny_bundle, tmp_path):
     """--scale-reference / --scale-smoothing reach the ldm method; unset, the bundle's values apply."""
     from bids_dmri_ldm.config import RunConfig
-    from bids_dmri_ldm.methods import DEFAULT_SCALE_REFERENCE, DEFAULT_SCALE_SMOOTHING
+    from bids_dmri_ldm.ml.modelconfig import DEFAULT_SCALE_REFERENCE, DEFAULT_SCALE_SMOOTHING
     from bids_dmri_ldm.workflows.base import method_options
 
     def config(**overrides):

@@ -6,7 +6,8 @@ import json
 import numpy as np
 import pytest
 
-from bids_dmri_ldm import methods
+from bids_dmri_ldm import bundles, methods
+from bids_dmri_ldm.bundles import MODELS_ENV, resolve_model_dir
 from bids_dmri_ldm.core.resample import output_grid
 from bids_dmri_ldm.methods import (
     LOADERS,
@@ -14,14 +15,11 @@ from bids_dmri_ldm.methods import (
     MethodError,
     ModelNotFoundError,
     RishGlobalModel,
-    RishPair,
-    fit_rish_global,
     load_method,
     load_rish_global_model,
-    pair_scale_samples,
-    resolve_model_dir,
     save_rish_global_model,
 )
+from bids_dmri_ldm.ml.rish_global import RishPair, fit_rish_global, pair_scale_samples
 
 RNG = np.random.default_rng(7)
 
@@ -97,12 +95,13 @@ def test_resolve_model_dir(tmp_path, monkeypatch):
     (tmp_path / "rish-global").mkdir()
     assert resolve_model_dir("rish-global", tmp_path) == tmp_path / "rish-global"  # a folder of models
     assert resolve_model_dir("rish-global", tmp_path / "rish-global") == tmp_path / "rish-global"
-    monkeypatch.setenv(methods.MODELS_ENV, str(tmp_path))
-    assert resolve_model_dir(Method.RISH_GLOBAL, None) == tmp_path / "rish-global"
+    monkeypatch.setenv(MODELS_ENV, str(tmp_path))
+    (tmp_path / "rish-global" / "rish_global.json").write_text("{}")
+    assert resolve_model_dir(Method.RISH_GLOBAL, None) == tmp_path / "rish-global"  # searched first
 
 
 def test_shipped_default_model_loads(monkeypatch):
-    monkeypatch.delenv(methods.MODELS_ENV, raising=False)
+    monkeypatch.delenv(MODELS_ENV, raising=False)
     model = load_rish_global_model(resolve_model_dir("rish-global", None))
     assert len(model.factors) == 3 and all(0.5 < f < 1.5 for f in model.factors)
     assert model.training["n_pairs"] >= 2
@@ -112,7 +111,7 @@ def test_shipped_ldm_bundle_loads_and_translates(monkeypatch):
     """models/demo: checksums verify, the config is a valid bundle, and a translation of a
     smooth synthetic brain gives finite, positive scale maps near 1 (the demo model was trained
     on simulated 3T/7T pairs whose RISH ratios are 0.7-1.0)."""
-    monkeypatch.delenv(methods.MODELS_ENV, raising=False)
+    monkeypatch.delenv(MODELS_ENV, raising=False)
     method = load_method("ldm", None, {"seed": 0, "ddim_steps": 5})
     assert method.bundle.config["training_data"]["n_paired"] >= 2
     shape = (30, 36, 30)

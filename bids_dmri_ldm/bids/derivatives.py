@@ -47,6 +47,7 @@ import nibabel as nib
 import numpy as np
 
 from .._version import __version__
+from ..errors import OutputError
 
 BIDS_VERSION = "1.10.0"
 CODE_URL = "https://github.com/bids-dmri-ldm/bids-dmri-ldm"
@@ -84,8 +85,8 @@ _LABEL = re.compile(r"^[0-9a-zA-Z+]+$")
 SOFTWARE_DISTRIBUTIONS = ("numpy", "scipy", "torch", "dipy", "nibabel", "nipype", "monai", "pybids")
 
 
-class OutputWriteError(OSError):
-    """The derivative dataset cannot be written (permissions, disk)."""
+class OutputWriteError(OutputError, OSError):
+    """The derivative dataset cannot be written (permissions, disk); 73."""
 
 
 # ---------------------------------------------------------------------------------------------

@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 
 from .._version import __version__
-from ..cli.exitcodes import BadDataError, MissingInputError
+from ..errors import BadDataError, MissingInputError
 from .derivatives import BIDS_VERSION, CODE_URL, dataset_link
 
 LOGGER = logging.getLogger("bids_dmri_ldm.hcp2bids")

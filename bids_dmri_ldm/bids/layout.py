@@ -12,7 +12,7 @@ which with a ``--bids-filter-file``::
 query selecting the 3T runs (``{"dwi": {"session": "3T"}}``): runs of unknown field strength
 that a ``dwi`` filter selected are taken as source runs.
 
-Exit codes (see :mod:`bids_dmri_ldm.cli.exitcodes`): a participant or session label absent
+Exit codes (see :mod:`bids_dmri_ldm.errors`): a participant or session label absent
 from the dataset is *missing input* (66); labels/filters that exist but select no DWI run,
 or a group level without any 3T/7T pair, is *no data* (18); a run without bval/bvec or with a
 malformed field strength is *bad data* (65).
@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..cli.exitcodes import BadDataError, MissingInputError, NoDataError, UsageError
+from ..errors import BadDataError, MissingInputError, NoDataError, UsageError
 
 LOGGER = logging.getLogger("bids_dmri_ldm.bids")
 

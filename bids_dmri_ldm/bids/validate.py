@@ -26,7 +26,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-from ..cli.exitcodes import EX_OK, EX_VALIDATION_FAILED, ValidationFailed
+from ..errors import EX_OK, EX_VALIDATION_FAILED, ValidationFailed
 
 LOGGER = logging.getLogger("bids_dmri_ldm.bids")
 VALIDATOR = "bids-validator-deno"

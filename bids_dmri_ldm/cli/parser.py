@@ -4,7 +4,7 @@
 validates everything that can be checked before any data are read (paths, labels, filter
 file, GPU) and returns a filled :class:`~bids_dmri_ldm.config.RunConfig`.
 
-Errors are raised as :class:`~bids_dmri_ldm.cli.exitcodes.BidsAppError` subclasses carrying
+Errors are raised as :class:`~bids_dmri_ldm.errors.BidsAppError` subclasses carrying
 the BIDS execution-spec exit code; argparse's own exit status 2 is never used.
 """
 from __future__ import annotations
@@ -19,19 +19,14 @@ from pathlib import Path
 from typing import Any
 
 from .. import __version__
-from ..config import (
-    METHOD_CHOICES,
-    SCALE_REFERENCES,
-    STAGE_CHOICES,
-    RunConfig,
-    default_method,
-)
-from .exitcodes import (
+from ..config import RunConfig, default_method
+from ..errors import (
     MissingInputError,
     OutputError,
     UnknownAnalysisLevel,
     UsageError,
 )
+from ..vocabulary import ALL_STAGES, METHOD_CHOICES, SCALE_REFERENCES, STAGE_CHOICES
 
 PROG = "bids-dmri-ldm"
 ANALYSIS_LEVELS = ("participant", "group")
@@ -255,7 +250,7 @@ def _build_parser() -> BidsArgumentParser:
     group.add_argument("--config", dest="train_config", metavar="NAME|FILE",
                        help="training configuration: a built-in name ('demo', 'paper') or a JSON/YAML "
                        "file (default: demo)")
-    group.add_argument("--stage", choices=STAGE_CHOICES, default="all",
+    group.add_argument("--stage", choices=STAGE_CHOICES, default=ALL_STAGES,
                        help="training stage to run")
     group.add_argument("--resume", action="store_true",
                        help="continue training from the last checkpoint in the work dir")
@@ -475,7 +470,7 @@ def parse_args(argv: Sequence[str] | None = None) -> RunConfig:
     Raises
     ------
     BidsAppError
-        With the exit code of the BIDS execution spec (see :mod:`.exitcodes`).
+        With the exit code of the BIDS execution spec (see :mod:`bids_dmri_ldm.errors`).
     SystemExit
         Code 0 only, for ``--help`` and ``--version``.
     """

@@ -1,7 +1,7 @@
 """``bids-dmri-ldm`` entry point: parse, validate, collect runs, run a level.
 
-``main()`` returns the process exit status (BIDS execution spec, see :mod:`.exitcodes`):
-every :class:`~.exitcodes.BidsAppError` becomes one line ``bids-dmri-ldm: error: <message>``
+``main()`` returns the process exit status (BIDS execution spec, see :mod:`bids_dmri_ldm.errors`):
+every :class:`~bids_dmri_ldm.errors.BidsAppError` becomes one line ``bids-dmri-ldm: error: <message>``
 on stderr and its code; any other exception exits 1 with one line (the traceback only with
 ``-v``); Ctrl-C exits 130. At the participant level every run is attempted; when any failed,
 the exit status (after all have finished) is 65 if every failure was bad input data, 73 if
@@ -11,7 +11,6 @@ none).
 """
 from __future__ import annotations
 
-import importlib
 import logging
 import os
 import sys
@@ -23,7 +22,7 @@ from pathlib import Path
 
 from .. import __version__
 from ..config import RunConfig
-from .exitcodes import (
+from ..errors import (
     EX_CANTCREAT,
     EX_DATAERR,
     EX_FAILURE,
@@ -111,20 +110,13 @@ def _limit_threads(omp_nthreads: int) -> None:
     torch.set_num_threads(omp_nthreads)
 
 
-def _level_function(module: str, name: str, level: str):
-    """Import ``module.name`` lazily; a missing module is a clear error, not a traceback."""
-    try:
-        return getattr(importlib.import_module(module), name)
-    except ModuleNotFoundError as err:
-        if err.name and module.startswith(err.name):
-            raise BidsAppError(
-                f"the {level} level is not available in this installation ({module} is "
-                "missing); reinstall bids-dmri-ldm",
-                exit_code=EX_FAILURE,
-            ) from err
-        raise
-    except AttributeError as err:
-        raise BidsAppError(f"{module} has no {name}(); reinstall bids-dmri-ldm") from err
+def _check_level_import(level: str, err: ModuleNotFoundError) -> None:
+    """After importing a level's workflows failed: a clear one-line error when the package's own
+    ``workflows`` modules are missing (a broken installation); otherwise return, and the caller
+    re-raises the original error (a missing dependency is reported as it is)."""
+    if err.name and ("bids_dmri_ldm.workflows".startswith(err.name) or err.name.startswith("bids_dmri_ldm.workflows")):
+        raise BidsAppError(f"the {level} level is not available in this installation ({err.name} is missing); "
+                           "reinstall bids-dmri-ldm", exit_code=EX_FAILURE) from err
 
 
 def _collect(config: RunConfig, roles, allow_all_rejected: bool = False):
@@ -162,8 +154,11 @@ def run_participant_level(config: RunConfig) -> int:
     runs = source_runs(runs) if runs else []
     LOGGER.info("participant level: %d source run(s): %s", len(runs),
                 ", ".join(run.stem for run in runs))
-    run_participant = _level_function("bids_dmri_ldm.workflows.base", "run_participant",
-                                      "participant")
+    try:  # imported here: nipype and the workflows only when a level runs
+        from ..workflows.base import run_participant
+    except ModuleNotFoundError as err:
+        _check_level_import("participant", err)
+        raise
     statuses = dict(run_participant(config, runs, rejected=rejected))
     for stem, reason in rejected.items():
         statuses.setdefault(stem, f"failed (bad-data): {reason}")
@@ -255,7 +250,11 @@ def _run_group_level(config: RunConfig) -> int:
             raise BadDataError(str(err)) from None
         LOGGER.info("group level: %d 3T/7T pair(s) in %d participant(s)", len(pairs),
                     len({source.subject for source, _ in pairs}))
-    run_group = _level_function("bids_dmri_ldm.workflows.group", "run_group", "group")
+    try:
+        from ..workflows.group import run_group
+    except ModuleNotFoundError as err:
+        _check_level_import("group", err)
+        raise
     return int(run_group(config, runs))
 
 

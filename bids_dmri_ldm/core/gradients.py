@@ -16,6 +16,8 @@ from os import PathLike
 
 import numpy as np
 
+from ..errors import BadDataError
+
 B0_THRESHOLD = 50.0
 """b-value (s/mm²) at or below which a volume counts as a b0."""
 
@@ -27,8 +29,8 @@ MAX_PLAUSIBLE_BVAL = 100_000.0
 uses up to ~30 000 s/mm² (ex vivo, preclinical); 1000 written as 1e6 is a ×1000 scaling."""
 
 
-class GradientError(ValueError):
-    """A gradient table is missing, malformed or does not match its image."""
+class GradientError(BadDataError, ValueError):
+    """A gradient table is missing, malformed or does not match its image (bad data, 65)."""
 
 
 def _read_table(path: str | PathLike, what: str) -> np.ndarray:

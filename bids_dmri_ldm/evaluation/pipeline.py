@@ -13,7 +13,6 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from ..cli.exitcodes import BadDataError
 from ..core.gradients import (
     GradientError,
     check_gradients,
@@ -23,6 +22,7 @@ from ..core.gradients import (
 from ..core.mask import brain_mask
 from ..core.resample import resample_mask
 from ..core.signal import mean_b0, sanitize
+from ..errors import BadDataError
 from . import discovery, scoring
 from .report import ScoreRow
 

@@ -34,6 +34,7 @@ from ..core.resample import fill_outside_mask, output_grid, resample
 from ..core.sh import RISH_ORDERS, SHModel, n_coefficients, sh_basis
 from ..core.shells import MEAN_B0, VolumePlan, load_output_table, plan_volumes
 from ..core.signal import DEFAULT_S0_FLOOR, fit_shell_rish
+from ..errors import InputDataError
 from ..io.nifti import READ_ERRORS, iter_nifti_volumes, nifti_layout, save_nifti
 from ..io.nifti import write_nifti_volumes as write_nifti_volumes  # re-exported for callers of steps
 
@@ -41,14 +42,6 @@ LOGGER = logging.getLogger("bids_dmri_ldm.workflow")
 
 # Errors raised by nibabel/gzip/zlib/ISA-L when a .nii.gz is truncated or not what it claims to be.
 _READ_ERRORS = READ_ERRORS
-
-
-class InputDataError(ValueError):
-    """An input run cannot be processed as given (bad image, gradients, shell, mask).
-
-    The message is one line saying what is wrong and, where possible, what to do; the workflow
-    reports it as the run's failure reason (exit code 65, "data format error").
-    """
 
 
 # ---------------------------------------------------------------------------------------------

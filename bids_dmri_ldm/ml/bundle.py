@@ -24,7 +24,6 @@ one-line message naming the file.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import platform
@@ -40,27 +39,25 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ..bundles import BUNDLE_CHECKSUMS as CHECKSUM_FILE
+from ..bundles import (
+    CNN_WEIGHT_NAMES,
+    WEIGHT_NAMES,
+    bundle_checksums,
+    required_files,
+    sha256_file,
+    verify_bundle,
+    weight_names,
+)
+from ..errors import BundleError
 from .modelconfig import ConfigError, validate_config
 from .networks import build_all
 
-WEIGHT_NAMES = ("vqvae3t", "vqvae7t", "unet", "sr")
-CNN_WEIGHT_NAMES = ("cnn",)
-CHECKSUM_FILE = "checksums.sha256"
 REQUIRED_FILES = ("config.json", "MODEL_CARD.md", *(f"{n}.safetensors" for n in WEIGHT_NAMES))
 
-
-def weight_names(config: dict[str, Any]) -> tuple[str, ...]:
-    """Weight-file stems of a bundle of this config's method."""
-    return CNN_WEIGHT_NAMES if config.get("method", "ldm") == "cnn" else WEIGHT_NAMES
-
-
-def required_files(config: dict[str, Any]) -> tuple[str, ...]:
-    """Files a bundle of this config's method must hold (all listed in its checksums)."""
-    return ("config.json", "MODEL_CARD.md", *(f"{n}.safetensors" for n in weight_names(config)))
-
-
-class BundleError(RuntimeError):
-    """A model bundle is missing, incomplete, tampered with, truncated or incompatible."""
+__all__ = ["CHECKSUM_FILE", "CNN_WEIGHT_NAMES", "REQUIRED_FILES", "WEIGHT_NAMES", "Bundle", "BundleError",
+           "attach_validation", "load_bundle", "model_card", "required_files", "save_bundle", "sha256_file",
+           "verify_bundle", "weight_names"]
 
 
 @dataclass
@@ -85,15 +82,6 @@ class Bundle:
     def method(self) -> str:
         """``"ldm"`` or ``"cnn"``."""
         return self.config.get("method", "ldm")
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    """Hex SHA-256 of a file, read in chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(chunk), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -175,49 +163,6 @@ def attach_validation(path: str | Path, table: dict[str, Any], markdown: str) ->
     atomic_write_text(path / CHECKSUM_FILE, "".join(lines))
 
 
-def _read_checksums(path: Path) -> dict[str, str]:
-    listing = path / CHECKSUM_FILE
-    if not listing.is_file():
-        raise BundleError(f"model bundle {path} is incomplete: {CHECKSUM_FILE} is missing")
-    sums = {}
-    for number, line in enumerate(listing.read_text().splitlines(), 1):
-        parts = line.split()
-        if len(parts) != 2 or len(parts[0]) != 64:
-            raise BundleError(f"model bundle {path}: malformed line {number} in {CHECKSUM_FILE}")
-        sums[parts[1].lstrip("*")] = parts[0].lower()
-    return sums
-
-
-def verify_bundle(path: str | Path) -> dict[str, str]:
-    """Check that every required file is present, listed and matches its SHA-256.
-
-    ``config.json`` is verified first, then read to know the method's weight files.
-    """
-    path = Path(path)
-    if not path.is_dir():
-        raise BundleError(f"model bundle directory {path} does not exist")
-    sums = _read_checksums(path)
-    _verify_file(path, "config.json", sums)
-    try:
-        method_config = {"method": json.loads((path / "config.json").read_text()).get("method", "ldm")}
-    except (json.JSONDecodeError, AttributeError) as err:
-        raise BundleError(f"model bundle {path}: invalid config.json: {err}") from None
-    for name in required_files(method_config):
-        _verify_file(path, name, sums)
-    return sums
-
-
-def _verify_file(path: Path, name: str, sums: dict[str, str]) -> None:
-    """One required file of a bundle: listed, present, matching its checksum."""
-    if name not in sums:
-        raise BundleError(f"model bundle {path} is incomplete: {name} is not listed in {CHECKSUM_FILE}")
-    if not (path / name).is_file():
-        raise BundleError(f"model bundle {path} is incomplete: {name} is missing")
-    if sha256_file(path / name) != sums[name]:
-        raise BundleError(f"model bundle {path}: {name} does not match its SHA-256 checksum "
-                          "(file changed, truncated or corrupted); re-download or retrain")
-
-
 def load_bundle(path: str | Path, device: torch.device | str = "cpu") -> Bundle:
     """Verify and load a bundle; networks are returned in eval mode on ``device``.
 
@@ -249,7 +194,7 @@ def load_bundle(path: str | Path, device: torch.device | str = "cpu") -> Bundle:
                               f"in config.json ({first})") from None
         # channels-last 3D convolutions are faster with oneDNN (CPU) and cuDNN
         networks[name].to(device, memory_format=torch.channels_last_3d).eval()
-    return Bundle(config, networks, path, sums["config.json"], sha256_file(path / CHECKSUM_FILE))
+    return Bundle(config, networks, path, sums["config.json"], sha256_file(bundle_checksums(path)[0]))
 
 
 def model_card(config: dict[str, Any], command: str = "", training_time_s: float | None = None,

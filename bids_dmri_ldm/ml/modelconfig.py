@@ -17,6 +17,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from ..vocabulary import LDM_STAGES
+
 #: Version of the bundle/config layout; bumped on incompatible changes.
 FORMAT_VERSION = 1
 
@@ -62,7 +64,7 @@ _OPTIONAL: dict[str, set[str]] = {
 }
 _TOP_TRAINING = {"format_version", "name", "description", "grid", "orders", *_SCHEMA}
 _TOP_BUNDLE_EXTRA = {"normalisation", "latent_scale", "training_data", "software", "created"}
-_EPOCH_KEYS = {"vqvae3t", "vqvae7t", "ldm", "sr"}
+_EPOCH_KEYS = set(LDM_STAGES)  # one epoch count per training stage
 #: Optional top-level keys of every config: ``method`` (default "ldm") and what the model was
 #: trained for (``trained_for``, set by the group level); of bundles: the validation table the
 #: group level's gate wrote (:mod:`bids_dmri_ldm.evaluation.gate`).

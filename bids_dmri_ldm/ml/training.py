@@ -35,6 +35,7 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 from tqdm.auto import tqdm
 
+from ..vocabulary import LDM_STAGES
 from .bundle import atomic_write_text as _atomic_write_text
 from .bundle import model_card, save_bundle, software_versions, state_to_tensors
 from .data import RishScan, canonical_scan, target_on_source, to_model_grid
@@ -54,7 +55,7 @@ from .normalise import LEGACY_METHOD, fit_normalisation, normalise
 from .scalemaps import SMOOTHING_CANDIDATES, calibrate_scale_smoothing
 from .split import split_participants
 
-STAGES = ("vqvae3t", "vqvae7t", "ldm", "sr")
+STAGES = LDM_STAGES  # the stages in training order (bids_dmri_ldm.vocabulary)
 _STAGE_ID = {**{s: i for i, s in enumerate(STAGES)}, "cnn": len(STAGES)}  # cnn: the baseline (ml/cnn.py)
 
 

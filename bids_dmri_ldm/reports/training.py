@@ -33,6 +33,7 @@ from bids_dmri_ldm.reports.html import (
     table_html,
     write_text_atomic,
 )
+from bids_dmri_ldm.vocabulary import LDM_STAGES
 
 #: Glob patterns (relative to OUTPUT_DIR, searched recursively, ``sub-*``
 #: folders excluded) of the group level's files, per role.
@@ -44,8 +45,8 @@ TRAINING_FILES: dict[str, tuple[str, ...]] = {
 }
 #: Column that holds the stage name when one CSV holds several stages.
 STAGE_COLUMN = "stage"
-#: Training stages in pipeline order (``ml/training.py``); others follow, sorted.
-STAGE_ORDER = ("vqvae3t", "vqvae7t", "ldm", "sr")
+#: Training stages in pipeline order (:data:`bids_dmri_ldm.vocabulary.LDM_STAGES`); others follow, sorted.
+STAGE_ORDER = LDM_STAGES
 #: Columns that are bookkeeping, not curves.
 _NOT_CURVES = ("second", "time", "lr")
 

@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from .._version import __version__
-from ..cli.exitcodes import EX_CANTCREAT, EX_FAILURE, EX_OK, UsageError
+from ..errors import EX_CANTCREAT, EX_FAILURE, EX_OK, UsageError
 from . import acquisition
 from .physics import DEFAULT, PRESETS, ScanPhysics, build_scan_physics
 from .signal import DEFAULT_DISORDER_AMPLITUDE_UM2, REFERENCE_TIMING_MS, Diffusivities, Relaxation

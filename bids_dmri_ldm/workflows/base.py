@@ -41,6 +41,7 @@ import itertools
 import logging
 import os
 import re
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -53,25 +54,28 @@ import nibabel as nib
 
 from ..bids import derivatives as deriv
 from ..bids.locks import LockUnavailable, RunLock
-from ..cli.exitcodes import EX_DATAERR, EX_FAILURE, EX_NOINPUT, BidsAppError, OutputError
+from ..errors import (
+    EX_DATAERR,
+    BidsAppError,
+    FailureCategory,
+    InputDataError,
+    ResourceError,
+    failure_category,
+)
 from ..core.resample import output_grid
 from ..core.sh import RISH_ORDERS
 from ..interfaces.steps import (
-    InputDataError,
     InputSummary,
     ShellOptions,
     check_run_inputs,
     grid_changes,
 )
 from ..methods import (
-    NEEDS_MODEL,
-    Method,
-    MethodError,
-    ModelNotFoundError,
-    load_method,
+    MethodOptions,
+    ModelInfo,
+    inspect_model,
     model_mismatches,
     model_warnings,
-    resolve_model_dir,
     trained_shells,
 )
 from .resources import (
@@ -92,15 +96,6 @@ LOGGER = logging.getLogger("bids_dmri_ldm.workflow")
 
 STATUS_DONE = "done"
 STATUS_SKIPPED = "skipped: complete"
-_BAD_DATA_ERRORS = ("InputDataError", "GradientError", "ImageFileError", "BadGzipFile", "EOFError")
-_WRITE_ERRORS = ("OutputWriteError", "PermissionError", "ReadOnlyFileSystemError")
-_RESOURCE_ERRORS = ("MemoryError", "OutOfMemoryError")
-
-
-class ResourceError(RuntimeError):
-    """A run cannot be processed with the resources of this machine (memory); status
-    ``failed (resources)``, exit 73 when every failure is one."""
-
 
 _INVOCATIONS = itertools.count(1)
 
@@ -154,7 +149,7 @@ def output_gradients_record(config: RunConfig) -> dict[str, Any] | None:
     recorded); None when the output keeps the input's table."""
     if not config.output_gradients:
         return None
-    from ..methods import sha256_file
+    from ..bundles import sha256_file
 
     bval, bvec = (Path(p) for p in config.output_gradients)
     return {"BVal": bval.name, "BVec": bvec.name, "BValSHA256": sha256_file(bval), "BVecSHA256": sha256_file(bvec)}
@@ -162,7 +157,8 @@ def output_gradients_record(config: RunConfig) -> dict[str, Any] | None:
 
 def shell_options(config: RunConfig, translator: Any = None) -> ShellOptions:
     """How every run's shells are treated: ``--shell``, ``--shell-tolerance``, ``--sh-order``,
-    ``--output-gradients`` and the shells the loaded method's model covers."""
+    ``--output-gradients`` and the shells the method's model covers (``translator``: a loaded
+    method or its :class:`~bids_dmri_ldm.methods.ModelInfo`)."""
     covered = trained_shells(translator) if translator is not None else None
     record = output_gradients_record(config)
     return ShellOptions(
@@ -175,12 +171,12 @@ def shell_options(config: RunConfig, translator: Any = None) -> ShellOptions:
         output_sha256=None if record is None else record["BValSHA256"] + record["BVecSHA256"])
 
 
-def method_options(config: RunConfig) -> dict[str, Any]:
-    """Options handed to the method loader (used by ``ldm``; ignored by the others)."""
-    return {"device": config.device, "seed": int(config.seed), "num_samples": int(config.num_samples),
-            "ddim_steps": config.ddim_steps, "t0": config.t0, "guidance": config.guidance,
-            "scale_reference": config.scale_reference, "scale_smoothing": config.scale_smoothing,
-            "omp_nthreads": int(config.omp_nthreads)}
+def method_options(config: RunConfig) -> MethodOptions:
+    """Options handed to the method loader (used by ``ldm``/``cnn``; ignored by the others)."""
+    return MethodOptions(device=config.device, seed=int(config.seed), num_samples=int(config.num_samples),
+                         ddim_steps=config.ddim_steps, t0=config.t0, guidance=config.guidance,
+                         scale_reference=config.scale_reference, scale_smoothing=config.scale_smoothing,
+                         omp_nthreads=int(config.omp_nthreads))
 
 
 def _uri(path, root) -> str:
@@ -278,7 +274,7 @@ def init_single_run_wf(plan: RunPlan, config: RunConfig, settings: dict[str, Any
     dwi_wf = init_dwi_7tlike_wf(
         method=str(config.method),
         model_dir=None if config.model_dir is None else str(config.model_dir),
-        method_options=method_options(config),
+        method_options=method_options(config).to_dict(),  # JSON values through nipype
         shell_options=plan.options.to_dict(),
         sh_order_max=config.sh_order_max,
         output_resolution=config.output_resolution if plan.res_label else None,
@@ -300,12 +296,12 @@ def init_single_run_wf(plan: RunPlan, config: RunConfig, settings: dict[str, Any
         seed=config.seed,
         res_label=plan.res_label,
         resolution=plan.resolution,
-        with_std=writes_std_map(config.method, method_options(config)),
+        with_std=writes_std_map(config.method, method_options(config).to_dict()),
         skull_strip=bool(config.skull_strip),
     )
     fields = ["dwi_file", "bval_file", "bvec_file", "mask_file", "rish_source_file", "rish_predicted_file",
               "scale_file", "provenance", "warnings"]
-    if writes_std_map(config.method, method_options(config)):
+    if writes_std_map(config.method, method_options(config).to_dict()):
         fields.append("rish_std_file")
     workflow.connect([(dwi_wf, ds_wf, [(f"outputnode.{f}", f"inputnode.{f}") for f in fields])])
     _set_node_memory(workflow, plan.memory)
@@ -346,40 +342,34 @@ def run_participant(config: RunConfig, runs: Sequence[DWIRun], rejected: dict[st
 
     Raises
     ------
-    bids_dmri_ldm.cli.exitcodes.OutputError
+    bids_dmri_ldm.errors.OutputError
         The output directory cannot be written at all (73).
-    bids_dmri_ldm.cli.exitcodes.BidsAppError
+    bids_dmri_ldm.errors.BidsAppError
         The method cannot be loaded (unknown, model corrupt, ``ldm`` weights missing: 1; model
         not found: 66), or its model was trained for other data (65); checked once before any
         run starts.
     """
     started = time.time()
     invocation = invocation_id(started)
-    try:
-        deriv.init_derivatives_dataset(config.output_dir, config.bids_dir)
-    except deriv.OutputWriteError as err:
-        raise OutputError(str(err)) from None
+    deriv.init_derivatives_dataset(config.output_dir, config.bids_dir)  # OutputWriteError: 73
     statuses: dict[str, str] = {}
     reasons: dict[str, str] = {}
     for key, reason in sorted((rejected or {}).items()):
         statuses[key], reasons[key] = "failed (bad-data): " + reason, reason
         _write_error_log(config, f"{key}_dwi", reason)
     if runs:
-        try:
-            translator = load_method(config.method, config.model_dir, method_options(config))
-        except MethodError as err:
-            raise BidsAppError(str(err), EX_NOINPUT if isinstance(err, ModelNotFoundError) else EX_FAILURE) from None
-        model_sha = getattr(getattr(translator, "model", None), "sha256", None)
-        model_dir = None
-        if Method(config.method) in NEEDS_MODEL:
-            model_dir = resolve_model_dir(config.method, config.model_dir)
-            LOGGER.info("method %s, model %s (sha256 %s)", config.method, model_dir, model_sha)
-            check_model_matches(translator, config, model_dir)
-        for message in model_warnings(translator):  # once here; every sidecar records it (RunWarnings)
+        # the model verified and described once, without building it (MethodError: 1, not found: 66);
+        # every node that predicts scale maps loads it for use
+        info = inspect_model(config.method, config.model_dir, method_options(config))
+        model_dir = None if info is None else info.path
+        if info is not None:
+            LOGGER.info("method %s, model %s (sha256 %s)", config.method, model_dir, info.sha256)
+            check_model_matches(info, config, model_dir)
+        for message in model_warnings(info):  # once here; every sidecar records it (RunWarnings)
             LOGGER.warning("%s", message)
-        settings = run_settings(config, model_sha)
+        settings = run_settings(config, None if info is None else info.sha256)
         context = _Context(config, settings, invocation, memory_limit(config), model_weight_bytes(model_dir),
-                           statuses, reasons, shell_options(config, translator))
+                           statuses, reasons, shell_options(config, info))
         deferred = _process_runs(context, runs, wait=False)
         if deferred:
             _process_runs(context, deferred, wait=True)
@@ -388,7 +378,7 @@ def run_participant(config: RunConfig, runs: Sequence[DWIRun], rejected: dict[st
     return statuses
 
 
-def check_model_matches(translator, config: RunConfig, model_dir: Path | None) -> None:
+def check_model_matches(translator: ModelInfo | Any, config: RunConfig, model_dir: Path | None) -> None:
     """Refuse (65) a model trained for other data than the runs give it (a ``--shell`` it was not
     trained for, SH order, RISH orders, signal normalisation), naming both; a model that records
     nothing is only warned about. Without ``--shell`` the shells are matched per run
@@ -449,11 +439,8 @@ def _process_runs(ctx: _Context, runs: Sequence[DWIRun], wait: bool) -> list[DWI
             key = _run_key(run)
             try:
                 plan = plan_run(run, config, ctx.memory_limit, ctx.model_bytes, ctx.options)
-            except InputDataError as err:
-                _refuse(ctx, key, f"{key}_dwi", "bad-data", str(err))
-                continue
-            except ResourceError as err:
-                _refuse(ctx, key, f"{key}_dwi", "resources", str(err))
+            except (InputDataError, ResourceError) as err:
+                _refuse(ctx, key, f"{key}_dwi", err.category, str(err))
                 continue
             except Exception as err:  # noqa: BLE001 - an unforeseen problem fails this run only
                 LOGGER.debug("%s: planning failed", key, exc_info=True)
@@ -462,7 +449,7 @@ def _process_runs(ctx: _Context, runs: Sequence[DWIRun], wait: bool) -> list[DWI
             run_id = plan.outputs.run_id
             if run_id in seen:  # two inputs would write one set of outputs: the first is processed
                 other = _relative(run.dwi, config.bids_dir)
-                _refuse(ctx, other, f"{run_id}_duplicate", "bad-data",
+                _refuse(ctx, other, f"{run_id}_duplicate", FailureCategory.BAD_DATA,
                         f"{other}: same outputs ({run_id}) as {_relative(seen[run_id], config.bids_dir)}, "
                         "which is processed instead")
                 continue
@@ -479,7 +466,7 @@ def _process_runs(ctx: _Context, runs: Sequence[DWIRun], wait: bool) -> list[DWI
                                    key, lock.holder())
                     lock.acquire(blocking=True)
             except LockUnavailable as err:
-                _refuse(ctx, key, run_id, "cannot-write", str(err))
+                _refuse(ctx, key, run_id, FailureCategory.CANNOT_WRITE, str(err))
                 continue
             locks.append(lock)
             decision = _existing_outputs_decision(plan, config, settings)
@@ -509,7 +496,7 @@ def _relative(path, root) -> str:
         return str(path)
 
 
-def _refuse(ctx: _Context, key: str, log_name: str, category: str | None, reason: str) -> None:
+def _refuse(ctx: _Context, key: str, log_name: str, category: FailureCategory | None, reason: str) -> None:
     """Record a run refused before any work (status, reason, ``logs/<log_name>_error.log``)."""
     reason = " ".join(reason.split())
     ctx.statuses[key] = f"failed ({category}): {reason}" if category else f"failed: {reason}"
@@ -657,21 +644,15 @@ def _outcome(plan: RunPlan, config: RunConfig, settings: dict[str, Any], invocat
         _remove_empty_dirs(crash_dir)
         return STATUS_DONE, ""
     if crash_files:
-        error_type, message = crash_reason(crash_files[0].read_text(errors="replace"))
+        error_type, message = crash_reason(crash_files[0].read_text(errors="replace"), qualified=True)
     else:
         error_type, message = "RuntimeError", "the workflow stopped before writing all outputs"
     removed = _remove_partial(plan)
     if removed:
         LOGGER.warning("%s: removed %d partly written derivative file(s)", _run_key(plan.run), len(removed))
-    if error_type in _BAD_DATA_ERRORS:
-        category = "bad-data"
-    elif error_type in _WRITE_ERRORS:
-        category = "cannot-write"
-    elif error_type in _RESOURCE_ERRORS:
-        category = "resources"
-    else:
-        category = None
-        message = f"{error_type}: {message}"
+    category = failure_category(exception_class(error_type))
+    if category is None:
+        message = f"{error_type.rpartition('.')[2]}: {message}"
     _write_error_log(config, plan.outputs.run_id, message, crash_files, dwi=plan.run.dwi)
     prefix = f"failed ({category}): " if category else "failed: "
     return prefix + message, message
@@ -694,17 +675,36 @@ def _remove_empty_dirs(folder: Path) -> None:
             return
 
 
-_EXC_LINE = re.compile(r"^(?:[A-Za-z_][\w.]*\.)?([A-Za-z_]\w*(?:Error|Exception|Exit|Interrupt)): ?(.*)$")
+_EXC_LINE = re.compile(r"^((?:[A-Za-z_][\w.]*\.)?([A-Za-z_]\w*(?:Error|Exception|Exit|Interrupt))): ?(.*)$")
 
 
-def crash_reason(text: str) -> tuple[str, str]:
-    """``(exception class, message)`` of the last exception in a nipype crash file's traceback."""
+def crash_reason(text: str, qualified: bool = False) -> tuple[str, str]:
+    """``(exception class, message)`` of the last exception in a nipype crash file's traceback.
+
+    The class is its name (``InputDataError``), or with ``qualified`` its name as the traceback
+    gives it (``bids_dmri_ldm.errors.InputDataError``; a builtin without its module), which
+    :func:`exception_class` turns back into the class.
+    """
     found = ("RuntimeError", "unknown failure (see the crash file)")
     for line in text.splitlines():
         match = _EXC_LINE.match(line.strip())
         if match:
-            found = (match.group(1), match.group(2).strip() or match.group(1))
+            name = match.group(1) if qualified else match.group(2)
+            found = (name, match.group(3).strip() or match.group(2))
     return found
+
+
+def exception_class(name: str) -> type[BaseException] | None:
+    """The exception class a traceback names (``module.Class``, or a builtin's bare name), from
+    the modules this process has imported (nothing is imported for it); None when unknown.
+
+    The nodes run the steps, whose exceptions nipype keeps only as traceback text; the class
+    found here is classified by type (:func:`bids_dmri_ldm.errors.failure_category`), not by
+    its name.
+    """
+    module, _, attr = name.rpartition(".")
+    found = getattr(sys.modules.get(module or "builtins"), attr, None)
+    return found if isinstance(found, type) and issubclass(found, BaseException) else None
 
 
 def _write_error_log(config: RunConfig, run_name: str, message: str, crash_files: Sequence[Path] = (),

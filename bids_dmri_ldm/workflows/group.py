@@ -11,7 +11,7 @@ the same steps as the participant level (shell clustering, mask, S/S0, least-squ
 shell, Eq. 1), the source maps are resampled onto the target grid through the two affines (same
 head, same scanner space), and the factor of each order is the median of the voxel-wise
 lambda_l (Eq. 2) over the brain voxels of all pairs
-(:func:`bids_dmri_ldm.methods.fit_rish_global_shells`): one model file holds the factors of
+(:func:`bids_dmri_ldm.ml.rish_global.fit_rish_global_shells`): one model file holds the factors of
 every shell, its ``trained_for`` lists them; the validation gate scores the lowest shell.
 ``ldm`` and ``cnn`` train one shell per bundle (``--shell B``, default 1000 s/mm²; several values
 are refused, 64: train one bundle per shell into separate output folders). The RISH maps of
@@ -40,7 +40,7 @@ import nibabel as nib
 import numpy as np
 
 from ..bids import derivatives as deriv
-from ..cli.exitcodes import (
+from ..errors import (
     EX_FAILURE,
     EX_OK,
     BadDataError,
@@ -50,13 +50,9 @@ from ..cli.exitcodes import (
     UsageError,
 )
 from ..interfaces import steps
-from ..methods import (
-    Method,
-    RishPair,
-    fit_rish_global,
-    fit_rish_global_shells,
-    save_rish_global_model,
-)
+from ..methods import Method, save_rish_global_model
+from ..ml.rish_global import RishPair, fit_rish_global, fit_rish_global_shells
+from ..vocabulary import ALL_STAGES, LDM_STAGES
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..bids.layout import DWIRun
@@ -343,9 +339,7 @@ def collect_ldm_features(config: RunConfig, runs: Sequence[DWIRun], stats: dict[
 
 
 def _ldm_stages(stage: str) -> tuple[str, ...]:
-    from ..ml.training import STAGES
-
-    return tuple(STAGES) if stage in (None, "all") else (stage,)
+    return LDM_STAGES if stage in (None, ALL_STAGES) else (stage,)
 
 
 def _load_train_config(config: RunConfig, method: Method = Method.LDM) -> dict[str, Any]:
@@ -600,7 +594,7 @@ def train_cnn(config: RunConfig, runs: Sequence[DWIRun]) -> int:
     from ..ml.device import resolve_device
     from ..ml.training import TrainingDataError
 
-    if config.stage not in (None, "all"):
+    if config.stage not in (None, ALL_STAGES):
         raise UsageError(f"--stage {config.stage} is an ldm stage; --method cnn trains in one stage (omit --stage)")
     from ..ml.modelconfig import trained_for
 

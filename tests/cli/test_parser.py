@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from bids_dmri_ldm import __version__
+from bids_dmri_ldm import bundles
 from bids_dmri_ldm import config as config_module
 from bids_dmri_ldm.cli import parser as parser_module
 from bids_dmri_ldm.cli.exitcodes import BidsAppError
@@ -154,14 +155,15 @@ def test_default_method_is_chosen_in_one_place(tmp_path, monkeypatch):
     # ldm (with the shipped demo bundle, found in the models folders) is the default method.
     (tmp_path / "models" / "demo").mkdir(parents=True)
     (tmp_path / "models" / "demo" / "config.json").write_text("{}")
-    monkeypatch.setattr(config_module, "shipped_models_dirs", lambda: [tmp_path / "models"])
+    monkeypatch.setattr(bundles, "shipped_models_dirs", lambda: [tmp_path / "models"])
     assert config_module.default_method() == "ldm"
-    assert config_module.find_shipped_model("demo") == tmp_path / "models" / "demo"
+    assert config_module.RunConfig(Path("."), Path("."), "participant", Path(".")).method == "ldm"
+    assert bundles.find_shipped_model("demo") == tmp_path / "models" / "demo"
 
 
 def test_models_env_variable_is_searched_first(tmp_path, monkeypatch):
-    monkeypatch.setenv(config_module.MODELS_ENV, str(tmp_path))
-    assert config_module.shipped_models_dirs()[0] == tmp_path
+    monkeypatch.setenv(bundles.MODELS_ENV, str(tmp_path))
+    assert bundles.shipped_models_dirs()[0] == tmp_path
 
 
 # --------------------------------------------------------------------------- bad values

@@ -1,0 +1,46 @@
+"""The names the package and its command line share: translation methods, training stages, scale
+references, and the default method. The one place each list is written.
+
+Bottom layer: imports nothing from the package, so that the command line (``--method``,
+``--stage``, ``--scale-reference`` choices), the run settings (:mod:`bids_dmri_ldm.config`), the
+method registry (:mod:`bids_dmri_ldm.methods`) and training (:mod:`bids_dmri_ldm.ml.training`)
+read the same values.
+"""
+from __future__ import annotations
+
+from enum import Enum
+
+
+class Method(str, Enum):
+    """Translation methods selectable with ``--method``."""
+
+    IDENTITY = "identity"
+    RISH_GLOBAL = "rish-global"
+    LDM = "ldm"
+    CNN = "cnn"
+
+    def __str__(self) -> str:  # argparse choices / messages show the plain value
+        return self.value
+
+
+METHOD_CHOICES: tuple[str, ...] = tuple(m.value for m in Method)
+"""``--method`` choices, in :class:`Method` order."""
+
+DEFAULT_METHOD = Method.LDM.value
+"""The default ``--method``: the latent diffusion model with the shipped ``models/demo`` bundle.
+On held-out simulated subjects it beats ``identity`` in 7 of 8 of the paper's columns and the
+simpler ``rish-global`` beats it in 6 of 8 (docs/evaluation_results.md); both shipped models are
+demonstrations trained on simulated data."""
+
+LDM_STAGES: tuple[str, ...] = ("vqvae3t", "vqvae7t", "ldm", "sr")
+"""The ldm's training stages, in training order (each needs the ones before it)."""
+
+ALL_STAGES = "all"
+"""``--stage all``: every stage of :data:`LDM_STAGES`."""
+
+STAGE_CHOICES: tuple[str, ...] = (*LDM_STAGES, ALL_STAGES)
+"""``--stage`` choices at the group level."""
+
+SCALE_REFERENCES: tuple[str, ...] = ("input", "roundtrip")
+"""Denominators of the learned methods' scale maps: the input 3T RISH, or its round trip through
+the model's lossy path (``--scale-reference``)."""
