@@ -299,17 +299,20 @@ def test_shipped_models_record_what_they_were_trained_for():
     from bids_dmri_ldm.ml.bundle import verify_bundle
 
     expected = {"shells": [1000.0], "sh_order_max": 4, "rish_orders": [0, 2, 4], "signal_normalisation": "S/S0"}
-    verify_bundle(_shipped("demo"))
-    assert json.loads((_shipped("demo") / "config.json").read_text())["trained_for"] == expected
-    model = load_rish_global_model(_shipped("rish-global"))
+    for name in ("demo", "cnn-demo"):  # ldm and cnn bundles: one shell each
+        verify_bundle(_shipped(name))
+        assert json.loads((_shipped(name) / "config.json").read_text())["trained_for"] == expected
+    model = load_rish_global_model(_shipped("rish-global"))  # rish-global: every shell it was fitted for
+    expected = {**expected, "shells": [1000.0, 2000.0]}
     assert json.loads((_shipped("rish-global") / "rish_global.json").read_text())["trained_for"] == expected
     assert model.trained_for == expected
 
 
 @pytest.mark.parametrize("method, extra, named", [
-    ("rish-global", ["--shell", "2000"], ["b=1000", "--shell 2000"]),
+    ("rish-global", ["--shell", "3000"], ["b=1000", "--shell 3000"]),
     ("rish-global", ["--sh-order", "6"], ["SH order: model 4", "--sh-order 6"]),
     ("ldm", ["--shell", "2000"], ["b=1000", "--shell 2000"]),
+    ("cnn", ["--shell", "2000"], ["b=1000", "--shell 2000"]),
 ])
 def test_a_model_trained_for_other_data_is_refused_before_any_work(bids_dataset, tmp_path, method, extra,
                                                                    named):
