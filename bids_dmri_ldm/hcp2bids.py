@@ -25,7 +25,15 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ._version import __version__
-from .errors import EX_CANTCREAT, EX_OK, BidsAppError, MissingInputError, UsageError, report_error
+from .errors import (
+    EX_CANTCREAT,
+    EX_OK,
+    BidsAppError,
+    MissingInputError,
+    UsageError,
+    report_error,
+)
+from .io.files import replace_dir
 
 PROG = "python -m bids_dmri_ldm.hcp2bids"
 LOGGER = logging.getLogger("bids_dmri_ldm.hcp2bids")
@@ -98,7 +106,7 @@ def convert(hcp_dir: Path, bids_dir: Path, subjects: Sequence[str] = (), copy: b
                       skipped=found.skipped + found.absent_lines())
         if final.exists():
             final.rmdir()  # empty (checked by parse_args)
-        os.replace(staging, final)
+        replace_dir(staging, final)
     except OSError as err:
         shutil.rmtree(staging, ignore_errors=True)
         raise BidsAppError(f"cannot write {final}: {err.strerror or err}", EX_CANTCREAT) from None

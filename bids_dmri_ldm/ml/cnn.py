@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..io.files import atomic_write_text
 from .bundle import Bundle, model_card, save_bundle, software_versions
 from .data import RishScan, from_model_grid, to_model_grid
 from .distributed import barrier, init_distributed
@@ -38,7 +39,6 @@ from .scalemaps import SMOOTHING_CANDIDATES, calibrate_scale_smoothing
 from .training import (
     RishInput,
     TrainingDataError,
-    _atomic_write_text,
     _stack_pairs,
     fit_stage,
     prepare_scans,
@@ -118,7 +118,7 @@ def train_cnn(rish_3t: RishInput, rish_7t: RishInput, config: dict[str, Any], ou
         norm = fit_normalisation([scans_3t[i].rish for i in train_ids], [scans_3t[i].mask for i in train_ids],
                                  cfg["orders"], tr["seed"], tr.get("normalisation", LEGACY_METHOD))
         if ctx.is_main:
-            _atomic_write_text(norm_path, json.dumps(norm, indent=1))
+            atomic_write_text(norm_path, json.dumps(norm, indent=1))
     train = paired_tensors([(scans_3t[i], targets[i]) for i in train_ids], norm, cfg)
     val = paired_tensors([(scans_3t[i], targets[i]) for i in val_ids], norm, cfg) if val_ids else None
     torch.manual_seed(tr["seed"])

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import platform
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -35,8 +34,9 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 from tqdm.auto import tqdm
 
+from ..io.files import atomic_path
+from ..io.files import atomic_write_text as _atomic_write_text
 from ..vocabulary import LDM_STAGES
-from .bundle import atomic_write_text as _atomic_write_text
 from .bundle import model_card, save_bundle, software_versions, state_to_tensors
 from .data import RishScan, canonical_scan, target_on_source, to_model_grid
 from .diffusion import LatentDiffusion
@@ -71,9 +71,8 @@ def sample_generator(seed: int, stage: str, epoch: int, index: int) -> torch.Gen
 
 
 def _atomic_save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp))
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp))
 
 
 def optimizer_to_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list[dict]]:
@@ -96,13 +95,10 @@ def optimizer_from_tensors(opt: torch.optim.Optimizer, tensors: dict[str, torch.
 
 def write_loss_log(history: list[dict[str, float]], csv_path: Path, title: str, plot: bool = True) -> None:
     """Loss history -> CSV and (with ``plot``) PNG (matplotlib Agg), both written atomically."""
-    csv_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = csv_path.with_name(csv_path.name + ".tmp")
-    with open(tmp, "w", newline="") as handle:
+    with atomic_path(csv_path) as tmp, open(tmp, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=["epoch", "train_loss", "val_loss", "seconds"])
         writer.writeheader()
         writer.writerows(history)
-    os.replace(tmp, csv_path)
     if not plot:
         return
     import matplotlib
@@ -116,11 +112,9 @@ def write_loss_log(history: list[dict[str, float]], csv_path: Path, title: str, 
     ax.set_xlabel("epoch"), ax.set_ylabel("loss"), ax.set_title(title), ax.legend()
     ax.set_yscale("log")
     fig.tight_layout()
-    png = csv_path.with_suffix(".png")
-    tmp_png = png.with_name(png.stem + ".tmp.png")
-    fig.savefig(tmp_png, dpi=100)
+    with atomic_path(csv_path.with_suffix(".png"), suffix=".png") as tmp_png:
+        fig.savefig(tmp_png, dpi=100)
     plt.close(fig)
-    os.replace(tmp_png, png)
 
 
 # --------------------------------------------------------------------------- generic loop

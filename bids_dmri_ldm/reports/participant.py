@@ -35,6 +35,7 @@ import numpy as np
 from bids_dmri_ldm.core.display import display_voxels
 from bids_dmri_ldm.io.nifti import load_nifti
 from bids_dmri_ldm.reports import figures
+from bids_dmri_ldm.io.files import atomic_write_text
 from bids_dmri_ldm.reports.html import (
     LOGGER,
     ReportInputError,
@@ -45,7 +46,6 @@ from bids_dmri_ldm.reports.html import (
     render_document,
     report_section,
     table_html,
-    write_text_atomic,
 )
 
 #: Derivative files of one run, as suffixes appended to the run prefix (the
@@ -351,7 +351,7 @@ def render_participant_report(
     subtitle = (f"bids-dmri-ldm {__version__} · {len(runs)} run(s) · generated "
                 f"{time.strftime('%Y-%m-%d %H:%M:%S %Z')}")
     document = render_document(f"sub-{subject_label}: 3T → 7T-like diffusion MRI", sections, subtitle)
-    return write_text_atomic(path, document)
+    return atomic_write_text(path, document)
 
 
 # --------------------------------------------------------------------------

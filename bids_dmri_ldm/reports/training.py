@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from bids_dmri_ldm.reports import figures
+from bids_dmri_ldm.io.files import atomic_write_text
 from bids_dmri_ldm.reports.html import (
     LOGGER,
     ReportInputError,
@@ -31,7 +32,6 @@ from bids_dmri_ldm.reports.html import (
     render_document,
     report_section,
     table_html,
-    write_text_atomic,
 )
 from bids_dmri_ldm.vocabulary import LDM_STAGES
 
@@ -277,7 +277,7 @@ def render_training_report(
     from bids_dmri_ldm import __version__
 
     subtitle = f"bids-dmri-ldm {__version__} · generated {time.strftime('%Y-%m-%d %H:%M:%S %Z')}"
-    return write_text_atomic(path, render_document("Group level: model training", sections, subtitle))
+    return atomic_write_text(path, render_document("Group level: model training", sections, subtitle))
 
 
 def build_training_report(

@@ -54,6 +54,8 @@ import nibabel as nib
 
 from ..bids import derivatives as deriv
 from ..bids.locks import LockUnavailable, RunLock
+from ..core.resample import grid_changes, output_grid
+from ..core.sh import RISH_ORDERS
 from ..errors import (
     EX_DATAERR,
     BidsAppError,
@@ -62,13 +64,10 @@ from ..errors import (
     ResourceError,
     failure_category,
 )
-from ..core.resample import output_grid
-from ..core.sh import RISH_ORDERS
 from ..interfaces.steps import (
     InputSummary,
     ShellOptions,
     check_run_inputs,
-    grid_changes,
 )
 from ..methods import (
     MethodOptions,

@@ -50,6 +50,7 @@ from ..errors import (
     UsageError,
 )
 from ..interfaces import steps
+from ..io.files import atomic_path, replace_dir
 from ..methods import Method, save_rish_global_model
 from ..ml.rish_global import RishPair, fit_rish_global, fit_rish_global_shells
 from ..vocabulary import ALL_STAGES, LDM_STAGES
@@ -111,8 +112,8 @@ def common_shells(runs: Sequence[DWIRun], tolerance: float, sh_order_max: int) -
         A run's gradient table cannot be read, or the runs share no shell.
     """
     from ..core.gradients import GradientError, load_gradients
+    from ..core.sh import DIRECTIONS_FOR_ORDER
     from ..core.shells import (
-        DIRECTIONS_FOR_ORDER,
         cluster_shells,
         find_shell,
         shells_text,
@@ -281,10 +282,9 @@ def cached_run_rish(run: DWIRun, config: RunConfig, shells: Sequence[float], sta
         raise BadDataError(f"{run.stem}: {err}") from None
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    tmp = cache_dir / f".{key}.tmp.npz"
-    np.savez(tmp, mask=mask, affine=np.asarray(affine, np.float64),
-             **{f"rish_{k}": rish[b].astype(np.float32) for k, b in enumerate(shells)})
-    os.replace(tmp, cache_file)
+    with atomic_path(cache_file, suffix=".npz") as tmp:
+        np.savez(tmp, mask=mask, affine=np.asarray(affine, np.float64),
+                 **{f"rish_{k}": rish[b].astype(np.float32) for k, b in enumerate(shells)})
     if stats is not None:
         stats["computed"] = stats.get("computed", 0) + 1
     return rish, mask, affine
@@ -447,9 +447,8 @@ def _write_examples(config: RunConfig, method: Method, train_cfg: dict[str, Any]
             source, mask = on_grid(s3.rish, s3.mask, s3.mask)
             arrays = {"source": source, "prediction": on_grid(prediction, s3.mask, s3.mask)[0],
                       "target": on_grid(t7.rish, t7.mask, s3.mask)[0], "mask": mask}
-            tmp = out / f".sub-{label}_example.tmp.npz"
-            np.savez_compressed(tmp, **arrays)
-            os.replace(tmp, out / f"sub-{label}_example.npz")
+            with atomic_path(out / f"sub-{label}_example.npz", suffix=".npz") as tmp:
+                np.savez_compressed(tmp, **arrays)
     except Exception as err:  # noqa: BLE001 - examples are for the report only
         LOGGER.warning("group: example reconstructions not written: %s", err)
 
@@ -470,12 +469,7 @@ def _publish_training_outputs(config: RunConfig, staging: Path, bundle_dir: Path
             tmp = target.with_name(f".{target.name}.new")
             shutil.rmtree(tmp, ignore_errors=True)
             shutil.copytree(bundle_dir, tmp)
-            old = target.with_name(f".{target.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            if target.exists():
-                os.replace(target, old)
-            os.replace(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
+            replace_dir(tmp, target)
     except OSError as err:
         raise OutputError(f"cannot write the trained model to {out}: {err}") from None
 
