@@ -20,8 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from bids_dmri_ldm.reports import figures
 from bids_dmri_ldm.io.files import atomic_write_text
+from bids_dmri_ldm.reports import figures
 from bids_dmri_ldm.reports.html import (
     LOGGER,
     ReportInputError,
