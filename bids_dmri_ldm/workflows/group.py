@@ -370,6 +370,7 @@ def train_ldm(config: RunConfig, runs: Sequence[DWIRun]) -> int:
     from ..ml.device import resolve_device
     from ..ml.modelconfig import trained_for
     from ..ml.training import TrainingDataError, train_all
+    from ..reports.training import plot_losses
 
     train_cfg = _load_train_config(config)
     shell = training_shell(config, Method.LDM)
@@ -391,7 +392,8 @@ def train_ldm(config: RunConfig, runs: Sequence[DWIRun]) -> int:
     command = " ".join(["bids-dmri-ldm", *sys.argv[1:]]) if sys.argv else ""
     try:
         bundle_dir = train_all(rish_3t, rish_7t, train_cfg, staging, work, device=device,
-                               resume=bool(config.resume), stages=_ldm_stages(config.stage), command=command)
+                               resume=bool(config.resume), stages=_ldm_stages(config.stage), command=command,
+                               plot_losses=plot_losses)
     except TrainingDataError as err:
         raise NoDataError(f"ldm training: {err}") from None
     except torch.OutOfMemoryError:
@@ -587,6 +589,7 @@ def train_cnn(config: RunConfig, runs: Sequence[DWIRun]) -> int:
     from ..ml.cnn import train_cnn as train_cnn_bundle
     from ..ml.device import resolve_device
     from ..ml.training import TrainingDataError
+    from ..reports.training import plot_losses
 
     if config.stage not in (None, ALL_STAGES):
         raise UsageError(f"--stage {config.stage} is an ldm stage; --method cnn trains in one stage (omit --stage)")
@@ -610,7 +613,7 @@ def train_cnn(config: RunConfig, runs: Sequence[DWIRun]) -> int:
     command = " ".join(["bids-dmri-ldm", *sys.argv[1:]]) if sys.argv else ""
     try:
         bundle_dir = train_cnn_bundle(rish_3t, rish_7t, train_cfg, staging, work, device=device,
-                                      resume=bool(config.resume), command=command)
+                                      resume=bool(config.resume), command=command, plot_losses=plot_losses)
     except TrainingDataError as err:
         raise NoDataError(f"cnn training: {err}") from None
     _gate_bundle(config, Method.CNN, bundle_dir, runs)
