@@ -41,7 +41,6 @@ import itertools
 import logging
 import os
 import re
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -62,8 +61,8 @@ from ..errors import (
     FailureCategory,
     InputDataError,
     ResourceError,
-    failure_category,
 )
+from ..interfaces.base import read_failures
 from ..interfaces.steps import (
     InputSummary,
     ShellOptions,
@@ -273,7 +272,7 @@ def init_single_run_wf(plan: RunPlan, config: RunConfig, settings: dict[str, Any
     dwi_wf = init_dwi_7tlike_wf(
         method=str(config.method),
         model_dir=None if config.model_dir is None else str(config.model_dir),
-        method_options=method_options(config).to_dict(),  # JSON values through nipype
+        method_options=method_options(config),
         shell_options=plan.options.to_dict(),
         sh_order_max=config.sh_order_max,
         output_resolution=config.output_resolution if plan.res_label else None,
@@ -295,12 +294,12 @@ def init_single_run_wf(plan: RunPlan, config: RunConfig, settings: dict[str, Any
         seed=config.seed,
         res_label=plan.res_label,
         resolution=plan.resolution,
-        with_std=writes_std_map(config.method, method_options(config).to_dict()),
+        with_std=writes_std_map(config.method, method_options(config)),
         skull_strip=bool(config.skull_strip),
     )
     fields = ["dwi_file", "bval_file", "bvec_file", "mask_file", "rish_source_file", "rish_predicted_file",
               "scale_file", "provenance", "warnings"]
-    if writes_std_map(config.method, method_options(config).to_dict()):
+    if writes_std_map(config.method, method_options(config)):
         fields.append("rish_std_file")
     workflow.connect([(dwi_wf, ds_wf, [(f"outputnode.{f}", f"inputnode.{f}") for f in fields])])
     _set_node_memory(workflow, plan.memory)
@@ -327,8 +326,12 @@ def _crash_dir(config: RunConfig, plan: RunPlan, invocation: str) -> Path:
 
 
 def _set_crash_dir(workflow, crash_dir: Path) -> None:
+    """Crash files (for humans) and the steps' typed failure records (for :func:`_outcome`) of
+    this invocation go to ``crash_dir``."""
     for node in workflow._get_all_nodes():
         node.config = {"execution": {"crashdump_dir": str(crash_dir), "crashfile_format": "txt"}}
+        if hasattr(node.inputs, "outcome_file"):  # a StepInterface (not hashed: the cache stays valid)
+            node.inputs.outcome_file = str(crash_dir)
 
 
 def run_participant(config: RunConfig, runs: Sequence[DWIRun], rejected: dict[str, str] | None = None
@@ -636,22 +639,30 @@ def _execute(plans: list[RunPlan], config: RunConfig, settings: dict[str, Any], 
 
 
 def _outcome(plan: RunPlan, config: RunConfig, settings: dict[str, Any], invocation: str) -> tuple[str, str]:
-    """Status and reason of one executed run (from this invocation's crash files only)."""
+    """Status and reason of one executed run (from this invocation's records and crash files only).
+
+    A step that raised left a typed record (:class:`~bids_dmri_ldm.errors.StepFailure`, written
+    by its interface): the run's failure is classified by it. A failure without a record (a
+    worker process that died, nipype itself) is a plain failure, named from the crash file.
+    """
     crash_dir = _crash_dir(config, plan, invocation)
     crash_files = sorted(crash_dir.glob("crash-*.txt"))
-    if not crash_files and deriv.is_complete(plan.outputs, settings):
+    failures = read_failures(crash_dir)
+    if not crash_files and not failures and deriv.is_complete(plan.outputs, settings):
         _remove_empty_dirs(crash_dir)
         return STATUS_DONE, ""
-    if crash_files:
-        error_type, message = crash_reason(crash_files[0].read_text(errors="replace"), qualified=True)
+    category = None
+    if failures:
+        error_name, message, category = failures[0].name, failures[0].message, failures[0].category
+    elif crash_files:
+        error_name, message = crash_reason(crash_files[0].read_text(errors="replace"))
     else:
-        error_type, message = "RuntimeError", "the workflow stopped before writing all outputs"
+        error_name, message = "RuntimeError", "the workflow stopped before writing all outputs"
     removed = _remove_partial(plan)
     if removed:
         LOGGER.warning("%s: removed %d partly written derivative file(s)", _run_key(plan.run), len(removed))
-    category = failure_category(exception_class(error_type))
     if category is None:
-        message = f"{error_type.rpartition('.')[2]}: {message}"
+        message = f"{error_name}: {message}"
     _write_error_log(config, plan.outputs.run_id, message, crash_files, dwi=plan.run.dwi)
     prefix = f"failed ({category}): " if category else "failed: "
     return prefix + message, message
@@ -678,11 +689,11 @@ _EXC_LINE = re.compile(r"^((?:[A-Za-z_][\w.]*\.)?([A-Za-z_]\w*(?:Error|Exception
 
 
 def crash_reason(text: str, qualified: bool = False) -> tuple[str, str]:
-    """``(exception class, message)`` of the last exception in a nipype crash file's traceback.
+    """``(exception class, message)`` of the last exception in a nipype crash file's traceback,
+    for the message of a failure that left no typed record (a worker that died).
 
     The class is its name (``InputDataError``), or with ``qualified`` its name as the traceback
-    gives it (``bids_dmri_ldm.errors.InputDataError``; a builtin without its module), which
-    :func:`exception_class` turns back into the class.
+    gives it (``bids_dmri_ldm.errors.InputDataError``; a builtin without its module).
     """
     found = ("RuntimeError", "unknown failure (see the crash file)")
     for line in text.splitlines():
@@ -691,19 +702,6 @@ def crash_reason(text: str, qualified: bool = False) -> tuple[str, str]:
             name = match.group(1) if qualified else match.group(2)
             found = (name, match.group(3).strip() or match.group(2))
     return found
-
-
-def exception_class(name: str) -> type[BaseException] | None:
-    """The exception class a traceback names (``module.Class``, or a builtin's bare name), from
-    the modules this process has imported (nothing is imported for it); None when unknown.
-
-    The nodes run the steps, whose exceptions nipype keeps only as traceback text; the class
-    found here is classified by type (:func:`bids_dmri_ldm.errors.failure_category`), not by
-    its name.
-    """
-    module, _, attr = name.rpartition(".")
-    found = getattr(sys.modules.get(module or "builtins"), attr, None)
-    return found if isinstance(found, type) and issubclass(found, BaseException) else None
 
 
 def _write_error_log(config: RunConfig, run_name: str, message: str, crash_files: Sequence[Path] = (),

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import nibabel as nib
 import numpy as np
@@ -14,6 +14,9 @@ from ...core.signal import DEFAULT_S0_FLOOR, fit_shell_rish
 from ...errors import InputDataError
 from ...io.nifti import save_array
 from .inputs import read_plan
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ...methods import MethodOptions
 
 # ---------------------------------------------------------------------------------------------
 # normalise + SH fit + RISH (Eq. 1)
@@ -96,7 +99,7 @@ SHELL_PROVENANCE_KEYS = ("ScaleFactors",)
 
 
 def predict_scale_step(rish_files: list[str], mask_file: str, method: str, model_dir: str | None,
-                       options: dict[str, Any], plan_file: str, out_dir: str | os.PathLike) -> dict[str, Any]:
+                       options: MethodOptions, plan_file: str, out_dir: str | os.PathLike) -> dict[str, Any]:
     """Scale maps lambda ``(X, Y, Z, n_orders)`` of each fitted shell, and the provenance.
 
     A translated shell gets the method's scale maps (rish-global: the factors of that shell,
