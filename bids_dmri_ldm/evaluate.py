@@ -246,7 +246,7 @@ def write_outputs(rows: list, out: Path | None, notes: Sequence[str], paper_rows
 
     markdown = to_markdown(rows, notes=notes, paper_rows=paper_rows)
     if out is not None:
-        from .bids.derivatives import atomic_write_text
+        from .bidsio.derivatives import atomic_write_text
 
         md_path = out.with_suffix(".md") if out.suffix else Path(f"{out}.md")
         try:

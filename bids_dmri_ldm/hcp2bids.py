@@ -3,7 +3,7 @@
 Turns the HCP preprocessed diffusion layout (``<id>/T1w/Diffusion`` at 3T, ``<id>/T1w/
 Diffusion_7T`` at 7T) into a BIDS derivative dataset (``ses-3T``/``ses-7T``, ``space-T1w``,
 HCP brain masks as ``desc-brain_mask``) that the participant and group levels take with
-validation on; see :mod:`bids_dmri_ldm.bids.hcp` and docs/hcp.md.
+validation on; see :mod:`bids_dmri_ldm.bidsio.hcp` and docs/hcp.md.
 
 Missing parts (a subject without 7T data, a folder without ``data.nii.gz``) are reported and
 skipped. Errors are one line ``python -m bids_dmri_ldm.hcp2bids: error: ...`` with the BIDS
@@ -80,7 +80,7 @@ def convert(hcp_dir: Path, bids_dir: Path, subjects: Sequence[str] = (), copy: b
     BidsAppError
         With the exit codes of the module docstring.
     """
-    from .bids.hcp import inventory, write_dataset
+    from .bidsio.hcp import inventory, write_dataset
 
     hcp_dir = Path(os.path.abspath(hcp_dir))
     final = Path(os.path.abspath(bids_dir))

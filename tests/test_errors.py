@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from bids_dmri_ldm import errors
-from bids_dmri_ldm.bids.derivatives import OutputWriteError
+from bids_dmri_ldm.bidsio.derivatives import OutputWriteError
 from bids_dmri_ldm.core.gradients import GradientError
 from bids_dmri_ldm.errors import FailureCategory, failure_category
 from bids_dmri_ldm.workflows.execution import WorkerDiedError

@@ -20,7 +20,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..bids.derivatives import parse_entities
+from ..bidsio.derivatives import parse_entities
 
 LOGGER = logging.getLogger("bids_dmri_ldm.evaluate")
 

@@ -1,7 +1,7 @@
 """A DerivativesDataSink-like interface: writes one derivative of a run into the BIDS output.
 
 Entities come from the source file name (plus ``res-`` when the grid changes); the sidecar is
-assembled from the method's provenance and the run settings (:mod:`bids_dmri_ldm.bids.derivatives`).
+assembled from the method's provenance and the run settings (:mod:`bids_dmri_ldm.bidsio.derivatives`).
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from nipype.interfaces.base import (
     traits,
 )
 
-from ..bids import derivatives as deriv
+from ..bidsio import derivatives as deriv
 from ..methods import MODEL_WARNINGS_KEY
 from .base import StepInputSpec, StepInterface
 

@@ -20,7 +20,7 @@ removed so nothing half-written remains, and the others finish.
 
 Ownership: every invocation has an ID (``<YYYYmmdd-HHMMSS>_<pid>``). A run's derivatives are
 written, judged and removed only by the process holding the run's lock
-(:class:`~bids_dmri_ldm.bids.locks.RunLock`, ``<output_dir>/logs/locks/<run>.lock``), and its
+(:class:`~bids_dmri_ldm.bidsio.locks.RunLock`, ``<output_dir>/logs/locks/<run>.lock``), and its
 crash files go to ``<work_dir>/crash/<run workflow>/<invocation ID>/``, read by that invocation
 only. A run locked by another process (two commands over the same data) is left to it; once
 this process has done its other runs it waits for the lock, then finds the run complete (and
@@ -51,8 +51,8 @@ os.environ.setdefault("NIPYPE_NO_ET", "1")
 
 import nibabel as nib
 
-from ..bids import derivatives as deriv
-from ..bids.locks import LockUnavailable, RunLock
+from ..bidsio import derivatives as deriv
+from ..bidsio.locks import LockUnavailable, RunLock
 from ..core.resample import grid_changes, output_grid
 from ..core.sh import RISH_ORDERS
 from ..errors import (
@@ -87,7 +87,7 @@ from .resources import (
 )
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ..bids.layout import DWIRun
+    from ..bidsio.layout import DWIRun
     from ..config import RunConfig
 
 LOGGER = logging.getLogger("bids_dmri_ldm.workflow")

@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any
 import nibabel as nib
 import numpy as np
 
-from ..bids import derivatives as deriv
+from ..bidsio import derivatives as deriv
 from ..errors import (
     EX_FAILURE,
     EX_OK,
@@ -56,7 +56,7 @@ from ..ml.rish_global import RishPair, fit_rish_global, fit_rish_global_shells
 from ..vocabulary import ALL_STAGES, LDM_STAGES
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ..bids.layout import DWIRun
+    from ..bidsio.layout import DWIRun
     from ..config import RunConfig
 
 LOGGER = logging.getLogger("bids_dmri_ldm.group")
@@ -164,7 +164,7 @@ RISH_GLOBAL_VAL_FRACTION = 0.2
 def train_rish_global(config: RunConfig, runs: Sequence[DWIRun]) -> int:
     """Fit the rish-global model on the training participants' 3T/7T pairs, validate it on the
     held-out ones (:func:`run_gate`) and save it with its validation table."""
-    from ..bids.layout import pair_runs
+    from ..bidsio.layout import pair_runs
     from ..methods import RishGlobalMethod
     from ..ml.split import split_participants
 
@@ -300,7 +300,7 @@ def shell_rish(run: DWIRun, config: RunConfig, shell: float, stats: dict[str, in
 def feature_runs(runs: Sequence[DWIRun]) -> dict[str, dict[str, DWIRun]]:
     """``{"source": {participant: run}, "target": {participant: run}}``: the one 3T and one 7T run
     of each participant that training uses (see :func:`collect_ldm_features`)."""
-    from ..bids.layout import SOURCE, TARGET, pair_runs
+    from ..bidsio.layout import SOURCE, TARGET, pair_runs
 
     chosen: dict[str, dict[str, Any]] = {SOURCE: {}, TARGET: {}}
     try:
@@ -323,10 +323,10 @@ def collect_ldm_features(config: RunConfig, runs: Sequence[DWIRun], stats: dict[
     (training pairs them through the affines).
 
     One source (3T) and one target (7T) run per participant: the run of its first 3T/7T pair
-    (:func:`~bids_dmri_ldm.bids.layout.pair_runs`) when it has one, else its first run of that
+    (:func:`~bids_dmri_ldm.bidsio.layout.pair_runs`) when it has one, else its first run of that
     field strength (3T-only participants train the 3T VQ-VAE and the LDM's 3T class).
     """
-    from ..bids.layout import SOURCE, TARGET
+    from ..bidsio.layout import SOURCE, TARGET
 
     chosen = feature_runs(runs)
     shell = config.training_shell
@@ -498,7 +498,7 @@ def _write_training_report(config: RunConfig, method: Method = Method.LDM) -> No
 def validation_pairs(config: RunConfig, runs: Sequence[DWIRun], labels: Sequence[str], shell: float) -> list:
     """:class:`~bids_dmri_ldm.evaluation.gate.ValidationPair` of each held-out participant: the
     3T and 7T runs training used, and the 3T run's cached RISH features of ``shell``."""
-    from ..bids.layout import SOURCE, TARGET
+    from ..bidsio.layout import SOURCE, TARGET
     from ..evaluation.gate import ValidationPair
 
     chosen = feature_runs(runs)
@@ -513,7 +513,7 @@ def validation_pairs(config: RunConfig, runs: Sequence[DWIRun], labels: Sequence
 
 def rish_global_baseline(config: RunConfig, runs: Sequence[DWIRun], labels: Sequence[str], shell: float):
     """``rish-global`` fitted on the given (training) participants' cached features of ``shell``."""
-    from ..bids.layout import SOURCE, TARGET
+    from ..bidsio.layout import SOURCE, TARGET
     from ..methods import RishGlobalMethod
 
     chosen = feature_runs(runs)

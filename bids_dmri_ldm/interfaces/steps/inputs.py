@@ -17,7 +17,7 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
-from ...bids.derivatives import write_bval_bvec
+from ...bidsio.derivatives import write_bval_bvec
 from ...core.gradients import GradientError, check_gradients, load_gradients
 from ...core.shells import VolumePlan, load_output_table, plan_volumes
 from ...errors import InputDataError

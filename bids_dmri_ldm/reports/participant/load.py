@@ -15,7 +15,7 @@ from urllib.parse import unquote, urlparse
 import nibabel as nib
 import numpy as np
 
-from bids_dmri_ldm.bids.derivatives import parse_entities
+from bids_dmri_ldm.bidsio.derivatives import parse_entities
 from bids_dmri_ldm.core.display import display_voxels
 from bids_dmri_ldm.io.nifti import load_nifti
 from bids_dmri_ldm.reports import figures
@@ -31,7 +31,7 @@ from bids_dmri_ldm.reports.participant.data import RunData
 
 #: Derivative files of one run, as suffixes appended to the run prefix (the
 #: name of the 7T-like DWI up to ``desc-7Tlike_dwi.nii.gz``, i.e. the source
-#: entities and ``res-``). Names as written by ``bids/derivatives.py``
+#: entities and ``res-``). Names as written by ``bidsio/derivatives.py``
 #: (OUTPUT_SPECS); several candidates where the name is not settled yet (the
 #: first that exists wins). Change only this table if the names change.
 DERIVATIVE_NAMES: dict[str, tuple[str, ...]] = {
