@@ -49,6 +49,7 @@ from ..io.files import atomic_copy, atomic_write_json, atomic_write_text
 from ..io.files import json_default as _json_default
 from ..io.nifti import make_nifti
 from ..io.nifti import save_nifti as atomic_save_nifti
+from .entities import parse_entities
 
 BIDS_VERSION = "1.10.0"
 CODE_URL = "https://github.com/bids-dmri-ldm/bids-dmri-ldm"
@@ -112,17 +113,6 @@ def write_bval_bvec(bvals: np.ndarray, bvecs: np.ndarray, bval_path: str | os.Pa
 
 # ---------------------------------------------------------------------------------------------
 # names
-
-
-def parse_entities(filename: str | os.PathLike) -> dict[str, str]:
-    """Key-value entities of a BIDS file name, e.g. ``{'sub': '01', 'ses': '1', 'run': '2'}``."""
-    stem = Path(filename).name.split(".", 1)[0]
-    entities = {}
-    for part in stem.split("_")[:-1]:  # the last part is the suffix
-        key, sep, value = part.partition("-")
-        if sep:
-            entities[key] = value
-    return entities
 
 
 def source_entities(dwi_file: str | os.PathLike, entities: Mapping[str, Any] | None = None) -> dict[str, str]:

@@ -1,7 +1,7 @@
 """Finding what to score: predictions (derivative dataset) and 7T truth (raw BIDS dataset).
 
 Kept thin on purpose: these functions only find and pair files; loading and scoring are in
-:mod:`bids_dmri_ldm.evaluate` and :mod:`bids_dmri_ldm.evaluation.scoring`.
+:mod:`bids_dmri_ldm.evaluation.cli` and :mod:`bids_dmri_ldm.evaluation.scoring`.
 
 * Predictions: plain globbing of the derivative dataset for
   ``sub-<label>/[ses-<label>/]dwi/*_desc-7Tlike_dwi.nii[.gz]`` with the ``.bval``/``.bvec``/``.json``
@@ -20,7 +20,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..bidsio.derivatives import parse_entities
+from ..bidsio.entities import parse_entities
 
 LOGGER = logging.getLogger("bids_dmri_ldm.evaluate")
 

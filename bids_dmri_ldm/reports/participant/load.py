@@ -15,7 +15,7 @@ from urllib.parse import unquote, urlparse
 import nibabel as nib
 import numpy as np
 
-from bids_dmri_ldm.bidsio.derivatives import parse_entities
+from bids_dmri_ldm.bidsio.entities import parse_entities
 from bids_dmri_ldm.core.display import display_voxels
 from bids_dmri_ldm.io.nifti import load_nifti
 from bids_dmri_ldm.reports import figures
