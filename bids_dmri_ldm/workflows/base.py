@@ -15,13 +15,14 @@ settings is skipped unless ``--overwrite``. The runs that remain are sub-workflo
 workflow, executed with :class:`~bids_dmri_ldm.workflows.execution.WorkerPoolPlugin` (nipype's
 MultiProc scheduling; a worker that dies fails only its run) when ``--nprocs`` > 1 (``Linear``
 otherwise) and cached in ``<work_dir>/bids_dmri_ldm_wf``. A failing node stops only its own run:
-nipype's crash file of that run gives the reason; the run's partly written derivatives are
-removed so nothing half-written remains, and the others finish.
+the step's typed record (:class:`~bids_dmri_ldm.errors.StepFailure`, written by its interface)
+gives the reason and its category, nipype's crash file the traceback for humans; the run's partly
+written derivatives are removed so nothing half-written remains, and the others finish.
 
 Ownership: every invocation has an ID (``<YYYYmmdd-HHMMSS>_<pid>``). A run's derivatives are
 written, judged and removed only by the process holding the run's lock
 (:class:`~bids_dmri_ldm.bidsio.locks.RunLock`, ``<output_dir>/logs/locks/<run>.lock``), and its
-crash files go to ``<work_dir>/crash/<run workflow>/<invocation ID>/``, read by that invocation
+failure records and crash files go to ``<work_dir>/crash/<run workflow>/<invocation ID>/``, read by that invocation
 only. A run locked by another process (two commands over the same data) is left to it; once
 this process has done its other runs it waits for the lock, then finds the run complete (and
 skips it) or, when the other process failed or stopped, processes it itself.
