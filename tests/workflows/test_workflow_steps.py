@@ -287,7 +287,7 @@ def test_resample_step(tmp_path):
 
 
 def test_crash_reason():
-    from bids_dmri_ldm.workflows.base import crash_reason
+    from bids_dmri_ldm.workflows.outcomes import crash_reason
 
     text = """Node: x
 Traceback (most recent call last):
