@@ -133,7 +133,7 @@ def memory_rows(test_dir: Path, models: Path, methods: list[str], logs: Path) ->
     """Score every method and the oracle in memory (the validation gate's code path)."""
     import numpy as np
 
-    from bids_dmri_ldm.bids.layout import collect_dwi_runs, load_layout
+    from bids_dmri_ldm.bidsio.layout import collect_dwi_runs, load_layout
     from bids_dmri_ldm.config import RunConfig
     from bids_dmri_ldm.evaluation.gate import score_pair
     from bids_dmri_ldm.methods import load_method

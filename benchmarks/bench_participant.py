@@ -99,7 +99,7 @@ def make_hcp3(root: Path) -> Path:
     sys.path.insert(0, str(ROOT))
     from bench_sh_fit import make_subject
 
-    from bids_dmri_ldm.interfaces.steps import write_nifti_volumes
+    from bids_dmri_ldm.io.nifti import write_nifti_volumes
 
     bids = root / "hcp3_bids"
     dwi_dir = bids / "sub-01" / "dwi"

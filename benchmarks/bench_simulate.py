@@ -105,13 +105,14 @@ def rish_of_dwi(dwi, bvals, bvecs, shell: float = 1000.0):
     """RISH L0/L2/L4 ``(X, Y, Z, 3)`` of S/S0 on one shell (mean b0, order 4, unregularised)."""
     import numpy as np
 
-    from bids_dmri_ldm.core.sh import SHModel
+    from bids_dmri_ldm.core.sh import SHModel, rish_features
 
     dwi = np.asarray(dwi, np.float32)
     s0 = dwi[..., bvals <= 50].mean(axis=-1)
     selected = np.abs(bvals - shell) < 100
     attenuation = np.where(s0[..., None] > 0, dwi[..., selected] / np.maximum(s0[..., None], 1e-6), 0.0)
-    return SHModel(bvecs[selected], sh_order_max=4).fit(attenuation).rish((0, 2, 4))
+    model = SHModel(bvecs[selected], sh_order_max=4)
+    return rish_features(attenuation.astype(np.float32) @ model.fit_matrix.T.astype(np.float32), model.l_values)
 
 
 def to_grid(values, affine_from, affine_to, shape_to):
@@ -170,7 +171,11 @@ def ratio_spread(scale: float, draws: int, physics: str, effects: bool, seed: in
     """Print the spread of the voxel-wise 7T/3T RISH ratio of one simulated subject (see module doc)."""
     from dataclasses import replace
 
-    from bids_dmri_ldm.simulate.anatomy import lattice_spacing, random_subject, subject_tissue_lattice
+    from bids_dmri_ldm.simulate.anatomy import (
+        lattice_spacing,
+        random_subject,
+        subject_tissue_lattice,
+    )
     from bids_dmri_ldm.simulate.physics import PRESETS, build_scan_physics
     from bids_dmri_ldm.simulate.run import subject_seed
     from bids_dmri_ldm.simulate.scan import simulate_scan

@@ -39,7 +39,9 @@ code   name                     used for
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass
 from enum import Enum
+from typing import Any
 
 EX_OK = 0
 EX_FAILURE = 1
@@ -54,6 +56,7 @@ EX_TEMPFAIL = 75
 EX_INTERRUPTED = 130
 
 __all__ = [
+    "StepFailure",
     "EX_CANTCREAT",
     "EX_DATAERR",
     "EX_FAILURE",
@@ -262,3 +265,53 @@ def report_error(prog: str, error: BaseException, stream=None) -> int:
     stream.write(f"{prog}: error: {' '.join(str(message).split())}\n")
     stream.flush()
     return code
+
+
+@dataclass(frozen=True)
+class StepFailure:
+    """The typed record of a participant-level step that raised: written by the step's nipype
+    interface (:class:`bids_dmri_ldm.interfaces.dwi.StepInterface`) in the worker that ran it,
+    with the live exception at hand, and read by the workflow that decides the run's status
+    (:func:`bids_dmri_ldm.workflows.base.run_participant`); nipype's crash file (traceback
+    text) is kept for humans only.
+
+    Attributes
+    ----------
+    exception : str
+        The exception's class, ``module.QualifiedName`` (``builtins.`` for Python's own).
+    message : str
+        Its message, first line (the class name when it has none).
+    category : FailureCategory or None
+        :func:`failure_category` of the exception.
+    step : str
+        The interface that failed (``FitRISH``).
+    """
+
+    exception: str
+    message: str
+    category: FailureCategory | None
+    step: str = ""
+
+    @classmethod
+    def from_exception(cls, error: BaseException, step: str = "") -> StepFailure:
+        kind = type(error)
+        text = str(error).strip()
+        return cls(exception=f"{kind.__module__}.{kind.__qualname__}",
+                   message=text.splitlines()[0].strip() if text else kind.__name__,
+                   category=failure_category(error), step=step)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON values."""
+        return {"exception": self.exception, "message": self.message, "step": self.step,
+                "category": None if self.category is None else self.category.value}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> StepFailure:
+        category = d.get("category")
+        return cls(exception=str(d["exception"]), message=str(d["message"]), step=str(d.get("step", "")),
+                   category=None if category is None else FailureCategory(category))
+
+    @property
+    def name(self) -> str:
+        """The class name without its module (``InputDataError``)."""
+        return self.exception.rpartition(".")[2]

@@ -3,7 +3,7 @@
 Turns the HCP preprocessed diffusion layout (``<id>/T1w/Diffusion`` at 3T, ``<id>/T1w/
 Diffusion_7T`` at 7T) into a BIDS derivative dataset (``ses-3T``/``ses-7T``, ``space-T1w``,
 HCP brain masks as ``desc-brain_mask``) that the participant and group levels take with
-validation on; see :mod:`bids_dmri_ldm.bids.hcp` and docs/hcp.md.
+validation on; see :mod:`bids_dmri_ldm.bidsio.hcp` and docs/hcp.md.
 
 Missing parts (a subject without 7T data, a folder without ``data.nii.gz``) are reported and
 skipped. Errors are one line ``python -m bids_dmri_ldm.hcp2bids: error: ...`` with the BIDS
@@ -25,7 +25,15 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ._version import __version__
-from .errors import EX_CANTCREAT, EX_OK, BidsAppError, MissingInputError, UsageError, report_error
+from .errors import (
+    EX_CANTCREAT,
+    EX_OK,
+    BidsAppError,
+    MissingInputError,
+    UsageError,
+    report_error,
+)
+from .io.files import replace_dir
 
 PROG = "python -m bids_dmri_ldm.hcp2bids"
 LOGGER = logging.getLogger("bids_dmri_ldm.hcp2bids")
@@ -72,7 +80,7 @@ def convert(hcp_dir: Path, bids_dir: Path, subjects: Sequence[str] = (), copy: b
     BidsAppError
         With the exit codes of the module docstring.
     """
-    from .bids.hcp import inventory, write_dataset
+    from .bidsio.hcp import inventory, write_dataset
 
     hcp_dir = Path(os.path.abspath(hcp_dir))
     final = Path(os.path.abspath(bids_dir))
@@ -98,7 +106,7 @@ def convert(hcp_dir: Path, bids_dir: Path, subjects: Sequence[str] = (), copy: b
                       skipped=found.skipped + found.absent_lines())
         if final.exists():
             final.rmdir()  # empty (checked by parse_args)
-        os.replace(staging, final)
+        replace_dir(staging, final)
     except OSError as err:
         shutil.rmtree(staging, ignore_errors=True)
         raise BidsAppError(f"cannot write {final}: {err.strerror or err}", EX_CANTCREAT) from None

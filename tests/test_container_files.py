@@ -125,8 +125,9 @@ def _boutiques_type(action: argparse.Action) -> str:
 
 
 def test_descriptor_is_valid_boutiques(tmp_path):
-    from boutiques import bosh
     from boutiques.validator import DescriptorValidationError
+
+    from boutiques import bosh
 
     bosh(["validate", str(DESCRIPTOR)])  # raises DescriptorValidationError when invalid
     broken = _descriptor()
@@ -326,7 +327,7 @@ def test_image_records_its_own_tag():
     text = DOCKERFILE.read_text()
     assert re.search(r'^ARG IMAGE_TAG=""$', text, re.M)
     assert _dockerfile_env()["BIDS_DMRI_LDM_IMAGE"] == "${IMAGE_TAG}"
-    from bids_dmri_ldm.bids import derivatives
+    from bids_dmri_ldm.bidsio import derivatives
 
     assert '"BIDS_DMRI_LDM_IMAGE"' in Path(derivatives.__file__).read_text()
     ci = (REPO / ".ci" / "container.sh").read_text()

@@ -3,7 +3,7 @@
 A qsiprep-style dataset (``DatasetType: derivative``, ``sub-21_space-T1w_desc-preproc_dwi`` with
 its ``desc-brain_mask``, sidecars without ``SpatialReference``/``SkullStripped``, a figure the
 BIDS schema does not know) is refused by ``bids-validator-deno`` as a whole; the app holds it to
-what it reads (:mod:`bids_dmri_ldm.bids.validate`), so the participant level runs on it without
+what it reads (:mod:`bids_dmri_ldm.bidsio.validate`), so the participant level runs on it without
 ``--skip-bids-validation``, and every output keeps ``space-T1w``.
 """
 from __future__ import annotations
@@ -18,7 +18,11 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from bids_dmri_ldm.bids.validate import is_derivative_dataset, relaxed_reason, validate_dataset
+from bids_dmri_ldm.bidsio.validate import (
+    is_derivative_dataset,
+    relaxed_reason,
+    validate_dataset,
+)
 from bids_dmri_ldm.cli.exitcodes import ValidationFailed
 from bids_dmri_ldm.cli.run import main
 

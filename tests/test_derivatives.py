@@ -7,7 +7,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from bids_dmri_ldm.bids import derivatives as deriv
+from bids_dmri_ldm.bidsio import derivatives as deriv
 from bids_dmri_ldm.core.gradients import load_gradients
 
 

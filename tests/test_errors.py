@@ -1,17 +1,17 @@
 """Domain errors (bids_dmri_ldm.errors): run-failure categories by type, one-line reports."""
 import gzip
 import io
+import json
 import sys
-import traceback
 
 import nibabel as nib
+import numpy as np
 import pytest
 
 from bids_dmri_ldm import errors
-from bids_dmri_ldm.bids.derivatives import OutputWriteError
+from bids_dmri_ldm.bidsio.derivatives import OutputWriteError
 from bids_dmri_ldm.core.gradients import GradientError
 from bids_dmri_ldm.errors import FailureCategory, failure_category
-from bids_dmri_ldm.workflows.base import crash_reason, exception_class
 from bids_dmri_ldm.workflows.execution import WorkerDiedError
 
 
@@ -50,29 +50,43 @@ def test_domain_errors_keep_their_builtin_bases_and_codes():
     assert errors.MethodError("x").exit_code == errors.EX_FAILURE
 
 
-def _crash_text(error: BaseException) -> str:
-    try:
-        raise error
-    except BaseException as exc:  # noqa: BLE001
-        return "".join(traceback.format_exception(exc))
-
-
 @pytest.mark.parametrize("error, category", [
     (errors.InputDataError("sub-01_dwi.nii.gz: 3 volumes, 2 gradients"), FailureCategory.BAD_DATA),
     (PermissionError("denied"), FailureCategory.CANNOT_WRITE),
-    (RuntimeError("boom"), None),
+    (MemoryError(), FailureCategory.RESOURCES),
+    (RuntimeError("boom\nsecond line"), None),
 ])
-def test_crash_file_text_gives_back_the_exception_class(error, category):
-    name, message = crash_reason(_crash_text(error), qualified=True)
-    assert exception_class(name) is type(error)
-    assert failure_category(exception_class(name)) is category
-    assert message == str(error)
+def test_step_failure_record_keeps_the_type_and_category_through_json(error, category):
+    record = errors.StepFailure.from_exception(error, "FitRISH")
+    back = errors.StepFailure.from_dict(json.loads(json.dumps(record.to_dict())))
+    assert back == record and back.category is category and back.step == "FitRISH"
+    assert back.exception == f"{type(error).__module__}.{type(error).__qualname__}"
+    assert back.name == type(error).__name__
+    assert back.message == (str(error).splitlines()[0] if str(error) else type(error).__name__)
 
 
-def test_unknown_exception_names_are_no_class():
-    assert exception_class("no_such_module_xyz.SomeError") is None
-    assert exception_class("NotABuiltinError") is None
-    assert exception_class("os.path") is None  # not an exception class
+def test_a_failing_step_interface_writes_its_record_and_still_raises(tmp_path):
+    """The typed record the workflow classifies a failed run by (no crash-file text parsing)."""
+    from bids_dmri_ldm.interfaces.base import read_failures
+    from bids_dmri_ldm.interfaces.dwi import SelectShells
+
+    dwi = tmp_path / "sub-01_dwi.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((2, 2, 2, 3), np.float32), np.eye(4)), dwi)
+    node = SelectShells(dwi_file=str(dwi), bval_file=None, bvec_file=None, options={},
+                        outcome_file=str(tmp_path / "outcome"))
+    with pytest.raises(errors.InputDataError, match="no .bval file"):
+        node.run(cwd=str(tmp_path))
+    (failure,) = read_failures(tmp_path / "outcome")
+    assert failure.category is FailureCategory.BAD_DATA and failure.name == "InputDataError"
+    assert failure.step == "SelectShells" and "no .bval file" in failure.message
+
+
+def test_outcome_folder_is_not_part_of_the_node_hash(tmp_path):
+    from bids_dmri_ldm.interfaces.dwi import SelectShells
+
+    a = SelectShells(dwi_file=__file__, options={}, outcome_file="/a")
+    b = SelectShells(dwi_file=__file__, options={}, outcome_file="/b")
+    assert a.inputs.get_hashval()[1] == b.inputs.get_hashval()[1]
 
 
 def test_report_error_prints_one_line_and_returns_the_code():

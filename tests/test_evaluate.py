@@ -15,9 +15,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from bids_dmri_ldm import evaluate
 from bids_dmri_ldm.cli.exitcodes import EX_DATAERR, EX_NO_DATA, EX_NOINPUT, EX_USAGE
 from bids_dmri_ldm.core.resample import resample_mask
+from bids_dmri_ldm.evaluation import cli as evaluate
 from bids_dmri_ldm.evaluation import discovery, scoring
 from bids_dmri_ldm.evaluation.report import ScoreRow, to_markdown, to_tsv
 
@@ -384,3 +384,18 @@ def test_cli_untouched_3t_row_scores_the_raw_3t_scan(tmp_path, capsys):
     assert untouched["n_voxels"] == pred["n_voxels"]
     assert untouched["prediction"] == "sub-01/ses-3T/dwi/sub-01_ses-3T_dwi.nii.gz"
     assert float(untouched["nmse_L0"]) < 0.02 < float(pred["nmse_L2"])  # the 0.9-scaled one is worse
+
+
+def test_python_m_evaluate_entry_point_still_works():
+    """``python -m bids_dmri_ldm.evaluate`` (docs, benchmarks and users call it) runs the command
+    line of :mod:`bids_dmri_ldm.evaluation.cli`."""
+    import subprocess
+    import sys
+
+    from bids_dmri_ldm import __version__
+    from bids_dmri_ldm.evaluate import main
+
+    assert main is evaluate.main
+    done = subprocess.run([sys.executable, "-m", "bids_dmri_ldm.evaluate", "--version"], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0 and __version__ in done.stdout + done.stderr

@@ -206,14 +206,15 @@ def test_hcp2bids_unwritable_parent_exits_73(tmp_path, capsys):
 # --------------------------------------------------------------------------- into the app
 def _wm_rish_factors(bvals, bvecs) -> np.ndarray:
     """sqrt(RISH 7T / RISH 3T) of the phantom's two white-matter tensors (the known answer)."""
-    from bids_dmri_ldm.core.sh import SHModel
+    from bids_dmri_ldm.core.sh import SHModel, rish_features
 
+    model = SHModel(bvecs[np.abs(bvals - 1000) <= 100], 4)
     shell, b0 = np.abs(bvals - 1000) <= 100, bvals <= 50
     rish = []
     for strength in (3.0, 7.0):
         data, _, wm = dwi_signal(SHAPE, bvals, bvecs, FIBRE, strength)
         voxel = data[wm][0]
-        rish.append(SHModel(bvecs[shell], 4).fit((voxel[shell] / voxel[b0].mean())[None]).rish()[0])
+        rish.append(rish_features((voxel[shell] / voxel[b0].mean()) @ model.fit_matrix.T, model.l_values))
     return np.sqrt(rish[1] / rish[0])
 
 

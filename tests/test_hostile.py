@@ -34,7 +34,12 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from bids_dmri_ldm.cli.exitcodes import EX_CANTCREAT, EX_DATAERR, EX_FAILURE, EX_TEMPFAIL, EX_USAGE
+from bids_dmri_ldm.cli.exitcodes import (
+    EX_CANTCREAT,
+    EX_DATAERR,
+    EX_FAILURE,
+    EX_TEMPFAIL,
+)
 from bids_dmri_ldm.cli.run import main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -67,7 +72,7 @@ def _argv(root: Path, out: Path, work: Path, *extra: str) -> list[str]:
 
 
 def _complete(out: Path, stem: str, ses: str | None = None) -> bool:
-    from bids_dmri_ldm.bids import derivatives as deriv
+    from bids_dmri_ldm.bidsio import derivatives as deriv
 
     folder = out / stem.split("_")[0] / (f"ses-{ses}" if ses else "") / "dwi"
     dwi = folder / f"{stem}_desc-7Tlike_dwi.nii.gz"
@@ -185,7 +190,7 @@ def test_a_symlink_loop_gives_each_real_run_once(hostile_run):
 
 def test_session_label_with_a_sessions_column_in_participants_tsv(hostile_run):
     """pybids returns the column's description as a session; every real session is found."""
-    from bids_dmri_ldm.bids.layout import collect_dwi_runs, load_layout
+    from bids_dmri_ldm.bidsio.layout import collect_dwi_runs, load_layout
 
     layout = load_layout(hostile_run["root"])
     runs = collect_dwi_runs(layout, session_labels=["good", "bx1000"], rejected={})
@@ -215,7 +220,7 @@ def test_the_input_dataset_is_untouched_and_nothing_half_written(hostile_run):
 # ============================================================================ messages
 def test_long_validator_locations_are_shortened():
     """A symlink loop made the validator's summary a 660-character line."""
-    from bids_dmri_ldm.bids.validate import summarise_errors
+    from bids_dmri_ldm.bidsio.validate import summarise_errors
 
     deep = "/sub-01/dwi" + "/loop/dwi" * 60
     report = {"issues": {"issues": [{"severity": "error", "code": "SYMLINK_CYCLE", "location": deep},
@@ -440,7 +445,7 @@ def test_memory_estimate_follows_the_grid():
 
 
 def test_heavy_nodes_are_scheduled_with_their_memory(bids_dataset, tmp_path):
-    from bids_dmri_ldm.bids.layout import collect_dwi_runs, load_layout
+    from bids_dmri_ldm.bidsio.layout import collect_dwi_runs, load_layout
     from bids_dmri_ldm.cli.parser import parse_args
     from bids_dmri_ldm.workflows.base import init_single_run_wf, plan_run, run_settings
 
@@ -482,7 +487,7 @@ def test_foreign_crash_files_in_the_shared_work_dir_do_not_fail_a_finished_run(m
 def test_a_run_locked_by_another_process_is_waited_for_then_done(make_bids_dataset, tmp_path):
     """sub-01 is held by "another process" (a lock taken here): the call does sub-02 first, then
     waits for sub-01 and, the holder gone without finishing, translates it itself."""
-    from bids_dmri_ldm.bids.locks import RunLock
+    from bids_dmri_ldm.bidsio.locks import RunLock
 
     ds = make_bids_dataset(subjects=("01", "02"))
     out, work = tmp_path / "out", tmp_path / "work"
@@ -513,7 +518,7 @@ def test_a_run_locked_by_another_process_is_waited_for_then_done(make_bids_datas
 
 
 def test_a_second_group_level_process_gets_75(bids_dataset, tmp_path):
-    from bids_dmri_ldm.bids.locks import RunLock
+    from bids_dmri_ldm.bidsio.locks import RunLock
 
     out = tmp_path / "out"
     holder = RunLock(out, "group")
@@ -537,9 +542,9 @@ def test_a_second_group_level_process_gets_75(bids_dataset, tmp_path):
 
 def test_a_run_lock_is_released_when_its_holder_is_killed(tmp_path):
     """The kernel releases the lock of a process killed with SIGKILL: no stale lock blocks a rerun."""
-    from bids_dmri_ldm.bids.locks import RunLock
+    from bids_dmri_ldm.bidsio.locks import RunLock
 
-    code = ("import sys, time; from bids_dmri_ldm.bids.locks import RunLock; "
+    code = ("import sys, time; from bids_dmri_ldm.bidsio.locks import RunLock; "
             f"lock = RunLock({str(tmp_path)!r}, 'sub-01_dwi'); assert lock.acquire(); print('locked', flush=True); "
             "time.sleep(3600)")
     holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env=_env())

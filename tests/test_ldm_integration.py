@@ -284,7 +284,7 @@ def test_config_scale_options_are_optional_but_checked():
 def test_std_map_is_optional_for_completeness_but_removed_with_the_run(tmp_path):
     """The SD map (only K > 1) is not needed for a run to count as complete, yet a failed run's
     cleanup removes it with the others."""
-    from bids_dmri_ldm.bids import derivatives as deriv
+    from bids_dmri_ldm.bidsio import derivatives as deriv
 
     outputs = deriv.run_outputs(tmp_path, "sub-01_dwi.nii.gz")
     required = outputs.all_files()
@@ -303,7 +303,10 @@ def test_std_map_is_optional_for_completeness_but_removed_with_the_run(tmp_path)
 def test_command_line_scale_options_override_the_bundle(tiny_bundle, tmp_path):
     """--scale-reference / --scale-smoothing reach the ldm method; unset, the bundle's values apply."""
     from bids_dmri_ldm.config import RunConfig
-    from bids_dmri_ldm.ml.modelconfig import DEFAULT_SCALE_REFERENCE, DEFAULT_SCALE_SMOOTHING
+    from bids_dmri_ldm.ml.modelconfig import (
+        DEFAULT_SCALE_REFERENCE,
+        DEFAULT_SCALE_SMOOTHING,
+    )
     from bids_dmri_ldm.workflows.base import method_options
 
     def config(**overrides):

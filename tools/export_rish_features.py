@@ -27,7 +27,7 @@ import numpy as np
 
 
 def export_features(bids_dirs: list[Path], work_dir: Path) -> dict[str, np.ndarray]:
-    from bids_dmri_ldm.bids.layout import collect_dwi_runs, load_layout
+    from bids_dmri_ldm.bidsio.layout import collect_dwi_runs, load_layout
     from bids_dmri_ldm.config import RunConfig
     from bids_dmri_ldm.workflows.group import collect_ldm_features
 

@@ -125,7 +125,7 @@ def _collect(config: RunConfig, roles, allow_all_rejected: bool = False):
     With ``allow_all_rejected`` a selection whose every run was refused returns no runs instead
     of raising, so that the refused runs can still be recorded (summary, error logs).
     """
-    from ..bids.layout import collect_dwi_runs, load_layout
+    from ..bidsio.layout import collect_dwi_runs, load_layout
 
     layout = load_layout(config.bids_dir, config.bids_database_dir)
     rejected: dict[str, str] = {}
@@ -148,7 +148,7 @@ def _collect(config: RunConfig, roles, allow_all_rejected: bool = False):
 def run_participant_level(config: RunConfig) -> int:
     """Translate every selected source run; exit status per :func:`failure_exit_code` when any
     run failed or was refused (every run refused by the layout included)."""
-    from ..bids.layout import SOURCE, source_runs
+    from ..bidsio.layout import SOURCE, source_runs
 
     runs, rejected = _collect(config, roles=(SOURCE,), allow_all_rejected=True)
     runs = source_runs(runs) if runs else []
@@ -216,7 +216,7 @@ def run_reports_only(config: RunConfig) -> int:
 def run_group_level(config: RunConfig) -> int:
     """Check that 3T/7T pairs exist, then hand all runs to the group level (one group-level
     process per output directory and per work directory at a time: another one gets 75)."""
-    from ..bids.locks import LockUnavailable, RunLock
+    from ..bidsio.locks import LockUnavailable, RunLock
 
     locks = [(RunLock(config.output_dir, "group"), "output directory", config.output_dir),
              (RunLock(config.work_dir, "group", folder="locks"), "work directory", config.work_dir)]
@@ -238,7 +238,7 @@ def run_group_level(config: RunConfig) -> int:
 
 
 def _run_group_level(config: RunConfig) -> int:
-    from ..bids.layout import pair_runs
+    from ..bidsio.layout import pair_runs
 
     runs, rejected = _collect(config, roles=None)
     for stem, reason in rejected.items():
@@ -273,7 +273,7 @@ def _run(argv: Sequence[str]) -> int:
     if config.reports_only and config.analysis_level == "participant":
         return run_reports_only(config)
 
-    from ..bids.validate import validate_dataset
+    from ..bidsio.validate import validate_dataset
 
     validate_dataset(config.bids_dir, config.work_dir, skip=config.skip_bids_validation)
     if config.analysis_level == "participant":

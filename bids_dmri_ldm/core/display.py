@@ -12,8 +12,11 @@ import nibabel as nib
 import numpy as np
 
 
-def bounding_box(mask: np.ndarray, margin: int = 2) -> tuple[slice, slice, slice]:
+def bounding_box(mask: np.ndarray, margin: int = 0, whole_if_empty: bool = True) -> tuple[slice, slice, slice]:
     """Bounding box of the non-zero voxels of a 3D mask, padded by ``margin``.
+
+    The one bounding box of the package: the report's crops (:mod:`bids_dmri_ldm.reports`) and
+    the scored region of the evaluation (:mod:`bids_dmri_ldm.evaluation`).
 
     Parameters
     ----------
@@ -21,22 +24,24 @@ def bounding_box(mask: np.ndarray, margin: int = 2) -> tuple[slice, slice, slice
         Brain mask (any dtype; non-zero = inside).
     margin : int
         Voxels added on each side, clipped to the volume.
+    whole_if_empty : bool
+        What an empty mask gives: the whole volume (default), or empty slices.
 
     Returns
     -------
     tuple of slice
-        One slice per axis; the whole volume when the mask is empty.
+        One slice per axis.
     """
     mask = np.asarray(mask) != 0
     if mask.ndim != 3:
         raise ValueError(f"mask must be 3D, got shape {mask.shape}")
     if not mask.any():
-        return tuple(slice(0, n) for n in mask.shape)
+        return tuple(slice(0, n if whole_if_empty else 0) for n in mask.shape)
     box = []
     for axis in range(3):
         other = tuple(a for a in range(3) if a != axis)
         hit = np.flatnonzero(mask.any(axis=other))
-        box.append(slice(max(hit[0] - margin, 0), min(hit[-1] + margin + 1, mask.shape[axis])))
+        box.append(slice(max(int(hit[0]) - margin, 0), min(int(hit[-1]) + margin + 1, mask.shape[axis])))
     return tuple(box)
 
 

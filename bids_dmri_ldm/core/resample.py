@@ -2,12 +2,17 @@
 
 An output grid made by :func:`output_grid` keeps the input's axis directions and field of view and
 changes only the voxel size, so gradient tables in the FSL (voxel-axis) convention stay valid for it.
-Interpolation: cubic B-spline (``scipy.ndimage.map_coordinates``/``affine_transform`` with a
-prefilter) for images, linear + threshold 0.5 for masks.
+Interpolation: cubic B-spline (``scipy.ndimage.affine_transform`` with a prefilter) for images,
+linear + threshold 0.5 for masks, nearest neighbour for a given brain mask. Between a grid and its
+output grid the pipeline resamples with :class:`SeparableResampler` (three small matrix products
+per volume, the same values as ``affine_transform`` to float32 precision).
 """
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
+import torch
 from scipy import ndimage
 
 
@@ -108,14 +113,123 @@ def resample_mask(mask: np.ndarray, affine: np.ndarray, new_affine: np.ndarray, 
     return resample(np.asarray(mask, dtype=np.float32), affine, new_affine, new_shape, order=1) >= 0.5
 
 
-def resize_to_grid(volume: np.ndarray, shape: tuple[int, int, int], order: int = 1) -> np.ndarray:
-    """Resize ``(X, Y, Z[, C])`` to a fixed model grid ``shape`` (index space, corners aligned).
+class SeparableResampler:
+    """Resample volumes between two grids with the same axis directions, one axis at a time.
 
-    Used to bring RISH maps onto the model's grid (e.g. 96³) and back.
+    Between a grid and its :func:`output_grid` the map from output
+    to input voxel indices is diagonal (a scale and a shift per axis), so B-spline interpolation
+    (prefilter + tensor-product kernel) is the product of three 1D linear operators
+    ``W_a (n_out_a, n_in_a)``. Each ``W_a`` is obtained exactly from ``scipy.ndimage`` by
+    resampling the 1D unit vectors (same prefilter, same ``mode="nearest"`` edges), and a volume
+    is resampled by three small matrix products. Why not ``scipy.ndimage.affine_transform`` on
+    the volume: its 3D kernel costs (order+1)³ = 64 taps per output voxel (~2.5 s CPU per
+    6.4 M-voxel output volume); the separable form costs ~0.1 s and gives the same values to
+    float32 precision. Maps that are not diagonal (never made by this pipeline) fall back to
+    :func:`resample`.
+
+    Parameters
+    ----------
+    affine, new_affine : ndarray, shape (4, 4)
+        Voxel-to-world affines of the input and output grids (mm).
+    in_shape, new_shape : tuple of 3 ints
+    order : int
+        B-spline order (3: cubic for images, 1: linear for masks).
     """
-    volume = np.asarray(volume, dtype=np.float32)
-    factors = [n / o for n, o in zip(shape, volume.shape[:3])]
-    if volume.ndim == 4:
-        factors.append(1.0)
-    out = ndimage.zoom(volume, factors, order=order, mode="nearest", grid_mode=True)
-    return out.astype(np.float32, copy=False)
+
+    def __init__(self, affine: np.ndarray, in_shape: tuple[int, ...], new_affine: np.ndarray,
+                 new_shape: tuple[int, ...], order: int = 3):
+        self.affine = np.asarray(affine, dtype=np.float64)
+        self.new_affine = np.asarray(new_affine, dtype=np.float64)
+        self.in_shape = tuple(int(n) for n in in_shape[:3])
+        self.new_shape = tuple(int(n) for n in new_shape[:3])
+        self.order = int(order)
+        mapping = np.linalg.inv(self.affine) @ self.new_affine
+        matrix, offset = mapping[:3, :3], mapping[:3, 3]
+        scale = np.diag(matrix)
+        self.separable = bool(np.allclose(matrix, np.diag(scale), atol=1e-9))
+        self.identity = self.separable and np.allclose(scale, 1) and np.allclose(offset, 0) \
+            and self.in_shape == self.new_shape
+        self.weights = ([_axis_weights(n, m, s, o, self.order) for n, m, s, o in
+                         zip(self.in_shape, self.new_shape, scale, offset)]
+                        if self.separable and not self.identity else None)
+
+    def __call__(self, volume: np.ndarray) -> np.ndarray:
+        """Resample one ``(X, Y, Z)`` volume; returns float32 ``new_shape`` (Fortran-ordered for a
+        Fortran-ordered volume, else C-ordered)."""
+        if self.identity:
+            return np.array(volume, dtype=np.float32, order="C")
+        if not self.separable:
+            return resample(np.asarray(volume, dtype=np.float32), self.affine, self.new_affine, self.new_shape,
+                            order=self.order)
+        # Contiguous operands only: numpy's matmul over a stack of non-contiguous matrices falls
+        # back to a loop without BLAS (1-2 s per HCP-size volume instead of ~0.2 s). A volume
+        # read from a NIfTI file is Fortran-ordered: its transpose is C-ordered, so it is
+        # resampled as (Z, Y, X) with the weights in reverse order and the result, transposed
+        # back, is Fortran-ordered too (no copy in, none out: the writer streams it as is).
+        # torch: the three products run multi-threaded.
+        volume = np.asarray(volume, dtype=np.float32)
+        w0, w1, w2 = self._torch_weights()
+        if volume.flags.f_contiguous and not volume.flags.c_contiguous:
+            return self._separable(_read_only_tensor(volume.T), w2, w1, w0).T
+        return self._separable(_read_only_tensor(np.ascontiguousarray(volume)), w0, w1, w2)
+
+    @staticmethod
+    def _separable(x: torch.Tensor, wa: torch.Tensor, wb: torch.Tensor, wc: torch.Tensor) -> np.ndarray:
+        """``x (A, B, C)`` C-ordered -> ``(A', B', C')``: ``wc`` on the last axis, then ``wb``, then
+        ``wa`` (the fastest order measured: 0.1 s vs 0.8 s per 6.4 M-voxel volume when the
+        product over the first axis comes first)."""
+        na, nb, _ = x.shape
+        out = (x.reshape(na * nb, -1) @ wc.T).reshape(na, nb, -1)  # (A, B, C')
+        out = torch.matmul(wb, out)  # (A, B', C'), one small product per a
+        return (wa @ out.reshape(na, -1)).reshape(wa.shape[0], wb.shape[0], wc.shape[0]).numpy()
+
+    def _torch_weights(self):
+        if getattr(self, "_weights_t", None) is None:
+            self._weights_t = [torch.from_numpy(w) for w in self.weights]
+        return self._weights_t
+
+
+def _read_only_tensor(array: np.ndarray) -> torch.Tensor:
+    """A tensor sharing ``array``'s memory, which may be a read-only memory map: the tensor is
+    only read, so torch's warning about non-writable arrays does not apply."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(array)
+
+
+def _axis_weights(n_in: int, n_out: int, scale: float, offset: float, order: int) -> np.ndarray:
+    """1D B-spline resampling operator ``(n_out, n_in)`` float32: output ``o`` samples input
+    coordinate ``scale * o + offset`` (column ``i`` = scipy's result for the unit vector ``e_i``)."""
+    eye = np.eye(n_in, dtype=np.float64)
+    cols = [ndimage.affine_transform(eye[i], np.array([scale]), offset, output_shape=(n_out,), order=order,
+                                     mode="nearest") for i in range(n_in)]
+    return np.stack(cols, axis=1).astype(np.float32)
+
+
+def resample_to_grid(data: np.ndarray, affine: np.ndarray, new_affine: np.ndarray, new_shape: tuple[int, ...],
+                     order: int = 3) -> np.ndarray:
+    """Resample ``(X, Y, Z)`` or ``(X, Y, Z, C)`` channel by channel (:class:`SeparableResampler`).
+
+    Returns float32 ``new_shape (+ (C,))``; memory: the result plus one output volume.
+    """
+    resampler = SeparableResampler(affine, data.shape[:3], new_affine, new_shape, order)
+    if data.ndim == 3:
+        return resampler(data)
+    out = np.empty(tuple(new_shape[:3]) + (data.shape[-1],), dtype=np.float32)
+    for c in range(data.shape[-1]):
+        out[..., c] = resampler(data[..., c])
+    return out
+
+
+def grid_changes(affine: np.ndarray, shape: tuple[int, ...], voxel_size: float | None) -> bool:
+    """Whether resampling to ``voxel_size`` changes the grid (decides the ``res-`` entity)."""
+    new_affine, new_shape = output_grid(affine, shape[:3], voxel_size)
+    return tuple(new_shape) != tuple(shape[:3]) or not np.allclose(new_affine, affine, atol=1e-5)
+
+
+def resample_nearest(mask: np.ndarray, mapping: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
+    """Nearest-neighbour resampling of a boolean volume; ``mapping`` (4, 4) maps output voxel
+    indices to input voxel indices; outside the input: False."""
+    out = ndimage.affine_transform(mask.astype(np.uint8), mapping[:3, :3], mapping[:3, 3], output_shape=tuple(shape),
+                                   order=0, mode="constant", cval=0, prefilter=False)
+    return out > 0

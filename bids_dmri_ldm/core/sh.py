@@ -11,8 +11,9 @@ Arrays keep gradients / coefficients / orders on the last axis, as in :mod:`dipy
 
 Why not ``dipy.reconst.shm.sf_to_sh``: it casts the whole volume to float64 and solves per call
 (11 s and ~2.6 GB on an HCP-size b=1000 shell, see ``benchmarks/bench_sh_fit.py``). Here the
-fit matrix (pseudo-inverse of the basis) is computed once, and applied as one float32 matrix
-product over masked voxels, chunk by chunk, so memory stays bounded.
+fit matrix (pseudo-inverse of the basis, :class:`SHModel`) is computed once, and applied as one
+float32 matrix product over chunks of voxels, fused with the normalisation S/S0 and the RISH
+features (:func:`bids_dmri_ldm.core.signal.fit_shell_rish`), so memory stays bounded.
 
 References
 ----------
@@ -33,19 +34,15 @@ RISH_ORDERS: tuple[int, ...] = (0, 2, 4)
 DEFAULT_TAU = 1e-8
 """Small constant of Eq. 2 guarding against division by zero."""
 
-DEFAULT_CHUNK_VOXELS = 65536
-"""Voxels per matrix product; bounds temporary memory to a few tens of MB."""
-
-# Highest even order the number of unique directions supports (reference harmonisation tool).
-_ORDER_FOR_DIRECTIONS = ((45, 8), (28, 6), (15, 4), (6, 2))
+#: Unique directions each even SH order needs (the reference harmonisation tool's counts); the
+#: one table of the package (:func:`max_sh_order`, :func:`~.shells.plan_volumes`, the group level).
+DIRECTIONS_FOR_ORDER = {0: 1, 2: 6, 4: 15, 6: 28, 8: 45}
 
 
 def max_sh_order(n_directions: int) -> int:
     """Highest even SH order that ``n_directions`` unique directions can support (0 if < 6)."""
-    for needed, order in _ORDER_FOR_DIRECTIONS:
-        if n_directions >= needed:
-            return order
-    return 0
+    supported = [order for order, needed in DIRECTIONS_FOR_ORDER.items() if n_directions >= needed]
+    return max(supported, default=0)
 
 
 def n_coefficients(sh_order_max: int) -> int:
@@ -90,50 +87,6 @@ def fit_matrix(basis: np.ndarray, smooth: float = 0.0, l_values: np.ndarray | No
         raise ValueError("l_values are required for a regularised fit")
     penalty = np.diag(smooth * (l_values * (l_values + 1.0)) ** 2)
     return np.linalg.solve(basis.T @ basis + penalty, basis.T)
-
-
-def _apply_matrix(values: np.ndarray, matrix_t: np.ndarray, mask: np.ndarray | None, chunk_voxels: int) -> np.ndarray:
-    """``values[..., N] @ matrix_t (N, K)`` over masked voxels in float32 chunks; zeros elsewhere."""
-    spatial = values.shape[:-1]
-    out = np.zeros(spatial + (matrix_t.shape[1],), dtype=np.float32)
-    matrix_t = matrix_t.astype(np.float32)
-    if mask is None:
-        flat_in = values.reshape(-1, values.shape[-1])
-        flat_out = out.reshape(-1, matrix_t.shape[1])
-        for start in range(0, flat_in.shape[0], chunk_voxels):
-            stop = start + chunk_voxels
-            flat_out[start:stop] = flat_in[start:stop].astype(np.float32, copy=False) @ matrix_t
-        return out
-    mask = np.asarray(mask, dtype=bool)
-    if mask.shape != spatial:
-        raise ValueError(f"mask shape {mask.shape} does not match data shape {spatial}")
-    index = np.flatnonzero(mask.ravel())
-    flat_in = values.reshape(-1, values.shape[-1])
-    flat_out = out.reshape(-1, matrix_t.shape[1])
-    for start in range(0, index.size, chunk_voxels):
-        rows = index[start : start + chunk_voxels]
-        flat_out[rows] = flat_in[rows].astype(np.float32, copy=False) @ matrix_t
-    return out
-
-
-def fit_sh(
-    signal: np.ndarray,
-    fit_mat: np.ndarray,
-    mask: np.ndarray | None = None,
-    chunk_voxels: int = DEFAULT_CHUNK_VOXELS,
-) -> np.ndarray:
-    """SH coefficients ``(..., K)`` float32 of ``signal (..., N)`` with a precomputed ``fit_mat (K, N)``."""
-    return _apply_matrix(signal, fit_mat.T, mask, chunk_voxels)
-
-
-def sh_to_signal(
-    coeffs: np.ndarray,
-    basis: np.ndarray,
-    mask: np.ndarray | None = None,
-    chunk_voxels: int = DEFAULT_CHUNK_VOXELS,
-) -> np.ndarray:
-    """Evaluate ``coeffs (..., K)`` on a basis ``(N, K)``: signal ``(..., N)`` float32."""
-    return _apply_matrix(coeffs, basis.T, mask, chunk_voxels)
 
 
 def rish_features(coeffs: np.ndarray, l_values: np.ndarray, orders: Sequence[int] = RISH_ORDERS) -> np.ndarray:
@@ -217,34 +170,3 @@ class SHModel:
         self.smooth = smooth
         self.basis, self.m_values, self.l_values = sh_basis(bvecs, sh_order_max)
         self.fit_matrix = fit_matrix(self.basis, smooth, self.l_values)
-
-    def fit(self, signal: np.ndarray, mask: np.ndarray | None = None, chunk_voxels: int = DEFAULT_CHUNK_VOXELS) -> "SHFit":
-        """Fit ``signal (..., N)`` (e.g. attenuation S/S0); voxels outside ``mask`` get zeros."""
-        if signal.shape[-1] != self.bvecs.shape[0]:
-            raise ValueError(f"signal has {signal.shape[-1]} volumes, model has {self.bvecs.shape[0]} directions")
-        return SHFit(self, fit_sh(signal, self.fit_matrix, mask, chunk_voxels))
-
-    def basis_for(self, bvecs: np.ndarray) -> np.ndarray:
-        """This model's basis ``(N', K)`` sampled on other directions."""
-        return sh_basis(bvecs, self.sh_order_max)[0]
-
-
-class SHFit:
-    """Coefficients ``(..., K)`` float32 of an :class:`SHModel` fit."""
-
-    def __init__(self, model: SHModel, coeffs: np.ndarray):
-        self.model = model
-        self.coeffs = coeffs
-
-    @property
-    def l_values(self) -> np.ndarray:
-        return self.model.l_values
-
-    def rish(self, orders: Sequence[int] = RISH_ORDERS) -> np.ndarray:
-        """RISH features ``(..., len(orders))`` (Eq. 1)."""
-        return rish_features(self.coeffs, self.l_values, orders)
-
-    def predict(self, bvecs: np.ndarray | None = None) -> np.ndarray:
-        """Signal ``(..., N)`` on ``bvecs`` (default: the fitted directions)."""
-        basis = self.model.basis if bvecs is None else self.model.basis_for(bvecs)
-        return sh_to_signal(self.coeffs, basis)

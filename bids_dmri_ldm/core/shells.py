@@ -29,13 +29,17 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .gradients import B0_THRESHOLD, GradientError, b0_mask, check_gradients, load_gradients
+from .gradients import (
+    B0_THRESHOLD,
+    GradientError,
+    b0_mask,
+    check_gradients,
+    load_gradients,
+)
+from .sh import DIRECTIONS_FOR_ORDER
 
 #: ``VolumePlan.out_source`` of an output b0 that takes the input's mean b0 (given tables).
 MEAN_B0 = -1
-
-#: Unique directions each even SH order needs (the reference harmonisation tool's counts).
-DIRECTIONS_FOR_ORDER = {0: 1, 2: 6, 4: 15, 6: 28, 8: 45}
 
 
 @dataclass(frozen=True)
@@ -419,7 +423,6 @@ def check_output_table(bvals: np.ndarray, bvecs: np.ndarray, b0_threshold: float
 
 
 __all__ = [
-    "DIRECTIONS_FOR_ORDER",
     "MEAN_B0",
     "Shell",
     "ShellPlan",

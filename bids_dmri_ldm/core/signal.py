@@ -1,4 +1,4 @@
-"""Signal normalisation and reconstruction of a single-shell DWI (numpy, no BIDS).
+"""Signal normalisation and SH fit of one shell of a DWI, in chunks of voxels (numpy + torch, no BIDS).
 
 Shapes: ``data (X, Y, Z, V)`` raw intensities; ``s0 (X, Y, Z)``; attenuation ``(X, Y, Z, M)`` =
 S/S0 of the M shell volumes, clipped to [0, 1] inside the mask and 0 outside (the reference RISH
@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
-from .sh import DEFAULT_CHUNK_VOXELS, RISH_ORDERS, fit_sh, rish_selection, sh_to_signal
+from .sh import RISH_ORDERS, rish_selection
 
 DEFAULT_S0_FLOOR = 1.0
 """Lower bound on S0 (image intensity units) so S/S0 never divides by ~0."""
@@ -44,27 +44,6 @@ def _chunks(index: np.ndarray, chunk_voxels: int):
         yield index[start : start + chunk_voxels]
 
 
-def normalise_dwi(
-    data: np.ndarray,
-    b0_index: np.ndarray,
-    dwi_index: np.ndarray,
-    mask: np.ndarray,
-    s0_floor: float = DEFAULT_S0_FLOOR,
-    chunk_voxels: int = DEFAULT_CHUNK_VOXELS,
-    n_threads: int = 1,
-) -> tuple[np.ndarray, np.ndarray]:
-    """S0 and attenuation S/S0 of the selected volumes.
-
-    Returns
-    -------
-    s0 : ndarray, shape (X, Y, Z), float32
-        Mean b0, floored at ``s0_floor`` inside the mask, 0 outside.
-    attenuation : ndarray, shape (X, Y, Z, M), float32
-        ``S / S0`` clipped to [0, 1] inside the mask, 0 outside.
-    """
-    return _over_masked_chunks(data, b0_index, dwi_index, mask, None, s0_floor, chunk_voxels, n_threads)
-
-
 def _normalise_rows(rows: np.ndarray, b0_index, dwi_index, s0_floor: float) -> tuple[torch.Tensor, torch.Tensor]:
     """S0 ``(n,)`` and clipped attenuation ``(n, M)`` of raw rows ``(n, V)``, float32 tensors.
 
@@ -90,8 +69,7 @@ def _as_index(index: np.ndarray) -> slice | torch.Tensor:
 
 def _over_masked_chunks(data, b0_index, dwi_index, mask, fit_mat, s0_floor, chunk_voxels, n_threads,
                         rish_selection=None):
-    """Shared chunk loop: normalise masked voxels and either keep the attenuation or SH-fit it
-    (and, with ``rish_selection`` (K, n_orders), take the RISH features of each chunk while its
+    """Shared chunk loop: normalise masked voxels and SH-fit them (and, with ``rish_selection`` (K, n_orders), take the RISH features of each chunk while its
     coefficients are in cache).
 
     Voxels are visited in the memory order of ``data`` (Fortran order for the arrays nibabel
@@ -105,9 +83,9 @@ def _over_masked_chunks(data, b0_index, dwi_index, mask, fit_mat, s0_floor, chun
         raise ValueError(f"mask shape {mask.shape} does not match data shape {data.shape[:3]}")
     order = "F" if data.flags.f_contiguous and not data.flags.c_contiguous else "C"
     flat = data.reshape(-1, data.shape[-1], order=order)  # a view for C- or F-contiguous data
-    width = len(dwi_index) if fit_mat is None else fit_mat.shape[0]
+    width = fit_mat.shape[0]
     b0_index, dwi_index = _as_index(b0_index), _as_index(dwi_index)
-    fit_t = None if fit_mat is None else torch.from_numpy(np.ascontiguousarray(fit_mat.T, dtype=np.float32))
+    fit_t = torch.from_numpy(np.ascontiguousarray(fit_mat.T, dtype=np.float32))
     sel_t = None if rish_selection is None else torch.from_numpy(np.asarray(rish_selection, dtype=np.float32))
     s0 = np.zeros(mask.size, dtype=np.float32)
     out = np.zeros((mask.size, width), dtype=np.float32, order=order)
@@ -116,7 +94,7 @@ def _over_masked_chunks(data, b0_index, dwi_index, mask, fit_mat, s0_floor, chun
     def work(rows) -> None:
         s0_rows, att_rows = _normalise_rows(flat[rows], b0_index, dwi_index, s0_floor)
         s0[rows] = s0_rows.numpy()
-        result = att_rows if fit_t is None else att_rows @ fit_t
+        result = att_rows @ fit_t
         out[rows] = result.numpy()
         if rish is not None:
             rish[rows] = (result * result @ sel_t).numpy()  # Eq. 1
@@ -158,8 +136,8 @@ def fit_shell_sh(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Normalise and SH-fit in one pass, never holding the full attenuation array.
 
-    Same result as :func:`normalise_dwi` followed by :func:`~.sh.fit_sh`, with memory bounded by
-    the chunk size (an HCP-size fit needs a few hundred MB on top of the data).
+    ``S0`` = mean b0 floored at ``s0_floor``, attenuation ``S / S0`` clipped to [0, 1], then the
+    least-squares SH coefficients ``att @ fit_mat.T``; memory bounded by the chunk size (an HCP-size fit needs a few hundred MB on top of the data).
 
     Parameters
     ----------
@@ -201,46 +179,10 @@ def fit_shell_rish(
                                rish_selection=rish_selection(l_values, orders))
 
 
-def rebuild_dwi(
-    s0: np.ndarray,
-    b0_volumes: np.ndarray,
-    coeffs: np.ndarray,
-    basis_out: np.ndarray,
-    mask: np.ndarray | None = None,
-    chunk_voxels: int = DEFAULT_CHUNK_VOXELS,
-) -> np.ndarray:
-    """Rebuild a DWI from (scaled) SH coefficients of the attenuation.
-
-    ``S = S0 * max(sum_lm C_hat_lm Y_lm(g), 0)`` on each output direction g; the b0 volumes are put
-    back first, in their original order.
-
-    Parameters
-    ----------
-    s0 : ndarray, shape (X, Y, Z)
-    b0_volumes : ndarray, shape (X, Y, Z, n_b0)
-    coeffs : ndarray, shape (X, Y, Z, K)
-    basis_out : ndarray, shape (M, K)
-        SH basis on the output directions.
-    mask : ndarray of bool, shape (X, Y, Z), optional
-        Where to rebuild; diffusion-weighted volumes are 0 elsewhere.
-
-    Returns
-    -------
-    ndarray, shape (X, Y, Z, n_b0 + M), float32
-    """
-    attenuation = sh_to_signal(coeffs, basis_out, mask, chunk_voxels)
-    np.clip(attenuation, 0.0, None, out=attenuation)
-    attenuation *= s0[..., None].astype(np.float32, copy=False)
-    return np.concatenate([b0_volumes.astype(np.float32, copy=False), attenuation], axis=-1)
-
-
 __all__ = [
     "DEFAULT_S0_FLOOR",
     "sanitize",
     "mean_b0",
-    "normalise_dwi",
     "fit_shell_sh",
     "fit_shell_rish",
-    "rebuild_dwi",
-    "fit_sh",
 ]

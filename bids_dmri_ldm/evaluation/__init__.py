@@ -10,5 +10,6 @@
 Nothing is imported here: the command line stays quick to start (torch and MONAI load only
 when scoring begins).
 
-The command line is :mod:`bids_dmri_ldm.evaluate` (``python -m bids_dmri_ldm.evaluate``).
+The command line is :mod:`.cli` (``python -m bids_dmri_ldm.evaluate``, through the thin
+:mod:`bids_dmri_ldm.evaluate`).
 """

@@ -1,7 +1,7 @@
 """Finding what to score: predictions (derivative dataset) and 7T truth (raw BIDS dataset).
 
 Kept thin on purpose: these functions only find and pair files; loading and scoring are in
-:mod:`bids_dmri_ldm.evaluate` and :mod:`bids_dmri_ldm.evaluation.scoring`.
+:mod:`bids_dmri_ldm.evaluation.cli` and :mod:`bids_dmri_ldm.evaluation.scoring`.
 
 * Predictions: plain globbing of the derivative dataset for
   ``sub-<label>/[ses-<label>/]dwi/*_desc-7Tlike_dwi.nii[.gz]`` with the ``.bval``/``.bvec``/``.json``
@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from ..bidsio.entities import parse_entities
 
 LOGGER = logging.getLogger("bids_dmri_ldm.evaluate")
 
@@ -32,24 +33,12 @@ SEVEN_T_MIN_TESLA = 5.0
 SIMULATION_DERIVATIVE = Path("derivatives") / "simulation"
 """Where the simulator writes its ground truth, relative to the raw dataset root."""
 
-_ENTITY_RE = re.compile(r"^([a-zA-Z]+)-([0-9a-zA-Z+]+)$")
 
 
 def strip_prefix(label: str, prefix: str = "sub-") -> str:
     """``'sub-01' -> '01'``; labels without the prefix are returned unchanged."""
     label = str(label).strip()
     return label.removeprefix(prefix)
-
-
-def parse_entities(filename: str) -> dict[str, str]:
-    """BIDS entities of a file name, e.g. ``{'sub': '01', 'ses': '3T', 'desc': '7Tlike'}``."""
-    stem = filename.split(".", 1)[0]
-    entities: dict[str, str] = {}
-    for part in stem.split("_")[:-1]:  # the last part is the suffix
-        match = _ENTITY_RE.match(part)
-        if match:
-            entities[match.group(1)] = match.group(2)
-    return entities
 
 
 def _stem(path: Path) -> str:

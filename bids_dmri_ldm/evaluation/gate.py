@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ..core.display import bounding_box
 from ..core.sh import RISH_ORDERS, SHModel, scale_sh, sh_basis
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -107,7 +108,7 @@ def score_pair(pair: ValidationPair, translators: Mapping[str, Any], truth_root:
     ``derivatives/simulation`` brain mask is used when it exists (else the 7T scan's automatic
     mask).  Rows: ``reference="7T"`` (and ``"noiseless7T"`` for simulated data).
     """
-    from . import discovery, scoring
+    from . import discovery
     from .pipeline import (
         ShellData,
         Truth,
@@ -121,7 +122,7 @@ def score_pair(pair: ValidationPair, translators: Mapping[str, Any], truth_root:
                                  shell, tolerance)
     source = load_shell(pair.source_dwi, pair.source_bval, pair.source_bvec, shell, tolerance)
     in_fov, region = scored_region(truth, source.affine, source.shape, pair.source_dwi.name)
-    box = scoring.bounding_box(region)
+    box = bounding_box(region, whole_if_empty=False)
     cropped = ShellData(np.ascontiguousarray(source.data[box]), source.bvals, source.bvecs,
                         source.affine @ _shift(box), source.n_b0)
     region, brain = region[box], np.asarray(pair.mask, bool)[box]

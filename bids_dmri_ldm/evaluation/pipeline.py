@@ -13,6 +13,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+from ..core.display import bounding_box
 from ..core.gradients import (
     GradientError,
     check_gradients,
@@ -139,7 +140,7 @@ def prepare_truth(
         source = "b0-auto"
     if not mask.any():
         raise BadDataError(f"the brain mask of {scan.dwi.name} is empty")
-    box = scoring.bounding_box(mask, margin=1)
+    box = bounding_box(mask, margin=1, whole_if_empty=False)
     crop = ShellData(np.ascontiguousarray(seven.data[box]), seven.bvals, seven.bvecs, seven.affine, seven.n_b0)
     maps = np.zeros(mask.shape + (len(scoring.MAP_NAMES),), dtype=np.float32)
     maps[box] = _maps(crop, mask[box], shell, tolerance)
@@ -218,7 +219,7 @@ def prediction_on_truth(
     """Maps of one predicted DWI, computed on its own grid and resampled into the 7T grid."""
     affine, shape = read_grid(prediction.dwi)
     in_fov, region = scored_region(truth, affine, shape, prediction.dwi.name)
-    box = scoring.bounding_box(region)  # read only the part of the prediction that is scored
+    box = bounding_box(region, whole_if_empty=False)  # read only the part of the prediction that is scored
     pred = load_shell(prediction.dwi, prediction.bval, prediction.bvec, shell, tolerance, box)
     maps, support = maps_on_truth(pred, region[box], truth, shell, tolerance)
     return PredictionOnTruth(prediction.participant, prediction.session, method,

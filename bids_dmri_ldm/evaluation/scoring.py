@@ -131,16 +131,6 @@ def _fa_in_chunks(
     return fa
 
 
-def bounding_box(mask: np.ndarray, margin: int = 0) -> tuple[slice, slice, slice]:
-    """Slices of the smallest box holding ``mask`` (grown by ``margin`` voxels, within bounds)."""
-    coords = np.nonzero(mask)
-    if coords[0].size == 0:
-        return tuple(slice(0, 0) for _ in range(3))
-    return tuple(
-        slice(max(int(c.min()) - margin, 0), min(int(c.max()) + 1 + margin, n)) for c, n in zip(coords, mask.shape)
-    )
-
-
 def fov_mask(
     ref_affine: np.ndarray, ref_shape: Sequence[int], src_affine: np.ndarray, src_shape: Sequence[int]
 ) -> np.ndarray:

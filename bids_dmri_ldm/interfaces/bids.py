@@ -1,7 +1,7 @@
 """A DerivativesDataSink-like interface: writes one derivative of a run into the BIDS output.
 
 Entities come from the source file name (plus ``res-`` when the grid changes); the sidecar is
-assembled from the method's provenance and the run settings (:mod:`bids_dmri_ldm.bids.derivatives`).
+assembled from the method's provenance and the run settings (:mod:`bids_dmri_ldm.bidsio.derivatives`).
 """
 from __future__ import annotations
 
@@ -10,19 +10,18 @@ import os
 os.environ.setdefault("NIPYPE_NO_ET", "1")
 
 from nipype.interfaces.base import (
-    BaseInterfaceInputSpec,
     File,
-    SimpleInterface,
     TraitedSpec,
     isdefined,
     traits,
 )
 
-from ..bids import derivatives as deriv
+from ..bidsio import derivatives as deriv
 from ..methods import MODEL_WARNINGS_KEY
+from .base import StepInputSpec, StepInterface
 
 
-class _DerivativesDataSinkInputSpec(BaseInterfaceInputSpec):
+class _DerivativesDataSinkInputSpec(StepInputSpec):
     base_directory = traits.Str(mandatory=True, desc="derivative dataset root (output_dir)")
     source_file = traits.Str(mandatory=True, desc="source DWI file (entities are taken from its name)")
     source_entities = traits.Dict(desc="pybids entities of the source run (fill-ins)")
@@ -46,13 +45,13 @@ class _DerivativesDataSinkOutputSpec(TraitedSpec):
     out_file = traits.List(traits.Str, desc="files written, sidecar last")
 
 
-class DerivativesDataSink(SimpleInterface):
+class DerivativesDataSink(StepInterface):
     """Write a run's derivative (NIfTI + JSON, + bval/bvec for the DWI) atomically."""
 
     input_spec = _DerivativesDataSinkInputSpec
     output_spec = _DerivativesDataSinkOutputSpec
 
-    def _run_interface(self, runtime):
+    def _run_step(self, runtime):
         inputs = self.inputs
         entities = inputs.source_entities if isdefined(inputs.source_entities) else None
         outputs = deriv.run_outputs(inputs.base_directory, inputs.source_file, entities, inputs.res_label)

@@ -7,22 +7,22 @@ from pathlib import Path
 os.environ.setdefault("NIPYPE_NO_ET", "1")  # no version check over the network at run time
 
 from nipype.interfaces.base import (
-    BaseInterfaceInputSpec,
     File,
-    SimpleInterface,
     TraitedSpec,
     isdefined,
     traits,
 )
 
+from ..methods.base import MethodOptions
 from . import steps
+from .base import StepInputSpec, StepInterface
 
 
 def _optional(value):
     return value if isdefined(value) and value not in ("", None) else None
 
 
-class _SelectShellsInputSpec(BaseInterfaceInputSpec):
+class _SelectShellsInputSpec(StepInputSpec):
     dwi_file = File(exists=True, mandatory=True, desc="source 4D DWI")
     bval_file = traits.Either(None, traits.Str, default=None, usedefault=True, desc=".bval (None: missing)")
     bvec_file = traits.Either(None, traits.Str, default=None, usedefault=True, desc=".bvec (None: missing)")
@@ -37,20 +37,20 @@ class _SelectShellsOutputSpec(TraitedSpec):
     warnings = traits.List(traits.Str, desc="shells passed through or carried (one line each)")
 
 
-class SelectShells(SimpleInterface):
+class SelectShells(StepInterface):
     """Check the gradient table against the image and decide what happens to each shell."""
 
     input_spec = _SelectShellsInputSpec
     output_spec = _SelectShellsOutputSpec
 
-    def _run_interface(self, runtime):
+    def _run_step(self, runtime):
         self._results.update(steps.select_shells_step(
             self.inputs.dwi_file, _optional(self.inputs.bval_file), _optional(self.inputs.bvec_file),
             dict(self.inputs.options), runtime.cwd))
         return runtime
 
 
-class _LoadDWIInputSpec(BaseInterfaceInputSpec):
+class _LoadDWIInputSpec(StepInputSpec):
     dwi_file = File(exists=True, mandatory=True, desc="source 4D DWI")
     plan_file = File(exists=True, mandatory=True, desc="the run's VolumePlan (volumes to read)")
     prior_warnings = traits.List(traits.Str, desc="warnings of the earlier steps (passed on first)")
@@ -67,21 +67,21 @@ class _LoadDWIOutputSpec(TraitedSpec):
     integer_input = traits.Bool(desc="the source DWI is stored as integers")
 
 
-class LoadDWI(SimpleInterface):
+class LoadDWI(StepInterface):
     """Read the volumes the run needs (streamed), sanitise NaN/Inf (masked later, with a
     warning); the run's warnings so far (``prior_warnings``) are passed on with its own."""
 
     input_spec = _LoadDWIInputSpec
     output_spec = _LoadDWIOutputSpec
 
-    def _run_interface(self, runtime):
+    def _run_step(self, runtime):
         self._results.update(steps.load_dwi_step(self.inputs.dwi_file, self.inputs.plan_file, runtime.cwd))
         prior = list(self.inputs.prior_warnings) if isdefined(self.inputs.prior_warnings) else []
         self._results["warnings"] = prior + list(self._results.get("warnings", []))
         return runtime
 
 
-class _BrainMaskInputSpec(BaseInterfaceInputSpec):
+class _BrainMaskInputSpec(StepInputSpec):
     mean_b0_file = File(exists=True, mandatory=True)
     mean_dwi_file = traits.Either(None, File(exists=True), default=None, usedefault=True,
                                   desc="mean DW image (helps the automatic mask tell air from tissue)")
@@ -96,7 +96,7 @@ class _BrainMaskOutputSpec(TraitedSpec):
     warnings = traits.List(traits.Str, desc="prior_warnings, then those about a given mask (one line each)")
 
 
-class BrainMask(SimpleInterface):
+class BrainMask(StepInterface):
     """The given mask (resampled onto the DWI grid when needed) or the automatic mask of the mean
     b0 (:mod:`bids_dmri_ldm.core.mask`); NaN/Inf voxels removed. The run's warnings so far
     (``prior_warnings``) are passed on with its own."""
@@ -104,7 +104,7 @@ class BrainMask(SimpleInterface):
     input_spec = _BrainMaskInputSpec
     output_spec = _BrainMaskOutputSpec
 
-    def _run_interface(self, runtime):
+    def _run_step(self, runtime):
         self._results.update(steps.brain_mask_step(self.inputs.mean_b0_file, self.inputs.bad_voxels_file,
                                                    runtime.cwd, _optional(self.inputs.in_mask),
                                                    _optional(self.inputs.mean_dwi_file)))
@@ -113,7 +113,7 @@ class BrainMask(SimpleInterface):
         return runtime
 
 
-class _FitRISHInputSpec(BaseInterfaceInputSpec):
+class _FitRISHInputSpec(StepInputSpec):
     dwi_file = File(exists=True, mandatory=True, desc="volumes read (LoadDWI)")
     plan_file = File(exists=True, mandatory=True)
     sh_order_max = traits.Int(4, usedefault=True)
@@ -125,25 +125,26 @@ class _FitRISHOutputSpec(TraitedSpec):
     rish_files = traits.List(File(exists=True), desc="RISH L0, L2, L4 (X, Y, Z, 3), one per fitted shell")
 
 
-class FitRISH(SimpleInterface):
+class FitRISH(StepInterface):
     """Normalise to S/S0, least-squares SH fit, RISH features (Eq. 1) of each shell, in every voxel."""
 
     input_spec = _FitRISHInputSpec
     output_spec = _FitRISHOutputSpec
 
-    def _run_interface(self, runtime):
+    def _run_step(self, runtime):
         self._results.update(steps.fit_rish_step(self.inputs.dwi_file, self.inputs.plan_file,
                                                  self.inputs.sh_order_max, runtime.cwd))
         return runtime
 
 
-class _PredictScaleMapsInputSpec(BaseInterfaceInputSpec):
+class _PredictScaleMapsInputSpec(StepInputSpec):
     rish_files = traits.List(File(exists=True), mandatory=True, desc="RISH maps, one per fitted shell")
     mask_file = File(exists=True, mandatory=True)
     plan_file = File(exists=True, mandatory=True)
     method = traits.Str(mandatory=True, desc="registered method name (bids_dmri_ldm.methods.Method)")
     model_dir = traits.Either(None, traits.Str, default=None, usedefault=True)
-    options = traits.Dict(desc="method options (device, seed, ...)")
+    options = traits.Str("", usedefault=True, desc="MethodOptions.to_json(): device, seed, sampling settings "
+                         "('': the defaults)")
 
 
 class _PredictScaleMapsOutputSpec(TraitedSpec):
@@ -153,22 +154,22 @@ class _PredictScaleMapsOutputSpec(TraitedSpec):
                             "fitted shell; ldm with num_samples > 1 only")
 
 
-class PredictScaleMaps(SimpleInterface):
+class PredictScaleMaps(StepInterface):
     """Scale maps lambda_l (Eq. 2) of each shell: the method's where the shell is translated, 1
     where it is passed through."""
 
     input_spec = _PredictScaleMapsInputSpec
     output_spec = _PredictScaleMapsOutputSpec
 
-    def _run_interface(self, runtime):
-        options = self.inputs.options if isdefined(self.inputs.options) else {}
+    def _run_step(self, runtime):
+        options = MethodOptions.from_json(self.inputs.options)  # typed again, and checked, here
         self._results.update(steps.predict_scale_step(list(self.inputs.rish_files), self.inputs.mask_file,
                                                       self.inputs.method, _optional(self.inputs.model_dir),
                                                       options, self.inputs.plan_file, runtime.cwd))
         return runtime
 
 
-class _ResampleInputSpec(BaseInterfaceInputSpec):
+class _ResampleInputSpec(StepInputSpec):
     s0_file = File(exists=True, mandatory=True, desc="S0 (X, Y, Z)")
     sh_files = traits.List(File(exists=True), desc="SH coefficients (X, Y, Z, K) per shell")
     scale_files = traits.List(File(exists=True), desc="scale maps (X, Y, Z, 3) per shell")
@@ -185,7 +186,7 @@ class _ResampleOutputSpec(TraitedSpec):
     mask_file = File(exists=True)
 
 
-class ResampleToGrid(SimpleInterface):
+class ResampleToGrid(StepInterface):
     """Resample S0, each shell's SH, scale maps (and SD maps) (cubic B-spline; S0, lambda and the
     SD clipped >= 0) and the mask (linear + 0.5 threshold) to the isotropic output grid;
     ``voxel_size=None`` passes the files through unchanged. Carried volumes (b0s) are not
@@ -195,7 +196,7 @@ class ResampleToGrid(SimpleInterface):
     input_spec = _ResampleInputSpec
     output_spec = _ResampleOutputSpec
 
-    def _run_interface(self, runtime):
+    def _run_step(self, runtime):
         voxel_size = self.inputs.voxel_size
 
         def resampled(in_file, kind="image", clip_min=None, sub=""):
@@ -211,7 +212,7 @@ class ResampleToGrid(SimpleInterface):
         return runtime
 
 
-class _ScaleSHInputSpec(BaseInterfaceInputSpec):
+class _ScaleSHInputSpec(StepInputSpec):
     sh_files = traits.List(File(exists=True), mandatory=True, desc="SH coefficients per fitted shell")
     scale_files = traits.List(File(exists=True), mandatory=True, desc="scale maps per fitted shell")
     std_files = traits.List(File(exists=True), desc="ldm SD maps per fitted shell (optional)")
@@ -228,13 +229,13 @@ class _ScaleSHOutputSpec(TraitedSpec):
     std_file = File(desc="ldm SD maps, 3 volumes per shell (given std_files only)")
 
 
-class ScaleSH(SimpleInterface):
+class ScaleSH(StepInterface):
     """C_hat_lm = lambda_l C_lm (Eq. 3; lambda = 1 outside the mask) and the RISH maps, shell by shell."""
 
     input_spec = _ScaleSHInputSpec
     output_spec = _ScaleSHOutputSpec
 
-    def _run_interface(self, runtime):
+    def _run_step(self, runtime):
         std_files = list(self.inputs.std_files) if isdefined(self.inputs.std_files) else None
         self._results.update(steps.scale_sh_step(list(self.inputs.sh_files), list(self.inputs.scale_files),
                                                  self.inputs.mask_file, self.inputs.sh_order_max, runtime.cwd,
@@ -242,7 +243,7 @@ class ScaleSH(SimpleInterface):
         return runtime
 
 
-class _RebuildInputSpec(BaseInterfaceInputSpec):
+class _RebuildInputSpec(StepInputSpec):
     s0_file = File(exists=True, mandatory=True, desc="S0 on the output grid")
     dwi_file = File(exists=True, mandatory=True, desc="volumes read (LoadDWI), on the input grid")
     mean_b0_file = File(exists=True, mandatory=True, desc="mean b0, on the input grid")
@@ -263,7 +264,7 @@ class _RebuildOutputSpec(TraitedSpec):
     mask_file = File(exists=True)
 
 
-class RebuildDWI(SimpleInterface):
+class RebuildDWI(StepInterface):
     """Write the 7T-like DWI on the output table from scaled SH in every voxel, carried volumes
     (b0s) put back (resampled to the output grid when needed), clipped >= 0; zero outside the
     mask only with ``skull_strip``; streamed to disk volume by volume."""
@@ -271,7 +272,7 @@ class RebuildDWI(SimpleInterface):
     input_spec = _RebuildInputSpec
     output_spec = _RebuildOutputSpec
 
-    def _run_interface(self, runtime):
+    def _run_step(self, runtime):
         inputs = self.inputs
         self._results.update(steps.rebuild_step(inputs.s0_file, inputs.dwi_file, inputs.mean_b0_file,
                                                 list(inputs.sh_files), inputs.mask_file, inputs.plan_file,

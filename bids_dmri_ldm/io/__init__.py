@@ -1,1 +1,1 @@
-"""File input/output of the pipeline's images (no BIDS, no nipype): :mod:`.nifti`."""
+"""File input/output (no BIDS, no nipype): :mod:`.files` (atomic writes of files and folders) and :mod:`.nifti` (NIfTI streaming, ISA-L gzip)."""

@@ -14,15 +14,14 @@ validator read the files as before. The gzip header has no file name and mtime 0
 ``gzip.GzipFile(filename="", mtime=0)`` writes it): reproducible bytes and no validator
 ``GZIP_HEADER_*`` warning.
 
-Writes are atomic: a temporary file in the target's folder, renamed onto the target only when
-complete (``os.replace``), mode 0644.
+Writes are atomic (:func:`~.files.atomic_path`): a temporary file in the target's folder, renamed
+onto the target only when complete (``os.replace``), mode 0644.
 """
 from __future__ import annotations
 
 import gzip
 import io
 import os
-import tempfile
 import zlib
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -33,6 +32,8 @@ from typing import BinaryIO
 import nibabel as nib
 import numpy as np
 from isal import igzip, igzip_threaded, isal_zlib
+
+from .files import atomic_path
 
 #: gzip level of the images written (ISA-L levels 0-3). Level 1 (as nibabel's default zlib level)
 #: is the speed/size trade-off: level 2 made the HCP-size int16 output 0.3 % smaller at the same
@@ -56,23 +57,6 @@ def is_gzip_path(path: str | os.PathLike) -> bool:
 
 # ---------------------------------------------------------------------------------------------
 # atomic, gzip-aware output streams
-
-
-@contextmanager
-def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
-    """Yield a temporary path in ``path``'s folder; on success it is made 0644 and renamed onto
-    ``path`` (``os.replace``), on any error it is removed and ``path`` is left as it was."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def gzip_writer(raw: BinaryIO, compresslevel: int = GZIP_LEVEL, threads: int = GZIP_THREADS) -> BinaryIO:
@@ -350,6 +334,52 @@ def load_nifti(path: str | os.PathLike) -> nib.Nifti1Image:
     return nib.Nifti1Image(data.reshape(shape, order="F"), layout.affine, header)
 
 
+# ---------------------------------------------------------------------------------------------
+# whole arrays and single channels (the pipeline's intermediate images)
+
+
+def make_nifti(data: np.ndarray, affine: np.ndarray, dtype=np.float32) -> nib.Nifti1Image:
+    """NIfTI-1 image with mm/s units and the affine as both qform and sform (code 1, scanner)."""
+    img = nib.Nifti1Image(np.asarray(data, dtype=dtype), np.asarray(affine, dtype=np.float64))
+    img.header.set_xyzt_units("mm", "sec")
+    img.set_qform(affine, code=1)
+    img.set_sform(affine, code=1)
+    return img
+
+
+def save_array(data: np.ndarray, affine: np.ndarray, path: str | os.PathLike, dtype=np.float32) -> str:
+    """Save an array as a NIfTI image (:func:`make_nifti`, :func:`save_nifti`); returns the path."""
+    save_nifti(make_nifti(data, affine, dtype), path)
+    return str(path)
+
+
+def read_channel(img: nib.Nifti1Image, c: int) -> np.ndarray:
+    """Channel ``c`` of a 3D/4D image as float32 ``(X, Y, Z)`` (a 3D image has one channel)."""
+    data = img.dataobj if len(img.shape) == 3 else img.dataobj[..., c]
+    return np.asarray(data, dtype=np.float32)
+
+
+def read_channels_at(img: nib.Nifti1Image, voxels: np.ndarray) -> np.ndarray:
+    """``(C, len(voxels))`` float32: the channels of a 3D/4D image at Fortran-order flat indices,
+    read one channel at a time (an uncompressed ``.nii`` is memory-mapped); each row is
+    contiguous."""
+    n_channels = 1 if len(img.shape) == 3 else int(img.shape[3])
+    out = np.empty((n_channels, voxels.size), dtype=np.float32)
+    data = img.dataobj
+    for c in range(n_channels):
+        volume = np.asanyarray(data if n_channels == 1 and len(img.shape) == 3 else data[..., c])
+        flat = volume.ravel(order="F")
+        out[c] = flat if voxels.size == flat.size else flat[voxels]  # all voxels: no gather
+    return out
+
+
+def write_channels(values: np.ndarray, affine: np.ndarray, path: str | os.PathLike) -> str:
+    """Stream a ``(X, Y, Z, C)`` array to a NIfTI file channel by channel (:func:`write_nifti_volumes`)."""
+    shape = values.shape[:3]
+    return str(write_nifti_volumes(path, shape, affine, values.shape[3],
+                                   (values[..., c] for c in range(values.shape[3]))))
+
+
 __all__ = [
     "GZIP_LEVEL",
     "GZIP_THREADS",
@@ -359,10 +389,15 @@ __all__ = [
     "gzip_writer",
     "iter_nifti_volumes",
     "load_nifti",
+    "make_nifti",
     "nifti_layout",
     "open_nifti_read",
     "open_nifti_write",
+    "read_channel",
+    "read_channels_at",
     "read_nifti_volumes",
+    "save_array",
     "save_nifti",
+    "write_channels",
     "write_nifti_volumes",
 ]

@@ -7,6 +7,7 @@ Shapes: RISH maps and scale maps are ``(X, Y, Z, n_orders)`` float32 (orders on 
 """
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -57,8 +58,8 @@ class MethodOptions:
     """Run options handed to a method's loader (the learned methods use them; identity and
     rish-global ignore them). None: the model bundle's own value.
 
-    Crosses the nipype graph as :meth:`to_dict` (JSON values) and is rebuilt, checked, with
-    :meth:`from_dict` where the method is loaded.
+    Crosses the nipype graph as one JSON string (:meth:`to_json`, keys sorted: a stable node
+    hash) and is rebuilt, checked, with :meth:`from_json` where the method is loaded.
 
     Attributes
     ----------
@@ -97,6 +98,15 @@ class MethodOptions:
     def to_dict(self) -> dict[str, Any]:
         """JSON-serialisable view (sequences as lists)."""
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+    def to_json(self) -> str:
+        """:meth:`to_dict` as a JSON string (keys sorted)."""
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str | None) -> MethodOptions:
+        """Options from :meth:`to_json` (empty or None: the defaults)."""
+        return cls.from_dict(json.loads(text) if text else None)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any] | MethodOptions | None) -> MethodOptions:

@@ -203,7 +203,7 @@ def load_rish_global_model(model_dir: str | os.PathLike) -> RishGlobalModel:
 
 def save_rish_global_model(model: RishGlobalModel, model_dir: str | os.PathLike) -> Path:
     """Write ``rish_global.json`` and ``SHA256SUMS`` atomically; return the model file path."""
-    from ..bids.derivatives import (
+    from ..bidsio.derivatives import (
         atomic_write_text,  # local: bids/ imports nothing from here
     )
 

@@ -25,7 +25,6 @@ one-line message naming the file.
 from __future__ import annotations
 
 import json
-import os
 import platform
 import shutil
 import tempfile
@@ -50,6 +49,7 @@ from ..bundles import (
     weight_names,
 )
 from ..errors import BundleError
+from ..io.files import atomic_write_text, replace_dir
 from .modelconfig import ConfigError, validate_config
 from .networks import build_all
 
@@ -82,14 +82,6 @@ class Bundle:
     def method(self) -> str:
         """``"ldm"`` or ``"cnn"``."""
         return self.config.get("method", "ldm")
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary sibling file and ``os.replace``."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def software_versions() -> dict[str, str]:
@@ -130,14 +122,7 @@ def save_bundle(out_dir: str | Path, config: dict[str, Any], networks: dict[str,
         tmp.chmod(0o755)  # mkdtemp makes 0700; a shipped model must be world-readable
         for file in tmp.iterdir():
             file.chmod(0o644)
-        if out_dir.exists():
-            old = out_dir.with_name(f".{out_dir.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(out_dir, old)
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out_dir)
+        replace_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..io.files import atomic_write_text
 from .bundle import Bundle, model_card, save_bundle, software_versions
 from .data import RishScan, from_model_grid, to_model_grid
 from .distributed import barrier, init_distributed
@@ -36,9 +37,9 @@ from .networks import build_cnn
 from .normalise import LEGACY_METHOD, denormalise, fit_normalisation, normalise
 from .scalemaps import SMOOTHING_CANDIDATES, calibrate_scale_smoothing
 from .training import (
+    PlotFn,
     RishInput,
     TrainingDataError,
-    _atomic_write_text,
     _stack_pairs,
     fit_stage,
     prepare_scans,
@@ -82,7 +83,7 @@ def make_loss(seed: int, augment_flip: bool):
 
 def train_cnn(rish_3t: RishInput, rish_7t: RishInput, config: dict[str, Any], out_dir: str | Path,
               work_dir: str | Path, device: torch.device | str = "cpu", resume: bool = False,
-              command: str = "") -> Path | None:
+              command: str = "", plot_losses: PlotFn | None = None) -> Path | None:
     """Train the cnn baseline on the paired participants and write its bundle to ``out_dir/model``.
 
     Parameters are those of :func:`~.training.train_all` (RISH, mask and affine per participant;
@@ -118,7 +119,7 @@ def train_cnn(rish_3t: RishInput, rish_7t: RishInput, config: dict[str, Any], ou
         norm = fit_normalisation([scans_3t[i].rish for i in train_ids], [scans_3t[i].mask for i in train_ids],
                                  cfg["orders"], tr["seed"], tr.get("normalisation", LEGACY_METHOD))
         if ctx.is_main:
-            _atomic_write_text(norm_path, json.dumps(norm, indent=1))
+            atomic_write_text(norm_path, json.dumps(norm, indent=1))
     train = paired_tensors([(scans_3t[i], targets[i]) for i in train_ids], norm, cfg)
     val = paired_tensors([(scans_3t[i], targets[i]) for i in val_ids], norm, cfg) if val_ids else None
     torch.manual_seed(tr["seed"])
@@ -126,7 +127,7 @@ def train_cnn(rish_3t: RishInput, rish_7t: RishInput, config: dict[str, Any], ou
     log_dir = out_dir / "training" if ctx.is_main else None
     fit_stage(STAGE, model, list(train), make_loss(tr["seed"], bool(tr.get("augment_flip", False))), cfg,
               tr["epochs"][STAGE], tr["batch_size"], work_dir / STAGE, log_dir, ctx, resume,
-              None if val is None else list(val))
+              None if val is None else list(val), plot_losses=plot_losses)
     if not ctx.is_main:
         barrier(ctx)
         return None

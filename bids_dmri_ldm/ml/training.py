@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import platform
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -35,8 +34,9 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 from tqdm.auto import tqdm
 
+from ..io.files import atomic_path
+from ..io.files import atomic_write_text as _atomic_write_text
 from ..vocabulary import LDM_STAGES
-from .bundle import atomic_write_text as _atomic_write_text
 from .bundle import model_card, save_bundle, software_versions, state_to_tensors
 from .data import RishScan, canonical_scan, target_on_source, to_model_grid
 from .diffusion import LatentDiffusion
@@ -71,9 +71,8 @@ def sample_generator(seed: int, stage: str, epoch: int, index: int) -> torch.Gen
 
 
 def _atomic_save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp))
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp))
 
 
 def optimizer_to_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list[dict]]:
@@ -94,33 +93,16 @@ def optimizer_from_tensors(opt: torch.optim.Optimizer, tensors: dict[str, torch.
     opt.load_state_dict({"state": state, "param_groups": groups})
 
 
-def write_loss_log(history: list[dict[str, float]], csv_path: Path, title: str, plot: bool = True) -> None:
-    """Loss history -> CSV and (with ``plot``) PNG (matplotlib Agg), both written atomically."""
-    csv_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = csv_path.with_name(csv_path.name + ".tmp")
-    with open(tmp, "w", newline="") as handle:
+def write_loss_log(history: list[dict[str, float]], csv_path: Path) -> None:
+    """Loss history -> CSV (``epoch``, ``train_loss``, ``val_loss``, ``seconds``), written atomically.
+
+    The figure of it is drawn by the caller's ``plot_losses`` (:func:`fit_stage`;
+    :func:`bids_dmri_ldm.reports.training.plot_losses` at the group level).
+    """
+    with atomic_path(csv_path) as tmp, open(tmp, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=["epoch", "train_loss", "val_loss", "seconds"])
         writer.writeheader()
         writer.writerows(history)
-    os.replace(tmp, csv_path)
-    if not plot:
-        return
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(5, 3.2))
-    epochs = [h["epoch"] for h in history]
-    ax.plot(epochs, [h["train_loss"] for h in history], label="train")
-    if any(h["val_loss"] == h["val_loss"] for h in history):  # not all NaN
-        ax.plot(epochs, [h["val_loss"] for h in history], label="validation")
-    ax.set_xlabel("epoch"), ax.set_ylabel("loss"), ax.set_title(title), ax.legend()
-    ax.set_yscale("log")
-    fig.tight_layout()
-    png = csv_path.with_suffix(".png")
-    tmp_png = png.with_name(png.stem + ".tmp.png")
-    fig.savefig(tmp_png, dpi=100)
-    plt.close(fig)
-    os.replace(tmp_png, png)
 
 
 # --------------------------------------------------------------------------- generic loop
@@ -129,11 +111,15 @@ PLOT_INTERVAL_S = 30.0
 
 LossFn = Callable[[nn.Module, list[torch.Tensor], torch.Tensor, int], torch.Tensor]
 
+PlotFn = Callable[[list[dict[str, float]], Path, str], Any]
+"""Draws a stage's loss curve: ``plot_losses(history, png_path, title)`` (the group level passes
+:func:`bids_dmri_ldm.reports.training.plot_losses`; ``ml`` draws nothing itself)."""
+
 
 def fit_stage(stage: str, model: nn.Module, tensors: Sequence[torch.Tensor], loss_fn: LossFn,
               cfg: dict[str, Any], epochs: int, batch_size: int, work_dir: Path, log_dir: Path | None,
               ctx: DistContext, resume: bool = False, val_tensors: Sequence[torch.Tensor] | None = None,
-              ) -> list[dict[str, float]]:
+              plot_losses: PlotFn | None = None) -> list[dict[str, float]]:
     """Train ``model`` for ``epochs`` with AdamW, checkpointing and resuming every epoch.
 
     Parameters
@@ -143,6 +129,9 @@ def fit_stage(stage: str, model: nn.Module, tensors: Sequence[torch.Tensor], los
     batch_size : global batch; each of the ``ctx.world_size`` processes takes its share.
     work_dir : checkpoint folder of this stage (``model.safetensors``, ``optimizer.safetensors``,
         ``state.json``, the latter written last and read as the commit marker).
+    log_dir : where the loss history goes (``losses_<stage>.csv``, every epoch), or None.
+    plot_losses : draws ``losses_<stage>.png`` from the history, at most every
+        :data:`PLOT_INTERVAL_S` seconds and after the last epoch (None: no figure).
 
     Returns
     -------
@@ -196,7 +185,9 @@ def fit_stage(stage: str, model: nn.Module, tensors: Sequence[torch.Tensor], los
                 # the PNG costs ~0.1 s, as much as a whole GPU epoch of the demo config:
                 # redrawn at most every PLOT_INTERVAL_S seconds and after the last epoch
                 plot = epoch == epochs - 1 or time.monotonic() - last_plot >= PLOT_INTERVAL_S
-                write_loss_log(history, log_dir / f"losses_{stage}.csv", stage, plot=plot)
+                write_loss_log(history, log_dir / f"losses_{stage}.csv")
+                if plot and plot_losses is not None:
+                    plot_losses(history, log_dir / f"losses_{stage}.png", stage)
                 last_plot = time.monotonic() if plot else last_plot
         barrier(ctx)
     bar.close()
@@ -264,7 +255,8 @@ def _vqvae_loss(model: nn.Module, batch: list[torch.Tensor], idx: torch.Tensor, 
 def train_vqvae(volumes: torch.Tensor, cfg: dict[str, Any], work_dir: Path, ctx: DistContext,
                 resume: bool = False, val_volumes: torch.Tensor | None = None,
                 log_dir: Path | None = None, stage: str = "vqvae3t",
-                init_state: dict[str, torch.Tensor] | None = None) -> tuple[nn.Module, list]:
+                init_state: dict[str, torch.Tensor] | None = None,
+                plot_losses: PlotFn | None = None) -> tuple[nn.Module, list]:
     """Train a VQ-VAE on model-grid volumes ``(M, 1, *grid)`` (one RISH order each).
 
     ``init_state`` starts from given weights (the 7T fine-tune starts from the 3T ones).
@@ -275,19 +267,21 @@ def train_vqvae(volumes: torch.Tensor, cfg: dict[str, Any], work_dir: Path, ctx:
         model.load_state_dict(init_state)
     history = fit_stage(stage, model, [volumes], _vqvae_loss, cfg, cfg["training"]["epochs"][stage],
                         cfg["training"]["batch_size"], work_dir, log_dir, ctx, resume,
-                        None if val_volumes is None else [val_volumes])
+                        None if val_volumes is None else [val_volumes], plot_losses=plot_losses)
     return model.eval(), history
 
 
 def finetune_vqvae7t(volumes_7t: torch.Tensor, cfg: dict[str, Any], work_dir: Path, ctx: DistContext,
                      vqvae3t_state: dict[str, torch.Tensor] | None, resume: bool = False,
-                     val_volumes: torch.Tensor | None = None, log_dir: Path | None = None):
+                     val_volumes: torch.Tensor | None = None, log_dir: Path | None = None,
+                     plot_losses: PlotFn | None = None):
     """7T VQ-VAE: fine-tuned from the 3T weights (``training.vqvae7t_init = "3T"``, the
     paper's transfer learning) or trained from scratch (``"scratch"``, the ablation)."""
     init = vqvae3t_state if cfg["training"]["vqvae7t_init"] == "3T" else None
     if cfg["training"]["vqvae7t_init"] == "3T" and init is None:
         raise TrainingDataError("the 7T fine-tune needs the trained 3T VQ-VAE weights")
-    return train_vqvae(volumes_7t, cfg, work_dir, ctx, resume, val_volumes, log_dir, "vqvae7t", init)
+    return train_vqvae(volumes_7t, cfg, work_dir, ctx, resume, val_volumes, log_dir, "vqvae7t", init,
+                       plot_losses=plot_losses)
 
 
 def make_ldm_loss(cfg: dict[str, Any]) -> LossFn:
@@ -313,13 +307,14 @@ def make_ldm_loss(cfg: dict[str, Any]) -> LossFn:
 
 def train_ldm(latents: torch.Tensor, labels: torch.Tensor, cfg: dict[str, Any], work_dir: Path,
               ctx: DistContext, resume: bool = False,
-              val: tuple[torch.Tensor, torch.Tensor] | None = None, log_dir: Path | None = None):
+              val: tuple[torch.Tensor, torch.Tensor] | None = None, log_dir: Path | None = None,
+              plot_losses: PlotFn | None = None):
     """Conditional latent diffusion UNet on scaled latents ``(M, C, x, y, z)`` with class ``labels`` (M,)."""
     torch.manual_seed(cfg["training"]["seed"] + _STAGE_ID["ldm"])
     model = build_unet(cfg)
     history = fit_stage("ldm", model, [latents, labels], make_ldm_loss(cfg), cfg,
                         cfg["training"]["epochs"]["ldm"], cfg["training"]["latent_batch_size"],
-                        work_dir, log_dir, ctx, resume, None if val is None else list(val))
+                        work_dir, log_dir, ctx, resume, None if val is None else list(val), plot_losses=plot_losses)
     return model.eval(), history
 
 
@@ -330,13 +325,14 @@ def _sr_loss(model, batch, idx, epoch):
 
 def train_sr(ldm_outputs: torch.Tensor, targets_7t: torch.Tensor, cfg: dict[str, Any], work_dir: Path,
              ctx: DistContext, resume: bool = False,
-             val: tuple[torch.Tensor, torch.Tensor] | None = None, log_dir: Path | None = None):
+             val: tuple[torch.Tensor, torch.Tensor] | None = None, log_dir: Path | None = None,
+             plot_losses: PlotFn | None = None):
     """Super-resolution head: decoded LDM outputs ``(M, 1, *grid)`` -> real 7T ``(M, 1, *grid)``, MSE."""
     torch.manual_seed(cfg["training"]["seed"] + _STAGE_ID["sr"])
     model = build_sr_head(cfg)
     history = fit_stage("sr", model, [ldm_outputs, targets_7t], _sr_loss, cfg,
                         cfg["training"]["epochs"]["sr"], cfg["training"]["batch_size"],
-                        work_dir, log_dir, ctx, resume, None if val is None else list(val))
+                        work_dir, log_dir, ctx, resume, None if val is None else list(val), plot_losses=plot_losses)
     return model.eval(), history
 
 
@@ -425,7 +421,7 @@ def _stage_state(work_dir: Path, stage: str, epochs: int) -> dict[str, torch.Ten
 
 def train_all(rish_3t: RishInput, rish_7t: RishInput, config: dict[str, Any], out_dir: str | Path,
               work_dir: str | Path, device: torch.device | str = "cpu", resume: bool = False,
-              stages: Sequence[str] = STAGES, command: str = "") -> Path | None:
+              stages: Sequence[str] = STAGES, command: str = "", plot_losses: PlotFn | None = None) -> Path | None:
     """Train every stage and write the model bundle (group-level entry point).
 
     Parameters
@@ -447,6 +443,7 @@ def train_all(rish_3t: RishInput, rish_7t: RishInput, config: dict[str, Any], ou
     stages : subset of ``("vqvae3t", "vqvae7t", "ldm", "sr")``; a stage needs the earlier
         stages completed in ``work_dir``.  The bundle is written when all four are complete.
     command : the command line, recorded in the model card.
+    plot_losses : draws each stage's loss curve PNG beside its CSV (None: CSV only).
 
     Returns
     -------
@@ -498,13 +495,14 @@ def train_all(rish_3t: RishInput, rish_7t: RishInput, config: dict[str, Any], ou
 
     vq3_state = need("vqvae3t")
     if "vqvae3t" in stages:
-        vq3, _ = train_vqvae(x3, cfg, work_dir / "vqvae3t", ctx, resume, v3, log_dir)
+        vq3, _ = train_vqvae(x3, cfg, work_dir / "vqvae3t", ctx, resume, v3, log_dir, plot_losses=plot_losses)
         vq3_state = state_to_tensors(vq3)
     vq7_state = need("vqvae7t")
     if "vqvae7t" in stages:
         if vq3_state is None and tr["vqvae7t_init"] == "3T":
             raise TrainingDataError("stage vqvae7t needs the vqvae3t stage completed first")
-        vq7, _ = finetune_vqvae7t(x7, cfg, work_dir / "vqvae7t", ctx, vq3_state, resume, v7, log_dir)
+        vq7, _ = finetune_vqvae7t(x7, cfg, work_dir / "vqvae7t", ctx, vq3_state, resume, v7, log_dir,
+                                  plot_losses=plot_losses)
         vq7_state = state_to_tensors(vq7)
     if vq3_state is None or vq7_state is None:
         if "ldm" in stages or "sr" in stages:
@@ -524,7 +522,7 @@ def train_all(rish_3t: RishInput, rish_7t: RishInput, config: dict[str, Any], ou
     unet_state = need("ldm")
     if "ldm" in stages:
         unet, _ = train_ldm(lat, labels, cfg, work_dir / "ldm", ctx, resume,
-                            (vz, vlab) if len(vz) else None, log_dir)
+                            (vz, vlab) if len(vz) else None, log_dir, plot_losses=plot_losses)
         unet_state = state_to_tensors(unet)
     if unet_state is None:
         if "sr" in stages:
@@ -539,7 +537,8 @@ def train_all(rish_3t: RishInput, rish_7t: RishInput, config: dict[str, Any], ou
     if "sr" in stages:
         sr_in, sr_target = _translate_for_sr(networks, bundle_cfg, train_pairs, norm, ctx.device)
         val_sr = _translate_for_sr(networks, bundle_cfg, val_pairs, norm, ctx.device) if val_ids else None
-        sr, _ = train_sr(sr_in, sr_target, cfg, work_dir / "sr", ctx, resume, val_sr, log_dir)
+        sr, _ = train_sr(sr_in, sr_target, cfg, work_dir / "sr", ctx, resume, val_sr, log_dir,
+                         plot_losses=plot_losses)
         sr_state = state_to_tensors(sr)
     if sr_state is None:
         return None

@@ -353,7 +353,7 @@ def _layout(mask, slices):
     if mask.ndim != 3:
         raise ValueError(f"mask must be 3D, got shape {mask.shape}")
     slices = slices or select_slices(mask)
-    return mask, _slice_panels(slices), bounding_box(mask)
+    return mask, _slice_panels(slices), bounding_box(mask, margin=2)
 
 
 # --------------------------------------------------------------------------

@@ -13,12 +13,9 @@ from __future__ import annotations
 import base64
 import html
 import logging
-import os
-import tempfile
 import traceback
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 LOGGER = logging.getLogger("bids_dmri_ldm.reports")
 
@@ -221,23 +218,3 @@ def render_document(title: str, sections: Sequence[Section], subtitle: str = "")
             + (paragraph(subtitle, "meta") if subtitle else "")
             + (f"<nav>{''.join(nav)}</nav>\n" if nav else "")
             + body + "\n</body>\n</html>\n")
-
-
-def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
-    """Write text to ``path`` through a temporary file and ``os.replace``.
-
-    Readers never see a half-written report.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path

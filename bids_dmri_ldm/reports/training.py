@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bids_dmri_ldm.io.files import atomic_path, atomic_write_text
 from bids_dmri_ldm.reports import figures
 from bids_dmri_ldm.reports.html import (
     LOGGER,
@@ -31,7 +32,6 @@ from bids_dmri_ldm.reports.html import (
     render_document,
     report_section,
     table_html,
-    write_text_atomic,
 )
 from bids_dmri_ldm.vocabulary import LDM_STAGES
 
@@ -49,6 +49,26 @@ STAGE_COLUMN = "stage"
 STAGE_ORDER = LDM_STAGES
 #: Columns that are bookkeeping, not curves.
 _NOT_CURVES = ("second", "time", "lr")
+
+
+def plot_losses(history: Sequence[Mapping[str, float]], png_path: str | Path, title: str) -> None:
+    """Draw one training stage's loss curve (train and, unless all NaN, validation loss per epoch,
+    log scale) to ``png_path`` atomically (matplotlib Agg). Given to the trainers
+    (:data:`bids_dmri_ldm.ml.training.PlotFn`), which call it while they train."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    epochs = [h["epoch"] for h in history]
+    ax.plot(epochs, [h["train_loss"] for h in history], label="train")
+    if any(h["val_loss"] == h["val_loss"] for h in history):  # not all NaN
+        ax.plot(epochs, [h["val_loss"] for h in history], label="validation")
+    ax.set_xlabel("epoch"), ax.set_ylabel("loss"), ax.set_title(title), ax.legend()
+    ax.set_yscale("log")
+    fig.tight_layout()
+    with atomic_path(png_path, suffix=".png") as tmp_png:
+        fig.savefig(tmp_png, dpi=100)
+    plt.close(fig)
 
 
 def order_stages(curves: Mapping[str, Mapping]) -> dict:
@@ -277,7 +297,7 @@ def render_training_report(
     from bids_dmri_ldm import __version__
 
     subtitle = f"bids-dmri-ldm {__version__} · generated {time.strftime('%Y-%m-%d %H:%M:%S %Z')}"
-    return write_text_atomic(path, render_document("Group level: model training", sections, subtitle))
+    return atomic_write_text(path, render_document("Group level: model training", sections, subtitle))
 
 
 def build_training_report(

@@ -34,7 +34,6 @@ All files are written into a temporary folder by the caller, which moves it into
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import nibabel as nib
@@ -236,16 +235,11 @@ def replace_directory(staging: Path, target: Path, overwrite: bool) -> None:
     An existing empty ``target`` is replaced by the rename itself; a non-empty one only with
     ``overwrite`` (moved aside first and removed after the new folder is in place).
     """
-    import shutil
+    from ..io.files import replace_dir
 
-    old = None
     if target.exists() and any(target.iterdir()):
         if not overwrite:
             raise FileExistsError(f"{target} exists and is not empty (use --overwrite)")
-        old = target.with_name(f".{target.name}.old-{os.getpid()}")
-        os.replace(target, old)
     elif target.exists():
         target.rmdir()
-    os.replace(staging, target)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    replace_dir(staging, target)

@@ -15,13 +15,14 @@ settings is skipped unless ``--overwrite``. The runs that remain are sub-workflo
 workflow, executed with :class:`~bids_dmri_ldm.workflows.execution.WorkerPoolPlugin` (nipype's
 MultiProc scheduling; a worker that dies fails only its run) when ``--nprocs`` > 1 (``Linear``
 otherwise) and cached in ``<work_dir>/bids_dmri_ldm_wf``. A failing node stops only its own run:
-nipype's crash file of that run gives the reason; the run's partly written derivatives are
-removed so nothing half-written remains, and the others finish.
+the step's typed record (:class:`~bids_dmri_ldm.errors.StepFailure`, written by its interface)
+gives the reason and its category, nipype's crash file the traceback for humans; the run's partly
+written derivatives are removed so nothing half-written remains, and the others finish.
 
 Ownership: every invocation has an ID (``<YYYYmmdd-HHMMSS>_<pid>``). A run's derivatives are
 written, judged and removed only by the process holding the run's lock
-(:class:`~bids_dmri_ldm.bids.locks.RunLock`, ``<output_dir>/logs/locks/<run>.lock``), and its
-crash files go to ``<work_dir>/crash/<run workflow>/<invocation ID>/``, read by that invocation
+(:class:`~bids_dmri_ldm.bidsio.locks.RunLock`, ``<output_dir>/logs/locks/<run>.lock``), and its
+failure records and crash files go to ``<work_dir>/crash/<run workflow>/<invocation ID>/``, read by that invocation
 only. A run locked by another process (two commands over the same data) is left to it; once
 this process has done its other runs it waits for the lock, then finds the run complete (and
 skips it) or, when the other process failed or stopped, processes it itself.
@@ -41,7 +42,6 @@ import itertools
 import logging
 import os
 import re
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -50,52 +50,56 @@ from typing import TYPE_CHECKING, Any
 
 os.environ.setdefault("NIPYPE_NO_ET", "1")
 
-import nibabel as nib
 
-from ..bids import derivatives as deriv
-from ..bids.locks import LockUnavailable, RunLock
+from ..bidsio import derivatives as deriv
+from ..bidsio.locks import LockUnavailable, RunLock
+from ..core.sh import RISH_ORDERS
 from ..errors import (
     EX_DATAERR,
     BidsAppError,
     FailureCategory,
     InputDataError,
     ResourceError,
-    failure_category,
 )
-from ..core.resample import output_grid
-from ..core.sh import RISH_ORDERS
 from ..interfaces.steps import (
-    InputSummary,
     ShellOptions,
-    check_run_inputs,
-    grid_changes,
 )
 from ..methods import (
-    MethodOptions,
     ModelInfo,
     inspect_model,
     model_mismatches,
     model_warnings,
-    trained_shells,
+)
+from .outcomes import (
+    STATUS_SKIPPED,
+    _crash_dir,
+    _outcome,
+    _run_key,
+    _set_crash_dir,
+    _snapshot,
+    _write_error_log,
+    _write_summary,
+)
+from .plan import (
+    RunPlan,
+    method_options,
+    plan_run,
+    run_settings,
+    shell_options,
 )
 from .resources import (
     GIB,
-    NIFTI1_MAX_DIM,
     MemoryEstimate,
     available_memory,
-    estimate_run_memory,
-    format_bytes,
     model_weight_bytes,
 )
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ..bids.layout import DWIRun
+    from ..bidsio.layout import DWIRun
     from ..config import RunConfig
 
 LOGGER = logging.getLogger("bids_dmri_ldm.workflow")
 
-STATUS_DONE = "done"
-STATUS_SKIPPED = "skipped: complete"
 
 _INVOCATIONS = itertools.count(1)
 
@@ -111,158 +115,6 @@ def invocation_id(started: float | None = None) -> str:
     return f"{stamp}_{os.getpid()}" + (f"-{number}" if number > 1 else "")
 
 
-@dataclass
-class RunPlan:
-    """Everything decided about one run before the workflow is built."""
-
-    run: Any  # DWIRun
-    outputs: deriv.RunOutputs
-    summary: InputSummary
-    res_label: str | None
-    resolution: str | None
-    sources: list[str]
-    spatial_reference: str
-    wf_name: str
-    options: ShellOptions = field(default_factory=ShellOptions)
-    memory: MemoryEstimate = field(default_factory=MemoryEstimate)
-    # the run's existing derivatives before this attempt: {path: (inode, mtime_ns)}
-    before: dict[Path, tuple[int, int]] = field(default_factory=dict)
-
-
-def run_settings(config: RunConfig, model_sha256: str | None) -> dict[str, Any]:
-    """Settings recorded in every sidecar and compared on reruns (a change means: redo)."""
-    return {
-        "Method": str(config.method),
-        "ModelSHA256": model_sha256,
-        "Shells": None if config.shells is None else [float(b) for b in config.shells],
-        "ShellTolerance": float(config.shell_tolerance),
-        "OutputGradients": output_gradients_record(config),
-        "SHOrderMax": int(config.sh_order_max),
-        "OutputResolution": None if config.output_resolution is None else float(config.output_resolution),
-        "SkullStrip": bool(config.skull_strip),
-    }
-
-
-def output_gradients_record(config: RunConfig) -> dict[str, Any] | None:
-    """Where the output table comes from (``Settings.OutputGradients`` of the sidecars): the
-    ``--output-gradients`` files' names and SHA-256 (not their paths: no mount point is
-    recorded); None when the output keeps the input's table."""
-    if not config.output_gradients:
-        return None
-    from ..bundles import sha256_file
-
-    bval, bvec = (Path(p) for p in config.output_gradients)
-    return {"BVal": bval.name, "BVec": bvec.name, "BValSHA256": sha256_file(bval), "BVecSHA256": sha256_file(bvec)}
-
-
-def shell_options(config: RunConfig, translator: Any = None) -> ShellOptions:
-    """How every run's shells are treated: ``--shell``, ``--shell-tolerance``, ``--sh-order``,
-    ``--output-gradients`` and the shells the method's model covers (``translator``: a loaded
-    method or its :class:`~bids_dmri_ldm.methods.ModelInfo`)."""
-    covered = trained_shells(translator) if translator is not None else None
-    record = output_gradients_record(config)
-    return ShellOptions(
-        tolerance=float(config.shell_tolerance), sh_order_max=int(config.sh_order_max),
-        shells=None if config.shells is None else tuple(float(b) for b in config.shells),
-        covered=None if covered is None else tuple(covered),
-        model_label=f"the {config.method} model",
-        output_bval=str(config.output_gradients[0]) if config.output_gradients else None,
-        output_bvec=str(config.output_gradients[1]) if config.output_gradients else None,
-        output_sha256=None if record is None else record["BValSHA256"] + record["BVecSHA256"])
-
-
-def method_options(config: RunConfig) -> MethodOptions:
-    """Options handed to the method loader (used by ``ldm``/``cnn``; ignored by the others)."""
-    return MethodOptions(device=config.device, seed=int(config.seed), num_samples=int(config.num_samples),
-                         ddim_steps=config.ddim_steps, t0=config.t0, guidance=config.guidance,
-                         scale_reference=config.scale_reference, scale_smoothing=config.scale_smoothing,
-                         omp_nthreads=int(config.omp_nthreads))
-
-
-def _uri(path, root) -> str:
-    try:
-        return deriv.bids_uri(path, root)
-    except ValueError:  # outside the dataset (e.g. a mask from another derivative dataset)
-        return Path(path).resolve().as_uri()
-
-
-def plan_run(run: DWIRun, config: RunConfig, memory_limit: int | None = None, model_bytes: int = 0,
-             options: ShellOptions | None = None) -> RunPlan:
-    """Check a run from its header/gradients, decide what happens to each of its shells,
-    estimate its memory and decide its output names.
-
-    Parameters
-    ----------
-    memory_limit : int, optional
-        Bytes one run may use (``--mem-gb`` or the memory available); None: not checked.
-    model_bytes : int
-        Size of the model's weight files (part of the memory estimate).
-    options : ShellOptions, optional
-        :func:`shell_options` (default: from ``config``, every shell covered).
-
-    Raises
-    ------
-    InputDataError
-        The run cannot be processed (see :func:`~bids_dmri_ldm.interfaces.steps.check_run_inputs`),
-        or its output grid cannot be stored in NIfTI-1 (an axis over 32767 voxels).
-    ResourceError
-        The run needs more memory than ``memory_limit`` (the message says how much and what to change).
-    """
-    summary = check_run_inputs(run.dwi, run.bval, run.bvec, options or shell_options(config))
-    res_label = resolution = None
-    if config.output_resolution is not None and grid_changes(summary.affine, summary.shape, config.output_resolution):
-        res_label = deriv.resolution_label(config.output_resolution)
-        resolution = (f"Resampled to {config.output_resolution:g} mm isotropic voxels (cubic B-spline; brain mask "
-                      "linear + threshold 0.5), same field of view and axis directions as the source")
-    memory = _check_memory(run, summary, config, res_label is not None, memory_limit, model_bytes)
-    try:
-        outputs = deriv.run_outputs(config.output_dir, run.dwi, getattr(run, "entities", None), res_label)
-    except ValueError as err:  # a label pybids accepted but BIDS does not (layout rejects most)
-        raise InputDataError(f"{Path(run.dwi).name}: {err}") from None
-    sources = [_uri(p, config.bids_dir) for p in (run.dwi, run.bval, run.bvec, getattr(run, "mask", None)) if p]
-    wf_name = re.sub(r"[^0-9a-zA-Z]", "_", outputs.run_id) + "_wf"
-    return RunPlan(run=run, outputs=outputs, summary=summary, res_label=res_label, resolution=resolution,
-                   sources=sources, spatial_reference=_uri(run.dwi, config.bids_dir), wf_name=wf_name,
-                   options=options or shell_options(config), memory=memory)
-
-
-def _check_memory(run, summary: InputSummary, config: RunConfig, resampled: bool, memory_limit: int | None,
-                  model_bytes: int) -> MemoryEstimate:
-    """The run's memory estimate (:mod:`.resources`); refuse grids NIfTI-1 cannot store and runs
-    that cannot fit in ``memory_limit``."""
-    name = Path(run.dwi).name
-    voxel_size = config.output_resolution if resampled else None
-    _, out_shape = output_grid(summary.affine, summary.shape[:3], voxel_size)
-    plan = summary.plan
-    n_kept = int(plan.read_index.size)
-    if max(out_shape) > NIFTI1_MAX_DIM:
-        raise InputDataError(
-            f"{name}: at {voxel_size:g} mm the output grid would be {_shape_text(out_shape)} voxels; NIfTI-1 "
-            f"stores at most {NIFTI1_MAX_DIM} per axis (check the voxel sizes in the header, or use a coarser "
-            "--output-resolution)")
-    itemsize = nib.load(str(run.dwi)).get_data_dtype().itemsize
-    memory = estimate_run_memory(summary.shape, itemsize, n_kept, config.sh_order_max, out_shape, model_bytes,
-                                 shell_volumes=max((p.shell.n_volumes for p in plan.fitted), default=0),
-                                 n_b0=int(plan.b0_index.size), n_fitted=len(plan.fitted))
-    if memory_limit is not None and memory.peak > memory_limit:
-        if resampled:
-            native = min(summary.voxel_size)
-            change = (f"use a coarser --output-resolution (e.g. 1.05, or 'native' = {native:g} mm)"
-                      f", more memory (--mem-gb), or another machine")
-            grid = f"at {voxel_size:g} mm the output grid is {_shape_text(out_shape)} voxels x {n_kept} volumes"
-        else:
-            change = "run it on a machine with more memory (or raise --mem-gb if more is free)"
-            grid = f"the grid is {_shape_text(out_shape)} voxels x {n_kept} volumes"
-        raise ResourceError(
-            f"{name}: {grid}; this run needs about {format_bytes(memory.peak)} of memory but "
-            f"{format_bytes(memory_limit)} is available; {change}")
-    return memory
-
-
-def _shape_text(shape) -> str:
-    return "x".join(str(int(n)) for n in shape)
-
-
 def init_single_run_wf(plan: RunPlan, config: RunConfig, settings: dict[str, Any]):
     """Translation + derivative writing of one run, with the run's inputs set."""
     from nipype.pipeline import engine as pe
@@ -274,7 +126,7 @@ def init_single_run_wf(plan: RunPlan, config: RunConfig, settings: dict[str, Any
     dwi_wf = init_dwi_7tlike_wf(
         method=str(config.method),
         model_dir=None if config.model_dir is None else str(config.model_dir),
-        method_options=method_options(config).to_dict(),  # JSON values through nipype
+        method_options=method_options(config),
         shell_options=plan.options.to_dict(),
         sh_order_max=config.sh_order_max,
         output_resolution=config.output_resolution if plan.res_label else None,
@@ -296,12 +148,12 @@ def init_single_run_wf(plan: RunPlan, config: RunConfig, settings: dict[str, Any
         seed=config.seed,
         res_label=plan.res_label,
         resolution=plan.resolution,
-        with_std=writes_std_map(config.method, method_options(config).to_dict()),
+        with_std=writes_std_map(config.method, method_options(config)),
         skull_strip=bool(config.skull_strip),
     )
     fields = ["dwi_file", "bval_file", "bvec_file", "mask_file", "rish_source_file", "rish_predicted_file",
               "scale_file", "provenance", "warnings"]
-    if writes_std_map(config.method, method_options(config).to_dict()):
+    if writes_std_map(config.method, method_options(config)):
         fields.append("rish_std_file")
     workflow.connect([(dwi_wf, ds_wf, [(f"outputnode.{f}", f"inputnode.{f}") for f in fields])])
     _set_node_memory(workflow, plan.memory)
@@ -320,16 +172,6 @@ def _set_node_memory(workflow, memory: MemoryEstimate) -> None:
         step = _NODE_MEMORY.get(node.name)
         if step in memory.steps:
             node._mem_gb = memory.steps[step] / GIB
-
-
-def _crash_dir(config: RunConfig, plan: RunPlan, invocation: str) -> Path:
-    """Where this invocation's crash files of the run go (read by this invocation only)."""
-    return Path(config.work_dir) / "crash" / plan.wf_name / invocation
-
-
-def _set_crash_dir(workflow, crash_dir: Path) -> None:
-    for node in workflow._get_all_nodes():
-        node.config = {"execution": {"crashdump_dir": str(crash_dir), "crashfile_format": "txt"}}
 
 
 def run_participant(config: RunConfig, runs: Sequence[DWIRun], rejected: dict[str, str] | None = None
@@ -523,18 +365,6 @@ def _existing_outputs_decision(plan: RunPlan, config: RunConfig, settings: dict[
     return None
 
 
-def _snapshot(outputs: deriv.RunOutputs) -> dict[Path, tuple[int, int]]:
-    """``{path: (inode, mtime_ns)}`` of the run's derivatives that exist now."""
-    found = {}
-    for path in deriv.existing_files(outputs):
-        try:
-            stat = path.stat()
-        except OSError:
-            continue
-        found[path] = (stat.st_ino, stat.st_mtime_ns)
-    return found
-
-
 def _subject(run) -> str | None:
     subject = getattr(run, "subject", None)
     if subject:
@@ -579,11 +409,6 @@ def write_reports(output_dir: str | os.PathLike, runs: Sequence[DWIRun], statuse
             LOGGER.warning("sub-%s: the participant report could not be written (%s: %s); the derivatives "
                            "are complete, rerun with --reports-only to retry", label, type(err).__name__, err)
     return written
-
-
-def _run_key(run) -> str:
-    stem = getattr(run, "stem", None)
-    return stem if stem else deriv.run_outputs(".", run.dwi, getattr(run, "entities", None)).run_id
 
 
 def _settings_diff(recorded: dict, wanted: dict) -> str:
@@ -634,98 +459,3 @@ def _execute(plans: list[RunPlan], config: RunConfig, settings: dict[str, Any], 
         LOGGER.debug("nipype: %s", err)
     finally:
         gc.unfreeze()
-
-
-def _outcome(plan: RunPlan, config: RunConfig, settings: dict[str, Any], invocation: str) -> tuple[str, str]:
-    """Status and reason of one executed run (from this invocation's crash files only)."""
-    crash_dir = _crash_dir(config, plan, invocation)
-    crash_files = sorted(crash_dir.glob("crash-*.txt"))
-    if not crash_files and deriv.is_complete(plan.outputs, settings):
-        _remove_empty_dirs(crash_dir)
-        return STATUS_DONE, ""
-    if crash_files:
-        error_type, message = crash_reason(crash_files[0].read_text(errors="replace"), qualified=True)
-    else:
-        error_type, message = "RuntimeError", "the workflow stopped before writing all outputs"
-    removed = _remove_partial(plan)
-    if removed:
-        LOGGER.warning("%s: removed %d partly written derivative file(s)", _run_key(plan.run), len(removed))
-    category = failure_category(exception_class(error_type))
-    if category is None:
-        message = f"{error_type.rpartition('.')[2]}: {message}"
-    _write_error_log(config, plan.outputs.run_id, message, crash_files, dwi=plan.run.dwi)
-    prefix = f"failed ({category}): " if category else "failed: "
-    return prefix + message, message
-
-
-def _remove_partial(plan: RunPlan) -> list[Path]:
-    """Remove the run's derivatives when this attempt (re)wrote any of them (compared with the
-    snapshot taken under the run's lock before it started: only this process wrote since)."""
-    if _snapshot(plan.outputs) != plan.before:
-        return deriv.remove_outputs(plan.outputs)
-    return []
-
-
-def _remove_empty_dirs(folder: Path) -> None:
-    """Remove ``folder`` and its parent when empty (this invocation's crash folder of a run)."""
-    for path in (folder, folder.parent):
-        try:
-            path.rmdir()
-        except OSError:
-            return
-
-
-_EXC_LINE = re.compile(r"^((?:[A-Za-z_][\w.]*\.)?([A-Za-z_]\w*(?:Error|Exception|Exit|Interrupt))): ?(.*)$")
-
-
-def crash_reason(text: str, qualified: bool = False) -> tuple[str, str]:
-    """``(exception class, message)`` of the last exception in a nipype crash file's traceback.
-
-    The class is its name (``InputDataError``), or with ``qualified`` its name as the traceback
-    gives it (``bids_dmri_ldm.errors.InputDataError``; a builtin without its module), which
-    :func:`exception_class` turns back into the class.
-    """
-    found = ("RuntimeError", "unknown failure (see the crash file)")
-    for line in text.splitlines():
-        match = _EXC_LINE.match(line.strip())
-        if match:
-            name = match.group(1) if qualified else match.group(2)
-            found = (name, match.group(3).strip() or match.group(2))
-    return found
-
-
-def exception_class(name: str) -> type[BaseException] | None:
-    """The exception class a traceback names (``module.Class``, or a builtin's bare name), from
-    the modules this process has imported (nothing is imported for it); None when unknown.
-
-    The nodes run the steps, whose exceptions nipype keeps only as traceback text; the class
-    found here is classified by type (:func:`bids_dmri_ldm.errors.failure_category`), not by
-    its name.
-    """
-    module, _, attr = name.rpartition(".")
-    found = getattr(sys.modules.get(module or "builtins"), attr, None)
-    return found if isinstance(found, type) and issubclass(found, BaseException) else None
-
-
-def _write_error_log(config: RunConfig, run_name: str, message: str, crash_files: Sequence[Path] = (),
-                     dwi: str | os.PathLike | None = None) -> None:
-    """``logs/<run_name>_error.log``: the reason, and each crash file with its traceback."""
-    lines = ([f"run: {dwi}"] if dwi else [f"run: {run_name}"]) + [f"reason: {message}"]
-    for crash in crash_files:
-        lines += [f"crash file: {crash}", crash.read_text(errors="replace")]
-    try:
-        deriv.atomic_write_text(Path(config.output_dir) / "logs" / f"{run_name}_error.log", "\n".join(lines) + "\n")
-    except OSError as err:
-        LOGGER.warning("could not write the error log of %s: %s", run_name, err)
-
-
-def _write_summary(config: RunConfig, statuses: dict[str, str], reasons: dict[str, str], invocation: str) -> None:
-    rows = ["run\tstatus\treason"]
-    for key in sorted(statuses):
-        status = statuses[key].split(":", 1)[0]
-        rows.append(f"{key}\t{status}\t{' '.join(reasons.get(key, '').split())}")
-    try:
-        deriv.atomic_write_text(Path(config.output_dir) / "logs" / f"participant_{invocation}.tsv",
-                                "\n".join(rows) + "\n")
-    except OSError as err:
-        LOGGER.warning("could not write the run summary: %s", err)

@@ -18,22 +18,23 @@ from ..interfaces.dwi import (
     ScaleSH,
     SelectShells,
 )
+from ..methods.base import MethodOptions
 
 INPUT_FIELDS = ["dwi_file", "bval_file", "bvec_file", "mask_file"]
 OUTPUT_FIELDS = ["dwi_file", "bval_file", "bvec_file", "mask_file", "rish_source_file",
                  "rish_predicted_file", "scale_file", "provenance", "rish_std_file", "warnings"]
 
 
-def writes_std_map(method: str, method_options: dict | None) -> bool:
+def writes_std_map(method: str, method_options: MethodOptions | None) -> bool:
     """Whether the run produces the per-voxel SD map (``ldm`` with ``num_samples`` > 1)."""
-    return str(method) == "ldm" and int((method_options or {}).get("num_samples") or 1) > 1
+    return str(method) == "ldm" and int((method_options or MethodOptions()).num_samples or 1) > 1
 
 
 def init_dwi_7tlike_wf(
     *,
     method: str,
     model_dir: str | None = None,
-    method_options: dict | None = None,
+    method_options: MethodOptions | None = None,
     shell_options: dict | None = None,
     sh_order_max: int = 4,
     output_resolution: float | None = 1.05,
@@ -72,8 +73,9 @@ def init_dwi_7tlike_wf(
         Registered translation method (:class:`bids_dmri_ldm.methods.Method`).
     model_dir : str or None
         Model directory (``None``: the shipped default of the method).
-    method_options : dict or None
-        Options passed to the method's loader (device, seed, sampling settings).
+    method_options : MethodOptions or None
+        Options passed to the method's loader (device, seed, sampling settings); they cross
+        the graph as :meth:`~bids_dmri_ldm.methods.MethodOptions.to_json` (None: the defaults).
     shell_options : dict or None
         :meth:`bids_dmri_ldm.interfaces.steps.ShellOptions.to_dict`: shell tolerance, SH order,
         ``--shell``, the model's shells, ``--output-gradients`` (None: the defaults).
@@ -122,7 +124,7 @@ def init_dwi_7tlike_wf(
     load_dwi = pe.Node(LoadDWI(), name="load_dwi")
     brain_mask = pe.Node(BrainMask(), name="brain_mask")
     fit_rish = pe.Node(FitRISH(sh_order_max=sh_order_max), name="fit_rish", n_procs=omp_nthreads)
-    predict_scale = pe.Node(PredictScaleMaps(method=method, model_dir=model_dir, options=dict(method_options or {})),
+    predict_scale = pe.Node(PredictScaleMaps(method=method, model_dir=model_dir, options=(method_options or MethodOptions()).to_json()),
                             name="predict_scale", n_procs=omp_nthreads)
 
     resample = pe.Node(ResampleToGrid(voxel_size=output_resolution), name="resample")

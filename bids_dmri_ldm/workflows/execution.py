@@ -38,7 +38,11 @@ import warnings
 from multiprocessing.connection import Connection
 from typing import Any
 
-from nipype.pipeline.plugins.multiproc import MultiProcPlugin, process_initializer, run_node
+from nipype.pipeline.plugins.multiproc import (
+    MultiProcPlugin,
+    process_initializer,
+    run_node,
+)
 
 LOGGER = logging.getLogger("bids_dmri_ldm.workflow")
 

@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any
 import nibabel as nib
 import numpy as np
 
-from ..bids import derivatives as deriv
+from ..bidsio import derivatives as deriv
 from ..errors import (
     EX_FAILURE,
     EX_OK,
@@ -50,12 +50,13 @@ from ..errors import (
     UsageError,
 )
 from ..interfaces import steps
+from ..io.files import atomic_path, replace_dir
 from ..methods import Method, save_rish_global_model
 from ..ml.rish_global import RishPair, fit_rish_global, fit_rish_global_shells
 from ..vocabulary import ALL_STAGES, LDM_STAGES
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ..bids.layout import DWIRun
+    from ..bidsio.layout import DWIRun
     from ..config import RunConfig
 
 LOGGER = logging.getLogger("bids_dmri_ldm.group")
@@ -111,8 +112,8 @@ def common_shells(runs: Sequence[DWIRun], tolerance: float, sh_order_max: int) -
         A run's gradient table cannot be read, or the runs share no shell.
     """
     from ..core.gradients import GradientError, load_gradients
+    from ..core.sh import DIRECTIONS_FOR_ORDER
     from ..core.shells import (
-        DIRECTIONS_FOR_ORDER,
         cluster_shells,
         find_shell,
         shells_text,
@@ -163,7 +164,7 @@ RISH_GLOBAL_VAL_FRACTION = 0.2
 def train_rish_global(config: RunConfig, runs: Sequence[DWIRun]) -> int:
     """Fit the rish-global model on the training participants' 3T/7T pairs, validate it on the
     held-out ones (:func:`run_gate`) and save it with its validation table."""
-    from ..bids.layout import pair_runs
+    from ..bidsio.layout import pair_runs
     from ..methods import RishGlobalMethod
     from ..ml.split import split_participants
 
@@ -281,10 +282,9 @@ def cached_run_rish(run: DWIRun, config: RunConfig, shells: Sequence[float], sta
         raise BadDataError(f"{run.stem}: {err}") from None
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    tmp = cache_dir / f".{key}.tmp.npz"
-    np.savez(tmp, mask=mask, affine=np.asarray(affine, np.float64),
-             **{f"rish_{k}": rish[b].astype(np.float32) for k, b in enumerate(shells)})
-    os.replace(tmp, cache_file)
+    with atomic_path(cache_file, suffix=".npz") as tmp:
+        np.savez(tmp, mask=mask, affine=np.asarray(affine, np.float64),
+                 **{f"rish_{k}": rish[b].astype(np.float32) for k, b in enumerate(shells)})
     if stats is not None:
         stats["computed"] = stats.get("computed", 0) + 1
     return rish, mask, affine
@@ -300,7 +300,7 @@ def shell_rish(run: DWIRun, config: RunConfig, shell: float, stats: dict[str, in
 def feature_runs(runs: Sequence[DWIRun]) -> dict[str, dict[str, DWIRun]]:
     """``{"source": {participant: run}, "target": {participant: run}}``: the one 3T and one 7T run
     of each participant that training uses (see :func:`collect_ldm_features`)."""
-    from ..bids.layout import SOURCE, TARGET, pair_runs
+    from ..bidsio.layout import SOURCE, TARGET, pair_runs
 
     chosen: dict[str, dict[str, Any]] = {SOURCE: {}, TARGET: {}}
     try:
@@ -323,10 +323,10 @@ def collect_ldm_features(config: RunConfig, runs: Sequence[DWIRun], stats: dict[
     (training pairs them through the affines).
 
     One source (3T) and one target (7T) run per participant: the run of its first 3T/7T pair
-    (:func:`~bids_dmri_ldm.bids.layout.pair_runs`) when it has one, else its first run of that
+    (:func:`~bids_dmri_ldm.bidsio.layout.pair_runs`) when it has one, else its first run of that
     field strength (3T-only participants train the 3T VQ-VAE and the LDM's 3T class).
     """
-    from ..bids.layout import SOURCE, TARGET
+    from ..bidsio.layout import SOURCE, TARGET
 
     chosen = feature_runs(runs)
     shell = config.training_shell
@@ -370,6 +370,7 @@ def train_ldm(config: RunConfig, runs: Sequence[DWIRun]) -> int:
     from ..ml.device import resolve_device
     from ..ml.modelconfig import trained_for
     from ..ml.training import TrainingDataError, train_all
+    from ..reports.training import plot_losses
 
     train_cfg = _load_train_config(config)
     shell = training_shell(config, Method.LDM)
@@ -391,7 +392,8 @@ def train_ldm(config: RunConfig, runs: Sequence[DWIRun]) -> int:
     command = " ".join(["bids-dmri-ldm", *sys.argv[1:]]) if sys.argv else ""
     try:
         bundle_dir = train_all(rish_3t, rish_7t, train_cfg, staging, work, device=device,
-                               resume=bool(config.resume), stages=_ldm_stages(config.stage), command=command)
+                               resume=bool(config.resume), stages=_ldm_stages(config.stage), command=command,
+                               plot_losses=plot_losses)
     except TrainingDataError as err:
         raise NoDataError(f"ldm training: {err}") from None
     except torch.OutOfMemoryError:
@@ -447,9 +449,8 @@ def _write_examples(config: RunConfig, method: Method, train_cfg: dict[str, Any]
             source, mask = on_grid(s3.rish, s3.mask, s3.mask)
             arrays = {"source": source, "prediction": on_grid(prediction, s3.mask, s3.mask)[0],
                       "target": on_grid(t7.rish, t7.mask, s3.mask)[0], "mask": mask}
-            tmp = out / f".sub-{label}_example.tmp.npz"
-            np.savez_compressed(tmp, **arrays)
-            os.replace(tmp, out / f"sub-{label}_example.npz")
+            with atomic_path(out / f"sub-{label}_example.npz", suffix=".npz") as tmp:
+                np.savez_compressed(tmp, **arrays)
     except Exception as err:  # noqa: BLE001 - examples are for the report only
         LOGGER.warning("group: example reconstructions not written: %s", err)
 
@@ -470,12 +471,7 @@ def _publish_training_outputs(config: RunConfig, staging: Path, bundle_dir: Path
             tmp = target.with_name(f".{target.name}.new")
             shutil.rmtree(tmp, ignore_errors=True)
             shutil.copytree(bundle_dir, tmp)
-            old = target.with_name(f".{target.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            if target.exists():
-                os.replace(target, old)
-            os.replace(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
+            replace_dir(tmp, target)
     except OSError as err:
         raise OutputError(f"cannot write the trained model to {out}: {err}") from None
 
@@ -502,7 +498,7 @@ def _write_training_report(config: RunConfig, method: Method = Method.LDM) -> No
 def validation_pairs(config: RunConfig, runs: Sequence[DWIRun], labels: Sequence[str], shell: float) -> list:
     """:class:`~bids_dmri_ldm.evaluation.gate.ValidationPair` of each held-out participant: the
     3T and 7T runs training used, and the 3T run's cached RISH features of ``shell``."""
-    from ..bids.layout import SOURCE, TARGET
+    from ..bidsio.layout import SOURCE, TARGET
     from ..evaluation.gate import ValidationPair
 
     chosen = feature_runs(runs)
@@ -517,7 +513,7 @@ def validation_pairs(config: RunConfig, runs: Sequence[DWIRun], labels: Sequence
 
 def rish_global_baseline(config: RunConfig, runs: Sequence[DWIRun], labels: Sequence[str], shell: float):
     """``rish-global`` fitted on the given (training) participants' cached features of ``shell``."""
-    from ..bids.layout import SOURCE, TARGET
+    from ..bidsio.layout import SOURCE, TARGET
     from ..methods import RishGlobalMethod
 
     chosen = feature_runs(runs)
@@ -593,6 +589,7 @@ def train_cnn(config: RunConfig, runs: Sequence[DWIRun]) -> int:
     from ..ml.cnn import train_cnn as train_cnn_bundle
     from ..ml.device import resolve_device
     from ..ml.training import TrainingDataError
+    from ..reports.training import plot_losses
 
     if config.stage not in (None, ALL_STAGES):
         raise UsageError(f"--stage {config.stage} is an ldm stage; --method cnn trains in one stage (omit --stage)")
@@ -616,7 +613,7 @@ def train_cnn(config: RunConfig, runs: Sequence[DWIRun]) -> int:
     command = " ".join(["bids-dmri-ldm", *sys.argv[1:]]) if sys.argv else ""
     try:
         bundle_dir = train_cnn_bundle(rish_3t, rish_7t, train_cfg, staging, work, device=device,
-                                      resume=bool(config.resume), command=command)
+                                      resume=bool(config.resume), command=command, plot_losses=plot_losses)
     except TrainingDataError as err:
         raise NoDataError(f"cnn training: {err}") from None
     _gate_bundle(config, Method.CNN, bundle_dir, runs)

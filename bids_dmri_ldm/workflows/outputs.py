@@ -29,7 +29,7 @@ def init_ds_7tlike_wf(
     skull_strip: bool = False,
     name: str = "ds_7tlike_wf",
 ) -> pe.Workflow:
-    """Write the derivatives of one run (see :mod:`bids_dmri_ldm.bids.derivatives` for names).
+    """Write the derivatives of one run (see :mod:`bids_dmri_ldm.bidsio.derivatives` for names).
 
     The sinks run in a chain (``depends_on``) so that the 7T-like DWI and its sidecar — the run's
     completeness marker — are written last.

@@ -13,7 +13,7 @@ of :mod:`bids_dmri_ldm.interfaces.steps` hold their arrays (float32 = 4 bytes pe
 ``grid``
     resampling one shell's coefficients to the output grid and scaling them there: the input
     coefficients, three coefficient arrays on the output grid, and one rebuild batch
-    (:data:`~bids_dmri_ldm.interfaces.steps.REBUILD_BATCH_BYTES`): ``4 (V_in K + 3 V_out K) + 256 MiB``.
+    (:data:`~bids_dmri_ldm.core.rebuild.REBUILD_BATCH_BYTES`): ``4 (V_in K + 3 V_out K) + 256 MiB``.
 ``rebuild``
     the coefficients of every fitted shell on the output grid, S0 and two output volumes, and
     one batch: ``4 V_out (n_shells K + 3) + 256 MiB``.
@@ -38,13 +38,15 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..core.rebuild import (
+    REBUILD_BATCH_BYTES,  # the rebuild's (batch, n_region) temporary
+)
+
 GIB = 2**30
 PROCESS_BYTES = 350 * 2**20
 """Resident size of a worker before it reads any data (Python, numpy, nibabel, nipype, torch;
 measured 340 MiB)."""
 
-REBUILD_BATCH_BYTES = 256 * 2**20
-"""The rebuild's ``(n_mask, batch)`` temporary (as :data:`bids_dmri_ldm.interfaces.steps.REBUILD_BATCH_BYTES`)."""
 
 NIFTI1_MAX_DIM = 32767
 """Largest size of a NIfTI-1 image axis (the header stores it as int16)."""

@@ -6,8 +6,9 @@ from dipy.reconst.shm import sf_to_sh
 from scipy.spatial.transform import Rotation
 
 from bids_dmri_ldm.core import sh
-from bids_dmri_ldm.core.signal import fit_shell_sh, normalise_dwi, rebuild_dwi
 from bids_dmri_ldm.core.metrics import angular_error_deg, tensor_fit
+from bids_dmri_ldm.core.rebuild import output_volumes
+from bids_dmri_ldm.core.signal import fit_shell_sh
 
 
 def directions(n, seed=0):
@@ -27,6 +28,24 @@ def tensor_signal(bvecs, evec, b=1000.0, evals=(1.7e-3, 0.3e-3, 0.3e-3)):
     return np.exp(-b * np.einsum("ni,ij,nj->n", bvecs, D, bvecs))
 
 
+def _rebuild(s0, b0, coeffs, basis):
+    """The pipeline's rebuild (:func:`~bids_dmri_ldm.core.rebuild.output_volumes`) of every voxel:
+    the b0 volumes, then ``S0 * max(C Y(g), 0)`` on each row of ``basis``."""
+    shape, n_b0 = s0.shape, b0.shape[-1]
+    n_out = n_b0 + basis.shape[0]
+    out_shell = np.r_[np.full(n_b0, -1), np.zeros(basis.shape[0], int)]
+    out_source = np.r_[np.arange(n_b0), np.full(basis.shape[0], -2)]
+    flat = np.ascontiguousarray(coeffs.reshape(-1, coeffs.shape[-1], order="F").T, dtype=np.float32)
+    full_basis = np.vstack([np.zeros((n_b0, basis.shape[1])), basis]).astype(np.float32)
+    region = np.ones(shape, bool)
+    volumes = output_volumes(out_shell, out_source, lambda t: b0[..., t].astype(np.float32), [flat],
+                             s0.ravel(order="F").astype(np.float32), full_basis, shape, region,
+                             np.arange(region.size))
+    rebuilt = np.stack([np.array(v) for v in volumes], axis=-1)
+    assert rebuilt.shape == shape + (n_out,)
+    return rebuilt
+
+
 @pytest.mark.parametrize("seed", range(5))
 def test_rish_invariant_under_rotation_of_gradients(seed):
     rng = np.random.default_rng(seed)
@@ -36,7 +55,7 @@ def test_rish_invariant_under_rotation_of_gradients(seed):
     rotation = Rotation.random(random_state=seed).as_matrix()
     # f_R(g) = f(R^T g): the same band-limited function, rotated.
     signal_rotated = sh.sh_basis(g @ rotation, 4)[0] @ coeffs
-    rish_rotated = model.fit(signal_rotated[None]).rish()[0]
+    rish_rotated = sh.rish_features(signal_rotated[None] @ model.fit_matrix.T, model.l_values)[0]
     rish_true = sh.rish_features(coeffs[None].astype(np.float32), model.l_values)[0]
     np.testing.assert_allclose(rish_rotated, rish_true, rtol=1e-5)
 
@@ -51,7 +70,8 @@ def test_basis_is_orthonormal_on_the_sphere():
 def test_rish_order0_of_isotropic_signal_is_known():
     g = directions(30)
     signal = np.full((1, 30), 0.5)
-    rish = sh.SHModel(g).fit(signal).rish()[0]
+    model = sh.SHModel(g)
+    rish = sh.rish_features(signal @ model.fit_matrix.T, model.l_values)[0]
     # Y_00 = 1/sqrt(4 pi): C_00 = 0.5 sqrt(4 pi), RISH_0 = pi; higher orders vanish.
     np.testing.assert_allclose(rish, [np.pi, 0.0, 0.0], atol=1e-5)
 
@@ -60,7 +80,7 @@ def test_matches_dipy_sf_to_sh_unregularised():
     g = directions(64, 1)
     rng = np.random.default_rng(1)
     signal = np.stack([tensor_signal(g, rng.normal(size=3)) for _ in range(20)]).reshape(4, 5, 64)
-    ours = sh.SHModel(g, 4).fit(signal).coeffs
+    ours = signal @ sh.SHModel(g, 4).fit_matrix.T
     theirs = sf_to_sh(signal, Sphere(xyz=g), sh_order_max=4, basis_type="descoteaux07", legacy=False, smooth=0.0)
     np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-5)
 
@@ -69,9 +89,9 @@ def test_unit_scale_maps_reproduce_the_fitted_signal():
     g = directions(45, 2)
     signal = np.stack([tensor_signal(g, [1, 0.2, 0.1]), tensor_signal(g, [0, 1, 1])])
     model = sh.SHModel(g, 4)
-    fit = model.fit(signal)
-    scaled = sh.scale_sh(fit.coeffs, np.ones((2, 3), np.float32), model.l_values)
-    np.testing.assert_allclose(sh.sh_to_signal(scaled, model.basis), fit.predict(), rtol=1e-6)
+    coeffs = (signal @ model.fit_matrix.T).astype(np.float32)
+    scaled = sh.scale_sh(coeffs, np.ones((2, 3), np.float32), model.l_values)
+    np.testing.assert_allclose(scaled @ model.basis.T, coeffs @ model.basis.T, rtol=1e-6)
 
 
 def test_scale_maps_recover_known_ratio():
@@ -96,7 +116,7 @@ def test_scaling_keeps_principal_direction_of_a_tensor():
     model = sh.SHModel(g, 4)
     s0_map, coeffs = fit_shell_sh(data, np.array([0]), np.arange(1, 65), mask, model.fit_matrix)
     lam = np.broadcast_to(np.array([0.9, 0.75, 0.6], np.float32), data.shape[:3] + (3,))
-    rebuilt = rebuild_dwi(s0_map, data[..., :1], sh.scale_sh(coeffs, lam, model.l_values), model.basis, mask)
+    rebuilt = _rebuild(s0_map, data[..., :1], sh.scale_sh(coeffs, lam, model.l_values), model.basis)
     _, v_in = tensor_fit(data, bvals, bvecs, mask)
     _, v_out = tensor_fit(rebuilt, bvals, bvecs, mask)
     assert np.all(angular_error_deg(v_in, v_out) < 1.0)
@@ -104,19 +124,29 @@ def test_scaling_keeps_principal_direction_of_a_tensor():
     assert np.all(angular_error_deg(v_out[:, 0, 0], v_true) < 2.0)
 
 
+def normalised_fit(data, b0, dw, mask, fit_mat, s0_floor=1.0):
+    """The fused fit's formula in memory: S0 = max(mean b0, floor), S/S0 clipped to [0, 1], SH
+    least squares; zero outside ``mask``."""
+    s0 = np.maximum(data[..., b0].mean(axis=-1), s0_floor)
+    att = np.clip(data[..., dw] / s0[..., None], 0.0, 1.0)
+    coeffs = att @ fit_mat.T
+    return np.where(mask, s0, 0.0), np.where(mask[..., None], coeffs, 0.0)
+
+
 def test_fused_fit_equals_normalise_then_fit():
     rng = np.random.default_rng(5)
     g = directions(30, 5)
-    data = rng.uniform(50, 1000, size=(6, 5, 4, 33)).astype(np.float32)
+    data = rng.uniform(0.2, 1000, size=(6, 5, 4, 33)).astype(np.float32)
+    data[0, 0, 0, :3] = 0.5  # S0 below the floor
     mask = rng.uniform(size=(6, 5, 4)) > 0.3
+    mask[0, 0, 0] = True
     b0, dw = np.arange(3), np.arange(3, 33)
     model = sh.SHModel(g, 4)
-    s0_a, att = normalise_dwi(data, b0, dw, mask, chunk_voxels=7)
-    coeffs_a = sh.fit_sh(att, model.fit_matrix, mask)
+    s0_a, coeffs_a = normalised_fit(data.astype(np.float64), b0, dw, mask, model.fit_matrix)
     s0_b, coeffs_b = fit_shell_sh(data, b0, dw, mask, model.fit_matrix, chunk_voxels=11)
-    np.testing.assert_allclose(s0_a, s0_b)
-    np.testing.assert_allclose(coeffs_a, coeffs_b, rtol=1e-5, atol=1e-6)
-    assert np.all(att[~mask] == 0) and att.max() <= 1.0 and att.min() >= 0.0
+    np.testing.assert_allclose(s0_b, s0_a, rtol=1e-6)
+    np.testing.assert_allclose(coeffs_b, coeffs_a, rtol=1e-5, atol=1e-6)
+    assert s0_b[0, 0, 0] == 1.0
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.int16])

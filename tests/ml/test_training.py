@@ -15,6 +15,7 @@ from bids_dmri_ldm.ml.training import (
     train_sr,
     train_vqvae,
 )
+from bids_dmri_ldm.reports.training import plot_losses
 
 CPU = DistContext(0, 1, torch.device("cpu"))
 
@@ -59,7 +60,8 @@ def test_sr_stage_learns_a_fixed_mapping(tiny_cfg, tmp_path):
     tiny_cfg["training"]["lr"] = 3e-3
     tiny_cfg["training"]["epochs"]["sr"] = 5
     x = _volumes(6)
-    _, hist = train_sr(x, 0.8 * x + 0.1, tiny_cfg, tmp_path / "sr", CPU, log_dir=tmp_path / "log")
+    _, hist = train_sr(x, 0.8 * x + 0.1, tiny_cfg, tmp_path / "sr", CPU, log_dir=tmp_path / "log",
+                       plot_losses=plot_losses)
     assert hist[-1]["train_loss"] < 0.7 * hist[0]["train_loss"]
     with open(tmp_path / "log" / "losses_sr.csv") as handle:
         rows = list(csv.DictReader(handle))

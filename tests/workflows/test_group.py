@@ -9,11 +9,19 @@ import numpy as np
 
 from bids_dmri_ldm.cli.exitcodes import EX_USAGE
 from bids_dmri_ldm.cli.run import main
-from bids_dmri_ldm.core.sh import SHModel
+from bids_dmri_ldm.core.sh import SHModel, rish_features
 from bids_dmri_ldm.methods import load_rish_global_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from conftest import GM_MD, WM_EIGENVALUES, dwi_signal
+
+
+def _sh_rish(attenuation, bvecs, orders=(0, 2, 4)):
+    """RISH (Eq. 1) of S/S0 ``(..., N)`` by the pipeline's unregularised least-squares SH fit
+    (order 4): ``rish_features(att @ F.T)`` with the fit matrix ``F`` of :class:`SHModel`."""
+    model = SHModel(bvecs, sh_order_max=4)
+    return rish_features(np.asarray(attenuation, np.float32) @ model.fit_matrix.T.astype(np.float32),
+                         model.l_values, orders)
 
 
 def _wm_rish(ds, strength: float, b: float = 1000.0) -> np.ndarray:
@@ -23,7 +31,7 @@ def _wm_rish(ds, strength: float, b: float = 1000.0) -> np.ndarray:
     b0 = ds.bvals <= 50
     voxel = data[wm][0]
     att = voxel[shell] / voxel[b0].mean()
-    return SHModel(ds.bvecs[shell], 4).fit(att[None]).rish()[0]
+    return _sh_rish(att[None], ds.bvecs[shell])[0]
 
 
 def test_group_rish_global_known_factors(make_bids_dataset, tmp_path):

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 from scipy.spatial.transform import Rotation
 
-from bids_dmri_ldm.bids.derivatives import make_nifti
-from bids_dmri_ldm.core.resample import output_grid, resample
+from bids_dmri_ldm.core.resample import SeparableResampler, output_grid, resample
 from bids_dmri_ldm.core.sh import sh_basis
 from bids_dmri_ldm.interfaces import steps
+from bids_dmri_ldm.io.nifti import make_nifti, write_nifti_volumes
 
 
 def _oblique_affine(zoom=(2.5, 2.0, 3.0)):
@@ -29,11 +29,11 @@ def test_separable_resampler_matches_scipy(order):
     volume = rng.normal(size=(9, 7, 6)).astype(np.float32)
     affine = _oblique_affine()
     new_affine, new_shape = output_grid(affine, volume.shape, 1.05)
-    resampler = steps.SeparableResampler(affine, volume.shape, new_affine, new_shape, order)
+    resampler = SeparableResampler(affine, volume.shape, new_affine, new_shape, order)
     assert resampler.separable and not resampler.identity
     expected = resample(volume, affine, new_affine, new_shape, order=order)
     np.testing.assert_allclose(resampler(volume), expected, atol=2e-5)
-    same = steps.SeparableResampler(affine, volume.shape, affine, volume.shape, 3)
+    same = SeparableResampler(affine, volume.shape, affine, volume.shape, 3)
     np.testing.assert_array_equal(same(volume), volume)
 
 
@@ -41,8 +41,8 @@ def test_write_nifti_volumes_roundtrip_float_and_int16(tmp_path):
     rng = np.random.default_rng(4)
     data = rng.uniform(0, 900, size=(5, 4, 3, 6)).astype(np.float32)
     affine = _oblique_affine()
-    path = steps.write_nifti_volumes(tmp_path / "f.nii.gz", data.shape[:3], affine, 6,
-                                     (data[..., t] for t in range(6)))
+    path = write_nifti_volumes(tmp_path / "f.nii.gz", data.shape[:3], affine, 6,
+                               (data[..., t] for t in range(6)))
     img = nib.load(path)
     reference = make_nifti(data, affine).header
     assert img.get_data_dtype() == np.float32 and img.shape == data.shape
@@ -52,17 +52,26 @@ def test_write_nifti_volumes_roundtrip_float_and_int16(tmp_path):
     assert int(img.header["sform_code"]) == int(img.header["qform_code"]) == 1
 
     slope = 1000.0 / 32767
-    path = steps.write_nifti_volumes(tmp_path / "i.nii", data.shape[:3], affine, 6,
-                                     (data[..., t] for t in range(6)), dtype=np.int16, slope=slope)
+    path = write_nifti_volumes(tmp_path / "i.nii", data.shape[:3], affine, 6,
+                               (data[..., t] for t in range(6)), dtype=np.int16, slope=slope)
     img = nib.load(path)
     assert img.get_data_dtype() == np.int16
     np.testing.assert_allclose(img.get_fdata(), data, atol=slope / 2 + 1e-6)
     assert not list(tmp_path.glob(".*tmp*"))  # temporary files replaced
 
     with pytest.raises(ValueError, match="5 volumes written, 6 announced"):
-        steps.write_nifti_volumes(tmp_path / "bad.nii.gz", data.shape[:3], affine, 6,
-                                  (data[..., t] for t in range(5)))
+        write_nifti_volumes(tmp_path / "bad.nii.gz", data.shape[:3], affine, 6,
+                            (data[..., t] for t in range(5)))
     assert not (tmp_path / "bad.nii.gz").exists() and not list(tmp_path.glob(".bad*"))
+
+
+def _rebuilt(s0, b0, coeffs, basis, mask, skull_strip=False):
+    """The rebuild's formula in memory: the b0s, then ``S0 * max(C Y(g), 0)`` on each direction."""
+    dwi = s0[..., None] * np.maximum(coeffs @ basis.T, 0.0)
+    dwi = np.concatenate([b0, dwi], axis=-1).astype(np.float32)
+    if skull_strip:
+        dwi[~mask] = 0.0
+    return dwi
 
 
 def _plan_file(path, bvals, bvecs, **kwargs):
@@ -109,7 +118,7 @@ def test_streamed_rebuild_resamples_b0_and_matches_in_memory(tmp_path):
                                   str(bval), str(bvec), 4, tmp_path / out, **kwargs)
 
     b0_out = np.stack([resample(b0_in[..., t], affine, new_affine, shape) for t in range(2)], axis=-1)
-    expected = steps.rebuild_dwi_volumes(s0, np.maximum(b0_out, 0), coeffs, basis.astype(np.float32), mask)
+    expected = _rebuilt(s0, np.maximum(b0_out, 0), coeffs, basis.astype(np.float32), mask)
     out = rebuild("f")
     img = nib.load(out["dwi_file"])
     assert img.shape == shape + (22,) and img.get_data_dtype() == np.float32
@@ -124,8 +133,7 @@ def test_streamed_rebuild_resamples_b0_and_matches_in_memory(tmp_path):
     assert np.count_nonzero(img16.get_fdata() == 0) == 0  # every voxel rebuilt, none lost to the mask
 
     stripped = rebuild("s", integer_output=True, skull_strip=True)
-    expected = steps.rebuild_dwi_volumes(s0, np.maximum(b0_out, 0), coeffs, basis.astype(np.float32), mask,
-                                         skull_strip=True)
+    expected = _rebuilt(s0, np.maximum(b0_out, 0), coeffs, basis.astype(np.float32), mask, skull_strip=True)
     img_s = nib.load(stripped["dwi_file"])
     assert np.all(img_s.get_fdata()[~mask] == 0)
     np.testing.assert_allclose(img_s.get_fdata(dtype=np.float32), expected, atol=float(img_s.dataobj.slope) / 2 + 1e-2)
@@ -134,7 +142,7 @@ def test_streamed_rebuild_resamples_b0_and_matches_in_memory(tmp_path):
 def test_streamed_gzip_header_is_reproducible(tmp_path):
     """No file name and mtime 0 in the gzip header (BIDS validator GZIP_HEADER_* warnings)."""
     data = np.ones((2, 2, 2, 2), np.float32)
-    path = steps.write_nifti_volumes(tmp_path / "a.nii.gz", (2, 2, 2), np.eye(4), 2, (data[..., t] for t in range(2)))
+    path = write_nifti_volumes(tmp_path / "a.nii.gz", (2, 2, 2), np.eye(4), 2, (data[..., t] for t in range(2)))
     header = path.read_bytes()[:10]
     assert header[:2] == b"\x1f\x8b" and header[3] & 0x08 == 0  # FNAME flag unset
     assert header[4:8] == b"\x00\x00\x00\x00"  # MTIME

@@ -8,6 +8,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from bids_dmri_ldm.core.resample import grid_changes
 from bids_dmri_ldm.core.sh import sh_basis
 from bids_dmri_ldm.interfaces import steps
 from bids_dmri_ldm.interfaces.steps import InputDataError
@@ -274,9 +275,9 @@ def test_resample_step(tmp_path):
     nib.save(nib.Nifti1Image(vol, AFFINE), img_file)
     same = steps.resample_step(img_file, None, tmp_path / "a")
     np.testing.assert_array_equal(np.asanyarray(nib.load(same).dataobj), vol)
-    assert not steps.grid_changes(AFFINE, vol.shape, None)
-    assert steps.grid_changes(AFFINE, vol.shape, 1.05)
-    assert not steps.grid_changes(AFFINE, vol.shape, 2.0)
+    assert not grid_changes(AFFINE, vol.shape, None)
+    assert grid_changes(AFFINE, vol.shape, 1.05)
+    assert not grid_changes(AFFINE, vol.shape, 2.0)
     fine = nib.load(steps.resample_step(img_file, 1.05, tmp_path / "b", clip_min=0.0))
     assert fine.shape == (11, 10, 8)
     np.testing.assert_allclose(np.abs(np.diag(fine.affine)[:3]), 1.05)
@@ -286,7 +287,7 @@ def test_resample_step(tmp_path):
 
 
 def test_crash_reason():
-    from bids_dmri_ldm.workflows.base import crash_reason
+    from bids_dmri_ldm.workflows.outcomes import crash_reason
 
     text = """Node: x
 Traceback (most recent call last):

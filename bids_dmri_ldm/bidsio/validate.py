@@ -28,7 +28,7 @@ from pathlib import Path
 
 from ..errors import EX_OK, EX_VALIDATION_FAILED, ValidationFailed
 
-LOGGER = logging.getLogger("bids_dmri_ldm.bids")
+LOGGER = logging.getLogger("bids_dmri_ldm.bids")  # the logger name of the log lines, unchanged
 VALIDATOR = "bids-validator-deno"
 _MAX_CODES_SHOWN = 3
 _MAX_LOCATION_CHARS = 60

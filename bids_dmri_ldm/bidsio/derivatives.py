@@ -24,9 +24,9 @@ BIDS has no entity for a b-value, so the shells share one file per map: three vo
 L4) per SH-fitted shell, ascending b; the sidecars list each volume's shell and order
 (``VolumeShells``, ``VolumeRISHOrders``) and every shell's fate (``Shells``).
 
-Every file is written atomically: to a temporary file in the destination folder, then
-``os.replace`` (readers never see a half-written file; a crash leaves only a hidden temp file,
-removed on error).
+Every file is written atomically (:mod:`bids_dmri_ldm.io.files`): to a temporary file in the
+destination folder, then ``os.replace`` (readers never see a half-written file; a crash leaves
+only a hidden temp file, removed on error).
 """
 from __future__ import annotations
 
@@ -34,10 +34,7 @@ import json
 import os
 import platform
 import re
-import shutil
-import tempfile
 from collections.abc import Mapping, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -48,6 +45,11 @@ import numpy as np
 
 from .._version import __version__
 from ..errors import OutputError
+from ..io.files import atomic_copy, atomic_write_json, atomic_write_text
+from ..io.files import json_default as _json_default
+from ..io.nifti import make_nifti
+from ..io.nifti import save_nifti as atomic_save_nifti
+from .entities import parse_entities
 
 BIDS_VERSION = "1.10.0"
 CODE_URL = "https://github.com/bids-dmri-ldm/bids-dmri-ldm"
@@ -90,59 +92,7 @@ class OutputWriteError(OutputError, OSError):
 
 
 # ---------------------------------------------------------------------------------------------
-# atomic writes
-
-
-@contextmanager
-def _atomic_target(path: str | os.PathLike, suffix: str = ""):
-    """Yield a temporary path in ``path``'s folder; ``os.replace`` it onto ``path`` on success."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    """Write ``text`` (UTF-8) to ``path`` atomically."""
-    with _atomic_target(path) as tmp:
-        tmp.write_text(text, encoding="utf-8")
-        os.chmod(tmp, 0o644)
-    return Path(path)
-
-
-def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
-    """Write ``obj`` as indented JSON (keys sorted) to ``path`` atomically."""
-    return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n")
-
-
-def atomic_copy(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
-    """Copy ``src`` to ``dst`` atomically (temporary copy next to ``dst``, then ``os.replace``)."""
-    with _atomic_target(dst) as tmp:
-        shutil.copyfile(src, tmp)
-        os.chmod(tmp, 0o644)
-    return Path(dst)
-
-
-def atomic_save_nifti(img: nib.Nifti1Image, path: str | os.PathLike) -> Path:
-    """Save a NIfTI image atomically; the extension of ``path`` (.nii / .nii.gz) picks the format."""
-    from ..io.nifti import save_nifti  # ISA-L gzip; the one NIfTI writer of the project
-
-    return save_nifti(img, path)
-
-
-def make_nifti(data: np.ndarray, affine: np.ndarray, dtype=np.float32) -> nib.Nifti1Image:
-    """NIfTI-1 image with mm/s units and the affine as both qform and sform (code 1, scanner)."""
-    img = nib.Nifti1Image(np.asarray(data, dtype=dtype), np.asarray(affine, dtype=np.float64))
-    img.header.set_xyzt_units("mm", "sec")
-    img.set_qform(affine, code=1)
-    img.set_sform(affine, code=1)
-    return img
+# atomic writes (the helpers of :mod:`bids_dmri_ldm.io.files` and :mod:`bids_dmri_ldm.io.nifti`)
 
 
 def write_bval_bvec(bvals: np.ndarray, bvecs: np.ndarray, bval_path: str | os.PathLike,
@@ -161,29 +111,8 @@ def write_bval_bvec(bvals: np.ndarray, bvecs: np.ndarray, bval_path: str | os.Pa
     return Path(bval_path), Path(bvec_path)
 
 
-def _json_default(obj: Any) -> Any:
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    if isinstance(obj, Path):
-        return str(obj)
-    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
-
-
 # ---------------------------------------------------------------------------------------------
 # names
-
-
-def parse_entities(filename: str | os.PathLike) -> dict[str, str]:
-    """Key-value entities of a BIDS file name, e.g. ``{'sub': '01', 'ses': '1', 'run': '2'}``."""
-    stem = Path(filename).name.split(".", 1)[0]
-    entities = {}
-    for part in stem.split("_")[:-1]:  # the last part is the suffix
-        key, sep, value = part.partition("-")
-        if sep:
-            entities[key] = value
-    return entities
 
 
 def source_entities(dwi_file: str | os.PathLike, entities: Mapping[str, Any] | None = None) -> dict[str, str]:

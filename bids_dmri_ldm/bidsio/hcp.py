@@ -20,7 +20,7 @@ protocols' ``EchoTime``/``RepetitionTime`` (:data:`HCP_SESSIONS`), ``SkullStripp
 nonlinearity file (``GradientNonlinearity``). The BIDS derivative rules have no name for DWI
 gradient files nor for ``grad_dev``, so ``.bidsignore`` lists them; everything else passes
 ``bids-validator-deno``. A derivative dataset is what the participant level looks for masks in
-(:func:`bids_dmri_ldm.bids.layout.find_brain_mask`), so each run's HCP mask is the mask used.
+(:func:`bids_dmri_ldm.bidsio.layout.find_brain_mask`), so each run's HCP mask is the mask used.
 
 HCP bvecs are already in the FSL convention (image axes), as BIDS wants them: copied unchanged.
 """

@@ -8,8 +8,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from bids_dmri_ldm.bids import validate as validate_module
-from bids_dmri_ldm.bids.layout import (
+from bids_dmri_ldm.bidsio import validate as validate_module
+from bids_dmri_ldm.bidsio.layout import (
     DWIRun,
     collect_dwi_runs,
     is_source,
@@ -19,7 +19,7 @@ from bids_dmri_ldm.bids.layout import (
     source_runs,
     split_by_field_strength,
 )
-from bids_dmri_ldm.bids.validate import summarise_errors, validate_dataset
+from bids_dmri_ldm.bidsio.validate import summarise_errors, validate_dataset
 from bids_dmri_ldm.cli.exitcodes import BidsAppError
 
 

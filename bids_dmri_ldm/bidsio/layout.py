@@ -31,7 +31,7 @@ from typing import Any
 
 from ..errors import BadDataError, MissingInputError, NoDataError, UsageError
 
-LOGGER = logging.getLogger("bids_dmri_ldm.bids")
+LOGGER = logging.getLogger("bids_dmri_ldm.bids")  # the logger name of the log lines, unchanged
 
 #: Runs acquired below this field strength (T) are source (3T-like) runs; others are targets.
 SOURCE_MAX_FIELD_STRENGTH = 5.0

@@ -1,20 +1,5 @@
-"""Participant report: ``OUTPUT_DIR/sub-<label>.html``, one section per run.
-
-Two layers:
-
-- :func:`render_participant_report` takes :class:`RunData` (arrays and
-  dicts) and writes the HTML; it never reads a derivative file, so it is
-  tested on synthetic arrays.
-- :func:`load_run` reads one run's derivatives by name
-  (:data:`DERIVATIVE_NAMES`, the one table to change if the workflow renames
-  its outputs) and the 3T source DWI named in the sidecar's ``Sources``;
-  :func:`build_participant_report` and :func:`regenerate_reports` (for
-  ``--reports-only``) glue the two.
-
-Every figure is built through :func:`~bids_dmri_ldm.reports.html.report_section`:
-a figure that fails (odd volume, missing optional map) shows its error
-message in the report and is logged; the report is still written and the
-run never fails because of it.
+"""Derivatives -> :class:`~.data.RunData`: the run's files by name (:data:`DERIVATIVE_NAMES`), its
+source DWI, the samples the rebuild recorded, the warnings of the log.
 """
 
 from __future__ import annotations
@@ -22,35 +7,31 @@ from __future__ import annotations
 import json
 import logging
 import re
-import time
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
 import nibabel as nib
 import numpy as np
 
+from bids_dmri_ldm.bidsio.entities import parse_entities
 from bids_dmri_ldm.core.display import display_voxels
 from bids_dmri_ldm.io.nifti import load_nifti
 from bids_dmri_ldm.reports import figures
 from bids_dmri_ldm.reports.html import (
     LOGGER,
-    ReportInputError,
-    Section,
-    figure_html,
-    list_html,
-    paragraph,
-    render_document,
-    report_section,
-    table_html,
-    write_text_atomic,
 )
+from bids_dmri_ldm.reports.participant.compute import (
+    fit_tensor_at,
+    flatten,
+    lattice_voxels,
+)
+from bids_dmri_ldm.reports.participant.data import RunData
 
 #: Derivative files of one run, as suffixes appended to the run prefix (the
 #: name of the 7T-like DWI up to ``desc-7Tlike_dwi.nii.gz``, i.e. the source
-#: entities and ``res-``). Names as written by ``bids/derivatives.py``
+#: entities and ``res-``). Names as written by ``bidsio/derivatives.py``
 #: (OUTPUT_SPECS); several candidates where the name is not settled yet (the
 #: first that exists wins). Change only this table if the names change.
 DERIVATIVE_NAMES: dict[str, tuple[str, ...]] = {
@@ -67,291 +48,6 @@ DERIVATIVE_NAMES: dict[str, tuple[str, ...]] = {
 }
 #: Suffix that identifies the main output of a run (and defines its prefix).
 RUN_SUFFIX = "desc-7Tlike_dwi.nii.gz"
-#: FA above which a brain voxel counts as white-matter-like in the summary.
-WM_FA_THRESHOLD = 0.4
-#: Every ``LATTICE_STEP``-th voxel along each axis is tensor-fitted for the
-#: white-matter summary (1/27 of the brain): medians over ~1e5 voxels are
-#: stable to the third digit, and the fit stays within the time budget.
-LATTICE_STEP = 3
-#: Sidecar keys shown first in the provenance table (case-insensitive substrings).
-_PROVENANCE_FIRST = ("method", "model", "checksum", "sha", "t0", "guidance", "omega", "ddim",
-                     "steps", "seed", "sample", "version", "runtime", "run_time", "time",
-                     "device")
-
-
-@dataclass
-class RunData:
-    """Everything the report shows for one run, as arrays on one grid.
-
-    All volumes are ``(X, Y, Z[, n_orders])`` on the output grid, in the
-    closest canonical (RAS) voxel orientation; any of them may be None.
-
-    Attributes
-    ----------
-    label : str
-        Run name (the derivative prefix, e.g. ``sub-01_ses-3T_run-1``).
-    mask : ndarray of bool
-    mean_b0 : ndarray
-        Mean of the output's b0 volumes.
-    rish_source, rish_predicted : ndarray, shape (X, Y, Z, n_orders)
-        RISH_l of the 3T source and of the prediction (paper Eq. 1).
-    scale : ndarray, shape (X, Y, Z, n_orders)
-        lambda_l (paper Eq. 2).
-    uncertainty : ndarray, shape (X, Y, Z, n_orders)
-        Standard deviation over samples (``--num-samples`` > 1).
-    fa_in, fa_out : ndarray
-        FA of input and output (NaN where not fitted).
-    evec_in, evec_out : ndarray, shape (X, Y, Z, 3)
-        Principal eigenvectors, components in canonical voxel axes.
-    orders : tuple of int
-        SH orders on the last axis of the RISH maps.
-    sidecar : dict
-        JSON sidecar of the 7T-like DWI (provenance).
-    warnings : list of str
-        Warnings raised during the run.
-    problems : dict
-        ``{what: message}`` for inputs that could not be loaded; the sections
-        that need them show the message.
-    shell_bval : float or None
-        b-value (s/mm²) of the shell the tensors were fitted on.
-    """
-
-    label: str
-    mask: np.ndarray | None = None
-    mean_b0: np.ndarray | None = None
-    rish_source: np.ndarray | None = None
-    rish_predicted: np.ndarray | None = None
-    scale: np.ndarray | None = None
-    uncertainty: np.ndarray | None = None
-    fa_in: np.ndarray | None = None
-    fa_out: np.ndarray | None = None
-    evec_in: np.ndarray | None = None
-    evec_out: np.ndarray | None = None
-    orders: tuple[int, ...] = (0, 2, 4)
-    sidecar: dict = field(default_factory=dict)
-    warnings: list[str] = field(default_factory=list)
-    problems: dict[str, str] = field(default_factory=dict)
-    shell_bval: float | None = None
-
-
-# --------------------------------------------------------------------------
-# arrays -> HTML
-# --------------------------------------------------------------------------
-_INPUT_NAMES = {
-    "mask": "brain mask", "mean_b0": "mean b0 (from the 7T-like DWI)",
-    "rish_source": "source RISH maps", "rish_predicted": "predicted RISH maps",
-    "scale": "scale maps", "uncertainty": "uncertainty map", "fa_in": "FA of the 3T input",
-    "fa_out": "FA of the 7T-like output", "sidecar": "JSON sidecar",
-}
-# inputs loaded together: a failure of the first explains the others
-_LOADED_BY = {"mean_b0": "fa_out", "evec_out": "fa_out", "evec_in": "fa_in"}
-
-
-def _need(run: RunData, *names: str) -> None:
-    """Raise ReportInputError naming the first missing input and why it is missing."""
-    for name in names:
-        if getattr(run, name) is None:
-            key = name if name in run.problems else _LOADED_BY.get(name, name)
-            reason = run.problems.get(key) or run.problems.get("mask") or "not found among the derivatives"
-            raise ReportInputError(f"{_INPUT_NAMES.get(name, name)} not available: {reason}")
-
-
-def _rish_blocks(run: RunData, index: int) -> list[str]:
-    _need(run, "mask", "rish_source", "rish_predicted", "scale")
-    order = run.orders[index]
-    fig = figures.rish_mosaic(run.rish_source[..., index], run.rish_predicted[..., index],
-                              run.scale[..., index], run.mask, order)
-    return [figure_html(figures.to_png(fig), f"RISH L{order} mosaic",
-                        f"RISH L{order} (paper Eq. 1) of the 3T source and of the 7T-like "
-                        f"prediction on one grey scale, and the scale map λ{order} (Eq. 2) on a "
-                        "diverging scale centred at 1 (red: 7T-like larger, blue: smaller). "
-                        "Neurological view (patient right on the right).")]
-
-
-def _fa_blocks(run: RunData) -> list[str]:
-    _need(run, "mask", "fa_in", "fa_out")
-    fig = figures.fa_figure(run.fa_in, run.fa_out, run.evec_in, run.evec_out, run.mask)
-    return [figure_html(figures.to_png(fig), "FA and colour FA",
-                        "FA (dipy TensorModel, OLS, b0 + the processed shell) of the 3T input and "
-                        "the 7T-like output, their difference, and colour FA (red left-right, "
-                        "green anterior-posterior, blue superior-inferior). The input is shown "
-                        "on the output grid by nearest-neighbour sampling.")]
-
-
-def _mask_blocks(run: RunData) -> list[str]:
-    _need(run, "mask", "mean_b0")
-    fig = figures.mask_overlay_figure(run.mean_b0, run.mask)
-    return [figure_html(figures.to_png(fig), "brain mask over mean b0",
-                        "Brain mask (red outline) over the mean b0 of the output.")]
-
-
-def _uncertainty_blocks(run: RunData) -> list[str]:
-    _need(run, "mask", "uncertainty")
-    fig = figures.uncertainty_figure(run.uncertainty, run.mask, run.orders)
-    return [figure_html(figures.to_png(fig), "uncertainty",
-                        "Per-voxel standard deviation of the predicted RISH over the model's "
-                        "samples (--num-samples).")]
-
-
-def summary_numbers(
-    scale: np.ndarray | None,
-    mask: np.ndarray | None,
-    fa: np.ndarray | None,
-    orders: Sequence[int] = (0, 2, 4),
-    fa_threshold: float = WM_FA_THRESHOLD,
-) -> list[tuple]:
-    """Median lambda_l in the brain and in white-matter-like voxels.
-
-    Parameters
-    ----------
-    scale : ndarray, shape (X, Y, Z, n_orders)
-        Scale maps lambda_l (paper Eq. 2).
-    mask : ndarray of bool, shape (X, Y, Z)
-    fa : ndarray, shape (X, Y, Z), or None
-        FA of the 3T input; voxels with FA > ``fa_threshold`` (NaN = not
-        fitted, excluded) are white-matter-like.
-    orders : sequence of int
-
-    Returns
-    -------
-    list of tuple
-        Rows ``(quantity, value)``; ``None`` where undefined.
-    """
-    if scale is None or mask is None:
-        raise ReportInputError("scale maps or brain mask not available")
-    mask = np.asarray(mask).astype(bool)
-    scale = np.asarray(scale, np.float64)
-    if scale.shape[:3] != mask.shape:
-        raise ValueError(f"scale maps {scale.shape} and mask {mask.shape} are on different grids")
-    rows: list[tuple] = [("brain voxels", int(mask.sum()))]
-    wm = None
-    if fa is not None and np.shape(fa) == mask.shape:
-        with np.errstate(invalid="ignore"):
-            wm = mask & (np.asarray(fa) > fa_threshold)
-        rows.append((f"WM-like voxels (FA > {fa_threshold:g}, of those fitted)", int(wm.sum())))
-    for i, order in enumerate(orders[: scale.shape[-1]]):
-        lam = scale[..., i]
-        inside = lam[mask & np.isfinite(lam)]
-        rows.append((f"median λ{order} in brain", float(np.median(inside)) if inside.size else None))
-        if wm is not None:
-            sel = lam[wm & np.isfinite(lam)]
-            rows.append((f"median λ{order} in WM-like voxels",
-                         float(np.median(sel)) if sel.size else None))
-    return rows
-
-
-def flatten(mapping: Mapping, prefix: str = "") -> dict[str, object]:
-    """Nested dict -> ``{"a.b": value}`` (lists of scalars kept as lists)."""
-    flat: dict[str, object] = {}
-    for key, value in mapping.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping):
-            flat.update(flatten(value, name + "."))
-        else:
-            flat[name] = value
-    return flat
-
-
-def provenance_rows(sidecar: Mapping) -> list[tuple[str, object]]:
-    """Sidecar entries for the settings table, provenance keys first."""
-    flat = {k: v for k, v in flatten(sidecar).items() if "warning" not in k.lower()}
-
-    def rank(key: str) -> int:
-        low = key.lower()
-        return next((i for i, s in enumerate(_PROVENANCE_FIRST) if s in low), len(_PROVENANCE_FIRST))
-
-    return [(k, flat[k]) for k in sorted(flat, key=lambda k: (rank(k), k))]
-
-
-def sidecar_warnings(sidecar: Mapping) -> list[str]:
-    """Warnings recorded in a sidecar (any key containing 'warning')."""
-    found: list[str] = []
-    for key, value in flatten(sidecar).items():
-        if "warning" in key.lower():
-            if isinstance(value, (list, tuple)):
-                found.extend(str(v) for v in value)
-            elif value:
-                found.append(str(value))
-    return found
-
-
-def _settings_blocks(run: RunData) -> list[str]:
-    if not run.sidecar:
-        raise ReportInputError("JSON sidecar not available: "
-                               + run.problems.get("sidecar", "not found among the derivatives"))
-    return [table_html(provenance_rows(run.sidecar), header=("setting", "value"))]
-
-
-def _summary_blocks(run: RunData) -> list[str]:
-    _need(run, "mask", "scale")
-    rows = summary_numbers(run.scale, run.mask, run.fa_in, run.orders)
-    note = ("λ medians over all brain voxels; white-matter-like voxels are brain voxels with "
-            f"input FA > {WM_FA_THRESHOLD:g} among those tensor-fitted (every {LATTICE_STEP}rd "
-            "voxel along each axis and the displayed slices).")
-    return [table_html(rows, header=("quantity", "value")), paragraph(note, "meta")]
-
-
-def _warning_blocks(run: RunData) -> list[str]:
-    items = list(dict.fromkeys(run.warnings + sidecar_warnings(run.sidecar)))
-    items += [f"report input {k}: {v}" for k, v in run.problems.items()]
-    return [list_html(items, "warnings")]
-
-
-def run_sections(run: RunData, logger: logging.Logger | None = None) -> list[Section]:
-    """Sections of one run: a heading, figures, tables and warnings.
-
-    Each part is built through :func:`report_section`, so a failure shows
-    as an error message in its place and is logged.
-    """
-    sections = [Section(title=run.label, level=2)]
-    for i, order in enumerate(run.orders):
-        sections.append(report_section(f"RISH L{order}: source, 7T-like and scale map λ{order}",
-                                       _rish_blocks, run, i, logger=logger))
-    sections.append(report_section("FA and colour FA: input, output and difference", _fa_blocks,
-                                   run, logger=logger))
-    sections.append(report_section("Brain mask over the mean b0", _mask_blocks, run, logger=logger))
-    if run.uncertainty is not None or "uncertainty" in run.problems:
-        sections.append(report_section("Uncertainty over samples", _uncertainty_blocks, run,
-                                       logger=logger))
-    sections.append(report_section("Summary numbers", _summary_blocks, run, logger=logger))
-    sections.append(report_section("Settings and provenance", _settings_blocks, run, logger=logger))
-    sections.append(report_section("Warnings raised during the run", _warning_blocks, run,
-                                   logger=logger))
-    return sections
-
-
-def render_participant_report(
-    path: str | Path, subject_label: str, runs: Sequence[RunData],
-    logger: logging.Logger | None = None,
-) -> Path:
-    """Write the participant report from arrays (no derivative is read).
-
-    Parameters
-    ----------
-    path : path-like
-        Output HTML file (written atomically).
-    subject_label : str
-        Label without ``sub-``.
-    runs : sequence of RunData
-
-    Returns
-    -------
-    Path
-        The written file.
-    """
-    logger = logger or LOGGER
-    sections: list[Section] = []
-    for run in runs:
-        sections.extend(run_sections(run, logger))
-    if not runs:
-        sections.append(Section(title="No processed run found", level=2,
-                                blocks=[paragraph("No 7T-like DWI was found for this participant.")]))
-    from bids_dmri_ldm import __version__
-
-    subtitle = (f"bids-dmri-ldm {__version__} · {len(runs)} run(s) · generated "
-                f"{time.strftime('%Y-%m-%d %H:%M:%S %Z')}")
-    document = render_document(f"sub-{subject_label}: 3T → 7T-like diffusion MRI", sections, subtitle)
-    return write_text_atomic(path, document)
 
 
 # --------------------------------------------------------------------------
@@ -409,51 +105,6 @@ def _load_map(path: Path, shape: tuple[int, ...]) -> np.ndarray:
     if data.ndim == 3:
         data = data[..., None]
     return data
-
-
-def lattice_voxels(mask: np.ndarray, step: int = LATTICE_STEP) -> np.ndarray:
-    """Brain voxels on a regular lattice of every ``step``-th voxel."""
-    lattice = np.zeros(mask.shape, bool)
-    lattice[::step, ::step, ::step] = True
-    return lattice & mask
-
-
-def fit_tensor_at(
-    signals: np.ndarray, bvals: np.ndarray, bvecs: np.ndarray
-) -> tuple[np.ndarray, np.ndarray]:
-    """FA and principal eigenvector of a set of voxels (dipy TensorModel, OLS).
-
-    OLS instead of the WLS of ``core.metrics.tensor_fit``: the report is
-    visual and must stay within seconds; measured on this machine, dipy WLS
-    took 80 µs per voxel and OLS 5 µs (108 volumes).
-
-    Parameters
-    ----------
-    signals : ndarray, shape (V, N)
-        DWI signal of V voxels, N volumes (b0 + one shell).
-    bvals : ndarray, shape (N,)
-        s/mm².
-    bvecs : ndarray, shape (N, 3)
-        Unit directions in voxel axes (FSL convention), zero for b0.
-
-    Returns
-    -------
-    fa : ndarray, shape (V,)
-    evec : ndarray, shape (V, 3)
-    """
-    from dipy.core.gradients import gradient_table
-    from dipy.reconst.dti import TensorModel
-
-    from bids_dmri_ldm.core.gradients import B0_THRESHOLD
-
-    gtab = gradient_table(bvals, bvecs=bvecs, b0_threshold=B0_THRESHOLD)
-    with np.errstate(all="ignore"):
-        # non-finite input voxels (NaN/inf in a raw scan) would break the whole OLS fit
-        clean = np.nan_to_num(np.asarray(signals, np.float64), nan=0.0, posinf=0.0, neginf=0.0)
-        fit = TensorModel(gtab, fit_method="OLS").fit(np.clip(clean, 1e-6, None))
-        fa = np.nan_to_num(fit.fa).astype(np.float32)
-        evec = np.nan_to_num(fit.evecs[..., 0]).astype(np.float32)
-    return fa, evec
 
 
 def _shell_volumes(bvals: np.ndarray, bvecs: np.ndarray, n_volumes: int, shell: float | None):
@@ -559,8 +210,7 @@ def _resolve_source(output_dir: Path, dwi_path: Path, sidecar: Mapping) -> Path:
 
 
 def _entities(name: str) -> set[str]:
-    stem = re.sub(r"\.(nii\.gz|nii|bval|bvec|json)$", "", name)
-    return set(stem.split("_")[:-1])
+    return {f"{key}-{value}" for key, value in parse_entities(name).items()}
 
 
 def find_gradient_file(dwi: Path, extension: str) -> Path:
@@ -814,91 +464,3 @@ def _load_source_fa(run: RunData, output_dir: Path, dwi_path: Path, out_affine: 
     target = tuple(out_ijk[inside].T)
     run.fa_in[target] = fa[inverse.ravel()]
     run.evec_in[target] = _canonical_vectors(evec, ornt)[inverse.ravel()]
-
-
-# --------------------------------------------------------------------------
-# entry points
-# --------------------------------------------------------------------------
-def _strip_sub(label: str) -> str:
-    return label.removeprefix("sub-")
-
-
-def build_participant_report(
-    output_dir: str | Path,
-    subject_label: str,
-    runs_info: Iterable[str | Path | Mapping | RunData] | None = None,
-    logger: logging.Logger | None = None,
-    sample_files: Sequence[str | Path] = (),
-) -> Path:
-    """Write ``OUTPUT_DIR/sub-<label>.html`` from a participant's derivatives.
-
-    Parameters
-    ----------
-    output_dir : path-like
-        Derivative dataset root.
-    subject_label : str
-        With or without ``sub-``.
-    runs_info : iterable, optional
-        One item per run: the path of its ``*_desc-7Tlike_dwi.nii.gz``; or a
-        dict with ``dwi`` (that path) and optionally ``source_dwi``,
-        ``source_bval``, ``source_bvec``, ``warnings`` (list of str raised
-        during the run), ``label``; or a ready :class:`RunData`. When None,
-        every 7T-like DWI of the participant under ``output_dir``.
-    logger : logging.Logger, optional
-        Receives a warning per part of the report that could not be made.
-    sample_files : sequence of path-like
-        Samples recorded by the rebuild step while it wrote the outputs
-        (:class:`~bids_dmri_ldm.interfaces.steps.ReportSamples`); a run whose 7T-like DWI is
-        the file one of them was recorded for is not read again.
-
-    Returns
-    -------
-    Path
-        The report. Never raises because a figure or an input failed; those
-        failures appear in the report and the log.
-    """
-    logger = logger or LOGGER
-    output_dir = Path(output_dir)
-    label = _strip_sub(subject_label)
-    start = time.perf_counter()
-    if runs_info is None:
-        runs_info = find_runs(output_dir, label)
-    runs = []
-    for item in runs_info:
-        if isinstance(item, RunData):
-            runs.append(item)
-            continue
-        extra = dict(item) if isinstance(item, Mapping) else {"dwi": item}
-        extra.setdefault("sample_files", tuple(sample_files))
-        try:
-            runs.append(load_run(extra.pop("dwi"), output_dir, extra, logger))
-        except Exception as exc:  # noqa: BLE001 - a bad run must not stop the report
-            name = Path(str(item.get("dwi", "run") if isinstance(item, Mapping) else item)).name
-            logger.warning("report: cannot read run %s: %s", name, exc)
-            runs.append(RunData(label=name, problems={"run": f"{type(exc).__name__}: {exc}"}))
-    path = render_participant_report(output_dir / f"sub-{label}.html", label, runs, logger)
-    failed = sum(1 for r in runs for _ in r.problems)
-    logger.info("report %s written in %.1f s (%d run(s), %d input problem(s))",
-                path, time.perf_counter() - start, len(runs), failed)
-    return path
-
-
-def regenerate_reports(output_dir: str | Path, subject_labels: Iterable[str] | None = None) -> list[Path]:
-    """Rebuild participant reports from existing derivatives (``--reports-only``).
-
-    Parameters
-    ----------
-    output_dir : path-like
-        Derivative dataset root.
-    subject_labels : iterable of str, optional
-        Labels with or without ``sub-``; every ``sub-*`` folder when None.
-
-    Returns
-    -------
-    list of Path
-        The reports written, one per participant.
-    """
-    output_dir = Path(output_dir)
-    if subject_labels is None:
-        subject_labels = sorted(p.name for p in output_dir.glob("sub-*") if p.is_dir())
-    return [build_participant_report(output_dir, label) for label in subject_labels]

@@ -1,0 +1,141 @@
+"""Scaling the SH coefficients (Eq. 3) and rebuilding the DWI from them, streamed (numpy + torch).
+
+The numerics of the participant level's last two steps, on arrays: no file is read or written
+here (:mod:`bids_dmri_ldm.interfaces.steps.rebuild` reads the images and streams the volumes
+yielded here to disk with :func:`~bids_dmri_ldm.io.nifti.write_nifti_volumes`).
+
+Each output volume (:class:`~bids_dmri_ldm.core.shells.VolumePlan`) is either rebuilt from its
+shell's scaled SH, ``S0 * max(sum_lm C_hat_lm Y_lm(g), 0)`` on its direction ``g``, or an input
+volume carried through (a b0, a volume of a shell not SH-fitted, or the mean b0), given by the
+caller already on the output grid. Coefficients are ``(K, n_region)`` float32 per shell: the
+region's voxels in NIfTI (Fortran) order, one contiguous row per coefficient.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, Sequence
+
+import numpy as np
+import torch
+
+from .sh import n_coefficients, sh_basis
+
+#: Output volumes rebuilt per matrix product (bounds the ``(batch, n_region)`` temporary).
+REBUILD_BATCH_BYTES = 256 * 2**20
+
+#: Headroom for cubic B-spline overshoot of the resampled b0 volumes above the input's maximum.
+B0_OVERSHOOT = 1.5
+
+
+def sh_l_values(sh_order_max: int) -> np.ndarray:
+    """The order ``l`` of each SH coefficient ``(K,)`` (dipy's ordering)."""
+    return sh_basis(np.array([[0.0, 0.0, 1.0]]), sh_order_max)[2]
+
+
+def scale_channels(channels: Iterable[np.ndarray], l_values: np.ndarray, lam: np.ndarray,
+                   orders: Sequence[int], rish_source: np.ndarray, rish_predicted: np.ndarray
+                   ) -> Iterator[np.ndarray]:
+    """Eq. 3 one coefficient volume at a time: yield ``C_hat_lm = lambda_l C_lm``.
+
+    ``channels`` yields the ``K`` coefficient volumes ``(X, Y, Z)`` in :func:`sh_l_values` order;
+    ``lam`` is ``(X, Y, Z, len(orders))``; an order without a scale map keeps lambda = 1. The RISH
+    features (Eq. 1) of the source and of the scaled coefficients are accumulated, as they pass,
+    into ``rish_source`` and ``rish_predicted`` (``(X, Y, Z, len(orders))``, zero on entry), so
+    that ``RISH_predicted = lambda^2 RISH_source`` holds voxel by voxel.
+    """
+    slot = {int(order): k for k, order in enumerate(orders)}
+    for coeff, order in zip(channels, l_values):
+        k = slot.get(int(order))
+        if k is None:
+            yield coeff
+            continue
+        scaled = coeff * lam[..., k]  # Eq. 3
+        rish_source[..., k] += np.square(coeff)  # Eq. 1
+        rish_predicted[..., k] += np.square(scaled)
+        yield scaled
+
+
+def output_basis(out_bvecs: np.ndarray, out_shell: np.ndarray, sh_order_max: int) -> np.ndarray:
+    """SH basis ``(N_out, K)`` float32 on the output directions; zero rows for carried volumes
+    (``out_shell < 0``)."""
+    dw = np.asarray(out_shell) >= 0
+    basis = np.zeros((np.size(out_shell), n_coefficients(sh_order_max)), dtype=np.float32)
+    if dw.any():
+        basis[dw] = sh_basis(np.asarray(out_bvecs)[dw], sh_order_max)[0]
+    return basis
+
+
+def int16_slope(carried_max: float, coeffs: list[np.ndarray], s0: np.ndarray, basis: np.ndarray,
+                out_shell: np.ndarray) -> float:
+    """``scl_slope`` that maps the largest possible output value to 32767.
+
+    Bounds, computed before any volume is written (the output is streamed): carried volumes
+    (b0s), their input maximum ``carried_max`` times :data:`B0_OVERSHOOT`; rebuilt volumes, by
+    Cauchy-Schwarz, ``S0 * |C| * max_g |Y(g)|`` per voxel and shell (``|.|`` the Euclidean norm
+    over the K coefficients, ``g`` the shell's output directions). Values above the bound cannot
+    occur in the rebuilt volumes; b0 overshoot beyond it is clipped. Each ``coeffs[k]`` is
+    ``(K, n_voxels)``.
+    """
+    top = B0_OVERSHOOT * carried_max
+    for k, shell_coeffs in enumerate(coeffs):
+        rows = basis[out_shell == k]
+        if not rows.size:
+            continue
+        basis_norm = float(np.sqrt(np.square(rows, dtype=np.float64).sum(axis=1)).max())
+        for start in range(0, s0.size, 1 << 20):  # in chunks: no (K, n_voxels) temporary
+            chunk = slice(start, start + (1 << 20))
+            norms = np.sqrt(np.einsum("ij,ij->j", shell_coeffs[:, chunk], shell_coeffs[:, chunk]))
+            top = max(top, float(np.max(s0[chunk] * norms)) * basis_norm)
+    return top / 32767.0 if top > 0 else 1.0
+
+
+def output_volumes(out_shell: np.ndarray, out_source: np.ndarray, carried: Callable[[int], np.ndarray],
+                   coeffs: list[np.ndarray], s0: np.ndarray, basis: np.ndarray, shape, region, voxels,
+                   slope: float | None = None) -> Iterator[np.ndarray]:
+    """Yield the output volumes ``(X, Y, Z)`` in the output table's order; zero outside ``region``
+    (the whole grid unless skull-stripped). ``coeffs[k]`` is shell ``k``'s ``(K, n_region)``,
+    ``s0`` ``(n_region,)``, ``voxels`` the region's Fortran-order flat indices; ``carried(source)``
+    returns input volume ``source`` on the output grid (float32, a fresh array), for the rows
+    with ``out_shell < 0``.
+
+    Carried volumes are float32 (quantised by the writer). Consecutive volumes of one shell are
+    rebuilt in torch (multi-threaded) with one matrix product ``Y_batch (b, K) @ C (K, n)`` (at
+    most :data:`REBUILD_BATCH_BYTES` of temporary): each row of the result is one volume in
+    NIfTI order, contiguous, yielded as a Fortran-ordered view (no copy, no transpose). With
+    ``slope`` (int16 output) they are quantised here, on the whole batch,
+    ``rint(max(C Y, 0) * (S0 / slope))`` clipped to int16: four passes over the batch instead of
+    seven. ``S0 / slope`` is taken once, so a value within a float32 rounding of a half-quantum
+    may round to the neighbouring integer (1/32767 of the range).
+    """
+    n_out = np.size(out_shell)
+    n_vox = int(np.prod(shape))
+    everywhere = voxels.size == region.size
+    batch = max(1, REBUILD_BATCH_BYTES // max(1, 4 * voxels.size))
+    coeffs_t = [torch.from_numpy(c) for c in coeffs]
+    s0_t = torch.from_numpy(s0) if slope is None else torch.from_numpy(s0) / np.float32(slope)
+    basis_t = torch.from_numpy(np.ascontiguousarray(basis, dtype=np.float32))
+    j = 0
+    while j < n_out:
+        k = int(out_shell[j])
+        if k < 0:
+            volume = carried(int(out_source[j]))
+            if not everywhere:
+                volume[~region] = 0.0
+            yield volume
+            j += 1
+            continue
+        stop = j + 1
+        while stop < n_out and stop - j < batch and int(out_shell[stop]) == k:
+            stop += 1
+        attenuation = basis_t[j:stop] @ coeffs_t[k]  # (stop - j, n_region)
+        attenuation.clamp_(min=0.0).mul_(s0_t)
+        values = attenuation.numpy()
+        if slope is not None:  # numpy's float32 -> int16 cast is ~2x faster than torch's
+            values = attenuation.round_().clamp_(max=32767.0).numpy().astype(np.int16)
+        for c in range(values.shape[0]):
+            if everywhere:  # voxels = 0 .. n_vox - 1 in Fortran order: no scatter needed
+                yield values[c].reshape(shape, order="F")
+                continue
+            flat = np.zeros(n_vox, dtype=values.dtype)
+            flat[voxels] = values[c]
+            yield flat.reshape(shape, order="F")
+        j = stop
