@@ -4,7 +4,7 @@ Zhu et al. (MICCAI 2024, Table 1) compare their latent diffusion model with a CN
 Karayumak et al. (2018).  Here it is a residual MONAI 3D UNet (:class:`~.networks.ResidualRishCNN`)
 that takes all RISH orders of a 3T scan as channels (normalised log-RISH, :mod:`.normalise`, on
 the model grid of :mod:`.data`) and predicts the position-paired 7T ones (the 7T brought into the
-3T grid through the affines, :func:`~.training.prepare_scans`), trained with the mean squared
+3T grid through the affines, :func:`~.training_data.prepare_scans`), trained with the mean squared
 error inside both brains.  At the participant level its prediction becomes scale maps exactly as
 the ldm's does (:class:`bids_dmri_ldm.methods.LearnedMethod`): lambda^2 = predicted 7T RISH /
 reference, the reference being the 3T RISH through the same model-grid round trip (to the grid
@@ -36,16 +36,9 @@ from .modelconfig import validate_config
 from .networks import build_cnn
 from .normalise import LEGACY_METHOD, denormalise, fit_normalisation, normalise
 from .scalemaps import SMOOTHING_CANDIDATES, calibrate_scale_smoothing
-from .training import (
-    PlotFn,
-    RishInput,
-    TrainingDataError,
-    _stack_pairs,
-    fit_stage,
-    prepare_scans,
-    sample_generator,
-    split_participants,
-)
+from .split import split_participants
+from .stageloop import PlotFn, fit_stage, sample_generator
+from .training_data import RishInput, TrainingDataError, prepare_scans, stack_pairs
 
 STAGE = "cnn"
 
@@ -60,7 +53,7 @@ def paired_tensors(pairs: Sequence[tuple[RishScan, RishScan]], norm: dict, cfg: 
     weight : (n_pairs, 1, *grid) float32, 1 where both brains are (model-grid fraction > 0.5).
     """
     n, grid = len(cfg["orders"]), tuple(cfg["grid"])
-    x, mask_x, y, mask_y = _stack_pairs(pairs, norm, cfg, with_masks=True)
+    x, mask_x, y, mask_y = stack_pairs(pairs, norm, cfg, with_masks=True)
     weight = (mask_x[::n] & mask_y[::n]).float()  # one mask per scan
     return x.view(-1, n, *grid), y.view(-1, n, *grid), weight
 

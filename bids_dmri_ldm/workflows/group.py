@@ -426,7 +426,8 @@ def _write_examples(config: RunConfig, method: Method, train_cfg: dict[str, Any]
 
         from ..methods import load_method
         from ..ml.data import to_model_grid
-        from ..ml.training import prepare_scans, split_participants
+        from ..ml.split import split_participants
+        from ..ml.training_data import prepare_scans
 
         translator = load_method(method, group_model_dir(config, method), {"device": str(device), "seed": config.seed})
         grid = tuple(translator.bundle.config["grid"])
