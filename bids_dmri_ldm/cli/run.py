@@ -148,7 +148,8 @@ def _collect(config: RunConfig, roles, allow_all_rejected: bool = False):
 def run_participant_level(config: RunConfig) -> int:
     """Translate every selected source run; exit status per :func:`failure_exit_code` when any
     run failed or was refused (every run refused by the layout included)."""
-    from ..bidsio.layout import SOURCE, source_runs
+    from ..bidsio.layout import SOURCE
+    from ..bidsio.pairing import source_runs
 
     runs, rejected = _collect(config, roles=(SOURCE,), allow_all_rejected=True)
     runs = source_runs(runs) if runs else []
@@ -238,7 +239,7 @@ def run_group_level(config: RunConfig) -> int:
 
 
 def _run_group_level(config: RunConfig) -> int:
-    from ..bidsio.layout import pair_runs
+    from ..bidsio.pairing import pair_runs
 
     runs, rejected = _collect(config, roles=None)
     for stem, reason in rejected.items():

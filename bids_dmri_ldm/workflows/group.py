@@ -164,7 +164,7 @@ RISH_GLOBAL_VAL_FRACTION = 0.2
 def train_rish_global(config: RunConfig, runs: Sequence[DWIRun]) -> int:
     """Fit the rish-global model on the training participants' 3T/7T pairs, validate it on the
     held-out ones (:func:`run_gate`) and save it with its validation table."""
-    from ..bidsio.layout import pair_runs
+    from ..bidsio.pairing import pair_runs
     from ..methods import RishGlobalMethod
     from ..ml.split import split_participants
 
@@ -300,7 +300,8 @@ def shell_rish(run: DWIRun, config: RunConfig, shell: float, stats: dict[str, in
 def feature_runs(runs: Sequence[DWIRun]) -> dict[str, dict[str, DWIRun]]:
     """``{"source": {participant: run}, "target": {participant: run}}``: the one 3T and one 7T run
     of each participant that training uses (see :func:`collect_ldm_features`)."""
-    from ..bidsio.layout import SOURCE, TARGET, pair_runs
+    from ..bidsio.layout import SOURCE, TARGET
+    from ..bidsio.pairing import pair_runs
 
     chosen: dict[str, dict[str, Any]] = {SOURCE: {}, TARGET: {}}
     try:
@@ -323,7 +324,7 @@ def collect_ldm_features(config: RunConfig, runs: Sequence[DWIRun], stats: dict[
     (training pairs them through the affines).
 
     One source (3T) and one target (7T) run per participant: the run of its first 3T/7T pair
-    (:func:`~bids_dmri_ldm.bidsio.layout.pair_runs`) when it has one, else its first run of that
+    (:func:`~bids_dmri_ldm.bidsio.pairing.pair_runs`) when it has one, else its first run of that
     field strength (3T-only participants train the 3T VQ-VAE and the LDM's 3T class).
     """
     from ..bidsio.layout import SOURCE, TARGET
