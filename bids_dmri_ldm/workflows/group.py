@@ -36,6 +36,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..bidsio import dataset as bids_dataset
 from ..bidsio import derivatives as deriv
 from ..errors import (
     EX_FAILURE,
@@ -83,8 +84,8 @@ def train_rish_global(config: RunConfig, runs: Sequence[DWIRun]) -> int:
 
     pairs = pair_runs(runs)
     try:
-        deriv.init_derivatives_dataset(config.output_dir, config.bids_dir)
-    except deriv.OutputWriteError as err:
+        bids_dataset.init_derivatives_dataset(config.output_dir, config.bids_dir)
+    except bids_dataset.OutputWriteError as err:
         raise OutputError(str(err)) from None
     Path(config.work_dir).mkdir(parents=True, exist_ok=True)
     train_ids, val_ids = split_participants(sorted({s.subject for s, _ in pairs}), RISH_GLOBAL_VAL_FRACTION,
@@ -107,9 +108,9 @@ def train_rish_global(config: RunConfig, runs: Sequence[DWIRun]) -> int:
                           "target_field_strength": getattr(target, "field_strength", None)})
     model = fit_rish_global_shells(
         pairs_by_shell, sh_order_max=config.sh_order_max,
-        extra_training={"runs": described, "dataset": deriv.source_dataset(config.bids_dir),
+        extra_training={"runs": described, "dataset": bids_dataset.source_dataset(config.bids_dir),
                         "participants": train_ids, "validation_participants": val_ids,
-                        "software": deriv.software_versions(),
+                        "software": bids_dataset.software_versions(),
                         "settings": {"shells": [float(b) for b in shells], "shell_tolerance": config.shell_tolerance,
                                      "sh_order_max": config.sh_order_max}},
     )
@@ -127,7 +128,7 @@ def train_rish_global(config: RunConfig, runs: Sequence[DWIRun]) -> int:
 
 def _uri(run, config) -> str:
     try:
-        return deriv.bids_uri(run.dwi, config.bids_dir)
+        return bids_dataset.bids_uri(run.dwi, config.bids_dir)
     except ValueError:
         return str(run.dwi)
 
@@ -183,8 +184,8 @@ def train_ldm(config: RunConfig, runs: Sequence[DWIRun]) -> int:
     train_cfg = _load_train_config(config)
     shell = training_shell(config, Method.LDM)
     try:
-        deriv.init_derivatives_dataset(config.output_dir, config.bids_dir)
-    except deriv.OutputWriteError as err:
+        bids_dataset.init_derivatives_dataset(config.output_dir, config.bids_dir)
+    except bids_dataset.OutputWriteError as err:
         raise OutputError(str(err)) from None
     stats: dict[str, int] = {}
     rish_3t, rish_7t = collect_ldm_features(config, runs, stats)
@@ -318,8 +319,8 @@ def train_cnn(config: RunConfig, runs: Sequence[DWIRun]) -> int:
     train_cfg = _load_train_config(config, Method.CNN)
     train_cfg["trained_for"] = trained_for(training_shell(config, Method.CNN), config.sh_order_max, train_cfg["orders"])
     try:
-        deriv.init_derivatives_dataset(config.output_dir, config.bids_dir)
-    except deriv.OutputWriteError as err:
+        bids_dataset.init_derivatives_dataset(config.output_dir, config.bids_dir)
+    except bids_dataset.OutputWriteError as err:
         raise OutputError(str(err)) from None
     stats: dict[str, int] = {}
     rish_3t, rish_7t = collect_ldm_features(config, runs, stats)
