@@ -38,7 +38,12 @@ from .normalise import LEGACY_METHOD, denormalise, fit_normalisation, normalise
 from .scalemaps import SMOOTHING_CANDIDATES, calibrate_scale_smoothing
 from .split import split_participants
 from .stageloop import PlotFn, fit_stage, sample_generator
-from .training_data import RishInput, TrainingDataError, prepare_scans, stack_pairs
+from .training_data import (
+    RishInput,
+    paired_participants,
+    prepare_scans,
+    stack_pairs,
+)
 
 STAGE = "cnn"
 
@@ -98,11 +103,7 @@ def train_cnn(rish_3t: RishInput, rish_7t: RishInput, config: dict[str, Any], ou
     ctx = init_distributed(device)
     t_start = time.perf_counter()
     scans_3t, scans_7t, targets = prepare_scans(rish_3t, rish_7t)
-    paired = sorted(targets)
-    if not paired:
-        raise TrainingDataError(
-            f"no paired participants: found {len(scans_3t)} with 3T ({', '.join(sorted(scans_3t)[:5]) or 'none'}) "
-            f"and {len(scans_7t)} with 7T ({', '.join(sorted(scans_7t)[:5]) or 'none'}) data, none in both")
+    paired = paired_participants(scans_3t, scans_7t, targets)
     train_ids, val_ids = split_participants(paired, tr["val_fraction"], tr["seed"])
     work_dir.mkdir(parents=True, exist_ok=True)
     norm_path = work_dir / "normalisation.json"

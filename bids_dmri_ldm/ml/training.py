@@ -52,6 +52,7 @@ from .training_data import (
     RishInput,
     TrainingDataError,
     encode_all,
+    paired_participants,
     prepare_scans,
     stack_model_grid,
     stack_pairs,
@@ -208,11 +209,7 @@ def train_all(rish_3t: RishInput, rish_7t: RishInput, config: dict[str, Any], ou
     ctx = init_distributed(device)
     t_start = time.perf_counter()
     scans_3t, scans_7t, targets = prepare_scans(rish_3t, rish_7t)
-    paired = sorted(targets)
-    if not paired:
-        raise TrainingDataError(
-            f"no paired participants: found {len(rish_3t)} with 3T ({', '.join(sorted(rish_3t)[:5]) or 'none'}) "
-            f"and {len(rish_7t)} with 7T ({', '.join(sorted(rish_7t)[:5]) or 'none'}) data, none in both")
+    paired = paired_participants(scans_3t, scans_7t, targets)
     train_ids, val_ids = split_participants(paired, tr["val_fraction"], tr["seed"])
     only3 = sorted(set(rish_3t) - set(paired))
     only7 = sorted(set(rish_7t) - set(paired))

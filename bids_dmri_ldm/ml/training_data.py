@@ -51,6 +51,18 @@ def prepare_scans(rish_3t: RishInput, rish_7t: RishInput
     return scans_3t, scans_7t, targets
 
 
+def paired_participants(scans_3t: Mapping[str, RishScan], scans_7t: Mapping[str, RishScan],
+                        targets: Mapping[str, RishScan]) -> list[str]:
+    """The participants with both a 3T and a 7T scan (``targets``' keys, :func:`prepare_scans`),
+    sorted; :class:`TrainingDataError` naming what was found when there is none."""
+    paired = sorted(targets)
+    if not paired:
+        raise TrainingDataError(
+            f"no paired participants: found {len(scans_3t)} with 3T ({', '.join(sorted(scans_3t)[:5]) or 'none'}) "
+            f"and {len(scans_7t)} with 7T ({', '.join(sorted(scans_7t)[:5]) or 'none'}) data, none in both")
+    return paired
+
+
 def stack_model_grid(scans: Sequence[RishScan], norm: dict, cfg: dict,
                       boxes: Sequence[np.ndarray | None] | None = None, with_masks: bool = False):
     """Per scan -> (n_scans * n, 1, *grid), orders interleaved.

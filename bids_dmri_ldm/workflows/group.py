@@ -147,6 +147,32 @@ DEFAULT_TRAIN_CONFIGS = {Method.LDM: "demo", Method.CNN: "cnn-demo"}
 """Training config of each learned method when ``--config`` is not given."""
 
 
+def _learned_features(config: RunConfig, runs: Sequence[DWIRun], train_cfg: dict[str, Any]):
+    """Derivative root created, then every participant's RISH features of the training shell
+    (:func:`~.group_features.collect_ldm_features`) for an ldm/cnn training; ``--seed`` set in
+    ``train_cfg``. Returns ``(rish_3t, rish_7t)``."""
+    try:
+        bids_dataset.init_derivatives_dataset(config.output_dir, config.bids_dir)
+    except bids_dataset.OutputWriteError as err:
+        raise OutputError(str(err)) from None
+    stats: dict[str, int] = {}
+    rish_3t, rish_7t = collect_ldm_features(config, runs, stats)
+    LOGGER.info("group: RISH features of %d 3T and %d 7T participant(s) (%d computed, %d from the cache)",
+                len(rish_3t), len(rish_7t), stats.get("computed", 0), stats.get("reused", 0))
+    if config.seed:
+        train_cfg["training"]["seed"] = int(config.seed)
+    return rish_3t, rish_7t
+
+
+def _training_dirs(config: RunConfig, folder: str, train_cfg: dict[str, Any]) -> tuple[Path, Path, str]:
+    """Work folder of a training (``<work_dir>/<folder>/<config name>``), its staging folder
+    (``<work_dir>/<folder>/out``) and the command line recorded in the model card."""
+    work = Path(config.work_dir) / folder / train_cfg["name"]
+    staging = Path(config.work_dir) / folder / "out"
+    command = " ".join(["bids-dmri-ldm", *sys.argv[1:]]) if sys.argv else ""
+    return work, staging, command
+
+
 def _ldm_stages(stage: str) -> tuple[str, ...]:
     return LDM_STAGES if stage in (None, ALL_STAGES) else (stage,)
 
@@ -183,22 +209,11 @@ def train_ldm(config: RunConfig, runs: Sequence[DWIRun]) -> int:
 
     train_cfg = _load_train_config(config)
     shell = training_shell(config, Method.LDM)
-    try:
-        bids_dataset.init_derivatives_dataset(config.output_dir, config.bids_dir)
-    except bids_dataset.OutputWriteError as err:
-        raise OutputError(str(err)) from None
-    stats: dict[str, int] = {}
-    rish_3t, rish_7t = collect_ldm_features(config, runs, stats)
-    LOGGER.info("group: RISH features of %d 3T and %d 7T participant(s) (%d computed, %d from the cache)",
-                len(rish_3t), len(rish_7t), stats.get("computed", 0), stats.get("reused", 0))
-    if config.seed:
-        train_cfg["training"]["seed"] = int(config.seed)
+    rish_3t, rish_7t = _learned_features(config, runs, train_cfg)
     # what the bundle is trained for; the participant level refuses other data (config.json)
     train_cfg["trained_for"] = trained_for(shell, config.sh_order_max, train_cfg["orders"])
     device = resolve_device(config.device)
-    work = Path(config.work_dir) / "ldm_training" / train_cfg["name"]
-    staging = Path(config.work_dir) / "ldm_training" / "out"
-    command = " ".join(["bids-dmri-ldm", *sys.argv[1:]]) if sys.argv else ""
+    work, staging, command = _training_dirs(config, "ldm_training", train_cfg)
     try:
         bundle_dir = train_all(rish_3t, rish_7t, train_cfg, staging, work, device=device,
                                resume=bool(config.resume), stages=_ldm_stages(config.stage), command=command,
@@ -318,20 +333,9 @@ def train_cnn(config: RunConfig, runs: Sequence[DWIRun]) -> int:
 
     train_cfg = _load_train_config(config, Method.CNN)
     train_cfg["trained_for"] = trained_for(training_shell(config, Method.CNN), config.sh_order_max, train_cfg["orders"])
-    try:
-        bids_dataset.init_derivatives_dataset(config.output_dir, config.bids_dir)
-    except bids_dataset.OutputWriteError as err:
-        raise OutputError(str(err)) from None
-    stats: dict[str, int] = {}
-    rish_3t, rish_7t = collect_ldm_features(config, runs, stats)
-    LOGGER.info("group: RISH features of %d 3T and %d 7T participant(s) (%d computed, %d from the cache)",
-                len(rish_3t), len(rish_7t), stats.get("computed", 0), stats.get("reused", 0))
-    if config.seed:
-        train_cfg["training"]["seed"] = int(config.seed)
+    rish_3t, rish_7t = _learned_features(config, runs, train_cfg)
     device = resolve_device(config.device)
-    work = Path(config.work_dir) / "cnn_training" / train_cfg["name"]
-    staging = Path(config.work_dir) / "cnn_training" / "out"
-    command = " ".join(["bids-dmri-ldm", *sys.argv[1:]]) if sys.argv else ""
+    work, staging, command = _training_dirs(config, "cnn_training", train_cfg)
     try:
         bundle_dir = train_cnn_bundle(rish_3t, rish_7t, train_cfg, staging, work, device=device,
                                       resume=bool(config.resume), command=command, plot_losses=plot_losses)
