@@ -20,7 +20,7 @@ from .training_data import encode_all, stack_pairs
 @torch.no_grad()
 def translate_for_sr(networks, cfg, pairs, norm, device):
     """LDM translation of training 3T volumes (decoded by the 7T VQ-VAE) and their position-paired
-    real 7T targets (``pairs``: (3T scan, 7T on the 3T grid), see :func:`prepare_scans`)."""
+    real 7T targets (``pairs``: (3T scan, 7T on the 3T grid), see :func:`~.training_data.prepare_scans`)."""
     from .bundle import Bundle
 
     bundle = Bundle(cfg, networks, Path("."), "")
@@ -44,7 +44,7 @@ def calibrate_translation(networks, cfg, pairs, device) -> dict[str, Any]:
 
     For every (t0, omega) of ``training.calibrate_t0`` x ``training.calibrate_guidance`` the
     validation 3T volumes are translated (``sr_ddim_steps`` steps, SR head applied) and
-    compared with the position-paired real 7T (``pairs``, :func:`prepare_scans`) on the model
+    compared with the position-paired real 7T (``pairs``, :func:`~.training_data.prepare_scans`) on the model
     grid: mean squared error of the normalised (log-RISH) values inside the 7T brain.  Orders are independent batch entries, so each
     order takes its own best pair.  Returns the choice and the full score table.
     """
@@ -85,7 +85,7 @@ def calibrate_linear_gains(networks, cfg, pairs, device) -> dict[str, Any]:
     Each validation participant's 3T RISH goes through
     :func:`~bids_dmri_ldm.ml.inference.translate_rish` (final t0, omega, DDIM steps; gains 1);
     then, per order, with means over the voxels inside both brains on the 3T grid (the 7T
-    brought there through the affines, ``pairs`` from :func:`prepare_scans`),
+    brought there through the affines, ``pairs`` from :func:`~.training_data.prepare_scans`),
 
         gain_7t_l = sum_p mean(real 7T RISH_l) / sum_p mean(predicted 7T RISH_l)
         gain_3t_l = sum_p mean(3T RISH_l)      / sum_p mean(round-trip 3T RISH_l)
