@@ -138,7 +138,8 @@ def memory_rows(test_dir: Path, models: Path, methods: list[str], logs: Path) ->
     from bids_dmri_ldm.evaluation.gate import score_pair
     from bids_dmri_ldm.methods import load_method
     from bids_dmri_ldm.ml.data import RishScan
-    from bids_dmri_ldm.workflows.group import feature_runs, shell_rish, validation_pairs
+    from bids_dmri_ldm.workflows.group_features import feature_runs, shell_rish
+    from bids_dmri_ldm.workflows.group_gate import validation_pairs
 
     config = RunConfig(bids_dir=test_dir, output_dir=logs / "unused", analysis_level="group",
                        work_dir=test_dir.parent / "work" / f"memory_{test_dir.name}")

@@ -118,7 +118,7 @@ def time_training_steps(cfg, device, batch, repeats):
             times.append(time.perf_counter() - t)
         results[name] = statistics.median(times[1:])
 
-    for net in nets.values():  # as training.fit_stage does
+    for net in nets.values():  # as stageloop.fit_stage does
         net.to(device, memory_format=torch.channels_last_3d)
     vq = nets["vqvae3t"].train()
     x = torch.randn(batch, 1, *grid, device=device).contiguous(memory_format=torch.channels_last_3d)

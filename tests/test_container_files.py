@@ -323,13 +323,13 @@ def test_examples_and_docs_use_real_options():
 # --------------------------------------------------------------------------- issue 14
 def test_image_records_its_own_tag():
     """The IMAGE_TAG build argument becomes BIDS_DMRI_LDM_IMAGE, which the app writes as
-    GeneratedBy.Container.Tag (bids/derivatives.py container_info)."""
+    GeneratedBy.Container.Tag (bidsio/dataset.py container_info)."""
     text = DOCKERFILE.read_text()
     assert re.search(r'^ARG IMAGE_TAG=""$', text, re.M)
     assert _dockerfile_env()["BIDS_DMRI_LDM_IMAGE"] == "${IMAGE_TAG}"
-    from bids_dmri_ldm.bidsio import derivatives
+    from bids_dmri_ldm.bidsio import dataset
 
-    assert '"BIDS_DMRI_LDM_IMAGE"' in Path(derivatives.__file__).read_text()
+    assert '"BIDS_DMRI_LDM_IMAGE"' in Path(dataset.__file__).read_text()
     ci = (REPO / ".ci" / "container.sh").read_text()
     assert '--build-arg "IMAGE_TAG=$IMAGE"' in ci
     assert "IMAGE_TAG=<< pipeline.parameters.image >>:$version" in CIRCLECI.read_text()

@@ -7,6 +7,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from bids_dmri_ldm.bidsio import dataset as bids_dataset
 from bids_dmri_ldm.bidsio import derivatives as deriv
 from bids_dmri_ldm.core.gradients import load_gradients
 
@@ -43,9 +44,9 @@ def test_resolution_label(size, label):
 
 def test_bids_uri(tmp_path):
     (tmp_path / "sub-01").mkdir()
-    assert deriv.bids_uri(tmp_path / "sub-01" / "x.nii.gz", tmp_path) == "bids:raw:sub-01/x.nii.gz"
+    assert bids_dataset.bids_uri(tmp_path / "sub-01" / "x.nii.gz", tmp_path) == "bids:raw:sub-01/x.nii.gz"
     with pytest.raises(ValueError):
-        deriv.bids_uri("/elsewhere/x.nii.gz", tmp_path)
+        bids_dataset.bids_uri("/elsewhere/x.nii.gz", tmp_path)
 
 
 def test_atomic_writes_leave_old_file_on_failure(tmp_path, monkeypatch):
@@ -88,7 +89,7 @@ def test_dataset_description_and_init(tmp_path, monkeypatch):
     monkeypatch.delenv("BIDS_DMRI_LDM_IN_CONTAINER", raising=False)
     monkeypatch.delenv("BIDS_DMRI_LDM_IMAGE", raising=False)
     out = tmp_path / "out"
-    deriv.init_derivatives_dataset(out, raw)
+    bids_dataset.init_derivatives_dataset(out, raw)
     desc = json.loads((out / "dataset_description.json").read_text())
     assert desc["DatasetType"] == "derivative" and desc["BIDSVersion"]
     generated = desc["GeneratedBy"][0]
@@ -102,39 +103,39 @@ def test_dataset_description_and_init(tmp_path, monkeypatch):
     assert (out / desc["DatasetLinks"]["raw"] / "dataset_description.json").is_file()
     assert (out / "logs").is_dir()
     (out / ".bidsignore").write_text("extra/\n*_dwi.bval\n")
-    deriv.init_derivatives_dataset(out, raw)  # idempotent, keeps user lines, no duplicates
+    bids_dataset.init_derivatives_dataset(out, raw)  # idempotent, keeps user lines, no duplicates
     lines = (out / ".bidsignore").read_text().splitlines()
     assert lines[0] == "extra/" and lines.count("*_dwi.bval") == 1
-    assert set(deriv.BIDSIGNORE_LINES) <= set(lines)
+    assert set(bids_dataset.BIDSIGNORE_LINES) <= set(lines)
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    with pytest.raises(deriv.OutputWriteError, match="cannot write"):
-        deriv.init_derivatives_dataset(blocker / "out", raw)
+    with pytest.raises(bids_dataset.OutputWriteError, match="cannot write"):
+        bids_dataset.init_derivatives_dataset(blocker / "out", raw)
 
 
 def test_container_info(monkeypatch):
     for var in ("BIDS_DMRI_LDM_IN_CONTAINER", "BIDS_DMRI_LDM_IMAGE", "APPTAINER_CONTAINER", "SINGULARITY_CONTAINER"):
         monkeypatch.delenv(var, raising=False)
-    assert deriv.container_info() is None
+    assert bids_dataset.container_info() is None
     monkeypatch.setenv("BIDS_DMRI_LDM_IN_CONTAINER", "1")
-    assert deriv.container_info() == {"Type": "docker", "Tag": f"bids-dmri-ldm:{deriv.__version__}"}
+    assert bids_dataset.container_info() == {"Type": "docker", "Tag": f"bids-dmri-ldm:{deriv.__version__}"}
     # The image's own tag (Dockerfile: ENV BIDS_DMRI_LDM_IMAGE from the IMAGE_TAG build argument)
     monkeypatch.setenv("BIDS_DMRI_LDM_IMAGE", "ghcr.io/x/bids-dmri-ldm:9.9-cpu")
-    assert deriv.container_info() == {"Type": "docker", "Tag": "ghcr.io/x/bids-dmri-ldm:9.9-cpu"}
+    assert bids_dataset.container_info() == {"Type": "docker", "Tag": "ghcr.io/x/bids-dmri-ldm:9.9-cpu"}
     monkeypatch.setenv("BIDS_DMRI_LDM_IMAGE", "")  # built without IMAGE_TAG
-    assert deriv.container_info()["Tag"] == f"bids-dmri-ldm:{deriv.__version__}"
+    assert bids_dataset.container_info()["Tag"] == f"bids-dmri-ldm:{deriv.__version__}"
     monkeypatch.setenv("APPTAINER_CONTAINER", "/x.sif")
-    assert deriv.container_info()["Type"] == "singularity"
+    assert bids_dataset.container_info()["Type"] == "singularity"
 
 
 def test_source_dataset_names_no_path(tmp_path):
     raw = tmp_path / "raw"
     raw.mkdir()
-    assert deriv.source_dataset(raw) == {}  # no description: nothing claimed
+    assert bids_dataset.source_dataset(raw) == {}  # no description: nothing claimed
     (raw / "dataset_description.json").write_text(json.dumps({"Name": "HCP", "DatasetVersion": "1.0"}))
-    assert deriv.source_dataset(raw) == {"Name": "HCP", "Version": "1.0"}
+    assert bids_dataset.source_dataset(raw) == {"Name": "HCP", "Version": "1.0"}
     (tmp_path / "a" / "b").mkdir(parents=True)
-    assert deriv.dataset_link(raw, tmp_path / "a" / "b") == "../../raw"
+    assert bids_dataset.dataset_link(raw, tmp_path / "a" / "b") == "../../raw"
 
 
 def test_sidecar_content():
@@ -176,16 +177,16 @@ def test_bids_uri_through_symbolic_links(tmp_path):
     target.write_bytes(b"x")
     alias = tmp_path / "alias"
     alias.symlink_to(real)
-    assert deriv.bids_uri(target, alias) == "bids:raw:sub-01/dwi/sub-01_dwi.nii.gz"
-    assert deriv.bids_uri(alias / "sub-01" / "dwi" / "sub-01_dwi.nii.gz", real) == (
+    assert bids_dataset.bids_uri(target, alias) == "bids:raw:sub-01/dwi/sub-01_dwi.nii.gz"
+    assert bids_dataset.bids_uri(alias / "sub-01" / "dwi" / "sub-01_dwi.nii.gz", real) == (
         "bids:raw:sub-01/dwi/sub-01_dwi.nii.gz")
     elsewhere = tmp_path / "data.nii.gz"
     elsewhere.write_bytes(b"x")
     link = real / "sub-01" / "dwi" / "sub-01_desc-x_dwi.nii.gz"
     link.symlink_to(elsewhere)
-    assert deriv.bids_uri(link, real) == "bids:raw:sub-01/dwi/sub-01_desc-x_dwi.nii.gz"
+    assert bids_dataset.bids_uri(link, real) == "bids:raw:sub-01/dwi/sub-01_desc-x_dwi.nii.gz"
     with pytest.raises(ValueError):
-        deriv.bids_uri(elsewhere, real)
+        bids_dataset.bids_uri(elsewhere, real)
 
 
 def test_output_names_keep_the_inputs_space_and_res(tmp_path):

@@ -245,7 +245,7 @@ def test_group_ldm_training_through_the_cli(make_bids_dataset, tmp_path):
 def test_rish_cache_counts_reuse(make_bids_dataset, tmp_path):
     """collect_ldm_features computes each run once, then reuses it; a touched input is recomputed."""
     from bids_dmri_ldm.cli.parser import parse_args
-    from bids_dmri_ldm.workflows.group import collect_ldm_features
+    from bids_dmri_ldm.workflows.group_features import collect_ldm_features
 
     ds = make_bids_dataset(subjects=("01",), field_strengths=(3.0, 7.0), snr=30.0)
     config = parse_args([str(ds.root), str(tmp_path / "out"), "group", "-w", str(tmp_path / "work"),

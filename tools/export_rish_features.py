@@ -4,7 +4,7 @@
     python tools/export_rish_features.py OUT.npz BIDS_DIR [BIDS_DIR ...] -w WORK_DIR
 
 Each run goes through exactly the group level's feature step
-(:func:`bids_dmri_ldm.workflows.group.collect_ldm_features`: b = 1000 shell, SH fit,
+(:func:`bids_dmri_ldm.workflows.group_features.collect_ldm_features`: b = 1000 shell, SH fit,
 RISH orders 0/2/4, brain mask; cached in ``WORK_DIR/ldm_rish_cache``), so the file holds
 what ``bids-dmri-ldm BIDS OUT group --method ldm`` would train on.  With several datasets
 the participant keys are prefixed ``d<k>-`` (k = position on the command line) so that
@@ -29,7 +29,7 @@ import numpy as np
 def export_features(bids_dirs: list[Path], work_dir: Path) -> dict[str, np.ndarray]:
     from bids_dmri_ldm.bidsio.layout import collect_dwi_runs, load_layout
     from bids_dmri_ldm.config import RunConfig
-    from bids_dmri_ldm.workflows.group import collect_ldm_features
+    from bids_dmri_ldm.workflows.group_features import collect_ldm_features
 
     arrays: dict[str, np.ndarray] = {}
     for k, bids_dir in enumerate(bids_dirs):

@@ -39,7 +39,7 @@ import numpy as np
 
 from .._version import __version__
 from ..errors import BadDataError, MissingInputError
-from .derivatives import BIDS_VERSION, CODE_URL, dataset_link
+from .dataset import BIDS_VERSION, CODE_URL, dataset_link
 
 LOGGER = logging.getLogger("bids_dmri_ldm.hcp2bids")
 

@@ -1,4 +1,6 @@
-"""BIDS input: pybids queries -> :class:`DWIRun` records, 3T/7T roles and pairing.
+"""BIDS input: pybids queries -> :class:`DWIRun` records and their 3T/7T roles.
+
+The runs' pairing is in :mod:`~.pairing`, the gradient-file lookup in :mod:`~.gradients`.
 
 The participant level processes *source* (3T) runs; the group level pairs source and
 *target* (7T) runs of the same participant. Roles come from ``MagneticFieldStrength`` in the
@@ -23,13 +25,13 @@ import logging
 import math
 import os
 import re
-from collections import defaultdict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..errors import BadDataError, MissingInputError, NoDataError, UsageError
+from .gradients import GradientIndex, gradient_file
 
 LOGGER = logging.getLogger("bids_dmri_ldm.bids")  # the logger name of the log lines, unchanged
 
@@ -295,7 +297,7 @@ def collect_dwi_runs(
         role: _matching_paths(layout, query, filters[role]) for role in (SOURCE, TARGET)
         if role in filters
     }
-    gradients = GradientIndex(layout)
+    gradients = GradientIndex.from_layout(layout)
     runs = []
     stems: dict[str, str] = {}
     for bids_file in unique_files(files, layout.root):
@@ -404,8 +406,8 @@ def _make_run(layout, gradients, bids_file, role_paths, dwi_filtered, roles) -> 
     if roles is not None and role is not None and role not in roles:
         LOGGER.debug("%s: %s run (%s T) not used here", stem, role, strength)
         return None
-    bval = _gradient_file(gradients, bids_file, "bval", stem)
-    bvec = _gradient_file(gradients, bids_file, "bvec", stem)
+    bval = gradient_file(gradients, bids_file, "bval", stem)
+    bvec = gradient_file(gradients, bids_file, "bvec", stem)
     mask = find_brain_mask(layout, entities) if getattr(layout, "is_derivative", False) else None
     return DWIRun(
         dwi=Path(path),
@@ -417,55 +419,6 @@ def _make_run(layout, gradients, bids_file, role_paths, dwi_filtered, roles) -> 
         field_strength=strength,
         role=role,
     )
-
-
-class GradientIndex:
-    """All ``*dwi.bval``/``*dwi.bvec`` files of a layout, resolved by the inheritance principle.
-
-    A gradient file applies to a DWI image when it lies in the image's folder or a parent
-    folder and every entity in its name is also in the image's name with the same label; the
-    nearest folder wins, then the file with the most entities.
-
-    Written here instead of calling pybids ``get_bval``/``get_bvec`` per run for two reasons:
-    pybids ``get_nearest`` only compares the entities both files share, so it accepts a
-    sibling ``sub-01_acq-b_dwi.bval`` for ``sub-01_dwi.nii.gz`` (a wrong table, silently);
-    and it queries the whole index on every call (~0.1 s per file, minutes for large
-    datasets). One query up front and a walk up the folders is exact and fast.
-    """
-
-    def __init__(self, layout):
-        self._files: dict[tuple[Path, str], list[tuple[dict, str]]] = defaultdict(list)
-        found = layout.get(return_type="object", suffix="dwi", extension=[".bval", ".bvec"])
-        for bids_file in found:
-            entities = {k: str(v) for k, v in bids_file.get_entities().items()
-                        if k not in ("suffix", "extension")}
-            kind = bids_file.path.rsplit(".", 1)[-1]
-            self._files[(Path(bids_file.path).parent, kind)].append((entities, bids_file.path))
-        for candidates in self._files.values():
-            candidates.sort(key=lambda item: (-len(item[0]), item[1]))
-        self.root = Path(layout.root)
-
-    def find(self, dwi_path: str | Path, entities: Mapping[str, Any], kind: str) -> str | None:
-        """The ``kind`` ("bval" or "bvec") file that applies to ``dwi_path``, or None."""
-        own = {k: str(v) for k, v in entities.items()}
-        folder = Path(dwi_path).parent
-        while True:
-            for theirs, path in self._files.get((folder, kind), ()):
-                if all(own.get(k) == v for k, v in theirs.items()):
-                    return path
-            if folder == self.root or folder.parent == folder:
-                return None
-            folder = folder.parent
-
-
-def _gradient_file(index: GradientIndex, bids_file, kind: str, stem: str) -> str:
-    found = index.find(bids_file.path, bids_file.get_entities(), kind)
-    if found is None:
-        raise BadDataError(
-            f"{stem}: no .{kind} file found (next to the image or inherited from a parent "
-            f"folder, e.g. dwi.{kind} at the dataset root)"
-        )
-    return found
 
 
 def _field_strength(metadata: Mapping[str, Any], stem: str) -> float | None:
@@ -523,127 +476,3 @@ def find_brain_mask(layout, entities: Mapping[str, Any]) -> Path | None:
             )
             return None
     return None
-
-
-# --------------------------------------------------------------------------- roles, pairs
-def is_source(run: DWIRun) -> bool:
-    """Whether ``run`` is a source (3T-like, < 5 T) run."""
-    return run.role == SOURCE
-
-
-def is_target(run: DWIRun) -> bool:
-    """Whether ``run`` is a target (7T-like, >= 5 T) run."""
-    return run.role == TARGET
-
-
-def split_by_field_strength(runs: Iterable[DWIRun]):
-    """Split runs into ``(source, target, unknown)`` lists by their role.
-
-    ``unknown`` holds runs whose field strength is missing and that no filter classified.
-    """
-    source, target, unknown = [], [], []
-    for run in runs:
-        {SOURCE: source, TARGET: target}.get(run.role, unknown).append(run)
-    return source, target, unknown
-
-
-def source_runs(runs: Sequence[DWIRun]) -> list[DWIRun]:
-    """The runs the participant level processes.
-
-    Raises
-    ------
-    BadDataError
-        Some runs have no ``MagneticFieldStrength`` and no filter says what they are (65).
-    NoDataError
-        None of the selected runs is a source (< 5 T) run (18).
-    """
-    source, target, unknown = split_by_field_strength(runs)
-    if unknown:
-        raise BadDataError(
-            f"MagneticFieldStrength is missing for {len(unknown)} run(s) (e.g. {unknown[0]}); "
-            "add it to the JSON sidecars or pass --bids-filter-file selecting the 3T runs, "
-            'e.g. {"dwi": {"acquisition": "3T"}}'
-        )
-    if not source:
-        strengths = sorted({f"{r.field_strength:g} T" for r in target})
-        raise NoDataError(
-            f"no source (below {SOURCE_MAX_FIELD_STRENGTH:g} T) DWI run among the {len(runs)} "
-            f"selected (found {', '.join(strengths) or 'none'})"
-        )
-    return source
-
-
-def pair_runs(runs: Sequence[DWIRun]) -> list[tuple[DWIRun, DWIRun]]:
-    """Pair source and target runs of the same participant, for the group level.
-
-    Within a participant, runs are matched on session when both field strengths exist in the
-    same session, else on everything but session and ``acq`` (so ``ses-3T``/``ses-7T`` or
-    ``acq-3T``/``acq-7T`` layouts pair up); any remaining source runs pair with the
-    participant's first target run. Every source run appears at most once.
-
-    Returns
-    -------
-    list of (source_run, target_run)
-        Sorted by participant.
-
-    Raises
-    ------
-    NoDataError
-        No participant has both a source and a target run (18); the message says what was
-        found.
-    """
-    by_subject: dict[str, dict[str, list[DWIRun]]] = defaultdict(lambda: {SOURCE: [], TARGET: []})
-    for run in runs:
-        if run.role in (SOURCE, TARGET):
-            by_subject[run.subject][run.role].append(run)
-    pairs = []
-    for subject in sorted(by_subject):
-        group = by_subject[subject]
-        if group[SOURCE] and group[TARGET]:
-            pairs.extend(_pair_within_subject(group[SOURCE], group[TARGET]))
-    if not pairs:
-        n_source = sum(len(g[SOURCE]) for g in by_subject.values())
-        n_target = sum(len(g[TARGET]) for g in by_subject.values())
-        unknown = sum(1 for r in runs if r.role not in (SOURCE, TARGET))
-        raise NoDataError(
-            "the group level needs participants with both 3T and 7T DWI runs, but found "
-            f"{n_source} source (< {SOURCE_MAX_FIELD_STRENGTH:g} T) run(s) in participants "
-            f"{_subjects(by_subject, SOURCE)} and {n_target} target run(s) in participants "
-            f"{_subjects(by_subject, TARGET)}"
-            + (f", and {unknown} run(s) without MagneticFieldStrength (see --bids-filter-file)"
-               if unknown else "")
-        )
-    return pairs
-
-
-def _subjects(by_subject, role) -> str:
-    labels = [s for s, g in sorted(by_subject.items()) if g[role]]
-    return "[" + ", ".join(labels) + "]"
-
-
-def _pair_key(run: DWIRun, with_session: bool) -> tuple:
-    ignore = {"acquisition"} | (set() if with_session else {"session"})
-    return tuple(
-        (name, str(run.entities.get(name)))
-        for name in DWI_ENTITY_KEYS
-        if name not in ignore and name != "subject"
-    )
-
-
-def _pair_within_subject(sources: list[DWIRun], targets: list[DWIRun]):
-    pairs = []
-    remaining = list(sources)
-    for with_session in (True, False):
-        by_key = {}
-        for target in targets:
-            by_key.setdefault(_pair_key(target, with_session), target)
-        still = []
-        for source in remaining:
-            match = by_key.get(_pair_key(source, with_session))
-            if match is not None:
-                pairs.append((source, match))
-            else:
-                still.append(source)
-        remaining = still
-    pairs.extend((source, targets[0]) for source in remaining)
-    return sorted(pairs, key=lambda p: str(p[0].dwi))

@@ -36,6 +36,7 @@ from ..errors import (
     OutputError,
     TemporaryFailure,
 )
+from ..workflows.logs import route_nipype_logs
 from .parser import PROG, _build_parser, parse_args
 
 LOGGER = logging.getLogger("bids_dmri_ldm")
@@ -75,30 +76,13 @@ def setup_logging(verbose: int, log_file: Path | None = None) -> None:
         handler.setFormatter(logging.Formatter(_LOG_FORMAT, "%H:%M:%S"))
         handler._bids_dmri_ldm = True  # type: ignore[attr-defined]
         root.addHandler(handler)
-    _route_nipype_logs()
+    route_nipype_logs()
     root.setLevel(logging.DEBUG if verbose >= 2 else logging.INFO if verbose == 1 else logging.WARNING)
     LOGGER.setLevel(logging.DEBUG if verbose >= 1 else logging.INFO)
     logging.captureWarnings(True)
     if verbose == 0:
         for category in (FutureWarning, DeprecationWarning, UserWarning):
             warnings.filterwarnings("ignore", category=category, module=r"(bids(\.|$)|nipype|dipy|monai)")
-
-
-def _route_nipype_logs() -> None:
-    """Send nipype's log records through the root handlers only (stderr and the log file).
-
-    nipype adds its own stdout ``StreamHandler`` to the ``nipype`` logger when it is imported,
-    unless that logger already has a handler; its records also propagate to the root logger, so
-    with ``-vv`` every nipype line was printed twice. A ``NullHandler`` set before the import
-    keeps nipype from adding its handler; one added by an earlier import is removed.
-    """
-    nipype_logger = logging.getLogger("nipype")
-    for handler in list(nipype_logger.handlers):
-        if type(handler) is logging.StreamHandler:
-            nipype_logger.removeHandler(handler)
-    if not nipype_logger.handlers:
-        nipype_logger.addHandler(logging.NullHandler())
-    nipype_logger.propagate = True
 
 
 def _limit_threads(omp_nthreads: int) -> None:
@@ -148,7 +132,8 @@ def _collect(config: RunConfig, roles, allow_all_rejected: bool = False):
 def run_participant_level(config: RunConfig) -> int:
     """Translate every selected source run; exit status per :func:`failure_exit_code` when any
     run failed or was refused (every run refused by the layout included)."""
-    from ..bidsio.layout import SOURCE, source_runs
+    from ..bidsio.layout import SOURCE
+    from ..bidsio.pairing import source_runs
 
     runs, rejected = _collect(config, roles=(SOURCE,), allow_all_rejected=True)
     runs = source_runs(runs) if runs else []
@@ -238,7 +223,7 @@ def run_group_level(config: RunConfig) -> int:
 
 
 def _run_group_level(config: RunConfig) -> int:
-    from ..bidsio.layout import pair_runs
+    from ..bidsio.pairing import pair_runs
 
     runs, rejected = _collect(config, roles=None)
     for stem, reason in rejected.items():

@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 import numpy as np
 import torch
 
-from .sh import n_coefficients, sh_basis
+from .sh import n_coefficients, order_slots, scale_coefficient, sh_basis
 
 #: Output volumes rebuilt per matrix product (bounds the ``(batch, n_region)`` temporary).
 REBUILD_BATCH_BYTES = 256 * 2**20
@@ -42,15 +42,11 @@ def scale_channels(channels: Iterable[np.ndarray], l_values: np.ndarray, lam: np
     into ``rish_source`` and ``rish_predicted`` (``(X, Y, Z, len(orders))``, zero on entry), so
     that ``RISH_predicted = lambda^2 RISH_source`` holds voxel by voxel.
     """
-    slot = {int(order): k for k, order in enumerate(orders)}
-    for coeff, order in zip(channels, l_values):
-        k = slot.get(int(order))
-        if k is None:
-            yield coeff
-            continue
-        scaled = coeff * lam[..., k]  # Eq. 3
-        rish_source[..., k] += np.square(coeff)  # Eq. 1
-        rish_predicted[..., k] += np.square(scaled)
+    for coeff, k in zip(channels, order_slots(l_values, orders)):
+        scaled = scale_coefficient(coeff, lam, k)  # Eq. 3
+        if k is not None:
+            rish_source[..., k] += np.square(coeff)  # Eq. 1
+            rish_predicted[..., k] += np.square(scaled)
         yield scaled
 
 

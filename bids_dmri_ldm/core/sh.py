@@ -138,11 +138,27 @@ def scale_sh(
     coeffs : ndarray, shape (..., K)
     lam : ndarray, shape (..., len(orders)) or (len(orders),)
     """
-    l_values = np.asarray(l_values)
-    per_coeff = np.ones(np.broadcast_shapes(coeffs.shape[:-1], np.shape(lam)[:-1]) + (l_values.size,), dtype=np.float32)
-    for k, order in enumerate(orders):
-        per_coeff[..., l_values == order] = np.asarray(lam, dtype=np.float32)[..., k : k + 1]
-    return (coeffs * per_coeff).astype(np.float32, copy=False)
+    lam = np.asarray(lam, dtype=np.float32)
+    slots = order_slots(l_values, orders)
+    scaled = [scale_coefficient(coeffs[..., j], lam, k) for j, k in enumerate(slots)]
+    return np.stack(np.broadcast_arrays(*scaled), axis=-1).astype(np.float32, copy=False)
+
+
+def order_slots(l_values: np.ndarray, orders: Sequence[int] = RISH_ORDERS) -> list[int | None]:
+    """For each SH coefficient (``l_values`` order), the index of its order in ``orders`` (the
+    last axis of the scale maps), or None for an order without a scale map (lambda = 1)."""
+    slot = {int(order): k for k, order in enumerate(orders)}
+    return [slot.get(int(order)) for order in np.asarray(l_values)]
+
+
+def scale_coefficient(coeff: np.ndarray, lam: np.ndarray, slot: int | None) -> np.ndarray:
+    """Eq. 3 for one coefficient: ``C_hat_lm = lambda_l C_lm``, the one kernel of both scalings
+    (:func:`scale_sh` in memory, :func:`bids_dmri_ldm.core.rebuild.scale_channels` streamed).
+
+    ``coeff`` is one coefficient, any shape ``(...)``; ``lam`` the scale maps ``(..., n_orders)``
+    (or ``(n_orders,)``); ``slot`` its order's index there (:func:`order_slots`), None: unscaled.
+    """
+    return coeff if slot is None else coeff * lam[..., slot]
 
 
 class SHModel:

@@ -24,6 +24,7 @@ from ..bundles import (
 )
 from ..core.sh import DEFAULT_TAU
 from ..errors import MethodError, ModelNotFoundError
+from ..io.files import atomic_write_text
 from ..ml.modelconfig import ConfigError, validate_trained_for
 from ..ml.rish_global import RISH_GLOBAL, RishGlobalModel
 from .base import (
@@ -203,10 +204,6 @@ def load_rish_global_model(model_dir: str | os.PathLike) -> RishGlobalModel:
 
 def save_rish_global_model(model: RishGlobalModel, model_dir: str | os.PathLike) -> Path:
     """Write ``rish_global.json`` and ``SHA256SUMS`` atomically; return the model file path."""
-    from ..bidsio.derivatives import (
-        atomic_write_text,  # local: bids/ imports nothing from here
-    )
-
     model_dir = Path(model_dir)
     model_dir.mkdir(parents=True, exist_ok=True)
     model_file = model_dir / RISH_GLOBAL_MODEL_FILE

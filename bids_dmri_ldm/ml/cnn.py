@@ -4,7 +4,7 @@ Zhu et al. (MICCAI 2024, Table 1) compare their latent diffusion model with a CN
 Karayumak et al. (2018).  Here it is a residual MONAI 3D UNet (:class:`~.networks.ResidualRishCNN`)
 that takes all RISH orders of a 3T scan as channels (normalised log-RISH, :mod:`.normalise`, on
 the model grid of :mod:`.data`) and predicts the position-paired 7T ones (the 7T brought into the
-3T grid through the affines, :func:`~.training.prepare_scans`), trained with the mean squared
+3T grid through the affines, :func:`~.training_data.prepare_scans`), trained with the mean squared
 error inside both brains.  At the participant level its prediction becomes scale maps exactly as
 the ldm's does (:class:`bids_dmri_ldm.methods.LearnedMethod`): lambda^2 = predicted 7T RISH /
 reference, the reference being the 3T RISH through the same model-grid round trip (to the grid
@@ -36,15 +36,13 @@ from .modelconfig import validate_config
 from .networks import build_cnn
 from .normalise import LEGACY_METHOD, denormalise, fit_normalisation, normalise
 from .scalemaps import SMOOTHING_CANDIDATES, calibrate_scale_smoothing
-from .training import (
-    PlotFn,
+from .split import split_participants
+from .stageloop import PlotFn, fit_stage, sample_generator
+from .training_data import (
     RishInput,
-    TrainingDataError,
-    _stack_pairs,
-    fit_stage,
+    paired_participants,
     prepare_scans,
-    sample_generator,
-    split_participants,
+    stack_pairs,
 )
 
 STAGE = "cnn"
@@ -60,7 +58,7 @@ def paired_tensors(pairs: Sequence[tuple[RishScan, RishScan]], norm: dict, cfg: 
     weight : (n_pairs, 1, *grid) float32, 1 where both brains are (model-grid fraction > 0.5).
     """
     n, grid = len(cfg["orders"]), tuple(cfg["grid"])
-    x, mask_x, y, mask_y = _stack_pairs(pairs, norm, cfg, with_masks=True)
+    x, mask_x, y, mask_y = stack_pairs(pairs, norm, cfg, with_masks=True)
     weight = (mask_x[::n] & mask_y[::n]).float()  # one mask per scan
     return x.view(-1, n, *grid), y.view(-1, n, *grid), weight
 
@@ -105,11 +103,7 @@ def train_cnn(rish_3t: RishInput, rish_7t: RishInput, config: dict[str, Any], ou
     ctx = init_distributed(device)
     t_start = time.perf_counter()
     scans_3t, scans_7t, targets = prepare_scans(rish_3t, rish_7t)
-    paired = sorted(targets)
-    if not paired:
-        raise TrainingDataError(
-            f"no paired participants: found {len(scans_3t)} with 3T ({', '.join(sorted(scans_3t)[:5]) or 'none'}) "
-            f"and {len(scans_7t)} with 7T ({', '.join(sorted(scans_7t)[:5]) or 'none'}) data, none in both")
+    paired = paired_participants(scans_3t, scans_7t, targets)
     train_ids, val_ids = split_participants(paired, tr["val_fraction"], tr["seed"])
     work_dir.mkdir(parents=True, exist_ok=True)
     norm_path = work_dir / "normalisation.json"

@@ -56,7 +56,7 @@ _SCHEMA: dict[str, set[str]] = {
 _OPTIONAL: dict[str, set[str]] = {
     # ldm scale maps (bids_dmri_ldm.methods.LdmMethod): "input" | "roundtrip", and the
     # Gaussian sigma of the lambda smoothing in model-grid voxels (0: none); per-order linear
-    # gains of the predicted 7T and the round-trip 3T RISH (training.calibrate_linear_gains)
+    # gains of the predicted 7T and the round-trip 3T RISH (calibration.calibrate_linear_gains)
     "translation": {"scale_reference", "scale_smoothing", "scale_strength", "gain_7t", "gain_3t"},
     # per-order RISH normalisation (ml/normalise.py): "sqrt-percentile" | "log-percentile" (default,
     # what bundles that name none were trained with)

@@ -2,6 +2,10 @@
 
 Every function here takes arrays (and plain numbers/strings) and returns a
 :class:`matplotlib.figure.Figure`; :func:`to_png` turns one into PNG bytes.
+The brain-slice figures of the participant report are here; the shared
+primitives (ranges, slices, colour maps, montages, :func:`to_png`) are in
+:mod:`bids_dmri_ldm.reports.plotting`, the training report's figures in
+:mod:`bids_dmri_ldm.reports.training_figures`.
 Nothing reads files and nothing touches ``matplotlib.pyplot``: figures are
 built with the object-oriented API on the Agg canvas, so they work without a
 display, in worker processes and in threads, and leave no global state behind.
@@ -21,200 +25,40 @@ Conventions
 
 from __future__ import annotations
 
-import io
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-import matplotlib
 import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 from PIL import Image
 from scipy import ndimage
 
 from bids_dmri_ldm.core.display import bounding_box, select_slices
+from bids_dmri_ldm.reports.plotting import (
+    CMAP_DIFFERENCE,
+    CMAP_INTENSITY,
+    CMAP_SCALE,
+    CMAP_UNCERTAINTY,
+    DPI,
+    MASK_COLOUR,
+    centred_range,
+    colormap,
+    montage,
+    robust_range,
+    take_slice,
+    to_png,
+    to_rgba,
+)
 
 #: Orientation names of the three slicing axes, in array-axis order.
 VIEW_NAMES = {2: "axial", 1: "coronal", 0: "sagittal"}
 #: Display order of the views in mosaics.
 VIEW_ORDER = (2, 1, 0)
-#: Colour maps: intensities, scale maps (diverging, centred at 1) and
-#: uncertainty (sequential).
-CMAP_INTENSITY = "gray"
-CMAP_SCALE = "RdBu_r"
-CMAP_DIFFERENCE = "RdBu_r"
-CMAP_UNCERTAINTY = "magma"
-#: Outline / fill colour of the brain mask overlay (RGB).
-MASK_COLOUR = (1.0, 0.23, 0.19)
-#: Resolution of the embedded PNGs (dots per inch).
-DPI = 100
-
-
-def to_png(fig: Figure, dpi: int = DPI) -> bytes:
-    """Render a figure on the Agg canvas and return the PNG bytes.
-
-    Parameters
-    ----------
-    fig : matplotlib.figure.Figure
-        Figure built by one of the functions of this module.
-    dpi : int
-        Dots per inch of the PNG.
-
-    Returns
-    -------
-    bytes
-        The PNG file content (starts with ``b"\\x89PNG"``).
-    """
-    FigureCanvasAgg(fig)
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=dpi, facecolor=fig.get_facecolor())
-    return buffer.getvalue()
-
-
-# --------------------------------------------------------------------------
-# slice selection and intensity ranges
-# --------------------------------------------------------------------------
-#: Display ranges are percentiles of at most this many voxels (an evenly
-#: strided subset; exact percentiles of 2e6 HCP brain voxels cost ~0.1 s each).
-MAX_RANGE_SAMPLES = 200_000
-
-
-def _inside(volume: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
-    """Values in the mask (all values without one), strided to MAX_RANGE_SAMPLES, float64."""
-    volume = np.asarray(volume)
-    if mask is None or mask.shape != volume.shape:
-        mask = np.ones(volume.shape, bool)
-    mask = np.asarray(mask, bool)
-    # a regular lattice (basic slicing: views, no copy of the volume) thins the voxels first
-    step = max(1, int(np.ceil((mask.sum() / MAX_RANGE_SAMPLES) ** (1 / 3)))) if mask.ndim == 3 else 1
-    lattice = (slice(None, None, step),) * mask.ndim
-    return volume[lattice][mask[lattice]].astype(np.float64)
-
-
-def robust_range(
-    arrays: Sequence[np.ndarray], mask: np.ndarray | None = None, percentiles=(1.0, 99.0)
-) -> tuple[float, float]:
-    """Common display range of several volumes from percentiles inside a mask.
-
-    Parameters
-    ----------
-    arrays : sequence of ndarray, each (X, Y, Z)
-        Volumes shown with one colour scale (e.g. source and predicted RISH).
-    mask : ndarray of bool, shape (X, Y, Z), optional
-        Voxels used for the percentiles (all finite voxels when None).
-    percentiles : (float, float)
-        Lower and upper percentiles.
-
-    Returns
-    -------
-    (vmin, vmax) : tuple of float
-        ``vmax > vmin`` always (a constant image gets a unit-width range).
-    """
-    values = []
-    for arr in arrays:
-        sel = _inside(arr, mask)
-        values.append(sel[np.isfinite(sel)])
-    values = np.concatenate(values) if values else np.zeros(0)
-    if values.size == 0:
-        return 0.0, 1.0
-    vmin, vmax = np.percentile(values, percentiles)
-    if not vmax > vmin:
-        vmin, vmax = float(vmin) - 0.5, float(vmin) + 0.5
-    return float(vmin), float(vmax)
-
-
-def centred_range(
-    volume: np.ndarray, centre: float, mask: np.ndarray | None = None, percentile: float = 99.0,
-    min_half_width: float = 0.05,
-) -> tuple[float, float]:
-    """Display range symmetric around ``centre`` for a diverging colour map.
-
-    Parameters
-    ----------
-    volume : ndarray, shape (X, Y, Z)
-        Map to show (e.g. a scale map lambda_l, centre 1; a difference, centre 0).
-    centre : float
-        Value drawn white.
-    mask : ndarray of bool, optional
-        Voxels used to find the half width.
-    percentile : float
-        Percentile of ``|volume - centre|`` used as half width.
-    min_half_width : float
-        Lower bound of the half width, so that a map equal to its centre
-        is not stretched to noise.
-
-    Returns
-    -------
-    (vmin, vmax) : tuple of float
-    """
-    sel = _inside(volume, mask)
-    sel = sel[np.isfinite(sel)]
-    half = float(np.percentile(np.abs(sel - centre), percentile)) if sel.size else 0.0
-    half = max(half, min_half_width)
-    return centre - half, centre + half
-
-
-def take_slice(volume: np.ndarray, axis: int, index: int) -> np.ndarray:
-    """2D slice for display, top row first (``imshow`` default origin).
-
-    Parameters
-    ----------
-    volume : ndarray, shape (X, Y, Z) or (X, Y, Z, C)
-        Volume in (approximately) RAS voxel axes.
-    axis, index : int
-        Slicing axis (0 sagittal, 1 coronal, 2 axial) and slice index.
-
-    Returns
-    -------
-    ndarray, shape (rows, cols) or (rows, cols, C)
-        Neurological view: patient right on the image right, anterior
-        (axial) or superior (coronal, sagittal) at the top.
-    """
-    where = [slice(None)] * volume.ndim
-    where[axis] = index  # basic indexing: a view (np.take would copy a strided volume whole)
-    return np.swapaxes(volume[tuple(where)], 0, 1)[::-1]
 
 
 def _slice_panels(slices: Mapping[int, Sequence[int]]) -> list[tuple[int, int]]:
     return [(axis, idx) for axis in VIEW_ORDER for idx in slices.get(axis, [])]
 
-
-def _colormap(name: str):
-    return matplotlib.colormaps[name].with_extremes(bad="black")
-
-
-def to_rgba(plane: np.ndarray, cmap: str, vmin: float, vmax: float) -> np.ndarray:
-    """Colour-map a 2D array to RGBA floats ``(rows, cols, 4)``; NaN is black."""
-    norm = Normalize(vmin=vmin, vmax=vmax, clip=True)
-    return _colormap(cmap)(norm(np.ma.masked_invalid(plane)))
-
-
-def montage(planes: Sequence[np.ndarray], gap: int = 2) -> tuple[np.ndarray, list[float]]:
-    """Place RGBA panels side by side on a white strip, vertically centred.
-
-    Parameters
-    ----------
-    planes : sequence of ndarray, each (rows_i, cols_i, 4)
-    gap : int
-        White pixels between panels.
-
-    Returns
-    -------
-    strip : ndarray, shape (max rows, sum cols + gaps, 4)
-    centres : list of float
-        Column centre of each panel (for titles).
-    """
-    height = max(p.shape[0] for p in planes)
-    width = sum(p.shape[1] for p in planes) + gap * (len(planes) - 1)
-    strip = np.ones((height, width, 4))
-    centres, x = [], 0
-    for plane in planes:
-        top = (height - plane.shape[0]) // 2
-        strip[top: top + plane.shape[0], x: x + plane.shape[1]] = plane
-        centres.append(x + (plane.shape[1] - 1) / 2)
-        x += plane.shape[1] + gap
-    return strip, centres
 
 
 def _planes(volume, panels, box, mask=None):
@@ -327,7 +171,7 @@ def _draw_bar(fig: Figure, bar: _Bar, x_px: int, top_px: int, height_px: int, fi
               fig_h: int) -> None:
     """Vertical colour bar as a gradient image, three tick labels and a title."""
     levels = np.linspace(1.0, 0.0, height_px)[:, None] * np.ones((1, 12))
-    gradient = _to_uint8(_colormap(bar.cmap)(levels))
+    gradient = _to_uint8(colormap(bar.cmap)(levels))
     fig.figimage(gradient, xo=x_px, yo=fig_h - top_px - height_px, origin="upper")
     for frac, value in zip((0.0, 0.5, 1.0), (bar.vmax, (bar.vmin + bar.vmax) / 2, bar.vmin)):
         fig.text((x_px + 16) / fig_w, 1 - (top_px + frac * (height_px - 1)) / fig_h,
@@ -540,161 +384,14 @@ def uncertainty_figure(
     return mosaic_figure(rows, _titles(panels, centres), bars)
 
 
-# --------------------------------------------------------------------------
-# training figures
-# --------------------------------------------------------------------------
-def loss_curves_figure(curves: Mapping[str, Mapping[str, np.ndarray]], x_key: str = "epoch") -> Figure:
-    """Loss curves, one panel per training stage.
-
-    Parameters
-    ----------
-    curves : dict
-        ``{stage: {column: values (n,)}}``; ``column == x_key`` is the x axis
-        (the row number when absent), every other numeric column is a curve.
-    x_key : str
-        Name of the x column.
-
-    Returns
-    -------
-    matplotlib.figure.Figure
-        Log y axis when all values are positive.
-    """
-    if not curves:
-        raise ValueError("no loss curves to plot")
-    n = len(curves)
-    fig = Figure(figsize=(4.2 * min(n, 3), 3.0 * int(np.ceil(n / 3))), facecolor="white")
-    axes = fig.subplots(int(np.ceil(n / 3)), min(n, 3), squeeze=False).ravel()
-    for ax, (stage, columns) in zip(axes, curves.items()):
-        _plot_columns(ax, columns, x_key)
-        ax.set_title(stage, fontsize=10)
-    for ax in axes[n:]:
-        ax.set_visible(False)
-    fig.subplots_adjust(left=0.08, right=0.98, bottom=0.14, top=0.9, wspace=0.25, hspace=0.45)
-    return fig
-
-
-def metrics_figure(metrics: Mapping[str, np.ndarray], x_key: str = "epoch") -> Figure:
-    """Validation metrics per epoch, one small panel per metric.
-
-    Parameters
-    ----------
-    metrics : dict
-        ``{column: values (n,)}``; ``x_key`` is the x axis, every other
-        column one panel (e.g. NMSE and SSIM per RISH order).
-
-    Returns
-    -------
-    matplotlib.figure.Figure
-    """
-    names = [k for k in metrics if k != x_key]
-    if not names:
-        raise ValueError("no validation metric columns")
-    n_cols = min(len(names), 4)
-    n_rows = int(np.ceil(len(names) / n_cols))
-    fig = Figure(figsize=(3.2 * n_cols, 2.4 * n_rows), facecolor="white")
-    axes = fig.subplots(n_rows, n_cols, squeeze=False).ravel()
-    x = _x_values(metrics, x_key)
-    for ax, name in zip(axes, names):
-        y = np.asarray(metrics[name], float)
-        ax.plot(x[: y.size], y, marker="o", markersize=3, linewidth=1.2)
-        ax.set_title(name, fontsize=9)
-        ax.set_xlabel(x_key, fontsize=8)
-        ax.tick_params(labelsize=7)
-        ax.grid(alpha=0.3)
-    for ax in axes[len(names):]:
-        ax.set_visible(False)
-    fig.subplots_adjust(left=0.08, right=0.98, bottom=0.16, top=0.9, wspace=0.3, hspace=0.6)
-    return fig
-
-
-def _x_values(columns: Mapping[str, np.ndarray], x_key: str) -> np.ndarray:
-    if x_key in columns:
-        return np.asarray(columns[x_key], float)
-    n = max(np.size(v) for v in columns.values())
-    return np.arange(n, dtype=float)
-
-
-def _plot_columns(ax, columns: Mapping[str, np.ndarray], x_key: str) -> None:
-    x = _x_values(columns, x_key)
-    positive = True
-    for name, values in columns.items():
-        if name == x_key:
-            continue
-        y = np.asarray(values, float)
-        ax.plot(x[: y.size], y, label=name, linewidth=1.2)
-        finite = y[np.isfinite(y)]
-        positive &= bool(finite.size) and bool((finite > 0).all())
-    if positive:
-        ax.set_yscale("log")
-    ax.set_xlabel(x_key, fontsize=8)
-    ax.tick_params(labelsize=7)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-
-
-def reconstruction_figure(examples: Sequence[Mapping[str, np.ndarray]], orders=(0, 2, 4)) -> Figure:
-    """Example reconstructions: mid-axial slices of input, prediction, target.
-
-    Parameters
-    ----------
-    examples : sequence of dict
-        Each ``{"label": str, "source": (X,Y,Z,n_orders), "prediction": ...,
-        "target": ...}`` (any of the three volumes may be missing; all given
-        volumes of one example on the same grid). Optionally ``"mask"``.
-    orders : sequence of int
-        SH orders on the last axis.
-
-    Returns
-    -------
-    matplotlib.figure.Figure
-        One row per (example, order); columns source / prediction / target,
-        one grey scale per row.
-    """
-    kinds = ("source", "prediction", "target")
-    rows = []
-    for example in examples:
-        vols = {k: np.asarray(example[k], np.float32) for k in kinds if example.get(k) is not None}
-        if not vols:
-            continue
-        first = next(iter(vols.values()))
-        n_orders = first.shape[-1] if first.ndim == 4 else 1
-        for o in range(n_orders):
-            rows.append((example.get("label", "example"), list(orders)[o] if o < len(orders) else o,
-                         {k: (v[..., o] if v.ndim == 4 else v) for k, v in vols.items()}))
-    if not rows:
-        raise ValueError("no example volumes to show")
-    fig = Figure(figsize=(3 * 1.9 + 1.2, len(rows) * 1.9 + 0.3), facecolor="white")
-    axes = fig.subplots(len(rows), 3, squeeze=False)
-    for r, (label, order, vols) in enumerate(rows):
-        vmin, vmax = robust_range(list(vols.values()))
-        for c, kind in enumerate(kinds):
-            ax = axes[r, c]
-            ax.set_xticks([])
-            ax.set_yticks([])
-            ax.set_facecolor("black")
-            if kind in vols:
-                vol = vols[kind]
-                ax.imshow(take_slice(vol, 2, vol.shape[2] // 2), cmap=CMAP_INTENSITY,
-                          vmin=vmin, vmax=vmax, interpolation="nearest")
-            if r == 0:
-                ax.set_title(kind, fontsize=9)
-        axes[r, 0].set_ylabel(f"{label}\nL{order}", fontsize=8)
-    fig.subplots_adjust(left=0.12, right=0.98, bottom=0.02, top=1 - 0.3 / fig.get_figheight(),
-                        wspace=0.04, hspace=0.06)
-    return fig
-
-
 __all__ = [
     "bounding_box",
     "centred_range",
     "colour_fa",
     "fa_figure",
-    "loss_curves_figure",
     "mask_overlay_figure",
-    "metrics_figure",
     "montage",
     "mosaic_figure",
-    "reconstruction_figure",
     "rish_mosaic",
     "robust_range",
     "select_slices",

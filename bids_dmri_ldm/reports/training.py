@@ -21,7 +21,8 @@ from pathlib import Path
 import numpy as np
 
 from bids_dmri_ldm.io.files import atomic_path, atomic_write_text
-from bids_dmri_ldm.reports import figures
+from bids_dmri_ldm.reports import training_figures
+from bids_dmri_ldm.reports.plotting import to_png
 from bids_dmri_ldm.reports.html import (
     LOGGER,
     ReportInputError,
@@ -180,7 +181,7 @@ def _losses_blocks(losses) -> list[str]:
         raise ReportInputError("no loss CSV found (expected files matching "
                                f"{', '.join(TRAINING_FILES['losses'])})")
     curves = {stage: loss_columns(columns) for stage, columns in order_stages(losses).items()}
-    png = figures.to_png(figures.loss_curves_figure(curves))
+    png = to_png(training_figures.loss_curves_figure(curves))
     return [figure_html(png, "loss curves", "Training (and validation) losses per stage; log "
                         "scale when all values are positive.")]
 
@@ -191,7 +192,7 @@ def _validation_blocks(validation) -> list[str]:
                                "column in the loss logs)")
     blocks = []
     for stage, metrics in order_stages(validation).items():
-        png = figures.to_png(figures.metrics_figure(metrics))
+        png = to_png(training_figures.metrics_figure(metrics))
         blocks.append(figure_html(png, f"validation metrics {stage}",
                                   f"Validation metrics per epoch, stage {stage}."))
     return blocks
@@ -201,7 +202,7 @@ def _examples_blocks(examples) -> list[str]:
     if not examples:
         raise ReportInputError("no example reconstructions were given or found "
                                f"({', '.join(TRAINING_FILES['examples'])})")
-    png = figures.to_png(figures.reconstruction_figure(examples))
+    png = to_png(training_figures.reconstruction_figure(examples))
     return [figure_html(png, "example reconstructions", "Mid-axial slices of the validation "
                         "participants' RISH maps: 3T source, model prediction, real 7T target; "
                         "one grey scale per row.")]

@@ -51,6 +51,7 @@ from typing import TYPE_CHECKING, Any
 os.environ.setdefault("NIPYPE_NO_ET", "1")
 
 
+from ..bidsio import dataset as bids_dataset
 from ..bidsio import derivatives as deriv
 from ..bidsio.locks import LockUnavailable, RunLock
 from ..core.sh import RISH_ORDERS
@@ -193,7 +194,7 @@ def run_participant(config: RunConfig, runs: Sequence[DWIRun], rejected: dict[st
     """
     started = time.time()
     invocation = invocation_id(started)
-    deriv.init_derivatives_dataset(config.output_dir, config.bids_dir)  # OutputWriteError: 73
+    bids_dataset.init_derivatives_dataset(config.output_dir, config.bids_dir)  # OutputWriteError: 73
     statuses: dict[str, str] = {}
     reasons: dict[str, str] = {}
     for key, reason in sorted((rejected or {}).items()):

@@ -44,6 +44,8 @@ from nipype.pipeline.plugins.multiproc import (
     run_node,
 )
 
+from .logs import route_nipype_logs
+
 LOGGER = logging.getLogger("bids_dmri_ldm.workflow")
 
 KILL_NODE_ENV = "BIDS_DMRI_LDM_TEST_KILL_NODE"
@@ -110,13 +112,7 @@ def init_worker_logging(snapshot: dict[str, Any]) -> None:
         handler.setLevel(level)
         handler.setFormatter(logging.Formatter(fmt, datefmt))
         root.addHandler(handler)
-    nipype_logger = logging.getLogger("nipype")
-    for handler in list(nipype_logger.handlers):
-        if type(handler) is logging.StreamHandler:
-            nipype_logger.removeHandler(handler)
-    if not nipype_logger.handlers:
-        nipype_logger.addHandler(logging.NullHandler())
-    nipype_logger.propagate = True
+    route_nipype_logs()
     for name, level in snapshot.get("levels", {}).items():
         logging.getLogger(name).setLevel(level)
     logging.captureWarnings(True)

@@ -15,6 +15,7 @@ os.environ.setdefault("NIPYPE_NO_ET", "1")
 
 import nibabel as nib
 
+from ..bidsio import dataset as bids_dataset
 from ..bidsio import derivatives as deriv
 from ..core.resample import grid_changes, output_grid
 from ..errors import (
@@ -109,7 +110,7 @@ def method_options(config: RunConfig) -> MethodOptions:
 
 def _uri(path, root) -> str:
     try:
-        return deriv.bids_uri(path, root)
+        return bids_dataset.bids_uri(path, root)
     except ValueError:  # outside the dataset (e.g. a mask from another derivative dataset)
         return Path(path).resolve().as_uri()
 

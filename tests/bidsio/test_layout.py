@@ -9,12 +9,11 @@ import numpy as np
 import pytest
 
 from bids_dmri_ldm.bidsio import validate as validate_module
-from bids_dmri_ldm.bidsio.layout import (
-    DWIRun,
-    collect_dwi_runs,
+from bids_dmri_ldm.bidsio.gradients import find_gradient_file
+from bids_dmri_ldm.bidsio.layout import DWIRun, collect_dwi_runs, load_layout
+from bids_dmri_ldm.bidsio.pairing import (
     is_source,
     is_target,
-    load_layout,
     pair_runs,
     source_runs,
     split_by_field_strength,
@@ -63,6 +62,9 @@ def test_nearer_gradient_file_overrides_the_root_one(make_bids_dataset):
     runs = collect_dwi_runs(load_layout(ds.root))
     assert [run.bval for run in runs] == [ds.root / "dwi.bval", override]
     assert [run.bvec for run in runs] == [ds.root / "dwi.bvec"] * 2
+    # the report's lookup (file names, no pybids) is the same rule and finds the same files
+    assert [find_gradient_file(run.dwi, ".bval") for run in runs] == [ds.root / "dwi.bval", override]
+    assert [find_gradient_file(run.dwi, ".bvec") for run in runs] == [ds.root / "dwi.bvec"] * 2
 
 
 def test_session_level_gradients_apply_to_that_session_only(make_bids_dataset):
@@ -78,6 +80,10 @@ def test_session_level_gradients_apply_to_that_session_only(make_bids_dataset):
     (run,) = collect_dwi_runs(load_layout(ds.root), rejected=rejected)
     assert run.session == "1" and run.bval == session_bval
     assert list(rejected) == ["sub-01_ses-2"]  # ses-1's file does not apply to ses-2
+    assert find_gradient_file(run.dwi, ".bval") == session_bval
+    ses2 = ds.root / "sub-01" / "ses-2" / "dwi" / "sub-01_ses-2_dwi.nii.gz"
+    with pytest.raises(FileNotFoundError, match="no .bval file for sub-01_ses-2_dwi.nii.gz"):
+        find_gradient_file(ses2, ".bval")  # the same rule in the report's lookup
 
 
 def test_sibling_gradients_with_other_entities_never_apply(tmp_path):

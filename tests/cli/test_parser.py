@@ -12,12 +12,8 @@ from bids_dmri_ldm import bundles
 from bids_dmri_ldm import config as config_module
 from bids_dmri_ldm.cli import parser as parser_module
 from bids_dmri_ldm.cli.exitcodes import BidsAppError
-from bids_dmri_ldm.cli.parser import (
-    _build_parser,
-    load_filter_file,
-    normalise_labels,
-    parse_args,
-)
+from bids_dmri_ldm.cli.parser import _build_parser, parse_args
+from bids_dmri_ldm.cli.values import load_filter_file, normalise_labels
 from bids_dmri_ldm.cli.run import main
 from bids_dmri_ldm.ml import device as device_module
 

@@ -175,3 +175,38 @@ def test_max_order_and_refusal():
         sh.SHModel(directions(10), sh_order_max=4)
     with pytest.raises(ValueError):
         sh.sh_basis(directions(10), 3)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_in_memory_and_streamed_eq3_agree(dtype):
+    """Eq. 3 has one kernel: sh.scale_sh (in memory, the validation gate) and
+    rebuild.scale_channels (streamed, the participant level) give the same coefficients to the
+    bit, order 6 (no scale map) left unscaled, and the streamed RISH sums are Eq. 1 of both."""
+    from bids_dmri_ldm.core.rebuild import scale_channels, sh_l_values
+
+    rng = np.random.default_rng(3)
+    l_values = sh_l_values(6)
+    coeffs = rng.normal(size=(4, 5, 3, l_values.size)).astype(dtype)
+    lam = rng.uniform(0.5, 1.5, size=(4, 5, 3, 3)).astype(np.float32)
+    in_memory = sh.scale_sh(coeffs, lam, l_values, (0, 2, 4))
+    rish_source, rish_predicted = np.zeros(lam.shape), np.zeros(lam.shape)
+    channels = (coeffs[..., j].astype(np.float32) for j in range(l_values.size))
+    streamed = np.stack(list(scale_channels(channels, l_values, lam, (0, 2, 4), rish_source, rish_predicted)), -1)
+    assert in_memory.dtype == np.float32
+    if dtype == np.float32:
+        np.testing.assert_array_equal(in_memory, streamed)
+    else:
+        np.testing.assert_allclose(in_memory, streamed, rtol=1e-6)
+    np.testing.assert_array_equal(in_memory[..., l_values == 6], coeffs[..., l_values == 6].astype(np.float32))
+    np.testing.assert_allclose(in_memory[..., l_values == 2], coeffs[..., l_values == 2] * lam[..., 1:2], rtol=1e-6)
+    np.testing.assert_allclose(rish_predicted, lam**2 * rish_source, rtol=1e-5)
+    np.testing.assert_allclose(rish_source, sh.rish_features(coeffs, l_values)[..., :3], rtol=1e-5)
+
+
+def test_scale_sh_with_one_lambda_per_order_broadcasts():
+    """lambda of shape (n_orders,) scales every voxel alike, as before the kernel was shared."""
+    l_values = sh.sh_basis(np.eye(3), 4)[2]
+    coeffs = np.ones((2, 2, l_values.size), np.float32)
+    scaled = sh.scale_sh(coeffs, np.array([1.0, 2.0, 3.0]), l_values)
+    assert scaled.shape == coeffs.shape and scaled.dtype == np.float32
+    np.testing.assert_array_equal(scaled[0, 0], np.where(l_values == 0, 1.0, np.where(l_values == 2, 2.0, 3.0)))

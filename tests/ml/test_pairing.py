@@ -7,7 +7,7 @@ import pytest
 from bids_dmri_ldm.ml.data import RishScan, target_on_source
 from bids_dmri_ldm.ml.normalise import fit_normalisation
 from bids_dmri_ldm.ml.orientation import Reorientation, canonical
-from bids_dmri_ldm.ml.training import _stack_pairs, prepare_scans
+from bids_dmri_ldm.ml.training_data import prepare_scans, stack_pairs
 
 from .conftest import tiny_config
 
@@ -35,7 +35,7 @@ def head_scan(voxel_mm: float, shape: tuple[int, int, int], origin_mm: np.ndarra
 def _targets(source: RishScan, target: RishScan, cfg: dict) -> np.ndarray:
     norm = fit_normalisation([source.rish], [source.mask], cfg["orders"])
     scans_3t, _, targets = prepare_scans({"p": source}, {"p": target})
-    return _stack_pairs([(scans_3t["p"], targets["p"])], norm, cfg)[1].numpy()
+    return stack_pairs([(scans_3t["p"], targets["p"])], norm, cfg)[1].numpy()
 
 
 def test_targets_do_not_depend_on_the_7t_field_of_view():
@@ -121,7 +121,7 @@ def test_training_targets_do_not_depend_on_the_storage_order():
 
     def stacked(s, t):
         s3, _, t7 = prepare_scans({"p": s}, {"p": t})
-        return [x.numpy() for x in _stack_pairs([(s3["p"], t7["p"])], norm, cfg)]
+        return [x.numpy() for x in stack_pairs([(s3["p"], t7["p"])], norm, cfg)]
 
     flip_y = np.diag([1.0, -1.0, 1.0, 1.0])
     flip_y[1, 3] = target.mask.shape[1] - 1

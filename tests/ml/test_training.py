@@ -116,10 +116,10 @@ def test_linear_gains_follow_the_7t_level_and_ignore_it_for_3t(tiny_cfg, rish_pa
     RISH by k scales it by exactly k and leaves the 3T gain alone."""
     import copy
 
+    from bids_dmri_ldm.ml.calibration import calibrate_linear_gains
     from bids_dmri_ldm.ml.data import RishScan
     from bids_dmri_ldm.ml.networks import build_all
     from bids_dmri_ldm.ml.normalise import fit_normalisation
-    from bids_dmri_ldm.ml.training import calibrate_linear_gains
 
     r3, r7 = rish_pairs
     ids = ["p0", "p1"]

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from bids_dmri_ldm.reports import figures
+from bids_dmri_ldm.reports import figures, training_figures
 
 
 def _ball(shape=(16, 18, 14), radius=5.0):
@@ -94,12 +94,12 @@ def test_training_figures_render():
     epochs = np.arange(5)
     curves = {"vqvae3t": {"epoch": epochs, "train_loss": 1 / (epochs + 1)},
               "ldm": {"epoch": epochs, "train_loss": np.linspace(1, 0.5, 5)}}
-    assert figures.to_png(figures.loss_curves_figure(curves)).startswith(b"\x89PNG")
+    assert figures.to_png(training_figures.loss_curves_figure(curves)).startswith(b"\x89PNG")
     metrics = {"epoch": epochs, "nmse_l0": np.linspace(0.3, 0.1, 5)}
-    assert figures.to_png(figures.metrics_figure(metrics)).startswith(b"\x89PNG")
+    assert figures.to_png(training_figures.metrics_figure(metrics)).startswith(b"\x89PNG")
     vol = np.random.default_rng(1).uniform(size=(8, 8, 6, 3))
-    fig = figures.reconstruction_figure([{"label": "sub-09", "source": vol, "prediction": vol,
+    fig = training_figures.reconstruction_figure([{"label": "sub-09", "source": vol, "prediction": vol,
                                           "target": vol}])
     assert figures.to_png(fig).startswith(b"\x89PNG")
     with pytest.raises(ValueError):
-        figures.loss_curves_figure({})
+        training_figures.loss_curves_figure({})

@@ -15,7 +15,7 @@ from urllib.parse import unquote, urlparse
 import nibabel as nib
 import numpy as np
 
-from bids_dmri_ldm.bidsio.entities import parse_entities
+from bids_dmri_ldm.bidsio.gradients import find_gradient_file
 from bids_dmri_ldm.core.display import display_voxels
 from bids_dmri_ldm.io.nifti import load_nifti
 from bids_dmri_ldm.reports import figures
@@ -207,30 +207,6 @@ def _resolve_source(output_dir: Path, dwi_path: Path, sidecar: Mapping) -> Path:
         if candidate.exists():
             return candidate
     raise FileNotFoundError(f"source DWI of {dwi_path.name} not found from Sources={sources!r}")
-
-
-def _entities(name: str) -> set[str]:
-    return {f"{key}-{value}" for key, value in parse_entities(name).items()}
-
-
-def find_gradient_file(dwi: Path, extension: str) -> Path:
-    """``.bval``/``.bvec`` of a raw DWI following the BIDS inheritance principle.
-
-    The sibling with the same stem first, then the most specific ``*dwi<ext>``
-    in the parent folders whose entities all belong to the DWI's name.
-    """
-    stem = re.sub(r"\.nii(\.gz)?$", "", dwi.name)
-    sibling = dwi.with_name(stem + extension)
-    if sibling.exists():
-        return sibling
-    wanted = _entities(dwi.name)
-    for folder in dwi.parents:
-        candidates = [p for p in folder.glob(f"*dwi{extension}") if _entities(p.name) <= wanted]
-        if candidates:
-            return max(candidates, key=lambda p: len(_entities(p.name)))
-        if (folder / "dataset_description.json").exists():
-            break
-    raise FileNotFoundError(f"no {extension} file for {dwi.name}")
 
 
 def load_run(

@@ -1,0 +1,108 @@
+"""Training data: paired 3T/7T RISH scans in canonical orientation, stacked on the model grid.
+
+:func:`prepare_scans` brings each participant's 7T scan onto its 3T grid (every 3T/7T
+comparison of training uses it); the stacking helpers crop, normalise and resize scans
+to the model grid, orders interleaved, for :mod:`bids_dmri_ldm.ml.training` and
+:mod:`bids_dmri_ldm.ml.calibration`.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from .data import RishScan, canonical_scan, target_on_source, to_model_grid
+from .normalise import normalise
+
+
+class TrainingDataError(ValueError):
+    """The training data cannot support the requested stage (e.g. no paired participants)."""
+
+
+
+# --------------------------------------------------------------------------- whole pipeline
+RishInput = Mapping[str, "RishScan | tuple[np.ndarray, np.ndarray, np.ndarray]"]
+
+
+def as_rish_scan(value: RishScan | Sequence[np.ndarray]) -> RishScan:
+    """A :class:`~.data.RishScan` from ``(rish, mask, affine)``, checked for matching shapes."""
+    rish, mask, affine = value
+    rish, mask = np.asarray(rish, np.float32), np.asarray(mask, bool)
+    affine = np.asarray(affine, np.float64)
+    if rish.ndim != 4 or rish.shape[:3] != mask.shape or affine.shape != (4, 4):
+        raise TrainingDataError(f"RISH {rish.shape}, mask {mask.shape} and affine {affine.shape} do not fit "
+                                "(expected (X, Y, Z, n), (X, Y, Z) and (4, 4))")
+    return RishScan(rish, mask, affine)
+
+
+def prepare_scans(rish_3t: RishInput, rish_7t: RishInput
+                  ) -> tuple[dict[str, RishScan], dict[str, RishScan], dict[str, RishScan]]:
+    """Canonical-orientation scans and, for every paired participant, its 7T on the 3T grid.
+
+    Returns ``(scans_3t, scans_7t, targets)`` where ``targets[p]`` is participant ``p``'s 7T
+    RISH and mask brought into its 3T grid through the affines (:func:`~.data.target_on_source`):
+    every 3T/7T comparison of training (SR pairs, validation losses, calibration, gains) uses it.
+    """
+    scans_3t = {k: canonical_scan(as_rish_scan(v)) for k, v in rish_3t.items()}
+    scans_7t = {k: canonical_scan(as_rish_scan(v)) for k, v in rish_7t.items()}
+    targets = {k: target_on_source(scans_7t[k], scans_3t[k]) for k in sorted(set(scans_3t) & set(scans_7t))}
+    return scans_3t, scans_7t, targets
+
+
+def paired_participants(scans_3t: Mapping[str, RishScan], scans_7t: Mapping[str, RishScan],
+                        targets: Mapping[str, RishScan]) -> list[str]:
+    """The participants with both a 3T and a 7T scan (``targets``' keys, :func:`prepare_scans`),
+    sorted; :class:`TrainingDataError` naming what was found when there is none."""
+    paired = sorted(targets)
+    if not paired:
+        raise TrainingDataError(
+            f"no paired participants: found {len(scans_3t)} with 3T ({', '.join(sorted(scans_3t)[:5]) or 'none'}) "
+            f"and {len(scans_7t)} with 7T ({', '.join(sorted(scans_7t)[:5]) or 'none'}) data, none in both")
+    return paired
+
+
+def stack_model_grid(scans: Sequence[RishScan], norm: dict, cfg: dict,
+                      boxes: Sequence[np.ndarray | None] | None = None, with_masks: bool = False):
+    """Per scan -> (n_scans * n, 1, *grid), orders interleaved.
+
+    ``boxes[i]`` (optional) is the mask whose bounding box crops scan ``i`` (a 7T target on its
+    3T partner's grid is cropped with the 3T brain box); default: the scan's own mask.  With
+    ``with_masks`` also the brain masks on the model grid, (n_scans * n, 1, *grid) bool (each
+    scan's mask repeated for its orders).
+    """
+    vols, masks = [], []
+    n = len(cfg["orders"])
+    boxes = boxes if boxes is not None else [None] * len(scans)
+    for scan, box in zip(scans, boxes):
+        x, mask, _ = to_model_grid(normalise(scan.rish, scan.mask, norm), scan.mask, tuple(cfg["grid"]),
+                                   cfg["translation"]["crop_margin"], box_mask=box)
+        vols.append(x)
+        masks.append(mask[None, None].expand(n, 1, *mask.shape))
+    empty = (0, 1, *cfg["grid"])
+    volumes = torch.cat(vols) if vols else torch.zeros(empty)
+    if not with_masks:
+        return volumes
+    return volumes, (torch.cat(masks) if masks else torch.zeros(empty, dtype=torch.bool))
+
+
+def stack_pairs(pairs: Sequence[tuple[RishScan, RishScan]], norm: dict, cfg: dict, with_masks: bool = False):
+    """Model-grid 3T volumes and their position-paired 7T targets (both cropped by the 3T box);
+    with ``with_masks`` each followed by its model-grid brain masks."""
+    sources = [p[0] for p in pairs]
+    x3 = stack_model_grid(sources, norm, cfg, with_masks=with_masks)
+    x7 = stack_model_grid([p[1] for p in pairs], norm, cfg, boxes=[s.mask for s in sources], with_masks=with_masks)
+    return (*x3, *x7) if with_masks else (x3, x7)
+
+
+@torch.no_grad()
+def encode_all(vq: nn.Module, volumes: torch.Tensor, device: torch.device, batch: int = 8) -> torch.Tensor:
+    out = []
+    for lo in range(0, len(volumes), batch):
+        z = vq.encode(volumes[lo:lo + batch].to(device))
+        out.append(vq.quantize(z.float())[0].cpu())
+    if not out:  # no validation participants (val_fraction 0): an empty set, skipped by callers
+        return torch.zeros(0)
+    return torch.cat(out)
+
