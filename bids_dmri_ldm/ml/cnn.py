@@ -16,7 +16,6 @@ Arrays: RISH ``(X, Y, Z, n_orders)``, masks ``(X, Y, Z)`` bool, model-grid tenso
 from __future__ import annotations
 
 import copy
-import json
 import platform
 import time
 from collections.abc import Sequence
@@ -27,14 +26,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..io.files import atomic_write_text
 from .bundle import Bundle, model_card, save_bundle, software_versions
 from .data import RishScan, from_model_grid, to_model_grid
 from .distributed import barrier, init_distributed
 from .inference import Translation, autocast_for
 from .modelconfig import validate_config
 from .networks import build_cnn
-from .normalise import LEGACY_METHOD, denormalise, fit_normalisation, normalise
+from .normalise import denormalise, normalise
 from .scalemaps import SMOOTHING_CANDIDATES, calibrate_scale_smoothing
 from .split import split_participants
 from .stageloop import PlotFn, fit_stage, sample_generator
@@ -43,6 +41,7 @@ from .training_data import (
     paired_participants,
     prepare_scans,
     stack_pairs,
+    training_normalisation,
 )
 
 STAGE = "cnn"
@@ -106,14 +105,8 @@ def train_cnn(rish_3t: RishInput, rish_7t: RishInput, config: dict[str, Any], ou
     paired = paired_participants(scans_3t, scans_7t, targets)
     train_ids, val_ids = split_participants(paired, tr["val_fraction"], tr["seed"])
     work_dir.mkdir(parents=True, exist_ok=True)
-    norm_path = work_dir / "normalisation.json"
-    if resume and norm_path.is_file():
-        norm = json.loads(norm_path.read_text())
-    else:
-        norm = fit_normalisation([scans_3t[i].rish for i in train_ids], [scans_3t[i].mask for i in train_ids],
-                                 cfg["orders"], tr["seed"], tr.get("normalisation", LEGACY_METHOD))
-        if ctx.is_main:
-            atomic_write_text(norm_path, json.dumps(norm, indent=1))
+    norm = training_normalisation(work_dir / "normalisation.json", [scans_3t[i] for i in train_ids], cfg, resume,
+                                  ctx.is_main)
     train = paired_tensors([(scans_3t[i], targets[i]) for i in train_ids], norm, cfg)
     val = paired_tensors([(scans_3t[i], targets[i]) for i in val_ids], norm, cfg) if val_ids else None
     torch.manual_seed(tr["seed"])

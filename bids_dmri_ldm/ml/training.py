@@ -32,7 +32,6 @@ from safetensors.torch import load_file
 from torch import nn
 from torch.nn import functional as F
 
-from ..io.files import atomic_write_text as _atomic_write_text
 from ..vocabulary import LDM_STAGES
 from .bundle import model_card, save_bundle, software_versions, state_to_tensors
 from .calibration import calibrate_linear_gains, calibrate_translation, translate_for_sr
@@ -44,7 +43,6 @@ from .distributed import (
 )
 from .modelconfig import CLASS_3T, CLASS_7T, CLASS_NULL, validate_config
 from .networks import build_sr_head, build_unet, build_vqvae
-from .normalise import LEGACY_METHOD, fit_normalisation
 from .scalemaps import SMOOTHING_CANDIDATES, calibrate_scale_smoothing
 from .split import split_participants
 from .stageloop import STAGE_ID, LossFn, PlotFn, fit_stage, sample_generator
@@ -56,6 +54,7 @@ from .training_data import (
     prepare_scans,
     stack_model_grid,
     stack_pairs,
+    training_normalisation,
 )
 
 STAGES = LDM_STAGES  # the stages in training order (bids_dmri_ldm.vocabulary)
@@ -216,15 +215,8 @@ def train_all(rish_3t: RishInput, rish_7t: RishInput, config: dict[str, Any], ou
     log_dir = out_dir / "training" if ctx.is_main else None
     work_dir.mkdir(parents=True, exist_ok=True)
 
-    norm_path = work_dir / "normalisation.json"
-    if resume and norm_path.is_file():
-        norm = json.loads(norm_path.read_text())
-    else:
-        ids = train_ids + only3
-        norm = fit_normalisation([scans_3t[i].rish for i in ids], [scans_3t[i].mask for i in ids],
-                                 cfg["orders"], tr["seed"], tr.get("normalisation", LEGACY_METHOD))
-        if ctx.is_main:
-            _atomic_write_text(norm_path, json.dumps(norm, indent=1))
+    norm = training_normalisation(work_dir / "normalisation.json", [scans_3t[i] for i in train_ids + only3],
+                                  cfg, resume, ctx.is_main)
     train_pairs = [(scans_3t[i], targets[i]) for i in train_ids]
     val_pairs = [(scans_3t[i], targets[i]) for i in val_ids]
     x3 = stack_model_grid([scans_3t[i] for i in train_ids + only3], norm, cfg)

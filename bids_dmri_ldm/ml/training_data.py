@@ -7,14 +7,17 @@ to the model grid, orders interleaved, for :mod:`bids_dmri_ldm.ml.training` and
 """
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
+from ..io.files import atomic_write_text
 from .data import RishScan, canonical_scan, target_on_source, to_model_grid
-from .normalise import normalise
+from .normalise import LEGACY_METHOD, fit_normalisation, normalise
 
 
 class TrainingDataError(ValueError):
@@ -61,6 +64,21 @@ def paired_participants(scans_3t: Mapping[str, RishScan], scans_7t: Mapping[str,
             f"no paired participants: found {len(scans_3t)} with 3T ({', '.join(sorted(scans_3t)[:5]) or 'none'}) "
             f"and {len(scans_7t)} with 7T ({', '.join(sorted(scans_7t)[:5]) or 'none'}) data, none in both")
     return paired
+
+
+def training_normalisation(path: Path, scans: Sequence[RishScan], cfg: dict, resume: bool,
+                           write: bool) -> dict:
+    """The amplitude normalisation of a training run: fitted on ``scans`` (the 3T training
+    scans) with ``cfg["training"]``'s method and seed and written to ``path`` when ``write`` (the
+    main rank), or, with ``resume``, the one an interrupted run wrote there."""
+    if resume and path.is_file():
+        return json.loads(path.read_text())
+    tr = cfg["training"]
+    norm = fit_normalisation([s.rish for s in scans], [s.mask for s in scans], cfg["orders"], tr["seed"],
+                             tr.get("normalisation", LEGACY_METHOD))
+    if write:
+        atomic_write_text(path, json.dumps(norm, indent=1))
+    return norm
 
 
 def stack_model_grid(scans: Sequence[RishScan], norm: dict, cfg: dict,
