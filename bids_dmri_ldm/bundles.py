@@ -30,6 +30,7 @@ import hashlib
 import json
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -118,6 +119,12 @@ def read_checksum_list(path: str | os.PathLike) -> dict[str, str]:
             raise ValueError(f"malformed line {number}")
         sums[match.group(2).strip()] = match.group(1).lower()
     return sums
+
+
+def checksum_list_text(folder: str | os.PathLike, names: Sequence[str]) -> str:
+    """``sha256sum``-format list (``<hash>  <name>`` lines) of the files ``names`` in ``folder``,
+    in the order given: what :func:`read_checksum_list` reads."""
+    return "".join(f"{sha256_file(Path(folder) / name)}  {name}\n" for name in names)
 
 
 def model_sha256(folder: str | os.PathLike, names: tuple[str, ...] = CHECKSUM_LISTS) -> str | None:

@@ -27,7 +27,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bids_dmri_ldm.bundles import CHECKSUM_LISTS, find_checksum_list, read_checksum_list, sha256_file  # noqa: E402
+from bids_dmri_ldm.bundles import (
+    CHECKSUM_LISTS,
+    checksum_list_text,
+    find_checksum_list,
+    read_checksum_list,
+    sha256_file,
+)
 
 CARD = "MODEL_CARD.md"
 
@@ -49,8 +55,8 @@ def shipped_card(text: str, prefixes: list[tuple[str, str]], provenance: str) ->
 
 def write_checksums(folder: Path, name: str) -> None:
     """``sha256sum``-format list of every file in ``folder`` (sorted), written as ``name``."""
-    files = sorted(p for p in folder.iterdir() if p.is_file() and p.name != name)
-    (folder / name).write_text("".join(f"{sha256_file(p)}  {p.name}\n" for p in files))
+    files = sorted(p.name for p in folder.iterdir() if p.is_file() and p.name != name)
+    (folder / name).write_text(checksum_list_text(folder, files))
 
 
 def verify(folder: Path, name: str) -> None:

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from ..bundles import (
+    checksum_list_text,
     find_checksum_list,
     model_folder,
     read_checksum_list,
@@ -208,8 +209,7 @@ def save_rish_global_model(model: RishGlobalModel, model_dir: str | os.PathLike)
     model_dir.mkdir(parents=True, exist_ok=True)
     model_file = model_dir / RISH_GLOBAL_MODEL_FILE
     atomic_write_text(model_file, json.dumps(model.to_json(), indent=2, sort_keys=True) + "\n")
-    digest = sha256_file(model_file)
-    checksums = atomic_write_text(model_dir / CHECKSUM_FILE, f"{digest}  {RISH_GLOBAL_MODEL_FILE}\n")
+    checksums = atomic_write_text(model_dir / CHECKSUM_FILE, checksum_list_text(model_dir, [RISH_GLOBAL_MODEL_FILE]))
     model.sha256 = sha256_file(checksums)
     model.path = model_dir
     return model_file

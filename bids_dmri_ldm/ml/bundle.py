@@ -43,6 +43,7 @@ from ..bundles import (
     CNN_WEIGHT_NAMES,
     WEIGHT_NAMES,
     bundle_checksums,
+    checksum_list_text,
     required_files,
     sha256_file,
     verify_bundle,
@@ -117,8 +118,7 @@ def save_bundle(out_dir: str | Path, config: dict[str, Any], networks: dict[str,
             save_file(state_to_tensors(networks[name]), str(tmp / f"{name}.safetensors"),
                       metadata={"format": "pt", "network": name})
         (tmp / "MODEL_CARD.md").write_text(model_card)
-        lines = [f"{sha256_file(tmp / f)}  {f}\n" for f in required_files(config)]
-        (tmp / CHECKSUM_FILE).write_text("".join(lines))
+        (tmp / CHECKSUM_FILE).write_text(checksum_list_text(tmp, required_files(config)))
         tmp.chmod(0o755)  # mkdtemp makes 0700; a shipped model must be world-readable
         for file in tmp.iterdir():
             file.chmod(0o644)
@@ -144,8 +144,7 @@ def attach_validation(path: str | Path, table: dict[str, Any], markdown: str) ->
     card = card.split("\n## Validation (group level)")[0].rstrip("\n")
     atomic_write_text(path / "config.json", json.dumps(config, indent=2) + "\n")
     atomic_write_text(path / "MODEL_CARD.md", f"{card}\n\n## Validation (group level)\n{markdown}")
-    lines = [f"{sha256_file(path / f)}  {f}\n" for f in required_files(config)]
-    atomic_write_text(path / CHECKSUM_FILE, "".join(lines))
+    atomic_write_text(path / CHECKSUM_FILE, checksum_list_text(path, required_files(config)))
 
 
 def load_bundle(path: str | Path, device: torch.device | str = "cpu") -> Bundle:
