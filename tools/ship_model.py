@@ -34,6 +34,7 @@ from bids_dmri_ldm.bundles import (
     read_checksum_list,
     sha256_file,
 )
+from bids_dmri_ldm.io.files import replace_dir
 
 CARD = "MODEL_CARD.md"
 
@@ -84,14 +85,7 @@ def ship(source: Path, target: Path, provenance: str, card: Path | None,
         write_checksums(staging, name)
         verify(staging, name)
         staging.chmod(0o755)
-        if target.exists():
-            old = target.with_name(f".{target.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            target.rename(old)
-            staging.rename(target)
-            shutil.rmtree(old)
-        else:
-            staging.rename(target)
+        replace_dir(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
