@@ -3,7 +3,7 @@
 
     python benchmarks/bench_fidelity.py OUT_DIR [--train 12] [--train-3t-only 4] [--test 4] \\
         [--voxel-scale 4] [--seed 7000] [--test-physics default shifted] [--ldm-config demo] \\
-        [--cnn-config cnn-demo] [--methods rish-global cnn ldm] [--nprocs 2]
+        [--cnn-config cnn-demo] [--methods rish-global cnn ldm] [--nprocs 2] [--resume]
 
 Steps (each skipped when its output exists, so an interrupted run resumes):
 
@@ -70,7 +70,8 @@ def app(*args: str) -> list[str]:
     return [sys.executable, "run.py", *map(str, args)]
 
 
-def train(method: str, train_dir: Path, out: Path, config: str | None, nprocs: int, logs: Path) -> float | None:
+def train(method: str, train_dir: Path, out: Path, config: str | None, nprocs: int, logs: Path,
+          resume: bool = False) -> float | None:
     model = out / "models" / method
     if model.is_dir():
         return None
@@ -78,11 +79,13 @@ def train(method: str, train_dir: Path, out: Path, config: str | None, nprocs: i
               "--skip-bids-validation", "--nprocs", nprocs)
     if config:
         cmd += ["--config", config]
+    if resume:
+        cmd += ["--resume"]
     return run(cmd, logs / f"group_{method}.log")
 
 
 def translate(method: str, test_dir: Path, out: Path, models: Path, nprocs: int, logs: Path) -> float | None:
-    if (out / "dataset_description.json").is_file() and any(out.glob("sub-*/dwi/*_desc-7Tlike_dwi.nii.gz")):
+    if (out / "dataset_description.json").is_file() and any(out.glob("sub-*/**/dwi/*_desc-7Tlike_dwi.nii.gz")):
         return None
     cmd = app(test_dir, out, "participant", "--method", method, "--output-resolution", "native",
               "-w", out.parent / "work" / f"participant_{method}", "--skip-bids-validation", "--nprocs", nprocs)
@@ -189,6 +192,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ldm-config", default=DEFAULT_CONFIG["ldm"])
     parser.add_argument("--cnn-config", default=DEFAULT_CONFIG["cnn"])
     parser.add_argument("--nprocs", type=int, default=2)
+    parser.add_argument("--resume", action="store_true",
+                        help="pass --resume to the group level: a model whose folder was removed is "
+                             "retrained from the checkpoints in OUT/work (only what changed after "
+                             "training, e.g. the calibration, is redone when every stage is complete)")
     args = parser.parse_args(argv)
     out = args.out.resolve()
     logs = out / "logs"
@@ -201,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     group_out = out / "trained"
     configs = {"cnn": args.cnn_config, "ldm": args.ldm_config}
     for method in args.methods:
-        seconds = train(method, train_dir, group_out, configs.get(method), args.nprocs, logs)
+        seconds = train(method, train_dir, group_out, configs.get(method), args.nprocs, logs, args.resume)
         if seconds is not None:
             timings[f"group {method}"] = round(seconds, 1)
     models = group_out / "models"

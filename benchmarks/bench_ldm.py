@@ -65,19 +65,19 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def time_translation(bundle, rish, mask, device, steps, repeats):
+def time_translation(bundle, rish, mask, device, steps, repeats, precision="auto"):
     times = []
     for _ in range(repeats):
         sync(device)
         t = time.perf_counter()
-        translate_rish(rish, mask, bundle, device=device, ddim_steps=steps)
+        translate_rish(rish, mask, bundle, device=device, ddim_steps=steps, precision=precision)
         sync(device)
         times.append(time.perf_counter() - t)
     return statistics.median(times)
 
 
 @torch.no_grad()
-def time_step_pair(bundle, device, repeats):
+def time_step_pair(bundle, device, repeats, precision="auto"):
     """Median time of one DDIM inversion step plus one guided sampling step (3 orders)."""
     cfg = bundle.config
     unet = bundle.networks["unet"]
@@ -89,7 +89,7 @@ def time_step_pair(bundle, device, repeats):
     for _ in range(repeats + 1):  # first one is warm-up
         sync(device)
         start = time.perf_counter()
-        with autocast_for(device):
+        with autocast_for(device, precision=precision):
             unet(z, t, labels)                                              # inversion step
             unet(torch.cat([z, z]), torch.cat([t, t]), torch.cat([labels, labels + 2]))  # guided step
         sync(device)
@@ -150,6 +150,8 @@ def main():
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--skip-training", action="store_true")
     parser.add_argument("--json", default=None, help="write the results here")
+    parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                        help="inference arithmetic (translate_rish's precision)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -157,20 +159,22 @@ def main():
     cfg = load_config(args.config)
     rish, mask = synthetic_participant()
     bundle = make_bundle(cfg, device)
-    translate_rish(rish, mask, bundle, device=device, ddim_steps=1)  # warm-up
+    translate_rish(rish, mask, bundle, device=device, ddim_steps=1, precision=args.precision)  # warm-up
     res = {"config": args.config, "grid": cfg["grid"], "device": str(device),
            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
            "threads": torch.get_num_threads(), "date": datetime.now(UTC).isoformat(timespec="seconds"),
-           "torch": torch.__version__, "input_grid": list(rish.shape[:3]), "guidance": cfg["translation"]["guidance"]}
+           "torch": torch.__version__, "input_grid": list(rish.shape[:3]), "guidance": cfg["translation"]["guidance"],
+           "precision": args.precision}
     if args.extrapolate:
         # full pipeline at 1 step + (steps - 1) x the median cost of one inversion step
         # (batch of n_orders) and one guided sampling step (conditional + null: 2 x n_orders)
-        t1 = time_translation(bundle, rish, mask, device, 1, args.repeats)
-        per_step = time_step_pair(bundle, device, args.repeats)
+        t1 = time_translation(bundle, rish, mask, device, 1, args.repeats, args.precision)
+        per_step = time_step_pair(bundle, device, args.repeats, args.precision)
         res.update(measured_seconds_1_step=t1, seconds_per_ddim_step_pair=per_step,
                    inference_seconds=t1 + (args.steps - 1) * per_step, extrapolated=True)
     else:
-        res.update(inference_seconds=time_translation(bundle, rish, mask, device, args.steps, args.repeats),
+        res.update(inference_seconds=time_translation(bundle, rish, mask, device, args.steps, args.repeats,
+                                                      args.precision),
                    extrapolated=False)
     res["ddim_steps"] = args.steps
     if not args.skip_training:

@@ -51,6 +51,7 @@ class RunConfig:
     omp_nthreads: int = 1
     mem_gb: float | None = None  # memory a run may use (None: what is available)
     device: str = "cpu"  # resolved: "cpu" | "cuda"
+    precision: str = "auto"  # network arithmetic of ldm/cnn inference (vocabulary.PRECISIONS)
     method: str = DEFAULT_METHOD  # the command line's default (bids_dmri_ldm.vocabulary)
     model_dir: Path | None = None
     output_resolution: float | None = 1.05

@@ -42,6 +42,12 @@ ALL_STAGES = "all"
 STAGE_CHOICES: tuple[str, ...] = (*LDM_STAGES, ALL_STAGES)
 """``--stage`` choices at the group level."""
 
+PRECISIONS: tuple[str, ...] = ("auto", "fp32", "bf16")
+"""Network arithmetic of ldm/cnn inference (``--precision``): ``auto`` is mixed precision on CUDA
+(bfloat16 where the GPU supports it, else float16) and float32 on the CPU; ``fp32`` is float32
+everywhere; ``bf16`` is bfloat16 autocast on CUDA and on the CPU too (faster 3D convolutions on a
+CPU with AVX512-BF16 or AMX; results differ from float32 by bfloat16 rounding)."""
+
 SCALE_REFERENCES: tuple[str, ...] = ("input", "roundtrip")
 """Denominators of the learned methods' scale maps: the input 3T RISH, or its round trip through
 the model's lossy path (``--scale-reference``)."""

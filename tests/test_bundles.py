@@ -88,6 +88,8 @@ def test_inspect_model_verifies_without_building_networks(monkeypatch):
         inspect_model("ldm", None, {"scale_reference": "nonsense"})
     with pytest.raises(MethodError, match="unknown method option"):
         inspect_model("ldm", None, {"sampels": 3})
+    with pytest.raises(MethodError, match="precision must be one of auto, fp32, bf16"):
+        inspect_model("ldm", None, {"precision": "fp16"})
 
 
 def test_tampered_bundle_is_refused_by_inspection(tmp_path):

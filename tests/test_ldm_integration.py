@@ -279,6 +279,10 @@ def test_config_scale_options_are_optional_but_checked():
         validate_config(dict(cfg, translation=dict(cfg["translation"], scale_reference="ratio")))
     with pytest.raises(ConfigError, match="scale_refrence"):
         validate_config(dict(cfg, translation=dict(cfg["translation"], scale_refrence="input")))
+    validate_config(dict(cfg, translation=dict(cfg["translation"], scale_gain=[1.0, 0.97, 0.9])))
+    for bad in (0.0, -1.0, [1.0, 0.9], "1", [1.0, 1.0, float("inf")]):
+        with pytest.raises(ConfigError, match="scale_gain"):
+            validate_config(dict(cfg, translation=dict(cfg["translation"], scale_gain=bad)))
 
 
 def test_std_map_is_optional_for_completeness_but_removed_with_the_run(tmp_path):

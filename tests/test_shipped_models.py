@@ -59,7 +59,7 @@ def test_default_method_does_not_lose_to_identity_on_its_validation_pairs():
 
 def test_shipped_cnn_bundle_translates_a_smooth_brain(monkeypatch):
     """models/cnn-demo loads by default for --method cnn and gives finite scale maps, 1 outside
-    the brain, order 4 unchanged (its recorded strength is 0)."""
+    the brain, with the strength and gain its calibration recorded."""
     monkeypatch.delenv(bundles.MODELS_ENV, raising=False)
     method = load_method("cnn", None)
     shape = (30, 36, 30)
@@ -70,9 +70,12 @@ def test_shipped_cnn_bundle_translates_a_smooth_brain(monkeypatch):
     out = method.predict_scale_maps(rish, mask, np.diag([3.75, 3.75, 3.75, 1.0]))
     assert out.scale.shape == rish.shape and np.isfinite(out.scale).all()
     assert np.all(out.scale[~mask] == 1.0)
-    strength = json.loads((MODELS / "cnn-demo" / "config.json").read_text())["translation"]["scale_strength"]
-    if strength[2] == 0:
-        np.testing.assert_array_equal(out.scale[mask][:, 2], 1.0)
+    translation = json.loads((MODELS / "cnn-demo" / "config.json").read_text())["translation"]
+    assert out.provenance["ScaleStrength"] == translation["scale_strength"]
+    assert out.provenance["ScaleGain"] == translation.get("scale_gain", [1.0] * 3)
+    for order, (alpha, gain) in enumerate(zip(translation["scale_strength"], out.provenance["ScaleGain"])):
+        if alpha == 0:  # no map: one brain-wide factor (1: the order unchanged)
+            np.testing.assert_allclose(out.scale[mask][:, order], gain, rtol=1e-6)
     assert 0.3 < np.median(out.scale[mask][:, 0]) < 3.0
 
 

@@ -16,7 +16,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from ..errors import MethodError
-from ..vocabulary import Method
+from ..vocabulary import PRECISIONS, Method
 
 __all__ = ["MODEL_WARNINGS_KEY", "Method", "MethodOptions", "ModelInfo", "ScaleMapPrediction", "TranslationMethod",
            "check_rish_shape", "model_warnings"]
@@ -77,6 +77,9 @@ class MethodOptions:
         Gaussian sigma (model-grid voxels) of the scale maps, one or one per order.
     omp_nthreads : int or None
         Threads torch may use in this process.
+    precision : str
+        Network arithmetic of ldm/cnn inference (``auto``, ``fp32``, ``bf16``:
+        :data:`~bids_dmri_ldm.vocabulary.PRECISIONS`).
     """
 
     device: str = "cpu"
@@ -88,12 +91,15 @@ class MethodOptions:
     scale_reference: str | None = None
     scale_smoothing: float | tuple[float, ...] | None = None
     omp_nthreads: int | None = None
+    precision: str = "auto"
 
     def __post_init__(self) -> None:
         for name in ("t0", "guidance", "scale_smoothing"):  # sequences are stored as tuples
             value = getattr(self, name)
             if isinstance(value, Sequence) and not isinstance(value, str):
                 object.__setattr__(self, name, tuple(value))
+        if self.precision not in PRECISIONS:
+            raise MethodError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-serialisable view (sequences as lists)."""

@@ -75,6 +75,7 @@ class LearnedMethod:
 
     bundle: Any
     device: Any = "cpu"
+    precision: str = "auto"
     scale_reference: str = DEFAULT_SCALE_REFERENCE
     scale_smoothing: float | Sequence[float] = DEFAULT_SCALE_SMOOTHING
     tau: float = DEFAULT_TAU
@@ -85,6 +86,12 @@ class LearnedMethod:
         """alpha_l of lambda_l ** alpha_l (1: the model's full ratio; 0: order left unchanged),
         chosen on the validation pairs by training (``translation.scale_strength``)."""
         return per_order(self.bundle.config["translation"].get("scale_strength", 1.0), len(self.orders))
+
+    @property
+    def scale_gain(self) -> list[float]:
+        """g_l of g_l * lambda_l ** alpha_l: 1, or the brain-wide factor that matched the validation
+        pairs' mean 7T RISH, chosen by training (``translation.scale_gain``)."""
+        return per_order(self.bundle.config["translation"].get("scale_gain", 1.0), len(self.orders))
 
     @property
     def orders(self) -> tuple[int, ...]:
@@ -136,7 +143,7 @@ class LearnedMethod:
         grid, box = self.bundle.config["grid"], result.provenance["CropBox"]
         sigmas = per_order(self.scale_smoothing, len(self.orders))
         scale = learned_scale_maps(result.pred_7t, reference, mask_c, box, grid, sigmas, self.tau,
-                                   self.scale_strength)
+                                   self.scale_strength, self.scale_gain)
         provenance = {
             "Method": self.name,
             "Model": {"Name": self.bundle.config["name"], "Path": str(self.bundle.path),
@@ -147,6 +154,7 @@ class LearnedMethod:
             "ScaleSmoothingSigma": sigmas,
             "ScaleSmoothingSigmaInputVoxels": [input_sigma(s, box, grid) for s in sigmas],
             "ScaleStrength": self.scale_strength,
+            "ScaleGain": self.scale_gain,
             "Tau": float(self.tau),
         }
         provenance["RISHOrders"] = list(self.orders)
@@ -173,7 +181,7 @@ class LdmMethod(LearnedMethod):
         return translate_rish(rish, mask, self.bundle, device=self.device, seed=self.seed,
                               num_samples=self.num_samples, t0=None if self.t0 is None else list(self.t0),
                               guidance=None if self.guidance is None else list(self.guidance),
-                              ddim_steps=self.ddim_steps)
+                              ddim_steps=self.ddim_steps, precision=self.precision)
 
 
 @dataclass
@@ -185,7 +193,7 @@ class CnnMethod(LearnedMethod):
     def translate(self, rish: np.ndarray, mask: np.ndarray):
         from ..ml.cnn import predict_rish
 
-        return predict_rish(rish, mask, self.bundle, device=self.device)
+        return predict_rish(rish, mask, self.bundle, device=self.device, precision=self.precision)
 
 
 def _torch_modules(method: Method):
@@ -295,7 +303,7 @@ def load_ldm(model_dir: Path | None, options: MethodOptions) -> LdmMethod:
     """The ldm with the bundle of ``model_dir`` (None: the shipped ``models/demo``)."""
     bundle, device = _load_bundle_for(Method.LDM, model_dir, options)
     return LdmMethod(
-        bundle=bundle, device=device, seed=options.seed, num_samples=options.num_samples,
+        bundle=bundle, device=device, precision=options.precision, seed=options.seed, num_samples=options.num_samples,
         t0=options.t0, guidance=options.guidance, ddim_steps=options.ddim_steps,
         **scale_options(bundle.config, options),
     )
@@ -304,4 +312,4 @@ def load_ldm(model_dir: Path | None, options: MethodOptions) -> LdmMethod:
 def load_cnn(model_dir: Path | None, options: MethodOptions) -> CnnMethod:
     """The cnn baseline with the bundle of ``model_dir`` (None: the shipped ``models/cnn-demo``)."""
     bundle, device = _load_bundle_for(Method.CNN, model_dir, options)
-    return CnnMethod(bundle=bundle, device=device, **scale_options(bundle.config, options))
+    return CnnMethod(bundle=bundle, device=device, precision=options.precision, **scale_options(bundle.config, options))

@@ -207,7 +207,9 @@ def _method_lines(config: dict[str, Any]) -> list[str]:
     tr = config["translation"]
     scale = (f"- scale maps: reference {tr.get('scale_reference', 'roundtrip')}, smoothing sigma "
              f"{tr.get('scale_smoothing', 0.0)} model-grid voxels (>= 1e9: one brain-wide factor), strength "
-             f"{tr.get('scale_strength', 1.0)} (lambda ** strength; 0: the order is left unchanged)")
+             f"{tr.get('scale_strength', 1.0)}, gain {tr.get('scale_gain', 1.0)} (gain x lambda ** strength; "
+             f"strength 0 and gain 1: the order is left unchanged; strength 0 and another gain: one brain-wide "
+             f"factor fitted on the validation pairs)")
     if config.get("method", "ldm") == "cnn":
         return [("Supervised CNN baseline (the paper's Table 1 comparison, Karayumak et al. 2018 style): "
                  "a residual 3D UNet (MONAI) regressing the normalised 7T RISH from the 3T RISH on the model "

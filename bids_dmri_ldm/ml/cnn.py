@@ -29,7 +29,7 @@ import torch
 from .bundle import Bundle, model_card, save_bundle, software_versions
 from .data import RishScan, from_model_grid, to_model_grid
 from .distributed import barrier, init_distributed
-from .inference import Translation, autocast_for
+from .inference import Translation, autocast_for, mixed_precision_dtype
 from .modelconfig import validate_config
 from .networks import build_cnn
 from .normalise import denormalise, normalise
@@ -125,8 +125,10 @@ def train_cnn(rish_3t: RishInput, rish_7t: RishInput, config: dict[str, Any], ou
         bundle = Bundle(dict(cfg, normalisation=norm), {STAGE: model}, Path("."), "")
         calibration = calibrate_scale_smoothing(lambda r, m: predict_rish(r, m, bundle), [
             (scans_3t[i], scans_7t[i]) for i in val_ids], cfg["grid"],
-            cfg["translation"].get("scale_reference", "roundtrip"), candidates)
-        cfg["translation"].update(scale_smoothing=calibration["sigma"], scale_strength=calibration["strength"])
+            cfg["translation"].get("scale_reference", "roundtrip"), candidates,
+            fit_pairs=[(scans_3t[i], scans_7t[i]) for i in train_ids])
+        cfg["translation"].update(scale_smoothing=calibration["sigma"], scale_strength=calibration["strength"],
+                                  scale_gain=calibration["gain"])
     bundle_cfg = dict(cfg, normalisation=norm, software=software_versions(),
                       created=datetime.now(UTC).isoformat(timespec="seconds"),
                       training_data={"n_3t": len(scans_3t), "n_7t": len(scans_7t), "n_paired": len(paired),
@@ -144,9 +146,9 @@ def train_cnn(rish_3t: RishInput, rish_7t: RishInput, config: dict[str, Any], ou
 
 @torch.no_grad()
 def predict_rish(rish_3t: np.ndarray, mask: np.ndarray, bundle: Bundle,
-                 device: torch.device | str = "cpu") -> Translation:
+                 device: torch.device | str = "cpu", precision: str = "auto") -> Translation:
     """Predict 7T-like RISH with a cnn bundle (arrays in canonical orientation, see
-    :mod:`.orientation`).
+    :mod:`.orientation`); ``precision`` as in :func:`~.inference.translate_rish`.
 
     Returns
     -------
@@ -164,12 +166,15 @@ def predict_rish(rish_3t: np.ndarray, mask: np.ndarray, bundle: Bundle,
         raise ValueError(f"rish_3t must be (X, Y, Z, {n}) matching the mask {mask.shape}, got {rish_3t.shape}")
     x, _, crop = to_model_grid(normalise(rish_3t, mask, norm), mask, grid, cfg["translation"]["crop_margin"])
     net = bundle.networks[STAGE]
-    with autocast_for(device):
+    dtype = mixed_precision_dtype(device, precision)
+    with autocast_for(device, precision=precision):
         out = net(x.view(1, n, *grid).to(device, memory_format=torch.channels_last_3d)).float().cpu()
     pred = denormalise(from_model_grid(out.view(n, 1, *grid), crop, norm["background"]), mask, norm)
     reference = denormalise(from_model_grid(x, crop, norm["background"]), mask, norm)
     provenance = {"Method": STAGE, "ModelName": cfg["name"], "ModelGrid": list(grid),
                   "RISHOrders": list(cfg["orders"]), "Device": str(device),
-                  "MixedPrecision": device.type == "cuda", "CropBox": crop.as_list(),
+                  "MixedPrecision": dtype is not None,
+                  "Precision": "float32" if dtype is None else f"{str(dtype).removeprefix('torch.')} autocast",
+                  "CropBox": crop.as_list(),
                   "ElapsedSeconds": round(time.perf_counter() - start, 3)}
     return Translation(pred, None, reference, provenance)

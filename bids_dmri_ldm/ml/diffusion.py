@@ -93,16 +93,22 @@ class LatentDiffusion:
         """Classifier-free guidance eps = (1 + w) eps(x, c) - w eps(x, null) (paper Eq. 10).
 
         ``guidance`` is the paper's omega, one value per batch entry (N,);
-        MONAI's inferers call ``cfg = omega + 1``.  The conditional and the null
-        pass run as one batch; with every omega = 0 the null pass is skipped.
+        MONAI's inferers call ``cfg = omega + 1``.  The conditional pass and the null
+        pass of the entries with omega != 0 run as one batch; an entry with omega = 0 needs no
+        null pass (its eps is the conditional one), so none is run for it.
         """
-        if torch.all(guidance == 0):
+        guided = guidance != 0
+        if not torch.any(guided):
             return model(x, t, labels).float()
-        null = torch.full_like(labels, CLASS_NULL)
-        eps = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([labels, null])).float()
-        eps_c, eps_u = eps.chunk(2)
-        w = guidance.to(eps_c).view(-1, *([1] * (x.ndim - 1)))
-        return (1.0 + w) * eps_c - w * eps_u
+        n = len(x)
+        idx = guided.nonzero().flatten().to(x.device)
+        null = torch.full_like(labels[idx], CLASS_NULL)
+        eps = model(torch.cat([x, x[idx]]), torch.cat([t, t[idx]]), torch.cat([labels, null])).float()
+        eps_c, eps_u = eps[:n], eps[n:]
+        w = guidance[idx].to(eps_c).view(-1, *([1] * (x.ndim - 1)))
+        out = eps_c.clone()
+        out[idx] = (1.0 + w) * eps_c[idx] - w * eps_u
+        return out
 
     # ----------------------------------------------------------------- DDIM
     @staticmethod

@@ -21,6 +21,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
+from ..vocabulary import PRECISIONS
 from .bundle import Bundle
 from .data import from_model_grid, to_model_grid
 from .diffusion import LatentDiffusion
@@ -37,12 +38,24 @@ class Translation(NamedTuple):
     provenance: dict[str, Any]
 
 
-def autocast_for(device: torch.device, enabled: bool = True):
-    """Mixed precision on CUDA (bfloat16 where supported, else float16); a no-op on CPU."""
-    if device.type != "cuda" or not enabled:
+def mixed_precision_dtype(device: torch.device, precision: str = "auto") -> torch.dtype | None:
+    """The autocast dtype of ``precision`` on ``device`` (:data:`PRECISIONS`), None for float32."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision == "fp32" or (device.type != "cuda" and precision == "auto"):
+        return None
+    if device.type == "cuda" and precision == "auto" and not torch.cuda.is_bf16_supported():
+        return torch.float16
+    return torch.bfloat16
+
+
+def autocast_for(device: torch.device, enabled: bool = True, precision: str = "auto"):
+    """Autocast context of ``precision`` on ``device`` (:func:`mixed_precision_dtype`); a no-op
+    when that is float32 or when not ``enabled``."""
+    dtype = mixed_precision_dtype(device, precision) if enabled else None
+    if dtype is None:
         return contextlib.nullcontext()
-    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.autocast("cuda", dtype=dtype)
+    return torch.autocast(device.type, dtype=dtype)
 
 
 def _per_order(value: Sequence[float] | float | None, default: Sequence[float], n: int,
@@ -57,29 +70,31 @@ def _per_order(value: Sequence[float] | float | None, default: Sequence[float], 
     return value
 
 
-def encode(bundle: Bundle, x: torch.Tensor, which: str, device: torch.device) -> torch.Tensor:
+def encode(bundle: Bundle, x: torch.Tensor, which: str, device: torch.device,
+           precision: str = "auto") -> torch.Tensor:
     """Quantised latent of model-grid volumes (N, 1, *grid), times the latent scale."""
     vq = bundle.networks[which]
-    with autocast_for(device):
+    with autocast_for(device, precision=precision):
         z = vq.encode(x.to(device))
     z, _ = vq.quantize(z.float())
     return z * bundle.config["latent_scale"]
 
 
-def decode(bundle: Bundle, z: torch.Tensor, which: str, device: torch.device) -> torch.Tensor:
+def decode(bundle: Bundle, z: torch.Tensor, which: str, device: torch.device,
+           precision: str = "auto") -> torch.Tensor:
     """Model-grid volumes (N, 1, *grid) from scaled latents; optional re-quantisation."""
     vq = bundle.networks[which]
     z = z / bundle.config["latent_scale"]
     if bundle.config["translation"]["requantise"]:
         z, _ = vq.quantize(z)
-    with autocast_for(device):
+    with autocast_for(device, precision=precision):
         return vq.decode(z).float()
 
 
 def translate_latents(bundle: Bundle, z3: torch.Tensor, t0: Sequence[int], guidance: Sequence[float],
                       ddim_steps: int, device: torch.device, eta: float = 0.0,
-                      generator: torch.Generator | Sequence[torch.Generator] | None = None
-                      ) -> torch.Tensor:
+                      generator: torch.Generator | Sequence[torch.Generator] | None = None,
+                      precision: str = "auto") -> torch.Tensor:
     """3T latents (N, C, ...) -> 7T latents: DDIM inversion to t0 then guided sampling.
 
     ``t0``/``guidance`` are per batch entry (N values).
@@ -95,7 +110,7 @@ def translate_latents(bundle: Bundle, z3: torch.Tensor, t0: Sequence[int], guida
     w = torch.as_tensor(guidance, dtype=torch.float32, device=device)
 
     def model(x, t, labels):
-        with autocast_for(device):
+        with autocast_for(device, precision=precision):
             return unet(x, t, labels)
 
     with torch.no_grad():
@@ -112,7 +127,8 @@ def translate_rish(rish_3t: np.ndarray, mask: np.ndarray, bundle: Bundle,
                    device: torch.device | str = "cpu", seed: int | None = None,
                    num_samples: int | None = None, t0: Sequence[int] | int | None = None,
                    guidance: Sequence[float] | float | None = None,
-                   ddim_steps: int | None = None, max_batch: int = 12) -> Translation:
+                   ddim_steps: int | None = None, max_batch: int = 12,
+                   precision: str = "auto") -> Translation:
     """Predict 7T-like RISH maps from 3T RISH maps with the latent diffusion model.
 
     Parameters
@@ -136,6 +152,9 @@ def translate_rish(rish_3t: np.ndarray, mask: np.ndarray, bundle: Bundle,
         number of DDIM steps (used for the inversion and again for the sampling).
     max_batch : int
         Largest network batch (orders x samples) processed at once (memory bound).
+    precision : str
+        Network arithmetic, one of :data:`PRECISIONS` (default ``auto``: mixed precision on
+        CUDA, float32 on the CPU).
 
     Returns
     -------
@@ -146,7 +165,7 @@ def translate_rish(rish_3t: np.ndarray, mask: np.ndarray, bundle: Bundle,
         num_samples = int(bundle.config["translation"]["num_samples"])
     try:
         return _translate(rish_3t, mask, bundle, torch.device(device), seed, num_samples, t0,
-                          guidance, ddim_steps, max_batch)
+                          guidance, ddim_steps, max_batch, precision)
     except torch.OutOfMemoryError:
         raise DeviceMemoryError(
             f"out of GPU memory translating on {device} (model grid {bundle.config['grid']}, "
@@ -155,7 +174,7 @@ def translate_rish(rish_3t: np.ndarray, mask: np.ndarray, bundle: Bundle,
 
 
 def _translate(rish_3t, mask, bundle, device, seed, num_samples, t0, guidance, ddim_steps,
-               max_batch) -> Translation:
+               max_batch, precision) -> Translation:
     start = time.perf_counter()
     cfg = bundle.config
     tr = cfg["translation"]
@@ -178,9 +197,10 @@ def _translate(rish_3t, mask, bundle, device, seed, num_samples, t0, guidance, d
 
     y = normalise(rish_3t, mask, norm)
     x, _, crop = to_model_grid(y, mask, grid, tr["crop_margin"])
-    z3 = encode(bundle, x, "vqvae3t", device)                      # (n_orders, C, ...)
+    dtype = mixed_precision_dtype(device, precision)
+    z3 = encode(bundle, x, "vqvae3t", device, precision)           # (n_orders, C, ...)
     with torch.no_grad():
-        recon = decode(bundle, z3, "vqvae3t", device)
+        recon = decode(bundle, z3, "vqvae3t", device, precision)
     gain_7t = np.asarray(_per_order(tr.get("gain_7t"), [1.0] * n_orders, n_orders, "gain_7t"), np.float64)
     gain_3t = np.asarray(_per_order(tr.get("gain_3t"), [1.0] * n_orders, n_orders, "gain_3t"), np.float32)
     recon_3t = denormalise(from_model_grid(recon, crop, norm["background"]), mask, norm) * gain_3t
@@ -195,10 +215,10 @@ def _translate(rish_3t, mask, bundle, device, seed, num_samples, t0, guidance, d
         # one noise stream per (sample, order): results do not depend on max_batch
         gens = [torch.Generator().manual_seed(seed * 1_000_003 + (done + s) * 101 + o)
                 for s in range(k) for o in range(n_orders)]
-        z7 = translate_latents(bundle, z_in, t0_l * k, w_l * k, steps, device, eta, gens)
+        z7 = translate_latents(bundle, z_in, t0_l * k, w_l * k, steps, device, eta, gens, precision)
         with torch.no_grad():
-            dec = decode(bundle, z7, "vqvae7t", device)
-            with autocast_for(device):
+            dec = decode(bundle, z7, "vqvae7t", device, precision)
+            with autocast_for(device, precision=precision):
                 out = bundle.networks["sr"](dec).float()
         for s in range(k):
             pred = denormalise(from_model_grid(out[s * n_orders:(s + 1) * n_orders], crop,
@@ -217,7 +237,8 @@ def _translate(rish_3t, mask, bundle, device, seed, num_samples, t0, guidance, d
         "GuidanceScale": w_l, "DDIMSteps": steps, "Seed": seed, "NumSamples": num_samples,
         "SamplingEta": eta, "LinearGain7T": gain_7t.tolist(), "LinearGain3T": gain_3t.tolist(),
         "InversionClass": tr["invert_class"], "Requantise": tr["requantise"],
-        "Device": str(device), "MixedPrecision": device.type == "cuda",
+        "Device": str(device), "MixedPrecision": dtype is not None,
+        "Precision": "float32" if dtype is None else f"{str(dtype).removeprefix('torch.')} autocast",
         "CropBox": crop.as_list(), "ElapsedSeconds": round(time.perf_counter() - start, 3),
     }
     return Translation(mean.astype(np.float32), std, recon_3t, provenance)

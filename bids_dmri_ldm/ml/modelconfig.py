@@ -57,7 +57,7 @@ _OPTIONAL: dict[str, set[str]] = {
     # ldm scale maps (bids_dmri_ldm.methods.LdmMethod): "input" | "roundtrip", and the
     # Gaussian sigma of the lambda smoothing in model-grid voxels (0: none); per-order linear
     # gains of the predicted 7T and the round-trip 3T RISH (calibration.calibrate_linear_gains)
-    "translation": {"scale_reference", "scale_smoothing", "scale_strength", "gain_7t", "gain_3t"},
+    "translation": {"scale_reference", "scale_smoothing", "scale_strength", "scale_gain", "gain_7t", "gain_3t"},
     # per-order RISH normalisation (ml/normalise.py): "sqrt-percentile" | "log-percentile" (default,
     # what bundles that name none were trained with)
     "training": {"normalisation", "calibrate_smoothing"},
@@ -82,7 +82,7 @@ _CNN_SCHEMA: dict[str, set[str]] = {
     "training": {"seed", "val_fraction", "batch_size", "lr", "weight_decay", "epochs", "amp"},
 }
 _CNN_OPTIONAL: dict[str, set[str]] = {
-    "translation": {"scale_reference", "scale_smoothing", "scale_strength"},
+    "translation": {"scale_reference", "scale_smoothing", "scale_strength", "scale_gain"},
     "training": {"augment_flip", "normalisation", "calibrate_smoothing"},
 }
 _CNN_TOP = {"format_version", "method", "name", "description", "grid", "orders", *_CNN_SCHEMA}
@@ -191,6 +191,11 @@ def _check_scale_options(translation: dict[str, Any], n_orders: int) -> None:
     if not all(isinstance(v, (int, float)) and 0 <= v <= 1 for v in alphas) or \
             (isinstance(alpha, list) and len(alpha) != n_orders):
         raise ConfigError("translation.scale_strength must be a number in [0, 1] or a list of one per RISH order")
+    gain = translation.get("scale_gain", 1.0)
+    gains = [gain] if isinstance(gain, (int, float)) else list(gain) if isinstance(gain, list) else [None]
+    if not all(isinstance(v, (int, float)) and 0 < v < 100 for v in gains) or \
+            (isinstance(gain, list) and len(gain) != n_orders):
+        raise ConfigError("translation.scale_gain must be a number in (0, 100) or a list of one per RISH order")
 
 
 def _check_normalisation(cfg: dict[str, Any], kind: str) -> None:

@@ -13,8 +13,13 @@ The best sigma and strength differ between orders: L0 changes smoothly and its v
 suffers from partial-volume edges; L4 is dominated by noise floors that a multiplicative map
 cannot move, so a model's full L4 ratio can be worse than leaving L4 alone.
 :func:`calibrate_scale_smoothing` picks (sigma_l, alpha_l) per order on the validation pairs
-after training; alpha_l = 0 means the model's order l did not beat identity there and is left
-unchanged.
+after training, and a brain-wide gain g_l: lambda_l -> g_l * lambda_l ** alpha_l, with g_l either 1
+or the factor that matches the validation pairs' mean 7T RISH (g_l^2 = sum_p mean 7T_l /
+sum_p mean(lambda_l^(2 alpha_l) x 3T_l)).  The gain anchors the order's level to what the
+training domain measured brain-wide (what ``rish-global`` does), and the model's map then only has
+to supply the spatial pattern around it.  alpha_l = 0 with g_l = 1 means the model's order l did
+not beat identity there and is left unchanged; alpha_l = 0 with g_l != 1 is one brain-wide factor
+(the rish-global answer, fitted on the validation pairs).
 
 Arrays: RISH and scale maps ``(X, Y, Z, n_orders)``, masks ``(X, Y, Z)`` bool, all in the
 canonical orientation the networks see.
@@ -62,13 +67,14 @@ def input_sigma(sigma: float, crop_box: Sequence[Sequence[int]], grid: Sequence[
 def learned_scale_maps(pred: np.ndarray, reference: np.ndarray, mask: np.ndarray,
                        crop_box: Sequence[Sequence[int]], grid: Sequence[int],
                        sigma: float | Sequence[float], tau: float = DEFAULT_TAU,
-                       strength: float | Sequence[float] = 1.0) -> np.ndarray:
-    """lambda ``(X, Y, Z, n_orders)`` float32: smoothed ratio per order, raised to ``strength``,
-    inside ``mask``; 1 outside."""
+                       strength: float | Sequence[float] = 1.0,
+                       gain: float | Sequence[float] = 1.0) -> np.ndarray:
+    """lambda ``(X, Y, Z, n_orders)`` float32: smoothed ratio per order, raised to ``strength`` and
+    multiplied by ``gain`` inside ``mask``; 1 outside."""
     n = pred.shape[-1]
     mask = np.asarray(mask, bool)
     scale = np.empty(pred.shape, np.float32)
-    for k, (s, a) in enumerate(zip(per_order(sigma, n), per_order(strength, n))):
+    for k, (s, a, g) in enumerate(zip(per_order(sigma, n), per_order(strength, n), per_order(gain, n))):
         if s >= GLOBAL_SIGMA:  # one factor: the brain-wide ratio (what smoothing tends to as sigma grows)
             lam = np.full(mask.shape + (1,), np.sqrt(np.clip(pred[..., k][mask], 0, None).sum(dtype=np.float64)
                                                     / (np.clip(reference[..., k][mask], 0, None).sum(dtype=np.float64)
@@ -76,73 +82,112 @@ def learned_scale_maps(pred: np.ndarray, reference: np.ndarray, mask: np.ndarray
         else:
             lam = smoothed_scale_maps(pred[..., k:k + 1], reference[..., k:k + 1], mask,
                                       input_sigma(s, crop_box, grid), tau)
-        scale[..., k:k + 1] = lam if a == 1.0 else np.power(lam, np.float32(a))
+        scale[..., k:k + 1] = (lam if a == 1.0 else np.power(lam, np.float32(a))) * np.float32(g)
     return np.where(mask[..., None], scale, np.float32(1.0)).astype(np.float32)
+
+
+def interior_of_both(source, target) -> np.ndarray:
+    """Voxels of the 7T grid inside both brain masks (the 3T one brought there through the affines)
+    and the 3T field of view, less their one-voxel boundary ``(X, Y, Z)`` bool.
+
+    The boundary is where the two scans' partial volumes differ most (other voxel sizes, a brain
+    edge that moved by a fraction of a voxel): measured on simulated pairs, its ~12 % of the voxels
+    pulled a least-squares brain-wide L0 factor from 0.96 (interior, or the simulator's own brain
+    mask) to 0.93 and the L4 one from 0.94 to 0.83 (docs/evaluation_results.md).
+    """
+    from scipy.ndimage import binary_erosion
+
+    def on_target(volume, mode="nearest"):
+        return resample(np.asarray(volume, np.float32), source.affine, target.affine, target.mask.shape,
+                        order=1, mode=mode) > 0.5
+
+    both = np.asarray(target.mask, bool) & on_target(np.ones(source.mask.shape), mode="constant") \
+        & on_target(source.mask)
+    return binary_erosion(both, iterations=1)
+
+
+def _pair_statistics(translate, source, target, grid, reference, candidates, strengths, tau):
+    """Per (sigma, alpha, order) sums of one pair for :func:`calibrate_scale_smoothing`:
+    ``(a.a, a.t, t.t)`` over the scored region, with ``a`` the translated RISH at gain 1 and ``t``
+    the 7T RISH, shape ``(3, n_sigma, n_alpha, n_orders)``; None when the region is empty."""
+    def on_target(volume, mode="nearest"):
+        return resample(np.asarray(volume, np.float32), source.affine, target.affine, target.mask.shape,
+                        order=1, mode=mode)
+
+    region = interior_of_both(source, target)
+    if not region.any():
+        return None
+    result = translate(source.rish, source.mask)
+    ref = source.rish if reference == "input" else result.recon_3t
+    truth = target.rish[region].astype(np.float64)
+    rish = on_target(source.rish)[region].astype(np.float64)
+    stats = np.zeros((3, len(candidates), len(strengths), truth.shape[-1]))
+    stats[2] = (truth ** 2).sum(axis=0)
+    for i, sigma in enumerate(candidates):
+        lam = learned_scale_maps(result.pred_7t, ref, source.mask, result.provenance["CropBox"], grid, sigma, tau)
+        log_lam2 = on_target(2.0 * np.log(np.maximum(lam, 1e-12)))[region].astype(np.float64)
+        for j, alpha in enumerate(strengths):
+            pred = np.exp(alpha * log_lam2) * rish
+            stats[0, i, j] = (pred ** 2).sum(axis=0)
+            stats[1, i, j] = (pred * truth).sum(axis=0)
+    return stats
 
 
 def calibrate_scale_smoothing(translate: Callable[[np.ndarray, np.ndarray], Any], pairs, grid: Sequence[int],
                               reference: str = "roundtrip",
                               candidates: Sequence[float] = SMOOTHING_CANDIDATES,
                               tau: float = DEFAULT_TAU,
-                              strengths: Sequence[float] = STRENGTH_CANDIDATES) -> dict[str, Any]:
-    """Choose the smoothing sigma and the strength alpha of each order on validation scans.
+                              strengths: Sequence[float] = STRENGTH_CANDIDATES,
+                              fit_pairs=()) -> dict[str, Any]:
+    """Choose the smoothing sigma, the strength alpha and the gain g of each order.
 
     Parameters
     ----------
     translate : ``(rish, mask) -> Translation`` (``pred_7t``, ``recon_3t``, ``provenance["CropBox"]``)
         The trained model's prediction of one scan.
     pairs : sequence of (3T :class:`~.data.RishScan`, 7T :class:`~.data.RishScan` on its own grid)
-        Both in canonical orientation, related by their affines.
+        The validation pairs, both scans in canonical orientation, related by their affines.
     grid : the model grid.
     candidates, strengths : the sigma (model-grid voxels) and alpha values tried.
+    fit_pairs : further pairs (the training participants) used, with ``pairs``, to fit the gains
+        only: one number per (sigma, alpha, order) is estimated from every paired participant,
+        while the choice among them is made on the held-out ``pairs`` alone.
 
     Returns
     -------
     dict
-        ``{"sigma": [per order], "strength": [per order], "candidates", "strengths",
-        "nmse": [[[per order] per strength] per sigma], "metric"}``: for each (sigma, alpha) the NMSE
-        of the translated RISH (lambda^(2 alpha) x 3T RISH, what the participant level writes) against
-        the real 7T RISH, scored as the evaluation does: on the 7T grid (3T RISH and log lambda^2
-        brought there through the affines, trilinear), inside the 7T brain within the 3T field of
-        view, averaged over the pairs; each order takes its smallest (alpha = 0 is identity, so
-        the choice is never worse than identity on these pairs).
+        ``{"sigma", "strength", "gain": [per order], "candidates", "strengths",
+        "nmse": [[[per order] per strength] per sigma] at gain 1, "nmse_gain": the same with the
+        fitted gain, "gains": that gain per (sigma, alpha, order), "n_pairs", "n_fit_pairs",
+        "metric"}``.  The NMSE is that of the translated RISH (g^2 lambda^(2 alpha) x 3T RISH, what
+        the participant level writes) against the real 7T RISH, scored as the evaluation does: on
+        the 7T grid (3T RISH and log lambda^2 brought there through the affines, trilinear), inside
+        both brains less their boundary (:func:`interior_of_both`), averaged over the validation pairs.  The fitted
+        gain is the least-squares one, g^2 = sum_p a.t / |t|^2 over sum_p a.a / |t|^2 (each pair
+        weighted as in the NMSE).  Each order takes its smallest NMSE over (sigma, alpha, g in
+        {1, fitted}); alpha = 0 with g = 1 is identity, so the choice is never worse than identity
+        on the validation pairs.
     """
-    table = None
-    count = 0
-    for source, target in pairs:
-        def on_target(volume, mode="nearest", source=source, target=target):
-            return resample(np.asarray(volume, np.float32), source.affine, target.affine, target.mask.shape,
-                            order=1, mode=mode)
-
-        in_fov = on_target(np.ones(source.mask.shape, np.float32), mode="constant") > 0.5
-        region = np.asarray(target.mask, bool) & in_fov
-        if not region.any():
-            continue
-        result = translate(source.rish, source.mask)
-        ref = source.rish if reference == "input" else result.recon_3t
-        n = source.rish.shape[-1]
-        if table is None:
-            table = np.zeros((len(candidates), len(strengths), n))
-        truth = target.rish[region].astype(np.float64)
-        rish = on_target(source.rish)[region].astype(np.float64)
-        energy = np.maximum((truth ** 2).sum(axis=0), 1e-30)
-        for i, sigma in enumerate(candidates):
-            lam = learned_scale_maps(result.pred_7t, ref, source.mask, result.provenance["CropBox"], grid, sigma, tau)
-            log_lam2 = on_target(2.0 * np.log(np.maximum(lam, 1e-12)))[region].astype(np.float64)
-            for j, alpha in enumerate(strengths):
-                pred = np.exp(alpha * log_lam2) * rish
-                table[i, j] += ((pred - truth) ** 2).sum(axis=0) / energy
-        count += 1
-    if table is None:
+    args = (grid, reference, candidates, strengths, tau)
+    scored = [s for s in (_pair_statistics(translate, a, b, *args) for a, b in pairs) if s is not None]
+    if not scored:
         raise ValueError("no validation pair with brain voxels in both scans")
-    table /= count
-    sigma, strength = [], []
-    for k in range(table.shape[-1]):
-        i, j = np.unravel_index(int(np.argmin(table[..., k])), table.shape[:2])
+    fitted = scored + [s for s in (_pair_statistics(translate, a, b, *args) for a, b in fit_pairs) if s is not None]
+    # each pair's sums over its 7T energy |t|^2: the NMSE's weighting
+    aa, at = (sum(s[k] / s[2] for s in fitted) for k in (0, 1))
+    g2 = np.stack([np.ones_like(aa), at / np.maximum(aa, 1e-30)])  # (gain kind, sigma, alpha, order)
+    val_aa, val_at = (sum(s[k] / s[2] for s in scored) / len(scored) for k in (0, 1))
+    nmse = g2 ** 2 * val_aa - 2.0 * g2 * val_at + 1.0  # mean_p |g^2 a - t|^2 / |t|^2
+    sigma, strength, gain = [], [], []
+    for k in range(aa.shape[-1]):
+        which, i, j = np.unravel_index(int(np.argmin(nmse[..., k])), nmse.shape[:3])
         sigma.append(float(candidates[i]))
         strength.append(float(strengths[j]))
-    return {"sigma": sigma, "strength": strength, "candidates": [float(c) for c in candidates],
+        gain.append(float(np.sqrt(g2[which, i, j, k])))
+    return {"sigma": sigma, "strength": strength, "gain": gain, "candidates": [float(c) for c in candidates],
             "strengths": [float(a) for a in strengths],
-            "nmse": [[[float(v) for v in row] for row in plane] for plane in table],
-            "metric": "NMSE of lambda^(2 alpha) x 3T RISH against the 7T RISH on the 3T grid, both brains, "
-                      "mean over validation pairs; alpha = 0 is identity"}
+            "nmse": nmse[0].tolist(), "nmse_gain": nmse[1].tolist(), "gains": np.sqrt(g2[1]).tolist(),
+            "n_pairs": len(scored), "n_fit_pairs": len(fitted),
+            "metric": "NMSE of g^2 lambda^(2 alpha) x 3T RISH against the 7T RISH on the 7T grid, interior "
+                      "of both brains, mean over validation pairs; g least-squares over all paired "
+                      "participants; alpha = 0 with g = 1 is identity"}

@@ -299,8 +299,11 @@ def train_all(rish_3t: RishInput, rish_7t: RishInput, config: dict[str, Any], ou
             bundle = Bundle(bundle_cfg, networks, Path("."), "")
             smoothing = calibrate_scale_smoothing(
                 lambda r, m: translate_rish(r, m, bundle, device=ctx.device, num_samples=1),
-                [(scans_3t[i], scans_7t[i]) for i in val_ids], cfg["grid"], bundle_cfg["translation"].get("scale_reference", "roundtrip"), candidates)
-            bundle_cfg["translation"].update(scale_smoothing=smoothing["sigma"], scale_strength=smoothing["strength"])
+                [(scans_3t[i], scans_7t[i]) for i in val_ids], cfg["grid"],
+                bundle_cfg["translation"].get("scale_reference", "roundtrip"), candidates,
+                fit_pairs=[(scans_3t[i], scans_7t[i]) for i in train_ids])
+            bundle_cfg["translation"].update(scale_smoothing=smoothing["sigma"], scale_strength=smoothing["strength"],
+                                             scale_gain=smoothing["gain"])
             calibration["scale_smoothing"] = smoothing
     elapsed = time.perf_counter() - t_start
     bundle_cfg.update(

@@ -105,7 +105,7 @@ def method_options(config: RunConfig) -> MethodOptions:
     return MethodOptions(device=config.device, seed=int(config.seed), num_samples=int(config.num_samples),
                          ddim_steps=config.ddim_steps, t0=config.t0, guidance=config.guidance,
                          scale_reference=config.scale_reference, scale_smoothing=config.scale_smoothing,
-                         omp_nthreads=int(config.omp_nthreads))
+                         omp_nthreads=int(config.omp_nthreads), precision=config.precision)
 
 
 def _uri(path, root) -> str:

@@ -73,7 +73,7 @@ def test_all_options(bids_root, tmp_path, no_gpu):
         bids_root,
         "--participant_label", "sub-01", "02", "--session-id", "ses-A", "B",
         "-w", str(tmp_path / "scratch"), "--nprocs", "3", "--omp-nthreads", "2",
-        "--device", "cpu", "--method", "identity", "--model-dir", str(model),
+        "--device", "cpu", "--precision", "bf16", "--method", "identity", "--model-dir", str(model),
         "--output-resolution", "native", "--shell", "2000", "1000", "--shell-tolerance", "50",
         "--sh-order", "6", "--overwrite", "--seed", "7", "-vv", "--skull-strip",
         "--num-samples", "4", "--ddim-steps", "20", "--t0", "100", "200", "300",
@@ -93,7 +93,7 @@ def test_all_options(bids_root, tmp_path, no_gpu):
     assert (cfg.overwrite, cfg.seed, cfg.verbose, cfg.skull_strip) == (True, 7, 2, True)
     assert (cfg.num_samples, cfg.ddim_steps, cfg.t0, cfg.guidance) == (4, 20, [100, 200, 300],
                                                                         [1.5, 2.0, 0.0])
-    assert (cfg.scale_reference, cfg.scale_smoothing) == ("input", 1.5)
+    assert (cfg.scale_reference, cfg.scale_smoothing, cfg.precision) == ("input", 1.5, "bf16")
     assert (cfg.stage, cfg.resume, cfg.reports_only, cfg.skip_bids_validation) == (
         "ldm", True, True, True)
     assert cfg.bids_database_dir == (tmp_path / "db").resolve() and cfg.bids_database_dir.is_dir()

@@ -51,6 +51,28 @@ def test_guidance_follows_eq10():
     assert CLASS_NULL == 2
 
 
+def test_guidance_runs_the_null_pass_only_for_entries_that_use_it():
+    """Orders with omega = 0 cost one network pass, not two: the batch the network sees holds the
+    N conditional entries plus one null entry per omega != 0, and each entry's eps is Eq. 10."""
+    seen = []
+
+    def model(x, t, c):
+        seen.append(c.tolist())
+        return (c.float() + 1).view(-1, 1) * (1 + x)
+
+    x = torch.arange(4.0).view(4, 1) * torch.ones(4, 3)
+    labels = torch.ones(4, dtype=torch.long)
+    w = torch.tensor([3.0, 0.0, 0.5, 0.0])
+    eps = LatentDiffusion.guided_eps(model, x, torch.full((4,), 7), labels, w)
+    assert seen == [[1, 1, 1, 1, CLASS_NULL, CLASS_NULL]]
+    cond, null = 2 * (1 + x), 3 * (1 + x)
+    expected = (1 + w.view(-1, 1)) * cond - w.view(-1, 1) * null
+    torch.testing.assert_close(eps, expected)
+    seen.clear()
+    LatentDiffusion.guided_eps(model, x, torch.full((4,), 7), labels, torch.zeros(4))
+    assert seen == [[1, 1, 1, 1]]
+
+
 def test_ddim_timesteps_are_explicit_and_end_at_t0():
     tau = LatentDiffusion.ddim_timesteps(torch.tensor([249, 999]), 50)
     assert tau.shape == (2, 51)

@@ -9,6 +9,7 @@ from bids_dmri_ldm.ml.inference import Translation
 from bids_dmri_ldm.ml.scalemaps import (
     GLOBAL_SIGMA,
     calibrate_scale_smoothing,
+    interior_of_both,
     learned_scale_maps,
     per_order,
 )
@@ -49,25 +50,109 @@ def test_global_sigma_is_one_factor_per_order():
         per_order([1.0, 2.0], 3)
 
 
-def test_calibration_keeps_a_right_model_and_falls_back_to_identity_for_a_wrong_order():
-    """7T = 3T x (0.9, 0.8, 0.7)^2 on another grid: a model predicting orders 0 and 2 right and
-    order 4 three times too large gets full strength for L0/L2 and strength 0 (identity) for L4."""
+def _field() -> np.ndarray:
+    """A smooth spatial 3T->7T change, 0.8 to 1.2 along the first axis ``(X, Y, Z, 1)``."""
+    return np.linspace(0.8, 1.2, SHAPE[0], dtype=np.float32)[:, None, None, None] * np.ones(SHAPE + (1,), np.float32)
+
+
+def _shifted_pair(k):
+    """The same head at 3T and, 7T = 3T x k^2 (``k`` per order, times :func:`_field` for orders 0
+    and 2), on a shifted grid (world positions kept by the affines)."""
     rish3, mask3 = _rish(1)
     affine3 = np.diag([2.0, 2.0, 2.0, 1.0])
-    k = np.array([0.9, 0.8, 0.7], np.float32)
-    # the 7T scan: the same head on a shifted grid (world positions preserved by the affines)
     affine7 = affine3.copy()
     affine7[:3, 3] = [2.0, -2.0, 0.0]
-    rish7 = np.roll(rish3 * k ** 2, shift=(-1, 1, 0), axis=(0, 1, 2))
+    rish7 = np.roll(rish3 * _ratio(k) ** 2, shift=(-1, 1, 0), axis=(0, 1, 2))
     mask7 = np.roll(mask3, shift=(-1, 1, 0), axis=(0, 1, 2))
-    wrong = np.array([1.0, 1.0, 3.0 / 0.49], np.float32)  # L4 predicted as 3 x the 3T RISH
+    return RishScan(rish3, mask3, affine3), RishScan(rish7, mask7, affine7)
+
+
+def _ratio(k) -> np.ndarray:
+    ratio = np.broadcast_to(np.asarray(k, np.float32), SHAPE + (3,)).copy()
+    ratio[..., [0, 1]] *= _field()
+    return ratio
+
+
+def test_calibration_keeps_a_right_model_and_uses_one_factor_for_an_order_it_gets_wrong():
+    """7T = 3T x (0.9 f, 0.8 f, 0.7)^2 (f a spatial field): a model predicting orders 0 and 2 right and order 4 as noise
+    (a random ratio in every voxel) gets full strength and gain 1 for L0/L2; for L4 its map is
+    dropped (strength 0) and the gain that matches the 7T mean, 0.7, takes its place."""
+    k = np.array([0.9, 0.8, 0.7], np.float32)
+    source, target = _shifted_pair(k)
+    noise = np.random.default_rng(5).uniform(0.2, 3.0, SHAPE).astype(np.float32)
 
     def translate(rish, mask):
-        return Translation(rish * k ** 2 * wrong, None, rish, {"CropBox": BOX})
+        pred = rish * _ratio(k) ** 2
+        pred[..., 2] = rish[..., 2] * noise
+        return Translation(pred, None, rish, {"CropBox": BOX})
 
-    result = calibrate_scale_smoothing(translate, [(RishScan(rish3, mask3, affine3), RishScan(rish7, mask7, affine7))],
-                                       GRID)
-    assert result["strength"][:2] == [1.0, 1.0] and result["strength"][2] == 0.0
-    nmse = np.asarray(result["nmse"])  # (sigma, strength, order)
+    result = calibrate_scale_smoothing(translate, [(source, target)], GRID, candidates=(0.0, GLOBAL_SIGMA))
+    assert result["strength"][:2] == [1.0, 1.0] and result["gain"][:2] == pytest.approx([1.0, 1.0], rel=0.01)
+    assert result["strength"][2] == 0.0
+    assert result["gain"][2] == pytest.approx(0.7, rel=0.02)
+    nmse = np.asarray(result["nmse"])  # (sigma, strength, order), gain 1
+    assert nmse.shape == (2, len(result["strengths"]), 3)
     assert nmse[..., :2][:, -1].min() < 1e-3  # the right orders at full strength: nearly exact
-    assert nmse.shape == (len(result["candidates"]), len(result["strengths"]), 3)
+    assert np.asarray(result["nmse_gain"])[0, 0, 2] < 0.1 * nmse[0, 0, 2]  # the gain beats identity for L4
+
+
+def test_calibration_gain_undoes_a_models_global_bias_and_leaves_identity_for_no_change():
+    """A model whose L0 map is right in shape but 1.3x too large gets gain 1/1.3; where 3T and 7T
+    agree (k = 1, order 4) and the model says so, nothing changes."""
+    k = np.array([0.9, 1.0, 1.0], np.float32)
+    source, target = _shifted_pair(k)
+
+    def translate(rish, mask):
+        pred = rish * _ratio(k) ** 2
+        pred[..., 0] *= 1.3 ** 2
+        return Translation(pred, None, rish, {"CropBox": BOX})
+
+    result = calibrate_scale_smoothing(translate, [(source, target)], GRID, candidates=(0.0,))
+    assert result["strength"][0] == 1.0 and result["gain"][0] == pytest.approx(1 / 1.3, rel=0.02)
+    lam = learned_scale_maps(translate(source.rish, source.mask).pred_7t, source.rish, source.mask, BOX, GRID,
+                             result["sigma"], strength=result["strength"], gain=result["gain"])
+    right = _ratio(k)[source.mask]
+    np.testing.assert_allclose(lam[source.mask][:, :2], right[:, :2], rtol=0.03)
+    np.testing.assert_allclose(lam[source.mask][:, 2], 1.0, rtol=1e-3)
+
+
+def test_the_gain_is_fitted_on_every_pair_and_weighs_each_pair_as_the_nmse_does():
+    """Validation pair 7T L4 = 3T x 0.7^2 and a training pair with 0.9^2, the model's L4 map is
+    noise: the least-squares gain over both, each pair weighted by 1/|7T|^2, is
+    g^2 = (c1^-2 + c2^-2) / (c1^-4 + c2^-4) with c = 0.7^2 and 0.9^2, whatever the validation alone says."""
+    noise = np.random.default_rng(5).uniform(0.2, 3.0, SHAPE).astype(np.float32)
+
+    def translate(rish, mask):
+        pred = rish.copy()
+        pred[..., 2] = rish[..., 2] * noise
+        return Translation(pred, None, rish, {"CropBox": BOX})
+
+    k_val, k_fit = np.array([1.0, 1.0, 0.7], np.float32), np.array([1.0, 1.0, 0.9], np.float32)
+    source, target = _shifted_pair(k_val)
+    other = _shifted_pair(k_fit)
+    target = RishScan(np.roll(source.rish * k_val ** 2, (-1, 1, 0), (0, 1, 2)), target.mask, target.affine)
+    other = (other[0], RishScan(np.roll(source.rish * k_fit ** 2, (-1, 1, 0), (0, 1, 2)), other[1].mask,
+                                other[1].affine))
+    result = calibrate_scale_smoothing(translate, [(source, target)], GRID, candidates=(0.0,),
+                                       strengths=(0.0, 1.0), fit_pairs=[other])
+    c1, c2 = 0.7 ** 2, 0.9 ** 2
+    expected = np.sqrt((c1 ** -1 + c2 ** -1) / (c1 ** -2 + c2 ** -2))
+    assert result["strength"][2] == 0.0
+    assert result["gain"][2] == pytest.approx(expected, rel=1e-4)
+    assert (result["n_pairs"], result["n_fit_pairs"]) == (1, 2)
+    alone = calibrate_scale_smoothing(translate, [(source, target)], GRID, candidates=(0.0,), strengths=(0.0, 1.0))
+    assert alone["gain"][2] == pytest.approx(0.7, rel=1e-4)
+
+
+def test_the_calibration_region_is_both_brains_less_their_boundary():
+    """A 3T brain cube of 8^3 voxels and a 7T one shifted by 2 voxels along x: the region is their
+    overlap (6 x 8 x 8) eroded by one voxel (4 x 6 x 6)."""
+    affine = np.diag([2.0, 2.0, 2.0, 1.0])
+    mask3 = np.zeros((14, 14, 14), bool)
+    mask3[3:11, 3:11, 3:11] = True
+    mask7 = np.roll(mask3, 2, axis=0)
+    rish = np.ones((14, 14, 14, 3), np.float32)
+    region = interior_of_both(RishScan(rish, mask3, affine), RishScan(rish, mask7, affine))
+    expected = np.zeros_like(mask3)
+    expected[6:10, 4:10, 4:10] = True
+    np.testing.assert_array_equal(region, expected)
