@@ -192,7 +192,7 @@ def _build_parser() -> BidsArgumentParser:
     perf.add_argument("--precision", choices=PRECISIONS, default="auto",
                       help="network arithmetic at the participant level: 'auto' is mixed precision "
                       "(bfloat16/float16) on a GPU and float32 on the CPU; 'bf16' also uses bfloat16 "
-                      "on the CPU (about 1.5x faster on CPUs with AVX512-BF16 or AMX, results within "
+                      "on the CPU (about 1.8x faster on CPUs with AVX512-BF16 or AMX, results within "
                       "bfloat16 rounding of float32); 'fp32' is float32 everywhere")
 
     method = parser.add_argument_group("translation")
