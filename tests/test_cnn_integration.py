@@ -62,6 +62,9 @@ def test_group_cnn_training_writes_a_verified_bundle(trained):
     assert data["n_paired"] == 2 and data["n_3t"] == 3 and "affines" in data["pairing"]
     assert bundle.config["trained_for"]["shells"] == [1000.0] and bundle.config["trained_for"]["sh_order_max"] == 4
     assert len(data["validation_participants"]) == 1
+    scale = data["calibration"]["scale_smoothing"]  # chosen on the validation pair, gains fitted on both
+    assert (scale["n_pairs"], scale["n_fit_pairs"]) == (1, 2)
+    assert bundle.config["translation"]["scale_gain"] == scale["gain"]
     table = bundle.config["validation"]
     assert table["model"] == "cnn" and set(table["mean"]) == {"untouched 3T", "identity", "rish-global", "cnn"}
     assert all(set(v) == set(table["columns"]) and len(v) == 8 for v in table["mean"].values())

@@ -106,6 +106,12 @@ def test_train_all_writes_a_loadable_bundle_and_resumes_by_stage(tiny_cfg, tmp_p
     assert bundle.config["translation"]["gain_7t"] == gains["gain_7t"]
     assert bundle.config["translation"]["gain_3t"] == gains["gain_3t"]
     assert all(np.isfinite(g) and g > 0 for g in gains["gain_7t"] + gains["gain_3t"])
+    scale = cal["scale_smoothing"]  # chosen on the 1 validation pair, gains fitted on all 4 pairs
+    assert (scale["n_pairs"], scale["n_fit_pairs"]) == (1, 4)
+    translation = bundle.config["translation"]
+    assert [translation[k] for k in ("scale_smoothing", "scale_strength", "scale_gain")] == \
+        [scale["sigma"], scale["strength"], scale["gain"]]
+    assert all(np.isfinite(g) and g > 0 for g in translation["scale_gain"])
     for stage in ("vqvae3t", "vqvae7t", "ldm", "sr"):
         assert (tmp_path / "out" / "training" / f"losses_{stage}.csv").is_file()
     assert "pytest" in (bundle_dir / "MODEL_CARD.md").read_text()
