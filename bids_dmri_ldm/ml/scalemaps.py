@@ -14,12 +14,11 @@ suffers from partial-volume edges; L4 is dominated by noise floors that a multip
 cannot move, so a model's full L4 ratio can be worse than leaving L4 alone.
 :func:`calibrate_scale_smoothing` picks (sigma_l, alpha_l) per order on the validation pairs
 after training, and a brain-wide gain g_l: lambda_l -> g_l * lambda_l ** alpha_l, with g_l either 1
-or the factor that matches the validation pairs' mean 7T RISH (g_l^2 = sum_p mean 7T_l /
-sum_p mean(lambda_l^(2 alpha_l) x 3T_l)).  The gain anchors the order's level to what the
-training domain measured brain-wide (what ``rish-global`` does), and the model's map then only has
-to supply the spatial pattern around it.  alpha_l = 0 with g_l = 1 means the model's order l did
-not beat identity there and is left unchanged; alpha_l = 0 with g_l != 1 is one brain-wide factor
-(the rish-global answer, fitted on the validation pairs).
+or the least-squares factor of the translated RISH against the 7T RISH over every paired
+participant.  The gain anchors the order's level to what the training domain measured brain-wide
+(what ``rish-global`` does), and the model's map then only has to supply the spatial pattern
+around it.  alpha_l = 0 with g_l = 1 means the model's order l did not beat identity there and is
+left unchanged; alpha_l = 0 with g_l != 1 is one brain-wide factor per order.
 
 Arrays: RISH and scale maps ``(X, Y, Z, n_orders)``, masks ``(X, Y, Z)`` bool, all in the
 canonical orientation the networks see.
@@ -96,7 +95,8 @@ def learned_scale_maps(pred: np.ndarray, reference: np.ndarray, mask: np.ndarray
 
 def interior_of_both(source, target) -> np.ndarray:
     """Voxels of the 7T grid inside both brain masks (the 3T one brought there through the affines)
-    and the 3T field of view, less their one-voxel boundary ``(X, Y, Z)`` bool.
+    and the 3T field of view, less their one-voxel boundary ``(X, Y, Z)`` bool (the overlap itself when
+    nothing would be left).
 
     The boundary is where the two scans' partial volumes differ most (other voxel sizes, a brain
     edge that moved by a fraction of a voxel): measured on simulated pairs, its ~12 % of the voxels
@@ -111,7 +111,8 @@ def interior_of_both(source, target) -> np.ndarray:
 
     both = np.asarray(target.mask, bool) & on_target(np.ones(source.mask.shape), mode="constant") \
         & on_target(source.mask)
-    return binary_erosion(both, iterations=1)
+    interior = binary_erosion(both, iterations=1)
+    return interior if interior.any() else both  # a brain thinner than 3 voxels keeps its overlap
 
 
 def _pair_statistics(translate, source, target, grid, reference, candidates, strengths, tau):
@@ -170,8 +171,8 @@ def calibrate_scale_smoothing(translate: Callable[[np.ndarray, np.ndarray], Any]
         "metric"}``.  The NMSE is that of the translated RISH (g^2 lambda^(2 alpha) x 3T RISH, what
         the participant level writes) against the real 7T RISH, scored as the evaluation does: on
         the 7T grid (3T RISH and log lambda^2 brought there through the affines, trilinear), inside
-        both brains less their boundary (:func:`interior_of_both`), averaged over the validation pairs.  The fitted
-        gain is the least-squares one, g^2 = sum_p a.t / |t|^2 over sum_p a.a / |t|^2 (each pair
+        both brains less their boundary (:func:`interior_of_both`), averaged over the validation
+        pairs.  The fitted gain is the least-squares one, g^2 = sum_p a.t / |t|^2 over sum_p a.a / |t|^2 (each pair
         weighted as in the NMSE).  Each order takes, among the (sigma, alpha, g in {1, fitted})
         whose NMSE is within :data:`PARSIMONY_TOLERANCE` of its smallest, the simplest: smallest
         alpha, then g = 1, then the widest sigma.  alpha = 0 with g = 1 is identity, so the choice

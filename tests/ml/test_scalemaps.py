@@ -156,6 +156,10 @@ def test_the_calibration_region_is_both_brains_less_their_boundary():
     expected = np.zeros_like(mask3)
     expected[6:10, 4:10, 4:10] = True
     np.testing.assert_array_equal(region, expected)
+    thin = np.zeros_like(mask3)
+    thin[3:11, 3:11, 7] = True  # one slice thick: erosion leaves nothing, the overlap is kept
+    region = interior_of_both(RishScan(rish, thin, affine), RishScan(rish, thin, affine))
+    np.testing.assert_array_equal(region, thin)
 
 
 def test_a_tie_within_the_tolerance_goes_to_the_simplest_candidate():
