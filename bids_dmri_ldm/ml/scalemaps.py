@@ -93,6 +93,13 @@ def learned_scale_maps(pred: np.ndarray, reference: np.ndarray, mask: np.ndarray
     return np.where(mask[..., None], scale, np.float32(1.0)).astype(np.float32)
 
 
+def _on_target(volume: np.ndarray, source, target, mode: str = "nearest") -> np.ndarray:
+    """A ``source``-grid volume (3D, or 4D with channels last) on the ``target`` grid through the
+    affines (trilinear; ``mode`` outside the source)."""
+    return resample(np.asarray(volume, np.float32), source.affine, target.affine, target.mask.shape,
+                    order=1, mode=mode)
+
+
 def interior_of_both(source, target) -> np.ndarray:
     """Voxels of the 7T grid inside both brain masks (the 3T one brought there through the affines)
     and the 3T field of view, less their one-voxel boundary ``(X, Y, Z)`` bool (the overlap itself when
@@ -105,12 +112,8 @@ def interior_of_both(source, target) -> np.ndarray:
     """
     from scipy.ndimage import binary_erosion
 
-    def on_target(volume, mode="nearest"):
-        return resample(np.asarray(volume, np.float32), source.affine, target.affine, target.mask.shape,
-                        order=1, mode=mode) > 0.5
-
-    both = np.asarray(target.mask, bool) & on_target(np.ones(source.mask.shape), mode="constant") \
-        & on_target(source.mask)
+    in_fov = _on_target(np.ones(source.mask.shape), source, target, mode="constant") > 0.5
+    both = np.asarray(target.mask, bool) & in_fov & (_on_target(source.mask, source, target) > 0.5)
     interior = binary_erosion(both, iterations=1)
     return interior if interior.any() else both  # a brain thinner than 3 voxels keeps its overlap
 
@@ -119,22 +122,18 @@ def _pair_statistics(translate, source, target, grid, reference, candidates, str
     """Per (sigma, alpha, order) sums of one pair for :func:`calibrate_scale_smoothing`:
     ``(a.a, a.t, t.t)`` over the scored region, with ``a`` the translated RISH at gain 1 and ``t``
     the 7T RISH, shape ``(3, n_sigma, n_alpha, n_orders)``; None when the region is empty."""
-    def on_target(volume, mode="nearest"):
-        return resample(np.asarray(volume, np.float32), source.affine, target.affine, target.mask.shape,
-                        order=1, mode=mode)
-
     region = interior_of_both(source, target)
     if not region.any():
         return None
     result = translate(source.rish, source.mask)
     ref = source.rish if reference == "input" else result.recon_3t
     truth = target.rish[region].astype(np.float64)
-    rish = on_target(source.rish)[region].astype(np.float64)
+    rish = _on_target(source.rish, source, target)[region].astype(np.float64)
     stats = np.zeros((3, len(candidates), len(strengths), truth.shape[-1]))
     stats[2] = (truth ** 2).sum(axis=0)
     for i, sigma in enumerate(candidates):
         lam = learned_scale_maps(result.pred_7t, ref, source.mask, result.provenance["CropBox"], grid, sigma, tau)
-        log_lam2 = on_target(2.0 * np.log(np.maximum(lam, 1e-12)))[region].astype(np.float64)
+        log_lam2 = _on_target(2.0 * np.log(np.maximum(lam, 1e-12)), source, target)[region].astype(np.float64)
         for j, alpha in enumerate(strengths):
             pred = np.exp(alpha * log_lam2) * rish
             stats[0, i, j] = (pred ** 2).sum(axis=0)
