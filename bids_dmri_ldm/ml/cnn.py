@@ -29,7 +29,7 @@ import torch
 from .bundle import Bundle, model_card, save_bundle, software_versions
 from .data import RishScan, from_model_grid, to_model_grid
 from .distributed import barrier, init_distributed
-from .inference import Translation, autocast_for, mixed_precision_dtype
+from .inference import Translation, autocast_for, precision_provenance
 from .modelconfig import validate_config
 from .networks import build_cnn
 from .normalise import denormalise, normalise
@@ -166,15 +166,12 @@ def predict_rish(rish_3t: np.ndarray, mask: np.ndarray, bundle: Bundle,
         raise ValueError(f"rish_3t must be (X, Y, Z, {n}) matching the mask {mask.shape}, got {rish_3t.shape}")
     x, _, crop = to_model_grid(normalise(rish_3t, mask, norm), mask, grid, cfg["translation"]["crop_margin"])
     net = bundle.networks[STAGE]
-    dtype = mixed_precision_dtype(device, precision)
     with autocast_for(device, precision=precision):
         out = net(x.view(1, n, *grid).to(device, memory_format=torch.channels_last_3d)).float().cpu()
     pred = denormalise(from_model_grid(out.view(n, 1, *grid), crop, norm["background"]), mask, norm)
     reference = denormalise(from_model_grid(x, crop, norm["background"]), mask, norm)
     provenance = {"Method": STAGE, "ModelName": cfg["name"], "ModelGrid": list(grid),
                   "RISHOrders": list(cfg["orders"]), "Device": str(device),
-                  "MixedPrecision": dtype is not None,
-                  "Precision": "float32" if dtype is None else f"{str(dtype).removeprefix('torch.')} autocast",
-                  "CropBox": crop.as_list(),
+                  **precision_provenance(device, precision), "CropBox": crop.as_list(),
                   "ElapsedSeconds": round(time.perf_counter() - start, 3)}
     return Translation(pred, None, reference, provenance)

@@ -49,6 +49,14 @@ def mixed_precision_dtype(device: torch.device, precision: str = "auto") -> torc
     return torch.bfloat16
 
 
+def precision_provenance(device: torch.device, precision: str = "auto") -> dict[str, Any]:
+    """Sidecar record of the arithmetic :func:`autocast_for` uses: ``MixedPrecision`` (bool) and
+    ``Precision`` (``"float32"`` or e.g. ``"bfloat16 autocast"``)."""
+    dtype = mixed_precision_dtype(device, precision)
+    return {"MixedPrecision": dtype is not None,
+            "Precision": "float32" if dtype is None else f"{str(dtype).removeprefix('torch.')} autocast"}
+
+
 def autocast_for(device: torch.device, enabled: bool = True, precision: str = "auto"):
     """Autocast context of ``precision`` on ``device`` (:func:`mixed_precision_dtype`); a no-op
     when that is float32 or when not ``enabled``."""
@@ -197,7 +205,6 @@ def _translate(rish_3t, mask, bundle, device, seed, num_samples, t0, guidance, d
 
     y = normalise(rish_3t, mask, norm)
     x, _, crop = to_model_grid(y, mask, grid, tr["crop_margin"])
-    dtype = mixed_precision_dtype(device, precision)
     z3 = encode(bundle, x, "vqvae3t", device, precision)           # (n_orders, C, ...)
     with torch.no_grad():
         recon = decode(bundle, z3, "vqvae3t", device, precision)
@@ -237,8 +244,7 @@ def _translate(rish_3t, mask, bundle, device, seed, num_samples, t0, guidance, d
         "GuidanceScale": w_l, "DDIMSteps": steps, "Seed": seed, "NumSamples": num_samples,
         "SamplingEta": eta, "LinearGain7T": gain_7t.tolist(), "LinearGain3T": gain_3t.tolist(),
         "InversionClass": tr["invert_class"], "Requantise": tr["requantise"],
-        "Device": str(device), "MixedPrecision": dtype is not None,
-        "Precision": "float32" if dtype is None else f"{str(dtype).removeprefix('torch.')} autocast",
+        "Device": str(device), **precision_provenance(device, precision),
         "CropBox": crop.as_list(), "ElapsedSeconds": round(time.perf_counter() - start, 3),
     }
     return Translation(mean.astype(np.float32), std, recon_3t, provenance)
