@@ -1,8 +1,6 @@
 #!/usr/bin/env python3
 """BIDS App entry point: the same command as the ``bids-dmri-ldm`` console script."""
-import sys
-
-from bids_dmri_ldm.cli.run import main
+from bids_dmri_ldm.cli.run import console_main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    console_main()

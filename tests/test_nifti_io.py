@@ -113,3 +113,19 @@ def test_failed_write_leaves_the_old_file(tmp_path):
         nio.write_nifti_volumes(target, (2, 2, 2), AFFINE, 2, iter([np.zeros((2, 2, 2))]))
     assert target.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["x.nii.gz"]
+
+
+@pytest.mark.parametrize("suffix", [".nii", ".nii.gz"])
+@pytest.mark.parametrize("every_voxel", [True, False])
+def test_read_channels_at_every_voxel_or_some(tmp_path, suffix, every_voxel):
+    """``(C, n)`` rows in Fortran order as nibabel reads them; every voxel of an uncompressed
+    float32 file is a view of its memory map (no copy), else a fresh array."""
+    rng = np.random.default_rng(3)
+    data = rng.standard_normal((5, 4, 3, 6)).astype(np.float32)
+    path = nio.save_array(data, np.eye(4), tmp_path / f"c{suffix}")
+    voxels = np.arange(60) if every_voxel else np.array([0, 7, 59])
+    got = nio.read_channels_at(nib.load(path), voxels)
+    expected = data.reshape(60, 6, order="F").T[:, voxels]
+    np.testing.assert_array_equal(got, expected)
+    assert got.shape == (6, voxels.size) and got.flags.c_contiguous
+    assert isinstance(got.base, np.memmap) == (every_voxel and suffix == ".nii")

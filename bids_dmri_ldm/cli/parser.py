@@ -264,6 +264,18 @@ def _build_parser() -> BidsArgumentParser:
     return parser
 
 
+def start_workers_early() -> None:
+    """Start the participant level's worker server (:func:`~bids_dmri_ldm.workflows.execution.start_worker_server`)
+    once the command line is known to be valid, so that its imports (~2 s on 2 cores) overlap the
+    main process's own (torch for the device check, nipype, the dataset index); nothing when the
+    workflows are not installed (the level then fails with its own message)."""
+    try:
+        from ..workflows.execution import start_worker_server
+    except ModuleNotFoundError:
+        return
+    start_worker_server()
+
+
 def parse_args(argv: Sequence[str] | None = None) -> RunConfig:
     """Parse and validate the command line.
 
@@ -332,6 +344,8 @@ def parse_args(argv: Sequence[str] | None = None) -> RunConfig:
 
     nprocs = opts.nprocs or _available_cpus()
     omp_nthreads = opts.omp_nthreads or max(1, min(8, nprocs))
+    if opts.analysis_level == "participant" and nprocs > 1 and not opts.reports_only:
+        start_workers_early()  # the workers' imports run beside the device check's below
     device = device_type(opts.device)
 
     database_dir = None

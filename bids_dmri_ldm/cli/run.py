@@ -299,5 +299,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EX_FAILURE
 
 
+def console_main() -> None:
+    """Entry point of the ``bids-dmri-ldm`` command and of ``run.py``: :func:`main`, then exit
+    without the interpreter's teardown.
+
+    When :func:`main` returns, every output is in place (written to a temporary name and renamed)
+    and closed; what the teardown would still do is free the memory of the loaded modules and
+    objects (torch, dipy, nipype, pybids): ~1 s on 2 cores, measured. The exit handlers
+    (:mod:`atexit`: logging's flush and close, multiprocessing's and tempfile's clean-up) run
+    first, then the standard streams are flushed and the process ends with main's status.
+    """
+    import atexit
+
+    code = main()
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # closed or broken pipe: nothing more can be written
+            pass
+    os._exit(code)
+
+
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    console_main()

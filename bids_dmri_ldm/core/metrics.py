@@ -7,10 +7,8 @@ inside the mask; FA from dipy's ``TensorModel`` (WLS) with the same mask for eve
 from __future__ import annotations
 
 import numpy as np
-import torch
 from dipy.core.gradients import gradient_table
 from dipy.reconst.dti import TensorModel
-from monai.metrics.regression import compute_ssim_and_cs
 
 from .gradients import B0_THRESHOLD
 
@@ -32,6 +30,11 @@ def ssim3d(pred: np.ndarray, ref: np.ndarray, mask: np.ndarray, sigma: float = 1
     Voxels outside the mask are zeroed in both volumes first; the window shrinks (odd size) for
     volumes smaller than it.
     """
+    # torch and MONAI (~3 s to import on 2 cores) only here: the participant report imports this
+    # module for its tensor fits and needs neither.
+    import torch
+    from monai.metrics.regression import compute_ssim_and_cs
+
     mask = np.asarray(mask, dtype=bool)
     r_in = np.asarray(ref, dtype=np.float64)[mask]
     data_range = float(r_in.max() - r_in.min()) if r_in.size else 0.0

@@ -170,8 +170,8 @@ class SeparableResampler:
         volume = np.asarray(volume, dtype=np.float32)
         w0, w1, w2 = self._torch_weights()
         if volume.flags.f_contiguous and not volume.flags.c_contiguous:
-            return self._separable(_read_only_tensor(volume.T), w2, w1, w0).T
-        return self._separable(_read_only_tensor(np.ascontiguousarray(volume)), w0, w1, w2)
+            return self._separable(read_only_tensor(volume.T), w2, w1, w0).T
+        return self._separable(read_only_tensor(np.ascontiguousarray(volume)), w0, w1, w2)
 
     @staticmethod
     def _separable(x: torch.Tensor, wa: torch.Tensor, wb: torch.Tensor, wc: torch.Tensor) -> np.ndarray:
@@ -189,7 +189,7 @@ class SeparableResampler:
         return self._weights_t
 
 
-def _read_only_tensor(array: np.ndarray) -> torch.Tensor:
+def read_only_tensor(array: np.ndarray) -> torch.Tensor:
     """A tensor sharing ``array``'s memory, which may be a read-only memory map: the tensor is
     only read, so torch's warning about non-writable arrays does not apply."""
     with warnings.catch_warnings():

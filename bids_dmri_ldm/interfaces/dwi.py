@@ -75,7 +75,9 @@ class LoadDWI(StepInterface):
     output_spec = _LoadDWIOutputSpec
 
     def _run_step(self, runtime):
-        self._results.update(steps.load_dwi_step(self.inputs.dwi_file, self.inputs.plan_file, runtime.cwd))
+        # the record beside the node folder, like the rebuild's report samples
+        self._results.update(steps.load_dwi_step(self.inputs.dwi_file, self.inputs.plan_file, runtime.cwd,
+                                                 source_record=Path(runtime.cwd).parent / steps.SOURCE_COPY))
         prior = list(self.inputs.prior_warnings) if isdefined(self.inputs.prior_warnings) else []
         self._results["warnings"] = prior + list(self._results.get("warnings", []))
         return runtime

@@ -362,8 +362,14 @@ def read_channel(img: nib.Nifti1Image, c: int) -> np.ndarray:
 def read_channels_at(img: nib.Nifti1Image, voxels: np.ndarray) -> np.ndarray:
     """``(C, len(voxels))`` float32: the channels of a 3D/4D image at Fortran-order flat indices,
     read one channel at a time (an uncompressed ``.nii`` is memory-mapped); each row is
-    contiguous."""
+    contiguous. Every voxel of an uncompressed, unscaled float32 image: a read-only view of its
+    memory map, no copy (the channels of a NIfTI file are its rows already)."""
     n_channels = 1 if len(img.shape) == 3 else int(img.shape[3])
+    n_voxels = int(np.prod(img.shape[:3]))
+    if voxels.size == n_voxels and img.get_data_dtype() == np.float32:
+        data = np.asanyarray(img.dataobj)  # a memory map when unscaled, float32 and uncompressed
+        if isinstance(data, np.memmap) and data.dtype == np.float32:
+            return data.reshape((n_voxels, n_channels), order="F").T
     out = np.empty((n_channels, voxels.size), dtype=np.float32)
     data = img.dataobj
     for c in range(n_channels):

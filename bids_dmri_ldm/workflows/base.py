@@ -42,6 +42,7 @@ import itertools
 import logging
 import os
 import re
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -386,15 +387,20 @@ def write_reports(output_dir: str | os.PathLike, runs: Sequence[DWIRun], statuse
     ``work_dir``: where the rebuild steps left the samples they recorded for the report
     (:class:`~bids_dmri_ldm.interfaces.steps.ReportSamples`), so that the report does not
     inflate each 7T-like DWI again; a sample is used only for the exact file it was recorded for.
+    There too, the load steps' records of their uncompressed copies of the source volumes
+    (:func:`~bids_dmri_ldm.interfaces.steps.inputs.write_source_copy_record`), from which the
+    report reads the 3T signal instead of inflating each source again.
 
     Returns
     -------
     list of Path
         The reports written.
     """
-    from ..interfaces.steps import REPORT_SAMPLES
+    from ..interfaces.steps import REPORT_SAMPLES, SOURCE_COPY
 
-    samples = sorted((Path(work_dir) / "bids_dmri_ldm_wf").rglob(REPORT_SAMPLES)) if work_dir else []
+    found = Path(work_dir) / "bids_dmri_ldm_wf" if work_dir else None
+    samples = sorted(found.rglob(REPORT_SAMPLES)) if found else []
+    copies = sorted(found.rglob(SOURCE_COPY)) if found else []
     labels: dict[str, None] = {}
     for run in runs:
         label = _subject(run)
@@ -405,7 +411,7 @@ def write_reports(output_dir: str | os.PathLike, runs: Sequence[DWIRun], statuse
         try:
             from ..reports import build_participant_report
 
-            written.append(build_participant_report(output_dir, label, sample_files=samples))
+            written.append(build_participant_report(output_dir, label, sample_files=samples, source_copies=copies))
         except Exception as err:  # noqa: BLE001 - a report never fails the run
             LOGGER.warning("sub-%s: the participant report could not be written (%s: %s); the derivatives "
                            "are complete, rerun with --reports-only to retry", label, type(err).__name__, err)
@@ -416,6 +422,21 @@ def _settings_diff(recorded: dict, wanted: dict) -> str:
     diffs = [f"{k}: {recorded.get(k)!r} vs {wanted.get(k)!r}" for k in sorted(set(recorded) | set(wanted))
              if recorded.get(k) != wanted.get(k)]
     return "; ".join(diffs) or "unknown difference"
+
+
+def _import_report_modules_meanwhile() -> None:
+    """Import what the participant reports need (matplotlib, dipy's tensor model: ~1 s on 2
+    cores) in a background thread while the workflow runs (this process only waits for its
+    workers then), instead of after it. An import that fails here fails again, and is reported,
+    when the report is made."""
+    def _import() -> None:
+        try:
+            import bids_dmri_ldm.core.metrics  # noqa: F401 - dipy's TensorModel, for the report's FA
+            import bids_dmri_ldm.reports  # noqa: F401
+        except Exception:  # noqa: BLE001 - see the docstring
+            LOGGER.debug("report modules not imported in advance", exc_info=True)
+
+    threading.Thread(target=_import, name="import-report-modules", daemon=True).start()
 
 
 def _execute(plans: list[RunPlan], config: RunConfig, settings: dict[str, Any], invocation: str) -> None:
@@ -450,6 +471,7 @@ def _execute(plans: list[RunPlan], config: RunConfig, settings: dict[str, Any], 
         plugin = WorkerPoolPlugin(plugin_args)
     else:
         plugin = "Linear"
+    _import_report_modules_meanwhile()
     # nipype's MultiProc calls gc.collect() on every scheduling pass; with torch, pybids and
     # sqlalchemy loaded that is ~0.7 s each. Freezing the objects alive now (they live for the
     # whole run anyway) keeps those collections to the objects made since.

@@ -54,6 +54,24 @@ HANG_NODE_ENV = "BIDS_DMRI_LDM_TEST_HANG_NODE"
 """Environment variable of the hanging-node test hook (see the module docstring)."""
 
 
+#: Modules the forkserver imports once, so that each worker forked from it starts ready to run a
+#: step (numpy, nibabel, nipype, torch: ~2 s on 2 cores). Importing runs no torch kernel, so no
+#: OpenMP pool or CUDA state exists yet to be inherited (why forkserver and not fork).
+WORKER_PRELOAD = ("bids_dmri_ldm.interfaces.dwi", "bids_dmri_ldm.interfaces.bids")
+
+
+def start_worker_server() -> None:
+    """Start this process's forkserver now, with :data:`WORKER_PRELOAD`, so that its imports run
+    beside the main process's own start (indexing the dataset, planning the runs) instead of
+    after it, when the first node is sent. Returns at once (the server imports in the
+    background); nothing happens when it already runs."""
+    import multiprocessing as mp
+    from multiprocessing import forkserver
+
+    mp.get_context("forkserver").set_forkserver_preload(list(WORKER_PRELOAD))
+    forkserver.ensure_running()
+
+
 class WorkerDiedError(RuntimeError):
     """A worker process ended while running a node (killed, or crashed in native code)."""
 
@@ -192,12 +210,8 @@ class WorkerPoolPlugin(MultiProcPlugin):
 
         self._context = mp.get_context(self.plugin_args.get("mp_context"))
         if self.plugin_args.get("mp_context") == "forkserver":
-            # The forkserver imports the steps (numpy, nibabel, nipype, torch: ~2 s) once and
-            # forks each worker from it ready to run, instead of every worker importing them
-            # when its first node arrives. Importing runs no torch kernel, so no OpenMP pool or
-            # CUDA state exists yet to be inherited (why forkserver and not fork). Ignored when
-            # this process's forkserver is already running.
-            self._context.set_forkserver_preload(["bids_dmri_ldm.interfaces.dwi", "bids_dmri_ldm.interfaces.bids"])
+            # ignored when this process's forkserver already runs (start_worker_server)
+            self._context.set_forkserver_preload(list(WORKER_PRELOAD))
         self._idle: list[_Worker] = []
         self._busy: dict[int, _Worker] = {}
         self._failed: dict[int, dict[str, Any]] = {}

@@ -14,6 +14,7 @@ from bids_dmri_ldm.reports import build_participant_report, participant
 from bids_dmri_ldm.reports.html import report_section
 from bids_dmri_ldm.reports.participant import (
     find_derivative,
+    find_gradient_file,
     load_run,
     regenerate_reports,
     summary_numbers,
@@ -236,3 +237,47 @@ def test_report_uses_the_rebuilds_samples_of_that_exact_file(dataset, tmp_path, 
         fallback = load_run(dwi, extra={"sample_files": [stale]})
     assert "rebuild's samples" not in caplog.text
     np.testing.assert_allclose(fallback.fa_out, read.fa_out, atol=1e-5, equal_nan=True)
+
+
+def test_report_reads_the_source_signal_from_the_load_steps_copy(dataset, tmp_path, caplog):
+    """A load step's uncompressed copy of the source volumes (write_source_copy_record) gives the
+    report the same input FA as inflating the source; a copy of a source changed since, or one
+    without the volumes needed, is ignored."""
+    import os
+
+    from bids_dmri_ldm.interfaces.steps.inputs import write_source_copy_record
+
+    dwi, source = Path(dataset["dwi"]), Path(dataset["source"])
+    src = nib.load(source)
+    values = np.asarray(src.dataobj, dtype=np.float32)
+    keep = list(range(src.shape[3]))
+    copy = tmp_path / "dwi_read.nii"
+    nib.save(nib.Nifti1Image(values, src.affine), copy)
+    record = write_source_copy_record(tmp_path / "source_copy.json", source, copy, keep)
+    read = load_run(dwi)
+    with caplog.at_level(logging.DEBUG, logger="bids_dmri_ldm.reports"):
+        reused = load_run(dwi, extra={"source_copies": [record]})
+    assert "source signal of" in caplog.text
+    assert reused.problems == read.problems == {}
+    assert np.isfinite(reused.fa_in).sum() > 100
+    np.testing.assert_allclose(reused.fa_in, read.fa_in, atol=1e-5, equal_nan=True)
+    anisotropic = np.nan_to_num(read.fa_in) > 0.2  # elsewhere the direction is ill-defined
+    assert anisotropic.sum() > 10
+    np.testing.assert_allclose(np.abs(reused.evec_in[anisotropic]), np.abs(read.evec_in[anisotropic]), atol=1e-4)
+
+    partial = tmp_path / "partial.nii"  # the first b0, which the report fits, is not in this copy
+    assert np.loadtxt(find_gradient_file(source, ".bval"))[0] < 50
+    nib.save(nib.Nifti1Image(values[..., 1:], src.affine), partial)
+    without = write_source_copy_record(tmp_path / "partial.json", source, partial, keep[1:])
+
+    def ignored(stale):
+        caplog.clear()
+        with caplog.at_level(logging.DEBUG, logger="bids_dmri_ldm.reports"):
+            fallback = load_run(dwi, extra={"source_copies": [stale]})
+        np.testing.assert_allclose(fallback.fa_in, read.fa_in, atol=1e-5, equal_nan=True)
+        return "source signal of" not in caplog.text
+
+    assert ignored(without)
+    stat = source.stat()
+    os.utime(source, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # the source changed since
+    assert ignored(record)

@@ -1,6 +1,7 @@
 """The plain functions behind the participant-level interfaces, without nipype, on tiny NIfTIs."""
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -370,3 +371,20 @@ def test_rebuild_records_the_report_samples_of_the_written_file(tmp_path, intege
     b0 = np.flatnonzero(np.loadtxt(out["bval_file"]) < 50)
     assert list(b0) == [0, n_dirs + 1]
     np.testing.assert_allclose(mean_b0, values[..., b0].mean(-1), rtol=1e-6, atol=half_quantum + 1e-3)
+
+
+def test_load_dwi_records_its_copy_of_the_source_for_the_report(tmp_path):
+    """The load step's record names the source as it is (resolved path, size, modification time)
+    and its uncompressed copy, whose volumes are the source's volumes read, in that order."""
+    (dwi, bval, bvec), _, _, _ = band_limited_run(tmp_path)
+    work = tmp_path / "work"
+    sel = steps.select_shells_step(dwi, bval, bvec, steps.ShellOptions().to_dict(), work)
+    out = steps.load_dwi_step(dwi, sel["plan_file"], work, source_record=tmp_path / steps.SOURCE_COPY)
+    record = json.loads((tmp_path / steps.SOURCE_COPY).read_text())
+    plan, _ = steps.read_plan(sel["plan_file"])
+    stat = Path(dwi).stat()
+    assert record == {"source": str(Path(dwi).resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
+                      "copy": str(Path(out["dwi_file"]).resolve()), "read_index": [int(t) for t in plan.read_index]}
+    assert not record["copy"].endswith(".gz")
+    np.testing.assert_allclose(np.asanyarray(nib.load(record["copy"]).dataobj),
+                               nib.load(dwi).get_fdata()[..., plan.read_index], rtol=1e-6)

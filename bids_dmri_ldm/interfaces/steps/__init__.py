@@ -23,6 +23,7 @@ from __future__ import annotations
 from ...errors import InputDataError
 from .fit import SHELL_PROVENANCE_KEYS, fit_rish_step, predict_scale_step
 from .inputs import (
+    SOURCE_COPY,
     InputSummary,
     ShellOptions,
     check_run_inputs,
@@ -40,6 +41,7 @@ from .resample import resample_step, scale_sh_step, stack_channels
 
 __all__ = [
     "REPORT_SAMPLES",
+    "SOURCE_COPY",
     "SHELL_PROVENANCE_KEYS",
     "InputDataError",
     "InputSummary",

@@ -272,7 +272,27 @@ def iter_stored_volumes(dwi_file: str | os.PathLike):
         raise InputDataError(f"{name}: cannot read the image data, the file is corrupt or truncated ({short_error(err)})") from None
 
 
-def load_dwi_step(dwi_file: str, plan_file: str, out_dir: str | os.PathLike) -> dict[str, Any]:
+#: File name of the record of :func:`load_dwi_step`'s copy of the source volumes (beside its work
+#: folder), read by the participant report (:func:`write_source_copy_record`).
+SOURCE_COPY = "source_copy.json"
+
+
+def write_source_copy_record(path: str | os.PathLike, source: str | os.PathLike, copy: str | os.PathLike,
+                             read_index) -> str:
+    """Record that ``copy`` (an uncompressed ``.nii``) holds the image values of volumes
+    ``read_index`` (ascending) of ``source``, as the source file is now (its resolved path, size
+    and modification time): the participant report reads the 3T signal it shows from the copy
+    (memory-mapped) instead of inflating the source again, and only while the source is unchanged.
+    NaN/Inf of the source are 0 in the copy."""
+    stat = os.stat(source)
+    record = {"source": str(Path(source).resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
+              "copy": str(Path(copy).resolve()), "read_index": [int(t) for t in read_index]}
+    atomic_write_json(Path(path), record)
+    return str(path)
+
+
+def load_dwi_step(dwi_file: str, plan_file: str, out_dir: str | os.PathLike,
+                  source_record: str | os.PathLike | None = None) -> dict[str, Any]:
     """Read the volumes the run needs (:attr:`~bids_dmri_ldm.core.shells.VolumePlan.read_index`),
     replace NaN/Inf by 0 and record where they were; streamed volume by volume.
 
@@ -289,7 +309,8 @@ def load_dwi_step(dwi_file: str, plan_file: str, out_dir: str | os.PathLike) -> 
         ``mean_b0_file``, ``mean_dwi_file`` (mean of the lowest shell's volumes; helps the
         automatic mask tell air from tissue), ``bad_voxels_file`` (uint8, 1 where any volume read
         was NaN/Inf), ``n_bad_voxels``, ``warnings`` (list of one-line messages, also logged),
-        ``integer_input`` (the source is stored as integers).
+        ``integer_input`` (the source is stored as integers). With ``source_record`` (a path),
+        the copy is recorded there for the report (:func:`write_source_copy_record`).
     """
     plan, _ = read_plan(plan_file)
     name = Path(dwi_file).name
@@ -339,6 +360,8 @@ def load_dwi_step(dwi_file: str, plan_file: str, out_dir: str | os.PathLike) -> 
         warnings.append(f"{Path(dwi_file).name}: {n_bad} voxel(s) with NaN/Inf values are set to 0 and left out "
                         "of the brain mask")
         LOGGER.warning("%s", warnings[-1])
+    if source_record:
+        write_source_copy_record(source_record, dwi_file, dwi_path, sorted(keep))
     mean_dwi = sums["dwi"] / max(1, len(for_mask)) if for_mask else sums["b0"] / len(b0s)
     return {
         "dwi_file": str(dwi_path),

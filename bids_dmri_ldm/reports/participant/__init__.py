@@ -70,6 +70,7 @@ def build_participant_report(
     runs_info: Iterable[str | Path | Mapping | RunData] | None = None,
     logger: logging.Logger | None = None,
     sample_files: Sequence[str | Path] = (),
+    source_copies: Sequence[str | Path] = (),
 ) -> Path:
     """Write ``OUTPUT_DIR/sub-<label>.html`` from a participant's derivatives.
 
@@ -91,6 +92,10 @@ def build_participant_report(
         Samples recorded by the rebuild step while it wrote the outputs
         (:class:`~bids_dmri_ldm.interfaces.steps.ReportSamples`); a run whose 7T-like DWI is
         the file one of them was recorded for is not read again.
+    source_copies : sequence of path-like
+        Records of uncompressed copies of source volumes made by the load step
+        (:func:`~bids_dmri_ldm.interfaces.steps.inputs.write_source_copy_record`); a run whose
+        3T source is unchanged since one of them was made reads its signal from the copy.
 
     Returns
     -------
@@ -111,6 +116,7 @@ def build_participant_report(
             continue
         extra = dict(item) if isinstance(item, Mapping) else {"dwi": item}
         extra.setdefault("sample_files", tuple(sample_files))
+        extra.setdefault("source_copies", tuple(source_copies))
         try:
             runs.append(load_run(extra.pop("dwi"), output_dir, extra, logger))
         except Exception as exc:  # noqa: BLE001 - a bad run must not stop the report

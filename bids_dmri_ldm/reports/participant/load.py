@@ -431,7 +431,9 @@ def _load_source_fa(run: RunData, output_dir: Path, dwi_path: Path, out_affine: 
     in_ijk = np.rint(nib.affines.apply_affine(np.linalg.inv(img.affine), world)).astype(int)
     inside = np.all((in_ijk >= 0) & (in_ijk < np.array(img.shape[:3])), axis=1)
     unique, inverse = np.unique(in_ijk[inside], axis=0, return_inverse=True)
-    signals, _ = read_voxels(img, unique, selection.index)
+    signals = _signals_from_copy(source, extra.get("source_copies", ()), img.shape, unique, selection.index)
+    if signals is None:
+        signals, _ = read_voxels(img, unique, selection.index)
     fa, evec = fit_tensor_at(signals, bvals[selection.index], selection.bvecs[selection.index])
     ornt = nib.orientations.io_orientation(img.affine)
     shape = run.mask.shape
@@ -440,3 +442,39 @@ def _load_source_fa(run: RunData, output_dir: Path, dwi_path: Path, out_affine: 
     target = tuple(out_ijk[inside].T)
     run.fa_in[target] = fa[inverse.ravel()]
     run.evec_in[target] = _canonical_vectors(evec, ornt)[inverse.ravel()]
+
+
+def _signals_from_copy(source: Path, records: Sequence[str | Path], shape: tuple[int, ...], ijk: np.ndarray,
+                       volumes: Sequence[int]) -> np.ndarray | None:
+    """Signal ``(V, len(volumes))`` float32 of ``source`` at ``ijk`` (stored axes) read from an
+    uncompressed copy of its volumes the load step recorded
+    (:func:`~bids_dmri_ldm.interfaces.steps.inputs.write_source_copy_record`: the same resolved
+    path, size and modification time, every volume wanted in it), memory-mapped; None when no
+    record fits (the source is then read, inflated once)."""
+    if not records:
+        return None
+    try:
+        stat = source.stat()
+        resolved = str(source.resolve())
+    except OSError:
+        return None
+    for record_path in records:
+        try:
+            record = json.loads(Path(record_path).read_text())
+            if (record["source"], record["size"], record["mtime_ns"]) != (resolved, stat.st_size, stat.st_mtime_ns):
+                continue
+            column = {int(t): c for c, t in enumerate(record["read_index"])}
+            if any(int(v) not in column for v in volumes):
+                continue
+            copy = nib.load(record["copy"], mmap=True)
+            if tuple(copy.shape) != (*shape[:3], len(column)):
+                continue
+            # image values stored unscaled (slope 1, no intercept): a memory map, read voxel by voxel
+            data = np.asanyarray(copy.dataobj)
+            columns = [column[int(v)] for v in volumes]
+            signals = np.asarray(data[tuple(np.asarray(ijk).T)][:, columns], dtype=np.float32)
+        except (OSError, KeyError, TypeError, ValueError, json.JSONDecodeError):
+            continue
+        LOGGER.debug("report: source signal of %s from its copy %s", source.name, record["copy"])
+        return signals
+    return None
