@@ -59,16 +59,23 @@ HANG_NODE_ENV = "BIDS_DMRI_LDM_TEST_HANG_NODE"
 #: OpenMP pool or CUDA state exists yet to be inherited (why forkserver and not fork).
 WORKER_PRELOAD = ("bids_dmri_ldm.interfaces.dwi", "bids_dmri_ldm.interfaces.bids")
 
+#: What a method's scale-map node imports besides the steps (the learned methods' networks and
+#: MONAI: ~2.5 s on 2 cores, else paid by the worker while the run waits for that node).
+METHOD_PRELOAD = {"ldm": ("bids_dmri_ldm.ml.networks", "bids_dmri_ldm.ml.inference"),
+                  "cnn": ("bids_dmri_ldm.ml.networks", "bids_dmri_ldm.ml.inference")}
 
-def start_worker_server() -> None:
-    """Start this process's forkserver now, with :data:`WORKER_PRELOAD`, so that its imports run
-    beside the main process's own start (indexing the dataset, planning the runs) instead of
-    after it, when the first node is sent. Returns at once (the server imports in the
-    background); nothing happens when it already runs."""
+
+def start_worker_server(method: str | None = None) -> None:
+    """Start this process's forkserver now, with :data:`WORKER_PRELOAD` (and what ``method``'s
+    node needs, :data:`METHOD_PRELOAD`), so that its imports run beside the main process's own
+    start (indexing the dataset, planning the runs) instead of after it, when the first node is
+    sent. Returns at once (the server imports in the background); nothing happens when it
+    already runs."""
     import multiprocessing as mp
     from multiprocessing import forkserver
 
-    mp.get_context("forkserver").set_forkserver_preload(list(WORKER_PRELOAD))
+    preload = list(WORKER_PRELOAD) + list(METHOD_PRELOAD.get(str(method), ()))
+    mp.get_context("forkserver").set_forkserver_preload(preload)
     forkserver.ensure_running()
 
 
