@@ -407,14 +407,19 @@ def write_reports(output_dir: str | os.PathLike, runs: Sequence[DWIRun], statuse
         if label and not statuses.get(_run_key(run), "failed").startswith("failed"):
             labels[label] = None
     written = []
-    for label in labels:
-        try:
-            from ..reports import build_participant_report
+    gc.freeze()  # the modules and objects alive now outlive the reports: not rescanned by each collection
+    try:
+        for label in labels:
+            try:
+                from ..reports import build_participant_report
 
-            written.append(build_participant_report(output_dir, label, sample_files=samples, source_copies=copies))
-        except Exception as err:  # noqa: BLE001 - a report never fails the run
-            LOGGER.warning("sub-%s: the participant report could not be written (%s: %s); the derivatives "
-                           "are complete, rerun with --reports-only to retry", label, type(err).__name__, err)
+                written.append(build_participant_report(output_dir, label, sample_files=samples,
+                                                        source_copies=copies))
+            except Exception as err:  # noqa: BLE001 - a report never fails the run
+                LOGGER.warning("sub-%s: the participant report could not be written (%s: %s); the derivatives "
+                               "are complete, rerun with --reports-only to retry", label, type(err).__name__, err)
+    finally:
+        gc.unfreeze()
     return written
 
 

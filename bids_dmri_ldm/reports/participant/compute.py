@@ -103,7 +103,7 @@ def fit_tensor_at(
         # non-finite input voxels (NaN/inf in a raw scan) would break the whole OLS fit
         # (in place on one float64 copy: three copies of a few hundred MB cost ~1 s at HCP size)
         clean = np.array(signals, np.float64)
-        np.nan_to_num(clean, copy=False, nan=0.0, posinf=0.0, neginf=0.0)
+        clean[~np.isfinite(clean)] = 0.0
         np.clip(clean, 1e-6, None, out=clean)
         fa, evec = tensor_fit(clean, bvals, bvecs, fit_method="OLS", dtype=np.float64)
     return fa, np.nan_to_num(evec)
