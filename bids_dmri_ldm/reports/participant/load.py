@@ -263,20 +263,21 @@ def load_run(
     mask, mask_affine, _ = loaded
     run.mask = np.asarray(mask) > 0
     shape = run.mask.shape
-    for role in ("rish_source", "rish_predicted", "scale", "uncertainty"):
-        path = find_derivative(dwi_path, role)
-        if path is None:
-            if role != "uncertainty":
-                run.problems[role] = "derivative not found"
-            continue
-        setattr(run, role, attempt(role, _load_map, path, shape))
-    # The two DWI reads (inflating a .nii.gz is most of the report's time) run side by side:
-    # ISA-L and numpy release the GIL. The shell is settled first, so both fit the same one.
+    # The two tensor fits (and their DWI reads) run in two threads while this one reads the maps:
+    # ISA-L, numpy and dipy's fit release the GIL. The shell is settled first, so both fit the
+    # same one.
     run.shell_bval = _output_shell(run, dwi_path)
     with ThreadPoolExecutor(max_workers=2) as pool:
         jobs = [pool.submit(attempt, "fa_out", _load_output_dwi, run, dwi_path, mask_affine,
                             extra.get("sample_files", ())),
                 pool.submit(attempt, "fa_in", _load_source_fa, run, output_dir, dwi_path, mask_affine, extra)]
+        for role in ("rish_source", "rish_predicted", "scale", "uncertainty"):
+            path = find_derivative(dwi_path, role)
+            if path is None:
+                if role != "uncertainty":
+                    run.problems[role] = "derivative not found"
+                continue
+            setattr(run, role, attempt(role, _load_map, path, shape))
         for job in jobs:
             job.result()
     return run
