@@ -224,7 +224,6 @@ class _ScaleSHInputSpec(StepInputSpec):
 
 
 class _ScaleSHOutputSpec(TraitedSpec):
-    sh_files = traits.List(File(exists=True), desc="scaled SH coefficients (Eq. 3) per fitted shell")
     scale_file = File(exists=True, desc="scale maps, 1 outside the mask, 3 volumes per shell")
     rish_source_file = File(exists=True, desc="source RISH on the output grid, every voxel, 3 volumes per shell")
     rish_predicted_file = File(exists=True, desc="predicted RISH on the output grid, every voxel, 3 volumes per shell")
@@ -232,7 +231,8 @@ class _ScaleSHOutputSpec(TraitedSpec):
 
 
 class ScaleSH(StepInterface):
-    """C_hat_lm = lambda_l C_lm (Eq. 3; lambda = 1 outside the mask) and the RISH maps, shell by shell."""
+    """The RISH maps of C_lm and of C_hat_lm = lambda_l C_lm (Eq. 3; lambda = 1 outside the mask)
+    and the scale maps, shell by shell, as derivatives (the rebuild scales its own coefficients)."""
 
     input_spec = _ScaleSHInputSpec
     output_spec = _ScaleSHOutputSpec
@@ -249,7 +249,9 @@ class _RebuildInputSpec(StepInputSpec):
     s0_file = File(exists=True, mandatory=True, desc="S0 on the output grid")
     dwi_file = File(exists=True, mandatory=True, desc="volumes read (LoadDWI), on the input grid")
     mean_b0_file = File(exists=True, mandatory=True, desc="mean b0, on the input grid")
-    sh_files = traits.List(File(exists=True), mandatory=True, desc="scaled SH per fitted shell, output grid")
+    sh_files = traits.List(File(exists=True), mandatory=True, desc="SH per fitted shell, output grid")
+    scale_files = traits.List(File(exists=True), desc="scale maps per fitted shell, output grid (Eq. 3 "
+                              "applied here; none: the SH as given)")
     mask_file = File(exists=True, mandatory=True, desc="brain mask on the output grid")
     plan_file = File(exists=True, mandatory=True)
     bval_file = File(exists=True, mandatory=True, desc="b-values of the output volumes")
@@ -283,5 +285,7 @@ class RebuildDWI(StepInterface):
                                                 skull_strip=bool(inputs.skull_strip),
                                                 # beside the node folder: nipype removes files in it
                                                 # that are not outputs used downstream
-                                                report_samples=Path(runtime.cwd).parent / steps.REPORT_SAMPLES))
+                                                report_samples=Path(runtime.cwd).parent / steps.REPORT_SAMPLES,
+                                                scale_files=list(inputs.scale_files)
+                                                if isdefined(inputs.scale_files) else None))
         return runtime

@@ -51,9 +51,9 @@ def init_dwi_7tlike_wf(
     per shell: normalise S/S0 + SH fit + RISH (Eq. 1) in every voxel -> per shell, the method's
     scale maps lambda (Eq. 2) where the shell is translated, 1 where it is passed through (and
     outside the mask) -> resample S0, SH, lambda and mask to ``output_resolution`` (cubic
-    B-spline; the mask linear + 0.5 threshold) -> per shell, scale SH (Eq. 3) and take
-    source/predicted RISH there -> write the output table volume by volume: rebuilt from its
-    shell's SH on its direction, or an input b0 (or a volume of a shell with too few
+    B-spline; the mask linear + 0.5 threshold) -> two steps side by side: per shell, scale SH
+    (Eq. 3) and take source/predicted RISH there; and write the output table volume by volume:
+    rebuilt from its shell's SH, scaled the same way, on its direction, or an input b0 (or a volume of a shell with too few
     directions) resampled, or the mean b0 (a given table's b0 rows). The mask only decides where
     lambda may differ from 1: no voxel of the field of view is lost, unless ``skull_strip``.
     Only file paths pass between nodes; shells are processed one at a time inside each node
@@ -148,10 +148,10 @@ def init_dwi_7tlike_wf(
         (predict_scale, resample, [("scale_files", "scale_files")]),
         (brain_mask, resample, [("mask_file", "mask_file")]),
         (resample, scale_sh, [("sh_files", "sh_files"), ("scale_files", "scale_files"), ("mask_file", "mask_file")]),
-        (resample, rebuild, [("s0_file", "s0_file"), ("mask_file", "mask_file")]),
+        (resample, rebuild, [("s0_file", "s0_file"), ("mask_file", "mask_file"), ("sh_files", "sh_files"),
+                             ("scale_files", "scale_files")]),
         (load_dwi, rebuild, [("dwi_file", "dwi_file"), ("mean_b0_file", "mean_b0_file"),
                              ("integer_input", "integer_output")]),
-        (scale_sh, rebuild, [("sh_files", "sh_files")]),
         (select_shells, rebuild, [("plan_file", "plan_file"), ("bval_file", "bval_file"),
                                   ("bvec_file", "bvec_file")]),
         (rebuild, outputnode, [("dwi_file", "dwi_file"), ("bval_file", "bval_file"), ("bvec_file", "bvec_file"),

@@ -43,8 +43,10 @@ def test_dwi_wf_graph():
     assert ("brain_mask", "fit_rish") not in edges
     for edge in [("select_shells", "load_dwi"), ("select_shells", "fit_rish"), ("select_shells", "rebuild"), ("load_dwi", "brain_mask"), ("load_dwi", "fit_rish"),
                  ("brain_mask", "predict_scale"), ("fit_rish", "predict_scale"), ("predict_scale", "resample"), ("fit_rish", "resample"),
-                 ("resample", "scale_sh"), ("resample", "rebuild"), ("scale_sh", "rebuild"), ("rebuild", "outputnode")]:
+                 ("resample", "scale_sh"), ("resample", "rebuild"), ("rebuild", "outputnode")]:
         assert edge in edges, edge
+    # The rebuild applies Eq. 3 itself: it runs beside the RISH maps' step, not after it.
+    assert ("scale_sh", "rebuild") not in edges
     assert wf.get_node("resample").inputs.voxel_size == 1.05
 
 

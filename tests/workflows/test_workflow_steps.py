@@ -199,9 +199,11 @@ def _scale_file(work, lam, shape):
     return scale_file
 
 
-def _rebuild(fitted, loaded, scaled, mask_file, sel, work, **kwargs):
-    return steps.rebuild_step(fitted["s0_file"], loaded["dwi_file"], loaded["mean_b0_file"], scaled["sh_files"],
-                              mask_file, sel["plan_file"], sel["bval_file"], sel["bvec_file"], 4, work, **kwargs)
+def _rebuild(fitted, loaded, scale_files, mask_file, sel, work, **kwargs):
+    """The rebuild of the workflow: the fitted SH and the scale maps (Eq. 3 applied there)."""
+    return steps.rebuild_step(fitted["s0_file"], loaded["dwi_file"], loaded["mean_b0_file"], fitted["sh_files"],
+                              mask_file, sel["plan_file"], sel["bval_file"], sel["bvec_file"], 4, work,
+                              scale_files=scale_files, **kwargs)
 
 
 @pytest.mark.parametrize("lam", [(1.0, 1.0, 1.0), (0.9, 0.6, 0.3)])
@@ -214,11 +216,12 @@ def test_fit_scale_rebuild_known_answer(tmp_path, lam):
     fitted = steps.fit_rish_step(loaded["dwi_file"], sel["plan_file"], 4, work)
     assert len(fitted["sh_files"]) == len(fitted["rish_files"]) == 1
     np.testing.assert_allclose(np.asanyarray(nib.load(fitted["sh_files"][0]).dataobj), coeffs, atol=1e-5)
-    scaled = steps.scale_sh_step(fitted["sh_files"], [_scale_file(work, lam, data.shape[:3])], mask_file, 4, work)
+    scale_files = [_scale_file(work, lam, data.shape[:3])]
+    scaled = steps.scale_sh_step(fitted["sh_files"], scale_files, mask_file, 4, work)
     rish_src = np.asanyarray(nib.load(scaled["rish_source_file"]).dataobj)
     rish_pred = np.asanyarray(nib.load(scaled["rish_predicted_file"]).dataobj)
     np.testing.assert_allclose(rish_pred, rish_src * np.square(lam), rtol=1e-5)  # Eq. 1-3
-    out = _rebuild(fitted, loaded, scaled, mask_file, sel, work)
+    out = _rebuild(fitted, loaded, scale_files, mask_file, sel, work)
     rebuilt = np.asanyarray(nib.load(out["dwi_file"]).dataobj)
     per_coeff = np.asarray(lam)[[{0: 0, 2: 1, 4: 2}[int(l)] for l in l_values]]
     basis = sh_basis(np.loadtxt(bvec).T[2:], 4)[0]
@@ -241,8 +244,8 @@ def test_lambda_only_inside_the_mask_and_every_voxel_rebuilt(tmp_path, skull_str
     fitted = steps.fit_rish_step(loaded["dwi_file"], sel["plan_file"], 4, work)
     np.testing.assert_allclose(np.asanyarray(nib.load(fitted["sh_files"][0]).dataobj), coeffs, atol=1e-5)  # every voxel
     lam = np.asarray((0.9, 0.6, 0.3), np.float32)
-    scaled = steps.scale_sh_step(fitted["sh_files"], [_scale_file(work, lam, data.shape[:3])], mask_file, 4,
-                                 work / "s", skull_strip=skull_strip)
+    scale_files = [_scale_file(work, lam, data.shape[:3])]
+    scaled = steps.scale_sh_step(fitted["sh_files"], scale_files, mask_file, 4, work / "s", skull_strip=skull_strip)
     inside = mask > 0
     written_scale = np.asanyarray(nib.load(scaled["scale_file"]).dataobj)
     np.testing.assert_allclose(written_scale[inside], np.broadcast_to(lam, (inside.sum(), 3)))
@@ -255,7 +258,7 @@ def test_lambda_only_inside_the_mask_and_every_voxel_rebuilt(tmp_path, skull_str
     else:
         np.testing.assert_allclose(rish_pred[~inside], rish_src[~inside], rtol=1e-6)
         assert np.all(rish_src[..., 0] > 0)
-    out = _rebuild(fitted, loaded, scaled, mask_file, sel, work / "r", skull_strip=skull_strip)
+    out = _rebuild(fitted, loaded, scale_files, mask_file, sel, work / "r", skull_strip=skull_strip)
     rebuilt = np.asanyarray(nib.load(out["dwi_file"]).dataobj)
     per_coeff = lam[[{0: 0, 2: 1, 4: 2}[int(l)] for l in l_values]]
     basis = sh_basis(np.loadtxt(bvec).T[2:], 4)[0]
@@ -356,8 +359,7 @@ def test_rebuild_records_the_report_samples_of_the_written_file(tmp_path, intege
     mask_file = _ones_mask(tmp_path, shape)
     fitted = steps.fit_rish_step(loaded["dwi_file"], sel["plan_file"], 4, work)
     lam = _scale_file(work, (0.9, 0.6, 0.3), shape)
-    scaled = steps.scale_sh_step(fitted["sh_files"], [lam, lam], mask_file, 4, work)
-    out = _rebuild(fitted, loaded, scaled, mask_file, sel, work / "r", integer_output=integer_output,
+    out = _rebuild(fitted, loaded, [lam, lam], mask_file, sel, work / "r", integer_output=integer_output,
                    report_samples=work / steps.REPORT_SAMPLES)
     img = nib.load(out["dwi_file"])
     assert img.get_data_dtype() == (np.int16 if integer_output else np.float32)
@@ -388,3 +390,30 @@ def test_load_dwi_records_its_copy_of_the_source_for_the_report(tmp_path):
     assert not record["copy"].endswith(".gz")
     np.testing.assert_allclose(np.asanyarray(nib.load(record["copy"]).dataobj),
                                nib.load(dwi).get_fdata()[..., plan.read_index], rtol=1e-6)
+
+
+def test_rebuild_scales_exactly_as_the_coefficients_scaled_beforehand(tmp_path):
+    """Eq. 3 inside the rebuild (scale_files) writes the very bytes of a rebuild from coefficients
+    scaled beforehand with lambda = max(scale, 0) in the mask and 1 outside (negative and
+    out-of-mask scale values included)."""
+    (dwi, bval, bvec), data, _, l_values = band_limited_run(tmp_path, shape=(6, 5, 4))
+    work = tmp_path / "w"
+    sel, loaded = _select_and_load(dwi, bval, bvec, work)
+    mask = np.zeros(data.shape[:3], np.uint8)
+    mask[1:5, 1:4, :3] = 1
+    mask_file = _save_mask(tmp_path, mask, AFFINE, "partial")
+    fitted = steps.fit_rish_step(loaded["dwi_file"], sel["plan_file"], 4, work)
+    scale = np.random.default_rng(5).uniform(-0.2, 1.5, data.shape[:3] + (3,)).astype(np.float32)
+    scale_file = str(work / "scale_any.nii")
+    nib.save(nib.Nifti1Image(scale, AFFINE), scale_file)
+    lam = np.where(mask[..., None] > 0, np.maximum(scale, 0.0), 1.0).astype(np.float32)
+    sh = np.asanyarray(nib.load(fitted["sh_files"][0]).dataobj).astype(np.float32)
+    slots = [{0: 0, 2: 1, 4: 2}[int(l)] for l in l_values]
+    prescaled = str(work / "sh_prescaled.nii")
+    nib.save(nib.Nifti1Image((sh * lam[..., slots]).astype(np.float32), AFFINE), prescaled)
+    inside = _rebuild(fitted, loaded, [scale_file], mask_file, sel, work / "inside")
+    given = steps.rebuild_step(fitted["s0_file"], loaded["dwi_file"], loaded["mean_b0_file"], [prescaled], mask_file,
+                               sel["plan_file"], sel["bval_file"], sel["bvec_file"], 4, work / "given")
+    np.testing.assert_array_equal(np.asanyarray(nib.load(inside["dwi_file"]).dataobj),
+                                  np.asanyarray(nib.load(given["dwi_file"]).dataobj))
+    assert not np.allclose(np.asanyarray(nib.load(inside["dwi_file"]).dataobj)[..., 2:], data[..., 2:], rtol=1e-3)

@@ -14,7 +14,8 @@ import numpy as np
 
 from ...core.display import stored_display_voxels
 from ...core.gradients import b0_mask
-from ...core.rebuild import int16_slope, output_basis, output_volumes
+from ...core.rebuild import int16_slope, output_basis, output_volumes, sh_l_values
+from ...core.sh import RISH_ORDERS, order_slots, scale_coefficient
 from ...core.resample import SeparableResampler
 from ...core.shells import MEAN_B0, VolumePlan
 from ...io.nifti import read_channels_at, save_array, write_nifti_volumes
@@ -24,7 +25,8 @@ from .inputs import read_plan
 def rebuild_step(s0_file: str, dwi_file: str, mean_b0_file: str, sh_files: list[str], mask_file: str,
                  plan_file: str, bval_file: str, bvec_file: str, sh_order_max: int, out_dir: str | os.PathLike,
                  integer_output: bool = False, skull_strip: bool = False,
-                 report_samples: str | os.PathLike | None = None) -> dict[str, str]:
+                 report_samples: str | os.PathLike | None = None,
+                 scale_files: list[str] | None = None) -> dict[str, str]:
     """Write the 7T-like DWI on the output table, volume by volume in its order, in every voxel of
     the output grid (outside the brain mask lambda = 1, so the source signal is carried there);
     with ``skull_strip`` every volume is zero outside the mask.
@@ -38,7 +40,11 @@ def rebuild_step(s0_file: str, dwi_file: str, mean_b0_file: str, sh_files: list[
     * the input's mean b0, resampled, clipped >= 0 (the b0 rows of a given table).
 
     ``s0_file``, ``sh_files`` (per fitted shell, ascending b) and ``mask_file`` are on the output
-    grid; ``dwi_file`` (the volumes read, :func:`load_dwi_step`) and ``mean_b0_file`` may be on
+    grid; with ``scale_files`` (the shells' scale maps on the output grid, as resampled) Eq. 3 is
+    applied here, ``C_hat = lambda_l C`` with ``lambda = max(scale, 0)`` inside the mask and 1
+    outside (:func:`scale_by_maps`, the values :func:`~bids_dmri_ldm.interfaces.steps.scale_sh_step`
+    takes its predicted RISH from), so that the two steps run side by side; without them the
+    coefficients are used as given; ``dwi_file`` (the volumes read, :func:`load_dwi_step`) and ``mean_b0_file`` may be on
     the input grid, in which case each carried volume is resampled (cubic B-spline) as it is
     written. Memory is bounded: the coefficients ``(n_voxels, K)`` of every fitted shell over the
     rebuilt region (the whole grid, or the mask with ``skull_strip``) and a few output volumes
@@ -61,6 +67,9 @@ def rebuild_step(s0_file: str, dwi_file: str, mean_b0_file: str, sh_files: list[
     region = mask if skull_strip else np.ones(shape, dtype=bool)
     voxels = np.flatnonzero(region.ravel(order="F"))  # NIfTI (Fortran) order of the written volumes
     coeffs = [read_channels_at(nib.load(f), voxels) for f in sh_files]  # (K, n_region) per shell
+    if scale_files:
+        inside = mask.ravel(order="F")[voxels]
+        coeffs = [scale_by_maps(c, nib.load(f), voxels, inside, sh_order_max) for c, f in zip(coeffs, scale_files)]
     s0 = read_channels_at(nib.load(s0_file), voxels)[0]
     basis = output_basis(plan.out_bvecs, plan.out_shell, sh_order_max)
     carried = _CarriedVolumes(plan, nib.load(dwi_file), nib.load(mean_b0_file), shape, affine)
@@ -84,6 +93,20 @@ def rebuild_step(s0_file: str, dwi_file: str, mean_b0_file: str, sh_files: list[
         "bvec_file": str(bvec_file),
         "mask_file": save_array(mask.astype(np.uint8), affine, out_dir / "brain_mask.nii.gz", np.uint8),
     }
+
+
+def scale_by_maps(coeffs: np.ndarray, scale_img: nib.Nifti1Image, voxels: np.ndarray, inside: np.ndarray,
+                  sh_order_max: int, orders: tuple[int, ...] = RISH_ORDERS) -> np.ndarray:
+    """Eq. 3 on ``coeffs (K, n)`` (the coefficients at Fortran-order flat ``voxels``): a new
+    ``(K, n)`` float32 array ``lambda_l C_lm``, with ``lambda = max(scale, 0)`` where ``inside``
+    (the brain mask at those voxels) and 1 elsewhere; ``scale_img`` holds ``len(orders)`` maps."""
+    lam = read_channels_at(scale_img, voxels)  # (n_orders, n)
+    lam = np.where(inside, np.maximum(lam, 0.0), 1.0).astype(np.float32, copy=False)
+    scaled = np.array(coeffs, dtype=np.float32)  # a copy: ``coeffs`` may be a read-only memory map
+    for c, slot in enumerate(order_slots(sh_l_values(sh_order_max), orders)):
+        if slot is not None:
+            scaled[c] = scale_coefficient(scaled[c], lam.T, slot)  # lam.T: (n, n_orders), orders last
+    return scaled
 
 
 #: File name of the rebuild's :class:`ReportSamples` (beside its work folder).

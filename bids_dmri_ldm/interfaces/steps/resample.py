@@ -56,8 +56,12 @@ def resample_step(in_file: str, voxel_size: float | None, out_dir: str | os.Path
 def scale_sh_step(sh_files: list[str], scale_files: list[str], mask_file: str, sh_order_max: int,
                   out_dir: str | os.PathLike, orders: tuple[int, ...] = RISH_ORDERS,
                   skull_strip: bool = False, std_files: list[str] | None = None) -> dict[str, Any]:
-    """Apply each fitted shell's scale maps to its SH coefficients (Eq. 3) on the output grid, in
-    every voxel, one shell at a time; then stack the shells' maps into the derivatives.
+    """The derivative maps of Eq. 3 on the output grid, in every voxel, one shell at a time: each
+    fitted shell's scale maps applied to its SH coefficients, the RISH maps of the source and of
+    the scaled coefficients, stacked into the derivatives. The scaled coefficients themselves are
+    not written: the rebuild applies the same Eq. 3 to its own
+    (:func:`~bids_dmri_ldm.interfaces.steps.rebuild_step` with ``scale_files``), so the two steps
+    run side by side.
 
     lambda is taken inside the brain mask and is 1 outside it, where the source coefficients pass
     unchanged (the scale file holds, outside the mask, the nearest value inside —
@@ -71,8 +75,7 @@ def scale_sh_step(sh_files: list[str], scale_files: list[str], mask_file: str, s
     Returns
     -------
     dict
-        ``sh_files`` (scaled coefficients per shell, ``.nii``), and the derivative-ready
-        ``.nii.gz`` images ``scale_file`` (lambda inside the mask, 1 outside),
+        The derivative-ready ``.nii.gz`` images ``scale_file`` (lambda inside the mask, 1 outside),
         ``rish_source_file`` and ``rish_predicted_file`` (defined in every voxel; 0 outside the
         mask with ``skull_strip``) and, given ``std_files``, ``std_file``: ``len(orders)``
         volumes per shell, the shells in the order given (ascending b).
@@ -82,14 +85,13 @@ def scale_sh_step(sh_files: list[str], scale_files: list[str], mask_file: str, s
     mask_img = nib.load(mask_file)
     mask = np.asanyarray(mask_img.dataobj) > 0
     affine, shape = mask_img.affine, tuple(int(n) for n in mask_img.shape[:3])
-    scaled_files, per_shell = [], {"scale": [], "rish_source": [], "rish_predicted": []}
+    per_shell = {"scale": [], "rish_source": [], "rish_predicted": []}
     for k, (sh_file, scale_file) in enumerate(zip(sh_files, scale_files)):
         parts = _scale_one_shell(sh_file, scale_file, mask, sh_order_max, orders, skull_strip,
                                  out_dir / f"shell{k}")
-        scaled_files.append(parts.pop("sh_file"))
         for key, path in parts.items():
             per_shell[key].append(path)
-    out = {"sh_files": scaled_files}
+    out = {}
     names = {"scale": "scale_maps.nii.gz", "rish_source": "rish_source.nii.gz",
              "rish_predicted": "rish_predicted.nii.gz"}
     for key, name in names.items():
@@ -115,13 +117,13 @@ def _scale_one_shell(sh_file: str, scale_file: str, mask: np.ndarray, sh_order_m
     rish_source = np.zeros(shape + (len(orders),), dtype=np.float32, order="F")
     rish_predicted = np.zeros(shape + (len(orders),), dtype=np.float32, order="F")
     coefficients = (read_channel(img, c) for c in range(len(l_values)))
-    scaled_channels = scale_channels(coefficients, l_values, lam, orders, rish_source, rish_predicted)
-    sh_path = write_nifti_volumes(out_dir / "sh_scaled.nii", shape, affine, len(l_values), scaled_channels)
+    for _ in scale_channels(coefficients, l_values, lam, orders, rish_source, rish_predicted):
+        pass  # the RISH maps accumulate as the scaled coefficients pass; the rebuild scales its own
     if skull_strip:
         rish_source[~mask] = 0.0
         rish_predicted[~mask] = 0.0
+    out_dir.mkdir(parents=True, exist_ok=True)
     return {
-        "sh_file": str(sh_path),
         "scale": write_channels(lam, affine, out_dir / "scale.nii"),
         "rish_source": write_channels(rish_source, affine, out_dir / "rish_source.nii"),
         "rish_predicted": write_channels(rish_predicted, affine, out_dir / "rish_predicted.nii"),
