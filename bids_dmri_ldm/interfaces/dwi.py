@@ -224,6 +224,8 @@ class _ScaleSHInputSpec(StepInputSpec):
 
 
 class _ScaleSHOutputSpec(TraitedSpec):
+    sh_files = traits.List(File(), desc="not produced since the rebuild scales its own coefficients; "
+                           "kept so that results cached in a work folder by earlier versions still load")
     scale_file = File(exists=True, desc="scale maps, 1 outside the mask, 3 volumes per shell")
     rish_source_file = File(exists=True, desc="source RISH on the output grid, every voxel, 3 volumes per shell")
     rish_predicted_file = File(exists=True, desc="predicted RISH on the output grid, every voxel, 3 volumes per shell")
