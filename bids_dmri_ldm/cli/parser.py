@@ -264,7 +264,7 @@ def _build_parser() -> BidsArgumentParser:
     return parser
 
 
-def start_workers_early() -> None:
+def start_workers_early(method: str) -> None:
     """Start the participant level's worker server (:func:`~bids_dmri_ldm.workflows.execution.start_worker_server`)
     once the command line is known to be valid, so that its imports (~2 s on 2 cores) overlap the
     main process's own (torch for the device check, nipype, the dataset index); nothing when the
@@ -273,7 +273,7 @@ def start_workers_early() -> None:
         from ..workflows.execution import start_worker_server
     except ModuleNotFoundError:
         return
-    start_worker_server()
+    start_worker_server(method)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> RunConfig:
@@ -345,7 +345,7 @@ def parse_args(argv: Sequence[str] | None = None) -> RunConfig:
     nprocs = opts.nprocs or _available_cpus()
     omp_nthreads = opts.omp_nthreads or max(1, min(8, nprocs))
     if opts.analysis_level == "participant" and nprocs > 1 and not opts.reports_only:
-        start_workers_early()  # its imports run beside the device check's
+        start_workers_early(opts.method or default_method())  # its imports run beside the device check's
     device = device_type(opts.device)
 
     database_dir = None

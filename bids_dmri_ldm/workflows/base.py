@@ -488,13 +488,12 @@ def _execute(plans: list[RunPlan], config: RunConfig, settings: dict[str, Any], 
         _set_crash_dir(run_wf, _crash_dir(config, plan, invocation))
         top.add_nodes([run_wf])
     if config.nprocs > 1:
-        from .execution import METHOD_MODULES, WorkerPoolPlugin
+        from .execution import WorkerPoolPlugin
 
         # forkserver, not fork: a forked worker inherits torch's (OpenMP) thread pool and CUDA
         # state from the parent and can deadlock in the first threaded kernel it runs.
         limit = memory_limit(config)
-        plugin_args = {"n_procs": int(config.nprocs), "raise_insufficient": False, "mp_context": "forkserver",
-                       "worker_modules": METHOD_MODULES.get(str(config.method), ())}
+        plugin_args = {"n_procs": int(config.nprocs), "raise_insufficient": False, "mp_context": "forkserver"}
         if limit is not None:  # nodes' mem_gb (their estimates) are scheduled within it
             plugin_args["memory_gb"] = max(limit / GIB, 0.5)
         plugin = WorkerPoolPlugin(plugin_args)

@@ -59,40 +59,26 @@ HANG_NODE_ENV = "BIDS_DMRI_LDM_TEST_HANG_NODE"
 #: OpenMP pool or CUDA state exists yet to be inherited (why forkserver and not fork).
 WORKER_PRELOAD = ("bids_dmri_ldm.interfaces.dwi", "bids_dmri_ldm.interfaces.bids")
 
-#: What a method's scale-map node imports besides the steps (the learned methods' networks and
-#: MONAI: ~2.5 s on 2 cores). The first worker imports them in a background thread while it runs
-#: the run's first steps (reading, mask, SH fit: numpy, ISA-L and torch, which release the GIL),
-#: instead of the scale-map node paying them, or the worker server before any node can start.
-METHOD_MODULES = {"ldm": ("bids_dmri_ldm.ml.networks", "bids_dmri_ldm.ml.inference"),
+#: What a method's scale-map node imports besides the steps: the learned methods' networks and
+#: MONAI (~2.5 s on 2 cores). The worker server imports them too (it then forks workers ready for
+#: that node); imported instead by the node, or in a background thread of the first worker, they
+#: cost as much or more (the thread competed with the first steps: measured 2026-12-01).
+METHOD_PRELOAD = {"ldm": ("bids_dmri_ldm.ml.networks", "bids_dmri_ldm.ml.inference"),
                   "cnn": ("bids_dmri_ldm.ml.networks", "bids_dmri_ldm.ml.inference")}
 
 
-def start_worker_server() -> None:
-    """Start this process's forkserver now, with :data:`WORKER_PRELOAD`, so that its imports run
-    beside the main process's own start (indexing the dataset, planning the runs) instead of
-    after it, when the first node is sent. Returns at once (the server imports in the
-    background); nothing happens when it already runs."""
+def start_worker_server(method: str | None = None) -> None:
+    """Start this process's forkserver now, with :data:`WORKER_PRELOAD` (and what ``method``'s
+    scale-map node needs, :data:`METHOD_PRELOAD`), so that its imports run beside the main
+    process's own start (indexing the dataset, planning the runs) instead of after it, when the
+    first node is sent. Returns at once (the server imports in the background); nothing happens
+    when it already runs."""
     import multiprocessing as mp
     from multiprocessing import forkserver
 
-    mp.get_context("forkserver").set_forkserver_preload(list(WORKER_PRELOAD))
+    preload = list(WORKER_PRELOAD) + list(METHOD_PRELOAD.get(str(method), ()))
+    mp.get_context("forkserver").set_forkserver_preload(preload)
     forkserver.ensure_running()
-
-
-def _import_in_background(modules: tuple[str, ...]) -> None:
-    """Import ``modules`` in a daemon thread (a module that fails to import here fails again,
-    and is reported, where a node imports it)."""
-    import importlib
-    import threading
-
-    def _import() -> None:
-        for name in modules:
-            try:
-                importlib.import_module(name)
-            except Exception:  # noqa: BLE001 - see the docstring
-                LOGGER.debug("background import of %s failed", name, exc_info=True)
-
-    threading.Thread(target=_import, name="import-method-modules", daemon=True).start()
 
 
 class WorkerDiedError(RuntimeError):
@@ -160,14 +146,11 @@ def init_worker_logging(snapshot: dict[str, Any]) -> None:
     warnings.filters[:] = snapshot.get("warning_filters", warnings.filters)
 
 
-def _worker_main(conn: Connection, cwd: str, log_snapshot: dict[str, Any], modules: tuple[str, ...] = ()) -> None:
-    """Loop of one worker: receive ``(node, updatehash, taskid)``, send run_node's result dict;
-    ``modules`` are imported meanwhile (:data:`METHOD_MODULES`)."""
+def _worker_main(conn: Connection, cwd: str, log_snapshot: dict[str, Any]) -> None:
+    """Loop of one worker: receive ``(node, updatehash, taskid)``, send run_node's result dict."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is handled by the main process
     process_initializer(cwd)
     init_worker_logging(log_snapshot)
-    if modules:
-        _import_in_background(tuple(modules))
     while True:
         try:
             message = conn.recv()
@@ -194,9 +177,9 @@ def _test_hooks(node_name: str) -> None:
 
 
 class _Worker:
-    def __init__(self, context, cwd: str, log_snapshot: dict[str, Any], modules: tuple[str, ...] = ()):
+    def __init__(self, context, cwd: str, log_snapshot: dict[str, Any]):
         self.conn, child = context.Pipe()
-        self.process = context.Process(target=_worker_main, args=(child, cwd, log_snapshot, tuple(modules)),
+        self.process = context.Process(target=_worker_main, args=(child, cwd, log_snapshot),
                                        name="bids-dmri-ldm-worker", daemon=True)
         self.process.start()
         child.close()
@@ -230,9 +213,6 @@ class WorkerPoolPlugin(MultiProcPlugin):
     def __init__(self, plugin_args: dict[str, Any] | None = None):
         plugin_args = dict(plugin_args or {})
         self._log_snapshot = plugin_args.pop("log_snapshot", None) or logging_snapshot()
-        # the first worker made (the one idle workers are taken back from, last in, first out,
-        # so the one that runs a run's chain of steps) imports these meanwhile
-        self._first_worker_modules = tuple(plugin_args.pop("worker_modules", ()))
         super().__init__(plugin_args=plugin_args)
         self.pool.shutdown(wait=False)  # MultiProc's executor (never started) is not used
         import multiprocessing as mp
@@ -251,7 +231,7 @@ class WorkerPoolPlugin(MultiProcPlugin):
         if getattr(node.interface, "terminal_output", "") == "stream":
             node.interface.terminal_output = "allatonce"
         taskid = self._taskid
-        worker = self._idle.pop() if self._idle else self._new_worker()
+        worker = self._idle.pop() if self._idle else _Worker(self._context, self._cwd, self._log_snapshot)
         try:
             try:
                 worker.conn.send((node, updatehash, taskid))
@@ -269,10 +249,6 @@ class WorkerPoolPlugin(MultiProcPlugin):
         self._busy[taskid] = worker
         self._task_obj[taskid] = worker
         return taskid
-
-    def _new_worker(self) -> _Worker:
-        modules, self._first_worker_modules = self._first_worker_modules, ()
-        return _Worker(self._context, self._cwd, self._log_snapshot, modules)
 
     def _get_result(self, taskid):
         if taskid in self._failed:
