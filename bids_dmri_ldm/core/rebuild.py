@@ -36,6 +36,25 @@ def sh_l_values(sh_order_max: int) -> np.ndarray:
     return sh_basis(np.array([[0.0, 0.0, 1.0]]), sh_order_max)[2]
 
 
+def lambda_in_mask(scale: np.ndarray, inside: np.ndarray) -> np.ndarray:
+    """The lambda of Eq. 3 from a scale map: ``max(scale, 0)`` where ``inside`` (the brain mask,
+    broadcast against ``scale``) and 1 elsewhere, float32. The scale files hold, outside the
+    mask, the nearest value inside (so that resampling does not blend lambda with 1 at the edge):
+    that value is never applied."""
+    return np.where(inside, np.maximum(scale, 0.0), 1.0).astype(np.float32, copy=False)
+
+
+def scale_rows(coeffs: np.ndarray, lam: np.ndarray, l_values: np.ndarray, orders: Sequence[int]) -> np.ndarray:
+    """Eq. 3 on coefficients stored as rows: ``coeffs (K, n)`` (:func:`sh_l_values` order),
+    ``lam (len(orders), n)``; a new ``(K, n)`` float32 array ``lambda_l C_lm`` (the same float32
+    products as :func:`scale_channels`)."""
+    scaled = np.array(coeffs, dtype=np.float32)  # a copy: ``coeffs`` may be a read-only memory map
+    for c, slot in enumerate(order_slots(l_values, orders)):
+        if slot is not None:
+            scaled[c] = scale_coefficient(scaled[c], lam.T, slot)  # lam.T: (n, n_orders), orders last
+    return scaled
+
+
 def scale_channels(channels: Iterable[np.ndarray], l_values: np.ndarray, lam: np.ndarray,
                    orders: Sequence[int], rish_source: np.ndarray, rish_predicted: np.ndarray
                    ) -> Iterator[np.ndarray]:

@@ -368,10 +368,8 @@ def read_channels_at(img: nib.Nifti1Image, voxels: np.ndarray) -> np.ndarray:
     memory map, no copy (the channels of a NIfTI file are its rows already)."""
     n_channels = 1 if len(img.shape) == 3 else int(img.shape[3])
     n_voxels = int(np.prod(img.shape[:3]))
-    if voxels.size == n_voxels and img.get_data_dtype() == np.float32:
-        data = np.asanyarray(img.dataobj)  # a memory map when unscaled, float32 and uncompressed
-        if isinstance(data, np.memmap) and data.dtype == np.float32:
-            return data.reshape((n_voxels, n_channels), order="F").T
+    if voxels.size == n_voxels and _memory_mapped_float32(img):
+        return np.asanyarray(img.dataobj).reshape((n_voxels, n_channels), order="F").T
     out = np.empty((n_channels, voxels.size), dtype=np.float32)
     data = img.dataobj
     for c in range(n_channels):
@@ -379,6 +377,15 @@ def read_channels_at(img: nib.Nifti1Image, voxels: np.ndarray) -> np.ndarray:
         flat = volume.ravel(order="F")
         out[c] = flat if voxels.size == flat.size else flat[voxels]  # all voxels: no gather
     return out
+
+
+def _memory_mapped_float32(img: nib.Nifti1Image) -> bool:
+    """Whether ``np.asanyarray(img.dataobj)`` is a float32 memory map of the file: an uncompressed
+    ``.nii`` of unscaled float32 values (decided from the header, nothing read)."""
+    filename = img.get_filename()
+    proxy = img.dataobj
+    return (bool(filename) and not is_gzip_path(filename) and img.get_data_dtype() == np.float32
+            and getattr(proxy, "is_proxy", False) and float(proxy.slope) == 1.0 and float(proxy.inter) == 0.0)
 
 
 def write_channels(values: np.ndarray, affine: np.ndarray, path: str | os.PathLike) -> str:

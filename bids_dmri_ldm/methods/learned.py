@@ -197,15 +197,14 @@ class CnnMethod(LearnedMethod):
         return predict_rish(rish, mask, self.bundle, device=self.device, precision=self.precision)
 
 
-def _torch_modules(method: Method):
-    """``(load_bundle, resolve_device, DeviceUnavailableError)``, or MethodUnavailableError when
-    PyTorch/MONAI are missing from this installation."""
+def _bundle_loader(method: Method):
+    """:func:`~bids_dmri_ldm.ml.bundle.load_bundle` (imports the networks: torch and MONAI), or
+    MethodUnavailableError when they are missing from this installation."""
     try:
         from ..ml.bundle import load_bundle
-        from ..ml.device import DeviceUnavailableError, resolve_device
     except ImportError as err:  # torch/monai missing from this installation
         raise MethodUnavailableError(f"--method {method.value} needs PyTorch and MONAI: {err}") from None
-    return load_bundle, resolve_device, DeviceUnavailableError
+    return load_bundle
 
 
 def _device(method: Method, options: MethodOptions):
@@ -268,7 +267,7 @@ def inspect_learned(method: Method, model_dir: Path | None, options: MethodOptio
 
 def _load_bundle_for(method: Method, model_dir: Path | None, options: MethodOptions):
     """Resolve, verify and load a learned method's bundle on the requested device."""
-    load_bundle, _, _ = _torch_modules(method)
+    load_bundle = _bundle_loader(method)
     import torch
 
     if options.omp_nthreads:

@@ -44,6 +44,7 @@ from nipype.pipeline.plugins.multiproc import (
     run_node,
 )
 
+from ..vocabulary import Method
 from .logs import route_nipype_logs
 
 LOGGER = logging.getLogger("bids_dmri_ldm.workflow")
@@ -63,8 +64,8 @@ WORKER_PRELOAD = ("bids_dmri_ldm.interfaces.dwi", "bids_dmri_ldm.interfaces.bids
 #: MONAI (~2.5 s on 2 cores). The worker server imports them too (it then forks workers ready for
 #: that node); imported instead by the node, or in a background thread of the first worker, they
 #: cost as much or more (the thread competed with the first steps: measured 2026-12-01).
-METHOD_PRELOAD = {"ldm": ("bids_dmri_ldm.ml.networks", "bids_dmri_ldm.ml.inference"),
-                  "cnn": ("bids_dmri_ldm.ml.networks", "bids_dmri_ldm.ml.inference")}
+METHOD_PRELOAD = {method.value: ("bids_dmri_ldm.ml.networks", "bids_dmri_ldm.ml.inference")
+                  for method in (Method.LDM, Method.CNN)}
 
 
 def start_worker_server(method: str | None = None) -> None:

@@ -14,9 +14,9 @@ import numpy as np
 
 from ...core.display import stored_display_voxels
 from ...core.gradients import b0_mask
-from ...core.rebuild import int16_slope, output_basis, output_volumes, sh_l_values
-from ...core.sh import RISH_ORDERS, order_slots, scale_coefficient
+from ...core.rebuild import int16_slope, lambda_in_mask, output_basis, output_volumes, scale_rows, sh_l_values
 from ...core.resample import SeparableResampler
+from ...core.sh import RISH_ORDERS
 from ...core.shells import MEAN_B0, VolumePlan
 from ...io.nifti import read_channels_at, save_array, write_nifti_volumes
 from .inputs import read_plan
@@ -44,8 +44,8 @@ def rebuild_step(s0_file: str, dwi_file: str, mean_b0_file: str, sh_files: list[
     applied here, ``C_hat = lambda_l C`` with ``lambda = max(scale, 0)`` inside the mask and 1
     outside (:func:`scale_by_maps`, the values :func:`~bids_dmri_ldm.interfaces.steps.scale_sh_step`
     takes its predicted RISH from), so that the two steps run side by side; without them the
-    coefficients are used as given; ``dwi_file`` (the volumes read, :func:`load_dwi_step`) and ``mean_b0_file`` may be on
-    the input grid, in which case each carried volume is resampled (cubic B-spline) as it is
+    coefficients are used as given. ``dwi_file`` (the volumes read, :func:`load_dwi_step`) and
+    ``mean_b0_file`` may be on the input grid, in which case each carried volume is resampled (cubic B-spline) as it is
     written. Memory is bounded: the coefficients ``(n_voxels, K)`` of every fitted shell over the
     rebuilt region (the whole grid, or the mask with ``skull_strip``) and a few output volumes
     are held, and the image is streamed to disk volume by volume (:func:`~bids_dmri_ldm.io.nifti.write_nifti_volumes`,
@@ -97,16 +97,11 @@ def rebuild_step(s0_file: str, dwi_file: str, mean_b0_file: str, sh_files: list[
 
 def scale_by_maps(coeffs: np.ndarray, scale_img: nib.Nifti1Image, voxels: np.ndarray, inside: np.ndarray,
                   sh_order_max: int, orders: tuple[int, ...] = RISH_ORDERS) -> np.ndarray:
-    """Eq. 3 on ``coeffs (K, n)`` (the coefficients at Fortran-order flat ``voxels``): a new
-    ``(K, n)`` float32 array ``lambda_l C_lm``, with ``lambda = max(scale, 0)`` where ``inside``
-    (the brain mask at those voxels) and 1 elsewhere; ``scale_img`` holds ``len(orders)`` maps."""
-    lam = read_channels_at(scale_img, voxels)  # (n_orders, n)
-    lam = np.where(inside, np.maximum(lam, 0.0), 1.0).astype(np.float32, copy=False)
-    scaled = np.array(coeffs, dtype=np.float32)  # a copy: ``coeffs`` may be a read-only memory map
-    for c, slot in enumerate(order_slots(sh_l_values(sh_order_max), orders)):
-        if slot is not None:
-            scaled[c] = scale_coefficient(scaled[c], lam.T, slot)  # lam.T: (n, n_orders), orders last
-    return scaled
+    """Eq. 3 on ``coeffs (K, n)`` (the coefficients at Fortran-order flat ``voxels``), with the
+    ``len(orders)`` maps of ``scale_img`` there (:func:`~bids_dmri_ldm.core.rebuild.lambda_in_mask`,
+    ``inside``: the brain mask at those voxels): a new ``(K, n)`` float32 array."""
+    lam = lambda_in_mask(read_channels_at(scale_img, voxels), inside)  # (n_orders, n)
+    return scale_rows(coeffs, lam, sh_l_values(sh_order_max), orders)
 
 
 #: File name of the rebuild's :class:`ReportSamples` (beside its work folder).

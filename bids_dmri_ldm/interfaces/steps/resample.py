@@ -8,7 +8,7 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
-from ...core.rebuild import scale_channels, sh_l_values
+from ...core.rebuild import lambda_in_mask, scale_channels, sh_l_values
 from ...core.resample import SeparableResampler, output_grid, resample_to_grid
 from ...core.sh import RISH_ORDERS
 from ...io.nifti import read_channel, save_array, write_channels, write_nifti_volumes
@@ -113,7 +113,7 @@ def _scale_one_shell(sh_file: str, scale_file: str, mask: np.ndarray, sh_order_m
     # elementwise pass over contiguous memory and is written without a transposing copy.
     lam = np.empty(shape + (len(orders),), dtype=np.float32, order="F")
     for c in range(len(orders)):
-        lam[..., c] = np.where(mask, np.maximum(read_channel(scale_img, c), 0.0), 1.0)
+        lam[..., c] = lambda_in_mask(read_channel(scale_img, c), mask)
     rish_source = np.zeros(shape + (len(orders),), dtype=np.float32, order="F")
     rish_predicted = np.zeros(shape + (len(orders),), dtype=np.float32, order="F")
     coefficients = (read_channel(img, c) for c in range(len(l_values)))
