@@ -265,10 +265,12 @@ def _build_parser() -> BidsArgumentParser:
 
 
 def start_workers_early(method: str) -> None:
-    """Start the participant level's worker server (:func:`~bids_dmri_ldm.workflows.execution.start_worker_server`)
-    once the command line is known to be valid, so that its imports (~2 s on 2 cores) overlap the
-    main process's own (torch for the device check, nipype, the dataset index); nothing when the
-    workflows are not installed (the level then fails with its own message)."""
+    """Start the participant level's worker server, and for a learned method its method worker
+    (:func:`~bids_dmri_ldm.workflows.execution.start_worker_server`), once the command line is
+    known to be valid, so that their imports (~2 s, and ~3 s for MONAI, on 2 cores) overlap the
+    main process's own (torch for the device check, nipype, the dataset index) and the first
+    steps; nothing when the workflows are not installed (the level then fails with its own
+    message)."""
     try:
         from ..workflows.execution import start_worker_server
     except ModuleNotFoundError:
@@ -276,13 +278,16 @@ def start_workers_early(method: str) -> None:
     start_worker_server(method)
 
 
-def parse_args(argv: Sequence[str] | None = None) -> RunConfig:
+def parse_args(argv: Sequence[str] | None = None, *, start_workers: bool = False) -> RunConfig:
     """Parse and validate the command line.
 
     Parameters
     ----------
     argv : sequence of str, optional
         Arguments without the program name (default: ``sys.argv[1:]``).
+    start_workers : bool
+        For a participant level on more than one process, start its worker processes once the
+        command line is valid (:func:`start_workers_early`); the command line's entry point does.
 
     Returns
     -------
@@ -344,7 +349,7 @@ def parse_args(argv: Sequence[str] | None = None) -> RunConfig:
 
     nprocs = opts.nprocs or _available_cpus()
     omp_nthreads = opts.omp_nthreads or max(1, min(8, nprocs))
-    if opts.analysis_level == "participant" and nprocs > 1 and not opts.reports_only:
+    if start_workers and opts.analysis_level == "participant" and nprocs > 1 and not opts.reports_only:
         start_workers_early(opts.method or default_method())  # its imports run beside the device check's
     device = device_type(opts.device)
 

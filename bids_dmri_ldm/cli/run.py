@@ -244,7 +244,7 @@ def _run_group_level(config: RunConfig) -> int:
 
 
 def _run(argv: Sequence[str]) -> int:
-    config = parse_args(argv)
+    config = parse_args(argv, start_workers=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     setup_logging(
         config.verbose,

@@ -27,11 +27,13 @@ Test hooks (environment variables read by the workers; tests only):
 """
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import pickle
 import signal
 import sys
+import threading
 import time
 import traceback
 import warnings
@@ -61,25 +63,72 @@ HANG_NODE_ENV = "BIDS_DMRI_LDM_TEST_HANG_NODE"
 WORKER_PRELOAD = ("bids_dmri_ldm.interfaces.dwi", "bids_dmri_ldm.interfaces.bids")
 
 #: What a method's scale-map node imports besides the steps: the learned methods' networks and
-#: MONAI (~2.5 s on 2 cores). The worker server imports them too (it then forks workers ready for
-#: that node); imported instead by the node, or in a background thread of the first worker, they
-#: cost as much or more (the thread competed with the first steps: measured 2026-12-01).
+#: MONAI (``import monai`` loads every MONAI subpackage: ~3.3 s on top of torch on 2 cores).
+#: Neither the worker server (every worker, and the first node, waited for it: 3.4 s before the
+#: first step) nor the node itself (3.3 s on the critical path) imports them: one *method worker*,
+#: forked from the server as soon as it runs, imports them while the first steps run and is kept
+#: for the scale-map node (:func:`start_worker_server`, :class:`WorkerPoolPlugin`). A background
+#: import thread in the first worker was measured too and slowed the load step (2026-12-01).
 METHOD_PRELOAD = {method.value: ("bids_dmri_ldm.ml.networks", "bids_dmri_ldm.ml.inference")
                   for method in (Method.LDM, Method.CNN)}
 
+_EARLY = {"lock": threading.Lock(), "workers": [], "threads": []}
+
 
 def start_worker_server(method: str | None = None) -> None:
-    """Start this process's forkserver now, with :data:`WORKER_PRELOAD` (and what ``method``'s
-    scale-map node needs, :data:`METHOD_PRELOAD`), so that its imports run beside the main
-    process's own start (indexing the dataset, planning the runs) instead of after it, when the
-    first node is sent. Returns at once (the server imports in the background); nothing happens
-    when it already runs."""
+    """Start this process's forkserver now, with :data:`WORKER_PRELOAD`, so that its imports run
+    beside the main process's own start (the device check, indexing the dataset, planning the
+    runs) instead of after it, when the first node is sent; for a method with
+    :data:`METHOD_PRELOAD`, also ask it (from a background thread) for one method worker that
+    imports those modules while the first steps run (:class:`WorkerPoolPlugin` adopts it and
+    sends it that method's scale-map node). Returns at once; the server is started once."""
     import multiprocessing as mp
     from multiprocessing import forkserver
 
-    preload = list(WORKER_PRELOAD) + list(METHOD_PRELOAD.get(str(method), ()))
-    mp.get_context("forkserver").set_forkserver_preload(preload)
+    context = mp.get_context("forkserver")
+    context.set_forkserver_preload(list(WORKER_PRELOAD))
     forkserver.ensure_running()
+    preload = METHOD_PRELOAD.get(str(method), ())
+    if not preload:
+        return
+    with _EARLY["lock"]:  # one waiting method worker at most (main() called again in one process)
+        _EARLY["threads"] = [t for t in _EARLY["threads"] if t.is_alive()]  # a finished one left its worker
+        stale = [w for w in _EARLY["workers"] if w.serves != str(method) or not w.process.is_alive()]
+        _EARLY["workers"] = [w for w in _EARLY["workers"] if w not in stale]
+        if _EARLY["threads"] or _EARLY["workers"]:
+            start = None
+        else:
+            start = threading.Thread(target=_start_early_worker, args=(context, str(method), preload),
+                                     name="bids-dmri-ldm-method-worker", daemon=True)
+            _EARLY["threads"].append(start)
+    for worker in stale:
+        worker.stop(kill=True)
+    if start is not None:
+        start.start()
+
+
+def _start_early_worker(context, method: str, preload: tuple[str, ...]) -> None:
+    # Process.start() waits until the server has imported its preload: in this thread, the main
+    # process goes on meanwhile
+    try:
+        worker = _Worker(context, preload=preload, serves=method)
+    except Exception:  # noqa: BLE001 - no method worker: the node imports what it needs itself
+        LOGGER.debug("no early method worker", exc_info=True)
+        return
+    with _EARLY["lock"]:
+        _EARLY["workers"].append(worker)
+
+
+def take_early_workers(timeout: float = 30.0) -> list[_Worker]:
+    """The method workers :func:`start_worker_server` asked for (waiting for their start, which
+    ends when the worker server has imported its modules), handed over once."""
+    with _EARLY["lock"]:
+        threads, _EARLY["threads"] = _EARLY["threads"], []
+    for thread in threads:
+        thread.join(timeout)
+    with _EARLY["lock"]:
+        workers, _EARLY["workers"] = _EARLY["workers"], []
+    return [worker for worker in workers if worker.process.is_alive()]
 
 
 class WorkerDiedError(RuntimeError):
@@ -147,9 +196,19 @@ def init_worker_logging(snapshot: dict[str, Any]) -> None:
     warnings.filters[:] = snapshot.get("warning_filters", warnings.filters)
 
 
-def _worker_main(conn: Connection, cwd: str, log_snapshot: dict[str, Any]) -> None:
-    """Loop of one worker: receive ``(node, updatehash, taskid)``, send run_node's result dict."""
+def _worker_main(conn: Connection, preload: tuple[str, ...] = ()) -> None:
+    """Loop of one worker: import ``preload``; receive ``(cwd, log snapshot)``, then
+    ``(node, updatehash, taskid)`` messages, each answered with run_node's result dict."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is handled by the main process
+    for module in preload:
+        try:
+            importlib.import_module(module)
+        except Exception:  # noqa: BLE001 - the node that needs it reports the failure itself
+            break
+    try:
+        cwd, log_snapshot = conn.recv()
+    except (EOFError, OSError):  # the main process has gone (or never adopted this worker)
+        return
     process_initializer(cwd)
     init_worker_logging(log_snapshot)
     while True:
@@ -178,14 +237,23 @@ def _test_hooks(node_name: str) -> None:
 
 
 class _Worker:
-    def __init__(self, context, cwd: str, log_snapshot: dict[str, Any]):
+    """One worker process and its pipe. ``preload``: modules it imports first; ``serves``: the
+    method whose scale-map node it is kept for (see :data:`METHOD_PRELOAD`), until it ran one."""
+
+    def __init__(self, context, preload: tuple[str, ...] = (), serves: str | None = None):
         self.conn, child = context.Pipe()
-        self.process = context.Process(target=_worker_main, args=(child, cwd, log_snapshot),
+        self.process = context.Process(target=_worker_main, args=(child, tuple(preload)),
                                        name="bids-dmri-ldm-worker", daemon=True)
         self.process.start()
         child.close()
         self.taskid: int | None = None
         self.node_name = ""
+        self.serves = serves
+
+    def initialise(self, cwd: str, log_snapshot: dict[str, Any]) -> "_Worker":
+        """Send the worker its working folder and logging (its first message)."""
+        self.conn.send((cwd, log_snapshot))
+        return self
 
     def stop(self, kill: bool = False) -> None:
         if self.process.is_alive():
@@ -225,6 +293,28 @@ class WorkerPoolPlugin(MultiProcPlugin):
         self._idle: list[_Worker] = []
         self._busy: dict[int, _Worker] = {}
         self._failed: dict[int, dict[str, Any]] = {}
+        self._kept: list[_Worker] = []  # method workers, until they run their method's node
+        if self.plugin_args.get("mp_context") == "forkserver":
+            for worker in take_early_workers():
+                try:
+                    self._kept.append(worker.initialise(self._cwd, self._log_snapshot))
+                except OSError:
+                    worker.stop(kill=True)
+
+    def _new_worker(self) -> _Worker:
+        return _Worker(self._context).initialise(self._cwd, self._log_snapshot)
+
+    def _worker_for(self, node) -> _Worker:
+        """The method worker kept for ``node``'s method if ``node`` computes scale maps, else an
+        idle worker, else a new one."""
+        from ..interfaces.dwi import PredictScaleMaps  # imported by the workflow already
+
+        method = node.interface.inputs.method if isinstance(node.interface, PredictScaleMaps) else None
+        for worker in self._kept:
+            if method is not None and worker.serves == str(method):
+                self._kept.remove(worker)
+                return worker
+        return self._idle.pop() if self._idle else self._new_worker()
 
     # -- MultiProc's executor interface -------------------------------------------------------
     def _submit_job(self, node, updatehash=False):
@@ -232,13 +322,13 @@ class WorkerPoolPlugin(MultiProcPlugin):
         if getattr(node.interface, "terminal_output", "") == "stream":
             node.interface.terminal_output = "allatonce"
         taskid = self._taskid
-        worker = self._idle.pop() if self._idle else _Worker(self._context, self._cwd, self._log_snapshot)
+        worker = self._worker_for(node)
         try:
             try:
                 worker.conn.send((node, updatehash, taskid))
             except OSError:  # the idle worker died meanwhile: a fresh one
                 worker.stop(kill=True)
-                worker = _Worker(self._context, self._cwd, self._log_snapshot)
+                worker = self._new_worker()
                 worker.conn.send((node, updatehash, taskid))
         except Exception:  # noqa: BLE001 - e.g. a node that cannot be pickled: that node fails
             self._idle.append(worker)
@@ -286,8 +376,8 @@ class WorkerPoolPlugin(MultiProcPlugin):
 
     # -- lifetime ------------------------------------------------------------------------------
     def _stop_workers(self, kill: bool) -> None:
-        workers = self._idle + list(self._busy.values())
-        self._idle, self._busy = [], {}
+        workers = self._idle + list(self._busy.values()) + self._kept
+        self._idle, self._busy, self._kept = [], {}, []
         for worker in workers:
             worker.stop(kill=kill)
 

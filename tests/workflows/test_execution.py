@@ -1,0 +1,92 @@
+"""The worker pool: the method worker started with the worker server is kept for the scale-map
+node of its method, has imported its modules before that node is sent, and ends with the pool."""
+import sys
+import time
+
+import pytest
+from nipype.interfaces.utility import Function, IdentityInterface
+from nipype.pipeline import engine as pe
+
+from bids_dmri_ldm.interfaces.dwi import PredictScaleMaps
+from bids_dmri_ldm.workflows import execution
+
+#: A standard-library module that neither nipype nor the package imports: the method worker's
+#: stand-in for MONAI and the networks (which cost ~3 s to import).
+PRELOADED = "tabnanny"
+
+
+def _imported(name):
+    import sys
+
+    return name in sys.modules
+
+
+def _result(plugin, taskid, timeout=60.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        result = plugin._get_result(taskid)
+        if result is not None:
+            return result
+        time.sleep(0.05)
+    raise AssertionError("no result from the worker")
+
+
+@pytest.fixture
+def plugin(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setitem(execution.METHOD_PRELOAD, "ldm", (PRELOADED,))
+    assert PRELOADED not in sys.modules
+    for leftover in execution.take_early_workers():  # from a command run earlier in this process
+        leftover.stop(kill=True)
+    execution.start_worker_server("ldm")
+    pool = execution.WorkerPoolPlugin({"n_procs": 2, "mp_context": "forkserver"})
+    yield pool
+    pool._stop_workers(kill=True)
+
+
+def _probe(tmp_path, name):
+    node = pe.Node(Function(input_names=["name"], output_names=["imported"], function=_imported), name=name)
+    node.inputs.name = PRELOADED
+    node.base_dir = str(tmp_path / "work")
+    return node
+
+
+def test_the_method_worker_waits_for_its_scale_map_node_with_its_modules_imported(plugin, tmp_path):
+    assert [worker.serves for worker in plugin._kept] == ["ldm"]
+    kept = plugin._kept[0]
+    other = plugin._worker_for(pe.Node(IdentityInterface(fields=["x"]), name="select_shells"))
+    assert other is not kept and plugin._kept == [kept]  # any other node: another worker
+    plugin._idle.append(other)
+    cnn = pe.Node(PredictScaleMaps(method="cnn"), name="predict_scale")
+    assert plugin._worker_for(cnn) is other and plugin._kept == [kept]  # another method's: not it
+    plugin._idle.append(other)
+    scale = pe.Node(PredictScaleMaps(method="ldm"), name="predict_scale")
+    assert plugin._worker_for(scale) is kept and plugin._kept == []
+    plugin._idle = [kept, other]
+
+    # the kept worker imported the method's modules; a worker forked from the server did not
+    for worker, expected in ((kept, True), (other, False)):
+        plugin._idle = [worker]
+        taskid = plugin._submit_job(_probe(tmp_path, f"probe_{int(expected)}"))
+        result = _result(plugin, taskid)
+        assert result["traceback"] is None, result["traceback"]
+        assert result["result"].outputs.imported is expected
+
+
+def test_pool_end_stops_a_method_worker_that_never_ran(plugin):
+    kept = list(plugin._kept)
+    assert len(kept) == 1 and kept[0].process.is_alive()
+    plugin._stop_workers(kill=False)
+    assert not kept[0].process.is_alive() and plugin._kept == []
+    assert execution.take_early_workers() == []  # handed over once
+
+
+def test_a_second_command_in_one_process_gets_one_method_worker(plugin):
+    execution.start_worker_server("ldm")
+    execution.start_worker_server("ldm")
+    extra = execution.take_early_workers()
+    try:
+        assert [worker.serves for worker in extra] == ["ldm"]
+    finally:
+        for worker in extra:
+            worker.stop(kill=True)
