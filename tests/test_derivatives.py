@@ -68,6 +68,31 @@ def test_atomic_writes_leave_old_file_on_failure(tmp_path, monkeypatch):
     assert json.loads((tmp_path / "x.json").read_text()) == {"a": [0, 1], "b": 1.5}
 
 
+def test_link_or_copy_shares_the_bytes_and_survives_a_rewrite_of_either_name(tmp_path, monkeypatch):
+    from bids_dmri_ldm.io import files
+
+    work = tmp_path / "work" / "dwi.nii.gz"
+    deriv.atomic_save_nifti(deriv.make_nifti(np.ones((2, 2, 2)), np.eye(4)), work)
+    target = tmp_path / "out" / "sub-01_dwi.nii.gz"
+    target.parent.mkdir()
+    target.write_bytes(b"an older output")
+    files.atomic_link_or_copy(work, target)
+    assert target.stat().st_ino == work.stat().st_ino and target.read_bytes() == work.read_bytes()
+    assert sorted(p.name for p in target.parent.iterdir()) == [target.name]  # no temp file left
+    first = work.read_bytes()
+    # a later run writes the work file again (atomically: a new inode): the output keeps its bytes
+    deriv.atomic_save_nifti(deriv.make_nifti(np.zeros((2, 2, 2)), np.eye(4)), work)
+    assert target.read_bytes() == first and work.read_bytes() != first
+
+    def no_links(src, dst):
+        raise OSError(18, "Invalid cross-device link")
+
+    monkeypatch.setattr(files.os, "link", no_links)  # another file system: a copy
+    files.atomic_link_or_copy(work, target)
+    assert target.stat().st_ino != work.stat().st_ino and target.read_bytes() == work.read_bytes()
+    assert sorted(p.name for p in target.parent.iterdir()) == [target.name]
+
+
 def test_bval_bvec_roundtrip(tmp_path):
     bvals = np.array([0, 5, 1000, 995.5, 2000])
     rng = np.random.default_rng(0)

@@ -44,7 +44,7 @@ import nibabel as nib
 import numpy as np
 
 from .._version import __version__
-from ..io.files import atomic_copy, atomic_write_json, atomic_write_text
+from ..io.files import atomic_copy, atomic_link_or_copy, atomic_write_json, atomic_write_text
 from ..io.files import json_default as _json_default
 from ..io.nifti import make_nifti
 from ..io.nifti import save_nifti as atomic_save_nifti
@@ -314,15 +314,16 @@ def write_derivative(outputs: RunOutputs, key: str, in_file: str | os.PathLike, 
                      bval_file: str | os.PathLike | None = None, bvec_file: str | os.PathLike | None = None) -> list[Path]:
     """Write one derivative of a run (image, its sidecar, and bval/bvec for the DWI), atomically.
 
-    ``in_file`` is copied as is when it is already ``.nii.gz``, else loaded and compressed. The
-    sidecar is written last.
+    ``in_file`` is taken as is when it is already ``.nii.gz`` (hard-linked from the work folder
+    when both are on one file system, else copied: :func:`~bids_dmri_ldm.io.files.atomic_link_or_copy`),
+    else loaded and compressed. The sidecar is written last.
     """
     spec = _spec(key)
     written = []
     target = outputs.path(key)
     try:
         if str(in_file).endswith(".nii.gz"):
-            written.append(atomic_copy(in_file, target))
+            written.append(atomic_link_or_copy(in_file, target))
         else:
             written.append(atomic_save_nifti(nib.load(str(in_file)), target))
         if ".bval" in spec.extra_extensions:

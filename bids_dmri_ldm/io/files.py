@@ -67,6 +67,24 @@ def atomic_copy(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
     return Path(dst)
 
 
+def atomic_link_or_copy(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
+    """Give ``dst`` the content of ``src`` atomically: a hard link when both are on one file
+    system (no byte is copied or cached twice, as nipreps' data sinks do with
+    ``copyfile(use_hardlink=True)``), else a copy (:func:`atomic_copy`).
+
+    Safe because this package never changes a written file in place: every writer replaces its
+    target (:func:`atomic_path`), which gives the target a new inode and leaves the other name
+    on the old content.
+    """
+    with atomic_path(dst) as tmp:
+        os.unlink(tmp)  # os.link does not overwrite; the name stays reserved to this writer
+        try:
+            os.link(src, tmp)
+        except OSError:  # another file system (EXDEV), or one without hard links
+            shutil.copyfile(src, tmp)
+    return Path(dst)
+
+
 def replace_dir(staging: str | os.PathLike, target: str | os.PathLike) -> Path:
     """Put the finished folder ``staging`` at ``target`` (same file system).
 
@@ -101,6 +119,7 @@ def json_default(obj: Any) -> Any:
 
 __all__ = [
     "atomic_copy",
+    "atomic_link_or_copy",
     "atomic_path",
     "atomic_write_bytes",
     "atomic_write_json",
