@@ -213,7 +213,7 @@ def _translate(rish_3t, mask, bundle, device, seed, num_samples, t0, guidance, d
     recon_3t = denormalise(from_model_grid(recon, crop, norm["background"]), mask, norm) * gain_3t
 
     total = np.zeros((*mask.shape, n_orders), np.float64)
-    total_sq = np.zeros_like(total)
+    total_sq = np.zeros_like(total) if num_samples > 1 else None  # for the SD map only
     per_chunk = max(1, max_batch // n_orders)
     done = 0
     while done < num_samples:
@@ -231,7 +231,8 @@ def _translate(rish_3t, mask, bundle, device, seed, num_samples, t0, guidance, d
             pred = denormalise(from_model_grid(out[s * n_orders:(s + 1) * n_orders], crop,
                                                norm["background"]), mask, norm).astype(np.float64) * gain_7t
             total += pred
-            total_sq += pred ** 2
+            if total_sq is not None:
+                total_sq += pred ** 2
         done += k
     mean = total / num_samples
     std = None

@@ -96,28 +96,38 @@ def parameter_keys(method: str) -> set[str]:
 
 
 def normalise(rish: np.ndarray, mask: np.ndarray, norm: dict[str, Any]) -> np.ndarray:
-    """RISH (X, Y, Z, n) -> normalised float32 (X, Y, Z, n); background outside ``mask``."""
-    rish = np.clip(rish, 0, None).astype(np.float64)
+    """RISH (X, Y, Z, n) -> normalised float32 (X, Y, Z, n); background outside ``mask``.
+
+    Computed in float64 on the mask's voxels only (the rest is background anyway: ~2.5x less
+    work on a head-sized grid)."""
+    mask = np.asarray(mask, bool)
+    out = np.full(np.shape(rish), norm["background"], dtype=np.float32)
+    out[mask] = _normalised(np.clip(np.asarray(rish)[mask], 0, None).astype(np.float64), norm)
+    return out
+
+
+def _normalised(rish: np.ndarray, norm: dict[str, Any]) -> np.ndarray:
     if norm.get("method") == "sqrt-percentile":
-        y = np.sqrt(rish / np.asarray(norm["scale"], np.float64))
-    elif norm.get("method") == "log-percentile":
+        return np.sqrt(rish / np.asarray(norm["scale"], np.float64))
+    if norm.get("method") == "log-percentile":
         eps, low, high = (np.asarray(norm[k], np.float64) for k in ("eps", "low", "high"))
-        y = (np.log(rish + eps) - low) / (high - low)
-    else:
-        raise ValueError(f"unknown normalisation method {norm.get('method')!r}")
-    y[~np.asarray(mask, bool)] = norm["background"]
-    return y.astype(np.float32)
+        return (np.log(rish + eps) - low) / (high - low)
+    raise ValueError(f"unknown normalisation method {norm.get('method')!r}")
 
 
 def denormalise(y: np.ndarray, mask: np.ndarray, norm: dict[str, Any]) -> np.ndarray:
-    """Inverse of :func:`normalise`: float32 RISH (X, Y, Z, n), >= 0, zero outside ``mask``."""
-    y = np.asarray(y, np.float64)
+    """Inverse of :func:`normalise`: float32 RISH (X, Y, Z, n), >= 0, zero outside ``mask``
+    (computed in float64 on the mask's voxels only)."""
+    mask = np.asarray(mask, bool)
+    out = np.zeros(np.shape(y), dtype=np.float32)
+    out[mask] = _denormalised(np.asarray(np.asarray(y)[mask], np.float64), norm)
+    return out
+
+
+def _denormalised(y: np.ndarray, norm: dict[str, Any]) -> np.ndarray:
     if norm.get("method") == "sqrt-percentile":
-        rish = np.asarray(norm["scale"], np.float64) * np.clip(y, 0, None) ** 2
-    elif norm.get("method") == "log-percentile":
+        return np.asarray(norm["scale"], np.float64) * np.clip(y, 0, None) ** 2
+    if norm.get("method") == "log-percentile":
         eps, low, high = (np.asarray(norm[k], np.float64) for k in ("eps", "low", "high"))
-        rish = np.clip(np.exp(y * (high - low) + low) - eps, 0, None)
-    else:
-        raise ValueError(f"unknown normalisation method {norm.get('method')!r}")
-    rish[~np.asarray(mask, bool)] = 0.0
-    return rish.astype(np.float32)
+        return np.clip(np.exp(y * (high - low) + low) - eps, 0, None)
+    raise ValueError(f"unknown normalisation method {norm.get('method')!r}")
