@@ -230,6 +230,8 @@ class _ScaleSHOutputSpec(TraitedSpec):
     rish_source_file = File(exists=True, desc="source RISH on the output grid, every voxel, 3 volumes per shell")
     rish_predicted_file = File(exists=True, desc="predicted RISH on the output grid, every voxel, 3 volumes per shell")
     std_file = File(desc="ldm SD maps, 3 volumes per shell (given std_files only)")
+    shell_map_files = traits.List(File(exists=True), desc="the uncompressed per-shell maps stacked into the "
+                                  "three maps above, kept (and recorded beside the work folder) for the report")
 
 
 class ScaleSH(StepInterface):
@@ -243,7 +245,8 @@ class ScaleSH(StepInterface):
         std_files = list(self.inputs.std_files) if isdefined(self.inputs.std_files) else None
         self._results.update(steps.scale_sh_step(list(self.inputs.sh_files), list(self.inputs.scale_files),
                                                  self.inputs.mask_file, self.inputs.sh_order_max, runtime.cwd,
-                                                 skull_strip=bool(self.inputs.skull_strip), std_files=std_files))
+                                                 skull_strip=bool(self.inputs.skull_strip), std_files=std_files,
+                                                 map_record=Path(runtime.cwd).parent / steps.MAP_COPIES))
         return runtime
 
 

@@ -389,18 +389,22 @@ def write_reports(output_dir: str | os.PathLike, runs: Sequence[DWIRun], statuse
     inflate each 7T-like DWI again; a sample is used only for the exact file it was recorded for.
     There too, the load steps' records of their uncompressed copies of the source volumes
     (:func:`~bids_dmri_ldm.interfaces.steps.inputs.write_source_copy_record`), from which the
-    report reads the 3T signal instead of inflating each source again.
+    report reads the 3T signal instead of inflating each source again; and the RISH-map steps'
+    records of their uncompressed per-shell maps
+    (:func:`~bids_dmri_ldm.interfaces.steps.write_map_copies_record`), from which it reads the
+    maps of a derivative hard-linked from the work folder.
 
     Returns
     -------
     list of Path
         The reports written.
     """
-    from ..interfaces.steps import REPORT_SAMPLES, SOURCE_COPY
+    from ..interfaces.steps import MAP_COPIES, REPORT_SAMPLES, SOURCE_COPY
 
     found = Path(work_dir) / "bids_dmri_ldm_wf" if work_dir else None
     samples = sorted(found.rglob(REPORT_SAMPLES)) if found else []
     copies = sorted(found.rglob(SOURCE_COPY)) if found else []
+    map_copies = sorted(found.rglob(MAP_COPIES)) if found else []
     labels: dict[str, None] = {}
     for run in runs:
         label = _subject(run)
@@ -414,7 +418,7 @@ def write_reports(output_dir: str | os.PathLike, runs: Sequence[DWIRun], statuse
                 from ..reports import build_participant_report
 
                 written.append(build_participant_report(output_dir, label, sample_files=samples,
-                                                        source_copies=copies))
+                                                        source_copies=copies, map_copies=map_copies))
             except Exception as err:  # noqa: BLE001 - a report never fails the run
                 LOGGER.warning("sub-%s: the participant report could not be written (%s: %s); the derivatives "
                                "are complete, rerun with --reports-only to retry", label, type(err).__name__, err)

@@ -22,7 +22,8 @@ from ..methods.base import MethodOptions
 
 INPUT_FIELDS = ["dwi_file", "bval_file", "bvec_file", "mask_file"]
 OUTPUT_FIELDS = ["dwi_file", "bval_file", "bvec_file", "mask_file", "rish_source_file",
-                 "rish_predicted_file", "scale_file", "provenance", "rish_std_file", "warnings"]
+                 "rish_predicted_file", "scale_file", "provenance", "rish_std_file", "warnings",
+                 "shell_map_files"]
 
 
 def writes_std_map(method: str, method_options: MethodOptions | None) -> bool:
@@ -113,6 +114,10 @@ def init_dwi_7tlike_wf(
     warnings
         One-line warnings raised during the run (shells passed through or carried, NaN/Inf
         voxels, a given mask that is not binary), recorded in the DWI sidecar as ``RunWarnings``.
+    shell_map_files
+        The uncompressed per-shell maps the three maps were stacked from: not derivatives; the
+        participant report reads the maps from them (recorded in ``map_copies.json`` beside the
+        RISH-map step's folder).
     """
     options = dict(shell_options or {"tolerance": 100.0, "sh_order_max": sh_order_max})
     options["sh_order_max"] = int(sh_order_max)
@@ -157,7 +162,9 @@ def init_dwi_7tlike_wf(
         (rebuild, outputnode, [("dwi_file", "dwi_file"), ("bval_file", "bval_file"), ("bvec_file", "bvec_file"),
                                ("mask_file", "mask_file")]),
         (scale_sh, outputnode, [("rish_source_file", "rish_source_file"),
-                                ("rish_predicted_file", "rish_predicted_file"), ("scale_file", "scale_file")]),
+                                ("rish_predicted_file", "rish_predicted_file"), ("scale_file", "scale_file"),
+                                # not a derivative: connected so that nipype keeps them for the report
+                                ("shell_map_files", "shell_map_files")]),
         (predict_scale, outputnode, [("provenance", "provenance")]),
         (brain_mask, outputnode, [("warnings", "warnings")]),
     ])  # fmt: skip

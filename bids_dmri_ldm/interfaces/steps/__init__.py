@@ -37,9 +37,10 @@ from .inputs import (
 )
 from .mask import brain_mask_step, user_mask_on_grid
 from .rebuild import REPORT_SAMPLES, ReportSamples, rebuild_step
-from .resample import resample_step, scale_sh_step, stack_channels
+from .resample import MAP_COPIES, resample_step, scale_sh_step, stack_channels, write_map_copies_record
 
 __all__ = [
+    "MAP_COPIES",
     "REPORT_SAMPLES",
     "SOURCE_COPY",
     "SHELL_PROVENANCE_KEYS",
@@ -63,4 +64,5 @@ __all__ = [
     "select_shells_step",
     "stack_channels",
     "user_mask_on_grid",
+    "write_map_copies_record",
 ]

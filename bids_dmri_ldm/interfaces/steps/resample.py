@@ -11,6 +11,7 @@ import numpy as np
 from ...core.rebuild import lambda_in_mask, scale_channels, sh_l_values
 from ...core.resample import SeparableResampler, output_grid, resample_to_grid
 from ...core.sh import RISH_ORDERS
+from ...io.files import atomic_write_json
 from ...io.nifti import read_channel, save_array, write_channels, write_nifti_volumes
 
 # ---------------------------------------------------------------------------------------------
@@ -55,7 +56,8 @@ def resample_step(in_file: str, voxel_size: float | None, out_dir: str | os.Path
 
 def scale_sh_step(sh_files: list[str], scale_files: list[str], mask_file: str, sh_order_max: int,
                   out_dir: str | os.PathLike, orders: tuple[int, ...] = RISH_ORDERS,
-                  skull_strip: bool = False, std_files: list[str] | None = None) -> dict[str, Any]:
+                  skull_strip: bool = False, std_files: list[str] | None = None,
+                  map_record: str | os.PathLike | None = None) -> dict[str, Any]:
     """The derivative maps of Eq. 3 on the output grid, in every voxel, one shell at a time: each
     fitted shell's scale maps applied to its SH coefficients, the RISH maps of the source and of
     the scaled coefficients, stacked into the derivatives. The scaled coefficients themselves are
@@ -78,7 +80,9 @@ def scale_sh_step(sh_files: list[str], scale_files: list[str], mask_file: str, s
         The derivative-ready ``.nii.gz`` images ``scale_file`` (lambda inside the mask, 1 outside),
         ``rish_source_file`` and ``rish_predicted_file`` (defined in every voxel; 0 outside the
         mask with ``skull_strip``) and, given ``std_files``, ``std_file``: ``len(orders)``
-        volumes per shell, the shells in the order given (ascending b).
+        volumes per shell, the shells in the order given (ascending b); ``shell_map_files``: the
+        uncompressed per-shell maps they were stacked from, kept for the report and recorded in
+        ``map_record`` when given (:func:`write_map_copies_record`).
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -99,7 +103,31 @@ def scale_sh_step(sh_files: list[str], scale_files: list[str], mask_file: str, s
                                             fill=1.0 if key == "scale" else 0.0)
     if std_files:
         out["std_file"] = stack_channels(std_files, shape, affine, out_dir / "rish_std.nii.gz", len(orders))
+    out["shell_map_files"] = [path for key in names for path in per_shell[key]]
+    if map_record:
+        write_map_copies_record(map_record, {out[f"{key}_file"]: per_shell[key] for key in names if per_shell[key]})
     return out
+
+
+#: File name of the record of :func:`scale_sh_step`'s uncompressed per-shell maps (beside its
+#: work folder), read by the participant report (:func:`write_map_copies_record`).
+MAP_COPIES = "map_copies.json"
+
+
+def write_map_copies_record(path: str | os.PathLike, copies: dict[str, list[str]]) -> str:
+    """Record, for each stacked ``.nii.gz`` map, the uncompressed per-shell ``.nii`` files whose
+    channels it holds in order, with the sizes and modification times of all of them: the
+    participant report reads a derivative map that *is* the stacked file (a hard link:
+    :func:`~bids_dmri_ldm.io.files.atomic_link_or_copy`) from the per-shell files, memory-mapped,
+    instead of inflating it (~0.5 s per map at HCP size), and only while none of them changed."""
+    def identity(file: str) -> dict[str, Any]:
+        stat = os.stat(file)
+        return {"path": str(Path(file).resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+    record = {"maps": [{"file": identity(stacked), "copies": [identity(f) for f in parts]}
+                       for stacked, parts in copies.items()]}
+    atomic_write_json(Path(path), record)
+    return str(path)
 
 
 def _scale_one_shell(sh_file: str, scale_file: str, mask: np.ndarray, sh_order_max: int,

@@ -71,6 +71,7 @@ def build_participant_report(
     logger: logging.Logger | None = None,
     sample_files: Sequence[str | Path] = (),
     source_copies: Sequence[str | Path] = (),
+    map_copies: Sequence[str | Path] = (),
 ) -> Path:
     """Write ``OUTPUT_DIR/sub-<label>.html`` from a participant's derivatives.
 
@@ -96,6 +97,10 @@ def build_participant_report(
         Records of uncompressed copies of source volumes made by the load step
         (:func:`~bids_dmri_ldm.interfaces.steps.inputs.write_source_copy_record`); a run whose
         3T source is unchanged since one of them was made reads its signal from the copy.
+    map_copies : sequence of path-like
+        Records of the uncompressed per-shell maps made by the RISH-map step
+        (:func:`~bids_dmri_ldm.interfaces.steps.write_map_copies_record`); a derivative map that
+        is the recorded file (hard-linked) is read from them instead of being inflated.
 
     Returns
     -------
@@ -117,6 +122,7 @@ def build_participant_report(
         extra = dict(item) if isinstance(item, Mapping) else {"dwi": item}
         extra.setdefault("sample_files", tuple(sample_files))
         extra.setdefault("source_copies", tuple(source_copies))
+        extra.setdefault("map_copies", tuple(map_copies))
         try:
             runs.append(load_run(extra.pop("dwi"), output_dir, extra, logger))
         except Exception as exc:  # noqa: BLE001 - a bad run must not stop the report

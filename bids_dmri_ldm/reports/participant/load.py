@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -97,14 +98,51 @@ def _canonical_vectors(evec: np.ndarray, ornt: np.ndarray) -> np.ndarray:
     return out
 
 
-def _load_map(path: Path, shape: tuple[int, ...]) -> np.ndarray:
-    data, _, _ = _canonical(load_nifti(path))  # ISA-L inflation
+def _load_map(path: Path, shape: tuple[int, ...], records: Sequence[str | Path] = ()) -> np.ndarray:
+    img = _map_from_copies(path, records) or load_nifti(path)  # else ISA-L inflation
+    data, _, _ = _canonical(img)
     data = np.asarray(data, np.float32)
     if data.shape[:3] != shape:
         raise ValueError(f"{path.name} has grid {data.shape[:3]}, the brain mask {shape}")
     if data.ndim == 3:
         data = data[..., None]
     return data
+
+
+def _map_from_copies(path: Path, records: Sequence[str | Path]) -> nib.Nifti1Image | None:
+    """The derivative map ``path`` read from the uncompressed per-shell maps it was stacked from
+    (:func:`~bids_dmri_ldm.interfaces.steps.write_map_copies_record`), memory-mapped and
+    concatenated: only when ``path`` is the very file recorded (same inode: a hard-linked
+    derivative, same size and modification time) and no per-shell file changed since; else
+    None (the map is then inflated)."""
+    try:
+        stat = path.stat()
+    except OSError:
+        return None
+    for record_path in records:
+        try:
+            for entry in json.loads(Path(record_path).read_text())["maps"]:
+                stacked = entry["file"]
+                if not (os.path.samefile(path, stacked["path"]) and stat.st_size == stacked["size"]
+                        and stat.st_mtime_ns == stacked["mtime_ns"]):
+                    continue
+                parts = []
+                for copy in entry["copies"]:
+                    part = Path(copy["path"]).stat()
+                    if (part.st_size, part.st_mtime_ns) != (copy["size"], copy["mtime_ns"]):
+                        raise ValueError(f"{copy['path']} changed since it was recorded")
+                    parts.append(nib.load(copy["path"], mmap=True))
+                arrays = [np.asanyarray(p.dataobj, dtype=np.float32).reshape(p.shape[:3] + (-1,)) for p in parts]
+                # one shell: the memory map itself (no copy); several: their channels in order
+                data = arrays[0] if len(arrays) == 1 else np.concatenate(arrays, axis=3)
+                reference = nib.load(path)
+                if data.shape != tuple(reference.shape) or not np.allclose(parts[0].affine, reference.affine):
+                    raise ValueError(f"the recorded maps of {path.name} do not match its grid")
+                LOGGER.debug("report: %s read from its uncompressed per-shell maps", path.name)
+                return nib.Nifti1Image(data, reference.affine, reference.header)
+        except (OSError, KeyError, TypeError, ValueError, json.JSONDecodeError):
+            continue
+    return None
 
 
 def _shell_volumes(bvals: np.ndarray, bvecs: np.ndarray, n_volumes: int, shell: float | None):
@@ -277,7 +315,7 @@ def load_run(
                 if role != "uncertainty":
                     run.problems[role] = "derivative not found"
                 continue
-            setattr(run, role, attempt(role, _load_map, path, shape))
+            setattr(run, role, attempt(role, _load_map, path, shape, extra.get("map_copies", ())))
         for job in jobs:
             job.result()
     return run
