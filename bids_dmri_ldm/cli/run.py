@@ -244,7 +244,13 @@ def _run_group_level(config: RunConfig) -> int:
 
 
 def _run(argv: Sequence[str]) -> int:
-    config = parse_args(argv, start_workers=True)
+    try:
+        return _run_level(parse_args(argv, start_workers=True))
+    finally:
+        _discard_unused_workers()
+
+
+def _run_level(config) -> int:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     setup_logging(
         config.verbose,
@@ -264,6 +270,15 @@ def _run(argv: Sequence[str]) -> int:
     if config.analysis_level == "participant":
         return run_participant_level(config)
     return run_group_level(config)
+
+
+def _discard_unused_workers() -> None:
+    """A method worker started with the command line and not used by a workflow is stopped
+    (:func:`~bids_dmri_ldm.workflows.execution.discard_early_workers`); nothing is imported when
+    no worker was started."""
+    execution = sys.modules.get("bids_dmri_ldm.workflows.execution")
+    if execution is not None:
+        execution.discard_early_workers()
 
 
 def _error_line(message: str) -> None:

@@ -116,7 +116,11 @@ def _start_early_worker(context, method: str, preload: tuple[str, ...]) -> None:
         LOGGER.debug("no early method worker", exc_info=True)
         return
     with _EARLY["lock"]:
-        _EARLY["workers"].append(worker)
+        discarded = getattr(threading.current_thread(), "discarded", False)
+        if not discarded:
+            _EARLY["workers"].append(worker)
+    if discarded:  # the command ended while this worker started (discard_early_workers)
+        worker.stop(kill=True)
 
 
 def take_early_workers(timeout: float = 30.0) -> list[_Worker]:
@@ -129,6 +133,19 @@ def take_early_workers(timeout: float = 30.0) -> list[_Worker]:
     with _EARLY["lock"]:
         workers, _EARLY["workers"] = _EARLY["workers"], []
     return [worker for worker in workers if worker.process.is_alive()]
+
+
+def discard_early_workers() -> None:
+    """Stop the method workers that no pool adopted, so that a command ending in this process
+    (a failure before its workflow, nothing left to do) leaves none behind; one still starting
+    stops itself as soon as it has started."""
+    with _EARLY["lock"]:
+        workers, _EARLY["workers"] = _EARLY["workers"], []
+        for thread in _EARLY["threads"]:
+            thread.discarded = True
+        _EARLY["threads"] = []
+    for worker in workers:
+        worker.stop(kill=True)
 
 
 class WorkerDiedError(RuntimeError):

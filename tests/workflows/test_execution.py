@@ -1,5 +1,6 @@
 """The worker pool: the method worker started with the worker server is kept for the scale-map
 node of its method, has imported its modules before that node is sent, and ends with the pool."""
+import multiprocessing
 import sys
 import time
 
@@ -90,3 +91,22 @@ def test_a_second_command_in_one_process_gets_one_method_worker(plugin):
     finally:
         for worker in extra:
             worker.stop(kill=True)
+
+
+def test_a_method_worker_no_pool_adopted_is_stopped_when_the_command_ends(plugin):
+    """discard_early_workers: a started one is stopped; one still starting stops itself."""
+    plugin._stop_workers(kill=True)
+    execution.start_worker_server("ldm")
+    with execution._EARLY["lock"]:
+        threads = list(execution._EARLY["threads"])
+    execution.discard_early_workers()  # (most likely) while the worker is still starting
+    for thread in threads:
+        thread.join(60)
+    assert execution._EARLY["workers"] == [] and execution._EARLY["threads"] == []
+    assert not [p for p in multiprocessing.active_children() if p.name == "bids-dmri-ldm-worker"]
+    execution.start_worker_server("ldm")
+    started = execution.take_early_workers()
+    assert len(started) == 1
+    execution._EARLY["workers"].extend(started)  # as if never adopted
+    execution.discard_early_workers()
+    assert not started[0].process.is_alive() and execution._EARLY["workers"] == []
