@@ -44,7 +44,12 @@ import nibabel as nib
 import numpy as np
 
 from .._version import __version__
-from ..io.files import atomic_copy, atomic_link_or_copy, atomic_write_json, atomic_write_text
+from ..io.files import (
+    atomic_copy,
+    atomic_link_or_copy,
+    atomic_write_json,
+    atomic_write_text,
+)
 from ..io.files import json_default as _json_default
 from ..io.nifti import make_nifti
 from ..io.nifti import save_nifti as atomic_save_nifti
@@ -385,10 +390,10 @@ def remove_outputs(outputs: RunOutputs) -> list[Path]:
 __all__ = [
     "DESC_7TLIKE",
     "OUTPUT_SPECS",
+    "SKULL_STRIPPABLE",
     "OutputSpec",
     "OutputWriteError",
     "RunOutputs",
-    "SKULL_STRIPPABLE",
     "atomic_copy",
     "atomic_save_nifti",
     "atomic_write_json",

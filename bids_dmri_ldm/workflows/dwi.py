@@ -55,8 +55,9 @@ def init_dwi_7tlike_wf(
     B-spline; the mask linear + 0.5 threshold) -> two steps side by side: per shell, scale SH
     (Eq. 3) and take source/predicted RISH there; and write the output table volume by volume:
     rebuilt from its shell's SH, scaled the same way, on its direction, or an input b0 (or a
-    volume of a shell with too few directions) resampled, or the mean b0 (a given table's b0 rows). The mask only decides where
-    lambda may differ from 1: no voxel of the field of view is lost, unless ``skull_strip``.
+    volume of a shell with too few directions) resampled, or the mean b0 (a given table's b0
+    rows). The mask only decides where lambda may differ from 1: no voxel of the field of view
+    is lost, unless ``skull_strip``.
     Only file paths pass between nodes; shells are processed one at a time inside each node
     (see docs/performance.md).
 

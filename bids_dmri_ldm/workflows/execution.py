@@ -267,7 +267,7 @@ class _Worker:
         self.node_name = ""
         self.serves = serves
 
-    def initialise(self, cwd: str, log_snapshot: dict[str, Any]) -> "_Worker":
+    def initialise(self, cwd: str, log_snapshot: dict[str, Any]) -> _Worker:
         """Send the worker its working folder and logging (its first message)."""
         self.conn.send((cwd, log_snapshot))
         return self
@@ -304,14 +304,13 @@ class WorkerPoolPlugin(MultiProcPlugin):
         import multiprocessing as mp
 
         self._context = mp.get_context(self.plugin_args.get("mp_context"))
-        if self.plugin_args.get("mp_context") == "forkserver":
-            # ignored when this process's forkserver already runs (start_worker_server)
-            self._context.set_forkserver_preload(list(WORKER_PRELOAD))
         self._idle: list[_Worker] = []
         self._busy: dict[int, _Worker] = {}
         self._failed: dict[int, dict[str, Any]] = {}
         self._kept: list[_Worker] = []  # method workers, until they run their method's node
         if self.plugin_args.get("mp_context") == "forkserver":
+            # ignored when this process's forkserver already runs (start_worker_server)
+            self._context.set_forkserver_preload(list(WORKER_PRELOAD))
             for worker in take_early_workers():
                 try:
                     self._kept.append(worker.initialise(self._cwd, self._log_snapshot))
@@ -324,13 +323,14 @@ class WorkerPoolPlugin(MultiProcPlugin):
     def _worker_for(self, node) -> _Worker:
         """The method worker kept for ``node``'s method if ``node`` computes scale maps, else an
         idle worker, else a new one."""
-        from ..interfaces.dwi import PredictScaleMaps  # imported by the workflow already
+        # imported by the workflow already
+        from ..interfaces.dwi import PredictScaleMaps
 
-        method = node.interface.inputs.method if isinstance(node.interface, PredictScaleMaps) else None
-        for worker in self._kept:
-            if method is not None and worker.serves == str(method):
-                self._kept.remove(worker)
-                return worker
+        if isinstance(node.interface, PredictScaleMaps):
+            for worker in self._kept:
+                if worker.serves == str(node.interface.inputs.method):
+                    self._kept.remove(worker)
+                    return worker
         return self._idle.pop() if self._idle else self._new_worker()
 
     # -- MultiProc's executor interface -------------------------------------------------------

@@ -37,13 +37,19 @@ from .inputs import (
 )
 from .mask import brain_mask_step, user_mask_on_grid
 from .rebuild import REPORT_SAMPLES, ReportSamples, rebuild_step
-from .resample import MAP_COPIES, resample_step, scale_sh_step, stack_channels, write_map_copies_record
+from .resample import (
+    MAP_COPIES,
+    resample_step,
+    scale_sh_step,
+    stack_channels,
+    write_map_copies_record,
+)
 
 __all__ = [
     "MAP_COPIES",
     "REPORT_SAMPLES",
-    "SOURCE_COPY",
     "SHELL_PROVENANCE_KEYS",
+    "SOURCE_COPY",
     "InputDataError",
     "InputSummary",
     "ReportSamples",

@@ -14,7 +14,14 @@ import numpy as np
 
 from ...core.display import stored_display_voxels
 from ...core.gradients import b0_mask
-from ...core.rebuild import int16_slope, lambda_in_mask, output_basis, output_volumes, scale_rows, sh_l_values
+from ...core.rebuild import (
+    int16_slope,
+    lambda_in_mask,
+    output_basis,
+    output_volumes,
+    scale_rows,
+    sh_l_values,
+)
 from ...core.resample import SeparableResampler
 from ...core.sh import RISH_ORDERS
 from ...core.shells import MEAN_B0, VolumePlan
@@ -45,8 +52,8 @@ def rebuild_step(s0_file: str, dwi_file: str, mean_b0_file: str, sh_files: list[
     outside (:func:`scale_by_maps`, the values :func:`~bids_dmri_ldm.interfaces.steps.scale_sh_step`
     takes its predicted RISH from), so that the two steps run side by side; without them the
     coefficients are used as given. ``dwi_file`` (the volumes read, :func:`load_dwi_step`) and
-    ``mean_b0_file`` may be on the input grid, in which case each carried volume is resampled (cubic B-spline) as it is
-    written. Memory is bounded: the coefficients ``(n_voxels, K)`` of every fitted shell over the
+    ``mean_b0_file`` may be on the input grid, in which case each carried volume is resampled
+    (cubic B-spline) as it is written. Memory is bounded: the coefficients ``(n_voxels, K)`` of every fitted shell over the
     rebuilt region (the whole grid, or the mask with ``skull_strip``) and a few output volumes
     are held, and the image is streamed to disk volume by volume (:func:`~bids_dmri_ldm.io.nifti.write_nifti_volumes`,
     ISA-L gzip level 1) — never the whole ``(X, Y, Z, N)`` array.

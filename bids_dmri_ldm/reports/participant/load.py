@@ -99,7 +99,9 @@ def _canonical_vectors(evec: np.ndarray, ornt: np.ndarray) -> np.ndarray:
 
 
 def _load_map(path: Path, shape: tuple[int, ...], records: Sequence[str | Path] = ()) -> np.ndarray:
-    img = _map_from_copies(path, records) or load_nifti(path)  # else ISA-L inflation
+    img = _map_from_copies(path, records)
+    if img is None:
+        img = load_nifti(path)  # ISA-L inflation
     data, _, _ = _canonical(img)
     data = np.asarray(data, np.float32)
     if data.shape[:3] != shape:
