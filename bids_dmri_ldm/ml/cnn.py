@@ -35,7 +35,13 @@ from .networks import build_cnn
 from .normalise import denormalise, normalise
 from .scalemaps import SMOOTHING_CANDIDATES, calibrate_scale_smoothing
 from .split import split_participants
-from .stageloop import PlotFn, fit_stage, sample_generator
+from .stageloop import (
+    PlotFn,
+    fit_stage,
+    sample_generator,
+    stage_fingerprint,
+    tensors_digest,
+)
 from .training_data import (
     RishInput,
     paired_participants,
@@ -112,9 +118,13 @@ def train_cnn(rish_3t: RishInput, rish_7t: RishInput, config: dict[str, Any], ou
     torch.manual_seed(tr["seed"])
     model = build_cnn(cfg)
     log_dir = out_dir / "training" if ctx.is_main else None
+    settings = {"cnn": cfg["cnn"], "grid": cfg["grid"], "orders": cfg["orders"],
+                "crop_margin": cfg["translation"]["crop_margin"],
+                "training": {k: v for k, v in tr.items() if k not in ("epochs", "calibrate_smoothing")}}
+    fingerprint = stage_fingerprint(STAGE, settings, tensors_digest([*train, *(val if val is not None else ())]))
     fit_stage(STAGE, model, list(train), make_loss(tr["seed"], bool(tr.get("augment_flip", False))), cfg,
               tr["epochs"][STAGE], tr["batch_size"], work_dir / STAGE, log_dir, ctx, resume,
-              None if val is None else list(val), plot_losses=plot_losses)
+              None if val is None else list(val), plot_losses=plot_losses, fingerprint=fingerprint)
     if not ctx.is_main:
         barrier(ctx)
         return None

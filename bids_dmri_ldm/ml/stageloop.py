@@ -9,9 +9,11 @@ so one process and N DDP processes see the same numbers.  The stages themselves 
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
+import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +38,8 @@ from .distributed import (
 from .inference import DeviceMemoryError, autocast_for
 
 STAGE_ID = {**{s: i for i, s in enumerate(LDM_STAGES)}, "cnn": len(LDM_STAGES)}  # cnn: the baseline (ml/cnn.py)
+
+log = logging.getLogger(__name__)
 
 
 # --------------------------------------------------------------------------- utilities
@@ -80,6 +84,42 @@ def write_loss_log(history: list[dict[str, float]], csv_path: Path) -> None:
         writer.writerows(history)
 
 
+# --------------------------------------------------------------------------- fingerprints
+def tensors_digest(tensors: Iterable[torch.Tensor]) -> str:
+    """SHA-256 of tensors' shapes, dtypes and bytes, in the order given."""
+    h = hashlib.sha256()
+    for tensor in tensors:
+        tensor = tensor.detach().cpu().contiguous()
+        h.update(f"{tuple(tensor.shape)} {tensor.dtype};".encode())
+        h.update(tensor.reshape(-1).view(torch.uint8).numpy().data)
+    return h.hexdigest()
+
+
+def stage_fingerprint(stage: str, settings: Any, data: str,
+                      upstream: Sequence[Mapping[str, torch.Tensor]] = ()) -> str:
+    """What a stage's checkpoint was trained from: its settings (JSON-ready; the config keys that
+    shape this stage, not its epoch count), the digest of its training data and the weights of
+    the stages it builds on.  :func:`fit_stage` resumes a checkpoint only when they match."""
+    h = hashlib.sha256(json.dumps({"stage": stage, "settings": settings, "data": data},
+                                  sort_keys=True).encode())
+    for state in upstream:
+        h.update(tensors_digest(state[k] for k in sorted(state)).encode())
+    return h.hexdigest()
+
+
+def completed_stage_state(work_dir: Path, epochs: int, fingerprint: str | None = None
+                          ) -> dict[str, torch.Tensor] | None:
+    """Final weights of a stage completed in ``work_dir`` (at least ``epochs`` epochs, trained
+    from ``fingerprint`` when one is given), or None."""
+    state_path = work_dir / "state.json"
+    if not state_path.is_file():
+        return None
+    state = json.loads(state_path.read_text())
+    if len(state["history"]) < epochs or (fingerprint is not None and state.get("fingerprint") != fingerprint):
+        return None
+    return load_file(str(work_dir / "model.safetensors"))
+
+
 # --------------------------------------------------------------------------- generic loop
 PLOT_INTERVAL_S = 30.0
 """Seconds between redraws of a stage's loss-curve PNG during training (the CSV is written every epoch)."""
@@ -94,7 +134,7 @@ PlotFn = Callable[[list[dict[str, float]], Path, str], Any]
 def fit_stage(stage: str, model: nn.Module, tensors: Sequence[torch.Tensor], loss_fn: LossFn,
               cfg: dict[str, Any], epochs: int, batch_size: int, work_dir: Path, log_dir: Path | None,
               ctx: DistContext, resume: bool = False, val_tensors: Sequence[torch.Tensor] | None = None,
-              plot_losses: PlotFn | None = None) -> list[dict[str, float]]:
+              plot_losses: PlotFn | None = None, fingerprint: str | None = None) -> list[dict[str, float]]:
     """Train ``model`` for ``epochs`` with AdamW, checkpointing and resuming every epoch.
 
     Parameters
@@ -107,6 +147,9 @@ def fit_stage(stage: str, model: nn.Module, tensors: Sequence[torch.Tensor], los
     log_dir : where the loss history goes (``losses_<stage>.csv``, every epoch), or None.
     plot_losses : draws ``losses_<stage>.png`` from the history, at most every
         :data:`PLOT_INTERVAL_S` seconds and after the last epoch (None: no figure).
+    fingerprint : :func:`stage_fingerprint` of this training, kept in ``state.json``; with
+        ``resume``, a checkpoint with another fingerprint (other settings, data or earlier
+        stages; or none recorded) is not continued: the stage trains again from its first epoch.
 
     Returns
     -------
@@ -121,8 +164,13 @@ def fit_stage(stage: str, model: nn.Module, tensors: Sequence[torch.Tensor], los
                             lr=tr["lr"], weight_decay=tr["weight_decay"])
     history: list[dict[str, float]] = []
     state_path = work_dir / "state.json"
-    if resume and state_path.is_file():
-        state = json.loads(state_path.read_text())
+    state = json.loads(state_path.read_text()) if resume and state_path.is_file() else None
+    if state is not None and fingerprint is not None and state.get("fingerprint") != fingerprint:
+        if ctx.is_main:
+            log.warning("stage %s: the checkpoint in %s was trained from other settings, data or earlier "
+                        "stages; training this stage again from its first epoch", stage, work_dir)
+        state = None
+    if state is not None:
         model.load_state_dict(load_file(str(work_dir / "model.safetensors"), device=str(ctx.device)))
         optimizer_from_tensors(opt, load_file(str(work_dir / "optimizer.safetensors"),
                                               device=str(ctx.device)), state["param_groups"])
@@ -155,7 +203,8 @@ def fit_stage(stage: str, model: nn.Module, tensors: Sequence[torch.Tensor], los
             tensors_opt, groups = optimizer_to_tensors(opt)
             _atomic_save_tensors(tensors_opt, work_dir / "optimizer.safetensors")
             _atomic_write_text(state_path, json.dumps({"stage": stage, "history": history,
-                                                       "param_groups": groups}, indent=1))
+                                                       "param_groups": groups, "fingerprint": fingerprint},
+                                                      indent=1))
             if log_dir is not None:
                 # the PNG costs ~0.1 s, as much as a whole GPU epoch of the demo config:
                 # redrawn at most every PLOT_INTERVAL_S seconds and after the last epoch

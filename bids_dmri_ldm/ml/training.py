@@ -28,7 +28,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 from torch.nn import functional as F
 
@@ -45,7 +44,16 @@ from .modelconfig import CLASS_3T, CLASS_7T, CLASS_NULL, validate_config
 from .networks import build_sr_head, build_unet, build_vqvae
 from .scalemaps import SMOOTHING_CANDIDATES, calibrate_scale_smoothing
 from .split import split_participants
-from .stageloop import STAGE_ID, LossFn, PlotFn, fit_stage, sample_generator
+from .stageloop import (
+    STAGE_ID,
+    LossFn,
+    PlotFn,
+    completed_stage_state,
+    fit_stage,
+    sample_generator,
+    stage_fingerprint,
+    tensors_digest,
+)
 from .training_data import (
     RishInput,
     TrainingDataError,
@@ -71,7 +79,7 @@ def _vqvae_loss(model: nn.Module, batch: list[torch.Tensor], idx: torch.Tensor, 
 def train_vqvae(volumes: torch.Tensor, cfg: dict[str, Any], work_dir: Path, ctx: DistContext,
                 resume: bool = False, val_volumes: torch.Tensor | None = None,
                 log_dir: Path | None = None, stage: str = "vqvae3t",
-                init_state: dict[str, torch.Tensor] | None = None,
+                init_state: dict[str, torch.Tensor] | None = None, fingerprint: str | None = None,
                 plot_losses: PlotFn | None = None) -> tuple[nn.Module, list]:
     """Train a VQ-VAE on model-grid volumes ``(M, 1, *grid)`` (one RISH order each).
 
@@ -83,21 +91,22 @@ def train_vqvae(volumes: torch.Tensor, cfg: dict[str, Any], work_dir: Path, ctx:
         model.load_state_dict(init_state)
     history = fit_stage(stage, model, [volumes], _vqvae_loss, cfg, cfg["training"]["epochs"][stage],
                         cfg["training"]["batch_size"], work_dir, log_dir, ctx, resume,
-                        None if val_volumes is None else [val_volumes], plot_losses=plot_losses)
+                        None if val_volumes is None else [val_volumes], plot_losses=plot_losses,
+                        fingerprint=fingerprint)
     return model.eval(), history
 
 
 def finetune_vqvae7t(volumes_7t: torch.Tensor, cfg: dict[str, Any], work_dir: Path, ctx: DistContext,
                      vqvae3t_state: dict[str, torch.Tensor] | None, resume: bool = False,
                      val_volumes: torch.Tensor | None = None, log_dir: Path | None = None,
-                     plot_losses: PlotFn | None = None):
+                     plot_losses: PlotFn | None = None, fingerprint: str | None = None):
     """7T VQ-VAE: fine-tuned from the 3T weights (``training.vqvae7t_init = "3T"``, the
     paper's transfer learning) or trained from scratch (``"scratch"``, the ablation)."""
     init = vqvae3t_state if cfg["training"]["vqvae7t_init"] == "3T" else None
     if cfg["training"]["vqvae7t_init"] == "3T" and init is None:
         raise TrainingDataError("the 7T fine-tune needs the trained 3T VQ-VAE weights")
     return train_vqvae(volumes_7t, cfg, work_dir, ctx, resume, val_volumes, log_dir, "vqvae7t", init,
-                       plot_losses=plot_losses)
+                       plot_losses=plot_losses, fingerprint=fingerprint)
 
 
 def make_ldm_loss(cfg: dict[str, Any]) -> LossFn:
@@ -124,13 +133,14 @@ def make_ldm_loss(cfg: dict[str, Any]) -> LossFn:
 def train_ldm(latents: torch.Tensor, labels: torch.Tensor, cfg: dict[str, Any], work_dir: Path,
               ctx: DistContext, resume: bool = False,
               val: tuple[torch.Tensor, torch.Tensor] | None = None, log_dir: Path | None = None,
-              plot_losses: PlotFn | None = None):
+              plot_losses: PlotFn | None = None, fingerprint: str | None = None):
     """Conditional latent diffusion UNet on scaled latents ``(M, C, x, y, z)`` with class ``labels`` (M,)."""
     torch.manual_seed(cfg["training"]["seed"] + STAGE_ID["ldm"])
     model = build_unet(cfg)
     history = fit_stage("ldm", model, [latents, labels], make_ldm_loss(cfg), cfg,
                         cfg["training"]["epochs"]["ldm"], cfg["training"]["latent_batch_size"],
-                        work_dir, log_dir, ctx, resume, None if val is None else list(val), plot_losses=plot_losses)
+                        work_dir, log_dir, ctx, resume, None if val is None else list(val), plot_losses=plot_losses,
+                        fingerprint=fingerprint)
     return model.eval(), history
 
 
@@ -142,27 +152,35 @@ def _sr_loss(model, batch, idx, epoch):
 def train_sr(ldm_outputs: torch.Tensor, targets_7t: torch.Tensor, cfg: dict[str, Any], work_dir: Path,
              ctx: DistContext, resume: bool = False,
              val: tuple[torch.Tensor, torch.Tensor] | None = None, log_dir: Path | None = None,
-             plot_losses: PlotFn | None = None):
+             plot_losses: PlotFn | None = None, fingerprint: str | None = None):
     """Super-resolution head: decoded LDM outputs ``(M, 1, *grid)`` -> real 7T ``(M, 1, *grid)``, MSE."""
     torch.manual_seed(cfg["training"]["seed"] + STAGE_ID["sr"])
     model = build_sr_head(cfg)
     history = fit_stage("sr", model, [ldm_outputs, targets_7t], _sr_loss, cfg,
                         cfg["training"]["epochs"]["sr"], cfg["training"]["batch_size"],
-                        work_dir, log_dir, ctx, resume, None if val is None else list(val), plot_losses=plot_losses)
+                        work_dir, log_dir, ctx, resume, None if val is None else list(val), plot_losses=plot_losses,
+                        fingerprint=fingerprint)
     return model.eval(), history
 
 
+#: Config keys that shape each stage's training (``(section, key)``; ``key`` None: the whole
+#: section); the epoch counts are not among them, so a resumed stage may be trained longer.
+_COMMON_SETTINGS = (("grid", None), ("orders", None), ("translation", "crop_margin"),
+                    *(("training", k) for k in ("seed", "val_fraction", "lr", "weight_decay", "amp",
+                                                "normalisation")))
+_STAGE_SETTINGS = {
+    "vqvae3t": (("vqvae", None), ("training", "batch_size")),
+    "vqvae7t": (("vqvae", None), ("training", "batch_size"), ("training", "vqvae7t_init")),
+    "ldm": (("unet", None), ("diffusion", None), ("training", "latent_batch_size"), ("training", "cfg_dropout")),
+    "sr": (("sr", None), ("training", "batch_size"), ("training", "sr_ddim_steps"),
+           *(("translation", k) for k in ("t0", "guidance", "invert_class", "requantise"))),
+}
 
 
-
-def _stage_state(work_dir: Path, stage: str, epochs: int) -> dict[str, torch.Tensor] | None:
-    """Final weights of a completed stage, or None."""
-    state_path = work_dir / stage / "state.json"
-    if not state_path.is_file():
-        return None
-    if len(json.loads(state_path.read_text())["history"]) < epochs:
-        return None
-    return load_file(str(work_dir / stage / "model.safetensors"))
+def stage_settings(cfg: dict[str, Any], stage: str) -> dict[str, Any]:
+    """The config values that shape ``stage``'s training (for :func:`~.stageloop.stage_fingerprint`)."""
+    return {f"{section}.{key}" if key else section: (cfg[section] if key is None else cfg[section].get(key))
+            for section, key in (*_COMMON_SETTINGS, *_STAGE_SETTINGS[stage])}
 
 
 def train_all(rish_3t: RishInput, rish_7t: RishInput, config: dict[str, Any], out_dir: str | Path,
@@ -224,24 +242,34 @@ def train_all(rish_3t: RishInput, rish_7t: RishInput, config: dict[str, Any], ou
                     stack_model_grid([scans_7t[i] for i in only7], norm, cfg)])
     v3, v7 = stack_pairs(val_pairs, norm, cfg)
     epochs = tr["epochs"]
+    data = tensors_digest([x3, x7, v3, v7])
 
-    def need(stage):
-        return _stage_state(work_dir, stage, epochs[stage]) if stage not in stages else None
+    def fingerprint(stage, *upstream):
+        return stage_fingerprint(stage, stage_settings(cfg, stage), data, upstream)
 
-    vq3_state = need("vqvae3t")
+    def need(stage, stage_fp):
+        """A completed earlier stage's weights, when this call does not train it (else None)."""
+        return completed_stage_state(work_dir / stage, epochs[stage], stage_fp) if stage not in stages else None
+
+    fp = fingerprint("vqvae3t")
+    vq3_state = need("vqvae3t", fp)
     if "vqvae3t" in stages:
-        vq3, _ = train_vqvae(x3, cfg, work_dir / "vqvae3t", ctx, resume, v3, log_dir, plot_losses=plot_losses)
+        vq3, _ = train_vqvae(x3, cfg, work_dir / "vqvae3t", ctx, resume, v3, log_dir, plot_losses=plot_losses,
+                             fingerprint=fp)
         vq3_state = state_to_tensors(vq3)
-    vq7_state = need("vqvae7t")
+    fp = fingerprint("vqvae7t", *([vq3_state] if tr["vqvae7t_init"] == "3T" and vq3_state is not None else []))
+    vq7_state = need("vqvae7t", fp)
     if "vqvae7t" in stages:
         if vq3_state is None and tr["vqvae7t_init"] == "3T":
-            raise TrainingDataError("stage vqvae7t needs the vqvae3t stage completed first")
+            raise TrainingDataError("stage vqvae7t needs the vqvae3t stage completed first "
+                                    "(with these settings and data)")
         vq7, _ = finetune_vqvae7t(x7, cfg, work_dir / "vqvae7t", ctx, vq3_state, resume, v7, log_dir,
-                                  plot_losses=plot_losses)
+                                  plot_losses=plot_losses, fingerprint=fp)
         vq7_state = state_to_tensors(vq7)
     if vq3_state is None or vq7_state is None:
         if "ldm" in stages or "sr" in stages:
-            raise TrainingDataError("stages ldm/sr need the vqvae3t and vqvae7t stages completed first")
+            raise TrainingDataError("stages ldm/sr need the vqvae3t and vqvae7t stages completed first "
+                                    "(with these settings and data)")
         return None
     vq3, vq7 = build_vqvae(cfg), build_vqvae(cfg)
     vq3.load_state_dict(vq3_state), vq7.load_state_dict(vq7_state)
@@ -254,26 +282,28 @@ def train_all(rish_3t: RishInput, rish_7t: RishInput, config: dict[str, Any], ou
     labels = torch.cat([torch.full((len(z3),), CLASS_3T), torch.full((len(z7),), CLASS_7T)])
     vz = torch.cat([encode_all(vq3, v3, ctx.device), encode_all(vq7, v7, ctx.device)]) * cfg_latent
     vlab = torch.cat([torch.full((len(v3),), CLASS_3T), torch.full((len(v7),), CLASS_7T)])
-    unet_state = need("ldm")
+    fp = fingerprint("ldm", vq3_state, vq7_state)
+    unet_state = need("ldm", fp)
     if "ldm" in stages:
         unet, _ = train_ldm(lat, labels, cfg, work_dir / "ldm", ctx, resume,
-                            (vz, vlab) if len(vz) else None, log_dir, plot_losses=plot_losses)
+                            (vz, vlab) if len(vz) else None, log_dir, plot_losses=plot_losses, fingerprint=fp)
         unet_state = state_to_tensors(unet)
     if unet_state is None:
         if "sr" in stages:
-            raise TrainingDataError("stage sr needs the ldm stage completed first")
+            raise TrainingDataError("stage sr needs the ldm stage completed first (with these settings and data)")
         return None
 
     networks = {"vqvae3t": vq3, "vqvae7t": vq7, "unet": build_unet(cfg)}
     networks["unet"].load_state_dict(unet_state)
     networks["unet"].to(ctx.device).eval()
     bundle_cfg = dict(cfg, normalisation=norm, latent_scale=latent_scale)
-    sr_state = need("sr")
+    fp = fingerprint("sr", vq3_state, vq7_state, unet_state)
+    sr_state = need("sr", fp)
     if "sr" in stages:
         sr_in, sr_target = translate_for_sr(networks, bundle_cfg, train_pairs, norm, ctx.device)
         val_sr = translate_for_sr(networks, bundle_cfg, val_pairs, norm, ctx.device) if val_ids else None
         sr, _ = train_sr(sr_in, sr_target, cfg, work_dir / "sr", ctx, resume, val_sr, log_dir,
-                         plot_losses=plot_losses)
+                         plot_losses=plot_losses, fingerprint=fp)
         sr_state = state_to_tensors(sr)
     if sr_state is None:
         return None

@@ -7,6 +7,7 @@ to the model grid, orders interleaved, for :mod:`bids_dmri_ldm.ml.training` and
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -70,14 +71,24 @@ def training_normalisation(path: Path, scans: Sequence[RishScan], cfg: dict, res
                            write: bool) -> dict:
     """The amplitude normalisation of a training run: fitted on ``scans`` (the 3T training
     scans) with ``cfg["training"]``'s method and seed and written to ``path`` when ``write`` (the
-    main rank), or, with ``resume``, the one an interrupted run wrote there."""
-    if resume and path.is_file():
-        return json.loads(path.read_text())
+    main rank), or, with ``resume``, the one an interrupted run fitted there on the same scans
+    with the same settings (recorded in the file as ``fitted_on``; else it is fitted again)."""
     tr = cfg["training"]
-    norm = fit_normalisation([s.rish for s in scans], [s.mask for s in scans], cfg["orders"], tr["seed"],
-                             tr.get("normalisation", LEGACY_METHOD))
+    method = tr.get("normalisation", LEGACY_METHOD)
+    inputs = hashlib.sha256(json.dumps([list(cfg["orders"]), tr["seed"], method]).encode())
+    for scan in scans:
+        for array in (scan.rish, scan.mask):
+            array = np.ascontiguousarray(array)
+            inputs.update(f"{array.shape} {array.dtype};".encode())
+            inputs.update(array.data)
+    fitted_on = inputs.hexdigest()
+    if resume and path.is_file():
+        stored = json.loads(path.read_text())
+        if stored.pop("fitted_on", None) == fitted_on:
+            return stored
+    norm = fit_normalisation([s.rish for s in scans], [s.mask for s in scans], cfg["orders"], tr["seed"], method)
     if write:
-        atomic_write_text(path, json.dumps(norm, indent=1))
+        atomic_write_text(path, json.dumps({**norm, "fitted_on": fitted_on}, indent=1))
     return norm
 
 

@@ -1,5 +1,6 @@
 """Training stages: determinism, loss decrease, checkpoint/resume, the train_all entry point."""
 import csv
+import json
 
 import numpy as np
 import pytest
@@ -10,6 +11,7 @@ from bids_dmri_ldm.ml.distributed import DistContext
 from bids_dmri_ldm.ml.training import (
     TrainingDataError,
     split_participants,
+    stage_settings,
     train_all,
     train_ldm,
     train_sr,
@@ -141,3 +143,80 @@ def test_linear_gains_follow_the_7t_level_and_ignore_it_for_3t(tiny_cfg, rish_pa
                                     torch.device("cpu"))
     np.testing.assert_allclose(np.divide(scaled["gain_7t"], base["gain_7t"]), k, rtol=1e-5)
     np.testing.assert_allclose(scaled["gain_3t"], base["gain_3t"], rtol=1e-6)
+
+
+# --------------------------------------------------------------------------- resume and fingerprints
+def test_resume_continues_only_a_checkpoint_of_the_same_fingerprint(tiny_cfg, tmp_path, caplog):
+    """A checkpoint trained from other settings/data is not continued: the stage starts again."""
+    z = torch.randn(6, 4, 4, 4, 4)
+    labels = torch.tensor([0, 1, 0, 1, 0, 1])
+    tiny_cfg["training"]["epochs"]["ldm"] = 2
+    fresh, hist_fresh = train_ldm(z, labels, tiny_cfg, tmp_path / "fresh", CPU, fingerprint="b")
+    tiny_cfg["training"]["epochs"]["ldm"] = 1
+    train_ldm(z, labels, tiny_cfg, tmp_path / "work", CPU, fingerprint="a")
+    tiny_cfg["training"]["epochs"]["ldm"] = 2
+    with caplog.at_level("WARNING", logger="bids_dmri_ldm.ml.stageloop"):
+        other, hist_other = train_ldm(z, labels, tiny_cfg, tmp_path / "work", CPU, resume=True, fingerprint="b")
+    assert "training this stage again from its first epoch" in caplog.text
+    assert [h["train_loss"] for h in hist_other] == [h["train_loss"] for h in hist_fresh]
+    for k, v in fresh.state_dict().items():
+        assert torch.equal(v, other.state_dict()[k]), k
+    state = json.loads((tmp_path / "work" / "state.json").read_text())
+    assert state["fingerprint"] == "b" and len(state["history"]) == 2
+    caplog.clear()
+    tiny_cfg["training"]["epochs"]["ldm"] = 3   # the same fingerprint: continued, trained longer
+    _, hist_more = train_ldm(z, labels, tiny_cfg, tmp_path / "work", CPU, resume=True, fingerprint="b")
+    assert not caplog.text and len(hist_more) == 3
+    assert [h["train_loss"] for h in hist_more[:2]] == [h["train_loss"] for h in hist_other]
+
+
+def test_stage_settings_hold_what_shapes_each_stage_and_not_the_epochs(tiny_cfg):
+    import copy
+
+    changed = copy.deepcopy(tiny_cfg)
+    changed["training"]["epochs"] = {k: 50 for k in changed["training"]["epochs"]}
+    changed["training"]["calibrate_t0"] = [5]
+    for stage in ("vqvae3t", "vqvae7t", "ldm", "sr"):
+        assert stage_settings(changed, stage) == stage_settings(tiny_cfg, stage)
+    changed["training"]["cfg_dropout"] = 0.3
+    assert stage_settings(changed, "ldm") != stage_settings(tiny_cfg, "ldm")
+    assert stage_settings(changed, "vqvae3t") == stage_settings(tiny_cfg, "vqvae3t")
+    changed["sr"]["channels"] = 8
+    assert stage_settings(changed, "sr") != stage_settings(tiny_cfg, "sr")
+    changed["training"]["lr"] = 1.0
+    assert stage_settings(changed, "vqvae3t") != stage_settings(tiny_cfg, "vqvae3t")
+
+
+def test_changed_settings_or_data_are_not_taken_from_old_checkpoints(tiny_cfg, tmp_path, rish_pairs):
+    """Earlier stages are reused only when trained from these settings and data."""
+    import copy
+
+    r3, r7 = rish_pairs
+    work = tmp_path / "work"
+    assert train_all(r3, r7, tiny_cfg, tmp_path / "out", work, stages=("vqvae3t", "vqvae7t")) is None
+    other = copy.deepcopy(tiny_cfg)
+    other["vqvae"]["commitment_cost"] = 0.5
+    with pytest.raises(TrainingDataError, match="completed first \\(with these settings and data\\)"):
+        train_all(r3, r7, other, tmp_path / "out", work, stages=("ldm",), resume=True)
+    fewer = {k: v for k, v in r3.items() if k != "p4"}   # another training set
+    with pytest.raises(TrainingDataError, match="completed first \\(with these settings and data\\)"):
+        train_all(fewer, r7, tiny_cfg, tmp_path / "out", work, stages=("ldm",), resume=True)
+    later = copy.deepcopy(tiny_cfg)   # a later stage's setting leaves the VQ-VAEs usable
+    later["training"]["cfg_dropout"] = 0.3
+    assert train_all(r3, r7, later, tmp_path / "out", work, stages=("ldm",), resume=True) is None
+    assert (work / "ldm" / "state.json").is_file()
+
+
+def test_normalisation_is_refitted_when_the_training_scans_change(tiny_cfg, tmp_path, rish_pairs):
+    from bids_dmri_ldm.ml.data import RishScan
+    from bids_dmri_ldm.ml.training_data import training_normalisation
+
+    r3, _ = rish_pairs
+    scans = [RishScan(*r3[k]) for k in sorted(r3)]
+    path = tmp_path / "normalisation.json"
+    first = training_normalisation(path, scans[:3], tiny_cfg, resume=False, write=True)
+    assert "fitted_on" not in first and "fitted_on" in json.loads(path.read_text())
+    assert training_normalisation(path, scans[:3], tiny_cfg, resume=True, write=True) == first
+    refit = training_normalisation(path, scans[1:], tiny_cfg, resume=True, write=True)
+    assert refit == training_normalisation(tmp_path / "fresh.json", scans[1:], tiny_cfg, resume=False, write=False)
+    assert refit != first
