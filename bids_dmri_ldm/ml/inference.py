@@ -212,8 +212,10 @@ def _translate(rish_3t, mask, bundle, device, seed, num_samples, t0, guidance, d
     gain_3t = np.asarray(_per_order(tr.get("gain_3t"), [1.0] * n_orders, n_orders, "gain_3t"), np.float32)
     recon_3t = denormalise(from_model_grid(recon, crop, norm["background"]), mask, norm) * gain_3t
 
-    total = np.zeros((*mask.shape, n_orders), np.float64)
-    total_sq = np.zeros_like(total) if num_samples > 1 else None  # for the SD map only
+    # K > 1: float64 sums for the mean and SD maps; K = 1: the one prediction is the mean
+    total = np.zeros((*mask.shape, n_orders), np.float64) if num_samples > 1 else None
+    total_sq = np.zeros_like(total) if num_samples > 1 else None
+    mean = None
     per_chunk = max(1, max_batch // n_orders)
     done = 0
     while done < num_samples:
@@ -229,14 +231,19 @@ def _translate(rish_3t, mask, bundle, device, seed, num_samples, t0, guidance, d
                 out = bundle.networks["sr"](dec).float()
         for s in range(k):
             pred = denormalise(from_model_grid(out[s * n_orders:(s + 1) * n_orders], crop,
-                                               norm["background"]), mask, norm).astype(np.float64) * gain_7t
-            total += pred
-            if total_sq is not None:
+                                               norm["background"]), mask, norm)
+            if total is None:
+                # x gain in float64 and rounded once to float32, as the K > 1 mean is, without the
+                # full-grid float64 arrays (their fresh memory took ~0.4 s at HCP size)
+                mean = np.multiply(pred, gain_7t, out=pred, casting="unsafe")
+            else:
+                pred = pred.astype(np.float64) * gain_7t
+                total += pred
                 total_sq += pred ** 2
         done += k
-    mean = total / num_samples
     std = None
     if num_samples > 1:
+        mean = total / num_samples
         var = np.clip(total_sq / num_samples - mean ** 2, 0, None) * num_samples / (num_samples - 1)
         std = np.sqrt(var).astype(np.float32)
     provenance = {
@@ -248,4 +255,4 @@ def _translate(rish_3t, mask, bundle, device, seed, num_samples, t0, guidance, d
         "Device": str(device), **precision_provenance(device, precision),
         "CropBox": crop.as_list(), "ElapsedSeconds": round(time.perf_counter() - start, 3),
     }
-    return Translation(mean.astype(np.float32), std, recon_3t, provenance)
+    return Translation(mean.astype(np.float32, copy=False), std, recon_3t, provenance)
