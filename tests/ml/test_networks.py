@@ -95,3 +95,35 @@ def test_yaml_config_is_accepted(tmp_path):
     path.write_text("grid: [32, 32\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(path)
+
+
+def test_hidden_packages_block_imports_only_inside_the_block():
+    import importlib
+    import sys
+
+    from bids_dmri_ldm.ml.networks import hidden_packages
+
+    name = "colorsys"   # a standard-library module no test imports
+    sys.modules.pop(name, None)
+    with hidden_packages([name, "json"]):
+        with pytest.raises(ImportError):
+            importlib.import_module(name)
+        assert importlib.import_module("json") is sys.modules["json"]   # already imported: left alone
+    assert importlib.import_module(name).hsv_to_rgb(0, 0, 1) == (1, 1, 1)
+    with pytest.raises(RuntimeError), hidden_packages([name + "_never_imported"]):
+        raise RuntimeError
+    assert name + "_never_imported" not in sys.modules
+
+
+def test_the_networks_import_monai_without_the_packages_they_do_not_use():
+    """MONAI's own import would load matplotlib, pandas, scikit-learn, ... (installed here as
+    dependencies of the reports and of pybids); the networks' import leaves them out, and they
+    still import afterwards."""
+    import subprocess
+    import sys
+
+    code = ("import sys; import bids_dmri_ldm.ml.networks as n; "
+            "print(sorted(m for m in n.MONAI_UNUSED_PACKAGES if m in sys.modules)); "
+            "import matplotlib, pandas, sklearn; print('ok')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["[]", "ok"]
