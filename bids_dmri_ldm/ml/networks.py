@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
+import threading
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -48,9 +49,13 @@ def hidden_packages(names: Sequence[str]) -> Iterator[None]:
 
 def _monai_nets():
     """``monai.networks.nets``, imported without :data:`MONAI_UNUSED_PACKAGES` (MONAI treats an
-    optional package that fails to import as absent; a MONAI that needs one outright gets it)."""
+    optional package that fails to import as absent; a MONAI that needs one outright gets it).
+
+    Only in a process with one thread (the participant level's method worker): ``sys.modules`` is
+    shared, and another thread importing one of them meanwhile would fail."""
+    hidden = MONAI_UNUSED_PACKAGES if threading.active_count() == 1 else ()
     try:
-        with hidden_packages(MONAI_UNUSED_PACKAGES):
+        with hidden_packages(hidden):
             from monai.networks import nets
     except ImportError:
         from monai.networks import nets

@@ -127,3 +127,8 @@ def test_the_networks_import_monai_without_the_packages_they_do_not_use():
             "import matplotlib, pandas, sklearn; print('ok')")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == ["[]", "ok"]
+    # with another thread alive (which could be importing one of them meanwhile) nothing is hidden
+    threaded = ("import sys, threading, time; threading.Thread(target=time.sleep, args=(30,), daemon=True).start(); "
+                "import bids_dmri_ldm.ml.networks as n; print('matplotlib' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", threaded], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["True"]
