@@ -199,7 +199,7 @@ def test_group_without_pairs_fails_with_no_data(make_bids_dataset, tmp_path, cap
     assert "3T and 7T" in err and "01" in err and "02" in err
 
 
-def test_group_ldm_training_through_the_cli(make_bids_dataset, tmp_path):
+def test_group_ldm_training_through_the_cli(make_bids_dataset, tmp_path, capsys):
     """Two paired participants + a 3T-only one, one epoch per stage: a loadable, verified bundle
     in models/ldm/, loss curves and the training report; a second run reuses the cached RISH."""
     from bids_dmri_ldm.ml.bundle import load_bundle
@@ -240,6 +240,20 @@ def test_group_ldm_training_through_the_cli(make_bids_dataset, tmp_path):
     assert run_cli(ds.root, out, work, "group", "--method", "ldm", "--config", str(config_file),
                    "--stage", "sr", "--resume") == 0
     assert [p.stat().st_mtime_ns for p in sorted((work / "ldm_rish_cache").glob("*.npz"))] == mtimes
+    # another SR head in the config: its old checkpoint is not continued but trained again
+    changed = tiny_training_config()
+    changed["sr"]["channels"] *= 2
+    config_file.write_text(json.dumps(changed))
+    assert run_cli(ds.root, out, work, "group", "--method", "ldm", "--config", str(config_file),
+                   "--stage", "sr", "--resume") == 0
+    assert load_bundle(out / "models" / "ldm").config["sr"]["channels"] == changed["sr"]["channels"]
+    # another VQ-VAE: the later stages cannot be built on the old one
+    changed["vqvae"]["commitment_cost"] = 0.5
+    config_file.write_text(json.dumps(changed))
+    capsys.readouterr()
+    assert run_cli(ds.root, out, work, "group", "--method", "ldm", "--config", str(config_file),
+                   "--stage", "sr", "--resume") == EX_DATAERR
+    assert "completed first (with these settings and data)" in capsys.readouterr().err
 
 
 def test_rish_cache_counts_reuse(make_bids_dataset, tmp_path):
