@@ -253,7 +253,8 @@ def _build_parser() -> BidsArgumentParser:
     group.add_argument("--stage", choices=STAGE_CHOICES, default=ALL_STAGES,
                        help="training stage to run")
     group.add_argument("--resume", action="store_true",
-                       help="continue training from the last checkpoint in the work dir")
+                       help="continue training from the last checkpoint in the work dir (a stage whose "
+                       "settings, training data or earlier stages changed is trained again)")
     group.add_argument("--reports-only", action="store_true",
                        help="only (re)write the reports from the derivatives already in output_dir, "
                             "recomputing nothing: sub-<label>.html at the participant level, "
