@@ -40,10 +40,10 @@ from .stageloop import (
     fit_stage,
     sample_generator,
     stage_fingerprint,
-    tensors_digest,
 )
 from .training_data import (
     RishInput,
+    array_digest,
     paired_participants,
     prepare_scans,
     stack_pairs,
@@ -121,7 +121,7 @@ def train_cnn(rish_3t: RishInput, rish_7t: RishInput, config: dict[str, Any], ou
     settings = {"cnn": cfg["cnn"], "grid": cfg["grid"], "orders": cfg["orders"],
                 "crop_margin": cfg["translation"]["crop_margin"],
                 "training": {k: v for k, v in tr.items() if k not in ("epochs", "calibrate_smoothing")}}
-    fingerprint = stage_fingerprint(STAGE, settings, tensors_digest([*train, *(val if val is not None else ())]))
+    fingerprint = stage_fingerprint(STAGE, settings, array_digest([*train, *(val if val is not None else ())]))
     fit_stage(STAGE, model, list(train), make_loss(tr["seed"], bool(tr.get("augment_flip", False))), cfg,
               tr["epochs"][STAGE], tr["batch_size"], work_dir / STAGE, log_dir, ctx, resume,
               None if val is None else list(val), plot_losses=plot_losses, fingerprint=fingerprint)

@@ -13,7 +13,7 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -85,26 +85,13 @@ def write_loss_log(history: list[dict[str, float]], csv_path: Path) -> None:
 
 
 # --------------------------------------------------------------------------- fingerprints
-def tensors_digest(tensors: Iterable[torch.Tensor]) -> str:
-    """SHA-256 of tensors' shapes, dtypes and bytes, in the order given."""
-    h = hashlib.sha256()
-    for tensor in tensors:
-        tensor = tensor.detach().cpu().contiguous()
-        h.update(f"{tuple(tensor.shape)} {tensor.dtype};".encode())
-        h.update(tensor.reshape(-1).view(torch.uint8).numpy().data)
-    return h.hexdigest()
-
-
-def stage_fingerprint(stage: str, settings: Any, data: str,
-                      upstream: Sequence[Mapping[str, torch.Tensor]] = ()) -> str:
+def stage_fingerprint(stage: str, settings: Any, *digests: str) -> str:
     """What a stage's checkpoint was trained from: its settings (JSON-ready; the config keys that
-    shape this stage, not its epoch count), the digest of its training data and the weights of
-    the stages it builds on.  :func:`fit_stage` resumes a checkpoint only when they match."""
-    h = hashlib.sha256(json.dumps({"stage": stage, "settings": settings, "data": data},
-                                  sort_keys=True).encode())
-    for state in upstream:
-        h.update(tensors_digest(state[k] for k in sorted(state)).encode())
-    return h.hexdigest()
+    shape this stage, not its epoch count) and the digests (:func:`~.training_data.array_digest`)
+    of its training data and of the weights of the stages it builds on.  :func:`fit_stage`
+    resumes a checkpoint only when they match."""
+    return hashlib.sha256(json.dumps({"stage": stage, "settings": settings, "digests": list(digests)},
+                                     sort_keys=True).encode()).hexdigest()
 
 
 def completed_stage_state(work_dir: Path, epochs: int, fingerprint: str | None = None

@@ -52,16 +52,17 @@ from .stageloop import (
     fit_stage,
     sample_generator,
     stage_fingerprint,
-    tensors_digest,
 )
 from .training_data import (
     RishInput,
     TrainingDataError,
+    array_digest,
     encode_all,
     paired_participants,
     prepare_scans,
     stack_model_grid,
     stack_pairs,
+    state_digest,
     training_normalisation,
 )
 
@@ -242,10 +243,11 @@ def train_all(rish_3t: RishInput, rish_7t: RishInput, config: dict[str, Any], ou
                     stack_model_grid([scans_7t[i] for i in only7], norm, cfg)])
     v3, v7 = stack_pairs(val_pairs, norm, cfg)
     epochs = tr["epochs"]
-    data = tensors_digest([x3, x7, v3, v7])
+    data = array_digest([x3, x7, v3, v7])
 
     def fingerprint(stage, *upstream):
-        return stage_fingerprint(stage, stage_settings(cfg, stage), data, upstream)
+        """``upstream``: the weights of the stages ``stage`` builds on (each hashed once)."""
+        return stage_fingerprint(stage, stage_settings(cfg, stage), data, *upstream)
 
     def need(stage, stage_fp):
         """A completed earlier stage's weights, when this call does not train it (else None)."""
@@ -257,7 +259,8 @@ def train_all(rish_3t: RishInput, rish_7t: RishInput, config: dict[str, Any], ou
         vq3, _ = train_vqvae(x3, cfg, work_dir / "vqvae3t", ctx, resume, v3, log_dir, plot_losses=plot_losses,
                              fingerprint=fp)
         vq3_state = state_to_tensors(vq3)
-    fp = fingerprint("vqvae7t", *([vq3_state] if tr["vqvae7t_init"] == "3T" and vq3_state is not None else []))
+    vq3_digest = state_digest(vq3_state) if vq3_state is not None else None
+    fp = fingerprint("vqvae7t", *([vq3_digest] if tr["vqvae7t_init"] == "3T" and vq3_digest else []))
     vq7_state = need("vqvae7t", fp)
     if "vqvae7t" in stages:
         if vq3_state is None and tr["vqvae7t_init"] == "3T":
@@ -282,7 +285,8 @@ def train_all(rish_3t: RishInput, rish_7t: RishInput, config: dict[str, Any], ou
     labels = torch.cat([torch.full((len(z3),), CLASS_3T), torch.full((len(z7),), CLASS_7T)])
     vz = torch.cat([encode_all(vq3, v3, ctx.device), encode_all(vq7, v7, ctx.device)]) * cfg_latent
     vlab = torch.cat([torch.full((len(v3),), CLASS_3T), torch.full((len(v7),), CLASS_7T)])
-    fp = fingerprint("ldm", vq3_state, vq7_state)
+    vq_digests = (vq3_digest, state_digest(vq7_state))
+    fp = fingerprint("ldm", *vq_digests)
     unet_state = need("ldm", fp)
     if "ldm" in stages:
         unet, _ = train_ldm(lat, labels, cfg, work_dir / "ldm", ctx, resume,
@@ -297,7 +301,7 @@ def train_all(rish_3t: RishInput, rish_7t: RishInput, config: dict[str, Any], ou
     networks["unet"].load_state_dict(unet_state)
     networks["unet"].to(ctx.device).eval()
     bundle_cfg = dict(cfg, normalisation=norm, latent_scale=latent_scale)
-    fp = fingerprint("sr", vq3_state, vq7_state, unet_state)
+    fp = fingerprint("sr", *vq_digests, state_digest(unet_state))
     sr_state = need("sr", fp)
     if "sr" in stages:
         sr_in, sr_target = translate_for_sr(networks, bundle_cfg, train_pairs, norm, ctx.device)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -67,6 +67,27 @@ def paired_participants(scans_3t: Mapping[str, RishScan], scans_7t: Mapping[str,
     return paired
 
 
+def array_digest(arrays: Iterable[np.ndarray | torch.Tensor]) -> str:
+    """SHA-256 of arrays' (numpy or torch) shapes, dtypes and bytes, in the order given: what
+    training data, or a trained stage's weights, were (:func:`~.stageloop.stage_fingerprint`)."""
+    h = hashlib.sha256()
+    for array in arrays:
+        if isinstance(array, torch.Tensor):
+            array = array.detach().cpu().contiguous()
+            h.update(f"{tuple(array.shape)} {array.dtype};".encode())
+            h.update(array.reshape(-1).view(torch.uint8).numpy().data)  # any dtype, bfloat16 too
+        else:
+            array = np.ascontiguousarray(array)
+            h.update(f"{array.shape} {array.dtype};".encode())
+            h.update(array.data)
+    return h.hexdigest()
+
+
+def state_digest(state: Mapping[str, torch.Tensor]) -> str:
+    """:func:`array_digest` of a state dict's tensors in key order."""
+    return array_digest(state[key] for key in sorted(state))
+
+
 def training_normalisation(path: Path, scans: Sequence[RishScan], cfg: dict, resume: bool,
                            write: bool) -> dict:
     """The amplitude normalisation of a training run: fitted on ``scans`` (the 3T training
@@ -75,13 +96,8 @@ def training_normalisation(path: Path, scans: Sequence[RishScan], cfg: dict, res
     with the same settings (recorded in the file as ``fitted_on``; else it is fitted again)."""
     tr = cfg["training"]
     method = tr.get("normalisation", LEGACY_METHOD)
-    inputs = hashlib.sha256(json.dumps([list(cfg["orders"]), tr["seed"], method]).encode())
-    for scan in scans:
-        for array in (scan.rish, scan.mask):
-            array = np.ascontiguousarray(array)
-            inputs.update(f"{array.shape} {array.dtype};".encode())
-            inputs.update(array.data)
-    fitted_on = inputs.hexdigest()
+    fitted_on = hashlib.sha256(json.dumps([list(cfg["orders"]), tr["seed"], method, array_digest(
+        array for scan in scans for array in (scan.rish, scan.mask))]).encode()).hexdigest()
     if resume and path.is_file():
         stored = json.loads(path.read_text())
         if stored.pop("fitted_on", None) == fitted_on:
