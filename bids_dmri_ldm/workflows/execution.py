@@ -63,7 +63,8 @@ HANG_NODE_ENV = "BIDS_DMRI_LDM_TEST_HANG_NODE"
 WORKER_PRELOAD = ("bids_dmri_ldm.interfaces.dwi", "bids_dmri_ldm.interfaces.bids")
 
 #: What a method's scale-map node imports besides the steps: the learned methods' networks and
-#: MONAI (``import monai`` loads every MONAI subpackage: ~3.3 s on top of torch on 2 cores).
+#: MONAI (``import monai`` loads every MONAI subpackage: ~1.2 s of CPU on top of the worker's own
+#: imports on 2 cores, 2.5 s before :data:`~bids_dmri_ldm.ml.networks.MONAI_UNUSED_PACKAGES`).
 #: Neither the worker server (every worker, and the first node, waited for it: 3.4 s before the
 #: first step) nor the node itself (3.3 s on the critical path) imports them: one *method worker*,
 #: forked from the server as soon as it runs, imports them while the first steps run and is kept
