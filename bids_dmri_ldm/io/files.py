@@ -85,6 +85,14 @@ def atomic_link_or_copy(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
     return Path(dst)
 
 
+def file_stamp(path: str | os.PathLike) -> tuple[str, int, int]:
+    """``(resolved path, size in bytes, modification time in ns)`` of a file: what the work
+    folder's records of uncompressed copies note, so that a reader uses a copy only while the file
+    it stands for is unchanged."""
+    stat = os.stat(path)
+    return str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns
+
+
 def replace_dir(staging: str | os.PathLike, target: str | os.PathLike) -> Path:
     """Put the finished folder ``staging`` at ``target`` (same file system).
 
@@ -124,6 +132,7 @@ __all__ = [
     "atomic_write_bytes",
     "atomic_write_json",
     "atomic_write_text",
+    "file_stamp",
     "json_default",
     "replace_dir",
 ]

@@ -21,7 +21,7 @@ from ...bidsio.derivatives import write_bval_bvec
 from ...core.gradients import GradientError, check_gradients, load_gradients
 from ...core.shells import VolumePlan, load_output_table, plan_volumes
 from ...errors import InputDataError
-from ...io.files import atomic_write_json
+from ...io.files import atomic_write_json, file_stamp
 from ...io.nifti import (
     READ_ERRORS,
     iter_nifti_volumes,
@@ -284,8 +284,7 @@ def write_source_copy_record(path: str | os.PathLike, source: str | os.PathLike,
     and modification time): the participant report reads the 3T signal it shows from the copy
     (memory-mapped) instead of inflating the source again, and only while the source is unchanged.
     NaN/Inf of the source are 0 in the copy."""
-    stat = os.stat(source)
-    record = {"source": str(Path(source).resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
+    record = {**dict(zip(("source", "size", "mtime_ns"), file_stamp(source))),
               "copy": str(Path(copy).resolve()), "read_index": [int(t) for t in read_index]}
     atomic_write_json(Path(path), record)
     return str(path)

@@ -11,7 +11,7 @@ import numpy as np
 from ...core.rebuild import lambda_in_mask, scale_channels, sh_l_values
 from ...core.resample import SeparableResampler, output_grid, resample_to_grid
 from ...core.sh import RISH_ORDERS
-from ...io.files import atomic_write_json
+from ...io.files import atomic_write_json, file_stamp
 from ...io.nifti import read_channel, save_array, write_channels, write_nifti_volumes
 
 # ---------------------------------------------------------------------------------------------
@@ -121,8 +121,7 @@ def write_map_copies_record(path: str | os.PathLike, copies: dict[str, list[str]
     :func:`~bids_dmri_ldm.io.files.atomic_link_or_copy`) from the per-shell files, memory-mapped,
     instead of inflating it (~0.5 s per map at HCP size), and only while none of them changed."""
     def identity(file: str) -> dict[str, Any]:
-        stat = os.stat(file)
-        return {"path": str(Path(file).resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+        return dict(zip(("path", "size", "mtime_ns"), file_stamp(file)))
 
     record = {"maps": [{"file": identity(stacked), "copies": [identity(f) for f in parts]}
                        for stacked, parts in copies.items()]}

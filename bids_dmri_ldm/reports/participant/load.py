@@ -18,6 +18,7 @@ import numpy as np
 
 from bids_dmri_ldm.bidsio.gradients import find_gradient_file
 from bids_dmri_ldm.core.display import display_voxels
+from bids_dmri_ldm.io.files import file_stamp
 from bids_dmri_ldm.io.nifti import load_nifti
 from bids_dmri_ldm.reports import figures
 from bids_dmri_ldm.reports.html import (
@@ -118,20 +119,19 @@ def _map_from_copies(path: Path, records: Sequence[str | Path]) -> nib.Nifti1Ima
     derivative, same size and modification time) and no per-shell file changed since; else
     None (the map is then inflated)."""
     try:
-        stat = path.stat()
+        _, size, mtime_ns = file_stamp(path)  # the derivative's own path: a hard link of the recorded one
     except OSError:
         return None
     for record_path in records:
         try:
             for entry in json.loads(Path(record_path).read_text())["maps"]:
                 stacked = entry["file"]
-                if not (os.path.samefile(path, stacked["path"]) and stat.st_size == stacked["size"]
-                        and stat.st_mtime_ns == stacked["mtime_ns"]):
+                if not (os.path.samefile(path, stacked["path"])
+                        and (size, mtime_ns) == (stacked["size"], stacked["mtime_ns"])):
                     continue
                 parts = []
                 for copy in entry["copies"]:
-                    part = Path(copy["path"]).stat()
-                    if (part.st_size, part.st_mtime_ns) != (copy["size"], copy["mtime_ns"]):
+                    if file_stamp(copy["path"])[1:] != (copy["size"], copy["mtime_ns"]):
                         raise ValueError(f"{copy['path']} changed since it was recorded")
                     parts.append(nib.load(copy["path"], mmap=True))
                 arrays = [np.asanyarray(p.dataobj, dtype=np.float32).reshape(p.shape[:3] + (-1,)) for p in parts]
@@ -495,14 +495,13 @@ def _signals_from_copy(source: Path, records: Sequence[str | Path], shape: tuple
     if not records:
         return None
     try:
-        stat = source.stat()
-        resolved = str(source.resolve())
+        stamp = file_stamp(source)
     except OSError:
         return None
     for record_path in records:
         try:
             record = json.loads(Path(record_path).read_text())
-            if (record["source"], record["size"], record["mtime_ns"]) != (resolved, stat.st_size, stat.st_mtime_ns):
+            if (record["source"], record["size"], record["mtime_ns"]) != stamp:
                 continue
             column = {int(t): c for c, t in enumerate(record["read_index"])}
             if any(int(v) not in column for v in volumes):
