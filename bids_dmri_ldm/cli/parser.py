@@ -268,7 +268,7 @@ def _build_parser() -> BidsArgumentParser:
 def start_workers_early(method: str) -> None:
     """Start the participant level's worker server, and for a learned method its method worker
     (:func:`~bids_dmri_ldm.workflows.execution.start_worker_server`), once the command line is
-    known to be valid, so that their imports (~2 s, and ~1.2 s more for MONAI, on 2 cores) overlap the
+    known to be valid, so that their imports (~2 s, and ~0.5 s more for MONAI, on 2 cores) overlap the
     main process's own (torch for the device check, nipype, the dataset index) and the first
     steps; nothing when the workflows are not installed (the level then fails with its own
     message)."""

@@ -22,13 +22,15 @@ from torch.nn import functional as F
 
 from .modelconfig import CLASS_NAMES
 
-MONAI_UNUSED_PACKAGES = ("matplotlib", "pandas", "sklearn", "h5py", "requests", "jsonschema")
+MONAI_UNUSED_PACKAGES = ("matplotlib", "pandas", "sklearn", "h5py", "requests", "jsonschema", "scipy.signal")
 """Packages that ``import monai`` loads when they are installed and the networks never use: MONAI
 imports every subpackage, and their optional imports pull these in (matplotlib for
 ``monai.utils.jupyter_utils``, pandas for ``monai.utils.profiling``, scikit-learn for
-``monai.metrics``, h5py, requests and jsonschema for ``monai.apps``/``monai.bundle``).  Measured on
-2 cores (2026-12-01): the networks' import, after the pipeline's own modules, took 2.5 s of CPU,
-1.2 s with these hidden; it runs in the participant level's method worker beside the first steps."""
+``monai.metrics``, h5py, requests and jsonschema for ``monai.apps``/``monai.bundle``, SciPy's
+signal processing, with its statistics, for ``monai.data.ultrasound_confidence_map``).  Measured
+on 2 cores (2026-12-01): the networks' import, after the pipeline's own modules, took 2.5 s of
+CPU, 1.2 s with the first six hidden, 0.45-0.6 s with all seven; it runs in the participant
+level's method worker beside the first steps."""
 
 
 @contextlib.contextmanager

@@ -27,6 +27,8 @@ Test hooks (environment variables read by the workers; tests only):
 """
 from __future__ import annotations
 
+import contextlib
+import gc
 import importlib
 import logging
 import os
@@ -58,12 +60,14 @@ HANG_NODE_ENV = "BIDS_DMRI_LDM_TEST_HANG_NODE"
 
 
 #: Modules the forkserver imports once, so that each worker forked from it starts ready to run a
-#: step (numpy, nibabel, nipype, torch: ~2 s on 2 cores). Importing runs no torch kernel, so no
-#: OpenMP pool or CUDA state exists yet to be inherited (why forkserver and not fork).
-WORKER_PRELOAD = ("bids_dmri_ldm.interfaces.dwi", "bids_dmri_ldm.interfaces.bids")
+#: step (numpy, nibabel, nipype, torch: ~2 s on 2 cores; this module, whose worker loop each
+#: worker runs, and nipype's schedulers it imports: 0.2-0.3 s that every worker paid on its own
+#: before). Importing runs no torch kernel, so no OpenMP pool or CUDA state exists yet to be
+#: inherited (why forkserver and not fork).
+WORKER_PRELOAD = ("bids_dmri_ldm.interfaces.dwi", "bids_dmri_ldm.interfaces.bids", __name__)
 
 #: What a method's scale-map node imports besides the steps: the learned methods' networks and
-#: MONAI (``import monai`` loads every MONAI subpackage: ~1.2 s of CPU on top of the worker's own
+#: MONAI (``import monai`` loads every MONAI subpackage: ~0.5 s of CPU on top of the worker's own
 #: imports on 2 cores, 2.5 s before :data:`~bids_dmri_ldm.ml.networks.MONAI_UNUSED_PACKAGES`).
 #: Neither the worker server (every worker, and the first node, waited for it: 3.4 s before the
 #: first step) nor the node itself (3.3 s on the critical path) imports them: one *method worker*,
@@ -400,8 +404,42 @@ class WorkerPoolPlugin(MultiProcPlugin):
             worker.stop(kill=kill)
 
     def run(self, graph, config, updatehash=False):
-        """MultiProc's run; whatever ends it (an error, Ctrl-C), no worker outlives it."""
+        """MultiProc's run, its scheduling passes collecting the youngest generation only
+        (:func:`young_collections_only`); whatever ends it (an error, Ctrl-C), no worker outlives
+        it."""
         try:
-            return super().run(graph, config, updatehash=updatehash)
+            with young_collections_only():
+                return super().run(graph, config, updatehash=updatehash)
         finally:
             self._stop_workers(kill=True)
+
+
+@contextlib.contextmanager
+def young_collections_only():
+    """Within the block, nipype's MultiProc collects the youngest generation of this process's
+    objects where it calls a full ``gc.collect()``.
+
+    MultiProc collects before every scheduling pass (20 per second) to free the results of nodes
+    run in its own process. Here every node runs in a worker process, so those collections find
+    next to nothing, but each scans every object made since the heap was frozen: while the
+    report's modules are imported beside the workflow (matplotlib, dipy: tens of thousands of
+    objects) one pass took up to 57 ms, 1.8 s of CPU in an HCP-size run (measured 2026-12-01),
+    taken from the first steps on 2 cores. Python's own collections (by allocation counts) go on
+    as usual. MultiProc has no option for this: its module's ``gc`` is swapped for the block.
+    """
+    from nipype.pipeline.plugins import multiproc
+
+    saved = multiproc.gc
+    multiproc.gc = _YoungGenerationGC
+    try:
+        yield
+    finally:
+        multiproc.gc = saved
+
+
+class _YoungGenerationGC:
+    """Stands for the :mod:`gc` module in nipype's MultiProc (:func:`young_collections_only`)."""
+
+    @staticmethod
+    def collect(generation: int = 2) -> int:  # noqa: ARG004 - gc.collect's signature
+        return gc.collect(0)

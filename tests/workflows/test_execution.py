@@ -110,3 +110,27 @@ def test_a_method_worker_no_pool_adopted_is_stopped_when_the_command_ends(plugin
     execution._EARLY["workers"].extend(started)  # as if never adopted
     execution.discard_early_workers()
     assert not started[0].process.is_alive() and execution._EARLY["workers"] == []
+
+
+def test_scheduling_passes_collect_the_youngest_generation_only():
+    import gc
+
+    from nipype.pipeline.plugins import multiproc
+
+    generations = []
+
+    def record(phase, info):
+        if phase == "start":
+            generations.append(info["generation"])
+
+    gc.callbacks.append(record)
+    try:
+        with execution.young_collections_only():
+            multiproc.gc.collect()  # MultiProc's call before each scheduling pass
+        assert generations and set(generations) == {0}  # not the full collection nipype asks for
+        assert multiproc.gc is gc
+        with pytest.raises(KeyError), execution.young_collections_only():
+            raise KeyError("the block ends in an error")
+        assert multiproc.gc is gc  # restored whatever ended the block
+    finally:
+        gc.callbacks.remove(record)
