@@ -441,5 +441,5 @@ class _YoungGenerationGC:
     """Stands for the :mod:`gc` module in nipype's MultiProc (:func:`young_collections_only`)."""
 
     @staticmethod
-    def collect(generation: int = 2) -> int:  # noqa: ARG004 - gc.collect's signature
+    def collect(generation: int = 2) -> int:  # gc.collect's signature; the generation is ignored
         return gc.collect(0)
