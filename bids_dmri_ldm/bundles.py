@@ -121,6 +121,25 @@ def read_checksum_list(path: str | os.PathLike) -> dict[str, str]:
     return sums
 
 
+def listed_checksums(folder: str | os.PathLike, names: tuple[str, ...], error: type[Exception],
+                     missing: str) -> tuple[Path, dict[str, str]]:
+    """``(checksum list, {file name: sha256})`` of a model folder: the first of ``names`` found
+    in ``folder``, read by :func:`read_checksum_list`.
+
+    Raises
+    ------
+    error
+        ``error(missing)`` when none of ``names`` is there; ``"<list>: malformed line <n>"``.
+    """
+    listing = find_checksum_list(folder, names)
+    if listing is None:
+        raise error(missing)
+    try:
+        return listing, read_checksum_list(listing)
+    except ValueError as err:
+        raise error(f"{listing}: {err}") from None
+
+
 def checksum_list_text(folder: str | os.PathLike, names: Sequence[str]) -> str:
     """``sha256sum``-format list (``<hash>  <name>`` lines) of the files ``names`` in ``folder``,
     in the order given: what :func:`read_checksum_list` reads."""
@@ -229,14 +248,8 @@ def bundle_checksums(path: str | os.PathLike) -> tuple[Path, dict[str, str]]:
     BundleError
         The list is missing or malformed.
     """
-    path = Path(path)
-    listing = find_checksum_list(path, model_folder("ldm").checksum_names)
-    if listing is None:
-        raise BundleError(f"model bundle {path} is incomplete: {BUNDLE_CHECKSUMS} is missing")
-    try:
-        return listing, read_checksum_list(listing)
-    except ValueError as err:
-        raise BundleError(f"model bundle {path}: {err} in {listing.name}") from None
+    return listed_checksums(path, model_folder("ldm").checksum_names, BundleError,
+                            f"model bundle {path} is incomplete: {BUNDLE_CHECKSUMS} is missing")
 
 
 def verify_bundle(path: str | os.PathLike) -> dict[str, str]:

@@ -23,6 +23,18 @@ def test_checksum_list_formats(tmp_path):
         bundles.read_checksum_list(tmp_path / "list")
 
 
+def test_listed_checksums_take_the_first_list_found_and_raise_the_callers_error(tmp_path):
+    digest = "cd" * 32
+    with pytest.raises(MethodError, match="^nothing here$"):
+        bundles.listed_checksums(tmp_path, ("SHA256SUMS", "checksums.sha256"), MethodError, "nothing here")
+    (tmp_path / "checksums.sha256").write_text(f"{digest}  a.json\n")
+    assert bundles.listed_checksums(tmp_path, ("SHA256SUMS", "checksums.sha256"), MethodError, "-") == (
+        tmp_path / "checksums.sha256", {"a.json": digest})
+    (tmp_path / "SHA256SUMS").write_text("garbage\n")  # first in the order given: read, and refused
+    with pytest.raises(BundleError, match="SHA256SUMS: malformed line 1"):
+        bundles.listed_checksums(tmp_path, ("SHA256SUMS", "checksums.sha256"), BundleError, "-")
+
+
 def test_sha256_file_known_answer(tmp_path):
     (tmp_path / "f").write_bytes(b"abc")
     assert bundles.sha256_file(tmp_path / "f") == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"

@@ -17,9 +17,8 @@ import numpy as np
 
 from ..bundles import (
     checksum_list_text,
-    find_checksum_list,
+    listed_checksums,
     model_folder,
-    read_checksum_list,
     resolve_model_dir,
     sha256_file,
 )
@@ -54,13 +53,8 @@ def read_checksums(model_dir: Path) -> tuple[Path, dict[str, str]]:
     MethodError
         No checksum list, or a malformed one.
     """
-    listing = find_checksum_list(model_dir, model_folder(RISH_GLOBAL).checksum_names)
-    if listing is None:
-        raise MethodError(f"model directory {model_dir} has no {CHECKSUM_FILE} file")
-    try:
-        return listing, read_checksum_list(listing)
-    except ValueError as err:
-        raise MethodError(f"{listing}: {err}") from None
+    return listed_checksums(model_dir, model_folder(RISH_GLOBAL).checksum_names, MethodError,
+                            f"model directory {model_dir} has no {CHECKSUM_FILE} file")
 
 
 @dataclass
