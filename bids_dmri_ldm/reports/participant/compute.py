@@ -47,7 +47,7 @@ def summary_numbers(
     if scale is None or mask is None:
         raise ReportInputError("scale maps or brain mask not available")
     mask = np.asarray(mask).astype(bool)
-    scale = np.asarray(scale, np.float64)
+    scale = np.asarray(scale)  # medians in float64 of the selected voxels only, not of the whole grid
     if scale.shape[:3] != mask.shape:
         raise ValueError(f"scale maps {scale.shape} and mask {mask.shape} are on different grids")
     rows: list[tuple] = [("brain voxels", int(mask.sum()))]
@@ -58,10 +58,11 @@ def summary_numbers(
         rows.append((f"WM-like voxels (FA > {fa_threshold:g}, of those fitted)", int(wm.sum())))
     for i, order in enumerate(orders[: scale.shape[-1]]):
         lam = scale[..., i]
-        inside = lam[mask & np.isfinite(lam)]
+        finite = np.isfinite(lam)
+        inside = lam[mask & finite].astype(np.float64)
         rows.append((f"median λ{order} in brain", float(np.median(inside)) if inside.size else None))
         if wm is not None:
-            sel = lam[wm & np.isfinite(lam)]
+            sel = lam[wm & finite].astype(np.float64)
             rows.append((f"median λ{order} in WM-like voxels",
                          float(np.median(sel)) if sel.size else None))
     return rows
