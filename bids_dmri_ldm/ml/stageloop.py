@@ -89,7 +89,8 @@ def stage_fingerprint(stage: str, settings: Any, *digests: str) -> str:
     """What a stage's checkpoint was trained from: its settings (JSON-ready; the config keys that
     shape this stage, not its epoch count) and the digests (:func:`~.training_data.array_digest`)
     of its training data and of the weights of the stages it builds on.  :func:`fit_stage`
-    resumes a checkpoint only when they match."""
+    resumes a checkpoint only when they match (the training's normalisation is recorded the same
+    way: :func:`~.training_data.training_normalisation`)."""
     return hashlib.sha256(json.dumps({"stage": stage, "settings": settings, "digests": list(digests)},
                                      sort_keys=True).encode()).hexdigest()
 

@@ -19,6 +19,7 @@ from torch import nn
 from ..io.files import atomic_write_text
 from .data import RishScan, canonical_scan, target_on_source, to_model_grid
 from .normalise import LEGACY_METHOD, fit_normalisation, normalise
+from .stageloop import stage_fingerprint
 
 
 class TrainingDataError(ValueError):
@@ -96,8 +97,8 @@ def training_normalisation(path: Path, scans: Sequence[RishScan], cfg: dict, res
     with the same settings (recorded in the file as ``fitted_on``; else it is fitted again)."""
     tr = cfg["training"]
     method = tr.get("normalisation", LEGACY_METHOD)
-    fitted_on = hashlib.sha256(json.dumps([list(cfg["orders"]), tr["seed"], method, array_digest(
-        array for scan in scans for array in (scan.rish, scan.mask))]).encode()).hexdigest()
+    fitted_on = stage_fingerprint("normalisation", [list(cfg["orders"]), tr["seed"], method],
+                                  array_digest(array for scan in scans for array in (scan.rish, scan.mask)))
     if resume and path.is_file():
         stored = json.loads(path.read_text())
         if stored.pop("fitted_on", None) == fitted_on:

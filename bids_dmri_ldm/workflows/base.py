@@ -437,17 +437,14 @@ def _run_with_frozen_heap(workflow, plugin) -> None:
     """Run ``workflow`` with the objects alive at its start frozen out of the garbage collector,
     importing meanwhile, in a background thread, what the participant reports need afterwards.
 
-    nipype's MultiProc calls ``gc.collect()`` on every scheduling pass (20 per second); with
-    torch, pybids and sqlalchemy loaded that is ~0.7 s each. Freezing the objects alive now (they
-    live for the whole run anyway) keeps those collections to the objects made since, and the
-    plugin makes them collect the youngest generation only
-    (:func:`~bids_dmri_ldm.workflows.execution.young_collections_only`): with the freeze alone,
-    the passes made while the report's modules were being imported still scanned those modules'
-    objects, 1.8 s of CPU per run. The report's modules (matplotlib, dipy's tensor model: ~1 s on
-    2 cores) are imported while this process only waits for its workers, instead of after the
-    workflow, and frozen as soon as imported (left unfrozen before the plugin collected young
-    objects only, every pass scanned them again: 18 s of CPU in a 30 s run). An import that
-    fails here fails again, and is reported, when the report is made.
+    With torch, pybids and sqlalchemy loaded, a full collection of this process takes ~0.7 s.
+    Freezing the objects alive now, and the report's modules once imported (they live for the
+    whole run anyway), keeps Python's own full collections to the objects made since; nipype's
+    collection before every scheduling pass is limited to the youngest generation by the plugin
+    (:func:`~bids_dmri_ldm.workflows.execution.young_collections_only`). The report's modules
+    (matplotlib, dipy's tensor model: ~1 s on 2 cores) are imported while this process only waits
+    for its workers, instead of after the workflow. An import that fails here fails again, and is
+    reported, when the report is made.
     """
     lock = threading.Lock()
     running = [True]
