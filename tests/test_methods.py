@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from bids_dmri_ldm import bundles, methods
+from bids_dmri_ldm import methods
 from bids_dmri_ldm.bundles import MODELS_ENV, resolve_model_dir
 from bids_dmri_ldm.core.resample import output_grid
 from bids_dmri_ldm.methods import (

@@ -1,4 +1,4 @@
-"""Multi-compartment diffusion signal with echo-time (T2) weighting of each compartment.
+r"""Multi-compartment diffusion signal with echo-time (T2) weighting of each compartment.
 
 Model (per unit proton density, all compartments with the same proton density; TR effects
 neglected, TR >> T1 in these protocols except for CSF)::
