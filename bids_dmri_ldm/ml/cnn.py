@@ -15,7 +15,6 @@ Arrays: RISH ``(X, Y, Z, n_orders)``, masks ``(X, Y, Z)`` bool, model-grid tenso
 """
 from __future__ import annotations
 
-import copy
 import platform
 import time
 from collections.abc import Sequence
@@ -28,13 +27,11 @@ import torch
 
 from .bundle import Bundle, model_card, save_bundle, software_versions
 from .data import RishScan, from_model_grid, to_model_grid
-from .distributed import barrier, init_distributed
+from .distributed import barrier
 from .inference import Translation, autocast_for, precision_provenance
-from .modelconfig import validate_config
 from .networks import build_cnn
 from .normalise import denormalise, normalise
 from .scalemaps import SMOOTHING_CANDIDATES, calibrate_scale_smoothing
-from .split import split_participants
 from .stageloop import (
     PlotFn,
     fit_stage,
@@ -44,8 +41,7 @@ from .stageloop import (
 from .training_data import (
     RishInput,
     array_digest,
-    paired_participants,
-    prepare_scans,
+    setup_training,
     stack_pairs,
     training_normalisation,
 )
@@ -101,23 +97,16 @@ def train_cnn(rish_3t: RishInput, rish_7t: RishInput, config: dict[str, Any], ou
     TrainingDataError
         No paired participant.
     """
-    validate_config(config, "training")
-    cfg = copy.deepcopy(config)
-    tr = cfg["training"]
-    out_dir, work_dir = Path(out_dir), Path(work_dir)
-    ctx = init_distributed(device)
-    t_start = time.perf_counter()
-    scans_3t, scans_7t, targets = prepare_scans(rish_3t, rish_7t)
-    paired = paired_participants(scans_3t, scans_7t, targets)
-    train_ids, val_ids = split_participants(paired, tr["val_fraction"], tr["seed"])
-    work_dir.mkdir(parents=True, exist_ok=True)
+    setup = setup_training(rish_3t, rish_7t, config, out_dir, work_dir, device)
+    cfg, out_dir, work_dir, ctx, log_dir = setup.cfg, setup.out_dir, setup.work_dir, setup.ctx, setup.log_dir
+    scans_3t, scans_7t, targets = setup.scans_3t, setup.scans_7t, setup.targets
+    train_ids, val_ids, tr = setup.train_ids, setup.val_ids, cfg["training"]
     norm = training_normalisation(work_dir / "normalisation.json", [scans_3t[i] for i in train_ids], cfg, resume,
                                   ctx.is_main)
     train = paired_tensors([(scans_3t[i], targets[i]) for i in train_ids], norm, cfg)
     val = paired_tensors([(scans_3t[i], targets[i]) for i in val_ids], norm, cfg) if val_ids else None
     torch.manual_seed(tr["seed"])
     model = build_cnn(cfg)
-    log_dir = out_dir / "training" if ctx.is_main else None
     settings = {"cnn": cfg["cnn"], "grid": cfg["grid"], "orders": cfg["orders"],
                 "crop_margin": cfg["translation"]["crop_margin"],
                 "training": {k: v for k, v in tr.items() if k not in ("epochs", "calibrate_smoothing")}}
@@ -141,12 +130,12 @@ def train_cnn(rish_3t: RishInput, rish_7t: RishInput, config: dict[str, Any], ou
                                   scale_gain=calibration["gain"])
     bundle_cfg = dict(cfg, normalisation=norm, software=software_versions(),
                       created=datetime.now(UTC).isoformat(timespec="seconds"),
-                      training_data={"n_3t": len(scans_3t), "n_7t": len(scans_7t), "n_paired": len(paired),
+                      training_data={"n_3t": len(scans_3t), "n_7t": len(scans_7t), "n_paired": len(targets),
                                      "pairing": "7T brought into the 3T grid through the affines (world "
                                                 "space), canonical RAS voxel order",
                                      "train_participants": train_ids, "validation_participants": val_ids,
                                      "calibration": {"scale_smoothing": calibration}})
-    card = model_card(bundle_cfg, command=command, training_time_s=time.perf_counter() - t_start,
+    card = model_card(bundle_cfg, command=command, training_time_s=time.perf_counter() - setup.t_start,
                       machine=f"{platform.node()} {platform.processor() or platform.machine()}, "
                               f"{torch.get_num_threads()} threads, {ctx.device}")
     bundle_dir = save_bundle(out_dir / "model", bundle_cfg, {STAGE: model}, card)

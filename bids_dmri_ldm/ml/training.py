@@ -19,7 +19,6 @@ The loop shared by the stages is :mod:`~.stageloop`, the training data on the mo
 """
 from __future__ import annotations
 
-import json
 import platform
 import time
 from collections.abc import Sequence
@@ -38,12 +37,10 @@ from .diffusion import LatentDiffusion
 from .distributed import (
     DistContext,
     barrier,
-    init_distributed,
 )
-from .modelconfig import CLASS_3T, CLASS_7T, CLASS_NULL, validate_config
+from .modelconfig import CLASS_3T, CLASS_7T, CLASS_NULL
 from .networks import build_sr_head, build_unet, build_vqvae
 from .scalemaps import SMOOTHING_CANDIDATES, calibrate_scale_smoothing
-from .split import split_participants
 from .stageloop import (
     STAGE_ID,
     LossFn,
@@ -58,8 +55,7 @@ from .training_data import (
     TrainingDataError,
     array_digest,
     encode_all,
-    paired_participants,
-    prepare_scans,
+    setup_training,
     stack_model_grid,
     stack_pairs,
     state_digest,
@@ -220,19 +216,12 @@ def train_all(rish_3t: RishInput, rish_7t: RishInput, config: dict[str, Any], ou
     TrainingDataError
         No paired participant, or an earlier stage missing.
     """
-    validate_config(config, "training")
-    cfg = json.loads(json.dumps(config))
-    tr = cfg["training"]
-    out_dir, work_dir = Path(out_dir), Path(work_dir)
-    ctx = init_distributed(device)
-    t_start = time.perf_counter()
-    scans_3t, scans_7t, targets = prepare_scans(rish_3t, rish_7t)
-    paired = paired_participants(scans_3t, scans_7t, targets)
-    train_ids, val_ids = split_participants(paired, tr["val_fraction"], tr["seed"])
-    only3 = sorted(set(rish_3t) - set(paired))
-    only7 = sorted(set(rish_7t) - set(paired))
-    log_dir = out_dir / "training" if ctx.is_main else None
-    work_dir.mkdir(parents=True, exist_ok=True)
+    setup = setup_training(rish_3t, rish_7t, config, out_dir, work_dir, device)
+    cfg, out_dir, work_dir, ctx, log_dir = setup.cfg, setup.out_dir, setup.work_dir, setup.ctx, setup.log_dir
+    scans_3t, scans_7t, targets = setup.scans_3t, setup.scans_7t, setup.targets
+    train_ids, val_ids, tr = setup.train_ids, setup.val_ids, cfg["training"]
+    only3 = sorted(set(scans_3t) - set(targets))
+    only7 = sorted(set(scans_7t) - set(targets))
 
     norm = training_normalisation(work_dir / "normalisation.json", [scans_3t[i] for i in train_ids + only3],
                                   cfg, resume, ctx.is_main)
@@ -339,9 +328,9 @@ def train_all(rish_3t: RishInput, rish_7t: RishInput, config: dict[str, Any], ou
             bundle_cfg["translation"].update(scale_smoothing=smoothing["sigma"], scale_strength=smoothing["strength"],
                                              scale_gain=smoothing["gain"])
             calibration["scale_smoothing"] = smoothing
-    elapsed = time.perf_counter() - t_start
+    elapsed = time.perf_counter() - setup.t_start
     bundle_cfg.update(
-        training_data={"n_3t": len(scans_3t), "n_7t": len(scans_7t), "n_paired": len(paired),
+        training_data={"n_3t": len(scans_3t), "n_7t": len(scans_7t), "n_paired": len(targets),
                        "pairing": "7T brought into the 3T grid through the affines (world space), "
                                   "canonical RAS voxel order",
                        "train_participants": train_ids, "validation_participants": val_ids,

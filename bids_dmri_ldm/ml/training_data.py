@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -18,7 +21,10 @@ from torch import nn
 
 from ..io.files import atomic_write_text
 from .data import RishScan, canonical_scan, target_on_source, to_model_grid
+from .distributed import DistContext, init_distributed
+from .modelconfig import validate_config
 from .normalise import LEGACY_METHOD, fit_normalisation, normalise
+from .split import split_participants
 from .stageloop import stage_fingerprint
 
 
@@ -66,6 +72,56 @@ def paired_participants(scans_3t: Mapping[str, RishScan], scans_7t: Mapping[str,
             f"no paired participants: found {len(scans_3t)} with 3T ({', '.join(sorted(scans_3t)[:5]) or 'none'}) "
             f"and {len(scans_7t)} with 7T ({', '.join(sorted(scans_7t)[:5]) or 'none'}) data, none in both")
     return paired
+
+
+@dataclass
+class TrainingSetup:
+    """What every trainer starts from (:func:`setup_training`): a private copy of the validated
+    config, its folders, the process's place in the (possibly distributed) run, when training
+    started, the scans of :func:`prepare_scans` and the participant split."""
+
+    cfg: dict[str, Any]
+    out_dir: Path
+    work_dir: Path
+    ctx: DistContext
+    t_start: float
+    scans_3t: dict[str, RishScan]
+    scans_7t: dict[str, RishScan]
+    targets: dict[str, RishScan]
+    train_ids: list[str]
+    val_ids: list[str]
+
+    @property
+    def log_dir(self) -> Path | None:
+        """Where the loss curves go (``out_dir/training``); None on DDP ranks > 0."""
+        return self.out_dir / "training" if self.ctx.is_main else None
+
+
+def setup_training(rish_3t: RishInput, rish_7t: RishInput, config: dict[str, Any], out_dir: str | Path,
+                   work_dir: str | Path, device: torch.device | str) -> TrainingSetup:
+    """Validate ``config`` (a training config), join the run's process group, prepare the scans and
+    split the paired participants into training and validation ones (``training.val_fraction``,
+    ``training.seed``); ``work_dir`` is created.
+
+    Raises
+    ------
+    ConfigError
+        An invalid config.
+    TrainingDataError
+        No paired participant.
+    """
+    validate_config(config, "training")
+    cfg = json.loads(json.dumps(config))  # the trainers record calibrated settings in their copy
+    tr = cfg["training"]
+    ctx = init_distributed(device)
+    t_start = time.perf_counter()
+    scans_3t, scans_7t, targets = prepare_scans(rish_3t, rish_7t)
+    paired = paired_participants(scans_3t, scans_7t, targets)
+    train_ids, val_ids = split_participants(paired, tr["val_fraction"], tr["seed"])
+    work_dir = Path(work_dir)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    return TrainingSetup(cfg, Path(out_dir), work_dir, ctx, t_start, scans_3t, scans_7t, targets,
+                         train_ids, val_ids)
 
 
 def array_digest(arrays: Iterable[np.ndarray | torch.Tensor]) -> str:

@@ -8,15 +8,16 @@ import torch
 
 from bids_dmri_ldm.ml.bundle import load_bundle
 from bids_dmri_ldm.ml.distributed import DistContext
+from bids_dmri_ldm.ml.split import split_participants
 from bids_dmri_ldm.ml.training import (
     TrainingDataError,
-    split_participants,
     stage_settings,
     train_all,
     train_ldm,
     train_sr,
     train_vqvae,
 )
+from bids_dmri_ldm.ml.training_data import setup_training
 from bids_dmri_ldm.reports.training import plot_losses
 
 CPU = DistContext(0, 1, torch.device("cpu"))
@@ -83,6 +84,19 @@ def test_no_paired_participants_is_a_clear_error(tiny_cfg, tmp_path, rish_pairs)
     r7 = {f"x{k}": v for k, v in r7.items()}
     with pytest.raises(TrainingDataError, match="no paired participants: found 5 with 3T .* 4 with 7T"):
         train_all(r3, r7, tiny_cfg, tmp_path / "out", tmp_path / "work")
+
+
+def test_setup_training_splits_the_paired_participants_on_a_private_config(tiny_cfg, tmp_path, rish_pairs):
+    r3, r7 = rish_pairs
+    setup = setup_training(r3, r7, tiny_cfg, tmp_path / "out", tmp_path / "work", "cpu")
+    assert sorted(setup.targets) == ["p0", "p1", "p2", "p3"]  # p4 has no 7T scan
+    assert sorted(setup.train_ids + setup.val_ids) == sorted(setup.targets)
+    assert (setup.train_ids, setup.val_ids) == split_participants(sorted(setup.targets),
+                                                                  tiny_cfg["training"]["val_fraction"],
+                                                                  tiny_cfg["training"]["seed"])
+    assert (tmp_path / "work").is_dir() and setup.log_dir == tmp_path / "out" / "training"
+    setup.cfg["translation"]["scale_gain"] = [0.5, 0.5, 0.5]  # the trainers record calibrations in it
+    assert "scale_gain" not in tiny_cfg["translation"]
 
 
 @pytest.mark.slow
