@@ -13,6 +13,14 @@ depend on them.
 
     python benchmarks/bench_ldm.py --device cpu --steps 50 --extrapolate
     python benchmarks/bench_ldm.py --device cuda --steps 50          # full run on a GPU
+    python benchmarks/bench_ldm.py --device cuda --steps 50 --precision bf16 --compile reduce-overhead
+
+``--compile MODE`` wraps the UNet (every DDIM step's network) in ``torch.compile`` with that mode
+(``reduce-overhead``: CUDA graphs on a GPU); the warm-up that compiles it is reported as
+``warmup_seconds``.  Every run also reports the network's share: ``seconds_per_ddim_step_pair``
+(one inversion step + one guided sampling step of all orders) times the steps, and the rest of
+the translation (crop, resampling to and from the model grid, normalisation, VQ-VAE, SR head).
+``benchmarks/gpu_check.sh`` runs the GPU measurements as one prepared script.
 """
 from __future__ import annotations
 
@@ -152,6 +160,9 @@ def main():
     parser.add_argument("--json", default=None, help="write the results here")
     parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
                         help="inference arithmetic (translate_rish's precision)")
+    parser.add_argument("--compile", default="none",
+                        choices=["none", "default", "reduce-overhead", "max-autotune"],
+                        help="torch.compile the UNet with this mode (measured, not used by the application)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -159,12 +170,21 @@ def main():
     cfg = load_config(args.config)
     rish, mask = synthetic_participant()
     bundle = make_bundle(cfg, device)
-    translate_rish(rish, mask, bundle, device=device, ddim_steps=1, precision=args.precision)  # warm-up
+    if args.compile != "none":
+        bundle.networks["unet"] = torch.compile(bundle.networks["unet"], mode=args.compile, dynamic=False)
+    sync(device)
+    start = time.perf_counter()
+    # warm-up; a compiled UNet is warmed up with the measured steps, so that every shape it meets is
+    # compiled before the timing
+    translate_rish(rish, mask, bundle, device=device, ddim_steps=args.steps if args.compile != "none" else 1,
+                   precision=args.precision)
+    sync(device)
+    warmup = time.perf_counter() - start
     res = {"config": args.config, "grid": cfg["grid"], "device": str(device),
            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
            "threads": torch.get_num_threads(), "date": datetime.now(UTC).isoformat(timespec="seconds"),
            "torch": torch.__version__, "input_grid": list(rish.shape[:3]), "guidance": cfg["translation"]["guidance"],
-           "precision": args.precision}
+           "precision": args.precision, "compile": args.compile, "warmup_seconds": warmup}
     if args.extrapolate:
         # full pipeline at 1 step + (steps - 1) x the median cost of one inversion step
         # (batch of n_orders) and one guided sampling step (conditional + null: 2 x n_orders)
@@ -175,7 +195,11 @@ def main():
     else:
         res.update(inference_seconds=time_translation(bundle, rish, mask, device, args.steps, args.repeats,
                                                       args.precision),
+                   seconds_per_ddim_step_pair=time_step_pair(bundle, device, args.repeats, args.precision),
                    extrapolated=False)
+    # the network's share (every DDIM step costs the same) and the rest of the translation
+    res["network_seconds_estimate"] = args.steps * res["seconds_per_ddim_step_pair"]
+    res["other_seconds_estimate"] = res["inference_seconds"] - res["network_seconds_estimate"]
     res["ddim_steps"] = args.steps
     if not args.skip_training:
         res["train_step_seconds"] = time_training_steps(cfg, device, args.train_batch, args.repeats)
