@@ -177,12 +177,45 @@ def _cpu_rss(pid: int) -> tuple[float, int] | None:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK, int(fields[21]) * PAGE
 
 
+def _role(pid: int, root: int) -> str:
+    """What a process of the tree is: the command itself, the multiprocessing forkserver or
+    resource tracker it started, or a worker (forked from the server)."""
+    if pid == root:
+        return "main"
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as handle:
+            cmdline = handle.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return "worker"
+    if "resource_tracker" in cmdline:
+        return "resource tracker"
+    return "worker" if _parent(pid) != root else "server" if "forkserver" in cmdline else "child"
+
+
+def _parent(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            return int(handle.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _cpu_by_role(per_process: list[list]) -> dict[str, float]:
+    """CPU seconds of one run summed by process role (``run_monitored``'s ``cpu_s_by_process``)."""
+    totals: dict[str, float] = {}
+    for role, cpu in per_process:
+        totals[role] = totals.get(role, 0.0) + cpu
+    return totals
+
+
 def run_monitored(cmd: list[str], cwd: Path, interval: float = 0.1) -> dict:
-    """Run ``cmd``; wall time, CPU time and peak RSS of its whole process tree, and its stderr."""
+    """Run ``cmd``; wall time, CPU time and peak RSS of its whole process tree (and the CPU time of
+    each of its processes, by role, in the order they appeared), and its stderr."""
     err_file, out_file = tempfile.TemporaryFile(), tempfile.TemporaryFile()
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=cwd, stdout=out_file, stderr=err_file)
     cpu_seen: dict[int, float] = {}
+    roles: dict[int, str] = {}
     peak = 0
     while proc.poll() is None:
         total = 0
@@ -190,6 +223,7 @@ def run_monitored(cmd: list[str], cwd: Path, interval: float = 0.1) -> dict:
             sample = _cpu_rss(pid)
             if sample is not None:
                 cpu_seen[pid] = max(cpu_seen.get(pid, 0.0), sample[0])
+                roles.setdefault(pid, _role(pid, proc.pid))
                 total += sample[1]
         peak = max(peak, total)
         time.sleep(interval)
@@ -198,6 +232,7 @@ def run_monitored(cmd: list[str], cwd: Path, interval: float = 0.1) -> dict:
     out_file.seek(0)
     return {"exit": proc.returncode, "wall_s": wall, "cpu_s": sum(cpu_seen.values()),
             "peak_rss_gb": peak / 2**30, "processes": len(cpu_seen),
+            "cpu_s_by_process": [[roles[pid], round(cpu, 2)] for pid, cpu in cpu_seen.items()],
             "stdout": out_file.read().decode(errors="replace"), "stderr": err_file.read().decode(errors="replace")}
 
 
@@ -355,6 +390,9 @@ def main() -> int:
             if paired:  # --floor-each: each run against the floor measured right after its repeat
                 med["ratio_wall_each"] = [round(x, 2) for x in paired]
                 med["ratio_wall_paired"] = round(statistics.median(paired), 2)
+            by_role = [_cpu_by_role(r["cpu_s_by_process"]) for r in ok]
+            med["cpu_s_by_role"] = {role: round(statistics.median(b.get(role, 0.0) for b in by_role), 2)
+                                    for role in sorted({role for b in by_role for role in b})}
             med["repeats"] = len(ok)
             med["load_before"] = [r["load_before"][0] for r in ok]
             summary["methods"][method] = med
