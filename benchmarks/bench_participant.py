@@ -33,7 +33,10 @@ the floor's. Medians over the repeats. With ``--floor-each`` the floor is measur
 every repeat and each run is also divided by the floor of its own repeat (``ratio_wall_each``,
 median ``ratio_wall_paired``): on a shared VM whose speed drifts over minutes (the same code took
 22.6-30.1 s within an hour on 2026-12-01) a run and a floor measured minutes apart disagree by more
-than the differences being measured. This is not a timed test.
+than the differences being measured. Every run and floor starts after ``os.sync()`` (the writes of
+what ran before are not flushed during it), and each repeat starts one place further along the
+list of runs (method x checkout), so no run is always the one after the floor. This is not a
+timed test.
 
 Usage: python benchmarks/bench_participant.py [--subject hcp|hcp3|demo|both] [--method rish-global ldm]
        [--repeats 3] [--floor-each] [--keep DIR] [--json FILE] [--before OLD_CHECKOUT]
@@ -200,6 +203,13 @@ def _parent(pid: int) -> int | None:
         return None
 
 
+def _settle() -> None:
+    """Write every dirty page to disk before the next measurement starts (each run writes and
+    removes ~5 GB at HCP size, the floor ~0.4 GB: their writeback would otherwise run during, and
+    be charged to, whatever is measured next)."""
+    os.sync()
+
+
 def _cpu_by_role(per_process: list[list]) -> dict[str, float]:
     """CPU seconds of one run summed by process role (``run_monitored``'s ``cpu_s_by_process``)."""
     totals: dict[str, float] = {}
@@ -328,7 +338,7 @@ def main() -> int:
                         help="keep each run's output and work folders (~5 GB each at HCP size)")
     parser.add_argument("--before", type=Path,
                         help="another checkout (e.g. `git archive` of an older commit): each repeat runs it "
-                             "first, then this one, in the same conditions; reported as METHOD@before")
+                             "and this one, in the same conditions; reported as METHOD@before")
     parser.add_argument("--floor-each", action="store_true",
                         help="measure the floor again after every repeat (all methods), and give each "
                              "run's ratio to the floor of its own repeat: robust to a machine whose "
@@ -349,26 +359,32 @@ def main() -> int:
         checkouts = ([("@before", args.before.resolve())] if args.before else []) + [("", ROOT)]
         output = None  # one written 7T-like DWI of this checkout, kept for the floor
         floors = []
-        for _ in range(args.repeats):
+        order = [(method, tag, repo) for method in args.method for tag, repo in checkouts]
+        for repeat in range(args.repeats):
             this_round = []
-            for method in args.method:
-                for tag, repo in checkouts:
-                    scratch = root / f"run_{name}_{method}{tag.replace('@', '_')}_{time.time_ns()}"
-                    result = run_participant(bids, scratch, method, args.extra, repo)
-                    runs.setdefault(method + tag, []).append(result)
-                    this_round.append(result)
-                    print(name, method + tag, json.dumps(result), flush=True)
-                    if output is None and not tag and result["output"]:
-                        output = root / f"{name}_floor_output.nii.gz"
-                        shutil.move(result["output"]["path"], output)
-                    if not args.keep_runs:  # each run leaves ~5 GB (work folder, outputs) at HCP size
-                        shutil.rmtree(scratch, ignore_errors=True)
+            # each repeat starts with the next run of the order (measured: whatever ran first after
+            # the floor, the floor's and the previous runs' writes still being flushed, was slower)
+            shift = repeat % len(order)
+            for method, tag, repo in order[shift:] + order[:shift]:
+                _settle()
+                scratch = root / f"run_{name}_{method}{tag.replace('@', '_')}_{time.time_ns()}"
+                result = run_participant(bids, scratch, method, args.extra, repo)
+                runs.setdefault(method + tag, []).append(result)
+                this_round.append(result)
+                print(name, method + tag, json.dumps(result), flush=True)
+                if output is None and not tag and result["output"]:
+                    output = root / f"{name}_floor_output.nii.gz"
+                    shutil.move(result["output"]["path"], output)
+                if not args.keep_runs:  # each run leaves ~5 GB (work folder, outputs) at HCP size
+                    shutil.rmtree(scratch, ignore_errors=True)
             if args.floor_each and output is not None:
+                _settle()
                 floors.append(floor(input_dwi, output, root))
                 for result in this_round:
                     result["floor_wall_s"] = floors[-1]["wall_s"]
                 print(name, "floor", json.dumps(floors[-1]), flush=True)
         if not floors and output is not None:
+            _settle()
             floors.append(floor(input_dwi, output, root))
         fl = ({key: round(statistics.median(f[key] for f in floors), 2) for key in floors[0]} | {"repeats": len(floors)}
               if floors else None)
