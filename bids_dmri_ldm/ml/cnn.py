@@ -26,11 +26,11 @@ import numpy as np
 import torch
 
 from .bundle import Bundle, model_card, save_bundle, software_versions
-from .data import RishScan, from_model_grid, to_model_grid
+from .data import RishScan, denormalised_from_model_grid, to_model_grid
 from .distributed import barrier
 from .inference import Translation, autocast_for, precision_provenance
 from .networks import build_cnn
-from .normalise import denormalise, normalise
+from .normalise import normalise
 from .scalemaps import SMOOTHING_CANDIDATES, calibrate_scale_smoothing
 from .stageloop import (
     PlotFn,
@@ -167,8 +167,8 @@ def predict_rish(rish_3t: np.ndarray, mask: np.ndarray, bundle: Bundle,
     net = bundle.networks[STAGE]
     with autocast_for(device, precision=precision):
         out = net(x.view(1, n, *grid).to(device, memory_format=torch.channels_last_3d)).float().cpu()
-    pred = denormalise(from_model_grid(out.view(n, 1, *grid), crop, norm["background"]), mask, norm)
-    reference = denormalise(from_model_grid(x, crop, norm["background"]), mask, norm)
+    pred = denormalised_from_model_grid(out.view(n, 1, *grid), crop, mask, norm)
+    reference = denormalised_from_model_grid(x, crop, mask, norm)
     provenance = {"Method": STAGE, "ModelName": cfg["name"], "ModelGrid": list(grid),
                   "RISHOrders": list(cfg["orders"]), "Device": str(device),
                   **precision_provenance(device, precision), "CropBox": crop.as_list(),

@@ -22,6 +22,7 @@ import torch
 from torch.nn import functional as F
 
 from ..core.resample import resample
+from .normalise import denormalise
 from .orientation import canonical
 
 
@@ -137,4 +138,20 @@ def from_model_grid(volumes: torch.Tensor, crop: Crop, fill: float) -> np.ndarra
     block = resize(volumes.float().cpu(), crop.crop_shape)[:, 0]
     out = np.full((*crop.shape, volumes.shape[0]), fill, dtype=np.float32)
     out[crop.slices] = np.moveaxis(block.numpy(), 0, -1)
+    return out
+
+
+def denormalised_from_model_grid(volumes: torch.Tensor, crop: Crop, mask: np.ndarray,
+                                 norm: dict) -> np.ndarray:
+    """RISH (X, Y, Z, n) float32 on the input grid from normalised model-grid volumes (n, 1, *grid):
+    ``denormalise(from_model_grid(volumes, crop, background), mask, norm)``, bit for bit, computed
+    on the crop box only (zero outside ``mask``, and the brain crop box holds the whole mask),
+    without the two input-grid temporaries (~0.1-0.2 s at HCP size)."""
+    mask = np.asarray(mask, bool)
+    inside = mask[crop.slices]
+    if np.count_nonzero(inside) != np.count_nonzero(mask):  # a box that is not the mask's: the long way
+        return denormalise(from_model_grid(volumes, crop, norm["background"]), mask, norm)
+    block = resize(volumes.float().cpu(), crop.crop_shape)[:, 0]
+    out = np.zeros((*crop.shape, volumes.shape[0]), dtype=np.float32)
+    out[crop.slices] = denormalise(np.moveaxis(block.numpy(), 0, -1), inside, norm)
     return out

@@ -23,10 +23,10 @@ import torch
 
 from ..vocabulary import PRECISIONS
 from .bundle import Bundle
-from .data import from_model_grid, to_model_grid
+from .data import denormalised_from_model_grid, to_model_grid
 from .diffusion import LatentDiffusion
 from .modelconfig import CLASS_7T, CLASS_NAMES
-from .normalise import denormalise, normalise
+from .normalise import normalise
 
 
 class Translation(NamedTuple):
@@ -210,7 +210,7 @@ def _translate(rish_3t, mask, bundle, device, seed, num_samples, t0, guidance, d
         recon = decode(bundle, z3, "vqvae3t", device, precision)
     gain_7t = np.asarray(_per_order(tr.get("gain_7t"), [1.0] * n_orders, n_orders, "gain_7t"), np.float64)
     gain_3t = np.asarray(_per_order(tr.get("gain_3t"), [1.0] * n_orders, n_orders, "gain_3t"), np.float32)
-    recon_3t = denormalise(from_model_grid(recon, crop, norm["background"]), mask, norm) * gain_3t
+    recon_3t = denormalised_from_model_grid(recon, crop, mask, norm) * gain_3t
 
     # K > 1: float64 sums for the mean and SD maps; K = 1: the one prediction is the mean
     total = np.zeros((*mask.shape, n_orders), np.float64) if num_samples > 1 else None
@@ -230,8 +230,7 @@ def _translate(rish_3t, mask, bundle, device, seed, num_samples, t0, guidance, d
             with autocast_for(device, precision=precision):
                 out = bundle.networks["sr"](dec).float()
         for s in range(k):
-            pred = denormalise(from_model_grid(out[s * n_orders:(s + 1) * n_orders], crop,
-                                               norm["background"]), mask, norm)
+            pred = denormalised_from_model_grid(out[s * n_orders:(s + 1) * n_orders], crop, mask, norm)
             if total is None:
                 # x gain in float64 and rounded once to float32, as the K > 1 mean is, without the
                 # full-grid float64 arrays (their fresh memory took ~0.4 s at HCP size)

@@ -3,7 +3,13 @@ import numpy as np
 import pytest
 import torch
 
-from bids_dmri_ldm.ml.data import brain_crop, from_model_grid, resize, to_model_grid
+from bids_dmri_ldm.ml.data import (
+    brain_crop,
+    denormalised_from_model_grid,
+    from_model_grid,
+    resize,
+    to_model_grid,
+)
 from bids_dmri_ldm.ml.normalise import denormalise, fit_normalisation, normalise
 
 
@@ -115,3 +121,24 @@ def test_slabs_give_each_masked_voxel_its_own_float64_value(monkeypatch, method)
     expected_back = module._denormalised(y[mask].astype(np.float64), norm).astype(np.float32)
     assert np.array_equal(back[mask].view(np.uint32), expected_back.view(np.uint32))
     np.testing.assert_allclose(back[mask], rish[mask], rtol=1e-5, atol=1e-9)
+
+
+@pytest.mark.parametrize("method", ["sqrt-percentile", "log-percentile"])
+def test_denormalised_from_model_grid_is_the_long_way_bit_for_bit(rish_pairs, method):
+    """On the crop box only (the brain box holds the whole mask), and the long way when the box is
+    another mask's; both equal denormalise(from_model_grid(...)) exactly."""
+    r3, _ = rish_pairs
+    vols, masks, _ = zip(*r3.values())
+    norm = fit_normalisation(vols, masks, (0, 2, 4), method=method)
+    rish, mask = vols[0], masks[0]
+    x, _, crop = to_model_grid(normalise(rish, mask, norm), mask, (16, 16, 16), margin=2)
+    x = x + 0.05 * torch.randn(x.shape, generator=torch.Generator().manual_seed(0))  # a network's output
+    long_way = denormalise(from_model_grid(x, crop, norm["background"]), mask, norm)
+    short = denormalised_from_model_grid(x, crop, mask, norm)
+    assert short.dtype == np.float32 and np.array_equal(short, long_way) and long_way[mask].min() >= 0
+    small = np.zeros_like(mask)  # a box that leaves part of the mask outside it
+    small[tuple(slice(s // 3, 2 * s // 3) for s in mask.shape)] = True
+    _, _, box = to_model_grid(normalise(rish, mask, norm), mask, (16, 16, 16), margin=0, box_mask=small & mask)
+    assert np.count_nonzero(mask[box.slices]) < np.count_nonzero(mask)
+    np.testing.assert_array_equal(denormalised_from_model_grid(x, box, mask, norm),
+                                  denormalise(from_model_grid(x, box, norm["background"]), mask, norm))
