@@ -182,7 +182,8 @@ def _cpu_rss(pid: int) -> tuple[float, int] | None:
 
 def _role(pid: int, root: int) -> str:
     """What a process of the tree is: the command itself, the multiprocessing forkserver or
-    resource tracker it started, or a worker (forked from the server)."""
+    resource tracker it started, a worker (forked from the server), or another child of the
+    command (a short-lived shell)."""
     if pid == root:
         return "main"
     try:
@@ -192,7 +193,9 @@ def _role(pid: int, root: int) -> str:
         return "worker"
     if "resource_tracker" in cmdline:
         return "resource tracker"
-    return "worker" if _parent(pid) != root else "server" if "forkserver" in cmdline else "child"
+    if _parent(pid) != root:
+        return "worker"
+    return "server" if "forkserver" in cmdline else "child"
 
 
 def _parent(pid: int) -> int | None:
@@ -233,7 +236,8 @@ def run_monitored(cmd: list[str], cwd: Path, interval: float = 0.1) -> dict:
             sample = _cpu_rss(pid)
             if sample is not None:
                 cpu_seen[pid] = max(cpu_seen.get(pid, 0.0), sample[0])
-                roles.setdefault(pid, _role(pid, proc.pid))
+                if pid not in roles:  # read /proc once per process, not at every sample
+                    roles[pid] = _role(pid, proc.pid)
                 total += sample[1]
         peak = max(peak, total)
         time.sleep(interval)

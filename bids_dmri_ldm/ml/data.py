@@ -135,10 +135,14 @@ def from_model_grid(volumes: torch.Tensor, crop: Crop, fill: float) -> np.ndarra
 
     Voxels outside the crop box get ``fill`` (the normalised background).
     """
-    block = resize(volumes.float().cpu(), crop.crop_shape)[:, 0]
     out = np.full((*crop.shape, volumes.shape[0]), fill, dtype=np.float32)
-    out[crop.slices] = np.moveaxis(block.numpy(), 0, -1)
+    out[crop.slices] = _on_crop_box(volumes, crop)
     return out
+
+
+def _on_crop_box(volumes: torch.Tensor, crop: Crop) -> np.ndarray:
+    """(n, 1, *grid) model-grid volumes resized to the crop box: (*crop_shape, n) float32."""
+    return np.moveaxis(resize(volumes.float().cpu(), crop.crop_shape)[:, 0].numpy(), 0, -1)
 
 
 def denormalised_from_model_grid(volumes: torch.Tensor, crop: Crop, mask: np.ndarray,
@@ -151,7 +155,6 @@ def denormalised_from_model_grid(volumes: torch.Tensor, crop: Crop, mask: np.nda
     inside = mask[crop.slices]
     if np.count_nonzero(inside) != np.count_nonzero(mask):  # a box that is not the mask's: the long way
         return denormalise(from_model_grid(volumes, crop, norm["background"]), mask, norm)
-    block = resize(volumes.float().cpu(), crop.crop_shape)[:, 0]
     out = np.zeros((*crop.shape, volumes.shape[0]), dtype=np.float32)
-    out[crop.slices] = denormalise(np.moveaxis(block.numpy(), 0, -1), inside, norm)
+    out[crop.slices] = denormalise(_on_crop_box(volumes, crop), inside, norm)
     return out
