@@ -43,7 +43,7 @@ from torch.nn import functional as F
 
 from bids_dmri_ldm.ml.bundle import Bundle
 from bids_dmri_ldm.ml.device import resolve_device
-from bids_dmri_ldm.ml.inference import autocast_for, translate_rish
+from bids_dmri_ldm.ml.inference import autocast_for, resolve_precision, translate_rish
 from bids_dmri_ldm.ml.modelconfig import load_config
 from bids_dmri_ldm.ml.networks import build_all, latent_shape
 from bids_dmri_ldm.ml.training import make_ldm_loss
@@ -88,6 +88,7 @@ def time_translation(bundle, rish, mask, device, steps, repeats, precision="auto
 def time_step_pair(bundle, device, repeats, precision="auto"):
     """Median time of one DDIM inversion step plus one guided sampling step (3 orders)."""
     cfg = bundle.config
+    precision = resolve_precision(cfg, device, precision)  # as translate_rish does
     unet = bundle.networks["unet"]
     n = len(cfg["orders"])
     z = torch.randn(n, *latent_shape(cfg), device=device).contiguous(memory_format=torch.channels_last_3d)
@@ -184,7 +185,8 @@ def main():
            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
            "threads": torch.get_num_threads(), "date": datetime.now(UTC).isoformat(timespec="seconds"),
            "torch": torch.__version__, "input_grid": list(rish.shape[:3]), "guidance": cfg["translation"]["guidance"],
-           "precision": args.precision, "compile": args.compile, "warmup_seconds": warmup}
+           "precision": args.precision, "precision_used": resolve_precision(cfg, device, args.precision),
+           "compile": args.compile, "warmup_seconds": warmup}
     if args.extrapolate:
         # full pipeline at 1 step + (steps - 1) x the median cost of one inversion step
         # (batch of n_orders) and one guided sampling step (conditional + null: 2 x n_orders)

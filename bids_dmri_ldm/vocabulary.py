@@ -44,9 +44,15 @@ STAGE_CHOICES: tuple[str, ...] = (*LDM_STAGES, ALL_STAGES)
 
 PRECISIONS: tuple[str, ...] = ("auto", "fp32", "bf16")
 """Network arithmetic of ldm/cnn inference (``--precision``): ``auto`` is mixed precision on CUDA
-(bfloat16 where the GPU supports it, else float16) and float32 on the CPU; ``fp32`` is float32
+(bfloat16 where the GPU supports it, else float16) and, on the CPU, the bundle's
+``translation.cpu_precision`` where the CPU computes bfloat16 natively (the ``paper`` config:
+bfloat16), float32 otherwise; ``fp32`` is float32
 everywhere; ``bf16`` is bfloat16 autocast on CUDA and on the CPU too (faster 3D convolutions on a
 CPU with AVX512-BF16 or AMX; results differ from float32 by bfloat16 rounding)."""
+
+CPU_PRECISIONS: tuple[str, ...] = ("fp32", "bf16")
+"""Values of a model config's optional ``translation.cpu_precision``: what ``--precision auto``
+means for that bundle on a CPU with native bfloat16 (``ml.inference.resolve_precision``)."""
 
 SCALE_REFERENCES: tuple[str, ...] = ("input", "roundtrip")
 """Denominators of the learned methods' scale maps: the input 3T RISH, or its round trip through

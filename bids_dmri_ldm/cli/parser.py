@@ -191,7 +191,9 @@ def _build_parser() -> BidsArgumentParser:
                       help="where the networks run; 'cuda' fails at once without a usable GPU")
     perf.add_argument("--precision", choices=PRECISIONS, default="auto",
                       help="network arithmetic at the participant level: 'auto' is mixed precision "
-                      "(bfloat16/float16) on a GPU and float32 on the CPU; 'bf16' also uses bfloat16 "
+                      "(bfloat16/float16) on a GPU and, on the CPU, float32 unless the bundle asks for "
+                      "bfloat16 (translation.cpu_precision, set by the 'paper' config) and the CPU has "
+                      "AVX512-BF16 or AMX; 'bf16' also uses bfloat16 "
                       "on the CPU (about 1.8x faster on CPUs with AVX512-BF16 or AMX, results within "
                       "bfloat16 rounding of float32); 'fp32' is float32 everywhere")
 

@@ -28,7 +28,7 @@ import torch
 from .bundle import Bundle, model_card, save_bundle, software_versions
 from .data import RishScan, denormalised_from_model_grid, to_model_grid
 from .distributed import barrier
-from .inference import Translation, autocast_for, precision_provenance
+from .inference import Translation, autocast_for, precision_provenance, resolve_precision
 from .networks import build_cnn
 from .normalise import normalise
 from .scalemaps import SMOOTHING_CANDIDATES, calibrate_scale_smoothing
@@ -158,6 +158,7 @@ def predict_rish(rish_3t: np.ndarray, mask: np.ndarray, bundle: Bundle,
     start = time.perf_counter()
     device = torch.device(device)
     cfg = bundle.config
+    option, precision = precision, resolve_precision(cfg, device, precision)
     norm, grid, n = cfg["normalisation"], tuple(cfg["grid"]), len(cfg["orders"])
     rish_3t = np.asarray(rish_3t, dtype=np.float32)
     mask = np.asarray(mask, bool)
@@ -171,6 +172,7 @@ def predict_rish(rish_3t: np.ndarray, mask: np.ndarray, bundle: Bundle,
     reference = denormalised_from_model_grid(x, crop, mask, norm)
     provenance = {"Method": STAGE, "ModelName": cfg["name"], "ModelGrid": list(grid),
                   "RISHOrders": list(cfg["orders"]), "Device": str(device),
-                  **precision_provenance(device, precision), "CropBox": crop.as_list(),
+                  **precision_provenance(device, precision), "PrecisionOption": option,
+                  "CropBox": crop.as_list(),
                   "ElapsedSeconds": round(time.perf_counter() - start, 3)}
     return Translation(pred, None, reference, provenance)

@@ -17,7 +17,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from ..vocabulary import LDM_STAGES
+from ..vocabulary import CPU_PRECISIONS, LDM_STAGES
 
 #: Version of the bundle/config layout; bumped on incompatible changes.
 FORMAT_VERSION = 1
@@ -56,8 +56,10 @@ _SCHEMA: dict[str, set[str]] = {
 _OPTIONAL: dict[str, set[str]] = {
     # ldm scale maps (bids_dmri_ldm.methods.LdmMethod): "input" | "roundtrip", and the
     # Gaussian sigma of the lambda smoothing in model-grid voxels (0: none); per-order linear
-    # gains of the predicted 7T and the round-trip 3T RISH (calibration.calibrate_linear_gains)
-    "translation": {"scale_reference", "scale_smoothing", "scale_strength", "scale_gain", "gain_7t", "gain_3t"},
+    # gains of the predicted 7T and the round-trip 3T RISH (calibration.calibrate_linear_gains);
+    # what --precision auto means on a CPU with native bfloat16 (inference.resolve_precision)
+    "translation": {"scale_reference", "scale_smoothing", "scale_strength", "scale_gain", "gain_7t", "gain_3t",
+                    "cpu_precision"},
     # per-order RISH normalisation (ml/normalise.py): "sqrt-percentile" | "log-percentile" (default,
     # what bundles that name none were trained with)
     "training": {"normalisation", "calibrate_smoothing"},
@@ -82,7 +84,7 @@ _CNN_SCHEMA: dict[str, set[str]] = {
     "training": {"seed", "val_fraction", "batch_size", "lr", "weight_decay", "epochs", "amp"},
 }
 _CNN_OPTIONAL: dict[str, set[str]] = {
-    "translation": {"scale_reference", "scale_smoothing", "scale_strength", "scale_gain"},
+    "translation": {"scale_reference", "scale_smoothing", "scale_strength", "scale_gain", "cpu_precision"},
     "training": {"augment_flip", "normalisation", "calibrate_smoothing"},
 }
 _CNN_TOP = {"format_version", "method", "name", "description", "grid", "orders", *_CNN_SCHEMA}
@@ -177,6 +179,8 @@ def _check_format_version(cfg: dict[str, Any]) -> None:
 
 
 def _check_scale_options(translation: dict[str, Any], n_orders: int) -> None:
+    if translation.get("cpu_precision", "fp32") not in CPU_PRECISIONS:
+        raise ConfigError(f"translation.cpu_precision must be one of {list(CPU_PRECISIONS)}")
     if translation.get("scale_reference", "roundtrip") not in ("input", "roundtrip"):
         raise ConfigError("translation.scale_reference must be 'input' or 'roundtrip'")
     sigma = translation.get("scale_smoothing", 0.0)

@@ -92,6 +92,54 @@ def test_cpu_bfloat16_agrees_with_float32_and_says_so(bundle):
     assert bf16.pred_7t.dtype == np.float32
 
 
+def test_native_bfloat16_is_read_from_the_cpu_flags(tmp_path):
+    from bids_dmri_ldm.ml.inference import cpu_computes_bfloat16
+
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512bw avx512_bf16\n")
+    assert cpu_computes_bfloat16(str(info)) is True
+    info.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 amx_tile amx_bf16\n")
+    assert cpu_computes_bfloat16(str(info)) is True
+    info.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512bw avx512vl\n")  # emulated only
+    assert cpu_computes_bfloat16(str(info)) is False
+    assert cpu_computes_bfloat16(str(tmp_path / "absent")) is False
+
+
+def test_auto_precision_on_the_cpu_is_the_bundles_choice_where_the_cpu_has_bfloat16(bundle, monkeypatch):
+    """``auto`` on the CPU: the config's translation.cpu_precision, only with native bfloat16;
+    an explicit choice and the GPU's ``auto`` are left alone; the sidecar says what ran."""
+    import copy
+    import dataclasses
+
+    import torch
+
+    from bids_dmri_ldm.ml import inference
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    cfg = copy.deepcopy(bundle.config)
+    cfg["translation"]["cpu_precision"] = "bf16"
+    wants_bf16 = dataclasses.replace(bundle, config=cfg)
+    rish, mask = synthetic_rish(6)
+
+    monkeypatch.setattr(inference, "cpu_computes_bfloat16", lambda: True)
+    assert inference.resolve_precision(cfg, cpu) == "bf16"
+    assert inference.resolve_precision(bundle.config, cpu) == "fp32"      # the default: float32
+    assert inference.resolve_precision(cfg, cpu, "fp32") == "fp32"
+    assert inference.resolve_precision(cfg, cuda) == "auto"
+    auto = translate_rish(rish, mask, wants_bf16, seed=0)
+    asked = translate_rish(rish, mask, bundle, seed=0, precision="bf16")
+    assert (auto.provenance["Precision"], auto.provenance["PrecisionOption"]) == ("bfloat16 autocast", "auto")
+    assert np.array_equal(auto.pred_7t, asked.pred_7t)
+
+    monkeypatch.setattr(inference, "cpu_computes_bfloat16", lambda: False)
+    assert inference.resolve_precision(cfg, cpu) == "fp32"
+    plain = translate_rish(rish, mask, wants_bf16, seed=0)
+    assert (plain.provenance["Precision"], plain.provenance["PrecisionOption"]) == ("float32", "auto")
+    assert np.array_equal(plain.pred_7t, translate_rish(rish, mask, bundle, seed=0).pred_7t)
+    with pytest.raises(ValueError, match="precision must be one of"):
+        inference.resolve_precision(cfg, cpu, "fp16")
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_mixed_precision_agrees_with_cpu(tiny_bundle_dir):

@@ -80,6 +80,11 @@ def test_builtin_configs_validate_and_bad_keys_are_refused():
     with pytest.raises(ConfigError, match="divisible by norm_num_groups"):
         validate_config(bad)
     bad = copy.deepcopy(cfg)
+    bad["translation"]["cpu_precision"] = "fp16"
+    with pytest.raises(ConfigError, match="cpu_precision must be one of"):
+        validate_config(bad)
+    assert load_config("paper")["translation"]["cpu_precision"] == "bf16"
+    bad = copy.deepcopy(cfg)
     bad["format_version"] = 99
     with pytest.raises(ConfigError, match="format_version"):
         validate_config(bad)
