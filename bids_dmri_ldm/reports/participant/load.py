@@ -471,7 +471,11 @@ def _load_source_fa(run: RunData, output_dir: Path, dwi_path: Path, out_affine: 
     world = nib.affines.apply_affine(out_affine, out_ijk)
     in_ijk = np.rint(nib.affines.apply_affine(np.linalg.inv(img.affine), world)).astype(int)
     inside = np.all((in_ijk >= 0) & (in_ijk < np.array(img.shape[:3])), axis=1)
-    unique, inverse = np.unique(in_ijk[inside], axis=0, return_inverse=True)
+    # unique voxels through their linear indices: the same rows in the same (lexicographic) order
+    # as np.unique(axis=0), which sorts rows as structured records (0.5 s at HCP size)
+    in_shape = tuple(int(n) for n in img.shape[:3])
+    linear, inverse = np.unique(np.ravel_multi_index(in_ijk[inside].T, in_shape), return_inverse=True)
+    unique = np.column_stack(np.unravel_index(linear, in_shape))
     signals = _signals_from_copy(source, extra.get("source_copies", ()), img.shape, unique, selection.index)
     if signals is None:
         signals, _ = read_voxels(img, unique, selection.index)
@@ -509,10 +513,14 @@ def _signals_from_copy(source: Path, records: Sequence[str | Path], shape: tuple
             copy = nib.load(record["copy"], mmap=True)
             if tuple(copy.shape) != (*shape[:3], len(column)):
                 continue
-            # image values stored unscaled (slope 1, no intercept): a memory map, read voxel by voxel
+            # image values stored unscaled (slope 1, no intercept): a memory map, read one volume
+            # (contiguous in NIfTI order) at a time, each voxel by its index in the volume: not
+            # every voxel's whole series at once, whose bytes lie one volume apart (0.6 s at HCP size)
             data = np.asanyarray(copy.dataobj)
-            columns = [column[int(v)] for v in volumes]
-            signals = np.asarray(data[tuple(np.asarray(ijk).T)][:, columns], dtype=np.float32)
+            flat = np.ravel_multi_index(tuple(np.asarray(ijk).T), tuple(shape[:3]), order="F")
+            signals = np.empty((len(flat), len(volumes)), dtype=np.float32, order="F")
+            for c, v in enumerate(volumes):
+                signals[:, c] = np.ravel(data[..., column[int(v)]], order="F").take(flat)
         except (OSError, KeyError, TypeError, ValueError, json.JSONDecodeError):
             continue
         LOGGER.debug("report: source signal of %s from its copy %s", source.name, record["copy"])
