@@ -375,6 +375,29 @@ def test_rebuild_records_the_report_samples_of_the_written_file(tmp_path, intege
     np.testing.assert_allclose(mean_b0, values[..., b0].mean(-1), rtol=1e-6, atol=half_quantum + 1e-3)
 
 
+def test_report_samples_read_the_same_voxels_whatever_the_memory_order():
+    """ReportSamples gathers the displayed voxels from a volume's flat buffer: C-ordered,
+    Fortran-ordered and strided volumes give the values of plain indexing, int16 volumes times
+    the slope; b0 volumes are averaged."""
+    rng = np.random.default_rng(3)
+    shape = (9, 8, 7)
+    mask = np.zeros(shape, bool)
+    mask[2:7, 1:7, 1:6] = True
+    samples = steps.ReportSamples(mask, np.eye(4), [0], 4, slope=0.5)
+    assert len(samples.ijk) > 10
+    base = rng.uniform(0, 100, shape).astype(np.float32)
+    stored = rng.integers(0, 200, shape).astype(np.int16)
+    wide = rng.uniform(0, 100, (9, 16, 7)).astype(np.float32)
+    volumes = [np.ascontiguousarray(base), np.asfortranarray(stored), wide[:, ::2], np.asfortranarray(base)]
+    passed = list(samples.observe(iter(volumes)))
+    assert all(a is b for a, b in zip(passed, volumes))
+    index = tuple(samples.ijk.T)
+    expected = np.stack([base[index], stored[index] * np.float32(0.5), wide[:, ::2][index], base[index]], axis=1)
+    assert samples.signals.shape == (len(samples.ijk), 4)
+    np.testing.assert_array_equal(samples.signals, expected)
+    np.testing.assert_array_equal(samples.b0_sum, base)
+
+
 def test_load_dwi_records_its_copy_of_the_source_for_the_report(tmp_path):
     """The load step's record names the source as it is (resolved path, size, modification time)
     and its uncompressed copy, whose volumes are the source's volumes read, in that order."""
