@@ -74,8 +74,8 @@ def resolve_precision(config: dict[str, Any], device: torch.device, precision: s
     is returned unchanged.
 
     Per bundle because it pays only for large grids: on the 2-core AVX512-BF16 VM the ``paper``
-    translation (96^3) took 44-49 s in bfloat16 against 78 s in float32, the ``demo`` one (32^3)
-    2.4 s against 1.4 s (docs/performance.md).
+    translation (96^3, 50 + 50 DDIM steps) took 43-50 s in bfloat16 against 78-84 s in float32,
+    the ``demo`` one (32^3) 2.4 s against 1.4 s (docs/performance.md).
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")

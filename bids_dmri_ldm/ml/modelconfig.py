@@ -148,7 +148,7 @@ def validate_config(cfg: dict[str, Any], kind: str = "training") -> dict[str, An
     t_max = cfg["diffusion"]["num_train_timesteps"] - 1
     if any(not 0 < int(t) <= t_max for t in cfg["translation"]["t0"]):
         raise ConfigError(f"translation.t0 values must lie in 1..{t_max}")
-    _check_scale_options(cfg["translation"], len(cfg["orders"]))
+    _check_translation_options(cfg["translation"], len(cfg["orders"]))
     if cfg["translation"]["invert_class"] not in CLASS_NAMES:
         raise ConfigError(f"translation.invert_class must be one of {sorted(CLASS_NAMES)}")
     if cfg["training"]["vqvae7t_init"] not in ("3T", "scratch"):
@@ -178,7 +178,8 @@ def _check_format_version(cfg: dict[str, Any]) -> None:
             f"version of bids-dmri-ldm (expects {FORMAT_VERSION}); retrain or upgrade")
 
 
-def _check_scale_options(translation: dict[str, Any], n_orders: int) -> None:
+def _check_translation_options(translation: dict[str, Any], n_orders: int) -> None:
+    """The optional translation keys (:data:`_OPTIONAL`): CPU precision and the scale maps'."""
     if translation.get("cpu_precision", "fp32") not in CPU_PRECISIONS:
         raise ConfigError(f"translation.cpu_precision must be one of {list(CPU_PRECISIONS)}")
     if translation.get("scale_reference", "roundtrip") not in ("input", "roundtrip"):
@@ -235,7 +236,7 @@ def _validate_cnn_config(cfg: dict[str, Any], kind: str) -> dict[str, Any]:
     if len(cfg["grid"]) != 3 or any(int(g) < 4 or int(g) % factor for g in cfg["grid"]):
         raise ConfigError(f"grid {cfg['grid']} must be three sizes >= 4 divisible by the UNet's "
                           f"downsampling {factor}")
-    _check_scale_options(cfg["translation"], len(cfg["orders"]))
+    _check_translation_options(cfg["translation"], len(cfg["orders"]))
     _check_trained_for(cfg)
     _check_normalisation(cfg, kind)
     return cfg
