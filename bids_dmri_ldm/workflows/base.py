@@ -478,10 +478,12 @@ def _execute(plans: list[RunPlan], config: RunConfig, settings: dict[str, Any], 
     from nipype import logging as nipype_logging
     from nipype.pipeline import engine as pe
 
+    from .execution import POLL_SECONDS
+
     level = "INFO" if config.verbose >= 2 else "WARNING" if config.verbose == 1 else "CRITICAL"
     nipype_config.update_config({"logging": {"workflow_level": level, "interface_level": level,
                                              "utils_level": level},
-                                 "execution": {"crashfile_format": "txt", "stop_on_first_crash": False, "poll_sleep_duration": 0.05,
+                                 "execution": {"crashfile_format": "txt", "stop_on_first_crash": False, "poll_sleep_duration": POLL_SECONDS,
                                                "remove_unnecessary_outputs": True, "create_report": False,
                                                "check_version": False}})
     nipype_logging.update_logging(nipype_config)

@@ -134,3 +134,52 @@ def test_scheduling_passes_collect_the_youngest_generation_only():
         assert multiproc.gc is gc  # restored whatever ended the block
     finally:
         gc.callbacks.remove(record)
+
+
+def test_scheduling_loop_sleeps_until_a_busy_worker_answers(monkeypatch):
+    """Between two passes nipype's loop sleeps in ``wait_for_workers``: on the busy workers'
+    pipes and process sentinels (so a result or a dead worker ends the sleep), not at all while a
+    failed submission waits for its pass, plainly when no worker is busy; restored after."""
+    from types import SimpleNamespace
+
+    from nipype.pipeline.plugins import base
+
+    calls = []
+    monkeypatch.setattr(execution, "wait_ready", lambda ready, timeout: calls.append((list(ready), timeout)))
+    monkeypatch.setattr(execution.time, "sleep", lambda seconds: calls.append(("sleep", seconds)))
+    ours, theirs = multiprocessing.Pipe()
+    worker = SimpleNamespace(conn=ours, process=SimpleNamespace(sentinel=12345))
+    plugin = SimpleNamespace(_busy={1: worker}, _failed={})
+    original = base.sleep
+    with execution.woken_by_workers(SimpleNamespace(wait_for_workers=lambda s: execution.WorkerPoolPlugin
+                                                    .wait_for_workers(plugin, s))):
+        assert base.sleep is not original
+        base.sleep(0.5)                                   # what nipype's loop calls
+    assert base.sleep is original
+    assert calls == [([ours, 12345], 0.5)]
+    calls.clear()
+    execution.WorkerPoolPlugin.wait_for_workers(plugin, 0.0)     # the pass overran: no sleep
+    plugin._failed[2] = {}
+    execution.WorkerPoolPlugin.wait_for_workers(plugin, 0.5)     # a failed submission: at once
+    plugin._failed.clear()
+    plugin._busy.clear()
+    execution.WorkerPoolPlugin.wait_for_workers(plugin, 0.5)     # nothing running
+    assert calls == [("sleep", 0.5)]
+    ours.close()
+    theirs.close()
+
+
+def test_a_readable_pipe_ends_the_wait():
+    """The real wait returns for a worker whose result is already in its pipe (a broken wiring
+    would sleep the whole hour asked for)."""
+    from types import SimpleNamespace
+
+    ours, theirs = multiprocessing.Pipe()
+    alive, _keep = multiprocessing.Pipe()  # stands for a running process's sentinel: never ready
+    theirs.send("result")
+    plugin = SimpleNamespace(_busy={1: SimpleNamespace(conn=ours, process=SimpleNamespace(sentinel=alive.fileno()))},
+                             _failed={})
+    execution.WorkerPoolPlugin.wait_for_workers(plugin, 3600.0)
+    assert ours.poll() and ours.recv() == "result"
+    for conn in (ours, theirs, alive, _keep):
+        conn.close()
