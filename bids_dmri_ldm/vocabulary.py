@@ -29,9 +29,10 @@ METHOD_CHOICES: tuple[str, ...] = tuple(m.value for m in Method)
 DEFAULT_METHOD = Method.LDM.value
 """The default ``--method``: the latent diffusion model with the shipped ``models/demo`` bundle.
 It is not worse than ``identity`` on its validation pairs (a test keeps it so); on held-out
-simulated subjects it beats ``identity`` in 6 of the paper's 8 columns and ties in L4, and the
-``cnn`` baseline is better than it (docs/evaluation_results.md); every shipped model is a
-demonstration trained on simulated data."""
+simulated subjects of the training physics it beats ``identity``, the untouched 3T scan and
+``rish-global`` in all 8 of the paper's columns against the 7T scans, the ``cnn`` baseline is
+better than it in all 8, and on the shifted physics preset it loses to ``identity`` in 5 of the 8
+(docs/evaluation_results.md); every shipped model is a demonstration trained on simulated data."""
 
 LDM_STAGES: tuple[str, ...] = ("vqvae3t", "vqvae7t", "ldm", "sr")
 """The ldm's training stages, in training order (each needs the ones before it)."""
