@@ -98,12 +98,17 @@ def fill_outside_mask(data: np.ndarray, mask: np.ndarray) -> np.ndarray:
 
     Used before interpolating maps that are only defined inside the mask (scale maps), so that the
     interpolation near the mask's edge does not blend them with the values outside. An empty mask
-    returns ``data`` unchanged (float32).
+    returns ``data`` unchanged (float32). A map that is one value inside the mask (rish-global's
+    factors, lambda = 1) is that value everywhere, without the distance transform (0.3-0.4 s at HCP
+    size; the same result).
     """
     mask = np.asarray(mask, dtype=bool)
     data = np.asarray(data, dtype=np.float32)
     if not mask.any() or mask.all():
         return data.copy()
+    inside = data[mask]  # (n_inside[, C])
+    if np.all(inside.min(axis=0) == inside.max(axis=0)):
+        return np.broadcast_to(inside[0], data.shape).copy()
     index = ndimage.distance_transform_edt(~mask, return_distances=False, return_indices=True)
     return data[tuple(index)]
 

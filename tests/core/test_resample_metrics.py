@@ -71,3 +71,29 @@ def test_metrics_known_answers():
     assert 0.0 < ssim3d(noisy, ref, mask) < 0.9
     assert angular_error_deg(np.array([1, 0, 0]), np.array([-1, 0, 0])) == pytest.approx(0.0)
     assert angular_error_deg(np.array([1, 0, 0]), np.array([0, 1, 0])) == pytest.approx(90.0)
+
+
+def test_fill_outside_mask_takes_the_nearest_inside_value():
+    """Outside the mask each voxel takes its nearest inside voxel's value (two blocks of different
+    values: each side of the gap gets its block's); a map that is one value inside the mask is that
+    value everywhere (the shortcut equals the distance transform's result); 4D maps per channel."""
+    from scipy import ndimage
+
+    from bids_dmri_ldm.core.resample import fill_outside_mask
+
+    mask = np.zeros((12, 5, 4), bool)
+    mask[1:3, 1:4, 1:3] = True
+    mask[9:11, 1:4, 1:3] = True
+    varying = np.zeros(mask.shape + (2,), np.float32)
+    varying[:6, ..., 0], varying[6:, ..., 0] = 2.0, 5.0
+    varying[..., 1] = 0.7                                # one value inside: the shortcut's case ...
+    filled = fill_outside_mask(varying, mask)            # ... but channel 0 varies: the transform
+    assert np.all(filled[:5, ..., 0] == 2.0) and np.all(filled[7:, ..., 0] == 5.0)
+    assert np.all(filled[..., 1] == np.float32(0.7))
+    constant = np.where(mask, np.float32(1.3), np.float32(-9.0))
+    index = ndimage.distance_transform_edt(~mask, return_distances=False, return_indices=True)
+    quick = fill_outside_mask(constant, mask)
+    assert quick.dtype == np.float32 and quick.flags.writeable
+    np.testing.assert_array_equal(quick, constant[tuple(index)])
+    np.testing.assert_array_equal(fill_outside_mask(constant[..., None], mask), constant[tuple(index)][..., None])
+    np.testing.assert_array_equal(fill_outside_mask(constant, np.zeros_like(mask)), constant)  # empty mask
