@@ -443,7 +443,10 @@ def woken_by_workers(plugin: WorkerPoolPlugin):
     """
     from nipype.pipeline.plugins import base
 
-    saved = base.sleep
+    saved = getattr(base, "sleep", None)
+    if saved is None:  # another nipype: its own polling, as before
+        yield
+        return
     base.sleep = plugin.wait_for_workers
     try:
         yield
