@@ -420,12 +420,12 @@ class WorkerPoolPlugin(MultiProcPlugin):
 
     def wait_for_workers(self, seconds: float) -> None:
         """Sleep up to ``seconds``, waking as soon as a busy worker sends its result or ends."""
-        if seconds <= 0:
+        if seconds <= 0 or self._failed:  # a failed submission is handled by the next pass, now
             return
-        ready = [w.conn for w in self._busy.values()] + [w.process.sentinel for w in self._busy.values()]
-        if ready and not self._failed:
-            wait_ready(ready, timeout=seconds)
-        elif not self._failed:
+        busy = list(self._busy.values())
+        if busy:
+            wait_ready([w.conn for w in busy] + [w.process.sentinel for w in busy], timeout=seconds)
+        else:
             time.sleep(seconds)
 
 

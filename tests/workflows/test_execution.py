@@ -174,7 +174,9 @@ def test_scheduling_loop_sleeps_until_a_busy_worker_answers(monkeypatch):
 
 def test_a_readable_pipe_ends_the_wait():
     """The real wait returns for a worker whose result is already in its pipe (a broken wiring
-    would sleep the whole hour asked for)."""
+    would sleep the whole hour asked for: the waiting thread would still be alive after the
+    generous join below, and the test fails instead of hanging)."""
+    import threading
     from types import SimpleNamespace
 
     ours, theirs = multiprocessing.Pipe()
@@ -182,7 +184,10 @@ def test_a_readable_pipe_ends_the_wait():
     theirs.send("result")
     plugin = SimpleNamespace(_busy={1: SimpleNamespace(conn=ours, process=SimpleNamespace(sentinel=alive.fileno()))},
                              _failed={})
-    execution.WorkerPoolPlugin.wait_for_workers(plugin, 3600.0)
+    waiting = threading.Thread(target=execution.WorkerPoolPlugin.wait_for_workers, args=(plugin, 3600.0), daemon=True)
+    waiting.start()
+    waiting.join(timeout=600)
+    assert not waiting.is_alive()
     assert ours.poll() and ours.recv() == "result"
     for conn in (ours, theirs, alive, _keep):
         conn.close()
