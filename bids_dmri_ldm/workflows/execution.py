@@ -43,6 +43,7 @@ from multiprocessing.connection import Connection
 from multiprocessing.connection import wait as wait_ready
 from typing import Any
 
+import numpy as np
 from nipype.pipeline.plugins.multiproc import (
     MultiProcPlugin,
     process_initializer,
@@ -68,8 +69,10 @@ HANG_NODE_ENV = "BIDS_DMRI_LDM_TEST_HANG_NODE"
 #: step (numpy, nibabel, nipype, torch: ~2 s on 2 cores; this module, whose worker loop each
 #: worker runs, and nipype's schedulers it imports: 0.2-0.3 s that every worker paid on its own
 #: before). Importing runs no torch kernel, so no OpenMP pool or CUDA state exists yet to be
-#: inherited (why forkserver and not fork).
-WORKER_PRELOAD = ("bids_dmri_ldm.interfaces.dwi", "bids_dmri_ldm.interfaces.bids", __name__)
+#: inherited (why forkserver and not fork). torch is named: the steps' modules import it only
+#: where it is used (the main process loads them and never needs torch), and each worker would
+#: otherwise import it on its own (~1 s of CPU each, measured 2026-12-02).
+WORKER_PRELOAD = ("torch", "bids_dmri_ldm.interfaces.dwi", "bids_dmri_ldm.interfaces.bids", __name__)
 
 #: What a method's scale-map node imports besides the steps: the learned methods' networks and
 #: MONAI (``import monai`` loads every MONAI subpackage: ~0.5 s of CPU on top of the worker's own
@@ -283,6 +286,11 @@ class _Worker:
         return self
 
     def stop(self, kill: bool = False) -> None:
+        self.ask_to_stop(kill)
+        self.join()
+
+    def ask_to_stop(self, kill: bool = False) -> None:
+        """Ask the worker to end (``kill``: SIGTERM) without waiting for it."""
         if self.process.is_alive():
             if kill:
                 self.process.terminate()
@@ -291,6 +299,9 @@ class _Worker:
                     self.conn.send(None)
                 except OSError:
                     self.process.terminate()
+
+    def join(self) -> None:
+        """Wait for the worker to end (5 s, then SIGKILL) and close its pipe."""
         self.process.join(timeout=5)
         if self.process.is_alive():
             self.process.kill()
@@ -318,6 +329,7 @@ class WorkerPoolPlugin(MultiProcPlugin):
         self._busy: dict[int, _Worker] = {}
         self._failed: dict[int, dict[str, Any]] = {}
         self._kept: list[_Worker] = []  # method workers, until they run their method's node
+        self._taken_at_wait = 0  # nodes taken on (proc_done) at the last wait_for_workers
         if self.plugin_args.get("mp_context") == "forkserver":
             # ignored when this process's forkserver already runs (start_worker_server)
             self._context.set_forkserver_preload(list(WORKER_PRELOAD))
@@ -405,8 +417,10 @@ class WorkerPoolPlugin(MultiProcPlugin):
     def _stop_workers(self, kill: bool) -> None:
         workers = self._idle + list(self._busy.values()) + self._kept
         self._idle, self._busy, self._kept = [], {}, []
+        for worker in workers:  # all asked first, so that they end side by side (~0.1 s each)
+            worker.ask_to_stop(kill=kill)
         for worker in workers:
-            worker.stop(kill=kill)
+            worker.join()
 
     def run(self, graph, config, updatehash=False):
         """MultiProc's run, its scheduling passes collecting the youngest generation only
@@ -419,14 +433,38 @@ class WorkerPoolPlugin(MultiProcPlugin):
             self._stop_workers(kill=True)
 
     def wait_for_workers(self, seconds: float) -> None:
-        """Sleep up to ``seconds``, waking as soon as a busy worker sends its result or ends."""
+        """Sleep up to ``seconds``, waking as soon as a busy worker sends its result or ends.
+
+        No sleep at all after a pass that moved a node on (submitted it, or ran it in this
+        process) while another node is ready now, or every node is taken: the derivative sinks
+        run in this process one after another (the DWI last), each made ready by the one before,
+        and each, then the end of the loop, used to wait a whole :data:`POLL_SECONDS` (~1 s at
+        the end of every run, when no worker is busy). Without progress, a ready node that does
+        not fit waits as before, so the loop never spins.
+        """
         if seconds <= 0 or self._failed:  # a failed submission is handled by the next pass, now
+            return
+        if _moved_on(self):
             return
         busy = list(self._busy.values())
         if busy:
             wait_ready([w.conn for w in busy] + [w.process.sentinel for w in busy], timeout=seconds)
         else:
             time.sleep(seconds)
+
+
+def _moved_on(plugin) -> bool:
+    """Whether ``plugin`` (a MultiProc in nipype's loop) took nodes on since the last call
+    (``proc_done``) and now either every node is taken or a node whose inputs are all done waits
+    (MultiProc's own test of a ready node)."""
+    done = getattr(plugin, "proc_done", None)
+    if done is None:  # not in nipype's loop
+        return False
+    taken = int(np.count_nonzero(done))
+    moved, plugin._taken_at_wait = taken != getattr(plugin, "_taken_at_wait", 0), taken
+    if not moved:
+        return False
+    return taken == done.size or bool(np.any(~done & (plugin.depidx.sum(axis=0) == 0).__array__().ravel()))
 
 
 @contextlib.contextmanager

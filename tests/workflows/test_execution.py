@@ -45,9 +45,9 @@ def plugin(monkeypatch, tmp_path):
     pool._stop_workers(kill=True)
 
 
-def _probe(tmp_path, name):
+def _probe(tmp_path, name, module=PRELOADED):
     node = pe.Node(Function(input_names=["name"], output_names=["imported"], function=_imported), name=name)
-    node.inputs.name = PRELOADED
+    node.inputs.name = module
     node.base_dir = str(tmp_path / "work")
     return node
 
@@ -72,6 +72,17 @@ def test_the_method_worker_waits_for_its_scale_map_node_with_its_modules_importe
         result = _result(plugin, taskid)
         assert result["traceback"] is None, result["traceback"]
         assert result["result"].outputs.imported is expected
+
+
+def test_every_worker_starts_with_torch_imported(plugin, tmp_path):
+    """The steps' modules import torch only where it is used (the main process loads them), so
+    the server names torch in its preload: a worker forked from it has torch before its first
+    node (else each worker imported it on its own, ~1 s of CPU each)."""
+    assert "torch" in execution.WORKER_PRELOAD
+    taskid = plugin._submit_job(_probe(tmp_path, "probe_torch", module="torch"))
+    result = _result(plugin, taskid)
+    assert result["traceback"] is None, result["traceback"]
+    assert result["result"].outputs.imported is True
 
 
 def test_pool_end_stops_a_method_worker_that_never_ran(plugin):
@@ -191,3 +202,54 @@ def test_a_readable_pipe_ends_the_wait():
     assert ours.poll() and ours.recv() == "result"
     for conn in (ours, theirs, alive, _keep):
         conn.close()
+
+
+def test_a_pass_that_moved_a_node_on_is_followed_at_once(monkeypatch):
+    """After a pass that took a node on, the next pass comes at once when another node is ready
+    (the derivative sinks run one after another in this process, each made ready by the one
+    before) or every node is taken (the loop then ends); without progress the loop sleeps as
+    before, so it never spins on a ready node that does not fit."""
+    from types import SimpleNamespace
+
+    import numpy as np
+    from scipy.sparse import lil_matrix
+
+    sleeps = []
+    monkeypatch.setattr(execution.time, "sleep", sleeps.append)
+    depidx = lil_matrix((3, 3))
+    depidx[0, 1] = depidx[1, 2] = 1  # a chain 0 -> 1 -> 2; MultiProc clears a row when its node is done
+    plugin = SimpleNamespace(_busy={}, _failed={}, _taken_at_wait=0, depidx=depidx)
+
+    def wait(proc_done):
+        plugin.proc_done = np.array(proc_done)
+        sleeps.clear()
+        execution.WorkerPoolPlugin.wait_for_workers(plugin, 0.5)
+        return sleeps == [0.5]
+
+    depidx[0, 1] = 0
+    assert not wait([True, False, False])   # 0 ran here, 1 is ready: the next pass at once
+    assert wait([True, False, False])       # nothing moved since (1 did not fit): sleep
+    assert wait([True, True, False])        # 1 submitted, 2 waits for it: sleep
+    assert not wait([True, True, True])     # every node taken: the loop can end at once
+    assert wait([True, True, True])
+    del plugin.proc_done                    # outside nipype's loop: sleep as asked
+    sleeps.clear()
+    execution.WorkerPoolPlugin.wait_for_workers(plugin, 0.5)
+    assert sleeps == [0.5]
+
+
+def test_stopping_the_pool_asks_every_worker_before_waiting_for_any():
+    """Workers end side by side: each is asked to stop before the first is joined."""
+    from types import SimpleNamespace
+
+    events = []
+
+    def worker(name):
+        return SimpleNamespace(ask_to_stop=lambda kill: events.append(("ask", name, kill)),
+                               join=lambda: events.append(("join", name)))
+
+    plugin = SimpleNamespace(_idle=[worker("a")], _busy={7: worker("b")}, _kept=[worker("c")])
+    execution.WorkerPoolPlugin._stop_workers(plugin, kill=False)
+    assert events == [("ask", "a", False), ("ask", "b", False), ("ask", "c", False),
+                      ("join", "a"), ("join", "b"), ("join", "c")]
+    assert plugin._idle == [] and plugin._busy == {} and plugin._kept == []
