@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import numpy as np
 import pytest
@@ -184,3 +185,16 @@ def test_pair_samples_skip_background_and_undefined_orders():
 def test_fit_needs_pairs():
     with pytest.raises(ValueError, match="at least one"):
         fit_rish_global([])
+
+
+@pytest.mark.parametrize("missing", ["torch", "monai"])
+def test_a_learned_method_without_its_libraries_is_unavailable(monkeypatch, missing):
+    """Inspecting the ldm's model looks PyTorch and MONAI up without importing them; either one
+    missing is a one-line MethodUnavailableError naming it."""
+    from bids_dmri_ldm.errors import MethodUnavailableError
+    from bids_dmri_ldm.methods.registry import inspect_model
+
+    assert inspect_model("ldm", None, {"device": "cpu"}).name  # installed: the shipped bundle
+    monkeypatch.setitem(sys.modules, missing, None)  # what an installation without it looks like
+    with pytest.raises(MethodUnavailableError, match=f"needs PyTorch and MONAI: no module named '{missing}'"):
+        inspect_model("ldm", None, {"device": "cpu"})

@@ -271,9 +271,9 @@ def start_workers_early(method: str) -> None:
     """Start the participant level's worker server, and for a learned method its method worker
     (:func:`~bids_dmri_ldm.workflows.execution.start_worker_server`), once the command line is
     known to be valid, so that their imports (~2 s, and ~0.5 s more for MONAI, on 2 cores) overlap the
-    main process's own (torch for the device check, nipype, the dataset index) and the first
-    steps; nothing when the workflows are not installed (the level then fails with its own
-    message)."""
+    main process's own (nipype, the dataset index; not torch, see
+    :func:`~bids_dmri_ldm.ml.device.resolve_device_type`) and the first steps; nothing when the
+    workflows are not installed (the level then fails with its own message)."""
     try:
         from ..workflows.execution import start_worker_server
     except ModuleNotFoundError:
@@ -353,7 +353,7 @@ def parse_args(argv: Sequence[str] | None = None, *, start_workers: bool = False
     nprocs = opts.nprocs or _available_cpus()
     omp_nthreads = opts.omp_nthreads or max(1, min(8, nprocs))
     if start_workers and opts.analysis_level == "participant" and nprocs > 1 and not opts.reports_only:
-        start_workers_early(opts.method or default_method())  # its imports run beside the device check's
+        start_workers_early(opts.method or default_method())  # its imports run beside the main process's
     device = device_type(opts.device)
 
     database_dir = None

@@ -85,10 +85,16 @@ def setup_logging(verbose: int, log_file: Path | None = None) -> None:
             warnings.filterwarnings("ignore", category=category, module=r"(bids(\.|$)|nipype|dipy|monai)")
 
 
-def _limit_threads(omp_nthreads: int) -> None:
-    """Cap BLAS/OpenMP/torch threads of this process and its workers at ``--omp-nthreads``."""
+def _limit_threads(omp_nthreads: int, *, load_torch: bool = True) -> None:
+    """Cap BLAS/OpenMP/torch threads of this process and its workers at ``--omp-nthreads``.
+
+    ``load_torch=False``: torch's threads are set only if torch is already imported (the
+    participant level's main process never uses torch: its workers import it, and importing it
+    here only for this cost ~1 s of CPU at the start of every run)."""
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         os.environ.setdefault(var, str(omp_nthreads))
+    if not load_torch and "torch" not in sys.modules:
+        return
     import torch
 
     torch.set_num_threads(omp_nthreads)
@@ -260,7 +266,7 @@ def _run_level(config) -> int:
                 config.analysis_level, config.method, config.device)
     LOGGER.info("work dir: %s", config.work_dir)
     LOGGER.debug("settings: %s", config.to_dict())
-    _limit_threads(config.omp_nthreads)
+    _limit_threads(config.omp_nthreads, load_torch=config.analysis_level != "participant")
     if config.reports_only and config.analysis_level == "participant":
         return run_reports_only(config)
 

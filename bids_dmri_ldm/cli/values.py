@@ -219,10 +219,10 @@ def default_work_dir(output_dir: Path, bids_dir: Path) -> Path:
 
 
 def device_type(requested: str) -> str:
-    from ..ml.device import DeviceUnavailableError, resolve_device
+    from ..ml.device import DeviceUnavailableError, resolve_device_type
 
     try:
-        return resolve_device(requested).type
+        return resolve_device_type(requested)
     except DeviceUnavailableError as err:
         raise UsageError(str(err)) from None
 

@@ -13,12 +13,16 @@ region's voxels in NIfTI (Fortran) order, one contiguous row per coefficient.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from .resample import read_only_tensor
 from .sh import n_coefficients, order_slots, scale_coefficient, sh_basis
+
+if TYPE_CHECKING:  # torch is imported where it is used: the main process loads this module, never torch
+    import torch
+
 
 #: Output volumes rebuilt per matrix product (bounds the ``(batch, n_region)`` temporary).
 REBUILD_BATCH_BYTES = 256 * 2**20
@@ -132,6 +136,7 @@ def output_volumes(out_shell: np.ndarray, out_source: np.ndarray, carried: Calla
     not fresh memory whose every page is faulted in and zeroed again (~0.2 s per 256 MB batch).
     Consumers that keep volumes copy them (the NIfTI writer does).
     """
+    import torch
     n_out = np.size(out_shell)
     n_vox = int(np.prod(shape))
     everywhere = voxels.size == region.size
@@ -174,6 +179,7 @@ def _fill_rebuilt(out: torch.Tensor, basis: torch.Tensor, coeffs: torch.Tensor, 
     """``out (b, n) = max(basis (b, K) @ coeffs (K, n), 0) * s0 (n,)``, rounded and clipped to
     int16 when ``quantise`` (``s0`` is then ``S0 / slope``), :data:`REBUILD_CHUNK_VOXELS` columns
     at a time."""
+    import torch
     n = coeffs.shape[1]
     values = out.numpy()
     for start in range(0, n, REBUILD_CHUNK_VOXELS):

@@ -8,11 +8,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from .sh import RISH_ORDERS, rish_selection
+
+if TYPE_CHECKING:  # torch is imported where it is used: the main process loads this module, never torch
+    import torch
+
 
 DEFAULT_S0_FLOOR = 1.0
 """Lower bound on S0 (image intensity units) so S/S0 never divides by ~0."""
@@ -50,6 +54,7 @@ def _normalise_rows(rows: np.ndarray, b0_index, dwi_index, s0_floor: float) -> t
     torch rather than numpy: its vectorised int16->float32 conversion and fused in-place clamps
     took 0.6x the CPU time of the numpy equivalent (measured, benchmarks/bench_sh_fit.py).
     """
+    import torch
     raw = torch.from_numpy(rows)
     s0 = raw[:, b0_index].float().mean(dim=1).clamp_(min=s0_floor)
     att = raw[:, dwi_index].float()
@@ -61,6 +66,7 @@ def _normalise_rows(rows: np.ndarray, b0_index, dwi_index, s0_floor: float) -> t
 
 def _as_index(index: np.ndarray) -> slice | torch.Tensor:
     """A slice when ``index`` is a contiguous run (views are ~2x faster than gathers), else a tensor."""
+    import torch
     index = np.asarray(index, dtype=np.int64)
     if index.size and np.array_equal(index, np.arange(index[0], index[0] + index.size)):
         return slice(int(index[0]), int(index[0] + index.size))
@@ -78,6 +84,7 @@ def _over_masked_chunks(data, b0_index, dwi_index, mask, fit_mat, s0_floor, chun
     kernels, so ``n_threads`` workers on disjoint chunks run in parallel (written here because
     dipy's fit converts the whole volume to float64 at once).
     """
+    import torch
     mask = np.asarray(mask, dtype=bool)
     if mask.shape != data.shape[:3]:
         raise ValueError(f"mask shape {mask.shape} does not match data shape {data.shape[:3]}")

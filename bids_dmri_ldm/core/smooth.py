@@ -4,7 +4,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
-import torch
 from scipy.ndimage import gaussian_filter1d
 
 from .resample import SeparableResampler, read_only_tensor
@@ -36,6 +35,7 @@ class SeparableGaussian:
     """
 
     def __init__(self, shape: Sequence[int], sigma: Sequence[float]):
+        import torch  # here: the main process loads this module, never torch
         self.shape = tuple(int(n) for n in shape[:3])
         self.weights = [torch.from_numpy(_gaussian_operator(n, float(s))) for n, s in zip(self.shape, sigma)]
 

@@ -207,18 +207,19 @@ def _bundle_loader(method: Method):
     return load_bundle
 
 
-def _device(method: Method, options: MethodOptions):
-    """The torch device of ``options``; MethodUnavailableError when it cannot be used, or when
-    PyTorch or MONAI are not installed. Imports torch only: the networks (MONAI, ~2.5 s on 2
-    cores) are imported where a bundle is loaded, not where it is only inspected."""
+def _device(method: Method, options: MethodOptions, *, type_only: bool = False):
+    """The torch device of ``options`` (``type_only``: its type, ``"cpu"`` or ``"cuda"``, found
+    without importing torch where :func:`~bids_dmri_ldm.ml.device.resolve_device_type` can, as
+    in the main process's inspection of the model); MethodUnavailableError when it cannot be
+    used, or when PyTorch or MONAI are not installed. Imports no network: MONAI (~2.5 s on 2
+    cores) is imported where a bundle is loaded, not where it is only inspected."""
+    for module in ("torch", "monai"):
+        if importlib.util.find_spec(module) is None:
+            raise MethodUnavailableError(f"--method {method.value} needs PyTorch and MONAI: no module named '{module}'")
+    from ..ml.device import DeviceUnavailableError, resolve_device, resolve_device_type
+
     try:
-        from ..ml.device import DeviceUnavailableError, resolve_device
-    except ImportError as err:  # torch missing from this installation
-        raise MethodUnavailableError(f"--method {method.value} needs PyTorch and MONAI: {err}") from None
-    if importlib.util.find_spec("monai") is None:
-        raise MethodUnavailableError(f"--method {method.value} needs PyTorch and MONAI: no module named 'monai'")
-    try:
-        return resolve_device(str(options.device or "cpu"))
+        return (resolve_device_type if type_only else resolve_device)(str(options.device or "cpu"))
     except DeviceUnavailableError as err:
         raise MethodUnavailableError(str(err)) from None
 
@@ -256,7 +257,7 @@ def inspect_learned(method: Method, model_dir: Path | None, options: MethodOptio
         bundle; :class:`~bids_dmri_ldm.errors.BundleError`: incomplete, tampered or invalid).
     """
     path = resolve_model_dir(method.value, model_dir)
-    _device(method, options)
+    _device(method, options, type_only=True)
     verify_bundle(path)
     config = read_bundle_config(path)
     _check_kind(method, path, config)

@@ -10,11 +10,18 @@ fork-safe, so nipype's MultiProc workers can still use the GPU after the check.
 """
 from __future__ import annotations
 
+import ast
+import importlib.util
 import os
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
-__all__ = ["DEVICE_CHOICES", "DeviceUnavailableError", "cuda_available", "resolve_device"]
+__all__ = ["DEVICE_CHOICES", "DeviceUnavailableError", "cuda_available", "resolve_device",
+           "resolve_device_type", "torch_built_for_gpu"]
 
 #: Values accepted by ``--device``.
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
@@ -45,14 +52,65 @@ class DeviceUnavailableError(RuntimeError):
     """The requested device cannot be used on this machine."""
 
 
+#: Fields of ``torch/version.py`` naming the GPU toolkit a PyTorch build was made with (None: none).
+_GPU_BUILD_FIELDS = ("cuda", "hip", "rocm")
+
+
+def _torch_version_file() -> Path:
+    """``version.py`` of the installed torch package, found without importing it (IndexError:
+    no torch package)."""
+    spec = importlib.util.find_spec("torch")
+    folders = list(spec.submodule_search_locations or []) if spec else []
+    return Path(folders[0], "version.py")
+
+
+def torch_built_for_gpu() -> bool:
+    """Whether the installed PyTorch was built with CUDA (or ROCm), without importing torch.
+
+    Importing torch costs ~1 s of CPU on 2 cores, in the main process of every run, when all the
+    answer needs is one line of the ``torch/version.py`` that every PyTorch build writes
+    (``cuda: Optional[str] = None`` in a CPU build). The file is parsed, not executed. An
+    already imported torch is asked directly; a missing or unexpected file answers ``True``
+    (unknown: :func:`cuda_available` then imports torch and asks it).
+    """
+    loaded = sys.modules.get("torch")
+    if loaded is not None and hasattr(loaded, "backends"):
+        return bool(loaded.backends.cuda.is_built())
+    try:
+        tree = ast.parse(_torch_version_file().read_text(encoding="utf-8"))
+    except (ImportError, IndexError, OSError, SyntaxError, UnicodeDecodeError, ValueError):
+        return True
+    fields = {}
+    for statement in tree.body:
+        if isinstance(statement, ast.AnnAssign):
+            targets = [statement.target]
+        elif isinstance(statement, ast.Assign):
+            targets = statement.targets
+        else:
+            continue
+        for target in targets:
+            if isinstance(target, ast.Name) and target.id in _GPU_BUILD_FIELDS:
+                fields[target.id] = statement.value
+    if "cuda" not in fields:
+        return True
+    return any(not (isinstance(value, ast.Constant) and value.value is None) for value in fields.values())
+
+
 def cuda_available() -> bool:
     """Whether at least one CUDA device is visible, without initialising CUDA.
+
+    A PyTorch built without CUDA answers ``False`` without being imported
+    (:func:`torch_built_for_gpu`).
 
     Returns
     -------
     bool
         ``True`` when this PyTorch build has CUDA support and a device is visible.
     """
+    if not torch_built_for_gpu():
+        return False
+    import torch
+
     if not torch.backends.cuda.is_built():
         return False
     os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
@@ -79,6 +137,8 @@ def resolve_device(requested: str = "auto") -> torch.device:
     ValueError
         ``requested`` is not a known device name.
     """
+    import torch
+
     name = str(requested).strip().lower()
     if name == "cpu":
         return torch.device("cpu")
@@ -102,3 +162,17 @@ def resolve_device(requested: str = "auto") -> torch.device:
             )
         return device
     raise ValueError(f"unknown device {requested!r}; choose one of {', '.join(DEVICE_CHOICES)}")
+
+
+def resolve_device_type(requested: str = "auto") -> str:
+    """The device type (``"cpu"`` or ``"cuda"``) :func:`resolve_device` picks for ``requested``.
+
+    ``cpu``, and ``auto`` where this PyTorch has no GPU support (:func:`torch_built_for_gpu`),
+    answer without importing torch: the command line checks ``--device`` in the main process,
+    which otherwise never needs torch for the participant level (its workers import it).
+    Raises as :func:`resolve_device` does.
+    """
+    name = str(requested).strip().lower()
+    if name == "cpu" or (name == "auto" and not cuda_available()):
+        return "cpu"
+    return resolve_device(requested).type
