@@ -329,7 +329,7 @@ class WorkerPoolPlugin(MultiProcPlugin):
         self._busy: dict[int, _Worker] = {}
         self._failed: dict[int, dict[str, Any]] = {}
         self._kept: list[_Worker] = []  # method workers, until they run their method's node
-        self._taken_at_wait = 0  # nodes taken on (proc_done) at the last wait_for_workers
+        self._taken_at_wait = 0  # the most nodes taken on (proc_done) seen by wait_for_workers
         if self.plugin_args.get("mp_context") == "forkserver":
             # ignored when this process's forkserver already runs (start_worker_server)
             self._context.set_forkserver_preload(list(WORKER_PRELOAD))
@@ -454,16 +454,19 @@ class WorkerPoolPlugin(MultiProcPlugin):
 
 
 def _moved_on(plugin) -> bool:
-    """Whether ``plugin`` (a MultiProc in nipype's loop) took nodes on since the last call
-    (``proc_done``) and now either every node is taken or a node whose inputs are all done waits
-    (MultiProc's own test of a ready node)."""
+    """Whether ``plugin`` (a MultiProc in nipype's loop) took on more nodes (``proc_done``) than
+    at any earlier call, and now either every node is taken or a node whose inputs are all done
+    waits (MultiProc's own test of a ready node). Counted against the most ever taken, so a node
+    given back (a submission MultiProc undoes) cannot make the loop spin: at most one pass without
+    a sleep per node."""
     done = getattr(plugin, "proc_done", None)
     if done is None:  # not in nipype's loop
         return False
     taken = int(np.count_nonzero(done))
-    moved, plugin._taken_at_wait = taken != getattr(plugin, "_taken_at_wait", 0), taken
-    if not moved:
+    most = getattr(plugin, "_taken_at_wait", 0)
+    if taken <= most:
         return False
+    plugin._taken_at_wait = taken
     return taken == done.size or bool(np.any(~done & (plugin.depidx.sum(axis=0) == 0).__array__().ravel()))
 
 

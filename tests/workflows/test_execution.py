@@ -232,6 +232,8 @@ def test_a_pass_that_moved_a_node_on_is_followed_at_once(monkeypatch):
     assert wait([True, True, False])        # 1 submitted, 2 waits for it: sleep
     assert not wait([True, True, True])     # every node taken: the loop can end at once
     assert wait([True, True, True])
+    assert wait([True, True, False])        # a node given back, then taken again: no progress
+    assert wait([True, True, True])
     del plugin.proc_done                    # outside nipype's loop: sleep as asked
     sleeps.clear()
     execution.WorkerPoolPlugin.wait_for_workers(plugin, 0.5)
