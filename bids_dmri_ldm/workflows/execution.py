@@ -329,7 +329,6 @@ class WorkerPoolPlugin(MultiProcPlugin):
         self._busy: dict[int, _Worker] = {}
         self._failed: dict[int, dict[str, Any]] = {}
         self._kept: list[_Worker] = []  # method workers, until they run their method's node
-        self._taken_at_wait = 0  # the most nodes taken on (proc_done) seen by wait_for_workers
         if self.plugin_args.get("mp_context") == "forkserver":
             # ignored when this process's forkserver already runs (start_worker_server)
             self._context.set_forkserver_preload(list(WORKER_PRELOAD))
@@ -426,6 +425,7 @@ class WorkerPoolPlugin(MultiProcPlugin):
         """MultiProc's run, its scheduling passes collecting the youngest generation only
         (:func:`young_collections_only`); whatever ends it (an error, Ctrl-C), no worker outlives
         it."""
+        self._taken_at_wait = 0  # the most nodes taken on (proc_done) seen by _moved_on in this run
         try:
             with young_collections_only(), woken_by_workers(self):
                 return super().run(graph, config, updatehash=updatehash)
@@ -463,8 +463,7 @@ def _moved_on(plugin) -> bool:
     if done is None:  # not in nipype's loop
         return False
     taken = int(np.count_nonzero(done))
-    most = getattr(plugin, "_taken_at_wait", 0)
-    if taken <= most:
+    if taken <= plugin._taken_at_wait:
         return False
     plugin._taken_at_wait = taken
     return taken == done.size or bool(np.any(~done & (plugin.depidx.sum(axis=0) == 0).__array__().ravel()))
@@ -474,10 +473,10 @@ def _moved_on(plugin) -> bool:
 def woken_by_workers(plugin: WorkerPoolPlugin):
     """Within the block, nipype's scheduling loop sleeps in :meth:`WorkerPoolPlugin.wait_for_workers`.
 
-    The loop sleeps ``poll_sleep_duration`` between passes (its module's ``sleep``), and nothing
-    but a worker's result makes a new node ready. Waiting on the busy workers' pipes and process
-    sentinels instead, a finished node (or a dead worker) is handled at once rather than up to one
-    poll later, and the passes can be rare: :data:`POLL_SECONDS` instead of 20 a second, which
+    The loop sleeps ``poll_sleep_duration`` between passes (its module's ``sleep``), and only a
+    worker's result, or a node run in this process (:func:`_moved_on`), makes a new node ready.
+    Waiting on the busy workers' pipes and process sentinels instead, a finished node (or a dead
+    worker) is handled at once rather than up to one poll later, and the passes can be rare: :data:`POLL_SECONDS` instead of 20 a second, which
     used ~2 s of the main process's CPU in an HCP-size run (py-spy, 2026-12-02), beside the
     workers on 2 cores. nipype has no option for this: its module's ``sleep`` is swapped for the
     block.
