@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
+from typing import ClassVar
 
 os.environ.setdefault("NIPYPE_NO_ET", "1")  # no version check over the network at run time
 
@@ -37,6 +38,11 @@ class StepInterface(SimpleInterface):
     """A :class:`SimpleInterface` whose ``_run_step`` failures leave a typed record."""
 
     input_spec = StepInputSpec
+    #: True for a step that never imports torch: while the worker server is still importing it,
+    #: the pool may run such a step in a worker forked from the main process, which has not
+    #: (:class:`~bids_dmri_ldm.workflows.execution.WorkerPoolPlugin`). A step marked so that
+    #: imports torch after all still runs, importing it itself (~1.7 s).
+    torch_free: ClassVar[bool] = False
 
     def _run_interface(self, runtime):
         try:

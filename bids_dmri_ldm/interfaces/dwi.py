@@ -42,6 +42,7 @@ class SelectShells(StepInterface):
 
     input_spec = _SelectShellsInputSpec
     output_spec = _SelectShellsOutputSpec
+    torch_free = True
 
     def _run_step(self, runtime):
         self._results.update(steps.select_shells_step(
@@ -73,6 +74,7 @@ class LoadDWI(StepInterface):
 
     input_spec = _LoadDWIInputSpec
     output_spec = _LoadDWIOutputSpec
+    torch_free = True
 
     def _run_step(self, runtime):
         # the record beside the node folder, like the rebuild's report samples
@@ -105,6 +107,7 @@ class BrainMask(StepInterface):
 
     input_spec = _BrainMaskInputSpec
     output_spec = _BrainMaskOutputSpec
+    torch_free = True
 
     def _run_step(self, runtime):
         self._results.update(steps.brain_mask_step(self.inputs.mean_b0_file, self.inputs.bad_voxels_file,

@@ -41,6 +41,7 @@ def plugin(monkeypatch, tmp_path):
         leftover.stop(kill=True)
     execution.start_worker_server("ldm")
     pool = execution.WorkerPoolPlugin({"n_procs": 2, "mp_context": "forkserver"})
+    pool._adopt_early_workers(timeout=60)  # the pool itself does not wait for them
     yield pool
     pool._stop_workers(kill=True)
 
@@ -93,12 +94,13 @@ def test_pool_end_stops_a_method_worker_that_never_ran(plugin):
     assert execution.take_early_workers() == []  # handed over once
 
 
-def test_a_second_command_in_one_process_gets_one_method_worker(plugin):
+def test_a_second_command_in_one_process_gets_one_early_worker_of_each_kind(plugin):
     execution.start_worker_server("ldm")
     execution.start_worker_server("ldm")
     extra = execution.take_early_workers()
     try:
-        assert [worker.serves for worker in extra] == ["ldm"]
+        assert sorted(extra, key=lambda w: str(w.serves)) and \
+            sorted(str(worker.serves) for worker in extra) == ["None", "ldm"]
     finally:
         for worker in extra:
             worker.stop(kill=True)
@@ -117,7 +119,7 @@ def test_a_method_worker_no_pool_adopted_is_stopped_when_the_command_ends(plugin
     assert not [p for p in multiprocessing.active_children() if p.name == "bids-dmri-ldm-worker"]
     execution.start_worker_server("ldm")
     started = execution.take_early_workers()
-    assert len(started) == 1
+    assert sorted(str(worker.serves) for worker in started) == ["None", "ldm"]
     execution._EARLY["workers"].extend(started)  # as if never adopted
     execution.discard_early_workers()
     assert not started[0].process.is_alive() and execution._EARLY["workers"] == []
@@ -250,8 +252,166 @@ def test_stopping_the_pool_asks_every_worker_before_waiting_for_any():
         return SimpleNamespace(ask_to_stop=lambda kill: events.append(("ask", name, kill)),
                                join=lambda: events.append(("join", name)))
 
-    plugin = SimpleNamespace(_idle=[worker("a")], _busy={7: worker("b")}, _kept=[worker("c")])
+    plugin = SimpleNamespace(_idle=[worker("a")], _busy={7: worker("b")}, _kept=[worker("c")],
+                             _torch_free=worker("d"))
     execution.WorkerPoolPlugin._stop_workers(plugin, kill=False)
-    assert events == [("ask", "a", False), ("ask", "b", False), ("ask", "c", False),
-                      ("join", "a"), ("join", "b"), ("join", "c")]
-    assert plugin._idle == [] and plugin._busy == {} and plugin._kept == []
+    assert events == [("ask", "a", False), ("ask", "b", False), ("ask", "c", False), ("ask", "d", False),
+                      ("join", "a"), ("join", "b"), ("join", "c"), ("join", "d")]
+    assert plugin._idle == [] and plugin._busy == {} and plugin._kept == [] and plugin._torch_free is None
+
+
+# ---------------------------------------------------------------------------------------------
+# the torch-free worker: the first steps run before the worker server has imported torch
+
+
+def _parent_pid():
+    import os
+
+    return os.getppid()
+
+
+def _log_once(text):
+    import logging
+
+    logging.getLogger("bids_dmri_ldm").warning(text)
+    return text
+
+
+def _torch_free_node(tmp_path, name, function=_parent_pid, **inputs):
+    node = pe.Node(Function(input_names=list(inputs), output_names=["out"], function=function), name=name)
+    for key, value in inputs.items():
+        setattr(node.inputs, key, value)
+    node.interface.torch_free = True  # as SelectShells, LoadDWI and BrainMask declare
+    node.base_dir = str(tmp_path / "work")
+    return node
+
+
+@pytest.fixture
+def starting_pool(monkeypatch, tmp_path):
+    """A pool while the worker server is (as far as it knows) still importing its modules."""
+    monkeypatch.chdir(tmp_path)
+    for leftover in execution.take_early_workers():
+        leftover.stop(kill=True)
+    monkeypatch.setattr(execution, "early_workers_pending", lambda: True)
+    monkeypatch.setattr(execution, "take_early_workers", lambda timeout=30.0: [])
+    pool = execution.WorkerPoolPlugin({"n_procs": 2, "mp_context": "forkserver"})
+    yield pool
+    pool._stop_workers(kill=True)
+
+
+def test_a_torch_free_step_runs_in_a_worker_forked_from_the_main_process_while_the_server_starts(
+        starting_pool, tmp_path):
+    import os
+
+    first = _torch_free_node(tmp_path, "first")
+    worker = starting_pool._worker_for(first)
+    assert worker is starting_pool._torch_free
+    result = _result(starting_pool, starting_pool._submit_job(first))
+    assert result["traceback"] is None, result["traceback"]
+    assert result["result"].outputs.out == os.getpid()  # forked from this process, not from the server
+    # idle again: the next torch-free step takes it; a step that needs torch never does
+    assert starting_pool._worker_for(_torch_free_node(tmp_path, "second")) is worker
+    other = starting_pool._worker_for(pe.Node(IdentityInterface(fields=["x"]), name="fit_rish"))
+    assert other is not worker and other.process.is_alive()
+    starting_pool._idle.append(other)
+    # the server's workers are forked from it
+    torch_step = _probe(tmp_path, "probe_server", module="torch")
+    starting_pool._idle = [other]
+    result = _result(starting_pool, starting_pool._submit_job(torch_step))
+    assert result["traceback"] is None, result["traceback"]
+
+
+def test_no_torch_free_worker_once_the_server_is_ready(starting_pool, tmp_path, monkeypatch):
+    monkeypatch.setattr(execution, "early_workers_pending", lambda: False)
+    worker = starting_pool._worker_for(_torch_free_node(tmp_path, "first"))
+    assert starting_pool._torch_free is None and worker.process.is_alive()
+    starting_pool._idle.append(worker)
+
+
+def test_the_torch_free_worker_ends_when_the_main_process_has_gone(starting_pool, tmp_path):
+    """It holds no copy of the main process's end of its pipe (a forked child inherits it), so it
+    sees the end of the pipe, as a worker from the server does, and exits."""
+    worker = starting_pool._worker_for(_torch_free_node(tmp_path, "first"))
+    assert worker is starting_pool._torch_free
+    worker.conn.close()  # what the main process's exit does
+    worker.process.join(60)
+    assert not worker.process.is_alive() and worker.process.exitcode == 0
+    starting_pool._torch_free = None
+
+
+def test_the_torch_free_worker_logs_each_record_once(monkeypatch, tmp_path):
+    """It inherited the command line's handlers: replaced by those of the snapshot, not added to."""
+    import logging
+
+    log_file = tmp_path / "invocation.log"
+    handler = logging.FileHandler(log_file)
+    handler._bids_dmri_ldm = True
+    handler.setLevel(logging.INFO)
+    root = logging.getLogger()
+    root.addHandler(handler)
+    try:
+        monkeypatch.chdir(tmp_path)
+        for leftover in execution.take_early_workers():
+            leftover.stop(kill=True)
+        monkeypatch.setattr(execution, "early_workers_pending", lambda: True)
+        monkeypatch.setattr(execution, "take_early_workers", lambda timeout=30.0: [])
+        pool = execution.WorkerPoolPlugin({"n_procs": 2, "mp_context": "forkserver"})
+        try:
+            node = _torch_free_node(tmp_path, "logs", function=_log_once, text="torch-free-worker-record")
+            taskid = pool._submit_job(node)
+            assert pool._busy[taskid] is pool._torch_free
+            result = _result(pool, taskid)
+            assert result["traceback"] is None, result["traceback"]
+        finally:
+            pool._stop_workers(kill=False)
+    finally:
+        root.removeHandler(handler)
+        handler.close()
+    assert log_file.read_text().count("torch-free-worker-record") == 1
+
+
+TORCH_FREE_STEPS = """
+import sys
+from pathlib import Path
+import nibabel as nib
+import numpy as np
+from bids_dmri_ldm.interfaces import dwi as interfaces
+from bids_dmri_ldm.interfaces.steps import ShellOptions
+
+dwi, bval, bvec, work = sys.argv[1:5]
+marked = sorted(name for name, cls in vars(interfaces).items()
+                if isinstance(cls, type) and getattr(cls, "torch_free", False))
+ran = []
+import os
+os.chdir(work)
+sel = interfaces.SelectShells(dwi_file=dwi, bval_file=bval, bvec_file=bvec,
+                              options=ShellOptions(tolerance=100.0, sh_order_max=4).to_dict()).run()
+ran.append("SelectShells")
+loaded = interfaces.LoadDWI(dwi_file=dwi, plan_file=sel.outputs.plan_file).run()
+ran.append("LoadDWI")
+img = nib.load(loaded.outputs.mean_b0_file)
+given = nib.Nifti1Image(np.ones(tuple(2 * n for n in img.shape), np.uint8), img.affine @ np.diag([0.5, 0.5, 0.5, 1]))
+nib.save(given, Path(work) / "given_mask.nii.gz")  # another grid: resampled onto the DWI's
+for in_mask in (None, str(Path(work) / "given_mask.nii.gz")):
+    interfaces.BrainMask(mean_b0_file=loaded.outputs.mean_b0_file, mean_dwi_file=loaded.outputs.mean_dwi_file,
+                         bad_voxels_file=loaded.outputs.bad_voxels_file, in_mask=in_mask).run()
+ran.append("BrainMask")
+print(" ".join(marked), "|", " ".join(sorted(set(ran))), "|", "torch" in sys.modules)
+"""
+
+
+def test_the_steps_marked_torch_free_import_no_torch(bids_dataset, tmp_path):
+    """Known answer for each step marked ``torch_free`` (all of them run here): after it ran, on a
+    real run, torch was never imported in that process."""
+    import subprocess
+    from pathlib import Path
+
+    dwi = bids_dataset.dwi_files[0]
+    root = bids_dataset.root
+    out = subprocess.run([sys.executable, "-c", TORCH_FREE_STEPS, str(dwi), str(root / "dwi.bval"),
+                          str(root / "dwi.bvec"), str(tmp_path)], capture_output=True, text=True,
+                         cwd=Path(__file__).resolve().parents[2])
+    assert out.returncode == 0, out.stderr
+    marked, ran, torch_imported = (part.strip() for part in out.stdout.strip().split("|"))
+    assert marked.split() and marked == ran  # every marked step ran
+    assert torch_imported == "False"
