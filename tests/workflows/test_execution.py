@@ -410,7 +410,7 @@ def test_the_steps_marked_torch_free_import_no_torch(bids_dataset, tmp_path):
     root = bids_dataset.root
     out = subprocess.run([sys.executable, "-c", TORCH_FREE_STEPS, str(dwi), str(root / "dwi.bval"),
                           str(root / "dwi.bvec"), str(tmp_path)], capture_output=True, text=True,
-                         cwd=Path(__file__).resolve().parents[2])
+                         cwd=Path(__file__).resolve().parents[2], check=False)
     assert out.returncode == 0, out.stderr
     marked, ran, torch_imported = (part.strip() for part in out.stdout.strip().split("|"))
     assert marked.split() and marked == ran  # every marked step ran
