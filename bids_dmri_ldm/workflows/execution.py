@@ -17,9 +17,9 @@ replaced, and the other runs go on. Workers ignore SIGINT, so Ctrl-C reaches the
 only, which then terminates them (:meth:`WorkerPoolPlugin.run`).
 
 Workers are forked from the forkserver, which has imported what the steps need, torch included
-(:data:`WORKER_PRELOAD`, ~2.3 s on 2 cores). Until it has, the steps that need no torch (the
-interfaces' ``torch_free``) run in one worker forked from the main process, which never imports
-torch (:meth:`WorkerPoolPlugin._worker_for`).
+(:data:`WORKER_PRELOAD`, ~2.3 s on 2 cores). The steps that need no torch (the interfaces'
+``torch_free``) also run in one worker forked from the main process, which never imports torch,
+when the pool is made before the server is ready (:meth:`WorkerPoolPlugin._worker_for`).
 
 Workers log like the main process (stderr and the invocation's log file, nipype's records
 included, never stdout; :func:`init_worker_logging`).
@@ -375,6 +375,11 @@ class WorkerPoolPlugin(MultiProcPlugin):
             # ignored when this process's forkserver already runs (start_worker_server)
             self._context.set_forkserver_preload(list(WORKER_PRELOAD))
             self._adopt_early_workers(timeout=0)
+            if early_workers_pending() and "fork" in mp.get_all_start_methods():
+                # now, before the workflow's threads start (one imports the report's modules): a
+                # thread importing a module while this process forks would leave that module's
+                # import lock held for good in the child
+                self._torch_free = _Worker(mp.get_context("fork")).initialise(self._cwd, self._log_snapshot)
 
     def _adopt_early_workers(self, timeout: float | None) -> None:
         """Take over the early workers that have started (:func:`take_early_workers`): a method
@@ -395,12 +400,13 @@ class WorkerPoolPlugin(MultiProcPlugin):
         computes scale maps; for a torch-free step (``torch_free``), the torch-free worker when it
         is idle; else an idle worker, else a new one.
 
-        The torch-free worker is forked from this process, which never imports torch, when such a
-        step is ready, no worker is idle and the worker server is still importing its modules
+        The torch-free worker is forked from this process, which never imports torch, when the
+        pool is made while the worker server is still importing its modules
         (:func:`early_workers_pending`): the run's first steps (its shells, loading the DWI, the
         mask) then start ~1.2-2 s earlier than a worker from the server could (measured
         2026-12-02 on 2 cores: the server is ready ~2.3 s after it starts, the main process
-        ~1 s before it). It takes torch-free steps only, so it never pays for torch's import.
+        ~1 s before it). It takes torch-free steps only, so it never pays for torch's import; if
+        it dies, a worker from the server takes them.
         """
         # imported by the workflow already
         from ..interfaces.dwi import PredictScaleMaps
@@ -414,14 +420,9 @@ class WorkerPoolPlugin(MultiProcPlugin):
                 if worker.serves == method:
                     self._kept.remove(worker)
                     return worker
-        if getattr(node.interface, "torch_free", False):
-            if self._torch_free is not None and self._torch_free.taskid is None:
-                return self._torch_free
-            if self._torch_free is None and not self._idle and early_workers_pending() and _can_fork():
-                import multiprocessing as mp
-
-                self._torch_free = _Worker(mp.get_context("fork")).initialise(self._cwd, self._log_snapshot)
-                return self._torch_free
+        if getattr(node.interface, "torch_free", False) and self._torch_free is not None \
+                and self._torch_free.taskid is None:
+            return self._torch_free
         if not self._idle and early_workers_pending():  # the early worker starts no later than a new one
             self._adopt_early_workers(timeout=30.0)
         return self._idle.pop() if self._idle else self._new_worker()
@@ -486,7 +487,7 @@ class WorkerPoolPlugin(MultiProcPlugin):
             self._idle.append(worker)
 
     def _forget(self, worker: _Worker) -> None:
-        """``worker`` has gone: a later torch-free step may fork another."""
+        """``worker`` has gone (the torch-free one is not replaced)."""
         if worker is self._torch_free:
             self._torch_free = None
 
@@ -537,12 +538,6 @@ class WorkerPoolPlugin(MultiProcPlugin):
             wait_ready([w.conn for w in busy] + [w.process.sentinel for w in busy], timeout=seconds)
         else:
             time.sleep(seconds)
-
-
-def _can_fork() -> bool:
-    import multiprocessing as mp
-
-    return "fork" in mp.get_all_start_methods()
 
 
 def _moved_on(plugin) -> bool:

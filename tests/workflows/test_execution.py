@@ -303,6 +303,7 @@ def test_a_torch_free_step_runs_in_a_worker_forked_from_the_main_process_while_t
         starting_pool, tmp_path):
     import os
 
+    assert starting_pool._torch_free is not None  # forked when the pool was made
     first = _torch_free_node(tmp_path, "first")
     worker = starting_pool._worker_for(first)
     assert worker is starting_pool._torch_free
@@ -321,11 +322,32 @@ def test_a_torch_free_step_runs_in_a_worker_forked_from_the_main_process_while_t
     assert result["traceback"] is None, result["traceback"]
 
 
-def test_no_torch_free_worker_once_the_server_is_ready(starting_pool, tmp_path, monkeypatch):
+def test_no_torch_free_worker_once_the_server_is_ready(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(execution, "early_workers_pending", lambda: False)
-    worker = starting_pool._worker_for(_torch_free_node(tmp_path, "first"))
-    assert starting_pool._torch_free is None and worker.process.is_alive()
-    starting_pool._idle.append(worker)
+    pool = execution.WorkerPoolPlugin({"n_procs": 2, "mp_context": "forkserver"})
+    try:
+        worker = pool._worker_for(_torch_free_node(tmp_path, "first"))
+        assert pool._torch_free is None and worker.process.is_alive()
+        pool._idle.append(worker)
+    finally:
+        pool._stop_workers(kill=True)
+
+
+def test_a_dead_torch_free_worker_is_not_replaced(starting_pool, tmp_path):
+    """Its step fails as any worker's death fails one (the run's other steps go on), and the
+    next torch-free step goes to a worker from the server."""
+    node = _torch_free_node(tmp_path, "dies")
+    taskid = starting_pool._submit_job(node)
+    dead = starting_pool._busy[taskid]
+    assert dead is starting_pool._torch_free
+    dead.process.kill()
+    result = _result(starting_pool, taskid)
+    assert result["result"] is None and "was killed by SIGKILL" in result["traceback"][0]
+    assert starting_pool._torch_free is None
+    other = starting_pool._worker_for(_torch_free_node(tmp_path, "next"))
+    assert other is not dead and other.process.is_alive()
+    starting_pool._idle.append(other)
 
 
 def test_the_torch_free_worker_ends_when_the_main_process_has_gone(starting_pool, tmp_path):
