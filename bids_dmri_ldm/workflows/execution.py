@@ -405,7 +405,7 @@ class WorkerPoolPlugin(MultiProcPlugin):
         (:func:`early_workers_pending`): the run's first steps (its shells, loading the DWI, the
         mask) then start ~1.2-2 s earlier than a worker from the server could (measured
         2026-12-02 on 2 cores: the server is ready ~2.3 s after it starts, the main process
-        ~1 s before it). It takes torch-free steps only, so it never pays for torch's import; if
+        1.2-1.5 s before it). It takes torch-free steps only, so it never pays for torch's import; if
         it dies, a worker from the server takes them.
         """
         # imported by the workflow already
