@@ -379,7 +379,10 @@ class WorkerPoolPlugin(MultiProcPlugin):
                 # now, before the workflow's threads start (one imports the report's modules): a
                 # thread importing a module while this process forks would leave that module's
                 # import lock held for good in the child
-                self._torch_free = _Worker(mp.get_context("fork")).initialise(self._cwd, self._log_snapshot)
+                try:
+                    self._torch_free = _Worker(mp.get_context("fork")).initialise(self._cwd, self._log_snapshot)
+                except Exception:  # none: the server's workers take every step
+                    LOGGER.debug("no torch-free worker", exc_info=True)
 
     def _adopt_early_workers(self, timeout: float | None) -> None:
         """Take over the early workers that have started (:func:`take_early_workers`): a method

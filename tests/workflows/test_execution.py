@@ -437,3 +437,25 @@ def test_the_steps_marked_torch_free_import_no_torch(bids_dataset, tmp_path):
     marked, ran, torch_imported = (part.strip() for part in out.stdout.strip().split("|"))
     assert marked.split() and marked == ran  # every marked step ran
     assert torch_imported == "False"
+
+
+def test_a_pool_whose_torch_free_worker_cannot_start_runs_without_it(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(execution, "early_workers_pending", lambda: True)
+    monkeypatch.setattr(execution, "take_early_workers", lambda timeout=30.0: [])
+    real = execution._Worker
+
+    def worker(context, *args, **kwargs):
+        if context.get_start_method() == "fork":
+            raise OSError("no fork here")
+        return real(context, *args, **kwargs)
+
+    monkeypatch.setattr(execution, "_Worker", worker)
+    pool = execution.WorkerPoolPlugin({"n_procs": 2, "mp_context": "forkserver"})
+    try:
+        assert pool._torch_free is None
+        taskid = pool._submit_job(_torch_free_node(tmp_path, "first"))
+        result = _result(pool, taskid)
+        assert result["traceback"] is None, result["traceback"]
+    finally:
+        pool._stop_workers(kill=True)
