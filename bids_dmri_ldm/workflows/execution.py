@@ -148,16 +148,16 @@ def _start_early_worker(context, serves: str | None, preload: tuple[str, ...]) -
         worker.stop(kill=True)
 
 
-def take_early_workers(timeout: float | None = 30.0) -> list[_Worker]:
+def take_early_workers(timeout: float = 30.0) -> list[_Worker]:
     """The workers :func:`start_worker_server` asked for that have started, each handed over once;
     waits up to ``timeout`` seconds for those still starting (whose start ends when the worker
     server has imported its modules; ``0``: does not wait). One still starting after that is
     handed over by a later call."""
     with _EARLY["lock"]:
         threads = list(_EARLY["threads"])
-    deadline = None if timeout is None else time.monotonic() + timeout
+    deadline = time.monotonic() + timeout
     for thread in threads:
-        thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        thread.join(max(0.0, deadline - time.monotonic()))
     with _EARLY["lock"]:
         _EARLY["threads"] = [t for t in _EARLY["threads"] if t.is_alive()]
         workers, _EARLY["workers"] = _EARLY["workers"], []
@@ -384,7 +384,7 @@ class WorkerPoolPlugin(MultiProcPlugin):
                 except Exception:  # none: the server's workers take every step
                     LOGGER.debug("no torch-free worker", exc_info=True)
 
-    def _adopt_early_workers(self, timeout: float | None) -> None:
+    def _adopt_early_workers(self, timeout: float) -> None:
         """Take over the early workers that have started (:func:`take_early_workers`): a method
         worker is kept for its method's scale-map node, any other one is idle."""
         for worker in take_early_workers(timeout):

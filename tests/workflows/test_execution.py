@@ -286,15 +286,19 @@ def _torch_free_node(tmp_path, name, function=_parent_pid, **inputs):
     return node
 
 
-@pytest.fixture
-def starting_pool(monkeypatch, tmp_path):
-    """A pool while the worker server is (as far as it knows) still importing its modules."""
+def _pool_while_the_server_starts(monkeypatch, tmp_path):
+    """A pool made while the worker server is (as far as it knows) still importing its modules."""
     monkeypatch.chdir(tmp_path)
     for leftover in execution.take_early_workers():
         leftover.stop(kill=True)
     monkeypatch.setattr(execution, "early_workers_pending", lambda: True)
     monkeypatch.setattr(execution, "take_early_workers", lambda timeout=30.0: [])
-    pool = execution.WorkerPoolPlugin({"n_procs": 2, "mp_context": "forkserver"})
+    return execution.WorkerPoolPlugin({"n_procs": 2, "mp_context": "forkserver"})
+
+
+@pytest.fixture
+def starting_pool(monkeypatch, tmp_path):
+    pool = _pool_while_the_server_starts(monkeypatch, tmp_path)
     yield pool
     pool._stop_workers(kill=True)
 
@@ -372,12 +376,7 @@ def test_the_torch_free_worker_logs_each_record_once(monkeypatch, tmp_path):
     root = logging.getLogger()
     root.addHandler(handler)
     try:
-        monkeypatch.chdir(tmp_path)
-        for leftover in execution.take_early_workers():
-            leftover.stop(kill=True)
-        monkeypatch.setattr(execution, "early_workers_pending", lambda: True)
-        monkeypatch.setattr(execution, "take_early_workers", lambda timeout=30.0: [])
-        pool = execution.WorkerPoolPlugin({"n_procs": 2, "mp_context": "forkserver"})
+        pool = _pool_while_the_server_starts(monkeypatch, tmp_path)
         try:
             node = _torch_free_node(tmp_path, "logs", function=_log_once, text="torch-free-worker-record")
             taskid = pool._submit_job(node)
@@ -440,9 +439,6 @@ def test_the_steps_marked_torch_free_import_no_torch(bids_dataset, tmp_path):
 
 
 def test_a_pool_whose_torch_free_worker_cannot_start_runs_without_it(monkeypatch, tmp_path):
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(execution, "early_workers_pending", lambda: True)
-    monkeypatch.setattr(execution, "take_early_workers", lambda timeout=30.0: [])
     real = execution._Worker
 
     def worker(context, *args, **kwargs):
@@ -451,7 +447,7 @@ def test_a_pool_whose_torch_free_worker_cannot_start_runs_without_it(monkeypatch
         return real(context, *args, **kwargs)
 
     monkeypatch.setattr(execution, "_Worker", worker)
-    pool = execution.WorkerPoolPlugin({"n_procs": 2, "mp_context": "forkserver"})
+    pool = _pool_while_the_server_starts(monkeypatch, tmp_path)
     try:
         assert pool._torch_free is None
         taskid = pool._submit_job(_torch_free_node(tmp_path, "first"))
