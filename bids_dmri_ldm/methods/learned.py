@@ -19,7 +19,7 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -73,6 +73,10 @@ class LearnedMethod:
     the voxel-wise lambda^2 weighted by the reference RISH (robust where the reference is small
     and noisy); :mod:`bids_dmri_ldm.ml.scalemaps`.
     """
+
+    #: Its maps vary inside the mask (the scale-map step computes the mask's distance transform
+    #: for their fill beside the prediction: ``interfaces/steps/fit.py``).
+    varying_maps: ClassVar[bool] = True
 
     bundle: Any
     device: Any = "cpu"

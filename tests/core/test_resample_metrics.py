@@ -97,3 +97,26 @@ def test_fill_outside_mask_takes_the_nearest_inside_value():
     np.testing.assert_array_equal(quick, constant[tuple(index)])
     np.testing.assert_array_equal(fill_outside_mask(constant[..., None], mask), constant[tuple(index)][..., None])
     np.testing.assert_array_equal(fill_outside_mask(constant, np.zeros_like(mask)), constant)  # empty mask
+
+
+def test_fill_outside_mask_takes_a_transform_made_elsewhere_and_asks_for_it_only_when_needed():
+    """The index of :func:`nearest_inside_index` (or a callable returning it) gives the fill its own
+    transform gives; a map that is one value inside the mask never calls for it."""
+    from bids_dmri_ldm.core.resample import fill_outside_mask, nearest_inside_index
+
+    rng = np.random.default_rng(4)
+    mask = np.zeros((9, 7, 6), bool)
+    mask[2:6, 1:5, 2:5] = True
+    mask[7, 5, 1] = True
+    varying = rng.uniform(0.5, 1.5, mask.shape + (3,)).astype(np.float32)
+    index = nearest_inside_index(mask)
+    assert index.shape == (3,) + mask.shape
+    expected = fill_outside_mask(varying, mask)
+    np.testing.assert_array_equal(fill_outside_mask(varying, mask, index), expected)
+    asked = []
+    np.testing.assert_array_equal(fill_outside_mask(varying, mask, lambda: asked.append(1) or index), expected)
+    assert asked == [1]
+    constant = np.where(mask[..., None], np.float32(0.8), varying)
+    np.testing.assert_array_equal(fill_outside_mask(constant, mask, lambda: pytest.fail("not needed")),
+                                  np.full(constant.shape, np.float32(0.8)))
+    assert nearest_inside_index(np.zeros_like(mask)) is None

@@ -440,3 +440,50 @@ def test_rebuild_scales_exactly_as_the_coefficients_scaled_beforehand(tmp_path):
     np.testing.assert_array_equal(np.asanyarray(nib.load(inside["dwi_file"]).dataobj),
                                   np.asanyarray(nib.load(given["dwi_file"]).dataobj))
     assert not np.allclose(np.asanyarray(nib.load(inside["dwi_file"]).dataobj)[..., 2:], data[..., 2:], rtol=1e-3)
+
+
+def test_the_scale_map_step_makes_one_distance_transform_beside_the_prediction(simulated_dataset, tmp_path,
+                                                                                monkeypatch):
+    """ldm: the fill's nearest-inside index is computed once, in a thread other than the step's own
+    (beside the prediction), and the maps written are those of the fill's own transform (the shells
+    passed through too); rish-global, whose maps are one value inside the mask, computes none."""
+    import threading
+
+    from conftest import simulated_scan
+
+    from bids_dmri_ldm.interfaces.steps import fit
+    from bids_dmri_ldm.methods import LdmMethod, MethodOptions
+
+    root = simulated_dataset(4.0)
+    folder = root / "sub-01" / "ses-3T" / "dwi"
+    files = [str(folder / f"sub-01_ses-3T_dwi.{e}") for e in ("nii.gz", "bval", "bvec")]
+    work = tmp_path / "w"
+    # b = 1000 translated (what the shipped models cover), b = 2000 and 3000 passed through
+    sel = steps.select_shells_step(*files, steps.ShellOptions(covered=(1000.0,)).to_dict(), work)
+    loaded = steps.load_dwi_step(files[0], sel["plan_file"], work)
+    fitted = steps.fit_rish_step(loaded["dwi_file"], sel["plan_file"], 4, work)
+    *_, brain, affine = simulated_scan(root, "3T")
+    mask_file = _save_mask(tmp_path, brain.astype(np.uint8), affine, "brain")
+    in_main_thread = []
+    original = fit.nearest_inside_index
+
+    def recorded(mask):
+        in_main_thread.append(threading.current_thread() is threading.main_thread())
+        return original(mask)
+
+    monkeypatch.setattr(fit, "nearest_inside_index", recorded)
+
+    def scale_maps(method, name):
+        out = fit.predict_scale_step(fitted["rish_files"], mask_file, method, None, MethodOptions(omp_nthreads=1),
+                                     sel["plan_file"], tmp_path / name)
+        return [np.asanyarray(nib.load(f).dataobj) for f in out["scale_files"]]
+
+    beside = scale_maps("ldm", "beside")
+    assert in_main_thread == [False] and len(beside) == 3
+    assert np.ptp(beside[0][..., 0]) > 0 and np.all(beside[1] == 1)  # b = 1000 varies; b = 2000: lambda = 1
+    monkeypatch.setattr(LdmMethod, "varying_maps", False)  # each fill makes its own transform
+    for got, expected in zip(beside, scale_maps("ldm", "inline"), strict=True):
+        np.testing.assert_array_equal(got, expected)
+    in_main_thread.clear()
+    scale_maps("rish-global", "rish_global")
+    assert in_main_thread == []
