@@ -102,8 +102,10 @@ def estimate_run_memory(shape: tuple[int, ...], itemsize: int, n_kept: int, sh_o
         "fit": 4 * v_in * (2 * (n_b0 + per_shell) + 2 * k),
         "grid": 4 * (v_in * k + 3 * v_out * k) + REBUILD_BATCH_BYTES,
         "rebuild": 4 * v_out * (max(1, n_fitted) * k + 3) + REBUILD_BATCH_BYTES,
-        # weights, a copy while loading, and activations on the model's small grid
-        "model": 4 * v_in * 3 * 4 + 4 * int(model_bytes),
+        # weights, a copy while loading, and activations on the model's small grid; the
+        # scale-map step's nearest-inside index for the fill (three int32 per voxel), made beside
+        # the prediction
+        "model": 4 * v_in * 3 * 4 + 4 * 3 * v_in + 4 * int(model_bytes),
     }
     return MemoryEstimate({name: PROCESS_BYTES + int(value) for name, value in steps.items()})
 
