@@ -245,8 +245,8 @@ def _translate(rish_3t, mask, bundle, device, seed, num_samples, t0, guidance, d
 
     y = normalise(rish_3t, mask, norm)
     x, _, crop = to_model_grid(y, mask, grid, tr["crop_margin"])
-    z3 = encode(bundle, x, "vqvae3t", device, precision)           # (n_orders, C, ...)
-    with torch.no_grad():
+    with torch.no_grad():  # no autograd graph of the encoder either (nothing is trained here)
+        z3 = encode(bundle, x, "vqvae3t", device, precision)       # (n_orders, C, ...)
         recon = decode(bundle, z3, "vqvae3t", device, precision)
     gain_7t = np.asarray(_per_order(tr.get("gain_7t"), [1.0] * n_orders, n_orders, "gain_7t"), np.float64)
     gain_3t = np.asarray(_per_order(tr.get("gain_3t"), [1.0] * n_orders, n_orders, "gain_3t"), np.float32)

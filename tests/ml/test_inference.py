@@ -26,6 +26,26 @@ def test_translation_shapes_masking_and_determinism(bundle):
     assert prov["Method"] == "ldm" and prov["Device"] == "cpu"
 
 
+def test_translation_runs_every_network_without_autograd(bundle):
+    """Nothing is trained at the participant level: no network call records an autograd graph
+    (the 3T encoder's did, before 2026-12-02)."""
+    import torch
+
+    grad_enabled = {}
+    hooks = [layer.register_forward_pre_hook(  # on the convolutions: the VQ-VAEs are called through encode/decode
+        lambda module, args, name=name: grad_enabled.setdefault(name, set()).add(torch.is_grad_enabled()))
+        for name, network in bundle.networks.items() for layer in network.modules()
+        if isinstance(layer, torch.nn.Conv3d)]
+    try:
+        rish, mask = synthetic_rish(3)
+        translate_rish(rish, mask, bundle, seed=1)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert {"vqvae3t", "vqvae7t", "unet", "sr"} <= set(grad_enabled)
+    assert all(states == {False} for states in grad_enabled.values()), grad_enabled
+
+
 def test_samples_give_mean_and_std_and_overrides_are_recorded(bundle):
     rish, mask = synthetic_rish(4)
     res = translate_rish(rish, mask, bundle, seed=2, num_samples=3, t0=[20, 25, 30],
