@@ -29,7 +29,7 @@ from scipy import ndimage
 
 from ..core.gradients import check_gradients, select_shell
 from ..core.metrics import nmse, ssim3d, tensor_fit
-from ..core.resample import resample, resample_mask
+from ..core.resample import nearest_inside_index, resample, resample_mask
 from ..core.sh import RISH_ORDERS, SHModel, rish_features
 from ..core.signal import fit_shell_sh
 
@@ -200,8 +200,7 @@ def fill_invalid(maps: np.ndarray, valid: np.ndarray) -> np.ndarray:
     valid = np.asarray(valid, dtype=bool)
     if valid.all() or not valid.any():
         return maps
-    nearest = ndimage.distance_transform_edt(~valid, return_distances=False, return_indices=True)
-    return maps[tuple(nearest)]
+    return maps[tuple(nearest_inside_index(valid))]
 
 
 def maps_on_grid(
