@@ -58,3 +58,7 @@ means for that bundle on a CPU with native bfloat16 (``ml.inference.resolve_prec
 SCALE_REFERENCES: tuple[str, ...] = ("input", "roundtrip")
 """Denominators of the learned methods' scale maps: the input 3T RISH, or its round trip through
 the model's lossy path (``--scale-reference``)."""
+
+SELECT_EPOCHS: tuple[str, ...] = ("last", "best-validation")
+"""``training.select_epoch`` of a model config: keep the weights of each stage's last epoch (default),
+or those of its epoch with the lowest validation loss (:func:`bids_dmri_ldm.ml.stageloop.fit_stage`)."""

@@ -20,7 +20,7 @@ torch.set_num_threads(1)
 
 
 def tiny_cnn_config() -> dict:
-    """The cnn-demo config shrunk to a 16^3 grid, small channels and two epochs."""
+    """The cnn-demo config shrunk to a 16^3 grid, small channels and two epochs (the best one kept)."""
     from bids_dmri_ldm.ml.modelconfig import load_config, validate_config
 
     cfg = copy.deepcopy(load_config("cnn-demo"))
@@ -28,6 +28,7 @@ def tiny_cnn_config() -> dict:
     cfg["grid"] = [16, 16, 16]
     cfg["cnn"].update(channels=[4, 8], strides=[2], num_res_units=1)
     cfg["training"]["epochs"]["cnn"] = 2
+    cfg["training"]["select_epoch"] = "best-validation"
     return validate_config(cfg)
 
 
@@ -54,7 +55,7 @@ def trained(tmp_path_factory):
 def test_group_cnn_training_writes_a_verified_bundle(trained):
     from bids_dmri_ldm.ml.bundle import load_bundle
 
-    _, out, _, code = trained
+    _, out, work, code = trained
     assert code == 0
     bundle = load_bundle(out / "models" / "cnn")
     assert bundle.method == "cnn" and set(bundle.networks) == {"cnn"}
@@ -62,6 +63,9 @@ def test_group_cnn_training_writes_a_verified_bundle(trained):
     assert data["n_paired"] == 2 and data["n_3t"] == 3 and "affines" in data["pairing"]
     assert bundle.config["trained_for"]["shells"] == [1000.0] and bundle.config["trained_for"]["sh_order_max"] == 4
     assert len(data["validation_participants"]) == 1
+    kept = data["epoch_kept"]  # the epoch of the lowest validation loss, its weights beside the checkpoint
+    assert kept["rule"] == "lowest validation loss" and kept["of"] == 2 and kept["epoch"] in (1, 2)
+    assert len(list(work.rglob("cnn/best.safetensors"))) == 1
     scale = data["calibration"]["scale_smoothing"]  # chosen on the validation pair, gains fitted on both
     assert (scale["n_pairs"], scale["n_fit_pairs"]) == (1, 2)
     assert bundle.config["translation"]["scale_gain"] == scale["gain"]

@@ -35,6 +35,7 @@ from .scalemaps import SMOOTHING_CANDIDATES, calibrate_scale_smoothing
 from .stageloop import (
     PlotFn,
     fit_stage,
+    kept_epoch,
     sample_generator,
     stage_fingerprint,
 )
@@ -111,9 +112,9 @@ def train_cnn(rish_3t: RishInput, rish_7t: RishInput, config: dict[str, Any], ou
                 "crop_margin": cfg["translation"]["crop_margin"],
                 "training": {k: v for k, v in tr.items() if k not in ("epochs", "calibrate_smoothing")}}
     fingerprint = stage_fingerprint(STAGE, settings, array_digest([*train, *(val if val is not None else ())]))
-    fit_stage(STAGE, model, list(train), make_loss(tr["seed"], bool(tr.get("augment_flip", False))), cfg,
-              tr["epochs"][STAGE], tr["batch_size"], work_dir / STAGE, log_dir, ctx, resume,
-              None if val is None else list(val), plot_losses=plot_losses, fingerprint=fingerprint)
+    history = fit_stage(STAGE, model, list(train), make_loss(tr["seed"], bool(tr.get("augment_flip", False))), cfg,
+                        tr["epochs"][STAGE], tr["batch_size"], work_dir / STAGE, log_dir, ctx, resume,
+                        None if val is None else list(val), plot_losses=plot_losses, fingerprint=fingerprint)
     if not ctx.is_main:
         barrier(ctx)
         return None
@@ -134,6 +135,7 @@ def train_cnn(rish_3t: RishInput, rish_7t: RishInput, config: dict[str, Any], ou
                                      "pairing": "7T brought into the 3T grid through the affines (world "
                                                 "space), canonical RAS voxel order",
                                      "train_participants": train_ids, "validation_participants": val_ids,
+                                     "epoch_kept": kept_epoch(history, tr),
                                      "calibration": {"scale_smoothing": calibration}})
     card = model_card(bundle_cfg, command=command, training_time_s=time.perf_counter() - setup.t_start,
                       machine=f"{platform.node()} {platform.processor() or platform.machine()}, "

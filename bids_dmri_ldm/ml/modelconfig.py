@@ -17,7 +17,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from ..vocabulary import CPU_PRECISIONS, LDM_STAGES
+from ..vocabulary import CPU_PRECISIONS, LDM_STAGES, SELECT_EPOCHS
 
 #: Version of the bundle/config layout; bumped on incompatible changes.
 FORMAT_VERSION = 1
@@ -61,8 +61,9 @@ _OPTIONAL: dict[str, set[str]] = {
     "translation": {"scale_reference", "scale_smoothing", "scale_strength", "scale_gain", "gain_7t", "gain_3t",
                     "cpu_precision"},
     # per-order RISH normalisation (ml/normalise.py): "sqrt-percentile" | "log-percentile" (default,
-    # what bundles that name none were trained with)
-    "training": {"normalisation", "calibrate_smoothing"},
+    # what bundles that name none were trained with); which epoch's weights each stage keeps
+    # (vocabulary.SELECT_EPOCHS, default "last")
+    "training": {"normalisation", "calibrate_smoothing", "select_epoch"},
 }
 _TOP_TRAINING = {"format_version", "name", "description", "grid", "orders", *_SCHEMA}
 _TOP_BUNDLE_EXTRA = {"normalisation", "latent_scale", "training_data", "software", "created"}
@@ -85,7 +86,7 @@ _CNN_SCHEMA: dict[str, set[str]] = {
 }
 _CNN_OPTIONAL: dict[str, set[str]] = {
     "translation": {"scale_reference", "scale_smoothing", "scale_strength", "scale_gain", "cpu_precision"},
-    "training": {"augment_flip", "normalisation", "calibrate_smoothing"},
+    "training": {"augment_flip", "normalisation", "calibrate_smoothing", "select_epoch"},
 }
 _CNN_TOP = {"format_version", "method", "name", "description", "grid", "orders", *_CNN_SCHEMA}
 _CNN_BUNDLE_EXTRA = {"normalisation", "training_data", "software", "created"}
@@ -159,6 +160,7 @@ def validate_config(cfg: dict[str, Any], kind: str = "training") -> dict[str, An
                           f"norm_num_groups={groups}")
     _check_trained_for(cfg)
     _check_normalisation(cfg, kind)
+    _check_select_epoch(cfg)
     return cfg
 
 
@@ -203,6 +205,13 @@ def _check_translation_options(translation: dict[str, Any], n_orders: int) -> No
         raise ConfigError("translation.scale_gain must be a number in (0, 100) or a list of one per RISH order")
 
 
+def _check_select_epoch(cfg: dict[str, Any]) -> None:
+    """``training.select_epoch``, when given, is one of :data:`~bids_dmri_ldm.vocabulary.SELECT_EPOCHS`."""
+    if cfg["training"].get("select_epoch", "last") not in SELECT_EPOCHS:
+        raise ConfigError(f"training.select_epoch must be one of {list(SELECT_EPOCHS)}, "
+                          f"got {cfg['training']['select_epoch']!r}")
+
+
 def _check_normalisation(cfg: dict[str, Any], kind: str) -> None:
     """``training.normalisation`` names a known method; a bundle's fitted parameters are complete."""
     from .normalise import LEGACY_METHOD, METHODS, parameter_keys
@@ -239,6 +248,7 @@ def _validate_cnn_config(cfg: dict[str, Any], kind: str) -> dict[str, Any]:
     _check_translation_options(cfg["translation"], len(cfg["orders"]))
     _check_trained_for(cfg)
     _check_normalisation(cfg, kind)
+    _check_select_epoch(cfg)
     return cfg
 
 

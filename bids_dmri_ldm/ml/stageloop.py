@@ -12,6 +12,7 @@ import csv
 import hashlib
 import json
 import logging
+import math
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -40,6 +41,9 @@ from .inference import DeviceMemoryError, autocast_for
 STAGE_ID = {**{s: i for i, s in enumerate(LDM_STAGES)}, "cnn": len(LDM_STAGES)}  # cnn: the baseline (ml/cnn.py)
 
 log = logging.getLogger(__name__)
+
+#: With ``training.select_epoch`` "best-validation": the weights of the best epoch so far, beside the checkpoint.
+BEST_WEIGHTS = "best.safetensors"
 
 
 # --------------------------------------------------------------------------- utilities
@@ -139,12 +143,17 @@ def fit_stage(stage: str, model: nn.Module, tensors: Sequence[torch.Tensor], los
         ``resume``, a checkpoint with another fingerprint (other settings, data or earlier
         stages; or none recorded) is not continued: the stage trains again from its first epoch.
 
+    With ``training.select_epoch`` = ``"best-validation"`` (default ``"last"``) the weights of the
+    epoch with the lowest validation loss are kept beside the checkpoint and loaded into ``model``
+    at the end (:func:`best_epoch`); training itself is unchanged.
+
     Returns
     -------
     list of dict
         Per-epoch ``epoch``, ``train_loss``, ``val_loss`` (NaN without validation), ``seconds``.
     """
     tr = cfg["training"]
+    keep_best = tr.get("select_epoch", "last") == "best-validation"
     work_dir.mkdir(parents=True, exist_ok=True)
     # channels-last 3D: on CPU (oneDNN) conv3d backward in NCDHW layout measured 6-40x slower
     model.to(ctx.device, memory_format=torch.channels_last_3d)
@@ -187,7 +196,10 @@ def fit_stage(stage: str, model: nn.Module, tensors: Sequence[torch.Tensor], los
                 "use a smaller batch_size/latent_batch_size or grid in the config, or more GPUs") from None
         bar.set_postfix(loss=f"{history[-1]['train_loss']:.4g}")
         if ctx.is_main:
-            _atomic_save_tensors(state_to_tensors(unwrap(ddp_model)), work_dir / "model.safetensors")
+            weights = state_to_tensors(unwrap(ddp_model))
+            _atomic_save_tensors(weights, work_dir / "model.safetensors")
+            if keep_best and best_epoch(history) == history[-1]["epoch"]:
+                _atomic_save_tensors(weights, work_dir / BEST_WEIGHTS)
             tensors_opt, groups = optimizer_to_tensors(opt)
             _atomic_save_tensors(tensors_opt, work_dir / "optimizer.safetensors")
             _atomic_write_text(state_path, json.dumps({"stage": stage, "history": history,
@@ -203,7 +215,39 @@ def fit_stage(stage: str, model: nn.Module, tensors: Sequence[torch.Tensor], los
                 last_plot = time.monotonic() if plot else last_plot
         barrier(ctx)
     bar.close()
+    if keep_best:
+        _load_best(stage, model, history, work_dir, ctx)
     return history
+
+
+def best_epoch(history: Sequence[dict[str, float]]) -> int | None:
+    """The (1-based) epoch of ``history`` with the lowest finite validation loss, the earliest of
+    equal ones; None when no epoch has one."""
+    scored = [(h["val_loss"], h["epoch"]) for h in history if math.isfinite(h["val_loss"])]
+    return min(scored)[1] if scored else None
+
+
+def kept_epoch(history: Sequence[dict[str, float]], training: dict[str, Any]) -> dict[str, Any]:
+    """Which epoch's weights :func:`fit_stage` kept, for the model's record: ``{"epoch", "of", "rule"}``."""
+    best = best_epoch(history) if training.get("select_epoch", "last") == "best-validation" else None
+    if best is None:
+        return {"epoch": len(history), "of": len(history), "rule": "last"}
+    return {"epoch": best, "of": len(history), "rule": "lowest validation loss"}
+
+
+def _load_best(stage: str, model: nn.Module, history: Sequence[dict[str, float]], work_dir: Path,
+               ctx: DistContext) -> None:
+    """Load the weights of :func:`best_epoch` into ``model`` (every rank; rank 0 wrote them)."""
+    epoch, path = best_epoch(history), work_dir / BEST_WEIGHTS
+    if epoch is None or not path.is_file():
+        if ctx.is_main:
+            log.warning("stage %s: select_epoch is best-validation, but %s; keeping the last epoch", stage,
+                        "no epoch has a validation loss" if epoch is None else f"{path} is missing")
+        return
+    model.load_state_dict(load_file(str(path), device=str(ctx.device)))
+    if ctx.is_main:
+        log.info("stage %s: kept epoch %d of %d (lowest validation loss %.4g)", stage, epoch, len(history),
+                 history[epoch - 1]["val_loss"])
 
 
 def _run_epoch(stage, epoch, ddp_model, loader, sampler, opt, scaler, use_amp, loss_fn, model,

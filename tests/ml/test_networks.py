@@ -92,6 +92,16 @@ def test_builtin_configs_validate_and_bad_keys_are_refused():
         load_config("nonexistent")
 
 
+@pytest.mark.parametrize("name", ["demo", "cnn-demo"])
+def test_select_epoch_is_optional_and_checked(name):
+    cfg = load_config(name)
+    cfg["training"]["select_epoch"] = "best-validation"
+    assert validate_config(cfg) is cfg
+    cfg["training"]["select_epoch"] = "best"
+    with pytest.raises(ConfigError, match="select_epoch must be one of \\['last', 'best-validation'\\]"):
+        validate_config(cfg)
+
+
 def test_yaml_config_is_accepted(tmp_path):
     import yaml
     path = tmp_path / "train.yaml"

@@ -9,6 +9,7 @@ import torch
 from bids_dmri_ldm.ml.bundle import load_bundle
 from bids_dmri_ldm.ml.distributed import DistContext
 from bids_dmri_ldm.ml.split import split_participants
+from bids_dmri_ldm.ml.stageloop import best_epoch, fit_stage, kept_epoch
 from bids_dmri_ldm.ml.training import (
     TrainingDataError,
     stage_settings,
@@ -234,3 +235,54 @@ def test_normalisation_is_refitted_when_the_training_scans_change(tiny_cfg, tmp_
     refit = training_normalisation(path, scans[1:], tiny_cfg, resume=True, write=True)
     assert refit == training_normalisation(tmp_path / "fresh.json", scans[1:], tiny_cfg, resume=False, write=False)
     assert refit != first
+
+
+class _Scalar(torch.nn.Module):
+    """One parameter p, loss (p - target)^2: with AdamW at a fixed rate p walks from 0 towards the
+    training target 1 through the validation target 0.5, so the validation loss is lowest mid-way."""
+
+    def __init__(self):
+        super().__init__()
+        self.p = torch.nn.Parameter(torch.zeros(()))
+
+    def forward(self, target):
+        return ((self.p - target) ** 2).mean()
+
+
+def _scalar_fit(tmp_path, select, epochs, resume=False):
+    cfg = {"grid": [1, 1, 1], "training": {"lr": 0.1, "weight_decay": 0.0, "amp": False, "seed": 0,
+                                           "select_epoch": select}}
+    model = _Scalar()
+    history = fit_stage("sr", model, [torch.ones(4)], lambda m, batch, idx, epoch: m(batch[0]), cfg, epochs, 4,
+                        tmp_path / "stage", None, CPU, resume, [torch.full((4,), 0.5)])
+    return model, history
+
+
+def test_best_validation_keeps_the_epoch_with_the_lowest_validation_loss(tmp_path):
+    model, history = _scalar_fit(tmp_path / "best", "best-validation", 12)
+    val = [h["val_loss"] for h in history]
+    best = best_epoch(history)
+    assert best == int(np.argmin(val)) + 1 and 1 < best < 12 and val[-1] > val[best - 1]
+    assert abs(float(model.p.detach()) - 0.5) ** 2 == pytest.approx(val[best - 1], abs=1e-6)
+    assert kept_epoch(history, {"select_epoch": "best-validation"}) == {"epoch": best, "of": 12,
+                                                                       "rule": "lowest validation loss"}
+    last, history_last = _scalar_fit(tmp_path / "last", "last", 12)
+    assert [h["val_loss"] for h in history_last] == val  # training itself is the same
+    assert abs(float(last.p.detach()) - 0.5) ** 2 == pytest.approx(val[-1], abs=1e-6) and float(last.p.detach()) > float(model.p.detach())
+    assert kept_epoch(history_last, {}) == {"epoch": 12, "of": 12, "rule": "last"}
+
+
+def test_best_validation_survives_a_resume(tmp_path):
+    straight, history = _scalar_fit(tmp_path / "straight", "best-validation", 12)
+    _scalar_fit(tmp_path / "split", "best-validation", 4)  # stops before the best epoch
+    resumed, history_r = _scalar_fit(tmp_path / "split", "best-validation", 12, resume=True)
+    assert [h["val_loss"] for h in history_r] == [h["val_loss"] for h in history]
+    assert float(resumed.p.detach()) == pytest.approx(float(straight.p.detach()), abs=1e-7)
+    done, _ = _scalar_fit(tmp_path / "split", "best-validation", 12, resume=True)  # nothing left to train
+    assert float(done.p.detach()) == pytest.approx(float(straight.p.detach()), abs=1e-7)
+
+
+def test_best_epoch_ignores_epochs_without_a_validation_loss():
+    rows = [{"epoch": 1, "val_loss": float("nan")}, {"epoch": 2, "val_loss": 0.3}, {"epoch": 3, "val_loss": 0.3}]
+    assert best_epoch(rows) == 2 and best_epoch(rows[:1]) is None
+    assert kept_epoch(rows[:1], {"select_epoch": "best-validation"})["rule"] == "last"
