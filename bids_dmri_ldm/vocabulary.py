@@ -60,5 +60,5 @@ SCALE_REFERENCES: tuple[str, ...] = ("input", "roundtrip")
 the model's lossy path (``--scale-reference``)."""
 
 SELECT_EPOCHS: tuple[str, ...] = ("last", "best-validation")
-"""``training.select_epoch`` of a model config: keep the weights of each stage's last epoch (default),
-or those of its epoch with the lowest validation loss (:func:`bids_dmri_ldm.ml.stageloop.fit_stage`)."""
+"""``training.select_epoch`` of a cnn config: keep the weights of the last epoch (default), or those
+of the epoch with the lowest validation loss (:func:`bids_dmri_ldm.ml.stageloop.fit_stage`)."""

@@ -61,9 +61,8 @@ _OPTIONAL: dict[str, set[str]] = {
     "translation": {"scale_reference", "scale_smoothing", "scale_strength", "scale_gain", "gain_7t", "gain_3t",
                     "cpu_precision"},
     # per-order RISH normalisation (ml/normalise.py): "sqrt-percentile" | "log-percentile" (default,
-    # what bundles that name none were trained with); which epoch's weights each stage keeps
-    # (vocabulary.SELECT_EPOCHS, default "last")
-    "training": {"normalisation", "calibrate_smoothing", "select_epoch"},
+    # what bundles that name none were trained with)
+    "training": {"normalisation", "calibrate_smoothing"},
 }
 _TOP_TRAINING = {"format_version", "name", "description", "grid", "orders", *_SCHEMA}
 _TOP_BUNDLE_EXTRA = {"normalisation", "latent_scale", "training_data", "software", "created"}
@@ -86,6 +85,8 @@ _CNN_SCHEMA: dict[str, set[str]] = {
 }
 _CNN_OPTIONAL: dict[str, set[str]] = {
     "translation": {"scale_reference", "scale_smoothing", "scale_strength", "scale_gain", "cpu_precision"},
+    # which epoch's weights the cnn keeps (vocabulary.SELECT_EPOCHS, default "last"); not for the ldm,
+    # whose later stages are trained from the earlier ones' checkpoints
     "training": {"augment_flip", "normalisation", "calibrate_smoothing", "select_epoch"},
 }
 _CNN_TOP = {"format_version", "method", "name", "description", "grid", "orders", *_CNN_SCHEMA}
@@ -160,7 +161,6 @@ def validate_config(cfg: dict[str, Any], kind: str = "training") -> dict[str, An
                           f"norm_num_groups={groups}")
     _check_trained_for(cfg)
     _check_normalisation(cfg, kind)
-    _check_select_epoch(cfg)
     return cfg
 
 
