@@ -55,6 +55,21 @@ def test_export_prefixes_participants_of_several_datasets(shared_bids_dataset, t
     assert {k.split("/")[1] for k in arrays} == {"d0-01", "d0-02", "d1-01", "d1-02"}
 
 
+def test_export_refuses_a_dataset_simulated_for_held_out_evaluation(shared_bids_dataset, tmp_path, capsys):
+    import shutil
+
+    shifted = tmp_path / "shifted"
+    shutil.copytree(shared_bids_dataset.root, shifted)
+    description = json.loads((shifted / "dataset_description.json").read_text())
+    (shifted / "dataset_description.json").write_text(json.dumps({**description, "SimulationPhysicsPreset": "shifted"}))
+    export = _load_tool("export_rish_features")
+    out = tmp_path / "features.npz"
+    assert export.main([str(out), str(shared_bids_dataset.root), str(shifted), "-w", str(tmp_path / "work")]) == 65
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "held-out" in err and str(shifted) in err
+    assert not out.exists() and not (tmp_path / "work").exists()
+
+
 def _write_features(path: Path) -> None:
     arrays = {}
     for role, n, ratio in (("3T", 5, (1.0, 1.0, 1.0)), ("7T", 4, (0.85, 0.75, 0.7))):

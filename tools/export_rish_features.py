@@ -10,6 +10,9 @@ what ``bids-dmri-ldm BIDS OUT group --method ldm`` would train on.  With several
 the participant keys are prefixed ``d<k>-`` (k = position on the command line) so that
 ``sub-01`` of two simulations stay apart.
 
+A dataset simulated for held-out evaluation only (``--physics shifted``) is refused (exit 65),
+as the group level refuses it.
+
 The file lets training run where only PyTorch and MONAI are installed
 (``tools/train_from_features.py``, e.g. on a GPU node without the BIDS stack).
 Layout: arrays ``<role>/<participant>/rish`` (X, Y, Z, 3) float32,
@@ -51,6 +54,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("bids_dirs", type=Path, nargs="+", help="raw BIDS datasets with 3T/7T DWI")
     parser.add_argument("-w", "--work-dir", type=Path, required=True, help="RISH cache folder")
     args = parser.parse_args(argv)
+    from bids_dmri_ldm.bidsio.heldout import is_shifted_dataset
+    from bids_dmri_ldm.errors import EX_DATAERR
+
+    for bids_dir in args.bids_dirs:
+        if is_shifted_dataset(bids_dir):
+            print(f"{parser.prog}: error: {bids_dir} was simulated with a held-out physics preset (--physics shifted): "
+                  "it is for evaluation only and is not exported for training", file=sys.stderr)
+            return EX_DATAERR
     arrays = export_features([p.resolve() for p in args.bids_dirs], args.work_dir.resolve())
     tmp = args.out.with_name(f".{args.out.name}.tmp.npz")
     np.savez_compressed(tmp, **arrays)

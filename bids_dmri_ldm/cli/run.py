@@ -206,7 +206,10 @@ def run_reports_only(config: RunConfig) -> int:
 
 def run_group_level(config: RunConfig) -> int:
     """Check that 3T/7T pairs exist, then hand all runs to the group level (one group-level
-    process per output directory and per work directory at a time: another one gets 75)."""
+    process per output directory and per work directory at a time: another one gets 75). A
+    dataset the simulator made for held-out evaluation only (``--physics shifted``,
+    :func:`~bids_dmri_ldm.bidsio.heldout.is_shifted_dataset`) is a data error (65): nothing is
+    trained on it."""
     from ..bidsio.locks import LockUnavailable, RunLock
 
     locks = [(RunLock(config.output_dir, "group"), "output directory", config.output_dir),
@@ -229,8 +232,13 @@ def run_group_level(config: RunConfig) -> int:
 
 
 def _run_group_level(config: RunConfig) -> int:
+    from ..bidsio.heldout import is_shifted_dataset
     from ..bidsio.pairing import pair_runs
 
+    if not config.reports_only and is_shifted_dataset(config.bids_dir):
+        raise BadDataError(f"{config.bids_dir} was simulated with a held-out physics preset (--physics shifted, "
+                           "marked in its dataset_description.json): it is for evaluation only; train on a "
+                           "dataset simulated with the default physics, or on real pairs")
     runs, rejected = _collect(config, roles=None)
     for stem, reason in rejected.items():
         LOGGER.warning("%s not used: %s", stem, reason)

@@ -8,7 +8,7 @@ diffusivities and the structural-disorder amplitude are shared by both sessions 
 - ``shifted``: other T2s, TEs, gradient timings, SNR, field maps and voxel sizes, each within
   published ranges, for *held-out evaluation only*: every fidelity number can be reported on a
   domain no model was trained on. Such a dataset says so in ``dataset_description.json`` (raw and
-  ``derivatives/simulation``), under :data:`.marker.PRESET_KEY`; :func:`.marker.is_shifted_dataset`
+  ``derivatives/simulation``), under :data:`~bids_dmri_ldm.bidsio.heldout.PRESET_KEY`; :func:`~bids_dmri_ldm.bidsio.heldout.is_shifted_dataset`
   (also ``bids_dmri_ldm.simulate.is_shifted_dataset``) reads it.
 
 Command-line options override single values of the preset (``--te-7t`` etc.).

@@ -23,7 +23,7 @@ Ground truth per scan, on that scan's grid (``derivatives/simulation/sub-01/ses-
 
 A dataset made with a held-out-only physics preset (``--physics shifted``) names it under
 ``SimulationPhysicsPreset`` in both ``dataset_description.json`` files (and in their ``Name``), so
-nobody trains on it by mistake (:func:`.marker.is_shifted_dataset`).
+nobody trains on it by mistake (:func:`~bids_dmri_ldm.bidsio.heldout.is_shifted_dataset`; the group level refuses it).
 
 ``_dwimap`` with ``model-``/``param-`` follows the BIDS diffusion-derivatives proposal (BEP016),
 which the released specification does not include yet, so the derivative's ``.bidsignore``
@@ -43,7 +43,7 @@ from .._version import __version__
 from ..io.nifti import save_nifti as write_nifti
 from .acquisition import Protocol
 from .anatomy import TISSUES
-from .marker import HELD_OUT_PRESETS, PRESET_KEY
+from ..bidsio.heldout import HELD_OUT_PRESETS, PRESET_KEY
 from .scan import ScanResult
 
 BIDS_VERSION = "1.10.0"
@@ -149,7 +149,7 @@ def write_dataset_files(
 ) -> None:
     """Dataset-level files of the raw dataset and of the simulation derivative.
 
-    ``physics`` is the preset name, written under :data:`.marker.PRESET_KEY`; a held-out-only
+    ``physics`` is the preset name, written under :data:`~bids_dmri_ldm.bidsio.heldout.PRESET_KEY`; a held-out-only
     preset is also spelled out in ``Name`` and ``GeneratedBy[0].Description``.
     """
     held_out = physics in HELD_OUT_PRESETS

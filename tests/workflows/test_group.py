@@ -1,13 +1,15 @@
 """Group level (rish-global) through the command line, with a known answer."""
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import pytest
 
-from bids_dmri_ldm.cli.exitcodes import EX_USAGE
+from bids_dmri_ldm.cli.exitcodes import EX_DATAERR, EX_USAGE
 from bids_dmri_ldm.cli.run import main
 from bids_dmri_ldm.core.sh import SHModel, rish_features
 from bids_dmri_ldm.methods import load_rish_global_model
@@ -104,3 +106,18 @@ def test_group_rish_global_every_shared_shell(make_bids_dataset, tmp_path, capsy
     assert main([str(ds.root), str(tmp_path / "ldm"), "group", "-w", str(work), "--skip-bids-validation",
                  "--method", "ldm", "--shell", "1000", "2000"]) == EX_USAGE
     assert "trains one shell per bundle" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("method", ["rish-global", "cnn", "ldm"])
+def test_group_refuses_a_dataset_simulated_for_held_out_evaluation(make_bids_dataset, tmp_path, capsys, method):
+    """``--physics shifted`` marks a simulated dataset for evaluation only: no method trains on it."""
+    ds = make_bids_dataset(subjects=("01",), field_strengths=(3.0, 7.0))
+    description = json.loads((ds.root / "dataset_description.json").read_text())
+    (ds.root / "dataset_description.json").write_text(json.dumps({**description, "SimulationPhysicsPreset": "shifted"}))
+    out = tmp_path / "out"
+    code = main([str(ds.root), str(out), "group", "--method", method, "-w", str(tmp_path / "work"),
+                 "--skip-bids-validation", "--nprocs", "1"])
+    assert code == EX_DATAERR
+    error = capsys.readouterr().err.strip().splitlines()[-1]  # the log lines before it go to stderr too
+    assert "error" in error and "held-out" in error and "--physics shifted" in error
+    assert not (out / "models").exists() and not (tmp_path / "work" / "ldm_rish_cache").exists()

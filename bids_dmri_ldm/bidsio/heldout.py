@@ -1,7 +1,9 @@
 """The marker of simulated datasets made for held-out evaluation only (``--physics shifted``).
 
-Kept free of numpy so that ``import bids_dmri_ldm.simulate`` stays cheap and does not initialise
-BLAS before ``python -m bids_dmri_ldm.simulate`` has limited its threads (``__main__.py``).
+The simulator writes it; the group level and ``tools/export_rish_features.py`` refuse a dataset
+that carries it, so nobody trains on it by mistake. Kept free of numpy so that ``import
+bids_dmri_ldm.simulate`` stays cheap and does not initialise BLAS before ``python -m
+bids_dmri_ldm.simulate`` has limited its threads (``__main__.py``).
 """
 from __future__ import annotations
 
