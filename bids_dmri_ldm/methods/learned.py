@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -211,19 +211,34 @@ def _bundle_loader(method: Method):
     return load_bundle
 
 
-def _device(method: Method, options: MethodOptions, *, type_only: bool = False):
-    """The torch device of ``options`` (``type_only``: its type, ``"cpu"`` or ``"cuda"``, found
-    without importing torch where :func:`~bids_dmri_ldm.ml.device.resolve_device_type` can, as
-    in the main process's inspection of the model); MethodUnavailableError when it cannot be
-    used, or when PyTorch or MONAI are not installed. Imports no network: MONAI (~2.5 s on 2
-    cores) is imported where a bundle is loaded, not where it is only inspected."""
+def _device(method: Method, options: MethodOptions):
+    """The torch device of ``options``; MethodUnavailableError as :func:`_check_device`."""
+    from ..ml.device import resolve_device
+
+    return _resolve_device_with(resolve_device, method, options)
+
+
+def _check_device(method: Method, options: MethodOptions) -> None:
+    """MethodUnavailableError when the device of ``options`` cannot be used, or when PyTorch or
+    MONAI are not installed; found without importing torch where
+    :func:`~bids_dmri_ldm.ml.device.resolve_device_type` can, as in the main process's
+    inspection of the model."""
+    from ..ml.device import resolve_device_type
+
+    _resolve_device_with(resolve_device_type, method, options)
+
+
+def _resolve_device_with(resolve: Callable[[str], Any], method: Method, options: MethodOptions) -> Any:
+    """``resolve(options.device)`` with its errors, and missing PyTorch or MONAI, as
+    MethodUnavailableError. Imports no network: MONAI (~2.5 s on 2 cores) is imported where a
+    bundle is loaded, not where it is only inspected."""
     for module in ("torch", "monai"):
         if importlib.util.find_spec(module) is None:
             raise MethodUnavailableError(f"--method {method.value} needs PyTorch and MONAI: no module named '{module}'")
-    from ..ml.device import DeviceUnavailableError, resolve_device, resolve_device_type
+    from ..ml.device import DeviceUnavailableError
 
     try:
-        return (resolve_device_type if type_only else resolve_device)(str(options.device or "cpu"))
+        return resolve(str(options.device or "cpu"))
     except DeviceUnavailableError as err:
         raise MethodUnavailableError(str(err)) from None
 
@@ -261,7 +276,7 @@ def inspect_learned(method: Method, model_dir: Path | None, options: MethodOptio
         bundle; :class:`~bids_dmri_ldm.errors.BundleError`: incomplete, tampered or invalid).
     """
     path = resolve_model_dir(method.value, model_dir)
-    _device(method, options, type_only=True)
+    _check_device(method, options)
     verify_bundle(path)
     config = read_bundle_config(path)
     _check_kind(method, path, config)
