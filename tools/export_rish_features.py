@@ -54,13 +54,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("bids_dirs", type=Path, nargs="+", help="raw BIDS datasets with 3T/7T DWI")
     parser.add_argument("-w", "--work-dir", type=Path, required=True, help="RISH cache folder")
     args = parser.parse_args(argv)
-    from bids_dmri_ldm.bidsio.heldout import is_shifted_dataset
+    from bids_dmri_ldm.bidsio.heldout import training_refusal
     from bids_dmri_ldm.errors import EX_DATAERR
 
     for bids_dir in args.bids_dirs:
-        if is_shifted_dataset(bids_dir):
-            print(f"{parser.prog}: error: {bids_dir} was simulated with a held-out physics preset (--physics shifted): "
-                  "it is for evaluation only and is not exported for training", file=sys.stderr)
+        refusal = training_refusal(bids_dir)
+        if refusal:
+            print(f"{parser.prog}: error: {refusal}", file=sys.stderr)
             return EX_DATAERR
     arrays = export_features([p.resolve() for p in args.bids_dirs], args.work_dir.resolve())
     tmp = args.out.with_name(f".{args.out.name}.tmp.npz")

@@ -36,6 +36,16 @@ def is_shifted_dataset(path: str | Path) -> bool:
     return False
 
 
+def training_refusal(path: str | Path) -> str | None:
+    """Why a dataset must not be trained on (one line naming ``path``), or None: the message of
+    the group level and ``tools/export_rish_features.py`` for :func:`is_shifted_dataset`."""
+    if not is_shifted_dataset(path):
+        return None
+    return (f"{path} was simulated with a held-out physics preset (--physics shifted, marked in its "
+            "dataset_description.json): it is for evaluation only; train on a dataset simulated with the "
+            "default physics, or on real pairs")
+
+
 def _preset_of(description: Path) -> str | None:
     try:
         value = json.loads(description.read_text()).get(PRESET_KEY)

@@ -232,13 +232,12 @@ def run_group_level(config: RunConfig) -> int:
 
 
 def _run_group_level(config: RunConfig) -> int:
-    from ..bidsio.heldout import is_shifted_dataset
+    from ..bidsio.heldout import training_refusal
     from ..bidsio.pairing import pair_runs
 
-    if not config.reports_only and is_shifted_dataset(config.bids_dir):
-        raise BadDataError(f"{config.bids_dir} was simulated with a held-out physics preset (--physics shifted, "
-                           "marked in its dataset_description.json): it is for evaluation only; train on a "
-                           "dataset simulated with the default physics, or on real pairs")
+    refusal = None if config.reports_only else training_refusal(config.bids_dir)
+    if refusal:
+        raise BadDataError(refusal)
     runs, rejected = _collect(config, roles=None)
     for stem, reason in rejected.items():
         LOGGER.warning("%s not used: %s", stem, reason)
