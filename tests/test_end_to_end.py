@@ -176,6 +176,21 @@ def test_rish_global_resampled(make_bids_dataset, tmp_path, validator):
     assert result.returncode == 0, result.stdout[-3000:]
 
 
+def test_a_model_retrained_in_place_is_not_served_from_the_work_cache(make_bids_dataset, tmp_path):
+    """The group level rewrites OUT/models/<method> in place; a participant rerun with the same
+    work folder (and --overwrite) must use the new model's maps, not the cached node's."""
+    ds = make_bids_dataset(sessions=("1",))
+    models, out, work = tmp_path / "models", tmp_path / "out", tmp_path / "work"
+    folder = out / "sub-01" / "ses-1" / "dwi"
+    for factors in ((0.9, 0.8, 0.7), (0.6, 0.5, 0.4)):
+        save_rish_global_model(RishGlobalModel(factors=factors), models / "rish-global")
+        assert run_cli(ds.root, out, work, "--method", "rish-global", "--model-dir", str(models),
+                       "--output-resolution", "native", "--overwrite") == 0
+        mask = np.asanyarray(nib.load(folder / "sub-01_ses-1_desc-brain_mask.nii.gz").dataobj) > 0
+        scale = np.asanyarray(nib.load(folder / "sub-01_ses-1_model-rish_desc-scale_dwimap.nii.gz").dataobj)
+        np.testing.assert_allclose(scale[mask], np.broadcast_to(factors, scale[mask].shape), rtol=1e-6)
+
+
 @pytest.mark.parametrize("resolution", ["native", "1.05"])
 def test_small64d_real_oblique(small64d_bids, tmp_path, validator, resolution):
     """dipy's real oblique crop: bvecs (NaN b0 row) written clean and unchanged, the output grid

@@ -148,6 +148,10 @@ class _PredictScaleMapsInputSpec(StepInputSpec):
     plan_file = File(exists=True, mandatory=True)
     method = traits.Str(mandatory=True, desc="registered method name (bids_dmri_ldm.methods.Method)")
     model_dir = traits.Either(None, traits.Str, default=None, usedefault=True)
+    model_sha256 = traits.Either(None, traits.Str, default=None, usedefault=True,
+                                 desc="SHA-256 of the model's checksum list: part of the node's hash, so that a "
+                                 "model rewritten in place (the group level's OUT/models) is not served from "
+                                 "the work folder's cache")
     options = traits.Str("", usedefault=True, desc="MethodOptions.to_json(): device, seed, sampling settings "
                          "('': the defaults)")
 

@@ -128,6 +128,7 @@ def init_single_run_wf(plan: RunPlan, config: RunConfig, settings: dict[str, Any
     dwi_wf = init_dwi_7tlike_wf(
         method=str(config.method),
         model_dir=None if config.model_dir is None else str(config.model_dir),
+        model_sha256=settings.get("ModelSHA256"),
         method_options=method_options(config),
         shell_options=plan.options.to_dict(),
         sh_order_max=config.sh_order_max,

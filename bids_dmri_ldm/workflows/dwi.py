@@ -35,6 +35,7 @@ def init_dwi_7tlike_wf(
     *,
     method: str,
     model_dir: str | None = None,
+    model_sha256: str | None = None,
     method_options: MethodOptions | None = None,
     shell_options: dict | None = None,
     sh_order_max: int = 4,
@@ -75,6 +76,10 @@ def init_dwi_7tlike_wf(
         Registered translation method (:class:`bids_dmri_ldm.methods.Method`).
     model_dir : str or None
         Model directory (``None``: the shipped default of the method).
+    model_sha256 : str or None
+        SHA-256 of the model's checksum list (:attr:`~bids_dmri_ldm.methods.ModelInfo.sha256`):
+        an input of the scale-map node, so a model replaced in the same folder is not served from
+        the work folder's cache.
     method_options : MethodOptions or None
         Options passed to the method's loader (device, seed, sampling settings); they cross
         the graph as :meth:`~bids_dmri_ldm.methods.MethodOptions.to_json` (None: the defaults).
@@ -130,7 +135,8 @@ def init_dwi_7tlike_wf(
     load_dwi = pe.Node(LoadDWI(), name="load_dwi")
     brain_mask = pe.Node(BrainMask(), name="brain_mask")
     fit_rish = pe.Node(FitRISH(sh_order_max=sh_order_max), name="fit_rish", n_procs=omp_nthreads)
-    predict_scale = pe.Node(PredictScaleMaps(method=method, model_dir=model_dir, options=(method_options or MethodOptions()).to_json()),
+    predict_scale = pe.Node(PredictScaleMaps(method=method, model_dir=model_dir, model_sha256=model_sha256,
+                                             options=(method_options or MethodOptions()).to_json()),
                             name="predict_scale", n_procs=omp_nthreads)
 
     resample = pe.Node(ResampleToGrid(voxel_size=output_resolution), name="resample")
