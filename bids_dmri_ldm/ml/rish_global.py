@@ -141,28 +141,74 @@ MIN_RELATIVE_RISH = 1e-6
 """RISH_l / RISH_0 below which order l is treated as absent in a voxel when fitting."""
 
 
-def pair_scale_samples(pair: RishPair, tau: float = DEFAULT_TAU, min_rish0: float = MIN_RISH0,
-                       min_relative: float = MIN_RELATIVE_RISH) -> np.ndarray:
-    """Voxel-wise lambda (Eq. 2) of one pair on the target grid, shape (n_voxels, n_orders).
+def pair_rish_samples(pair: RishPair, min_rish0: float = MIN_RISH0) -> tuple[np.ndarray, np.ndarray]:
+    """RISH of one pair's voxels inside both brains, on the target grid: ``(source, target)``,
+    each ``(n_voxels, n_orders)`` float32.
 
     The source RISH maps and mask are resampled onto the target (7T) grid through the affines
     (cubic B-spline for RISH, linear + threshold for the mask); voxels inside both masks whose
-    RISH_0 exceeds ``min_rish0`` in both scans count. Where the source has no order-l content
-    (``RISH_l <= min_relative * RISH_0``, e.g. l > 0 in a noiseless isotropic voxel) lambda_l is
-    0/0, not a measurement: it is NaN here and left out of the average.
+    RISH_0 exceeds ``min_rish0`` in both scans count (voxels without signal in either scan,
+    background inside a loose mask, carry no information about the 3T -> 7T change).
     """
     shape = pair.rish_target.shape[:3]
     source = resample(pair.rish_source, pair.affine_source, pair.affine_target, shape, order=3)
     mask_source = resample_mask(pair.mask_source, pair.affine_source, pair.affine_target, shape)
     both = mask_source & np.asarray(pair.mask_target, dtype=bool)
-    # Voxels without signal in either scan (RISH_0 ~ 0: background inside a loose mask) carry no
-    # information about the 3T -> 7T change.
     both &= (source[..., 0] > min_rish0) & (pair.rish_target[..., 0] > min_rish0)
-    src, tgt = source[both], pair.rish_target[both]
-    lam = scale_maps(tgt, src, tau)
-    defined = src > min_relative * src[:, :1]
+    return source[both].astype(np.float32), np.asarray(pair.rish_target[both], np.float32)
+
+
+def voxel_scales(source: np.ndarray, target: np.ndarray, tau: float = DEFAULT_TAU,
+                 min_relative: float = MIN_RELATIVE_RISH) -> np.ndarray:
+    """Voxel-wise lambda (Eq. 2) of paired RISH samples ``(n_voxels, n_orders)``.
+
+    Where the source has no order-l content (``RISH_l <= min_relative * RISH_0``, e.g. l > 0 in a
+    noiseless isotropic voxel) lambda_l is 0/0, not a measurement: it is NaN.
+    """
+    lam = scale_maps(target, source, tau)
+    defined = source > min_relative * source[:, :1]
     defined[:, 0] = True
     return np.where(defined, lam, np.nan).astype(np.float32)
+
+
+def pair_scale_samples(pair: RishPair, tau: float = DEFAULT_TAU, min_rish0: float = MIN_RISH0,
+                       min_relative: float = MIN_RELATIVE_RISH) -> np.ndarray:
+    """Voxel-wise lambda (Eq. 2) of one pair on the target grid, shape (n_voxels, n_orders)
+    (:func:`pair_rish_samples`, :func:`voxel_scales`)."""
+    source, target = pair_rish_samples(pair, min_rish0)
+    return voxel_scales(source, target, tau, min_relative)
+
+
+STATISTIC = ("ratio of brain means: lambda_l = sqrt(sum RISH_l^7T / sum RISH_l^3T) over the voxels inside "
+             "both brains with signal in both scans, all pairs pooled")
+"""How :func:`fit_rish_global` turns the voxels into one factor per order (recorded in the model)."""
+
+
+def ratio_of_means(source: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """One factor per order: sqrt of the ratio of the summed target and source RISH.
+
+    The factor that makes the mean RISH_l of the scaled source equal the target's over the brain
+    (the scale of pnlbwh's RISH harmonisation, sqrt(mean_ref / mean_tar), taken brain-wide
+    instead of per template voxel). The median of the voxel-wise lambda_l, used before
+    2026-12-02, is set by the many voxels where RISH_l is small and noisy (grey matter, CSF, for
+    l > 0) and missed the brain-wide level of L2 by 5 % on the simulator (measured:
+    docs/evaluation_results.md, "rish-global's estimator"); here each voxel weighs by its RISH.
+    One voxel's weight is bounded, since S/S0 is clipped to [0, 1] before the fit
+    (:mod:`bids_dmri_ldm.core.signal`): RISH_l <= 4 pi.
+
+    Parameters
+    ----------
+    source, target : ndarray, (n_voxels, n_orders)
+        Paired RISH samples (:func:`pair_rish_samples`).
+
+    Returns
+    -------
+    ndarray, (n_orders,)
+    """
+    # unclipped: the cubic resampling's undershoots and overshoots at edges cancel in the sum
+    total_source = np.sum(source, axis=0, dtype=np.float64)
+    total_target = np.sum(target, axis=0, dtype=np.float64)
+    return np.sqrt(total_target / np.maximum(total_source, np.finfo(np.float64).tiny))
 
 
 def fit_rish_global(pairs: Iterable[RishPair], orders: Sequence[int] = RISH_ORDERS, tau: float = DEFAULT_TAU,
@@ -170,37 +216,42 @@ def fit_rish_global(pairs: Iterable[RishPair], orders: Sequence[int] = RISH_ORDE
                     extra_training: Mapping[str, Any] | None = None) -> RishGlobalModel:
     """Learn one scale factor per RISH order from paired participants.
 
-    factor_l = median over brain voxels, pooled over all pairs, of lambda_l (Eq. 2) computed on
-    the target grid (:func:`pair_scale_samples`; voxels where lambda_l is undefined are left out
-    for that order). The median is robust to the skull-ring and CSF voxels where RISH of high
-    orders is tiny and lambda explodes.
+    factor_l = sqrt(sum RISH_l^7T / sum RISH_l^3T) over the brain voxels of all pairs, pooled,
+    on the target grid (:func:`pair_rish_samples`, :func:`ratio_of_means`). A pair without any
+    voxel where an order's lambda_l is defined (:func:`voxel_scales`) is refused.
 
     Returns
     -------
     RishGlobalModel
-        With a training summary (pairs, voxel counts, per-pair medians, pooled quartiles).
+        With a training summary (pairs, voxel counts, per-pair factors and medians of lambda,
+        pooled quartiles of lambda).
     """
-    samples, per_pair = [], []
+    sources, targets, samples, per_pair = [], [], [], []
     for pair in pairs:
-        lam = pair_scale_samples(pair, tau)
+        source, target = pair_rish_samples(pair)
+        lam = voxel_scales(source, target, tau)
         if lam.shape[0] == 0 or np.all(np.isnan(lam), axis=0).any():
             raise ValueError(f"pair {pair.label or '?'}: no brain voxel with signal in both scans "
                              "(masks do not overlap, or an order is absent everywhere)")
+        sources.append(source)
+        targets.append(target)
         samples.append(lam)
         per_pair.append({"label": pair.label, "n_voxels": int(lam.shape[0]),
+                         "factors": [float(v) for v in ratio_of_means(source, target)],
                          "median": [float(v) for v in np.nanmedian(lam, axis=0)],
                          "n_defined": [int(v) for v in np.sum(np.isfinite(lam), axis=0)]})
     if not samples:
         raise ValueError("fit_rish_global needs at least one source/target pair")
     pooled = np.concatenate(samples, axis=0)
-    factors = tuple(float(v) for v in np.nanmedian(pooled, axis=0))
-    q25, q75 = np.nanpercentile(pooled, [25, 75], axis=0)
+    factors = tuple(float(v) for v in ratio_of_means(np.concatenate(sources), np.concatenate(targets)))
+    q25, q50, q75 = np.nanpercentile(pooled, [25, 50, 75], axis=0)
     training = {
-        "statistic": "median of voxel-wise lambda_l over brain voxels, pooled over pairs",
+        "statistic": STATISTIC,
         "n_pairs": len(samples),
         "n_voxels": int(pooled.shape[0]),
         "n_defined": [int(v) for v in np.sum(np.isfinite(pooled), axis=0)],
-        "quartiles": {"q25": [float(v) for v in q25], "q75": [float(v) for v in q75]},
+        "quartiles": {"q25": [float(v) for v in q25], "median": [float(v) for v in q50],
+                      "q75": [float(v) for v in q75]},
         "pairs": per_pair,
         "created": _dt.datetime.now(_dt.UTC).replace(microsecond=0).isoformat(),
     }

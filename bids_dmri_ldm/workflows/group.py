@@ -9,9 +9,9 @@ participant level with ``--model-dir <output_dir>/models``.
 7T runs share, :func:`common_shells`), the RISH maps of both runs of every pair are computed with
 the same steps as the participant level (shell clustering, mask, S/S0, least-squares SH per
 shell, Eq. 1), the source maps are resampled onto the target grid through the two affines (same
-head, same scanner space), and the factor of each order is the median of the voxel-wise
-lambda_l (Eq. 2) over the brain voxels of all pairs
-(:func:`bids_dmri_ldm.ml.rish_global.fit_rish_global_shells`): one model file holds the factors of
+head, same scanner space), and the factor of each order is the ratio of the brain means,
+sqrt(sum RISH_l^7T / sum RISH_l^3T) over the brain voxels of all pairs (outliers of the voxel-wise
+lambda_l of Eq. 2 left out; :func:`bids_dmri_ldm.ml.rish_global.fit_rish_global_shells`): one model file holds the factors of
 every shell, its ``trained_for`` lists them; the validation gate scores the lowest shell.
 ``ldm`` and ``cnn`` train one shell per bundle (``--shell B``, default 1000 s/mm²; several values
 are refused, 64: train one bundle per shell into separate output folders). The RISH maps of

@@ -37,9 +37,10 @@ def _wm_rish(ds, strength: float, b: float = 1000.0) -> np.ndarray:
 
 
 def test_group_rish_global_known_factors(make_bids_dataset, tmp_path):
-    """Paired 3T/7T phantoms: grey matter has the same S/S0 at both fields (lambda_0 = 1 in most
-    brain voxels), orders 2 and 4 exist only in the white-matter core, where lambda_l =
-    sqrt(RISH_l^7T / RISH_l^3T) of the two known tensors."""
+    """Paired 3T/7T phantoms: grey matter has the same S/S0 at both fields, orders 2 and 4 exist
+    only in the white-matter core. The factor of each order is the ratio of the brain means,
+    sqrt(sum RISH_l^7T / sum RISH_l^3T): for l = 2, 4 that of the two known tensors; for l = 0 the
+    grey and white voxels' RISH_0 weighted by their numbers."""
     assert WM_EIGENVALUES[3.0] != WM_EIGENVALUES[7.0] and GM_MD
     ds = make_bids_dataset(subjects=("01", "02"), field_strengths=(3.0, 7.0))
     out = tmp_path / "out"
@@ -47,9 +48,14 @@ def test_group_rish_global_known_factors(make_bids_dataset, tmp_path):
                "--method", "rish-global"])
     assert rc == 0
     model = load_rish_global_model(out / "models" / "rish-global")
-    expected = np.sqrt(_wm_rish(ds, 7.0) / _wm_rish(ds, 3.0))
-    np.testing.assert_allclose(model.factors[0], 1.0, atol=1e-4)
+    wm_3t, wm_7t = _wm_rish(ds, 3.0), _wm_rish(ds, 7.0)
+    expected = np.sqrt(wm_7t / wm_3t)
     np.testing.assert_allclose(model.factors[1:], expected[1:], rtol=1e-3)
+    gm_rish0 = 4 * np.pi * np.exp(-1000.0 * GM_MD) ** 2  # isotropic: C_00 = sqrt(4 pi) S/S0
+    n_wm, n_gm = ds.wm_mask.sum(), ds.brain_mask.sum() - ds.wm_mask.sum()
+    expected_0 = np.sqrt((n_gm * gm_rish0 + n_wm * wm_7t[0]) / (n_gm * gm_rish0 + n_wm * wm_3t[0]))
+    assert abs(expected_0 - 1.0) > 0.01 and abs(expected_0 - expected[0]) > 0.01  # neither tissue's own
+    np.testing.assert_allclose(model.factors[0], expected_0, rtol=2e-3)
     # one participant trains, the other is held out for the validation gate (identity, rish-global,
     # untouched 3T against its real 7T, the paper's 8 columns)
     train, held_out = model.training["participants"], model.training["validation_participants"]
