@@ -132,15 +132,17 @@ class Oracle:
         return ScaleMapPrediction(reo.from_canonical(scale), {"Method": "oracle"})
 
 
-def memory_rows(test_dir: Path, models: Path, methods: list[str], logs: Path) -> list:
-    """Score every method and the oracle in memory (the validation gate's code path)."""
+def memory_rows(test_dir: Path, models: Path, methods: list[str], logs: Path) -> tuple[list, list]:
+    """Score every method, the oracle and the in-domain factors in memory (the validation gate's
+    code path); also returns the in-domain factors of each held-out participant's fold."""
     import numpy as np
 
     from bids_dmri_ldm.bidsio.layout import collect_dwi_runs, load_layout
     from bids_dmri_ldm.config import RunConfig
     from bids_dmri_ldm.evaluation.gate import score_pair
-    from bids_dmri_ldm.methods import load_method
+    from bids_dmri_ldm.methods import RishGlobalMethod, load_method
     from bids_dmri_ldm.ml.data import RishScan
+    from bids_dmri_ldm.ml.rish_global import RishGlobalModel
     from bids_dmri_ldm.workflows.group_features import feature_runs, shell_rish
     from bids_dmri_ldm.workflows.group_gate import validation_pairs
 
@@ -153,16 +155,64 @@ def memory_rows(test_dir: Path, models: Path, methods: list[str], logs: Path) ->
     for method in methods:
         translators[method] = load_method(method, models)
     ldm = translators.get("ldm") or load_method("ldm", models if (models / "ldm").is_dir() else None)
+    pairs = list(validation_pairs(config, runs, labels, config.training_shell))
+    targets = [RishScan(np.asarray(rish7, np.float32), mask7, affine7) for rish7, mask7, affine7 in
+               (shell_rish(chosen["target"][pair.participant], config, config.training_shell) for pair in pairs)]
+    in_domain = in_domain_factors(pairs, targets)
     rows = []
-    for pair in validation_pairs(config, runs, labels, config.training_shell):
-        rish7, mask7, affine7 = shell_rish(chosen["target"][pair.participant], config, config.training_shell)
-        oracle = Oracle(ldm.bundle, RishScan(np.asarray(rish7, np.float32), mask7, affine7))
-        rows += score_pair(pair, {**translators, "oracle": oracle}, truth_root=test_dir)
-    return rows
+    for pair, target, factors in zip(pairs, targets, in_domain):
+        extra = {"oracle": Oracle(ldm.bundle, target)}
+        if factors is not None:
+            extra[IN_DOMAIN] = RishGlobalMethod(RishGlobalModel(factors=factors, name=IN_DOMAIN))
+        rows += score_pair(pair, {**translators, **extra}, truth_root=test_dir)
+    return rows, in_domain
+
+
+IN_DOMAIN = "in-domain rish-global (leave-one-out)"
+
+
+def in_domain_factors(pairs: list, targets: list) -> list:
+    """One factor per order fitted, as the group level fits `rish-global`
+    (:func:`~bids_dmri_ldm.ml.rish_global.ratio_of_means`), on this test set's *other* pairs (leave
+    one participant out): what `rish-global` would score had it been trained on pairs of this
+    physics. None with fewer than two pairs."""
+    import numpy as np
+
+    from bids_dmri_ldm.ml.rish_global import RishPair, pair_rish_samples, ratio_of_means
+
+    samples = [pair_rish_samples(RishPair(p.rish, p.mask, p.affine, t.rish, t.mask, t.affine, label=p.participant))
+               for p, t in zip(pairs, targets)]
+    if len(samples) < 2:
+        return [None] * len(samples)
+    folds = []
+    for k in range(len(samples)):
+        others = samples[:k] + samples[k + 1:]
+        folds.append(tuple(float(v) for v in ratio_of_means(np.concatenate([s for s, _ in others]),
+                                                            np.concatenate([t for _, t in others]))))
+    return folds
 
 
 # --------------------------------------------------------------------------- tables
-ORDER = ("untouched 3T", "identity", "rish-global", "cnn", "ldm", "oracle")
+def factor_lines(in_domain: list, models: Path | None) -> list[str]:
+    """The in-domain factors per order (mean and range over the folds) beside the trained
+    rish-global's: how far this physics' 3T -> 7T change is from the training domain's."""
+    import numpy as np
+
+    folds = np.array([f for f in in_domain if f is not None])
+    if not folds.size:
+        return []
+    lines = ["In-domain factors per order, L0 / L2 / L4 (mean over the leave-one-out folds, min-max): "
+             + " / ".join(f"{m:.3f} ({lo:.3f}-{hi:.3f})" for m, lo, hi in
+                          zip(folds.mean(0), folds.min(0), folds.max(0)))]
+    if models is not None:
+        from bids_dmri_ldm.methods.rish_global import load_rish_global_model
+
+        trained = load_rish_global_model(models / "rish-global").factors
+        lines.append("Trained rish-global (default physics): " + " / ".join(f"{v:.3f}" for v in trained))
+    return ["", *lines]
+
+
+ORDER = ("untouched 3T", "identity", "rish-global", "cnn", "ldm", "oracle", IN_DOMAIN)
 
 
 def table(rows: list, reference: str, columns: list[str]) -> str:
@@ -238,16 +288,17 @@ def main(argv: list[str] | None = None) -> int:
         from bids_dmri_ldm.evaluation.report import ScoreRow
 
         rows = _read_rows(scores, ScoreRow)
-        memory = memory_rows(test_dir, models, args.methods, logs)
+        memory, in_domain = memory_rows(test_dir, models, args.methods, logs)
         (out / f"test-{physics}" / "memory.json").write_text(json.dumps([r.__dict__ for r in memory], default=str))
-        oracle = [r for r in memory if r.method == "oracle"]
+        oracle = [r for r in memory if r.method in ("oracle", IN_DOMAIN)]
         report += [f"## Test set: {physics} physics", "",
                    "### Against each subject's 7T scan (participant level + evaluate; oracle in memory)", "",
                    table(rows + oracle, "7T", columns), "",
                    "### Against the simulator's noiseless 7T truth (RISH only)", "",
                    table(rows + oracle, "noiseless7T", columns[:3] + columns[4:7]), "",
                    "### Cross-check: every row computed in memory (validation-gate code path, 3T grid)", "",
-                   table(memory, "7T", columns), ""]
+                   table(memory, "7T", columns), "",
+                   *factor_lines(in_domain, models if "rish-global" in args.methods else None), ""]
     report += ["## Wall times (s)", "", *[f"- {k}: {v}" for k, v in timings.items()], ""]
     (out / "fidelity.md").write_text("\n".join(report))
     print("\n".join(report))
