@@ -194,7 +194,7 @@ def ratio_of_means(source: np.ndarray, target: np.ndarray) -> np.ndarray:
     l > 0) and missed the brain-wide level of L2 by 5 % on the simulator (measured:
     docs/evaluation_results.md, "rish-global's estimator"); here each voxel weighs by its RISH.
     One voxel's weight is bounded, since S/S0 is clipped to [0, 1] before the fit
-    (:mod:`bids_dmri_ldm.core.signal`): RISH_l <= 4 pi.
+    (:mod:`bids_dmri_ldm.core.signal`): RISH_l is at most about 4 pi (the energy of a unit signal).
 
     Parameters
     ----------
