@@ -14,8 +14,9 @@ suffers from partial-volume edges; L4 is dominated by noise floors that a multip
 cannot move, so a model's full L4 ratio can be worse than leaving L4 alone.
 :func:`calibrate_scale_smoothing` picks (sigma_l, alpha_l) per order on the validation pairs
 after training, and a brain-wide gain g_l: lambda_l -> g_l * lambda_l ** alpha_l, with g_l either 1
-or the least-squares factor of the translated RISH against the 7T RISH over every paired
-participant.  The gain anchors the order's level to what the training domain measured brain-wide
+or fitted over every paired participant: the least-squares factor of the translated RISH against
+the 7T RISH where the order keeps a map (alpha_l > 0), the ratio of the brain means (as
+``rish-global``) where it is one brain-wide factor (alpha_l = 0).  The gain anchors the order's level to what the training domain measured brain-wide
 (what ``rish-global`` does), and the model's map then only has to supply the spatial pattern
 around it.  alpha_l = 0 with g_l = 1 means the model's order l did not beat identity there and is
 left unchanged; alpha_l = 0 with g_l != 1 is one brain-wide factor per order.
@@ -100,6 +101,13 @@ def _on_target(volume: np.ndarray, source, target, mode: str = "nearest") -> np.
                     order=1, mode=mode)
 
 
+def overlap_of_both(source, target) -> np.ndarray:
+    """Voxels of the 7T grid inside both brain masks (the 3T one brought there through the affines)
+    and the 3T field of view ``(X, Y, Z)`` bool."""
+    in_fov = _on_target(np.ones(source.mask.shape), source, target, mode="constant") > 0.5
+    return np.asarray(target.mask, bool) & in_fov & (_on_target(source.mask, source, target) > 0.5)
+
+
 def interior_of_both(source, target) -> np.ndarray:
     """Voxels of the 7T grid inside both brain masks (the 3T one brought there through the affines)
     and the 3T field of view, less their one-voxel boundary ``(X, Y, Z)`` bool (the overlap itself when
@@ -110,10 +118,13 @@ def interior_of_both(source, target) -> np.ndarray:
     pulled a least-squares brain-wide L0 factor from 0.96 (interior, or the simulator's own brain
     mask) to 0.93 and the L4 one from 0.94 to 0.83 (docs/evaluation_results.md).
     """
+    return _interior(overlap_of_both(source, target))
+
+
+def _interior(both: np.ndarray) -> np.ndarray:
+    """``both`` less its one-voxel boundary; ``both`` itself when nothing would be left."""
     from scipy.ndimage import binary_erosion
 
-    in_fov = _on_target(np.ones(source.mask.shape), source, target, mode="constant") > 0.5
-    both = np.asarray(target.mask, bool) & in_fov & (_on_target(source.mask, source, target) > 0.5)
     interior = binary_erosion(both, iterations=1)
     return interior if interior.any() else both  # a brain thinner than 3 voxels keeps its overlap
 
@@ -121,14 +132,18 @@ def interior_of_both(source, target) -> np.ndarray:
 def _pair_statistics(translate, source, target, grid, reference, candidates, strengths, tau):
     """Per (sigma, alpha, order) sums of one pair for :func:`calibrate_scale_smoothing`:
     ``(a.a, a.t, t.t)`` over the scored region, with ``a`` the translated RISH at gain 1 and ``t``
-    the 7T RISH, shape ``(3, n_sigma, n_alpha, n_orders)``; None when the region is empty."""
-    region = interior_of_both(source, target)
+    the 7T RISH, shape ``(3, n_sigma, n_alpha, n_orders)``, and ``(sum 3T, sum 7T)`` RISH over the
+    whole overlap of both brains, shape ``(2, n_orders)``; None when the region is empty."""
+    both = overlap_of_both(source, target)
+    region = _interior(both)
     if not region.any():
         return None
     result = translate(source.rish, source.mask)
     ref = source.rish if reference == "input" else result.recon_3t
+    on_target = _on_target(source.rish, source, target)
+    totals = np.stack([on_target[both].sum(axis=0, dtype=np.float64), target.rish[both].sum(axis=0, dtype=np.float64)])
     truth = target.rish[region].astype(np.float64)
-    rish = _on_target(source.rish, source, target)[region].astype(np.float64)
+    rish = on_target[region].astype(np.float64)
     stats = np.zeros((3, len(candidates), len(strengths), truth.shape[-1]))
     stats[2] = (truth ** 2).sum(axis=0)
     for i, sigma in enumerate(candidates):
@@ -138,7 +153,18 @@ def _pair_statistics(translate, source, target, grid, reference, candidates, str
             pred = np.exp(alpha * log_lam2) * rish
             stats[0, i, j] = (pred ** 2).sum(axis=0)
             stats[1, i, j] = (pred * truth).sum(axis=0)
-    return stats
+    return stats, totals
+
+
+BRAIN_WIDE_GAIN = "ratio of the brain means over every paired participant"
+"""How the gain of an order left to one brain-wide factor (strength 0) is fitted: sqrt(sum 7T RISH /
+sum 3T RISH) over the whole overlap of both brains, all pairs pooled, exactly as ``rish-global``
+fits its factor (:func:`bids_dmri_ldm.ml.rish_global.ratio_of_means`). Measured on the shipped
+ldm's order 2 (docs/evaluation_results.md): the interior least-squares gain 0.948 scored NMSE L2
+0.0286 on the held-out default-physics participants, this one (0.932) 0.0260."""
+
+MAP_GAIN = "least squares in the interior of both brains"
+"""How the gain of an order that keeps a map (strength > 0) is fitted."""
 
 
 def calibrate_scale_smoothing(translate: Callable[[np.ndarray, np.ndarray], Any], pairs, grid: Sequence[int],
@@ -178,24 +204,33 @@ def calibrate_scale_smoothing(translate: Callable[[np.ndarray, np.ndarray], Any]
         is never more than that tolerance worse than identity on the validation pairs.
     """
     args = (grid, reference, candidates, strengths, tau)
-    scored = [s for s in (_pair_statistics(translate, a, b, *args) for a, b in pairs) if s is not None]
-    if not scored:
+    scored_pairs = [s for s in (_pair_statistics(translate, a, b, *args) for a, b in pairs) if s is not None]
+    if not scored_pairs:
         raise ValueError("no validation pair with brain voxels in both scans")
-    fitted = scored + [s for s in (_pair_statistics(translate, a, b, *args) for a, b in fit_pairs) if s is not None]
+    fitted_pairs = scored_pairs + [s for s in (_pair_statistics(translate, a, b, *args) for a, b in fit_pairs)
+                                   if s is not None]
+    scored, fitted = [s for s, _ in scored_pairs], [s for s, _ in fitted_pairs]
+    total_3t, total_7t = sum(t for _, t in fitted_pairs)
     # each pair's sums over its 7T energy |t|^2: the NMSE's weighting
     aa, at = (sum(s[k] / s[2] for s in fitted) for k in (0, 1))
     g2 = np.stack([np.ones_like(aa), at / np.maximum(aa, 1e-30)])  # (gain kind, sigma, alpha, order)
     val_aa, val_at = (sum(s[k] / s[2] for s in scored) / len(scored) for k in (0, 1))
     nmse = g2 ** 2 * val_aa - 2.0 * g2 * val_at + 1.0  # mean_p |g^2 a - t|^2 / |t|^2
-    sigma, strength, gain = [], [], []
+    sigma, strength, gain, estimator = [], [], [], []
     for k in range(aa.shape[-1]):
         best = nmse[..., k].min()
         tied = np.argwhere(nmse[..., k] <= best + PARSIMONY_TOLERANCE * abs(best) + 1e-12)
         which, i, j = min(tied, key=lambda c: (strengths[c[2]], c[0], -candidates[c[1]]))
         sigma.append(float(candidates[i]))
         strength.append(float(strengths[j]))
-        gain.append(float(np.sqrt(g2[which, i, j, k])))
-    return {"sigma": sigma, "strength": strength, "gain": gain, "candidates": [float(c) for c in candidates],
+        if which == 1 and strengths[j] == 0.0:  # one brain-wide factor: fitted as rish-global fits it
+            gain.append(float(np.sqrt(total_7t[k] / max(total_3t[k], 1e-30))))
+            estimator.append(BRAIN_WIDE_GAIN)
+        else:
+            gain.append(float(np.sqrt(g2[which, i, j, k])))
+            estimator.append(MAP_GAIN if which == 1 else "none")
+    return {"sigma": sigma, "strength": strength, "gain": gain, "gain_estimator": estimator,
+            "candidates": [float(c) for c in candidates],
             "strengths": [float(a) for a in strengths],
             "nmse": nmse[0].tolist(), "nmse_gain": nmse[1].tolist(), "gains": np.sqrt(g2[1]).tolist(),
             "n_pairs": len(scored), "n_fit_pairs": len(fitted),

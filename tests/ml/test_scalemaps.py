@@ -7,7 +7,9 @@ import pytest
 from bids_dmri_ldm.ml.data import RishScan
 from bids_dmri_ldm.ml.inference import Translation
 from bids_dmri_ldm.ml.scalemaps import (
+    BRAIN_WIDE_GAIN,
     GLOBAL_SIGMA,
+    MAP_GAIN,
     calibrate_scale_smoothing,
     interior_of_both,
     learned_scale_maps,
@@ -109,6 +111,7 @@ def test_calibration_gain_undoes_a_models_global_bias_and_leaves_identity_for_no
 
     result = calibrate_scale_smoothing(translate, [(source, target)], GRID, candidates=(0.0,))
     assert result["strength"][0] == 1.0 and result["gain"][0] == pytest.approx(1 / 1.3, rel=0.02)
+    assert result["gain_estimator"][0] == MAP_GAIN  # a kept map: the interior least-squares gain
     lam = learned_scale_maps(translate(source.rish, source.mask).pred_7t, source.rish, source.mask, BOX, GRID,
                              result["sigma"], strength=result["strength"], gain=result["gain"])
     right = _ratio(k)[source.mask]
@@ -116,10 +119,12 @@ def test_calibration_gain_undoes_a_models_global_bias_and_leaves_identity_for_no
     np.testing.assert_allclose(lam[source.mask][:, 2], 1.0, rtol=1e-3)
 
 
-def test_the_gain_is_fitted_on_every_pair_and_weighs_each_pair_as_the_nmse_does():
-    """Validation pair 7T L4 = 3T x 0.7^2 and a training pair with 0.9^2, the model's L4 map is
-    noise: the least-squares gain over both, each pair weighted by 1/|7T|^2, is
-    g^2 = (c1^-2 + c2^-2) / (c1^-4 + c2^-4) with c = 0.7^2 and 0.9^2, whatever the validation alone says."""
+def test_a_brain_wide_gain_is_the_ratio_of_the_brain_means_over_every_pair():
+    """Validation pair 7T L4 = 3T x 0.7^2 and a training pair with 0.9^2 (the same head), the
+    model's L4 map is noise, so L4 becomes one brain-wide factor (strength 0): its gain is fitted
+    as rish-global fits it, g^2 = sum 7T / sum 3T over both pairs' brains = (0.7^2 + 0.9^2) / 2,
+    whatever the validation pair alone says. A map that is kept (strength > 0) gets the interior
+    least-squares gain (the test above)."""
     noise = np.random.default_rng(5).uniform(0.2, 3.0, SHAPE).astype(np.float32)
 
     def translate(rish, mask):
@@ -135,10 +140,9 @@ def test_the_gain_is_fitted_on_every_pair_and_weighs_each_pair_as_the_nmse_does(
                                 other[1].affine))
     result = calibrate_scale_smoothing(translate, [(source, target)], GRID, candidates=(0.0,),
                                        strengths=(0.0, 1.0), fit_pairs=[other])
-    c1, c2 = 0.7 ** 2, 0.9 ** 2
-    expected = np.sqrt((c1 ** -1 + c2 ** -1) / (c1 ** -2 + c2 ** -2))
     assert result["strength"][2] == 0.0
-    assert result["gain"][2] == pytest.approx(expected, rel=1e-4)
+    assert result["gain"][2] == pytest.approx(np.sqrt((0.7 ** 2 + 0.9 ** 2) / 2), rel=1e-4)
+    assert result["gain_estimator"][2] == BRAIN_WIDE_GAIN
     assert (result["n_pairs"], result["n_fit_pairs"]) == (1, 2)
     alone = calibrate_scale_smoothing(translate, [(source, target)], GRID, candidates=(0.0,), strengths=(0.0, 1.0))
     assert alone["gain"][2] == pytest.approx(0.7, rel=1e-4)
