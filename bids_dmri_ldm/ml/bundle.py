@@ -115,8 +115,11 @@ def save_bundle(out_dir: str | Path, config: dict[str, Any], networks: dict[str,
     try:
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         for name in weight_names(config):
+            # one metadata key: safetensors writes the metadata map in a random order (Rust
+            # HashMap; measured with 0.8.0), so two keys made the bytes, and the bundle's SHA-256
+            # recorded in every sidecar, differ between saves of the same weights
             save_file(state_to_tensors(networks[name]), str(tmp / f"{name}.safetensors"),
-                      metadata={"format": "pt", "network": name})
+                      metadata={"network": name})
         (tmp / "MODEL_CARD.md").write_text(model_card)
         (tmp / CHECKSUM_FILE).write_text(checksum_list_text(tmp, required_files(config)))
         tmp.chmod(0o755)  # mkdtemp makes 0700; a shipped model must be world-readable

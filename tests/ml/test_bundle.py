@@ -27,6 +27,18 @@ def test_round_trip_restores_identical_weights(tiny_bundle_dir):
     assert "config.json" in listing and "unet.safetensors" in listing
 
 
+def test_the_same_weights_give_the_same_bytes(tiny_bundle_dir, tmp_path):
+    """Saving a bundle again gives byte-identical files (its SHA-256 names the model in every
+    sidecar and keys the work folder's cache)."""
+    from bids_dmri_ldm.ml.bundle import save_bundle
+
+    bundle = load_bundle(tiny_bundle_dir)
+    card = (tiny_bundle_dir / "MODEL_CARD.md").read_text()
+    digests = {load_bundle(save_bundle(tmp_path / f"again{k}", bundle.config, bundle.networks, card)).sha256
+               for k in range(6)}
+    assert digests == {load_bundle(tiny_bundle_dir).sha256}
+
+
 def test_tampered_byte_is_refused(bundle_copy):
     path = bundle_copy / "vqvae7t.safetensors"
     data = bytearray(path.read_bytes())
