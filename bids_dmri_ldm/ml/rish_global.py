@@ -206,9 +206,15 @@ def ratio_of_means(source: np.ndarray, target: np.ndarray) -> np.ndarray:
     ndarray, (n_orders,)
     """
     # unclipped: the cubic resampling's undershoots and overshoots at edges cancel in the sum
-    total_source = np.sum(source, axis=0, dtype=np.float64)
-    total_target = np.sum(target, axis=0, dtype=np.float64)
-    return np.sqrt(total_target / np.maximum(total_source, np.finfo(np.float64).tiny))
+    return ratio_of_sums(np.sum(source, axis=0, dtype=np.float64), np.sum(target, axis=0, dtype=np.float64))
+
+
+def ratio_of_sums(total_source: np.ndarray, total_target: np.ndarray) -> np.ndarray:
+    """sqrt(total_target / total_source) per order, from RISH already summed over brains
+    ``(n_orders,)``: the factor of :func:`ratio_of_means` (also the learned methods' brain-wide
+    gain, :data:`bids_dmri_ldm.ml.scalemaps.BRAIN_WIDE_GAIN`)."""
+    total_source = np.asarray(total_source, np.float64)
+    return np.sqrt(np.asarray(total_target, np.float64) / np.maximum(total_source, np.finfo(np.float64).tiny))
 
 
 def fit_rish_global(pairs: Iterable[RishPair], orders: Sequence[int] = RISH_ORDERS, tau: float = DEFAULT_TAU,

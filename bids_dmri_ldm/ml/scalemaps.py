@@ -34,6 +34,7 @@ import numpy as np
 from ..core.resample import resample
 from ..core.sh import DEFAULT_TAU
 from ..core.smooth import smoothed_scale_maps
+from .rish_global import ratio_of_sums
 
 GLOBAL_SIGMA = 1e9
 """A sigma at or above this is infinitely wide: one factor per order for the whole brain, the
@@ -211,7 +212,7 @@ def calibrate_scale_smoothing(translate: Callable[[np.ndarray, np.ndarray], Any]
     fitted_pairs = scored_pairs + [s for s in (_pair_statistics(translate, a, b, *args) for a, b in fit_pairs)
                                    if s is not None]
     scored, fitted = [s for s, _ in scored_pairs], [s for s, _ in fitted_pairs]
-    total_3t, total_7t = sum(t for _, t in fitted_pairs)
+    brain_wide = ratio_of_sums(*sum(t for _, t in fitted_pairs))  # (sum 3T, sum 7T) over every pair
     # each pair's sums over its 7T energy |t|^2: the NMSE's weighting
     aa, at = (sum(s[k] / s[2] for s in fitted) for k in (0, 1))
     g2 = np.stack([np.ones_like(aa), at / np.maximum(aa, 1e-30)])  # (gain kind, sigma, alpha, order)
@@ -225,7 +226,7 @@ def calibrate_scale_smoothing(translate: Callable[[np.ndarray, np.ndarray], Any]
         sigma.append(float(candidates[i]))
         strength.append(float(strengths[j]))
         if which == 1 and strengths[j] == 0.0:  # one brain-wide factor: fitted as rish-global fits it
-            gain.append(float(np.sqrt(total_7t[k] / max(total_3t[k], 1e-30))))
+            gain.append(float(brain_wide[k]))
             estimator.append(BRAIN_WIDE_GAIN)
         else:
             gain.append(float(np.sqrt(g2[which, i, j, k])))
